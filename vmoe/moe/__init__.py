@@ -1,0 +1,20 @@
+"""vmoe.moe: the sparse Mixture-of-Experts layer (plain PyTorch: no Lightning, no timm).
+
+Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter`` and
+``ExpertChoiceRouter``, ``RoutingPlan``, ``Experts``, ``compute_capacity``, the dispatchers and
+the auxiliary losses, and ``routing_statistics``.
+"""
+from .capacity import compute_capacity
+from .dispatch import combine, dispatch, einsum_combine, einsum_dispatch
+from .experts import Experts
+from .layer import MoeMlp
+from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
+from .plan import RoutingPlan
+from .routing import ExpertChoiceRouter, TopKRouter
+from .stats import expert_choice_metrics, routing_statistics
+
+__all__ = [
+    "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "RoutingPlan", "Experts", "compute_capacity",
+    "dispatch", "combine", "einsum_dispatch", "einsum_combine", "importance_loss", "load_loss",
+    "gshard_loss", "router_z_loss", "routing_statistics", "expert_choice_metrics",
+]

@@ -1,0 +1,110 @@
+"""Batched expert MLPs: one weight slab per expert, applied to fixed-capacity buffers."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Experts"]
+
+
+def _pair(value) -> Tuple[float, float]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class Experts(nn.Module):
+    """E MLPs ``fc1 -> act -> drop -> fc2 -> drop`` (timm's ``Mlp`` order) run as batched GEMMs.
+
+    Weights: ``fc1_weight`` [E, d, h], ``fc1_bias`` [E, h], ``fc2_weight`` [E, h, d'],
+    ``fc2_bias`` [E, d']. Note the (in, out) layout per expert: ``x @ W``, the transpose of
+    ``nn.Linear.weight`` (and the layout of the official Flax kernels).
+
+    Args:
+        num_experts: E.
+        in_features, hidden_features, out_features: d, h, d' (h and d' default to d).
+        act_layer: activation module class (timm's default ``nn.GELU``; the official V-MoE uses
+            the tanh approximation: ``functools.partial(nn.GELU, approximate='tanh')``).
+        bias: use biases.
+        drop: dropout after the activation and after fc2 (a float or a pair).
+        same_init: all experts start from the same values (the paper's default); False draws
+            each expert independently.
+    """
+
+    def __init__(self, num_experts: int, in_features: int, hidden_features: Optional[int] = None,
+                 out_features: Optional[int] = None, act_layer: Callable[[], nn.Module] = nn.GELU,
+                 bias: bool = True, drop: Union[float, Tuple[float, float]] = 0.0,
+                 same_init: bool = True):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.num_experts = num_experts
+        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.same_init = same_init
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, in_features, hidden_features))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_features, out_features))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_features)) if bias else None
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, out_features)) if bias else None
+        self.act = act_layer()
+        drop1, drop2 = _pair(drop)
+        self.drop1 = nn.Dropout(drop1)
+        self.drop2 = nn.Dropout(drop2)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: Optional[float] = None) -> None:
+        """Re-initialize. ``std=None``: ``nn.Linear``'s default (uniform +-1/sqrt(fan_in)), as an
+        un-initialized timm ``Mlp``; a number: truncated normal with that std and zero biases,
+        as timm's ViT init (std 0.02). With ``same_init`` every expert gets expert 0's values."""
+        count = 1 if self.same_init else self.num_experts
+        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+            fan_in = weight.shape[1]
+            if std is None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(weight[:count], -bound, bound)
+                if bias is not None:
+                    nn.init.uniform_(bias[:count], -bound, bound)
+            else:
+                nn.init.trunc_normal_(weight[:count], std=std, a=-2 * std, b=2 * std)
+                if bias is not None:
+                    nn.init.zeros_(bias[:count])
+            if self.same_init:
+                weight.copy_(weight[:1].expand_as(weight))
+                if bias is not None:
+                    bias.copy_(bias[:1].expand_as(bias))
+
+    @torch.no_grad()
+    def load_from_mlp(self, mlp: nn.Module) -> None:
+        """Copy a dense timm ``Mlp`` (``fc1``/``fc2`` ``nn.Linear``) into every expert
+        (sparse upcycling)."""
+        for name in ("fc1", "fc2"):
+            linear = getattr(mlp, name)
+            weight = getattr(self, f"{name}_weight")
+            if tuple(linear.weight.t().shape) != tuple(weight.shape[1:]):
+                raise ValueError(f"{name}: dense weight {tuple(linear.weight.shape)} does not fit "
+                                 f"experts {tuple(weight.shape)} (expected [out, in] = "
+                                 f"{tuple(weight.shape[1:][::-1])})")
+            weight.copy_(linear.weight.t().unsqueeze(0).expand_as(weight))
+            bias = getattr(self, f"{name}_bias")
+            if bias is not None:
+                if linear.bias is None:
+                    bias.zero_()
+                else:
+                    bias.copy_(linear.bias.unsqueeze(0).expand_as(bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [E, T, d] -> [E, T, d'] (T = G*C buffer rows per expert)."""
+        h = self._linear(x, self.fc1_weight, self.fc1_bias)
+        h = self.drop1(self.act(h))
+        return self.drop2(self._linear(h, self.fc2_weight, self.fc2_bias))
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if bias is None:
+            return torch.bmm(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
+                f"hidden_features={self.hidden_features}, out_features={self.out_features}")

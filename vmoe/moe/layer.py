@@ -1,0 +1,185 @@
+"""MoeMlp: a sparse Mixture-of-Experts drop-in replacement for timm's ``Mlp``."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dispatch import DISPATCHERS
+from .experts import Experts
+from .plan import RoutingPlan
+from .routing import ExpertChoiceRouter, TopKRouter, _check_positive_int
+
+__all__ = ["MoeMlp"]
+
+
+class MoeMlp(nn.Module):
+    """Sparse MoE MLP: ``forward(x: [B, N, d]) -> [B, N, d']``, like timm's ``Mlp``.
+
+    Tokens are flattened in row-major order and cut into routing groups of S tokens (a group
+    spans consecutive images, as in the official code). The last group is padded when B*N is
+    not a multiple of S; padding tokens never take a buffer place and never reach the output.
+    Buffer capacity is computed from S, so a short batch routes as a full group would.
+
+    After each forward the layer keeps, for the loss, metrics and plots:
+        ``aux_loss``: scalar tensor (with grad), the weighted sum of the auxiliary losses,
+            averaged over groups;
+        ``aux_losses``: dict name -> scalar tensor, each loss averaged over groups (unweighted);
+        ``last_plan``: the RoutingPlan (detached).
+
+    Args (timm ``Mlp`` ones first): in_features, hidden_features, out_features, act_layer,
+        norm_layer (must be None), bias, drop.
+    MoE args:
+        num_experts: E.
+        num_selected: K (top-K router).
+        router: 'top_k' or 'expert_choice'.
+        group_size: tokens per routing group S; or ``group_size_images`` images per group
+            (S = images * N). Default: 8 images per group, as the paper.
+        capacity_factor / capacity / capacity_multiple_of / capacity_rounding / batch_priority /
+        noise_std / renormalize / *_weight: see ``TopKRouter``.
+        dispatcher: 'index' (default) or 'einsum' (the one-hot oracle; slow, for tests).
+        same_init: every expert starts from the same values (paper default).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Optional[Callable] = None,
+        bias: bool = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
+        *,
+        num_experts: int = 8,
+        num_selected: int = 2,
+        router: str = "top_k",
+        group_size: Optional[int] = None,
+        group_size_images: Optional[int] = None,
+        capacity_factor: Optional[float] = 1.05,
+        capacity: Optional[int] = None,
+        capacity_multiple_of: Optional[int] = 4,
+        capacity_rounding: str = "ceil",
+        batch_priority: bool = False,
+        noise_std: float = 1.0,
+        renormalize: bool = False,
+        importance_weight: float = 0.005,
+        load_weight: float = 0.005,
+        gshard_weight: float = 0.0,
+        zloss_weight: float = 0.0,
+        dispatcher: str = "index",
+        same_init: bool = True,
+    ):
+        super().__init__()
+        if norm_layer is not None:
+            raise ValueError("MoeMlp does not support norm_layer inside the MLP (got "
+                             f"norm_layer={norm_layer!r}); use a ViT without scale_mlp_norm")
+        _check_positive_int("in_features", in_features)
+        if group_size is not None and group_size_images is not None:
+            raise ValueError("give group_size (tokens) or group_size_images, not both: "
+                             f"got group_size={group_size}, group_size_images={group_size_images}")
+        if group_size is not None:
+            _check_positive_int("group_size", group_size)
+        if group_size_images is not None:
+            _check_positive_int("group_size_images", group_size_images)
+        if group_size is None and group_size_images is None:
+            group_size_images = 8
+        if dispatcher not in DISPATCHERS:
+            raise ValueError(f"dispatcher must be one of {sorted(DISPATCHERS)}, got dispatcher={dispatcher!r}")
+        self.in_features = in_features
+        self.out_features = out_features or in_features
+        self.group_size = group_size
+        self.group_size_images = group_size_images
+        self.dispatcher = dispatcher
+        if router == "top_k":
+            self.router = TopKRouter(
+                in_features, num_experts, num_selected, capacity_factor=capacity_factor,
+                capacity=capacity, capacity_multiple_of=capacity_multiple_of,
+                capacity_rounding=capacity_rounding, batch_priority=batch_priority,
+                noise_std=noise_std, renormalize=renormalize,
+                importance_weight=importance_weight, load_weight=load_weight,
+                gshard_weight=gshard_weight, zloss_weight=zloss_weight)
+        elif router == "expert_choice":
+            self.router = ExpertChoiceRouter(
+                in_features, num_experts, capacity_factor=capacity_factor, capacity=capacity,
+                capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
+                noise_std=noise_std, zloss_weight=zloss_weight)
+        else:
+            raise ValueError(f"router must be 'top_k' or 'expert_choice', got router={router!r}")
+        self.experts = Experts(num_experts, in_features, hidden_features, out_features,
+                               act_layer=act_layer, bias=bias, drop=drop, same_init=same_init)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.aux_losses: Dict[str, torch.Tensor] = {}
+        self.last_plan: Optional[RoutingPlan] = None
+
+    # --- routing options that evaluation/inference commonly changes -------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    @property
+    def capacity_factor(self) -> Optional[float]:
+        return self.router.capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: float) -> None:
+        from .routing import _check_capacity_factor
+        _check_capacity_factor(value)
+        self.router.capacity_factor = value
+        self.router.capacity = None
+
+    @property
+    def batch_priority(self) -> bool:
+        return self.router.batch_priority
+
+    @batch_priority.setter
+    def batch_priority(self, value: bool) -> None:
+        if isinstance(self.router, ExpertChoiceRouter) and value:
+            raise ValueError("batch_priority does not apply to the expert_choice router")
+        self.router.batch_priority = bool(value)
+
+    def group_size_for(self, tokens_per_image: int) -> int:
+        """S, the number of tokens per routing group for images of N tokens."""
+        if self.group_size is not None:
+            return self.group_size
+        return self.group_size_images * tokens_per_image
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, d] -> [B, N, d']."""
+        if x.dim() != 3:
+            raise ValueError(f"MoeMlp expects input of shape [B, N, d], got shape {tuple(x.shape)}")
+        B, N, d = x.shape
+        if d != self.in_features:
+            raise ValueError(f"MoeMlp input width d={d} differs from in_features={self.in_features}")
+        S = self.group_size_for(N)
+        T = B * N
+        G = -(-T // S)
+        pad = G * S - T
+        tokens = x.reshape(T, d)
+        valid = None
+        if pad:
+            tokens = F.pad(tokens, (0, 0, 0, pad))
+            valid = (torch.arange(G * S, device=x.device) < T).view(G, S)
+        tokens = tokens.view(G, S, d)
+
+        plan, losses = self.router(tokens, valid)           # plan: [G, S, K] fields
+        dispatch, combine = DISPATCHERS[self.dispatcher]
+        buffers = dispatch(tokens, plan)                     # [E, G*C, d]
+        expert_out = self.experts(buffers)                   # [E, G*C, d']
+        out = combine(expert_out, plan)                      # [G, S, d']
+        out = out.reshape(G * S, -1)[:T].view(B, N, -1).to(x.dtype)
+
+        weights = self.router.loss_weights()
+        self.aux_losses = {name: value.mean() for name, value in losses.items()}
+        self.aux_loss = sum((self.aux_losses[name] * weights[name] for name in self.aux_losses
+                             if weights.get(name, 0.0) > 0), x.new_zeros((), dtype=torch.float32))
+        self.last_plan = plan.detach()
+        return out
+
+    def extra_repr(self) -> str:
+        groups = (f"group_size={self.group_size}" if self.group_size is not None
+                  else f"group_size_images={self.group_size_images}")
+        return f"{groups}, dispatcher={self.dispatcher!r}"

@@ -1,0 +1,92 @@
+"""The RoutingPlan: the one structure a router hands on to dispatch, combine, losses and plots.
+
+Axis letters (as in the official V-MoE code): G routing groups, S tokens per group, E experts,
+K choices per token, C buffer capacity per expert and group, d model width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+__all__ = ["RoutingPlan"]
+
+
+@dataclass
+class RoutingPlan:
+    """Who goes where, with what weight, for every routing group.
+
+    Attributes:
+        expert_index: [G, S, K] int64. The K experts chosen by each token, best first. For
+            expert-choice routing K = E and ``expert_index[..., e] = e``.
+        slot: [G, S, K] int64. Position of the token in that expert's buffer of group g, in
+            ``[0, C)``; -1 when the assignment was dropped (over capacity) or the token is padding.
+        combine_weight: [G, S, K] float. Weight that mixes the expert outputs back into the token:
+            the softmax gate (renormalized over the K choices if the router was asked to), 0 where
+            dropped.
+        gates: [G, S, E] float32. Softmax over experts, before selection (noisy in training).
+        capacity: C, the buffer size of each expert per group.
+        valid: [G, S] bool or None. False for padding tokens appended to fill the last group.
+    """
+
+    expert_index: torch.Tensor
+    slot: torch.Tensor
+    combine_weight: torch.Tensor
+    gates: torch.Tensor
+    capacity: int
+    valid: Optional[torch.Tensor] = None
+
+    @property
+    def num_groups(self) -> int:
+        return self.gates.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.gates.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.gates.shape[2]
+
+    @property
+    def num_selected(self) -> int:
+        return self.expert_index.shape[2]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """[G, S, K] bool: the assignment has a buffer place."""
+        return self.slot >= 0
+
+    def buffer_position(self) -> torch.Tensor:
+        """[G, S, K] int64: each assignment's row in the flattened [E * G * C] expert buffers.
+
+        Row ``e * (G*C) + g * C + slot``; dropped assignments point at ``E * G * C``, one past the
+        end, where dispatch/combine keep an all-zero row.
+        """
+        G, C, E = self.num_groups, self.capacity, self.num_experts
+        group_offset = torch.arange(G, device=self.slot.device).view(G, 1, 1) * C
+        position = self.expert_index * (G * C) + group_offset + self.slot
+        return torch.where(self.kept, position, torch.full_like(position, E * G * C))
+
+    def buffer_token(self) -> torch.Tensor:
+        """[E * G * C] int64: for each buffer row, the token (``g * S + s``) it holds.
+
+        Empty rows hold ``G * S``, one past the last token, where dispatch keeps a zero row.
+        Every kept assignment owns exactly one row, so this is a permutation-like map with no
+        collisions; dropped assignments all land on a scratch row that is cut off.
+        """
+        G, S, K = self.expert_index.shape
+        num_rows = self.num_experts * G * self.capacity
+        token = torch.arange(G * S, device=self.slot.device).view(G, S, 1).expand(G, S, K)
+        table = torch.full((num_rows + 1,), G * S, dtype=torch.long, device=self.slot.device)
+        table.scatter_(0, self.buffer_position().reshape(-1), token.reshape(-1))
+        return table[:num_rows]
+
+    def detach(self) -> "RoutingPlan":
+        """A copy whose tensors are cut from the autograd graph (cheap: views)."""
+        values = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            values[f.name] = v.detach() if isinstance(v, torch.Tensor) else v
+        return replace(self, **values)
