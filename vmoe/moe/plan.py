@@ -69,19 +69,28 @@ class RoutingPlan:
         position = self.expert_index * (G * C) + group_offset + self.slot
         return torch.where(self.kept, position, torch.full_like(position, E * G * C))
 
+    def buffer_assignment(self) -> torch.Tensor:
+        """[E * G * C] int64: for each buffer row, the assignment it holds, as the flat index
+        ``(g * S + s) * K + k`` into the [G, S, K] plan fields.
+
+        Empty rows hold ``G * S * K``, one past the last assignment. Every kept assignment owns
+        exactly one row (no collisions), so this is the inverse of ``buffer_position()`` and lets
+        the backward passes of dispatch and combine be gathers too (deterministic, no atomics).
+        """
+        G, S, K = self.expert_index.shape
+        num_rows = self.num_experts * G * self.capacity
+        table = torch.full((num_rows + 1,), G * S * K, dtype=torch.long, device=self.slot.device)
+        # Dropped assignments all write the scratch row ``num_rows``, which is cut off.
+        table.scatter_(0, self.buffer_position().reshape(-1),
+                       torch.arange(G * S * K, device=self.slot.device))
+        return table[:num_rows]
+
     def buffer_token(self) -> torch.Tensor:
         """[E * G * C] int64: for each buffer row, the token (``g * S + s``) it holds.
 
         Empty rows hold ``G * S``, one past the last token, where dispatch keeps a zero row.
-        Every kept assignment owns exactly one row, so this is a permutation-like map with no
-        collisions; dropped assignments all land on a scratch row that is cut off.
         """
-        G, S, K = self.expert_index.shape
-        num_rows = self.num_experts * G * self.capacity
-        token = torch.arange(G * S, device=self.slot.device).view(G, S, 1).expand(G, S, K)
-        table = torch.full((num_rows + 1,), G * S, dtype=torch.long, device=self.slot.device)
-        table.scatter_(0, self.buffer_position().reshape(-1), token.reshape(-1))
-        return table[:num_rows]
+        return torch.div(self.buffer_assignment(), self.num_selected, rounding_mode="floor")
 
     def detach(self) -> "RoutingPlan":
         """A copy whose tensors are cut from the autograd graph (cheap: views)."""

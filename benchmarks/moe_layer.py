@@ -1,0 +1,269 @@
+"""Benchmark of the sparse MoE layer against its floor, a dense MLP and the einsum oracle.
+
+Prints, in one run, forward and forward+backward times (medians over interleaved repeats) of:
+
+- ``dense``:        timm-style dense MLP (fc1 -> GELU -> fc2) on all B*N tokens;
+- ``floor``:        the batched expert MLP alone on ready-made [E, G*C, d] buffers of the same
+                    capacity (no routing, no dispatch, no combine): what any MoE layer must pay;
+- ``einsum``:       ``MoeMlp(dispatcher='einsum')``, the official one-hot dispatch (oracle);
+- ``moe``:          ``MoeMlp`` with the default index dispatcher;
+- ``einsum_id``/``moe_id``: the same two layers with identity experts, i.e. their routing +
+                    dispatch + combine overhead alone.
+
+Ratios are formed per repeat (each repeat times every variant once, in turn, so slow phases of a
+shared machine hit all variants alike) and then the median ratio is reported. The targets of
+issues 2 and 7 are checked at the end. Forward is timed in eval mode under ``no_grad``;
+forward+backward in train mode (router noise and the load loss on), backpropagating a fixed
+random output gradient plus the auxiliary loss.
+
+Peak memory (CPU): the profiler's allocation events during one forward+backward, for several
+group sizes at a fixed token count. E*C per token grows linearly with the group size S (E*C ~
+S*K*cf), so the einsum path's [G, S, E, C] one-hot tensors grow with it, while the index path's
+largest tensors are the [E, G*C, h] expert activations (~ tokens*K*cf*h, independent of S).
+
+Usage: python benchmarks/moe_layer.py [--repeats 7] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from vmoe.moe import MoeMlp  # noqa: E402
+
+
+@dataclass
+class Shape:
+    name: str
+    d: int
+    h: int
+    E: int
+    K: int = 2
+    cf: float = 1.05
+    images: int = 32
+    tokens: int = 50
+    group_images: int = 8
+
+
+SHAPES = {
+    "S/32 E=8": Shape("S/32 E=8", 512, 2048, 8),
+    "S/32 E=32": Shape("S/32 E=32", 512, 2048, 32),
+    "tiny E=4": Shape("tiny E=4", 64, 256, 4),
+    # Issue 7's GPU shapes: the B/16 layer (196 patches + cls, 8 images per group).
+    "B/16 E=8": Shape("B/16 E=8", 768, 3072, 8, images=64, tokens=197),
+    "B/16 E=32": Shape("B/16 E=32", 768, 3072, 32, images=64, tokens=197),
+}
+DEFAULT_SHAPES = {"cpu": ["S/32 E=8", "S/32 E=32", "tiny E=4"],
+                  "cuda": ["S/32 E=8", "S/32 E=32", "B/16 E=8", "B/16 E=32", "tiny E=4"]}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ["dense", "floor", "einsum", "moe", "einsum_id", "moe_id"]
+
+
+class DenseMlp(nn.Module):
+    """timm's ``Mlp`` (fc1 -> GELU -> fc2) without the extras."""
+
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, h), nn.GELU(), nn.Linear(h, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def make_layer(shape: Shape, dispatcher: str, identity: bool = False) -> MoeMlp:
+    layer = MoeMlp(shape.d, shape.h, num_experts=shape.E, num_selected=shape.K,
+                   capacity_factor=shape.cf, group_size_images=shape.group_images,
+                   dispatcher=dispatcher)
+    if identity:
+        layer.experts = nn.Identity()
+    return layer
+
+
+def build(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str = "index"):
+    """name -> (module, input, output-gradient) for every variant, same weights throughout."""
+    torch.manual_seed(0)
+    x = torch.randn(shape.images, shape.tokens, shape.d, device=device)
+    moe = make_layer(shape, dispatcher).to(device)
+    layers = {"dense": DenseMlp(shape.d, shape.h).to(device), "moe": moe}
+    layers["einsum"] = copy.deepcopy(moe)
+    layers["einsum"].dispatcher = "einsum"
+    layers["moe_id"] = make_layer(shape, dispatcher, identity=True).to(device)
+    layers["moe_id"].router.load_state_dict(moe.router.state_dict())
+    layers["einsum_id"] = copy.deepcopy(layers["moe_id"])
+    layers["einsum_id"].dispatcher = "einsum"
+    # The floor's buffers: as many rows as the layer's buffers (E * G * C).
+    S = shape.tokens * shape.group_images
+    G = -(-shape.images * shape.tokens // S)
+    C = moe.router.capacity_for(S)
+    layers["floor"] = moe.experts
+    inputs = {name: x for name in layers}
+    inputs["floor"] = torch.randn(shape.E, G * C, shape.d, device=device)
+    grads = {name: torch.randn(shape.images, shape.tokens, shape.d, device=device) for name in layers}
+    grads["floor"] = torch.randn(shape.E, G * C, shape.d, device=device)
+    return layers, inputs, grads, C
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) -> float:
+    """Seconds for one forward (eval, no_grad) or forward+backward (train)."""
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    layer.train(backward)
+    _sync(device)
+    start = time.perf_counter()
+    if backward:
+        xi = x.detach().requires_grad_()
+        with autocast:
+            out = layer(xi)
+        tensors, grad_tensors = [out], [grad.to(out.dtype)]
+        if isinstance(layer, MoeMlp) and layer.aux_loss is not None and layer.aux_loss.requires_grad:
+            tensors.append(layer.aux_loss)
+            grad_tensors.append(torch.ones_like(layer.aux_loss))
+        torch.autograd.backward(tensors, grad_tensors)
+        layer.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad(), autocast:
+            layer(x)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: torch.dtype):
+    layers, inputs, grads, C = build(shape, device, dtype)
+    times = {(v, bwd): [] for v in VARIANTS for bwd in (False, True)}
+    for bwd in (False, True):
+        for _ in range(warmup):
+            for v in VARIANTS:
+                run_once(layers[v], inputs[v], grads[v], bwd, device, dtype)
+    for _ in range(repeats):  # interleaved: every repeat times every variant once
+        for bwd in (False, True):
+            for v in VARIANTS:
+                times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype))
+    return times, C
+
+
+def paired_ratio(times, a, b, bwd) -> float:
+    """Median over repeats of time(a)/time(b) within the same repeat."""
+    return statistics.median(x / y for x, y in zip(times[(a, bwd)], times[(b, bwd)]))
+
+
+# --- peak memory ------------------------------------------------------------------------------
+def peak_alloc_bytes(fn) -> int:
+    """Peak of (bytes allocated - bytes freed) on CPU while ``fn`` runs, from the profiler's
+    memory events in time order; tensors alive before the call count as 0."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's start/stop lines
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Allocations inside an op count as that op's self memory; frees of tensors outliving their
+    # op appear as separate "[memory]" events. Summed in time order they give the live bytes.
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def memory_table(shape: Shape, group_images=(2, 8, 32)):
+    rows = []
+    torch.manual_seed(0)
+    x = torch.randn(shape.images, shape.tokens, shape.d)
+    for gi in group_images:
+        row = {"group_images": gi}
+        for dispatcher in ("index", "einsum"):
+            layer = make_layer(Shape(**{**shape.__dict__, "group_images": gi}), dispatcher).train()
+
+            def step():
+                xi = x.detach().requires_grad_()
+                out = layer(xi)
+                (out.square().mean() + layer.aux_loss).backward()
+            step()  # warm-up (lazy init), then measure
+            row[dispatcher] = peak_alloc_bytes(step)
+            S = gi * shape.tokens
+            row["EC"] = shape.E * layer.router.capacity_for(S)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory check")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    shapes = args.shapes or DEFAULT_SHAPES[args.device]
+    for name in shapes:
+        if name not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(SHAPES)}")
+    alloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
+    print(f"torch {torch.__version__}, device={args.device}, dtype={args.dtype}, "
+          f"threads={torch.get_num_threads()}, repeats={args.repeats}, allocator env={alloc or 'glibc default'}")
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}")
+
+    print("\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms | moe_id ms "
+          "| moe/floor | einsum/floor | moe/dense | moe_id/einsum_id |")
+    print("|" + "---|" * 14)
+    checks = []
+    floor_target = 1.08 if args.device == "cpu" else 1.10
+    overhead_target = 1 / 3 if args.device == "cpu" else 1 / 5
+    for name in shapes:
+        shape = SHAPES[name]
+        times, C = bench_shape(shape, args.repeats, args.warmup, args.device, dtype)
+        for bwd in (False, True):
+            med = {v: 1e3 * statistics.median(times[(v, bwd)]) for v in VARIANTS}
+            r_floor = paired_ratio(times, "moe", "floor", bwd)
+            r_over = paired_ratio(times, "moe_id", "einsum_id", bwd)
+            print(f"| {name} | {C} | {'fwd+bwd' if bwd else 'fwd'} | "
+                  + " | ".join(f"{med[v]:.1f}" for v in VARIANTS)
+                  + f" | {r_floor:.3f} | {paired_ratio(times, 'einsum', 'floor', bwd):.3f}"
+                  f" | {paired_ratio(times, 'moe', 'dense', bwd):.2f} | {r_over:.3f} |", flush=True)
+            if bwd and name.startswith(("S/32", "B/16")):
+                checks.append((f"{name}: moe fwd+bwd / floor <= {floor_target:.2f}", r_floor, r_floor <= floor_target))
+                if args.device == "cpu" or "E=32" in name:
+                    checks.append((f"{name}: overhead moe_id / einsum_id <= {overhead_target:.3f}",
+                                   r_over, r_over <= overhead_target))
+    print("\nTargets:")
+    for text, value, ok in checks:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {value:.3f}")
+
+    if args.device == "cpu" and not args.no_memory:
+        shape = SHAPES["S/32 E=8"]
+        rows = memory_table(shape)
+        print(f"\nPeak allocated bytes during one fwd+bwd ({shape.name}, {shape.images}x{shape.tokens} tokens), "
+              "by group size (E*C per token grows with it):")
+        print("| images/group | E*C | index MiB | einsum MiB |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['group_images']} | {r['EC']} | {r['index'] / 2**20:.1f} | {r['einsum'] / 2**20:.1f} |")
+        idx = [r["index"] for r in rows]
+        growth = max(idx) / min(idx)
+        ec_growth = rows[-1]["EC"] / rows[0]["EC"]
+        ok = growth <= 1.10
+        print(f"  [{'PASS' if ok else 'FAIL'}] index peak max/min = {growth:.3f} (<= 1.10) while E*C grows "
+              f"{ec_growth:.1f}x; einsum peak grows {rows[-1]['einsum'] / rows[0]['einsum']:.2f}x")
+        checks.append(("memory", growth, ok))
+    return 0 if all(ok for _, _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
