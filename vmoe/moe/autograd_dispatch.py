@@ -29,13 +29,20 @@ import torch
 __all__ = ["TorchBackend", "index_dispatch", "index_combine"]
 
 
-def _pad_zero_row(src: torch.Tensor) -> torch.Tensor:
-    """[N, d] -> [N + 1, d], last row zero: the target of the sentinel index N."""
-    return torch.cat([src, src.new_zeros(1, src.shape[-1])], dim=0)
+def _gather_or_zero(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """src [N, d], index [M] in [0, N] -> [M, d]; index N reads zero.
+
+    Gathers through clamped indices and zero-fills the sentinel rows in place, rather than
+    appending a zero row to ``src`` (a full copy) or multiplying by a mask (0 * inf = nan)."""
+    N = src.shape[0]
+    if N == 0:
+        return src.new_zeros(index.shape[0], src.shape[-1])
+    out = src.index_select(0, index.clamp(max=N - 1))
+    return out.masked_fill_((index == N).unsqueeze(-1), 0)
 
 
 class TorchBackend:
-    """Portable PyTorch kernels (CPU, CUDA, anything): ``index_select`` on a zero-padded source."""
+    """Portable PyTorch kernels (CPU, CUDA, anything), built on ``index_select``."""
 
     name = "torch"
 
@@ -44,7 +51,7 @@ class TorchBackend:
         """src [N, d], index [M] in [0, N] -> [M, d] in ``out_dtype``; index N reads zero."""
         if src.dtype != out_dtype and index.numel() > src.shape[0]:
             src = src.to(out_dtype)  # cast the smaller tensor
-        return _pad_zero_row(src).index_select(0, index).to(out_dtype)
+        return _gather_or_zero(src, index).to(out_dtype)
 
     @staticmethod
     def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
@@ -52,7 +59,7 @@ class TorchBackend:
         """src [N, d], index [T, K] in [0, N], weight [T, K] or None -> [T, d]:
         ``out[t] = sum_k weight[t, k] * src[index[t, k]]`` (index N reads zero)."""
         T, K = index.shape
-        picked = _pad_zero_row(src).index_select(0, index.reshape(-1)).view(T, K, -1)
+        picked = _gather_or_zero(src, index.reshape(-1)).view(T, K, -1)
         if weight is None:
             return picked.to(out_dtype).sum(1)
         out = torch.bmm(weight.to(picked.dtype).view(T, 1, K), picked)
@@ -66,15 +73,15 @@ class TorchBackend:
         grad weight [T, K] float32 or None)."""
         T, K = token_rows.shape
         row_token = torch.div(row_assignment, K, rounding_mode="floor")  # empty rows -> T
-        g_rows = _pad_zero_row(grad_out).index_select(0, row_token)     # [R, d]
-        w_rows = _pad_zero_row(weight.reshape(-1, 1)).index_select(0, row_assignment)  # [R, 1]
-        grad_eo = (g_rows * w_rows.to(g_rows.dtype)).to(expert_out.dtype)
+        g_rows = _gather_or_zero(grad_out, row_token)                    # [R, d]
         grad_w = None
         if need_weight_grad:
-            # <gy[t], eo[r]> per row, then each assignment gathers its row's value.
-            dots = torch.linalg.vecdot(g_rows.float(), expert_out.float())       # [R]
-            grad_w = _pad_zero_row(dots.view(-1, 1)).index_select(0, token_rows.reshape(-1)).view(T, K)
-        return grad_eo, grad_w
+            # <gy[t], eo[r]> per row (bmm: no [R, d] temporary), then each assignment gathers
+            # its row's value; dropped assignments read zero.
+            dots = torch.bmm(g_rows.unsqueeze(1), expert_out.to(g_rows.dtype).unsqueeze(2))
+            grad_w = _gather_or_zero(dots.view(-1, 1).float(), token_rows.reshape(-1)).view(T, K)
+        w_rows = _gather_or_zero(weight.reshape(-1, 1), row_assignment)   # [R, 1], 0 if empty
+        return g_rows.mul_(w_rows.to(g_rows.dtype)).to(expert_out.dtype), grad_w
 
 
 class _IndexDispatch(torch.autograd.Function):

@@ -56,7 +56,12 @@ def resolve_backend(backend: Optional[str], *tensors: torch.Tensor):
         return TorchBackend
     if backend == "auto" and tensors[0].device.type != "cuda":
         return TorchBackend  # the portable path is the expected one off CUDA: no warning
-    reason = fused_dispatch.unsupported_reason(*tensors)
+    return _choose(backend, source, fused_dispatch.unsupported_reason(*tensors))
+
+
+def _choose(backend: str, source: str, reason: Optional[str]):
+    """'triton' or 'auto' on CUDA: Triton if it can run (``reason`` None); else an explicit
+    request raises and 'auto' warns once and falls back to the portable path."""
     if reason is None:
         return fused_dispatch.TritonBackend
     if backend == "triton":

@@ -60,62 +60,11 @@ def unsupported_reason(*tensors: torch.Tensor) -> Optional[str]:
 def _kernels(interpret: bool):
     """Build the kernels once per mode: JIT-compiled for CUDA, interpreted for CPU tensors."""
     import triton
-    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
+
+    from . import _triton_kernels as k
     wrap = InterpretedFunction if interpret else triton.jit
-
-    def gather_rows(src, index, weight, out, limit, d, DIVISOR: tl.constexpr,
-                    HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-        # out[r] = weight[a] * src[a // DIVISOR] with a = index[r]; zero if a >= limit.
-        r = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < d
-        a = tl.load(index + r)
-        valid = a < limit
-        src_row = a // DIVISOR
-        v = tl.load(src + src_row * d + cols, mask=cmask & valid, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            v = v * tl.load(weight + a, mask=valid, other=0.0).to(tl.float32)
-        tl.store(out + r * d + cols, v.to(out.dtype.element_ty), mask=cmask)
-
-    def gather_sum(src, index, weight, out, n_src, d, K: tl.constexpr,
-                   HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-        # out[t] = sum_k weight[t, k] * src[index[t, k]]; index >= n_src reads zero.
-        t = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        cmask = cols < d
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in tl.static_range(K):
-            row = tl.load(index + t * K + k)
-            valid = row < n_src
-            v = tl.load(src + row * d + cols, mask=cmask & valid, other=0.0).to(tl.float32)
-            if HAS_WEIGHT:
-                v = v * tl.load(weight + t * K + k).to(tl.float32)
-            acc += v
-        tl.store(out + t * d + cols, acc.to(out.dtype.element_ty), mask=cmask)
-
-    def combine_backward(grad_out, expert_out, weight, row_assignment, grad_eo, grad_w,
-                         n_assign, d, K: tl.constexpr, NEED_W: tl.constexpr, BLOCK: tl.constexpr):
-        # Row r holds assignment a = t*K + k: grad_eo[r] = w[a] * gy[t]; grad_w[a] = <gy[t], eo[r]>.
-        # Each assignment owns at most one row, so the grad_w store never collides.
-        r = tl.program_id(0).to(tl.int64)
-        a = tl.load(row_assignment + r)
-        valid = a < n_assign
-        t = a // K
-        w = tl.load(weight + a, mask=valid, other=0.0).to(tl.float32)
-        dot = tl.zeros([BLOCK], dtype=tl.float32)
-        for c0 in range(0, d, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            cmask = cols < d
-            g = tl.load(grad_out + t * d + cols, mask=cmask & valid, other=0.0).to(tl.float32)
-            tl.store(grad_eo + r * d + cols, (g * w).to(grad_eo.dtype.element_ty), mask=cmask)
-            if NEED_W:
-                e = tl.load(expert_out + r * d + cols, mask=cmask, other=0.0).to(tl.float32)
-                dot += g * e
-        if NEED_W:
-            tl.store(grad_w + a, tl.sum(dot, axis=0), mask=valid)
-
-    return wrap(gather_rows), wrap(gather_sum), wrap(combine_backward)
+    return wrap(k.gather_rows), wrap(k.gather_sum), wrap(k.combine_backward)
 
 
 def _check(*tensors: torch.Tensor) -> bool:
@@ -123,6 +72,12 @@ def _check(*tensors: torch.Tensor) -> bool:
     if reason:
         raise RuntimeError(f"the Triton dispatch kernels cannot run here: {reason}")
     return tensors[0].device.type == "cpu"  # -> interpreter
+
+
+def _acc(*tensors: torch.Tensor):
+    """Accumulation dtype (a triton dtype, passed as a constexpr): float64 if any tensor is."""
+    import triton.language as tl
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
 def _block(d: int) -> int:
@@ -142,7 +97,8 @@ class TritonBackend:
         if out.numel():
             block = _block(d)
             _kernels(interpret)[0][(index.shape[0], -(-d // block))](
-                src, index.contiguous(), src, out, N, d, DIVISOR=1, HAS_WEIGHT=False, BLOCK=block)
+                src, index.contiguous(), src, out, N, d, DIVISOR=1, HAS_WEIGHT=False,
+                ACC=_acc(src, out), BLOCK=block)
         return out
 
     @staticmethod
@@ -157,7 +113,7 @@ class TritonBackend:
             w = src if weight is None else weight.contiguous()
             _kernels(interpret)[1][(T, -(-d // block))](
                 src, index.contiguous(), w, out, src.shape[0], d, K=K,
-                HAS_WEIGHT=weight is not None, BLOCK=block)
+                HAS_WEIGHT=weight is not None, ACC=_acc(src, w, out), BLOCK=block)
         return out
 
     @staticmethod
@@ -169,9 +125,11 @@ class TritonBackend:
         R, d = expert_out.shape
         grad_eo = torch.empty(R, d, dtype=expert_out.dtype, device=expert_out.device)
         # Dropped assignments own no row and keep their zero gradient.
-        grad_w = torch.zeros(T, K, dtype=torch.float32, device=expert_out.device)
+        acc_dtype = torch.float64 if expert_out.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(T, K, dtype=acc_dtype, device=expert_out.device)
         if R:
             _kernels(interpret)[2][(R,)](
                 grad_out, expert_out, weight.contiguous(), row_assignment.contiguous(), grad_eo,
-                grad_w, T * K, d, K=K, NEED_W=need_weight_grad, BLOCK=_block(d))
+                grad_w, T * K, d, K=K, NEED_W=need_weight_grad, ACC=_acc(grad_out, expert_out, weight),
+                BLOCK=_block(d))
         return grad_eo, grad_w if need_weight_grad else None
