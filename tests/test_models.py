@@ -188,6 +188,9 @@ def test_upcycle_from_local_weights_file(tmp_path):
 
 
 def test_hub_download_offline_gives_a_clear_message(monkeypatch):
+    import huggingface_hub.constants
+    # The variable is read when huggingface_hub is imported: set the constant itself.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="checkpoint_path"):
         vm.upcycle("vit_tiny_patch16_224", pretrained=True, every=2)
