@@ -315,3 +315,23 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="capacity_factor"):
         V.priority_map(record, 0, capacity_factors=(0.0,))
     assert all(m.capacity_factor == 0.5 for m in V.moe_layers(model).values())
+
+
+def test_expert_choice_layers_load_and_matrix():
+    model = tiny_vit()
+    model.blocks[3].mlp = MoeMlp(D, 64, num_experts=E, router="expert_choice", capacity_factor=1.0,
+                                 group_size_images=2)
+    record, _ = record_two_forwards(model, images(4), split=2)
+    _, load = V.expert_load(record, layers=["blocks.3.mlp"])
+    picked = sum(np.bincount(p.expert_index[p.kept & p.valid[..., None] if p.valid is not None else p.kept].numpy(),
+                             minlength=E) for p in record.plans("blocks.3.mlp"))
+    np.testing.assert_array_equal(load["kept"][0, 0], picked)
+    assert load["dropped_fraction"][0] == 0.0
+    _, m = V.class_expert_matrix(record, [0, 1, 0, 1], layers=["blocks.3.mlp"], choice=None)
+    np.testing.assert_allclose(m["matrix"].sum(-1), 1.0)
+    with pytest.raises(ValueError, match="expert-choice"):
+        V.patch_map(record, 0, layers=["blocks.3.mlp"])
+    with pytest.raises(ValueError, match="expert-choice"):
+        V.class_expert_matrix(record, [0, 1, 0, 1], layers=["blocks.3.mlp"])
+    with pytest.raises(ValueError, match="differ in"):
+        V.expert_load(record)
