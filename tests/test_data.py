@@ -201,6 +201,20 @@ def test_workers_get_distinct_augmentation_streams():
     assert not torch.equal(first[0], first[1])  # item 0 from worker 0, item 1 from worker 1
 
 
+def test_ddp_ranks_draw_different_augmentations():
+    from types import SimpleNamespace
+
+    img = _image(24)
+    outs = []
+    for rank in (0, 0, 1):
+        dm = DigitsDataModule()
+        dm.trainer = SimpleNamespace(global_rank=rank)  # what a DDP Trainer attaches
+        torch.manual_seed(0)  # seed_everything gives every rank the same torch seed
+        tf = dm.build_train_transform()
+        outs.append(torch.stack([tf(image=img)["image"] for _ in range(3)]))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("kwargs, word", [
     (dict(channels=2), "channels"),
     (dict(img_size=0), "img_size"),

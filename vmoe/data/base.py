@@ -7,6 +7,7 @@ fills ``train_set`` / ``val_set`` / ``test_set`` using ``build_train_transform()
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import albumentations as A
@@ -101,8 +102,14 @@ class VisionDataModule(L.LightningDataModule):
     def build_train_transform(self, seed: Optional[int] = None) -> A.Compose:
         """Training pipeline; by default seeded from torch's RNG so ``seed_everything`` fixes it."""
         if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = (int(torch.randint(0, 2**31 - 1, ()).item()) + 1_000_003 * self._rank()) % 2**32
         return build_train_transform(self.img_size, self.train_transform, self.mean, self.std, seed=seed)
+
+    def _rank(self) -> int:
+        """Global rank under a Trainer (0 otherwise): DDP processes share the seed but should
+        not draw the same augmentations."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
 
     def build_eval_transform(self) -> A.Compose:
         return build_eval_transform(self.img_size, self.eval_transform, self.mean, self.std)
@@ -128,7 +135,7 @@ class VisionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+            worker_init_fn=partial(seed_worker, rank=self._rank()) if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
