@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vmoe.data.datasets import seed_worker
 from vmoe.data.transforms import (
+    DEFAULT_EVAL,
+    DEFAULT_TRAIN,
     EvalTransformConfig,
     TrainTransformConfig,
     build_eval_transform,
@@ -75,23 +77,29 @@ class VisionDataModule(L.LightningDataModule):
         self.std = tuple(DEFAULT_STD if std is None else std)
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean={self.mean} and std={self.std} must have the same length (channels)")
-        self.train_transform = train_transform if train_transform is not None else self.default_train_transform()
-        self.eval_transform = eval_transform if eval_transform is not None else self.default_eval_transform()
         for name, value, kind in (
-            ("train_transform", self.train_transform, TrainTransformConfig),
-            ("eval_transform", self.eval_transform, EvalTransformConfig),
+            ("train_transform", train_transform, TrainTransformConfig),
+            ("eval_transform", eval_transform, EvalTransformConfig),
         ):
-            if not isinstance(value, kind):
+            if value is not None and not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+        # Resolved configs (no None left): the user's fields over this data module's defaults
+        # over the generic ones, so a partial YAML keeps e.g. the digits' "no flip".
+        self.train_transform = (train_transform or TrainTransformConfig()).merged_over(
+            self.default_train_transform().merged_over(DEFAULT_TRAIN))
+        self.eval_transform = (eval_transform or EvalTransformConfig()).merged_over(
+            self.default_eval_transform().merged_over(DEFAULT_EVAL))
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
 
     # --- defaults a subclass may override ---
     def default_train_transform(self) -> TrainTransformConfig:
+        """This data module's augmentation defaults (None fields: ``DEFAULT_TRAIN``)."""
         return TrainTransformConfig()
 
     def default_eval_transform(self) -> EvalTransformConfig:
+        """This data module's eval defaults (None fields: ``DEFAULT_EVAL``)."""
         return EvalTransformConfig()
 
     @property
