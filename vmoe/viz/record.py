@@ -1,0 +1,292 @@
+"""Record the RoutingPlans of a model's MoE layers and view them per image and per token.
+
+Axis letters: B images, N tokens per image (prefix tokens such as the class token first, then
+the h*w patches in row-major order), P prefix tokens, K choices per token, E experts,
+G routing groups, S tokens per group.
+
+A MoeMlp flattens its input [B, N, d] row-major into B*N tokens, pads the end to a multiple of S
+and cuts it into [G, S] groups (a group may span several images, and an image may span two
+groups). ``ungroup`` undoes exactly that, so token n of image b is row ``b * N + n`` of the
+flattened plan. Nothing here re-derives routing: every view is a reshape of the recorded plan.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan
+
+__all__ = ["moe_layers", "record_routing", "image_grid", "RoutingRecord", "TokenRouting", "ungroup"]
+
+
+def moe_layers(model: nn.Module) -> Dict[str, MoeMlp]:
+    """name -> MoeMlp for every MoE layer of ``model``, in module order. Raises ValueError if none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoeMlp)}
+    if not layers:
+        raise ValueError(f"model {type(model).__name__} has no MoE layers (no vmoe.moe.MoeMlp "
+                         "module): turn some blocks' mlp into MoeMlp first")
+    return layers
+
+
+def ungroup(values: torch.Tensor, batch_size: int, tokens_per_image: int) -> torch.Tensor:
+    """[G, S, ...] per-group values -> [B, N, ...] per-image values (padding cut off)."""
+    G, S = values.shape[:2]
+    T = batch_size * tokens_per_image
+    if T > G * S:
+        raise ValueError(f"plan holds {G}x{S} tokens, fewer than B*N = {batch_size}*{tokens_per_image}")
+    return values.reshape(G * S, *values.shape[2:])[:T].reshape(batch_size, tokens_per_image, *values.shape[2:])
+
+
+@dataclass
+class _Forward:
+    """One recorded forward of one layer: its plan (on CPU) and the input's B, N."""
+    plan: RoutingPlan
+    batch_size: int
+    tokens_per_image: int
+
+
+@dataclass
+class TokenRouting:
+    """Routing of every token of every recorded image for one layer (numpy arrays).
+
+    Attributes:
+        expert: [B, N, K] int64, the chosen experts, best first.
+        kept: [B, N, K] bool, the assignment got a buffer place (False: dropped).
+        gates: [B, N, E] float32, the router's softmax.
+    """
+    expert: np.ndarray
+    kept: np.ndarray
+    gates: np.ndarray
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """[B, N, K] bool: the assignment was dropped (over capacity)."""
+        return ~self.kept
+
+    @property
+    def priority(self) -> np.ndarray:
+        """[B, N] float32: the largest gate, the score Batch Priority Routing sorts by."""
+        return self.gates.max(-1)
+
+
+class RoutingRecord:
+    """The plans recorded by ``record_routing``, with per-image views.
+
+    Attributes:
+        layer_names: recorded MoE layers, in module order.
+        layers: name -> MoeMlp (kept for their routers, e.g. to re-route recorded gates).
+        grid_size: (h, w) patch grid of the recorded images, or None before any forward.
+        patch_size: (ph, pw) pixels per patch, or None if the model has no ``patch_embed``.
+        num_prefix_tokens: P, tokens before the patches (class token, registers).
+        prefix_labels: P names ("cls", "reg1", ...).
+    """
+
+    def __init__(self, layers: Dict[str, MoeMlp], patch_size: Optional[Tuple[int, int]],
+                 num_prefix_tokens: int, grid_size: Optional[Tuple[int, int]] = None):
+        self.layers = dict(layers)
+        self.layer_names: List[str] = list(layers)
+        self.patch_size = patch_size
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = grid_size
+        # Names of the prefix tokens, drawn beside the patch grid (timm: class token first).
+        self.prefix_labels: List[str] = (["cls"] if num_prefix_tokens == 1 else
+                                         [f"tok{p}" for p in range(num_prefix_tokens)])
+        self.forwards: Dict[str, List[_Forward]] = {name: [] for name in layers}
+        self._cache: Dict[str, TokenRouting] = {}
+
+    # --- bookkeeping -----------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        """Images recorded so far (the same for every layer)."""
+        return sum(f.batch_size for f in self.forwards[self.layer_names[0]])
+
+    @property
+    def image_size(self) -> Optional[Tuple[int, int]]:
+        """(H, W) in pixels covered by the patch grid, or None if unknown."""
+        if self.grid_size is None or self.patch_size is None:
+            return None
+        return (self.grid_size[0] * self.patch_size[0], self.grid_size[1] * self.patch_size[1])
+
+    def check_layer(self, layer: str) -> str:
+        if layer not in self.forwards:
+            raise ValueError(f"layer {layer!r} was not recorded; recorded layers: {self.layer_names}")
+        return layer
+
+    def check_nonempty(self) -> None:
+        if self.num_images == 0:
+            raise ValueError("no forward pass was recorded: call the model inside "
+                             "`with record_routing(model) as record:` (is the dataset empty?)")
+
+    def is_top_k(self, layer: str) -> bool:
+        return not isinstance(self.layers[self.check_layer(layer)].router, ExpertChoiceRouter)
+
+    def _add(self, name: str, plan: RoutingPlan, batch_size: int, tokens_per_image: int) -> None:
+        cpu = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(plan).items()}
+        self.forwards[name].append(_Forward(replace(plan, **cpu), batch_size, tokens_per_image))
+        self._cache.pop(name, None)
+
+    # --- views -----------------------------------------------------------------------------
+    def plans(self, layer: str) -> List[RoutingPlan]:
+        """The layer's recorded plans, one per forward, in order (tensors on CPU)."""
+        return [f.plan for f in self.forwards[self.check_layer(layer)]]
+
+    def tokens(self, layer: str) -> TokenRouting:
+        """All recorded images' routing for ``layer``: arrays [B, N, ...] over every forward."""
+        self.check_nonempty()
+        if layer not in self._cache:
+            parts = self.forwards[self.check_layer(layer)]
+            lengths = sorted({f.tokens_per_image for f in parts})
+            if len(lengths) > 1:
+                raise ValueError(f"layer {layer!r} saw images of different token counts {lengths}; "
+                                 "record each image size in its own record_routing block")
+            self._cache[layer] = TokenRouting(
+                expert=self._cat(parts, lambda p: p.expert_index).numpy(),
+                kept=self._cat(parts, lambda p: p.slot >= 0).numpy(),
+                gates=self._cat(parts, lambda p: p.gates.float()).numpy())
+        return self._cache[layer]
+
+    @staticmethod
+    def _cat(parts: Sequence[_Forward], field) -> torch.Tensor:
+        return torch.cat([ungroup(field(f.plan), f.batch_size, f.tokens_per_image) for f in parts])
+
+    def image(self, index: int, layer: str) -> TokenRouting:
+        """Routing of recorded image ``index`` (0-based over all forwards): arrays [N, ...]."""
+        tokens = self.tokens(layer)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(tokens.expert):
+            raise ValueError(f"image index must be an int in [0, {len(tokens.expert)}), got index={index!r}")
+        return TokenRouting(tokens.expert[index], tokens.kept[index], tokens.gates[index])
+
+    def split_tokens(self, values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """[..., N] per-token values -> (prefix [..., P], patches [..., h, w])."""
+        if self.grid_size is None:
+            raise ValueError("the patch grid is unknown: the model has no `patch_embed` and no "
+                             "grid_size was given to record_routing")
+        h, w = self.grid_size
+        P = self.num_prefix_tokens
+        if values.shape[-1] != P + h * w:
+            raise ValueError(f"images have {values.shape[-1]} tokens but the grid {h}x{w} plus "
+                             f"{P} prefix tokens make {P + h * w}")
+        return values[..., :P], values[..., P:].reshape(*values.shape[:-1], h, w)
+
+    def reroute(self, layer: str, capacity_factor: float, batch_priority: bool) -> np.ndarray:
+        """[B, N, K] bool: which assignments would be kept if the recorded gates were routed
+        again at ``capacity_factor`` with (``batch_priority=True``) or without BPR.
+
+        Uses the layer's own ``router.route`` on the recorded gates [G, S, E] and groups, so
+        group membership and priorities are the recorded ones.
+        """
+        from .settings import routing_settings  # local: settings imports nothing from here
+        moe = self.layers[self.check_layer(layer)]
+        if not self.is_top_k(layer):
+            raise ValueError(f"layer {layer!r} uses expert-choice routing: it has no per-token "
+                             "priority, re-routing with BPR does not apply")
+        self.check_nonempty()
+        kept = []
+        with routing_settings({layer: moe}, capacity_factor=capacity_factor, batch_priority=batch_priority):
+            for f in self.forwards[layer]:
+                plan = moe.router.route(f.plan.gates.to(moe.router.weight.device),
+                                        None if f.plan.valid is None else f.plan.valid.to(moe.router.weight.device))
+                kept.append(ungroup(plan.slot.cpu() >= 0, f.batch_size, f.tokens_per_image))
+        return torch.cat(kept).numpy()
+
+
+def _patch_geometry(model: nn.Module) -> Tuple[Optional[Tuple[int, int]], Optional[nn.Module]]:
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "patch_size", None)
+    if size is None:
+        return None, None
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return (int(size[0]), int(size[1])), patch_embed
+
+
+def image_grid(model: nn.Module, images: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(h, w) patch grid the model makes of ``images`` [B, C, H, W]; None without ``patch_embed``.
+
+    Raises ValueError (instead of timm's AssertionError) when the size does not fit the model.
+    """
+    patch_size, patch_embed = _patch_geometry(model)
+    if patch_embed is None:
+        return None
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a tensor [B, C, H, W], got {type(images).__name__} "
+                         f"of shape {tuple(getattr(images, 'shape', ()))}")
+    H, W = images.shape[-2:]
+    expected = getattr(patch_embed, "img_size", None)
+    if expected is not None and getattr(patch_embed, "strict_img_size", False) and (H, W) != tuple(expected):
+        raise ValueError(f"images are {H}x{W} pixels but the model expects {expected[0]}x{expected[1]} "
+                         "(model.patch_embed.img_size); resize them or build the model for this size")
+    ph, pw = patch_size
+    if getattr(patch_embed, "dynamic_img_pad", False):
+        return (-(-H // ph), -(-W // pw))
+    if H % ph or W % pw:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+    return (H // ph, W // pw)
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module, layers: Optional[Sequence[str]] = None,
+                   grid_size: Optional[Tuple[int, int]] = None,
+                   num_prefix_tokens: Optional[int] = None) -> Iterator[RoutingRecord]:
+    """Context manager: every forward of ``model`` inside it appends each MoE layer's plan.
+
+    Example::
+
+        with record_routing(model) as record:
+            for images, _ in loader:
+                model(images)            # images [B, 3, H, W]
+        record.image(0, "blocks.3.mlp").expert   # [N, K]
+
+    Args:
+        model: a module with MoeMlp layers (a timm ViT: the patch grid and the number of prefix
+            tokens are read from ``model.patch_embed`` and ``model.num_prefix_tokens``).
+        layers: names of the MoE layers to record (default: all).
+        grid_size: (h, w) patch grid, for models without ``patch_embed``.
+        num_prefix_tokens: P, default ``model.num_prefix_tokens`` or 0.
+
+    Raises ValueError for a model without MoE layers, an unknown layer name, or images whose
+    size does not match the model's (checked before the forward runs).
+    """
+    all_layers = moe_layers(model)
+    names = list(all_layers) if layers is None else list(layers)
+    unknown = [n for n in names if n not in all_layers]
+    if unknown or not names:
+        raise ValueError(f"layers must name MoE layers of the model, got {unknown or names}; "
+                         f"MoE layers: {list(all_layers)}")
+    patch_size, patch_embed = _patch_geometry(model)
+    prefix = num_prefix_tokens if num_prefix_tokens is not None else int(getattr(model, "num_prefix_tokens", 0))
+    record = RoutingRecord({n: all_layers[n] for n in names}, patch_size, prefix,
+                           tuple(grid_size) if grid_size is not None else None)
+    if getattr(model, "cls_token", None) is not None or prefix > 1:
+        has_cls = getattr(model, "cls_token", None) is not None
+        record.prefix_labels = (["cls"] if has_cls else []) + [f"reg{i + 1}" for i in range(prefix - has_cls)]
+
+    def check_images(module, args):
+        images = args[0] if args else None
+        if patch_embed is None or not isinstance(images, torch.Tensor) or images.dim() != 4:
+            return
+        grid = image_grid(model, images)
+        if record.grid_size is not None and record.num_images and grid != record.grid_size:
+            raise ValueError(f"images of grid {grid} after images of grid {record.grid_size}: record "
+                             "each image size in its own record_routing block")
+        record.grid_size = grid
+
+    def make_hook(name: str):
+        def hook(module: MoeMlp, args, output):
+            B, N = args[0].shape[:2]
+            record._add(name, module.last_plan, int(B), int(N))
+        return hook
+
+    handles = [model.register_forward_pre_hook(check_images)]
+    try:
+        handles += [all_layers[n].register_forward_hook(make_hook(n)) for n in names]
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
