@@ -16,7 +16,8 @@ issues 2 and 7 are checked at the end. Forward is timed in eval mode under ``no_
 forward+backward in train mode (router noise and the load loss on), backpropagating a fixed
 random output gradient plus the auxiliary loss.
 
-Peak memory (CPU): the profiler's allocation events during one forward+backward, for several
+Peak memory: the profiler's allocation events (CPU) or the allocator's peak (CUDA) during one
+forward+backward, for several
 group sizes at a fixed token count. E*C per token grows linearly with the group size S (E*C ~
 S*K*cf), so the einsum path's [G, S, E, C] one-hot tensors grow with it, while the index path's
 largest tensors are the [E, G*C, h] expert activations (~ tokens*K*cf*h, independent of S).
@@ -33,8 +34,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's start/stop lines
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vmoe.moe import MoeMlp  # noqa: E402
@@ -116,12 +118,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) -> float:
-    """Seconds for one forward (eval, no_grad) or forward+backward (train)."""
-    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+def run_once(layer, x, grad, backward: bool, device: str, dtype: torch.dtype, inner: int = 1) -> float:
+    """Seconds per call, averaged over ``inner`` calls, of a forward (eval, no_grad) or a
+    forward+backward (train)."""
     layer.train(backward)
     _sync(device)
     start = time.perf_counter()
+    for _ in range(inner):
+        _call(layer, x, grad, backward, device, dtype)
+    _sync(device)
+    return (time.perf_counter() - start) / inner
+
+
+def _call(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) -> None:
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     if backward:
         xi = x.detach().requires_grad_()
         with autocast:
@@ -135,21 +145,19 @@ def run_once(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) ->
     else:
         with torch.no_grad(), autocast:
             layer(x)
-    _sync(device)
-    return time.perf_counter() - start
 
 
-def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: torch.dtype):
+def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int = 1):
     layers, inputs, grads, C = build(shape, device, dtype)
     times = {(v, bwd): [] for v in VARIANTS for bwd in (False, True)}
     for bwd in (False, True):
         for _ in range(warmup):
             for v in VARIANTS:
-                run_once(layers[v], inputs[v], grads[v], bwd, device, dtype)
+                run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner)
     for _ in range(repeats):  # interleaved: every repeat times every variant once
         for bwd in (False, True):
             for v in VARIANTS:
-                times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype))
+                times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner))
     return times, C
 
 
@@ -159,10 +167,17 @@ def paired_ratio(times, a, b, bwd) -> float:
 
 
 # --- peak memory ------------------------------------------------------------------------------
-def peak_alloc_bytes(fn) -> int:
-    """Peak of (bytes allocated - bytes freed) on CPU while ``fn`` runs, from the profiler's
-    memory events in time order; tensors alive before the call count as 0."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence kineto's start/stop lines
+def peak_alloc_bytes(fn, device: str = "cpu") -> int:
+    """Peak of (bytes allocated - bytes freed) while ``fn`` runs; tensors alive before the call
+    count as 0. CUDA: the caching allocator's peak statistic. CPU (no such statistic): the
+    profiler's memory events in time order."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -176,21 +191,25 @@ def peak_alloc_bytes(fn) -> int:
     return peak
 
 
-def memory_table(shape: Shape, group_images=(2, 8, 32)):
+def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dtype=torch.float32):
     rows = []
     torch.manual_seed(0)
-    x = torch.randn(shape.images, shape.tokens, shape.d)
+    x = torch.randn(shape.images, shape.tokens, shape.d, device=device)
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     for gi in group_images:
         row = {"group_images": gi}
         for dispatcher in ("index", "einsum"):
-            layer = make_layer(Shape(**{**shape.__dict__, "group_images": gi}), dispatcher).train()
+            layer = make_layer(Shape(**{**shape.__dict__, "group_images": gi}), dispatcher)
+            layer = layer.to(device).train()
 
             def step():
                 xi = x.detach().requires_grad_()
-                out = layer(xi)
-                (out.square().mean() + layer.aux_loss).backward()
+                with autocast:
+                    out = layer(xi)
+                (out.float().square().mean() + layer.aux_loss).backward()
+                layer.zero_grad(set_to_none=True)
             step()  # warm-up (lazy init), then measure
-            row[dispatcher] = peak_alloc_bytes(step)
+            row[dispatcher] = peak_alloc_bytes(step, device)
             S = gi * shape.tokens
             row["EC"] = shape.E * layer.router.capacity_for(S)
         rows.append(row)
@@ -201,6 +220,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--inner", type=int, default=None, help="calls per timed sample (default: 1 on cpu, 10 on cuda)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -229,7 +249,8 @@ def main(argv=None) -> int:
     overhead_target = 1 / 3 if args.device == "cpu" else 1 / 5
     for name in shapes:
         shape = SHAPES[name]
-        times, C = bench_shape(shape, args.repeats, args.warmup, args.device, dtype)
+        inner = args.inner or (10 if args.device == "cuda" else 1)
+        times, C = bench_shape(shape, args.repeats, args.warmup, args.device, dtype, inner)
         for bwd in (False, True):
             med = {v: 1e3 * statistics.median(times[(v, bwd)]) for v in VARIANTS}
             r_floor = paired_ratio(times, "moe", "floor", bwd)
@@ -247,9 +268,9 @@ def main(argv=None) -> int:
     for text, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {value:.3f}")
 
-    if args.device == "cpu" and not args.no_memory:
+    if not args.no_memory:
         shape = SHAPES["S/32 E=8"]
-        rows = memory_table(shape)
+        rows = memory_table(shape, device=args.device, dtype=dtype)
         print(f"\nPeak allocated bytes during one fwd+bwd ({shape.name}, {shape.images}x{shape.tokens} tokens), "
               "by group size (E*C per token grows with it):")
         print("| images/group | E*C | index MiB | einsum MiB |\n|---|---|---|---|")

@@ -27,14 +27,18 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_STATE: dict = {}  # a plain dict, not lru_cache: dynamo traces through it cleanly
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+    if "error" not in _IMPORT_STATE:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _IMPORT_STATE["error"] = None
+        except Exception as exc:  # ImportError, or a broken install
+            _IMPORT_STATE["error"] = f"triton is not importable ({type(exc).__name__}: {exc})"
+    return _IMPORT_STATE["error"]
 
 
 def unsupported_reason(*tensors: torch.Tensor) -> Optional[str]:
@@ -84,6 +88,72 @@ def _block(d: int) -> int:
     return min(_BLOCK_D, max(16, 1 << (d - 1).bit_length()))
 
 
+# The launches are registered as custom ops: torch.compile and CUDA graphs then see opaque ops
+# with known output shapes (the fake implementations) instead of tracing Python launch code.
+@torch.library.custom_op("vmoe::triton_gather_rows", mutates_args=())
+def _gather_rows_op(src: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    interpret = _check(src)
+    N, d = src.shape
+    out = torch.empty(index.shape[0], d, dtype=out_dtype, device=src.device)
+    if out.numel():
+        block = _block(d)
+        _kernels(interpret)[0][(index.shape[0], -(-d // block))](
+            src, index, src, out, N, d, DIVISOR=1, HAS_WEIGHT=False, ACC=_acc(src, out), BLOCK=block)
+    return out
+
+
+@_gather_rows_op.register_fake
+def _(src, index, out_dtype):
+    return src.new_empty(index.shape[0], src.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("vmoe::triton_gather_sum", mutates_args=())
+def _gather_sum_op(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    interpret = _check(src) if weight is None else _check(src, weight)
+    T, K = index.shape
+    d = src.shape[1]
+    out = torch.empty(T, d, dtype=out_dtype, device=src.device)
+    if out.numel():
+        block = _block(d)
+        w = src if weight is None else weight
+        _kernels(interpret)[1][(T, -(-d // block))](
+            src, index, w, out, src.shape[0], d, K=K, HAS_WEIGHT=weight is not None,
+            ACC=_acc(src, w, out), BLOCK=block)
+    return out
+
+
+@_gather_sum_op.register_fake
+def _(src, index, weight, out_dtype):
+    return src.new_empty(index.shape[0], src.shape[1], dtype=out_dtype)
+
+
+@torch.library.custom_op("vmoe::triton_combine_backward", mutates_args=())
+def _combine_backward_op(grad_out: torch.Tensor, expert_out: torch.Tensor, weight: torch.Tensor,
+                         row_assignment: torch.Tensor, num_selected: int, need_weight_grad: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    interpret = _check(grad_out, expert_out, weight)
+    R, d = expert_out.shape
+    grad_eo = torch.empty_like(expert_out)
+    # Dropped assignments own no row and keep their zero gradient.
+    grad_w = torch.zeros(weight.shape, dtype=_acc_torch(expert_out), device=expert_out.device)
+    if R:
+        _kernels(interpret)[2][(R,)](
+            grad_out, expert_out, weight, row_assignment, grad_eo, grad_w, weight.numel(), d,
+            K=num_selected, NEED_W=need_weight_grad, ACC=_acc(grad_out, expert_out, weight),
+            BLOCK=_block(d))
+    return grad_eo, grad_w
+
+
+@_combine_backward_op.register_fake
+def _(grad_out, expert_out, weight, row_assignment, num_selected, need_weight_grad):
+    return torch.empty_like(expert_out), weight.new_empty(weight.shape, dtype=_acc_torch(expert_out))
+
+
+def _acc_torch(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 class TritonBackend:
     """The kernels of ``autograd_dispatch.TorchBackend``, fused in Triton (same contracts)."""
 
@@ -91,45 +161,19 @@ class TritonBackend:
 
     @staticmethod
     def gather_rows(src: torch.Tensor, index: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        interpret = _check(src)
-        N, d = src.shape
-        out = torch.empty(index.shape[0], d, dtype=out_dtype, device=src.device)
-        if out.numel():
-            block = _block(d)
-            _kernels(interpret)[0][(index.shape[0], -(-d // block))](
-                src, index.contiguous(), src, out, N, d, DIVISOR=1, HAS_WEIGHT=False,
-                ACC=_acc(src, out), BLOCK=block)
-        return out
+        return _gather_rows_op(src.contiguous(), index.contiguous(), out_dtype)
 
     @staticmethod
     def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
                    out_dtype: torch.dtype) -> torch.Tensor:
-        interpret = _check(src) if weight is None else _check(src, weight)
-        T, K = index.shape
-        d = src.shape[1]
-        out = torch.empty(T, d, dtype=out_dtype, device=src.device)
-        if out.numel():
-            block = _block(d)
-            w = src if weight is None else weight.contiguous()
-            _kernels(interpret)[1][(T, -(-d // block))](
-                src, index.contiguous(), w, out, src.shape[0], d, K=K,
-                HAS_WEIGHT=weight is not None, ACC=_acc(src, w, out), BLOCK=block)
-        return out
+        weight = None if weight is None else weight.contiguous()
+        return _gather_sum_op(src.contiguous(), index.contiguous(), weight, out_dtype)
 
     @staticmethod
     def combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor, weight: torch.Tensor,
                          token_rows: torch.Tensor, row_assignment: torch.Tensor, need_weight_grad: bool
                          ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        interpret = _check(grad_out, expert_out, weight)
-        T, K = token_rows.shape
-        R, d = expert_out.shape
-        grad_eo = torch.empty(R, d, dtype=expert_out.dtype, device=expert_out.device)
-        # Dropped assignments own no row and keep their zero gradient.
-        acc_dtype = torch.float64 if expert_out.dtype == torch.float64 else torch.float32
-        grad_w = torch.zeros(T, K, dtype=acc_dtype, device=expert_out.device)
-        if R:
-            _kernels(interpret)[2][(R,)](
-                grad_out, expert_out, weight.contiguous(), row_assignment.contiguous(), grad_eo,
-                grad_w, T * K, d, K=K, NEED_W=need_weight_grad, ACC=_acc(grad_out, expert_out, weight),
-                BLOCK=_block(d))
+        grad_eo, grad_w = _combine_backward_op(
+            grad_out.contiguous(), expert_out.contiguous(), weight.contiguous(),
+            row_assignment.contiguous(), token_rows.shape[1], need_weight_grad)
         return grad_eo, grad_w if need_weight_grad else None
