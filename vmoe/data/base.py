@@ -1,0 +1,150 @@
+"""The common base of the image-classification data modules: loaders, transforms, checks.
+
+A subclass sets ``num_classes`` (an attribute or property, readable right after construction so
+that LightningCLI can link it to the model) and implements ``_setup_datasets(stage)``, which
+fills ``train_set`` / ``val_set`` / ``test_set`` using ``build_train_transform()`` and
+``build_eval_transform()``. ``predict`` uses the test set.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import albumentations as A
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vmoe.data.datasets import seed_worker
+from vmoe.data.transforms import (
+    EvalTransformConfig,
+    TrainTransformConfig,
+    build_eval_transform,
+    build_train_transform,
+)
+
+DEFAULT_MEAN = (0.5, 0.5, 0.5)  # inception-style [-1, 1] inputs, as V-MoE and timm's augreg ViTs
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Base class. Args common to all data modules:
+
+    Args:
+        img_size: side of the square images the model sees.
+        batch_size: training batch size (per process under DDP).
+        eval_batch_size: validation/test/predict batch size (default: batch_size).
+        num_workers: DataLoader worker processes (0: load in the main process).
+        pin_memory: pin host memory (speeds up host->GPU copies).
+        drop_last: drop the last incomplete training batch.
+        mean, std: per-channel normalization on the [0, 1] scale (default 0.5 -> inputs in [-1, 1]).
+        train_transform: training augmentation (None: the data module's default).
+        eval_transform: evaluation preprocessing (None: the data module's default).
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        img_size: int,
+        batch_size: int = 128,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        train_transform: Optional[TrainTransformConfig] = None,
+        eval_transform: Optional[EvalTransformConfig] = None,
+    ):
+        super().__init__()
+        for name, value in (("img_size", img_size), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ValueError(f"eval_batch_size={eval_batch_size!r} must be a positive int or None")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} must be an int >= 0")
+        self.img_size = img_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.mean = tuple(DEFAULT_MEAN if mean is None else mean)
+        self.std = tuple(DEFAULT_STD if std is None else std)
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean={self.mean} and std={self.std} must have the same length (channels)")
+        self.train_transform = train_transform if train_transform is not None else self.default_train_transform()
+        self.eval_transform = eval_transform if eval_transform is not None else self.default_eval_transform()
+        for name, value, kind in (
+            ("train_transform", self.train_transform, TrainTransformConfig),
+            ("eval_transform", self.eval_transform, EvalTransformConfig),
+        ):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+        self.train_set: Optional[Dataset] = None
+        self.val_set: Optional[Dataset] = None
+        self.test_set: Optional[Dataset] = None
+
+    # --- defaults a subclass may override ---
+    def default_train_transform(self) -> TrainTransformConfig:
+        return TrainTransformConfig()
+
+    def default_eval_transform(self) -> EvalTransformConfig:
+        return EvalTransformConfig()
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    # --- pipelines ---
+    def build_train_transform(self, seed: Optional[int] = None) -> A.Compose:
+        """Training pipeline; by default seeded from torch's RNG so ``seed_everything`` fixes it."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return build_train_transform(self.img_size, self.train_transform, self.mean, self.std, seed=seed)
+
+    def build_eval_transform(self) -> A.Compose:
+        return build_eval_transform(self.img_size, self.eval_transform, self.mean, self.std)
+
+    # --- Lightning hooks ---
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._setup_datasets(stage)
+
+    def _setup_datasets(self, stage: Optional[str]) -> None:
+        raise NotImplementedError
+
+    def _loader(self, dataset: Optional[Dataset], split: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: no {split} set; call setup() with the right stage first "
+                "(Lightning's Trainer does this)"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, "validation", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test (used for predict)", train=False)
+
+    def __repr__(self) -> str:
+        sizes = {k: (len(v) if v is not None else None) for k, v in
+                 (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))}
+        return (f"{type(self).__name__}(num_classes={self.num_classes}, img_size={self.img_size}, "
+                f"batch_size={self.batch_size}, sizes={sizes})")

@@ -1,0 +1,134 @@
+"""Map-style datasets that apply an albumentations pipeline, and the image-file reader.
+
+Each item is ``(image, label)``: image a float32 tensor [C, H, W] after the transform (or the
+raw uint8 array [H, W, C] without one), label a Python int; the default collate makes batches
+``x [B, C, H, W]`` float32 and ``y [B]`` int64.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+Transform = Optional[Callable[..., dict]]
+
+
+class CorruptImageError(ValueError):
+    """An image file that neither PIL nor OpenCV can decode; the message names the file."""
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as uint8 RGB [H, W, 3].
+
+    PIL first; OpenCV only when PIL does not recognise the format (so a truncated JPEG, which
+    OpenCV would half-decode with a warning, is still reported as corrupt).
+    Raises CorruptImageError naming ``path``.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L"):
+                # 16-bit greyscale: keep the high byte instead of PIL's clipping to 255
+                arr = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UnidentifiedImageError as err:
+        pil_error: Exception = err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot read image file '{path}': {type(err).__name__}: {err}") from err
+    arr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise CorruptImageError(
+            f"cannot read image file '{path}': neither PIL ({pil_error}) nor OpenCV can decode it"
+        )
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+class _TransformDataset(Dataset):
+    def __init__(self, transform: Transform):
+        self.transform = transform
+
+    def reseed(self, seed: int) -> None:
+        """Give the (albumentations) transform its own random stream, e.g. per worker."""
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+
+    def _apply(self, image: np.ndarray):
+        return image if self.transform is None else self.transform(image=image)["image"]
+
+
+class ArrayDataset(_TransformDataset):
+    """In-memory images uint8 [N, H, W, C] with integer labels [N]."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray, transform: Transform = None):
+        super().__init__(transform)
+        images = np.asarray(images)
+        labels = np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels shape {labels.shape} does not match {images.shape[0]} images")
+        self.images = images
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self._apply(self.images[index]), int(self.labels[index])
+
+
+class ImageFileDataset(_TransformDataset):
+    """Images read from files at access time, with integer labels."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int], transform: Transform = None):
+        super().__init__(transform)
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        self.paths = [Path(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self._apply(load_image(self.paths[index])), int(self.labels[index])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: without it every worker would inherit (by fork) the same
+    albumentations random state and repeat the same augmentations. torch gives each worker a
+    seed derived from the main process's RNG, so runs under ``seed_everything`` stay repeatable.
+    """
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    dataset = info.dataset
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, _TransformDataset):
+        dataset.reseed(seed)
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, test), each sorted, with class proportions kept in every part."""
+    n = len(labels)
+    n_test = int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    index = np.arange(n)
+    rest, test = (index, index[:0]) if n_test == 0 else train_test_split(
+        index, test_size=n_test, stratify=labels, random_state=seed)
+    train, val = (rest, rest[:0]) if n_val == 0 else train_test_split(
+        rest, test_size=n_val, stratify=labels[rest], random_state=seed + 1)
+    return np.sort(train), np.sort(val), np.sort(test)
