@@ -19,6 +19,8 @@ def run_notebook(name: str, artifacts: Path, monkeypatch) -> nbformat.NotebookNo
     monkeypatch.setenv("VMOE_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("VMOE_NOTEBOOK_ARTIFACTS", str(artifacts))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # Tiny models gain nothing from threads; on a shared CPU, extra OpenMP threads stall.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # conftest sets MPLBACKEND=Agg for the tests; the kernel must pick its inline backend itself
     # to show figures (vmoe.viz keeps a Jupyter backend).
     monkeypatch.delenv("MPLBACKEND", raising=False)

@@ -181,7 +181,7 @@ def capacity_sweep_main(argv: Optional[Sequence[str]] = None) -> int:
                                  "vanilla routing and Batch Priority Routing.")
         args = p.parse_args(argv)
         import matplotlib.pyplot as plt
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
 
         from vmoe.moe import ExpertChoiceRouter
 

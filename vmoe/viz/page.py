@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 __all__ = ["render_page", "sweep_markdown", "caption_numbers"]
 
 _CSS = """
@@ -55,15 +57,18 @@ def _reference_cf(factors: List[float]) -> int:
     return min(range(len(factors)), key=lambda i: (abs(factors[i] - 0.5) > 1e-9, factors[i]))
 
 
+def _max_over_mean(per_expert: np.ndarray) -> float:
+    """Assignments of the busiest expert over the mean per expert [E]."""
+    return float(per_expert.max() / max(per_expert.mean(), 1e-12))
+
+
 def caption_numbers(report: dict) -> Dict[str, object]:
     """The key numbers quoted in the captions (also handy in tests and notebooks)."""
     load = report["expert_load"]["layers"]
     out: Dict[str, object] = {
         "dropped_fraction": {n: v["dropped_fraction"] for n, v in load.items()},
         # busiest expert's assignments over the mean per expert: 1.0 is perfectly balanced
-        "max_over_mean_load": {n: max(map(sum, zip(*v["routed"]))) /
-                               max(sum(map(sum, v["routed"])) / len(v["routed"][0]), 1e-12)
-                               for n, v in load.items()},
+        "max_over_mean_load": {n: _max_over_mean(np.sum(v["routed"], axis=0)) for n, v in load.items()},
         "mutual_information_bits": {n: v["mutual_information_bits"]
                                     for n, v in report["class_expert"]["layers"].items()},
     }
@@ -156,7 +161,8 @@ def render_page(report: dict, out_dir: Path) -> str:
                      "dropped, only the residual connection carries it through the layer).</p>"
                      "<div class='examples'>")
         for ex in report["examples"]:
-            dropped = ", ".join(f"{_esc(n)} {c}/{ex['num_tokens']}" for n, c in ex["tokens_with_a_dropped_choice"].items())
+            dropped = ", ".join(f"{_esc(n)} {c}/{ex['num_tokens']}"
+                                for n, c in ex["tokens_with_a_dropped_choice"].items())
             caption = (f"Image {ex['index']}: label {_esc(_class_name(report, ex['label']))}, predicted "
                        f"{_esc(_class_name(report, ex['prediction']))}. Colors: expert of the 1st (left) and 2nd "
                        "(right) choice of each patch, hatched = dropped. <span class='key'>Tokens with a dropped "

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
 
 from .maps import patch_map, priority_map
 from .page import render_page
