@@ -51,7 +51,8 @@ def _unpack(raw: bytes, where: str, ext_hook=None):
         raise CheckpointFormatError(f"{where}: unexpected bytes after the MessagePack document "
                                     "(corrupted file?)") from None
     except Exception as e:  # OutOfData, FormatError, StackError, ValueError, TypeError ...
-        kind = "truncated" if isinstance(e, msgpack.OutOfData) else "corrupted"
+        short = isinstance(e, msgpack.OutOfData) or "incomplete input" in str(e)
+        kind = "truncated" if short else "corrupted"
         raise CheckpointFormatError(f"{where}: not valid MessagePack, the file is {kind} "
                                     f"({type(e).__name__}: {e})") from None
 
