@@ -1,1 +1,14 @@
-"""vmoe.models"""
+"""vmoe.models: timm ViT -> V-MoE, the paper's variants, upcycling, save/load, checkpoint import.
+
+Importing this package registers the ``vmoe_*`` models in timm's registry.
+"""
+from . import variants  # noqa: F401  (registers the timm factories)
+from .moeify import (aux_loss, aux_losses, moe_block_indices, moe_layers, moeify, restore_routing,
+                     routing_plans, routing_stats, set_routing)
+from .variants import PAPER_MOE_DEFAULTS, VARIANTS
+from .vit_moe import VisionTransformerMoe
+from .pretrained import from_pretrained, load_state_dict_checked, save_pretrained, upcycle
+
+__all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
+           "routing_stats", "set_routing", "restore_routing", "VisionTransformerMoe", "VARIANTS",
+           "PAPER_MOE_DEFAULTS", "save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle"]

@@ -1,0 +1,194 @@
+"""Turn a timm Vision Transformer into a V-MoE, and read/steer its MoE layers."""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..moe import MoeMlp, RoutingPlan, routing_statistics
+
+__all__ = ["moe_block_indices", "moeify", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
+           "routing_stats", "set_routing"]
+
+
+def moe_block_indices(depth: int, every: Optional[int] = None, last: Optional[int] = None,
+                      blocks: Optional[Sequence[int]] = None) -> List[int]:
+    """Indices of the blocks that become MoE, from exactly one placement rule.
+
+    ``every=N``: blocks N-1, 2N-1, ... (the paper's "Every 2" is blocks 1, 3, 5, ...).
+    ``last=N``: the last N odd blocks (the paper's "Last 2": blocks depth-3 and depth-1 for an
+    even depth). ``blocks``: an explicit list (negative indices count from the end).
+    """
+    given = [name for name, v in (("every", every), ("last", last), ("blocks", blocks)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of every=, last=, blocks= (got {given or 'none'})")
+    if every is not None:
+        if not isinstance(every, int) or not 1 <= every <= depth:
+            raise ValueError(f"every={every!r} must be an int in [1, depth={depth}]")
+        return list(range(every - 1, depth, every))
+    if last is not None:
+        odd = list(range(1, depth, 2))
+        if not isinstance(last, int) or not 1 <= last <= len(odd):
+            raise ValueError(f"last={last!r} must be an int in [1, {len(odd)}] (the model has depth "
+                             f"{depth}, i.e. {len(odd)} odd blocks)")
+        return odd[-last:]
+    indices = []
+    for i in blocks:
+        if not isinstance(i, int) or not -depth <= i < depth:
+            raise ValueError(f"block index {i!r} is out of range for a model of depth {depth} "
+                             f"(valid: 0..{depth - 1} or negative)")
+        indices.append(i % depth)
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"blocks={list(blocks)} lists a block twice")
+    return sorted(indices)
+
+
+def _vit_blocks(model: nn.Module) -> nn.Module:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        raise TypeError(f"{type(model).__name__} is not a timm Vision Transformer: it has no "
+                        "`blocks` list of transformer blocks")
+    for i, block in enumerate(blocks):
+        mlp = getattr(block, "mlp", None)
+        if not isinstance(mlp, MoeMlp) and not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2")
+                                                 and isinstance(mlp.fc1, nn.Linear)):
+            raise TypeError(f"block {i} of {type(model).__name__} has no timm `Mlp` "
+                            f"(`mlp.fc1`/`mlp.fc2` Linear layers); got {type(mlp).__name__}")
+    return blocks
+
+
+def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int] = None,
+           blocks: Optional[Sequence[int]] = None, from_dense: bool = False,
+           router_init_std: Optional[float] = None, **moe_kwargs) -> nn.Module:
+    """Replace the ``mlp`` of chosen blocks of a timm ViT by ``MoeMlp`` (in place; returns model).
+
+    Args:
+        model: a timm ``VisionTransformer`` (or any model with ``blocks[i].mlp`` timm ``Mlp``s:
+            DeiT, ViTs with registers, with or without class token, ``global_pool='avg'``).
+        every / last / blocks: placement, see ``moe_block_indices``.
+        from_dense: sparse upcycling. Every expert starts as a copy of the dense MLP it replaces
+            and the router starts small (std 1e-3 unless ``router_init_std``). Otherwise experts
+            get timm's ViT init (truncated normal, std 0.02) and the router LeCun-normal.
+        **moe_kwargs: passed to ``MoeMlp`` (num_experts, num_selected, capacity_factor,
+            batch_priority, group_size_images, router, noise_std, renormalize, loss weights...).
+    """
+    vit_blocks = _vit_blocks(model)
+    indices = moe_block_indices(len(vit_blocks), every, last, blocks)
+    for i in indices:
+        mlp = vit_blocks[i].mlp
+        if isinstance(mlp, MoeMlp):
+            raise ValueError(f"block {i} is already a MoE block")
+        act = mlp.act
+        layer = MoeMlp(
+            mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features,
+            act_layer=lambda act=act: copy.deepcopy(act), bias=mlp.fc1.bias is not None,
+            drop=(getattr(mlp.drop1, "p", 0.0), getattr(mlp.drop2, "p", 0.0)), **moe_kwargs)
+        layer.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
+        if from_dense:
+            layer.experts.load_from_mlp(mlp)
+            layer.router.reset_parameters(std=1e-3 if router_init_std is None else router_init_std)
+        else:
+            layer.experts.reset_parameters(std=0.02)
+            if router_init_std is not None:
+                layer.router.reset_parameters(std=router_init_std)
+        vit_blocks[i].mlp = layer
+    recipe = dict(getattr(model, "vmoe_moe", {}) or {})
+    recipe.setdefault("blocks", [])
+    recipe["blocks"] = sorted(set(recipe["blocks"]) | set(indices))
+    recipe["moe_kwargs"] = {**recipe.get("moe_kwargs", {}), **_jsonable(moe_kwargs)}
+    model.vmoe_moe = recipe
+    return model
+
+
+def _jsonable(kwargs: dict) -> dict:
+    out = {}
+    for k, v in kwargs.items():
+        if isinstance(v, (bool, int, float, str, type(None))):
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+        else:
+            raise TypeError(f"MoE option {k}={v!r} is not a plain value (int/float/str/bool/None); "
+                            "pass a name instead so the model can be saved and rebuilt")
+    return out
+
+
+def moe_layers(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
+    """All MoE layers of the model, by module name (e.g. ``"blocks.1.mlp"``), in model order."""
+    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, MoeMlp))
+
+
+def _require_moe(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers (no MoeMlp): moeify it first")
+    return layers
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum over MoE layers of the weighted auxiliary loss of the last forward (scalar)."""
+    losses = [m.aux_loss for m in moe_layers(model).values() if m.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def aux_losses(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per layer, each unweighted auxiliary loss of the last forward: {layer: {name: scalar}}."""
+    return {name: dict(m.aux_losses) for name, m in moe_layers(model).items()}
+
+
+def routing_plans(model: nn.Module) -> Dict[str, RoutingPlan]:
+    """The RoutingPlan of every MoE layer from the last forward."""
+    plans = {name: m.last_plan for name, m in _require_moe(model).items()}
+    missing = [name for name, plan in plans.items() if plan is None]
+    if missing:
+        raise RuntimeError(f"no forward has run yet through {missing}")
+    return plans
+
+
+def routing_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """``routing_statistics`` of every MoE layer's last plan."""
+    return {name: routing_statistics(plan) for name, plan in routing_plans(model).items()}
+
+
+def set_routing(model: nn.Module, capacity_factor: Optional[float] = None,
+                batch_priority: Optional[bool] = None,
+                layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, object]]:
+    """Set capacity factor and/or BPR on all (or the named) MoE layers.
+
+    Returns the previous settings ``{layer: {"capacity_factor", "capacity", "batch_priority"}}``
+    so they can be restored with ``restore_routing``.
+    """
+    all_layers = _require_moe(model)
+    names = list(all_layers) if layers is None else list(layers)
+    unknown = [n for n in names if n not in all_layers]
+    if unknown:
+        raise ValueError(f"unknown MoE layers {unknown}; the model has {list(all_layers)}")
+    previous = {}
+    for name in names:
+        layer = all_layers[name]
+        previous[name] = {"capacity_factor": layer.router.capacity_factor,
+                          "capacity": layer.router.capacity,
+                          "batch_priority": layer.router.batch_priority}
+        if capacity_factor is not None:
+            layer.capacity_factor = capacity_factor
+        if batch_priority is not None:
+            layer.batch_priority = batch_priority
+    return previous
+
+
+def restore_routing(model: nn.Module, previous: Dict[str, Dict[str, object]]) -> None:
+    """Undo ``set_routing`` with the settings it returned."""
+    layers = moe_layers(model)
+    for name, settings in previous.items():
+        router = layers[name].router
+        router.capacity_factor = settings["capacity_factor"]
+        router.capacity = settings["capacity"]
+        router.batch_priority = settings["batch_priority"]
+
+
+__all__.append("restore_routing")

@@ -1,0 +1,214 @@
+"""Save and load V-MoE models (config.json + model.safetensors), and sparse upcycling of dense
+timm ViTs from pretrained weights. Nothing here unpickles a file."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+
+from .moeify import moe_layers, moeify
+
+__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _plain(value):
+    """JSON-friendly copy of a constructor argument, or TypeError naming it."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    raise TypeError(f"cannot store {value!r} in config.json")
+
+
+def model_config(model: nn.Module) -> dict:
+    """Everything needed to rebuild ``model``: its timm architecture and arguments, the MoE
+    placement/options added by ``moeify``, and each MoE layer's current routing settings."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    architecture = cfg.get("architecture")
+    if not architecture or architecture not in timm.list_models():
+        raise ValueError(f"cannot save {type(model).__name__}: it was not built by "
+                         "timm.create_model (no registered architecture name)")
+    args = dict(getattr(model, "_model_args", {}) or {})
+    args["num_classes"] = getattr(model, "num_classes", args.get("num_classes"))
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        args["img_size"] = list(img_size)
+    try:
+        args = {k: _plain(v) for k, v in args.items()}
+    except TypeError as err:
+        raise TypeError(f"model argument not storable: {err}; build the model with plain "
+                        "arguments (names instead of classes)") from None
+    moe = None if architecture.startswith("vmoe_") else getattr(model, "vmoe_moe", None)
+    routing = {name: {"capacity_factor": m.router.capacity_factor, "capacity": m.router.capacity,
+                      "batch_priority": m.router.batch_priority}
+               for name, m in moe_layers(model).items()}
+    return {"format": "vmoe", "version": FORMAT_VERSION, "architecture": architecture,
+            "model_args": args, "moeify": moe, "routing": routing}
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+
+    An existing non-empty directory is never written over unless ``overwrite=True``; the files
+    are written to a temporary directory first and moved into place only when complete.
+    """
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    config = model_config(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        directory.mkdir(exist_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_pretrained?")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    for key in ("architecture", "model_args"):
+        if key not in config:
+            raise ValueError(f"{path} has no '{key}' entry: not a vmoe config")
+    return config
+
+
+def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from None
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``load_state_dict`` that lists every missing key, unexpected key and shape mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+
+
+def _adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop a head of another class count; resample position embeddings to the new grid."""
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state[key] = own[key]  # new head, freshly initialized
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+    return state
+
+
+def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
+                    img_size: Optional[Union[int, Sequence[int]]] = None, **model_overrides) -> nn.Module:
+    """Rebuild a model written by ``save_pretrained`` (same logits).
+
+    ``num_classes`` (a new, freshly initialized head) and ``img_size`` (position embeddings
+    resampled with timm's ``resample_abs_pos_embed``) prepare it for fine-tuning.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    args = dict(config["model_args"])
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    if img_size is not None:
+        args["img_size"] = img_size
+    args.update(model_overrides)
+    model = timm.create_model(config["architecture"], pretrained=False, **args)
+    if config.get("moeify"):
+        recipe = config["moeify"]
+        moeify(model, blocks=recipe["blocks"], **recipe.get("moe_kwargs", {}))
+    state = _read_weights(directory / WEIGHTS_NAME)
+    state = _adapt_for_fine_tuning(model, state)
+    load_state_dict_checked(model, state, source=str(directory / WEIGHTS_NAME))
+    layers = moe_layers(model)
+    for name, settings in (config.get("routing") or {}).items():
+        if name in layers:
+            layers[name].router.capacity_factor = settings["capacity_factor"]
+            layers[name].router.capacity = settings["capacity"]
+            layers[name].router.batch_priority = settings["batch_priority"]
+    return model
+
+
+def upcycle(model: Union[str, nn.Module], checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+            pretrained: bool = False, num_classes: Optional[int] = None,
+            img_size: Optional[Union[int, Sequence[int]]] = None, *, every: Optional[int] = None,
+            last: Optional[int] = None, blocks: Optional[Sequence[int]] = None, **moe_kwargs) -> nn.Module:
+    """Sparse upcycling: a dense timm ViT (with its pretrained weights) -> V-MoE.
+
+    Args:
+        model: a timm model name (e.g. ``"vit_small_patch16_224"``) or a built dense ViT.
+        checkpoint_path: a local weights file for that architecture: ``.safetensors``/``.pth``
+            in timm's layout, or Google's ViT ``.npz`` (read by timm's own loader).
+        pretrained: load timm's hub weights by name (needs internet).
+        num_classes, img_size: new head / resolution (timm resamples position embeddings).
+        every/last/blocks, **moe_kwargs: see ``moeify``. Experts start as copies of the dense
+            MLPs. With ``renormalize=True`` and a capacity that drops nothing, the upcycled model
+            computes exactly what the dense model does.
+    """
+    if isinstance(model, str):
+        kwargs = {}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        if checkpoint_path is not None:
+            path = Path(checkpoint_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint_path {path} does not exist")
+            overlay = dict(file=str(path), custom_load=path.suffix == ".npz")
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
+        else:
+            kwargs["pretrained"] = pretrained
+        try:
+            model = timm.create_model(model, **kwargs)
+        except (OSError, ConnectionError, RuntimeError) as err:
+            if kwargs.get("pretrained") and checkpoint_path is None:
+                raise RuntimeError(
+                    f"could not download pretrained weights for {model!r} ({type(err).__name__}: {err}). "
+                    "Offline? Download the weights file elsewhere and pass checkpoint_path=...") from err
+            raise
+    return moeify(model, every=every, last=last, blocks=blocks, from_dense=True, **moe_kwargs)

@@ -1,0 +1,96 @@
+"""The V-MoE paper's model variants, registered in timm's model registry.
+
+Names: ``vmoe_{s32,b32,b16,l32,l16,h14}_e{8,32}_k{1,2}_{every2,last2}``, plus
+``vmoe_tiny_e4_k2`` (a CPU-sized model for 16x16 inputs) and ``vmoe_vit`` (every argument
+explicit; used to rebuild imported or saved models). ``import vmoe.models`` registers them, then
+``timm.create_model("vmoe_s32_e8_k2_last2", num_classes=1000)`` works.
+
+Paper defaults (official configs): group of 8 images per routing group, capacity factor 1.05
+(training), router noise std 1/E, importance and load loss weights 0.005, vanilla priority (no
+BPR) in training, all experts with the same initialization, a tanh representation layer of the
+hidden size, head bias -log(num_classes).
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+from timm.models import register_model
+
+from .vit_moe import VisionTransformerMoe
+
+__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "vmoe_vit", "vmoe_tiny_e4_k2"]
+
+# name -> (patch, hidden, depth, mlp, heads), from the official configs.
+VARIANTS = {
+    "s32": (32, 512, 8, 2048, 8),
+    "b32": (32, 768, 12, 3072, 12),
+    "b16": (16, 768, 12, 3072, 12),
+    "l32": (32, 1024, 24, 4096, 16),
+    "l16": (16, 1024, 24, 4096, 16),
+    "h14": (14, 1280, 32, 5120, 16),
+}
+
+PAPER_MOE_DEFAULTS = dict(capacity_factor=1.05, group_size_images=8, noise_std=1.0,
+                          importance_weight=0.005, load_weight=0.005, batch_priority=False,
+                          same_init=True)
+
+_TIMM_FACTORY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict) -> VisionTransformerMoe:
+    if pretrained:
+        raise ValueError(f"{name}: there are no hub weights for vmoe models. Import Google's "
+                         "released checkpoints with `vmoe convert` / vmoe.models.from_vmoe_checkpoint, "
+                         "or load a saved model with vmoe.models.from_pretrained(dir)")
+    for key in _TIMM_FACTORY_ARGS:
+        kwargs.pop(key, None)
+    user_moe = kwargs.pop("moe", None) or {}
+    options = {**arch, **kwargs}
+    num_classes = options.setdefault("num_classes", 1000)
+    if options.get("head_bias_init", 0.0) == "paper":
+        options["head_bias_init"] = -math.log(max(num_classes, 1))
+    model = VisionTransformerMoe(moe={**moe, **user_moe}, **options)
+    model.pretrained_cfg = {"architecture": name}
+    return model
+
+
+def _paper_variant(size: str, num_experts: int, k: int, placement: str):
+    patch, hidden, depth, mlp, heads = VARIANTS[size]
+    arch = dict(img_size=224, patch_size=patch, embed_dim=hidden, depth=depth, num_heads=heads,
+                mlp_ratio=mlp / hidden, representation_size=hidden, head_bias_init="paper")
+    place = {"every2": dict(every=2), "last2": dict(last=2)}[placement]
+    moe = dict(place, num_experts=num_experts, num_selected=k, **PAPER_MOE_DEFAULTS)
+    name = f"vmoe_{size}_e{num_experts}_k{k}_{placement}"
+
+    def factory(pretrained: bool = False, **kwargs):
+        return _build(name, pretrained, arch, moe, kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = __name__
+    factory.__doc__ = (f"V-MoE {size[0].upper()}/{size[1:]} ({depth} blocks, hidden {hidden}), E={num_experts}, "
+                       f"K={k}, MoE placement '{placement}'.")
+    return factory
+
+
+for _size in VARIANTS:
+    for _e in (8, 32):
+        for _k in (1, 2):
+            for _place in ("every2", "last2"):
+                _fn = _paper_variant(_size, _e, _k, _place)
+                setattr(sys.modules[__name__], _fn.__name__, register_model(_fn))
+
+
+@register_model
+def vmoe_tiny_e4_k2(pretrained: bool = False, **kwargs):
+    """Tiny V-MoE for 16x16 images (patch 4, 16 patches + cls): hidden 64, 4 blocks, 4 heads,
+    MLP 128; blocks 1 and 3 are MoE with E=4, K=2. Trains in seconds on a CPU."""
+    arch = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
+    moe = dict(every=2, num_experts=4, num_selected=2, **PAPER_MOE_DEFAULTS)
+    return _build("vmoe_tiny_e4_k2", pretrained, arch, moe, kwargs)
+
+
+@register_model
+def vmoe_vit(pretrained: bool = False, **kwargs):
+    """A V-MoE with every architecture argument given explicitly (``moe=`` dict included)."""
+    return _build("vmoe_vit", pretrained, {}, {}, kwargs)

@@ -1,0 +1,72 @@
+"""VisionTransformerMoe: timm's VisionTransformer + the paper's representation layer + MoE blocks.
+
+The V-MoE paper's ViTs differ from timm's defaults in two places this class adds: an optional
+representation ("pre_logits") layer ``tanh(Linear(d, r))`` before the head, and a head bias
+that can start at ``-log(num_classes)`` (the paper trains with sigmoid cross-entropy). Everything
+else (patch embedding, class token, learned position embedding, pre-LN blocks with LayerNorm
+eps 1e-6, final norm, token pooling) is timm's ``VisionTransformer``.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .moeify import moeify
+
+__all__ = ["VisionTransformerMoe"]
+
+
+class VisionTransformerMoe(VisionTransformer):
+    """A timm ``VisionTransformer`` whose chosen MLP blocks are sparse MoE blocks.
+
+    Args:
+        representation_size: size r of the tanh pre-logits layer (None: no such layer).
+        head_bias_init: initial value of every head bias (the paper: ``-log(num_classes)``;
+            None keeps timm's zero init).
+        moe: placement and MoE options passed to ``moeify`` (e.g. ``dict(every=2,
+            num_experts=8, num_selected=2)``); None builds a dense ViT.
+        **vit_kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim,
+            depth, num_heads, mlp_ratio, num_classes, global_pool, class_token, act_layer, ...).
+    """
+
+    def __init__(self, representation_size: Optional[int] = None,
+                 head_bias_init: Optional[float] = None, moe: Optional[dict] = None, **vit_kwargs):
+        super().__init__(**vit_kwargs)
+        self.representation_size = representation_size
+        if representation_size:
+            self.pre_logits = nn.Sequential(OrderedDict(
+                fc=nn.Linear(self.embed_dim, representation_size), act=nn.Tanh()))
+        else:
+            self.pre_logits = nn.Identity()
+        self.head_bias_init = head_bias_init
+        self._reset_head()
+        if moe:
+            moeify(self, **moe)
+
+    def _reset_head(self) -> None:
+        width = self.representation_size or self.embed_dim
+        if self.num_classes > 0:
+            self.head = nn.Linear(width, self.num_classes)
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.constant_(self.head.bias, 0.0 if self.head_bias_init is None else self.head_bias_init)
+        else:
+            self.head = nn.Identity()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.head_bias_init is not None and num_classes > 0:
+            self.head_bias_init = -math.log(num_classes)
+        self._reset_head()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: [B, N, d] tokens after the final norm -> [B, num_classes] (or [B, r] pre-logits)."""
+        x = self.pool(x)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)
