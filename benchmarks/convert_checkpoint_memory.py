@@ -6,10 +6,15 @@ split in chunks) with our writer, then runs, each in a fresh SUBPROCESS:
 
 * baseline: imports the same modules and does nothing (its peak RSS is subtracted);
 * read:     ``iter_checkpoint_arrays`` over every array;
-* convert:  ``iter_checkpoint_arrays`` -> ``torch.from_numpy`` -> ``SafetensorsStreamWriter``.
+* convert:  ``iter_checkpoint_arrays`` -> ``torch.from_numpy`` -> ``SafetensorsStreamWriter``;
+* import:   ``convert_vmoe_checkpoint`` (the real converter: parameters mapped to our
+            timm-based V-MoE, written as a ``save_pretrained`` directory, streamed);
+* load:     ``from_vmoe_checkpoint`` (the model itself is in memory: expect ~1x + one array).
 
-Peak RSS is the child's own ``ru_maxrss``. The ratio is (peak - baseline) / checkpoint bytes
-(target <= 1.3). The checkpoint was just written, so reads come from a warm page cache (the
+Peak RSS is the child's own ``ru_maxrss``. Two extra-memory figures are printed: peak minus the
+baseline child's peak, and peak minus the child's own RSS right after its imports (imports have a
+transient peak, so the first can under-count small figures); the ratio uses the larger one,
+divided by the checkpoint bytes (target <= 1.3). The checkpoint was just written, so reads come from a warm page cache (the
 page cache is not part of a process's RSS). The parent then checks the safetensors file:
 every name and shape, and a few tensors against regenerated data.
 
@@ -90,33 +95,88 @@ class LazyArray:
         return np.random.default_rng(self.seed).standard_normal(self.shape, dtype=np.float32)
 
 
-def child(mode, prefix, out):
-    """Runs in a subprocess; prints one JSON line with its own peak RSS and timing."""
+def _write(job):
+    """Child job: writes the synthetic checkpoint; returns its description."""
+    from vmoe.models.official_checkpoint import read_checkpoint_index, write_checkpoint
+    label, shapes = pick_shapes(int(job["size_gb"] * 1e9))
+    params = {n: LazyArray(s, seed) for seed, (n, s) in enumerate(shapes.items())}
+    t0 = time.perf_counter()
+    write_checkpoint(job["prefix"], params, num_shards=job["num_shards"],
+                     max_chunk_bytes=int(job["max_chunk_mb"] * 2**20))
+    folder, base = os.path.split(job["prefix"])
+    index = read_checkpoint_index(job["prefix"])
+    return {"label": label, "write_s": time.perf_counter() - t0, "arrays": len(index),
+            "size": sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                        if f.startswith(base + ".")),
+            "chunks": sum(len(i.chunks) for i in index.values()),
+            "largest": max(i.stored_nbytes for i in index.values()),
+            "array_bytes": sum(i.stored_nbytes for i in index.values())}
+
+
+def _verify(job):
+    """Child job: the streamed safetensors file and the converted model hold the right data."""
+    from safetensors import safe_open
+    _, shapes = pick_shapes(int(job["size_gb"] * 1e9))
+    source = {n: LazyArray(s, seed) for seed, (n, s) in enumerate(shapes.items())}
+    with safe_open(job["out"], framework="np") as f:
+        assert set(f.keys()) == set(shapes), "safetensors names differ from the checkpoint"
+        for n in f.keys():
+            assert tuple(f.get_slice(n).get_shape()) == shapes[n], n
+        big = max(shapes, key=lambda n: math.prod(shapes[n]))
+        for n in (big, "cls", "head/kernel"):
+            assert np.array_equal(f.get_tensor(n), np.asarray(source[n])), n
+    with safe_open(os.path.join(job["converted"], "model.safetensors"), framework="np") as f:
+        moe = max(int(n.split("_")[1].split("/")[0]) for n in shapes if "/Moe/Router/" in n)
+        src = f"Encoder/encoderblock_{moe}/Moe/Mlp/Dense_0/kernel"
+        assert np.array_equal(f.get_tensor(f"blocks.{moe}.mlp.experts.fc1_weight"), np.asarray(source[src]))
+        assert np.array_equal(f.get_tensor("head.weight"), np.asarray(source["head/kernel"]).T)
+    return {"ok": True}
+
+
+def child(mode, job):
+    """Runs in a subprocess; prints one JSON line (peak RSS and timing for the measured modes)."""
+    if mode == "write":
+        return print(json.dumps(_write(job)))
+    if mode == "verify":
+        return print(json.dumps(_verify(job)))
     import resource
-    import torch  # noqa: F401  (imported by every mode so the baseline matches)
+    import torch  # noqa: F401  (imported by every measured mode so the baseline matches)
+    import vmoe.models  # noqa: F401  (timm and our model code)
+    from vmoe.models.vmoe_import import convert_vmoe_checkpoint, from_vmoe_checkpoint
     from vmoe.models.official_checkpoint import iter_checkpoint_arrays, read_checkpoint_index
     from vmoe.models.safetensors_stream import SafetensorsStreamWriter
+    with open("/proc/self/statm") as f:  # resident pages after the imports, before any work
+        rss_start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    prefix = job["prefix"]
     t0 = time.perf_counter()
     total = 0
     if mode == "read":
         for _, a in iter_checkpoint_arrays(prefix):
             total += a.nbytes
     elif mode == "convert":
-        specs = {n: (torch.float32 if i.dtype == "bfloat16" else torch.from_numpy(
-            np.empty(0, i.numpy_dtype)).dtype, i.shape) for n, i in read_checkpoint_index(prefix).items()}
-        with SafetensorsStreamWriter(out, specs, metadata={"source": "vmoe checkpoint"}) as w:
+        specs = {n: (torch.float32, i.shape) for n, i in read_checkpoint_index(prefix).items()}
+        with SafetensorsStreamWriter(job["out"], specs, metadata={"source": "vmoe checkpoint"}) as w:
             for name, a in iter_checkpoint_arrays(prefix):
                 w.write(name, torch.from_numpy(a))
                 total += a.nbytes
+    elif mode in ("import", "load"):
+        if mode == "import":
+            convert_vmoe_checkpoint(prefix, job["converted"])
+        else:
+            model = from_vmoe_checkpoint(prefix)
+            assert sum(p.numel() for p in model.parameters()) * 4 == sum(
+                i.stored_nbytes for i in read_checkpoint_index(prefix).values())
+        total = sum(i.stored_nbytes for i in read_checkpoint_index(prefix).values())
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"mode": mode, "peak_rss": rss, "seconds": seconds, "bytes": total}))
+    print(json.dumps({"peak_rss": rss, "rss_start": rss_start, "seconds": seconds, "bytes": total}))
 
 
-def run_child(mode, prefix, out):
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--prefix", prefix,
-           "--out", out]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+def run_child(mode, job):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--job", json.dumps(job)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if res.returncode:
+        raise RuntimeError(f"child {mode} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -126,56 +186,42 @@ def main():
     p.add_argument("--num-shards", type=int, default=4)
     p.add_argument("--max-chunk-mb", type=float, default=32.0, help="max chunk size, MiB")
     p.add_argument("--workdir", default=None, help="where the temporary files go")
-    p.add_argument("--child", choices=["baseline", "read", "convert"], help=argparse.SUPPRESS)
-    p.add_argument("--prefix", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.prefix, args.out)
+        return child(args.child, json.loads(args.job))
 
-    from safetensors import safe_open
-    from vmoe.models.official_checkpoint import read_checkpoint_index, write_checkpoint
-    label, shapes = pick_shapes(int(args.size_gb * 1e9))
-    params = {n: LazyArray(s, seed) for seed, (n, s) in enumerate(shapes.items())}
+    # This parent stays small (numpy only) and does everything in children: Linux carries a
+    # parent's resident size into a spawned child's ru_maxrss, which would pollute the figures.
     tmp = tempfile.mkdtemp(prefix="vmoe_ckpt_bench_", dir=args.workdir)
+    job = dict(size_gb=args.size_gb, num_shards=args.num_shards, max_chunk_mb=args.max_chunk_mb,
+               prefix=os.path.join(tmp, "ckpt"), out=os.path.join(tmp, "model.safetensors"),
+               converted=os.path.join(tmp, "converted"))
     try:
-        prefix, out = os.path.join(tmp, "ckpt"), os.path.join(tmp, "model.safetensors")
-        t0 = time.perf_counter()
-        write_checkpoint(prefix, params, num_shards=args.num_shards,
-                         max_chunk_bytes=int(args.max_chunk_mb * 2**20))
-        write_s = time.perf_counter() - t0
-        files = [f for f in os.listdir(tmp) if f.startswith("ckpt.")]
-        size = sum(os.path.getsize(os.path.join(tmp, f)) for f in files)
-        index = read_checkpoint_index(prefix)
-        chunks = sum(len(i.chunks) for i in index.values())
-        largest = max(i.stored_nbytes for i in index.values())
-        runs = {m: run_child(m, prefix, out) for m in ("baseline", "read", "convert")}
-
-        with safe_open(out, framework="np") as f:  # the converted file is right
-            assert set(f.keys()) == set(shapes), "safetensors names differ from the checkpoint"
-            for n in f.keys():
-                assert tuple(f.get_slice(n).get_shape()) == shapes[n], n
-            big = max(shapes, key=lambda n: math.prod(shapes[n]))
-            for n in (big, "cls", "head/kernel"):
-                assert np.array_equal(f.get_tensor(n), np.asarray(params[n])), n
-
-        mb, base = 1e6, runs["baseline"]["peak_rss"]
-        print(f"checkpoint: {label}, {len(index)} float32 arrays, {size / mb:.1f} MB in "
-              f"{args.num_shards} shards, {chunks} chunks of <= {args.max_chunk_mb:g} MiB, "
-              f"largest array {largest / mb:.1f} MB; written in {write_s:.1f} s "
-              f"({size / mb / write_s:.0f} MB/s)")
-        print(f"baseline child (imports numpy, msgpack, torch, vmoe reader/writer): peak RSS "
+        info = run_child("write", job)
+        runs = {m: run_child(m, job) for m in ("baseline", "read", "convert", "import", "load")}
+        run_child("verify", job)
+        mb, base, size = 1e6, runs["baseline"]["peak_rss"], info["size"]
+        print(f"checkpoint: {info['label']}, {info['arrays']} float32 arrays, {size / mb:.1f} MB "
+              f"in {args.num_shards} shards, {info['chunks']} chunks of <= {args.max_chunk_mb:g} "
+              f"MiB, largest array {info['largest'] / mb:.1f} MB; written in "
+              f"{info['write_s']:.1f} s ({size / mb / info['write_s']:.0f} MB/s)")
+        print(f"baseline child (imports numpy, msgpack, torch, timm, vmoe.models): peak RSS "
               f"{base / mb:.1f} MB; reads come from a warm page cache")
-        print("| stage | peak RSS - baseline (MB) | / checkpoint size | seconds | MB/s |")
-        print("|---|---|---|---|---|")
+        print("| stage | peak RSS - baseline peak (MB) | peak RSS - own RSS after imports (MB) "
+              "| larger / checkpoint size | seconds | MB/s |")
+        print("|---|---|---|---|---|---|")
         for m, what in (("read", "read: iter_checkpoint_arrays"),
-                        ("convert", "convert: read -> torch -> safetensors (streamed)")):
+                        ("convert", "convert: read -> torch -> safetensors (streamed)"),
+                        ("import", "import: convert_vmoe_checkpoint -> save_pretrained dir"),
+                        ("load", "load: from_vmoe_checkpoint (whole model in memory)")):
             r = runs[m]
-            assert r["bytes"] == sum(i.stored_nbytes for i in index.values()), m
-            extra = r["peak_rss"] - base
-            print(f"| {what} | {extra / mb:.1f} | {extra / size:.3f}x | {r['seconds']:.2f} | "
-                  f"{r['bytes'] / mb / r['seconds']:.0f} |")
-        print("converted file checked: all names and shapes, 3 tensors equal to the source")
+            assert r["bytes"] == info["array_bytes"], m
+            extra, own = r["peak_rss"] - base, r["peak_rss"] - r["rss_start"]
+            print(f"| {what} | {extra / mb:.1f} | {own / mb:.1f} | {max(extra, own) / size:.3f}x | "
+                  f"{r['seconds']:.2f} | {r['bytes'] / mb / r['seconds']:.0f} |")
+        print("checked: safetensors names/shapes + 3 tensors, converted model's expert and head weights")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

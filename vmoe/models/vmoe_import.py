@@ -39,7 +39,7 @@ from .official_checkpoint import CheckpointFormatError, iter_checkpoint_arrays, 
 from .variants import PAPER_MOE_DEFAULTS
 
 __all__ = ["infer_vmoe_architecture", "from_vmoe_checkpoint", "convert_vmoe_checkpoint",
-           "iter_converted_tensors"]
+           "iter_converted_tensors", "convert_main"]
 
 _QKV = ("query", "key", "value")
 
@@ -273,3 +273,26 @@ def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def convert_main(argv=None) -> None:
+    """``python -m vmoe.models.vmoe_import PREFIX --out DIR [--num-selected 2] ...``"""
+    import argparse
+    p = argparse.ArgumentParser(description="Convert an official V-MoE checkpoint (PREFIX.index + "
+                                "PREFIX.data-*) into a vmoe save_pretrained directory.")
+    p.add_argument("prefix", help="checkpoint path without '.index'")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--num-selected", type=int, default=2, help="K experts per token (default 2)")
+    p.add_argument("--capacity-factor", type=float, default=1.05)
+    p.add_argument("--group-size-images", type=int, default=8)
+    p.add_argument("--batch-priority", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    out = convert_vmoe_checkpoint(a.prefix, a.out, overwrite=a.overwrite, num_selected=a.num_selected,
+                                  capacity_factor=a.capacity_factor,
+                                  group_size_images=a.group_size_images, batch_priority=a.batch_priority)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    convert_main()
