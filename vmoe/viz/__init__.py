@@ -3,13 +3,16 @@
     with record_routing(model) as record:
         model(images)
     fig, numbers = patch_map(record, index=0, image=images[0])
+    write_routing_report(model, loader, "report/")   # PNGs + index.html + report.json
 
 Every plotting function returns ``(figure, numbers)``: a matplotlib Figure (Agg backend) and
 the numpy arrays/dicts drawn in it. Routing is read from the recorded plans, never re-derived;
 what-if maps re-route the recorded gates with the layer's own ``router.route``.
 """
 from .maps import patch_map, priority_map
+from .page import sweep_markdown
 from .record import RoutingRecord, TokenRouting, image_grid, moe_layers, record_routing, ungroup
+from .report import write_routing_report
 from .settings import routing_settings
 from .stats import class_expert_matrix, expert_load, mutual_information
 from .style import expert_colors
@@ -18,5 +21,5 @@ from .sweep import capacity_sweep, evaluate
 __all__ = [
     "record_routing", "RoutingRecord", "TokenRouting", "moe_layers", "image_grid", "ungroup", "routing_settings",
     "patch_map", "priority_map", "expert_load", "class_expert_matrix", "mutual_information",
-    "capacity_sweep", "evaluate", "expert_colors",
+    "capacity_sweep", "evaluate", "expert_colors", "write_routing_report", "sweep_markdown",
 ]

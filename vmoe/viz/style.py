@@ -6,11 +6,15 @@ cycle) is used and the legend remains the reference.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import matplotlib
 
-matplotlib.use("Agg")  # file output only; never needs a display
+# Figures are for files: Agg never opens a window and works headless. A Jupyter kernel sets
+# MPLBACKEND to its inline (or widget) backend "module://...": keep it, so notebooks show figures.
+if not os.environ.get("MPLBACKEND", "").startswith("module://"):
+    matplotlib.use("Agg")
 import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,0 +1,116 @@
+"""Write a ``.safetensors`` file one tensor at a time (``safetensors.torch.save_file`` needs
+every tensor in memory at once; a checkpoint converter should hold one).
+
+The format is simple: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON
+``{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``
+(padded with spaces so the data starts 8-byte aligned), then the raw little-endian bytes of all
+tensors back to back. Since the header only needs names, dtypes and shapes, it is written
+first from a spec; each tensor's bytes then go straight to their offset, in any order.
+
+Example::
+
+    specs = {name: (torch.float32, shape) for name, shape in shapes.items()}
+    with SafetensorsStreamWriter("model.safetensors", specs) as w:
+        for name, array in iter_checkpoint_arrays(prefix):
+            w.write(name, torch.from_numpy(array))
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SafetensorsStreamWriter"]
+
+_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+           torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.float32: "F32", torch.float64: "F64", torch.uint16: "U16", torch.uint32: "U32",
+           torch.uint64: "U64"}
+
+
+class SafetensorsStreamWriter:
+    """Writes ``path`` from ``specs`` = {name: (torch dtype, shape)}; call :meth:`write` once per
+    name (any order), then :meth:`close` (or use ``with``). The file appears at ``path`` only
+    when every tensor was written (it is built under ``path + ".tmp"``); on an error or an
+    incomplete set the temporary file is removed."""
+
+    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None):
+        self.path = os.fspath(path)
+        header: dict = {}
+        if metadata:
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+                raise TypeError(f"metadata must map str to str, got {dict(metadata)!r}")
+            header["__metadata__"] = dict(metadata)
+        self._layout: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            if name == "__metadata__" or not isinstance(name, str):
+                raise ValueError(f"specs: invalid tensor name {name!r}")
+            if dtype not in _DTYPES:
+                raise TypeError(f"specs[{name!r}]: dtype {dtype} is not supported by "
+                                f"safetensors here; use one of {sorted(map(str, _DTYPES))}")
+            shape = tuple(int(n) for n in shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self._layout[name] = (dtype, shape, offset, nbytes)
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, like safetensors' writer
+        self._data_start = 8 + len(raw)
+        self._written: set[str] = set()
+        self._tmp = self.path + ".tmp"
+        self._f = open(self._tmp, "wb")
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+        self._f.truncate(self._data_start + offset)  # full size now: writes may come in any order
+
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+        """Writes one tensor (must match its spec's dtype and shape) to its place in the file."""
+        if name not in self._layout:
+            raise KeyError(f"{name!r} is not in the specs given to SafetensorsStreamWriter")
+        if name in self._written:
+            raise ValueError(f"{name!r} was already written")
+        if isinstance(tensor, np.ndarray):
+            tensor = torch.from_numpy(tensor)  # shares memory: no copy
+        dtype, shape, offset, nbytes = self._layout[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{name!r}: expected {dtype} {list(shape)}, got {tensor.dtype} "
+                             f"{list(tensor.shape)}")
+        # Raw bytes without a copy when the tensor is already contiguous on the CPU (bytes are
+        # little-endian on every platform torch supports).
+        flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self._f.seek(self._data_start + offset)
+        self._f.write(memoryview(flat.numpy()))
+        self._written.add(name)
+
+    def close(self) -> None:
+        """Finishes the file: renames it into place if every tensor was written."""
+        if self._f.closed:
+            return
+        self._f.close()
+        missing = [n for n in self._layout if n not in self._written]
+        if missing:
+            os.remove(self._tmp)
+            raise ValueError(f"{self.path}: {len(missing)} tensors were never written, e.g. "
+                             f"{missing[:3]}; no file was created")
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drops the partial file."""
+        if not self._f.closed:
+            self._f.close()
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "SafetensorsStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,160 @@
+"""Callbacks: routing statistics and pictures to the logger; export of the best model.
+
+``RoutingStatsLogger`` reads what the MoE layers keep after each forward (their RoutingPlan and
+auxiliary losses) through ``vmoe.models.routing_stats``/``aux_losses``; it never re-routes.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+import vmoe.models as vm
+
+from .figures import expert_load_figure, figure_to_array, resolve_figure_fn, routing_map_figure
+
+__all__ = ["RoutingStatsLogger", "ExportPretrained", "first_choice_maps"]
+
+log = logging.getLogger(__name__)
+TRAIN_STATS = ("dropped_fraction", "load_min", "load_max", "load_cv", "router_entropy")
+
+
+def _short(layer: str) -> str:
+    return layer[:-4] if layer.endswith(".mlp") else layer
+
+
+def first_choice_maps(model: torch.nn.Module, batch_size: int) -> Dict[str, torch.Tensor]:
+    """{layer: [B, P] int}: each patch token's first-choice expert in the last forward, -1 where
+    that choice was dropped. Prefix tokens (cls, registers) are removed; P = h*w patches."""
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    out = {}
+    for name, plan in vm.routing_plans(model).items():
+        first = torch.where(plan.slot[..., 0] >= 0, plan.expert_index[..., 0],
+                            torch.full_like(plan.expert_index[..., 0], -1))  # [G, S]
+        tokens = first.reshape(-1)
+        per_image = tokens.numel() // batch_size if plan.valid is None else int(plan.valid.sum()) // batch_size
+        out[name] = tokens[: batch_size * per_image].view(batch_size, per_image)[:, prefix:]
+    return out
+
+
+class RoutingStatsLogger(L.Callback):
+    """Logs routing health per MoE layer, and routing pictures at validation.
+
+    Every ``every_n_steps`` training steps, per layer: each auxiliary loss (unweighted), the
+    fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
+    router entropy. During validation (at the evaluation capacity) the dropped fraction is
+    averaged over the epoch. At validation end (rank 0): an expert-load bar chart and a routing
+    map of ``num_images`` validation images go to the logger (wandb image, tensorboard figure)
+    and are saved as PNGs in ``<log dir>/routing/``.
+
+    Args:
+        figure_fn: ``"module:function"`` making the routing picture as ``fn(model, images)``;
+            default: ``vmoe.viz.routing_figure`` if it exists, else a simple first-choice map.
+    """
+
+    def __init__(self, every_n_steps: int = 50, figures: bool = True, num_images: int = 4,
+                 figure_fn: Optional[str] = None):
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps, self.figures, self.num_images = every_n_steps, figures, num_images
+        self.figure_fn = figure_fn
+        self.last_figures: Dict[str, Path] = {}
+        self._load_sum: Dict[str, torch.Tensor] = {}
+        self._batches = 0
+        self._images: Optional[torch.Tensor] = None
+        self._maps: Optional[Dict[str, torch.Tensor]] = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps or not vm.moe_layers(pl_module.model):
+            return
+        values = {}
+        stats = vm.routing_stats(pl_module.model)
+        for layer, losses in vm.aux_losses(pl_module.model).items():
+            short = _short(layer)
+            for name in TRAIN_STATS:
+                values[f"routing/{short}/{name}"] = stats[layer][name].float()
+            for name, value in losses.items():
+                values[f"routing/{short}/{name}_loss"] = value.detach().float()
+        pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._load_sum, self._batches, self._images, self._maps = {}, 0, None, None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not vm.moe_layers(pl_module.model):
+            return
+        stats = vm.routing_stats(pl_module.model)
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        for layer, s in stats.items():
+            pl_module.log(f"val_routing/{_short(layer)}/dropped_fraction", s["dropped_fraction"].float(),
+                          on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+            self._load_sum[layer] = self._load_sum.get(layer, 0) + s["load"].float().cpu()
+        self._batches += 1
+        if self._images is None and self.figures and trainer.is_global_zero:
+            n = min(self.num_images, x.shape[0])
+            self._images = x[:n].detach().cpu()
+            self._maps = {k: v[:n].cpu() for k, v in first_choice_maps(pl_module.model, x.shape[0]).items()}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self.figures or trainer.sanity_checking or not trainer.is_global_zero or not self._batches:
+            return
+        loads = {_short(k): (v / self._batches).numpy() for k, v in self._load_sum.items()}
+        step = trainer.global_step
+        figs = {"expert_load": expert_load_figure(loads, f"validation expert load, step {step}")}
+        fn = resolve_figure_fn(self.figure_fn)
+        if fn is not None:
+            was_training = pl_module.model.training
+            with torch.no_grad():
+                figs["routing_map"] = fn(pl_module.model.eval(), self._images.to(pl_module.device))
+            pl_module.model.train(was_training)
+        elif self._maps:
+            experts = {k: m.num_experts for k, m in vm.moe_layers(pl_module.model).items()}
+            grid = tuple(getattr(pl_module.model.patch_embed, "grid_size", (0, 0)))
+            figs["routing_map"] = routing_map_figure(self._images, self._maps, experts, grid)
+        self._emit(trainer, figs, step)
+
+    def _emit(self, trainer, figs, step: int) -> None:
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, fig in figs.items():
+            path = out_dir / f"{name}.png"
+            fig.savefig(path, dpi=100)
+            self.last_figures[name] = path
+            for logger in trainer.loggers:
+                try:
+                    if isinstance(logger, WandbLogger):
+                        logger.log_image(key=f"routing/{name}", images=[figure_to_array(fig)], step=step)
+                    elif isinstance(logger, TensorBoardLogger):
+                        logger.experiment.add_figure(f"routing/{name}", fig, global_step=step)
+                except Exception as err:  # a logger failing to take a picture must not stop training
+                    log.warning("could not log %s to %s: %s", name, type(logger).__name__, err)
+
+
+class ExportPretrained(L.Callback):
+    """At the end of ``fit`` write ``save_pretrained`` (config.json + model.safetensors) of the
+    best checkpoint (or the final weights when there is none) into ``dirpath`` (default
+    ``<default_root_dir>/export``); rank 0 only."""
+
+    def __init__(self, dirpath: Optional[str] = None, use_best: bool = True, enabled: bool = True):
+        self.dirpath, self.use_best, self.enabled = dirpath, use_best, enabled
+        self.export_path: Optional[Path] = None
+        self.source: Optional[str] = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        model = copy.deepcopy(pl_module.model).cpu()
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
+        self.source = "final weights"
+        if ckpt:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+            model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+            self.source = ckpt
+        out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export"
+        self.export_path = vm.save_pretrained(model, out, overwrite=True)

@@ -1,0 +1,311 @@
+"""VmoeClassifier: the LightningModule that trains a V-MoE image classifier.
+
+Thin on purpose: the model is a plain timm/vmoe ``nn.Module`` (``self.model``) usable without
+Lightning; this class adds the loss (task loss + the MoE auxiliary losses), metrics, the
+optimizer and schedule, and the evaluation-time routing (the paper trains with capacity factor
+1.05 and evaluates with 4.0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import lightning as L
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchmetrics
+from timm.data import Mixup
+
+import vmoe.models as vm
+
+from .optim import SCHEDULES, lr_factor, param_groups
+
+__all__ = ["VmoeClassifier", "build_model"]
+
+LOSSES = ("softmax", "sigmoid")
+
+
+def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                pretrained_dir: Optional[str] = None, upcycle_from: Optional[str] = None,
+                checkpoint_path: Optional[str] = None, upcycle_pretrained: bool = True,
+                moe: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
+                img_size: Optional[int] = None, moe_dropout: Optional[float] = None) -> nn.Module:
+    """Build the network from exactly one source.
+
+    - ``model_name``: ``timm.create_model(model_name, num_classes, img_size, **model_kwargs)``
+      (the ``vmoe_*`` variants carry their MoE layers; a dense timm ViT becomes MoE with ``moe``);
+    - ``pretrained_dir``: ``vmoe.models.from_pretrained`` (new head / resolution if given);
+    - ``upcycle_from``: a dense timm ViT name whose weights (``checkpoint_path``, or timm's hub
+      when ``upcycle_pretrained``) start every expert (``vmoe.models.upcycle``; ``moe`` gives
+      the placement ``every``/``last``/``blocks`` and the MoE options).
+    ``moe_dropout`` sets the experts' dropout (the paper's "MoE dropout").
+    """
+    sources = [n for n, v in (("model_name", model_name), ("pretrained_dir", pretrained_dir),
+                              ("upcycle_from", upcycle_from)) if v]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of model.model_name, model.pretrained_dir, "
+                         f"model.upcycle_from (got {sources or 'none'})")
+    model_kwargs = dict(model_kwargs or {})
+    size = {} if img_size is None else {"img_size": img_size}
+    if model_name:
+        if model_name not in timm.list_models():
+            raise ValueError(f"model.model_name={model_name!r} is not a registered timm model "
+                             "(vmoe variants: timm.list_models('vmoe_*'))")
+        classes = {} if num_classes is None else {"num_classes": num_classes}
+        model = timm.create_model(model_name, pretrained=False, **classes, **size, **model_kwargs)
+        if moe:
+            if vm.moe_layers(model):
+                raise ValueError(f"{model_name} already has MoE layers; change their options with "
+                                 "model.model_kwargs.moe instead of model.moe")
+            vm.moeify(model, **moe)
+    elif pretrained_dir:
+        if moe:
+            raise ValueError("model.moe applies to model_name/upcycle_from, not to pretrained_dir")
+        model = vm.from_pretrained(pretrained_dir, num_classes=num_classes, **size, **model_kwargs)
+    else:
+        if not moe:
+            raise ValueError("model.upcycle_from needs model.moe with a placement, e.g. "
+                             "{last: 2, num_experts: 8, num_selected: 2}")
+        if model_kwargs:
+            raise ValueError(f"model.model_kwargs={model_kwargs} is not used with upcycle_from")
+        model = vm.upcycle(upcycle_from, checkpoint_path=checkpoint_path,
+                           pretrained=upcycle_pretrained and checkpoint_path is None,
+                           num_classes=num_classes, img_size=img_size, **moe)
+    if moe_dropout is not None:
+        if not 0.0 <= moe_dropout < 1.0:
+            raise ValueError(f"model.moe_dropout={moe_dropout} must be in [0, 1)")
+        for layer in vm.moe_layers(model).values():
+            layer.experts.drop1.p = layer.experts.drop2.p = moe_dropout
+    return model
+
+
+class VmoeClassifier(L.LightningModule):
+    """Image classification with a (V-MoE) vision transformer.
+
+    Model source (exactly one): ``model_name`` (+ ``model_kwargs``, ``moe``), ``pretrained_dir``
+    or ``upcycle_from`` (+ ``checkpoint_path``/``upcycle_pretrained``, ``moe``); see
+    ``build_model``. ``num_classes`` comes from the data module under the CLI.
+
+    Loss: ``loss='softmax'`` (cross-entropy) or ``'sigmoid'`` (per-class binary cross-entropy
+    summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
+    (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses.
+
+    Optimizer: AdamW(``lr``, ``betas``, ``weight_decay`` on kernels only); ``warmup_steps`` of
+    linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``.
+
+    Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
+    and, if set, ``eval_batch_priority``; training settings are restored afterwards.
+    """
+
+    def __init__(
+        self,
+        model_name: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        pretrained_dir: Optional[str] = None,
+        upcycle_from: Optional[str] = None,
+        checkpoint_path: Optional[str] = None,
+        upcycle_pretrained: bool = True,
+        moe: Optional[Dict[str, Any]] = None,
+        num_classes: Optional[int] = None,
+        img_size: Optional[int] = None,
+        moe_dropout: Optional[float] = None,
+        loss: str = "softmax",
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        aux_loss_weight: float = 1.0,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.05,
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+        end_lr: float = 0.0,
+        eval_capacity_factor: Optional[float] = 4.0,
+        eval_batch_priority: Optional[bool] = None,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r} must be one of {LOSSES}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"model.schedule={schedule!r} must be one of {SCHEDULES}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+        if lr <= 0 or warmup_steps < 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
+                             f"warmup_steps={warmup_steps}, weight_decay={weight_decay})")
+        self.save_hyperparameters()
+        self.model = build_model(model_name=model_name, model_kwargs=model_kwargs,
+                                 pretrained_dir=pretrained_dir, upcycle_from=upcycle_from,
+                                 checkpoint_path=checkpoint_path, upcycle_pretrained=upcycle_pretrained,
+                                 moe=moe, num_classes=num_classes, img_size=img_size,
+                                 moe_dropout=moe_dropout)
+        self.num_classes = int(self.model.num_classes)
+        if self.num_classes < 1:
+            raise ValueError("the model has no classifier head (num_classes=0); set model.num_classes")
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            # Mixed soft targets already include label smoothing.
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
+                               label_smoothing=label_smoothing, num_classes=self.num_classes)
+        top5 = min(5, self.num_classes)
+        self.metrics = nn.ModuleDict({
+            f"{split}_acc{k}": torchmetrics.classification.MulticlassAccuracy(
+                num_classes=self.num_classes, top_k=kk, average="micro")
+            for split in ("train", "val", "test") for k, kk in (("1", 1), ("5", top5))})
+        self._saved_routing = None
+        self._checked_labels = False
+
+    # --- loss ------------------------------------------------------------------------------
+    def _targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Labels [B] -> smoothed one-hot [B, C] (float32)."""
+        ls = self.hparams.label_smoothing
+        off = ls / self.num_classes
+        t = torch.full((y.shape[0], self.num_classes), off, device=y.device)
+        return t.scatter_(1, y.long().unsqueeze(1), 1.0 - ls + off)
+
+    def task_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits [B, C]; target: labels [B] (int) or soft targets [B, C]. Float32 scalar."""
+        logits = logits.float()
+        soft = target if target.is_floating_point() else self._targets(target)
+        if self.hparams.loss == "sigmoid":
+            return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").sum(-1).mean()
+        return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+    def _check_labels(self, y: torch.Tensor) -> None:
+        if self._checked_labels:
+            return
+        self._checked_labels = True  # once per run: it syncs with the device
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"the data has label {high if high >= self.num_classes else low} but the "
+                             f"model has num_classes={self.num_classes} (labels must be in "
+                             f"[0, {self.num_classes - 1}])")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, H, W] -> logits [B, C]."""
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self._check_labels(y)
+        target = y
+        if self.mixup is not None:
+            if x.shape[0] % 2:  # timm's Mixup needs an even batch; drop one sample
+                x, y = x[:-1], y[:-1]
+            x, target = self.mixup(x, y)
+        logits = self(x)
+        task = self.task_loss(logits, target)
+        aux = vm.aux_loss(self.model).to(task.device)
+        loss = task + self.hparams.aux_loss_weight * aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: "
+                                     f"task={task.item()}, aux={aux.item()}")
+        bs = x.shape[0]
+        self.log_dict({"train/loss": loss, "train/task_loss": task, "train/aux_loss": aux},
+                      prog_bar=False, batch_size=bs)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=bs)
+        for k in ("1", "5"):
+            metric = self.metrics[f"train_acc{k}"]
+            metric(logits.detach(), y)
+            self.log(f"train/acc{k}", metric, batch_size=bs, prog_bar=k == "1")
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.task_loss(logits, y)
+        bs = x.shape[0]
+        # sync_dist: the loss is averaged over processes; the metrics sync their own state.
+        self.log(f"{split}/loss", loss, batch_size=bs, sync_dist=True, prog_bar=split == "val")
+        for k in ("1", "5"):
+            metric = self.metrics[f"{split}_acc{k}"]
+            metric(logits, y)
+            self.log(f"{split}/acc{k}", metric, batch_size=bs, prog_bar=k == "1")
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> Dict[str, torch.Tensor]:
+        """Returns ``{"probs": [B, C], "top5": [B, min(5,C)], "label": [B]}`` (label if given)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        logits = self(x).float()
+        probs = torch.sigmoid(logits) if self.hparams.loss == "sigmoid" else logits.softmax(-1)
+        out = {"probs": probs, "top5": probs.topk(min(5, self.num_classes), dim=-1).indices}
+        if isinstance(batch, (list, tuple)) and len(batch) > 1:
+            out["label"] = batch[1]
+        return out
+
+    # --- evaluation-time routing --------------------------------------------------------------
+    def _eval_routing(self) -> None:
+        cf, bpr = self.hparams.eval_capacity_factor, self.hparams.eval_batch_priority
+        if (cf is None and bpr is None) or not vm.moe_layers(self.model) or self._saved_routing is not None:
+            return
+        self._saved_routing = vm.set_routing(self.model, capacity_factor=cf, batch_priority=bpr)
+
+    def _train_routing(self) -> None:
+        if self._saved_routing is not None:
+            vm.restore_routing(self.model, self._saved_routing)
+            self._saved_routing = None
+
+    def on_validation_start(self) -> None:
+        self._eval_routing()
+
+    def on_validation_end(self) -> None:
+        self._train_routing()
+
+    def on_test_start(self) -> None:
+        self._eval_routing()
+
+    def on_test_end(self) -> None:
+        self._train_routing()
+
+    def on_predict_start(self) -> None:
+        self._eval_routing()
+
+    def on_predict_end(self) -> None:
+        self._train_routing()
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # A checkpoint written during validation must hold the training routing settings, which
+        # live in plain attributes (not in the state dict), so nothing to undo here; the
+        # hyper-parameters rebuild them.
+        checkpoint["vmoe_num_classes"] = self.num_classes
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        head = checkpoint.get("state_dict", {}).get("model.head.weight")
+        theirs = checkpoint.get("vmoe_num_classes", None if head is None else head.shape[0])
+        if theirs is not None and int(theirs) != self.num_classes:
+            raise ValueError(f"the checkpoint was trained with num_classes={int(theirs)} but this "
+                             f"model/data has num_classes={self.num_classes}")
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(dm, "num_classes", None)
+        if data_classes is not None and int(data_classes) != self.num_classes:
+            raise ValueError(f"num_classes mismatch: the model has {self.num_classes} outputs but "
+                             f"the data module {type(dm).__name__} has {data_classes} classes")
+
+    # --- optimizer --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups(self.model, hp.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            if hp.schedule != "constant":
+                raise ValueError("the decay schedule needs a known number of steps: set "
+                                 "trainer.max_steps or trainer.max_epochs with a sized dataset")
+            total = hp.warmup_steps + 1
+        total = int(total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, total_steps=total, warmup_steps=hp.warmup_steps, schedule=hp.schedule,
+            peak_lr=hp.lr, end_lr=hp.end_lr))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
