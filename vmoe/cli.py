@@ -74,10 +74,15 @@ def _make_cli_class():
             parser.add_lightning_class_args(ResumableTraining, "resume")
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="after fit, test the best checkpoint and print where things are")
+            parser.add_argument("--torch_num_threads", type=Optional[int], default=None,
+                                help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
             parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.get("torch_num_threads"):
+                import torch
+                torch.set_num_threads(config.torch_num_threads)
             root = config.trainer.default_root_dir or os.path.join("runs", "default")
             config.trainer.default_root_dir = root
             if config.checkpoint.dirpath is None:
