@@ -1,4 +1,6 @@
 """vmoe.data: albumentations pipelines, RandAugment, the digits data module, YAML configuration."""
+import dataclasses
+
 import lightning as L
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vmoe.data import (
+    DEFAULT_TRAIN,
     OPS,
     ArrayDataset,
     DigitsDataModule,
@@ -201,6 +204,20 @@ def test_workers_get_distinct_augmentation_streams():
     assert not torch.equal(first[0], first[1])  # item 0 from worker 0, item 1 from worker 1
 
 
+def test_ddp_ranks_draw_different_augmentations():
+    from types import SimpleNamespace
+
+    img = _image(24)
+    outs = []
+    for rank in (0, 0, 1):
+        dm = DigitsDataModule()
+        dm.trainer = SimpleNamespace(global_rank=rank)  # what a DDP Trainer attaches
+        torch.manual_seed(0)  # seed_everything gives every rank the same torch seed
+        tf = dm.build_train_transform()
+        outs.append(torch.stack([tf(image=img)["image"] for _ in range(3)]))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("kwargs, word", [
     (dict(channels=2), "channels"),
     (dict(img_size=0), "img_size"),
@@ -250,11 +267,21 @@ data:
     dm = parser.instantiate_classes(cfg).data
     assert isinstance(dm, DigitsDataModule) and dm.img_size == 24 and dm.batch_size == 8
     assert dm.train_transform == TrainTransformConfig(
-        scale=(0.5, 1.0), hflip_prob=0.0, randaugment_num_ops=1, randaugment_magnitude=7.0,
-        randaugment_ops=["Rotate", "ShearX"])
+        scale=(0.5, 1.0), ratio=(0.85, 1.18), hflip_prob=0.0, randaugment_num_ops=1, randaugment_magnitude=7.0,
+        randaugment_ops=["Rotate", "ShearX"], fill=0, interpolation="bilinear")
     assert dm.eval_transform == EvalTransformConfig(crop_pct=0.875, interpolation="bicubic")
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 24, 24)
+
+
+def test_partial_transform_config_keeps_the_datamodule_defaults():
+    dm = DigitsDataModule(train_transform=TrainTransformConfig(randaugment_magnitude=2.0))
+    t = dm.train_transform
+    assert t.randaugment_magnitude == 2.0
+    assert t.hflip_prob == 0.0 and t.scale == (0.75, 1.0) and t.fill == 0  # digits' defaults survive
+    assert t.randaugment_ops == ["Identity", "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"]
+    generic = build_datamodule("cifar10", img_size=224, train_transform={"hflip_prob": 0.0}).train_transform
+    assert generic == dataclasses.replace(DEFAULT_TRAIN, hflip_prob=0.0)
 
 
 def test_yaml_unknown_key_is_an_error():

@@ -14,6 +14,8 @@ from vmoe.data.digits import DigitsDataModule, load_digits_uint8
 from vmoe.data.imagefolder import IMAGE_EXTENSIONS, ImageFolderDataModule
 from vmoe.data.randaugment import DEFAULT_OPS, GEOMETRIC_OPS, OPS, RandAugment
 from vmoe.data.transforms import (
+    DEFAULT_EVAL,
+    DEFAULT_TRAIN,
     EvalTransformConfig,
     TrainTransformConfig,
     build_eval_transform,
@@ -40,7 +42,7 @@ def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
 
 
 __all__ = [
-    "ArrayDataset", "CIFAR10DataModule", "CIFAR100DataModule", "CorruptImageError", "DATAMODULES",
+    "ArrayDataset", "CIFAR10DataModule", "DEFAULT_EVAL", "DEFAULT_TRAIN", "CIFAR100DataModule", "CorruptImageError", "DATAMODULES",
     "DEFAULT_OPS", "DigitsDataModule", "EvalTransformConfig", "GEOMETRIC_OPS", "IMAGE_EXTENSIONS",
     "ImageFileDataset", "ImageFolderDataModule", "OPS", "RandAugment", "TrainTransformConfig",
     "VisionDataModule", "build_datamodule", "build_eval_transform", "build_train_transform",

@@ -7,6 +7,7 @@ fills ``train_set`` / ``val_set`` / ``test_set`` using ``build_train_transform()
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import albumentations as A
@@ -16,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vmoe.data.datasets import seed_worker
 from vmoe.data.transforms import (
+    DEFAULT_EVAL,
+    DEFAULT_TRAIN,
     EvalTransformConfig,
     TrainTransformConfig,
     build_eval_transform,
@@ -74,23 +77,29 @@ class VisionDataModule(L.LightningDataModule):
         self.std = tuple(DEFAULT_STD if std is None else std)
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean={self.mean} and std={self.std} must have the same length (channels)")
-        self.train_transform = train_transform if train_transform is not None else self.default_train_transform()
-        self.eval_transform = eval_transform if eval_transform is not None else self.default_eval_transform()
         for name, value, kind in (
-            ("train_transform", self.train_transform, TrainTransformConfig),
-            ("eval_transform", self.eval_transform, EvalTransformConfig),
+            ("train_transform", train_transform, TrainTransformConfig),
+            ("eval_transform", eval_transform, EvalTransformConfig),
         ):
-            if not isinstance(value, kind):
+            if value is not None and not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+        # Resolved configs (no None left): the user's fields over this data module's defaults
+        # over the generic ones, so a partial YAML keeps e.g. the digits' "no flip".
+        self.train_transform = (train_transform or TrainTransformConfig()).merged_over(
+            self.default_train_transform().merged_over(DEFAULT_TRAIN))
+        self.eval_transform = (eval_transform or EvalTransformConfig()).merged_over(
+            self.default_eval_transform().merged_over(DEFAULT_EVAL))
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
 
     # --- defaults a subclass may override ---
     def default_train_transform(self) -> TrainTransformConfig:
+        """This data module's augmentation defaults (None fields: ``DEFAULT_TRAIN``)."""
         return TrainTransformConfig()
 
     def default_eval_transform(self) -> EvalTransformConfig:
+        """This data module's eval defaults (None fields: ``DEFAULT_EVAL``)."""
         return EvalTransformConfig()
 
     @property
@@ -101,8 +110,14 @@ class VisionDataModule(L.LightningDataModule):
     def build_train_transform(self, seed: Optional[int] = None) -> A.Compose:
         """Training pipeline; by default seeded from torch's RNG so ``seed_everything`` fixes it."""
         if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = (int(torch.randint(0, 2**31 - 1, ()).item()) + 1_000_003 * self._rank()) % 2**32
         return build_train_transform(self.img_size, self.train_transform, self.mean, self.std, seed=seed)
+
+    def _rank(self) -> int:
+        """Global rank under a Trainer (0 otherwise): DDP processes share the seed but should
+        not draw the same augmentations."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
 
     def build_eval_transform(self) -> A.Compose:
         return build_eval_transform(self.img_size, self.eval_transform, self.mean, self.std)
@@ -128,7 +143,7 @@ class VisionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+            worker_init_fn=partial(seed_worker, rank=self._rank()) if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

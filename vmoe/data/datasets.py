@@ -103,13 +103,14 @@ class ImageFileDataset(_TransformDataset):
         return self._apply(load_image(self.paths[index])), int(self.labels[index])
 
 
-def seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int, rank: int = 0) -> None:
     """DataLoader ``worker_init_fn``: without it every worker would inherit (by fork) the same
     albumentations random state and repeat the same augmentations. torch gives each worker a
-    seed derived from the main process's RNG, so runs under ``seed_everything`` stay repeatable.
+    seed derived from the main process's RNG, so runs under ``seed_everything`` stay repeatable;
+    ``rank`` (bind it with functools.partial) keeps DDP processes, seeded alike, apart.
     """
     info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
+    seed = (info.seed + 1_000_003 * rank) % 2**32
     np.random.seed(seed)
     random.seed(seed)
     dataset = info.dataset

@@ -16,14 +16,14 @@ tensor [C, img_size, img_size].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional, Sequence
 
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from vmoe.data.randaugment import MAX_MAGNITUDE, OPS, RandAugment
+from vmoe.data.randaugment import DEFAULT_OPS, MAX_MAGNITUDE, OPS, RandAugment
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "area", "lanczos"]
 INTERPOLATIONS: dict[str, int] = {
@@ -45,9 +45,15 @@ def _check_interpolation(value: str) -> None:
         raise ValueError(f"interpolation={value!r} must be one of {sorted(INTERPOLATIONS)}")
 
 
+def _given(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
+
+
 @dataclass
 class TrainTransformConfig:
-    """Training augmentation.
+    """Training augmentation. A field left None takes the data module's default (e.g. digits:
+    no flip, a mild crop), and failing that the ImageNet-style value of ``DEFAULT_TRAIN``, so a
+    YAML that sets only ``randaugment_magnitude`` changes nothing else.
 
     Args:
         scale: RandomResizedCrop area range, as fractions of the image area.
@@ -55,54 +61,77 @@ class TrainTransformConfig:
         hflip_prob: probability of a horizontal flip; 0 disables it (e.g. for digits).
         randaugment_num_ops: ops per image; 0 disables RandAugment.
         randaugment_magnitude: RandAugment strength in [0, 10].
-        randaugment_ops: op names (see ``vmoe.data.randaugment.OPS``); None -> the default list.
+        randaugment_ops: op names (see ``vmoe.data.randaugment.OPS``).
         fill: pixel value (0..255) for areas that rotate/shear/translate uncover.
         interpolation: resampling for the crop resize.
     """
 
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip_prob: float = 0.5
-    randaugment_num_ops: int = 2
-    randaugment_magnitude: float = 9.0
+    scale: Optional[tuple[float, float]] = None
+    ratio: Optional[tuple[float, float]] = None
+    hflip_prob: Optional[float] = None
+    randaugment_num_ops: Optional[int] = None
+    randaugment_magnitude: Optional[float] = None
     randaugment_ops: Optional[list[str]] = None
-    fill: int = 128
-    interpolation: Interpolation = "bilinear"
+    fill: Optional[int] = None
+    interpolation: Optional[Interpolation] = None
 
     def __post_init__(self) -> None:
-        self.scale = tuple(self.scale)
-        self.ratio = tuple(self.ratio)
-        _check_range("scale", self.scale, 1e-6, 1.0)
-        _check_range("ratio", self.ratio, 1e-6, float("inf"))
-        if not 0.0 <= self.hflip_prob <= 1.0:
+        if self.scale is not None:
+            self.scale = tuple(self.scale)
+            _check_range("scale", self.scale, 1e-6, 1.0)
+        if self.ratio is not None:
+            self.ratio = tuple(self.ratio)
+            _check_range("ratio", self.ratio, 1e-6, float("inf"))
+        if self.hflip_prob is not None and not 0.0 <= self.hflip_prob <= 1.0:
             raise ValueError(f"hflip_prob={self.hflip_prob} must be in [0, 1]")
         if self.randaugment_ops is not None:
+            self.randaugment_ops = list(self.randaugment_ops)
             unknown = [op for op in self.randaugment_ops if op not in OPS]
             if unknown:
                 raise ValueError(f"randaugment_ops: unknown op(s) {unknown}; known: {sorted(OPS)}")
-        if not 0.0 <= self.randaugment_magnitude <= MAX_MAGNITUDE:
+        if self.randaugment_magnitude is not None and not 0.0 <= self.randaugment_magnitude <= MAX_MAGNITUDE:
             raise ValueError(f"randaugment_magnitude={self.randaugment_magnitude} must be in [0, 10]")
-        if self.randaugment_num_ops < 0:
+        if self.randaugment_num_ops is not None and self.randaugment_num_ops < 0:
             raise ValueError(f"randaugment_num_ops={self.randaugment_num_ops} must be >= 0")
-        _check_interpolation(self.interpolation)
+        if self.fill is not None and not 0 <= self.fill <= 255:
+            raise ValueError(f"fill={self.fill} must be in [0, 255]")
+        if self.interpolation is not None:
+            _check_interpolation(self.interpolation)
+
+    def merged_over(self, base: "TrainTransformConfig") -> "TrainTransformConfig":
+        """``base`` with this config's non-None fields on top."""
+        return replace(base, **_given(self))
 
 
 @dataclass
 class EvalTransformConfig:
-    """Evaluation preprocessing: resize the short side to ``img_size / crop_pct``, then center crop.
+    """Evaluation preprocessing: resize the short side to ``img_size / crop_pct``, then center
+    crop. None fields take the data module's default, then ``DEFAULT_EVAL``'s.
 
     Args:
         crop_pct: fraction of the resized image kept by the center crop (1.0: resize to img_size).
         interpolation: resampling for the resize.
     """
 
-    crop_pct: float = 1.0
-    interpolation: Interpolation = "bilinear"
+    crop_pct: Optional[float] = None
+    interpolation: Optional[Interpolation] = None
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.crop_pct <= 1.0:
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"crop_pct={self.crop_pct} must be in (0, 1]")
-        _check_interpolation(self.interpolation)
+        if self.interpolation is not None:
+            _check_interpolation(self.interpolation)
+
+    def merged_over(self, base: "EvalTransformConfig") -> "EvalTransformConfig":
+        return replace(base, **_given(self))
+
+
+# ImageNet-style defaults (timm/big_vision): Inception crop, flip, RandAugment(2, 9).
+DEFAULT_TRAIN = TrainTransformConfig(
+    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip_prob=0.5, randaugment_num_ops=2,
+    randaugment_magnitude=9.0, randaugment_ops=list(DEFAULT_OPS), fill=128, interpolation="bilinear",
+)
+DEFAULT_EVAL = EvalTransformConfig(crop_pct=1.0, interpolation="bilinear")
 
 
 def _normalize_to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
@@ -124,8 +153,10 @@ def build_train_transform(
     std: Sequence[float],
     seed: int | None = None,
 ) -> A.Compose:
-    """uint8 [H, W, C] -> float32 tensor [C, img_size, img_size]; ``seed`` fixes the draws."""
+    """uint8 [H, W, C] -> float32 tensor [C, img_size, img_size]; ``seed`` fixes the draws.
+    None fields of ``config`` take ``DEFAULT_TRAIN``'s values."""
     _check_img_size(img_size)
+    config = config.merged_over(DEFAULT_TRAIN)
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(img_size, img_size), scale=config.scale, ratio=config.ratio,
@@ -148,8 +179,10 @@ def build_eval_transform(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> A.Compose:
-    """uint8 [H, W, C] -> float32 tensor [C, img_size, img_size]; deterministic."""
+    """uint8 [H, W, C] -> float32 tensor [C, img_size, img_size]; deterministic.
+    None fields of ``config`` take ``DEFAULT_EVAL``'s values."""
     _check_img_size(img_size)
+    config = config.merged_over(DEFAULT_EVAL)
     resize = max(img_size, int(round(img_size / config.crop_pct)))
     steps = [
         A.SmallestMaxSize(max_size=resize, interpolation=INTERPOLATIONS[config.interpolation]),
