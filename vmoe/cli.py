@@ -39,8 +39,10 @@ def register_command(name: str, target: str, help: str) -> None:
 
 
 def _user_errors() -> tuple:
+    from argparse import ArgumentError
+
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    return (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
+    return (ArgumentError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError, MisconfigurationException)
 
 
@@ -60,6 +62,11 @@ def _make_cli_class():
         def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs):
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             kwargs.setdefault("seed_everything_default", 0)
+            # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
+            # turns them into one line.
+            quiet = {"exit_on_error": False}
+            kwargs.setdefault("parser_kwargs", {**quiet, "prog": "vmoe",
+                                                **{c: dict(quiet) for c in LIGHTNING_COMMANDS}})
             super().__init__(VmoeClassifier, L.LightningDataModule, subclass_mode_data=True,
                              args=args, run=run, **kwargs)
 
@@ -162,6 +169,7 @@ def _run_extra(name: str, argv: List[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``vmoe``; returns the exit code (0 ok, 2 configuration error)."""
+    explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     debug = bool(os.environ.get("VMOE_DEBUG"))
@@ -169,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command in EXTRA_COMMANDS:
             return _run_extra(command, argv[1:])
         try:
-            _make_cli_class()(args=argv)
+            _make_cli_class()(args=argv if explicit else None)
         except SystemExit as stop:
             if command in ("-h", "--help", "") and not stop.code:
                 print(_extra_help())
@@ -181,7 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _user_errors() as err:
         if debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = " ".join(str(err).split()) or type(err).__name__
+        if len(message) > 400:
+            message = message[:400] + " ..."
+
         print(f"vmoe {command}: error: {message}  [{type(err).__name__}; VMOE_DEBUG=1 for the "
               "traceback]", file=sys.stderr)
         return 2
