@@ -46,7 +46,7 @@ def first_choice_maps(model: torch.nn.Module, batch_size: int) -> Dict[str, torc
 class RoutingStatsLogger(L.Callback):
     """Logs routing health per MoE layer, and routing pictures at validation.
 
-    Every ``every_n_steps`` training steps, per layer: each auxiliary loss (unweighted), the
+    Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each auxiliary loss (unweighted), the
     fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
     router entropy. During validation (at the evaluation capacity) the dropped fraction is
     averaged over the epoch. At validation end (rank 0): an expert-load bar chart and a routing
@@ -71,17 +71,24 @@ class RoutingStatsLogger(L.Callback):
         self._maps: Optional[Dict[str, torch.Tensor]] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps or not vm.moe_layers(pl_module.model):
+        # Lightning's own step counter for logs is global_step - 1 here (the step just taken).
+        step = trainer.global_step - 1
+        if step % self.every_n_steps or not trainer.loggers or not vm.moe_layers(pl_module.model):
             return
         values = {}
         stats = vm.routing_stats(pl_module.model)
         for layer, losses in vm.aux_losses(pl_module.model).items():
             short = _short(layer)
             for name in TRAIN_STATS:
-                values[f"routing/{short}/{name}"] = stats[layer][name].float()
+                values[f"routing/{short}/{name}"] = stats[layer][name]
             for name, value in losses.items():
-                values[f"routing/{short}/{name}_loss"] = value.detach().float()
-        pl_module.log_dict(values, on_step=True, on_epoch=False)
+                values[f"routing/{short}/{name}_loss"] = value.detach()
+        # Straight to the loggers (not self.log, which would repeat the value every step until
+        # the next update); one host sync every N steps.
+        values = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._load_sum, self._batches, self._images, self._maps = {}, 0, None, None
