@@ -71,11 +71,17 @@ def _make_cli_class():
                              args=args, run=run, **kwargs)
 
         def add_arguments_to_parser(self, parser) -> None:
+            # Two checkpoint callbacks: the best one (by val/acc1), and "last", which has no
+            # monitor so it can also be written mid-epoch before any validation
+            # (last_checkpoint.every_n_train_steps); --ckpt_path last finds it.
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max",
-                                 "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
+                                 "checkpoint.save_last": False, "checkpoint.save_top_k": 1,
                                  "checkpoint.filename": "best-epoch{epoch}-step{step}",
                                  "checkpoint.auto_insert_metric_name": False})
+            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+            parser.set_defaults({"last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 0,
+                                 "last_checkpoint.save_last": True})
             parser.add_lightning_class_args(RoutingStatsLogger, "routing_stats")
             parser.add_lightning_class_args(ExportPretrained, "export")
             parser.add_lightning_class_args(ResumableTraining, "resume")
@@ -92,8 +98,9 @@ def _make_cli_class():
                 torch.set_num_threads(config.torch_num_threads)
             root = config.trainer.default_root_dir or os.path.join("runs", "default")
             config.trainer.default_root_dir = root
-            if config.checkpoint.dirpath is None:
-                config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            for name in ("checkpoint", "last_checkpoint"):
+                if config[name].dirpath is None:
+                    config[name].dirpath = os.path.join(root, "checkpoints")
             logger = config.trainer.logger
             if logger is None or logger is True:
                 config.trainer.logger = default_logger_config(root, name=Path(root).name)
@@ -129,10 +136,12 @@ def _make_cli_class():
                 acc = "  ".join(f"{k.split('/')[1]} {100 * v:.2f}%" for k, v in r.items()
                                 if k.startswith("test/acc"))
                 lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f})")
-            ckpt = trainer.checkpoint_callback
-            if ckpt is not None:
-                lines.append(f"checkpoints:   {ckpt.dirpath}  (best: {Path(ckpt.best_model_path).name or '-'}"
-                             f", last: {Path(ckpt.last_model_path).name or '-'}; resume with --ckpt_path last)")
+            ckpts = trainer.checkpoint_callbacks
+            if ckpts:
+                best = Path(ckpts[0].best_model_path).name or "-"
+                last = next((Path(c.last_model_path).name for c in ckpts if c.last_model_path), "-")
+                lines.append(f"checkpoints:   {ckpts[0].dirpath}  (best: {best}, last: {last}; "
+                             "resume with --ckpt_path last)")
             for logger in trainer.loggers:
                 where = getattr(logger, "log_dir", None) or logger.save_dir
                 lines.append(f"logs:          {where}  ({type(logger).__name__})")
