@@ -124,7 +124,8 @@ def _make_cli_class():
                 return False
             try:
                 dm.setup("test")
-            except Exception:  # the data module cannot make a test split: skip testing
+            except Exception as err:  # e.g. no test split configured: skip testing, say why
+                print(f"vmoe fit: not testing after fit ({type(err).__name__}: {err})", flush=True)
                 return False
             return getattr(dm, "test_set", True) is not None
 
