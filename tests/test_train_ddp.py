@@ -49,7 +49,7 @@ def test_ddp_two_cpu_processes_sync_metrics_and_weights(tmp_path):
     proc = cli_subprocess(
         tmp_path / "run", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
         "--trainer.devices", "2", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
-        "--trainer.num_sanity_val_steps", "0", "--model.warmup_steps", "1",
+        "--trainer.num_sanity_val_steps", "0", "--model.warmup_steps", "1", "--model.label_smoothing", "0.1",
         "--trainer.callbacks+=tests.test_train_ddp.SaveRankState", f"--trainer.callbacks.out_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")

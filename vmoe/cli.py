@@ -111,11 +111,15 @@ def _make_cli_class():
                         args["save_dir"] = root
 
         def after_fit(self) -> None:
+            # read before testing: restoring the best checkpoint resets the callbacks' state
+            ckpts = self.trainer.checkpoint_callbacks
+            self._paths = {"dir": ckpts[0].dirpath if ckpts else None,
+                           "best": ckpts[0].best_model_path if ckpts else "",
+                           "last": next((c.last_model_path for c in ckpts if c.last_model_path), "")}
             results = None
             if self.config.fit.test_after_fit and self._has_test_data():
-                best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
                 results = self.trainer.test(self.model, datamodule=self.datamodule,
-                                            ckpt_path=best or None, verbose=False)
+                                            ckpt_path=self._paths["best"] or None, verbose=False)
             self._summary(results)
 
         def _has_test_data(self) -> bool:
@@ -137,11 +141,10 @@ def _make_cli_class():
                 acc = "  ".join(f"{k.split('/')[1]} {100 * v:.2f}%" for k, v in r.items()
                                 if k.startswith("test/acc"))
                 lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f})")
-            ckpts = trainer.checkpoint_callbacks
-            if ckpts:
-                best = Path(ckpts[0].best_model_path).name or "-"
-                last = next((Path(c.last_model_path).name for c in ckpts if c.last_model_path), "-")
-                lines.append(f"checkpoints:   {ckpts[0].dirpath}  (best: {best}, last: {last}; "
+            paths = self._paths
+            if paths["dir"]:
+                best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
+                lines.append(f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
                              "resume with --ckpt_path last)")
             for logger in trainer.loggers:
                 where = getattr(logger, "log_dir", None) or logger.save_dir

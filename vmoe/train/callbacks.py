@@ -56,12 +56,16 @@ class RoutingStatsLogger(L.Callback):
     Args:
         figure_fn: ``"module:function"`` making the routing picture as ``fn(model, images)``;
             default: ``vmoe.viz.routing_figure`` if it exists, else a simple first-choice map.
+        figures_every_n_val: draw the figures at every n-th validation (and at the last epoch).
     """
 
     def __init__(self, every_n_steps: int = 50, figures: bool = True, num_images: int = 4,
-                 figure_fn: Optional[str] = None):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+                 figure_fn: Optional[str] = None, figures_every_n_val: int = 1):
+        if every_n_steps < 1 or figures_every_n_val < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} and figures_every_n_val="
+                             f"{figures_every_n_val} must be >= 1")
+        self.figures_every_n_val = figures_every_n_val
+        self._val_count = 0
         self.every_n_steps, self.figures, self.num_images = every_n_steps, figures, num_images
         self.figure_fn = figure_fn
         self.last_figures: Dict[str, Path] = {}
@@ -109,7 +113,13 @@ class RoutingStatsLogger(L.Callback):
             self._maps = {k: v[:n].cpu() for k, v in first_choice_maps(pl_module.model, x.shape[0]).items()}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.figures or trainer.sanity_checking or not trainer.is_global_zero or not self._batches:
+        if trainer.sanity_checking:
+            return
+        self._val_count += 1
+        # Figures cost ~0.5 s each: draw them every n-th validation, and always on the last epoch.
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0
+        due = (self._val_count - 1) % self.figures_every_n_val == 0 or last
+        if not self.figures or not due or not trainer.is_global_zero or not self._batches:
             return
         loads = {_short(k): (v / self._batches).numpy() for k, v in self._load_sum.items()}
         step = trainer.global_step
