@@ -69,7 +69,8 @@ def test_routing_stats_logger_figures_go_to_tensorboard_and_png(tmp_path):
     pl_module = SimpleNamespace(model=model, device=torch.device("cpu"), log=lambda *a, **k: None)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb")
     trainer = SimpleNamespace(loggers=[logger], log_dir=logger.log_dir, default_root_dir=str(tmp_path),
-                              global_step=7, sanity_checking=False, is_global_zero=True)
+                              global_step=7, sanity_checking=False, is_global_zero=True,
+                              current_epoch=0, max_epochs=5)
     cb = RoutingStatsLogger()
     cb.on_validation_epoch_start(trainer, pl_module)
     x = torch.randn(8, 3, 16, 16)
@@ -81,3 +82,11 @@ def test_routing_stats_logger_figures_go_to_tensorboard_and_png(tmp_path):
     assert all(p.is_file() and p.parent.name == "routing" for p in cb.last_figures.values())
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 5000  # the two images are in the event file
+    # figures_every_n_val=2: drawn at the 1st validation, not at the 2nd
+    cb2 = RoutingStatsLogger(figures_every_n_val=2)
+    for expected in (True, False):
+        cb2.last_figures.clear()
+        cb2.on_validation_epoch_start(trainer, pl_module)
+        cb2.on_validation_batch_end(trainer, pl_module, None, (x, torch.zeros(8)), 0)
+        cb2.on_validation_epoch_end(trainer, pl_module)
+        assert bool(cb2.last_figures) == expected
