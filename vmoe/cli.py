@@ -39,8 +39,10 @@ def register_command(name: str, target: str, help: str) -> None:
 
 
 def _user_errors() -> tuple:
+    from argparse import ArgumentError
+
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    return (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
+    return (ArgumentError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError,
             IsADirectoryError, PermissionError, MisconfigurationException)
 
 
@@ -60,28 +62,45 @@ def _make_cli_class():
         def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs):
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             kwargs.setdefault("seed_everything_default", 0)
+            # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
+            # turns them into one line.
+            quiet = {"exit_on_error": False}
+            kwargs.setdefault("parser_kwargs", {**quiet, "prog": "vmoe",
+                                                **{c: dict(quiet) for c in LIGHTNING_COMMANDS}})
             super().__init__(VmoeClassifier, L.LightningDataModule, subclass_mode_data=True,
                              args=args, run=run, **kwargs)
 
         def add_arguments_to_parser(self, parser) -> None:
+            # Two checkpoint callbacks: the best one (by val/acc1), and "last", which has no
+            # monitor so it can also be written mid-epoch before any validation
+            # (last_checkpoint.every_n_train_steps); --ckpt_path last finds it.
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max",
-                                 "checkpoint.save_last": True, "checkpoint.save_top_k": 1,
+                                 "checkpoint.save_last": False, "checkpoint.save_top_k": 1,
                                  "checkpoint.filename": "best-epoch{epoch}-step{step}",
                                  "checkpoint.auto_insert_metric_name": False})
+            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+            parser.set_defaults({"last_checkpoint.monitor": None, "last_checkpoint.save_top_k": 0,
+                                 "last_checkpoint.save_last": True})
             parser.add_lightning_class_args(RoutingStatsLogger, "routing_stats")
             parser.add_lightning_class_args(ExportPretrained, "export")
             parser.add_lightning_class_args(ResumableTraining, "resume")
             parser.add_argument("--test_after_fit", type=bool, default=True,
                                 help="after fit, test the best checkpoint and print where things are")
+            parser.add_argument("--torch_num_threads", type=Optional[int], default=None,
+                                help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
             parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
+            if config.get("torch_num_threads"):
+                import torch
+                torch.set_num_threads(config.torch_num_threads)
             root = config.trainer.default_root_dir or os.path.join("runs", "default")
             config.trainer.default_root_dir = root
-            if config.checkpoint.dirpath is None:
-                config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            for name in ("checkpoint", "last_checkpoint"):
+                if config[name].dirpath is None:
+                    config[name].dirpath = os.path.join(root, "checkpoints")
             logger = config.trainer.logger
             if logger is None or logger is True:
                 config.trainer.logger = default_logger_config(root, name=Path(root).name)
@@ -92,11 +111,15 @@ def _make_cli_class():
                         args["save_dir"] = root
 
         def after_fit(self) -> None:
+            # read before testing: restoring the best checkpoint resets the callbacks' state
+            ckpts = self.trainer.checkpoint_callbacks
+            self._paths = {"dir": ckpts[0].dirpath if ckpts else None,
+                           "best": ckpts[0].best_model_path if ckpts else "",
+                           "last": next((c.last_model_path for c in ckpts if c.last_model_path), "")}
             results = None
             if self.config.fit.test_after_fit and self._has_test_data():
-                best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
                 results = self.trainer.test(self.model, datamodule=self.datamodule,
-                                            ckpt_path=best or None, verbose=False)
+                                            ckpt_path=self._paths["best"] or None, verbose=False)
             self._summary(results)
 
         def _has_test_data(self) -> bool:
@@ -105,7 +128,8 @@ def _make_cli_class():
                 return False
             try:
                 dm.setup("test")
-            except Exception:  # the data module cannot make a test split: skip testing
+            except Exception as err:  # e.g. no test split configured: skip testing, say why
+                print(f"vmoe fit: not testing after fit ({type(err).__name__}: {err})", flush=True)
                 return False
             return getattr(dm, "test_set", True) is not None
 
@@ -117,10 +141,11 @@ def _make_cli_class():
                 acc = "  ".join(f"{k.split('/')[1]} {100 * v:.2f}%" for k, v in r.items()
                                 if k.startswith("test/acc"))
                 lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f})")
-            ckpt = trainer.checkpoint_callback
-            if ckpt is not None:
-                lines.append(f"checkpoints:   {ckpt.dirpath}  (best: {Path(ckpt.best_model_path).name or '-'}"
-                             f", last: {Path(ckpt.last_model_path).name or '-'}; resume with --ckpt_path last)")
+            paths = self._paths
+            if paths["dir"]:
+                best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
+                lines.append(f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
+                             "resume with --ckpt_path last)")
             for logger in trainer.loggers:
                 where = getattr(logger, "log_dir", None) or logger.save_dir
                 lines.append(f"logs:          {where}  ({type(logger).__name__})")
@@ -157,6 +182,7 @@ def _run_extra(name: str, argv: List[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``vmoe``; returns the exit code (0 ok, 2 configuration error)."""
+    explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     debug = bool(os.environ.get("VMOE_DEBUG"))
@@ -164,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command in EXTRA_COMMANDS:
             return _run_extra(command, argv[1:])
         try:
-            _make_cli_class()(args=argv)
+            _make_cli_class()(args=argv if explicit else None)
         except SystemExit as stop:
             if command in ("-h", "--help", "") and not stop.code:
                 print(_extra_help())
@@ -176,7 +202,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _user_errors() as err:
         if debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = " ".join(str(err).split()) or type(err).__name__
+        if len(message) > 400:
+            message = message[:400] + " ..."
+
         print(f"vmoe {command}: error: {message}  [{type(err).__name__}; VMOE_DEBUG=1 for the "
               "traceback]", file=sys.stderr)
         return 2

@@ -46,7 +46,7 @@ def first_choice_maps(model: torch.nn.Module, batch_size: int) -> Dict[str, torc
 class RoutingStatsLogger(L.Callback):
     """Logs routing health per MoE layer, and routing pictures at validation.
 
-    Every ``every_n_steps`` training steps, per layer: each auxiliary loss (unweighted), the
+    Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each auxiliary loss (unweighted), the
     fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
     router entropy. During validation (at the evaluation capacity) the dropped fraction is
     averaged over the epoch. At validation end (rank 0): an expert-load bar chart and a routing
@@ -56,12 +56,16 @@ class RoutingStatsLogger(L.Callback):
     Args:
         figure_fn: ``"module:function"`` making the routing picture as ``fn(model, images)``;
             default: ``vmoe.viz.routing_figure`` if it exists, else a simple first-choice map.
+        figures_every_n_val: draw the figures at every n-th validation (and at the last epoch).
     """
 
     def __init__(self, every_n_steps: int = 50, figures: bool = True, num_images: int = 4,
-                 figure_fn: Optional[str] = None):
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+                 figure_fn: Optional[str] = None, figures_every_n_val: int = 1):
+        if every_n_steps < 1 or figures_every_n_val < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} and figures_every_n_val="
+                             f"{figures_every_n_val} must be >= 1")
+        self.figures_every_n_val = figures_every_n_val
+        self._val_count = 0
         self.every_n_steps, self.figures, self.num_images = every_n_steps, figures, num_images
         self.figure_fn = figure_fn
         self.last_figures: Dict[str, Path] = {}
@@ -71,17 +75,24 @@ class RoutingStatsLogger(L.Callback):
         self._maps: Optional[Dict[str, torch.Tensor]] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps or not vm.moe_layers(pl_module.model):
+        # Lightning's own step counter for logs is global_step - 1 here (the step just taken).
+        step = trainer.global_step - 1
+        if step % self.every_n_steps or not trainer.loggers or not vm.moe_layers(pl_module.model):
             return
         values = {}
         stats = vm.routing_stats(pl_module.model)
         for layer, losses in vm.aux_losses(pl_module.model).items():
             short = _short(layer)
             for name in TRAIN_STATS:
-                values[f"routing/{short}/{name}"] = stats[layer][name].float()
+                values[f"routing/{short}/{name}"] = stats[layer][name]
             for name, value in losses.items():
-                values[f"routing/{short}/{name}_loss"] = value.detach().float()
-        pl_module.log_dict(values, on_step=True, on_epoch=False)
+                values[f"routing/{short}/{name}_loss"] = value.detach()
+        # Straight to the loggers (not self.log, which would repeat the value every step until
+        # the next update); one host sync every N steps.
+        values = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._load_sum, self._batches, self._images, self._maps = {}, 0, None, None
@@ -102,7 +113,13 @@ class RoutingStatsLogger(L.Callback):
             self._maps = {k: v[:n].cpu() for k, v in first_choice_maps(pl_module.model, x.shape[0]).items()}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not self.figures or trainer.sanity_checking or not trainer.is_global_zero or not self._batches:
+        if trainer.sanity_checking:
+            return
+        self._val_count += 1
+        # Figures cost ~0.5 s each: draw them every n-th validation, and always on the last epoch.
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0
+        due = (self._val_count - 1) % self.figures_every_n_val == 0 or last
+        if not self.figures or not due or not trainer.is_global_zero or not self._batches:
             return
         loads = {_short(k): (v / self._batches).numpy() for k, v in self._load_sum.items()}
         step = trainer.global_step

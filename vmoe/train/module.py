@@ -25,6 +25,7 @@ from .optim import SCHEDULES, lr_factor, param_groups
 __all__ = ["VmoeClassifier", "build_model"]
 
 LOSSES = ("softmax", "sigmoid")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
@@ -92,7 +93,8 @@ class VmoeClassifier(L.LightningModule):
     summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
     (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses.
 
-    Optimizer: AdamW(``lr``, ``betas``, ``weight_decay`` on kernels only); ``warmup_steps`` of
+    Optimizer: AdamW(``lr``, ``betas``) or ``optimizer='sgd'`` (``momentum``, the usual ViT
+    fine-tuning choice); ``weight_decay`` on kernels only; ``warmup_steps`` of
     linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``.
 
     Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
@@ -117,7 +119,9 @@ class VmoeClassifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         aux_loss_weight: float = 1.0,
+        optimizer: str = "adamw",
         lr: float = 1e-3,
+        momentum: float = 0.9,
         betas: Tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
@@ -133,6 +137,8 @@ class VmoeClassifier(L.LightningModule):
             raise ValueError(f"model.schedule={schedule!r} must be one of {SCHEDULES}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer={optimizer!r} must be one of {OPTIMIZERS}")
         if lr <= 0 or warmup_steps < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
                              f"warmup_steps={warmup_steps}, weight_decay={weight_decay})")
@@ -297,7 +303,10 @@ class VmoeClassifier(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             if hp.schedule != "constant":

@@ -1,0 +1,170 @@
+"""End-to-end ``vmoe`` CLI runs: a few training steps on digits and on a generated image folder
+(loss goes down, checkpoint/log/export/picture files appear), validate/test/predict on the saved
+checkpoint, and one-line errors with exit code 2 for configuration mistakes."""
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vmoe.models as vm
+from vmoe.cli import EXTRA_COMMANDS, main, register_command
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+NO_AUG = "{scale: [1.0, 1.0], ratio: [1.0, 1.0], randaugment_num_ops: 0, hflip_prob: 0.0}"
+
+
+def fast(root, *extra):
+    """Options that keep a CLI run small: CSV logs, 1 thread, no progress bar."""
+    return ["--config", QUICKSTART, "--torch_num_threads", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(root),
+            "--trainer.logger", "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: %s}}" % root,
+            *extra]
+
+
+def read_metrics(root):
+    rows = list(csv.DictReader(open(next(Path(root).glob("lightning_logs/version_*/metrics.csv")))))
+    return rows
+
+
+def series(rows, key):
+    return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+
+
+def make_image_folder(path: Path, per_split=(12, 4, 4), size=16, seed=0):
+    """3 classes told apart by where the bright half is (top, left, bottom-right diagonal)."""
+    rng = np.random.default_rng(seed)
+    masks = [np.zeros((size, size), bool) for _ in range(3)]
+    masks[0][: size // 2] = True
+    masks[1][:, : size // 2] = True
+    masks[2] = np.add.outer(np.arange(size), np.arange(size)) >= size
+    for split, count in zip(("train", "val", "test"), per_split):
+        for c, name in enumerate(("top", "left", "diag")):
+            (path / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+                img[masks[c]] += 150
+                Image.fromarray(img).save(path / split / name / f"{i}.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    code = main(["fit", *fast(root, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "12",
+                                "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                                "--model.warmup_steps", "2", "--model.label_smoothing", "0",
+                                "--data.init_args.train_transform", NO_AUG, "--routing_stats.every_n_steps", "4")])
+    assert code == 0
+    return root
+
+
+def test_fit_digits_trains_and_writes_everything(digits_run, capsys):
+    root = digits_run
+    rows = read_metrics(root)
+    loss = series(rows, "train/loss")
+    assert len(loss) == 36
+    assert np.mean(loss[-4:]) < np.mean(loss[:4]) - 0.1  # it learns
+    assert series(rows, "val/acc1") and series(rows, "test/acc1")
+    assert len(series(rows, "routing/blocks.1/dropped_fraction")) == 9  # steps 0, 4, ..., 32
+    assert all(0 <= v <= 1 for v in series(rows, "val_routing/blocks.3/dropped_fraction"))
+    assert all(v > 0 for v in series(rows, "routing/blocks.3/importance_loss"))
+    ckpts = root / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file() and list(ckpts.glob("best-epoch*-step*.ckpt"))
+    log_dir = next(root.glob("lightning_logs/version_*"))
+    for name in ("expert_load.png", "routing_map.png"):
+        assert (log_dir / "routing" / name).stat().st_size > 1000
+    model = vm.from_pretrained(root / "export")  # the best checkpoint, exported
+    best = next(ckpts.glob("best-*.ckpt"))
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert torch.equal(model.state_dict()["head.weight"], state["model.head.weight"])
+
+
+def test_validate_test_predict_from_checkpoint(digits_run, capsys):
+    last = str(digits_run / "checkpoints" / "last.ckpt")
+    for command in ("validate", "test", "predict"):
+        args = [command, *fast(digits_run, "--ckpt_path", last, f"--trainer.limit_{'val' if command == 'validate' else command}_batches", "1")]
+        assert main(args) == 0, command
+
+
+def test_fit_image_folder(tmp_path):
+    data = make_image_folder(tmp_path / "folder")
+    root = tmp_path / "run"
+    code = main(["fit", *fast(root, "--data", "vmoe.data.ImageFolderDataModule",
+                              "--data.data_dir", str(data), "--data.img_size", "16", "--data.batch_size", "6",
+                              "--trainer.max_epochs", "3", "--model.warmup_steps", "1", "--model.lr", "2e-3",
+                              "--model.label_smoothing", "0")])
+    assert code == 0
+    rows = read_metrics(root)
+    loss = series(rows, "train/loss")
+    assert len(loss) == 18 and np.mean(loss[-3:]) < np.mean(loss[:3])
+    assert (root / "export" / "config.json").is_file()
+    assert vm.from_pretrained(root / "export").num_classes == 3
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+
+
+def one_line_error(capsys, pattern):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    last = err[-1]
+    assert last.startswith("vmoe ") and re.search(pattern, last), last
+    return last
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lrr: 0.1\n")
+    assert main(["fit", *fast(tmp_path, "--config", str(bad))]) == 2
+    one_line_error(capsys, r"does not accept option 'model\.lrr'")
+    assert main(["fit", *fast(tmp_path, "--trainer.max_epohs", "1")]) == 2
+    one_line_error(capsys, r"unrecognized arguments: --trainer\.max_epohs")
+
+
+def test_missing_data_path(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["fit", *fast(tmp_path, "--data", "vmoe.data.ImageFolderDataModule",
+                              "--data.data_dir", str(missing))]) == 2
+    one_line_error(capsys, re.escape(str(missing)) + ".*does not exist")
+
+
+def test_num_classes_mismatch(tmp_path, digits_run, capsys):
+    data = make_image_folder(tmp_path / "folder", per_split=(2, 2, 2))
+    assert main(["fit", *fast(tmp_path, "--data", "vmoe.data.ImageFolderDataModule",
+                              "--data.data_dir", str(data), "--data.num_classes", "5")]) == 2
+    one_line_error(capsys, "num_classes=5 but .* has 3")
+    # a 10-class checkpoint tested on 3-class data
+    assert main(["test", *fast(tmp_path, "--data", "vmoe.data.ImageFolderDataModule",
+                               "--data.data_dir", str(data), "--data.img_size", "16",
+                               "--ckpt_path", str(digits_run / "checkpoints" / "last.ckpt"))]) == 2
+    one_line_error(capsys, "num_classes=10 but this model/data has num_classes=3")
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "folder", per_split=(2, 2, 2))
+    broken = data / "train" / "top" / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    assert main(["fit", *fast(tmp_path, "--data", "vmoe.data.ImageFolderDataModule",
+                              "--data.data_dir", str(data), "--data.img_size", "16",
+                              "--trainer.max_steps", "2")]) == 2
+    one_line_error(capsys, re.escape(str(broken)))
+
+
+def test_extra_commands_dispatch_before_lightning(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(EXTRA_COMMANDS, "hello", ("tests.test_cli:_hello", "say hello"))
+    monkeypatch.setattr("tests.test_cli._hello", lambda argv: calls.append(argv) or 7, raising=False)
+    assert main(["hello", "--x", "1"]) == 7 and calls == [["--x", "1"]]
+    with pytest.raises(ValueError, match="cannot be replaced"):
+        register_command("fit", "x:y", "no")
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "hello" in out and "say hello" in out and "fit" in out
+
+
+def _hello(argv):  # replaced by the test above
+    return 0
