@@ -38,6 +38,14 @@ def register_command(name: str, target: str, help: str) -> None:
     EXTRA_COMMANDS[name] = (target, help)
 
 
+register_command("convert", "vmoe.models.vmoe_import:convert_main",
+                 "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir")
+register_command("routing-report", "vmoe.viz.cli:routing_report_main",
+                 "write routing plots, index.html and report.json for a model on a dataset")
+register_command("capacity-sweep", "vmoe.viz.cli:capacity_sweep_main",
+                 "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR")
+
+
 def _user_errors() -> tuple:
     from argparse import ArgumentError
 

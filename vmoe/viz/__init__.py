@@ -9,7 +9,7 @@ Every plotting function returns ``(figure, numbers)``: a matplotlib Figure (Agg 
 the numpy arrays/dicts drawn in it. Routing is read from the recorded plans, never re-derived;
 what-if maps re-route the recorded gates with the layer's own ``router.route``.
 """
-from .maps import patch_map, priority_map
+from .maps import patch_map, priority_map, routing_figure
 from .page import sweep_markdown
 from .record import RoutingRecord, TokenRouting, image_grid, moe_layers, record_routing, ungroup
 from .report import write_routing_report
@@ -20,6 +20,6 @@ from .sweep import capacity_sweep, evaluate
 
 __all__ = [
     "record_routing", "RoutingRecord", "TokenRouting", "moe_layers", "image_grid", "ungroup", "routing_settings",
-    "patch_map", "priority_map", "expert_load", "class_expert_matrix", "mutual_information",
+    "patch_map", "priority_map", "routing_figure", "expert_load", "class_expert_matrix", "mutual_information",
     "capacity_sweep", "evaluate", "expert_colors", "write_routing_report", "sweep_markdown",
 ]

@@ -171,3 +171,19 @@ def priority_map(record: RoutingRecord, index: int = 0, image=None,
                               label="skipped: every choice over capacity (output = residual)")],
                loc="outside lower center", fontsize=8, frameon=False)
     return fig, numbers
+
+
+def routing_figure(model, images, index: int = 0):
+    """The patch map of ``images[index]`` after one forward of ``images`` ([B, C, H, W]).
+
+    The hook the training callback uses for its routing picture (``fn(model, images)``);
+    returns only the figure.
+    """
+    import torch
+
+    from .record import record_routing
+
+    with record_routing(model) as record, torch.no_grad():
+        model(images)
+    figure, _ = patch_map(record, index=index, image=images[index])
+    return figure

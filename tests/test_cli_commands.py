@@ -1,0 +1,46 @@
+"""The extra `vmoe` subcommands, run through the real entry point."""
+import json
+
+import numpy as np
+import torch
+
+import vmoe.models as vm
+from vmoe.cli import main
+
+from .conftest import FIXTURES
+
+
+def test_convert_then_routing_report_and_capacity_sweep(tmp_path, capsys):
+    out = tmp_path / "model_a"
+    assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(out)]) == 0
+    model = vm.from_pretrained(out).eval()
+    ref = np.load(FIXTURES / "model_a_outputs.npz")
+    images = torch.from_numpy(ref["images"]).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    vm.set_routing(model, capacity_factor=1.05)
+    for layer in vm.moe_layers(model).values():
+        layer.group_size, layer.group_size_images = 34, None  # model A's routing groups
+    np.testing.assert_allclose(model(images).detach().numpy(), ref["logits"], atol=1e-5)
+
+    report = tmp_path / "report"
+    assert main(["routing-report", "--model", str(out), "--data", "digits", "--out", str(report),
+                 "--max-images", "24", "--batch-size", "12", "--capacity-factors", "0.5", "2.0",
+                 "--no-progress"]) == 0
+    html = (report / "index.html").read_text()
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert pngs and html.count("data:image/png;base64,") >= len(pngs)  # every picture embedded
+    numbers = json.loads((report / "report.json").read_text())
+    assert numbers
+
+    sweep = tmp_path / "sweep"
+    assert main(["capacity-sweep", "--model", str(out), "--data", "digits", "--out", str(sweep),
+                 "--max-images", "24", "--capacity-factors", "0.5", "4.0", "--no-progress"]) == 0
+    assert "|" in capsys.readouterr().out  # the markdown table
+    assert (sweep / "capacity_sweep.png").is_file()
+
+
+def test_extra_commands_report_errors_in_one_line(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "vmoe convert: error:" in err and "missing.index does not exist" in err
+    assert main(["routing-report", "--model", str(tmp_path / "nothing"), "--data", "digits",
+                 "--out", str(tmp_path / "r")]) == 2
