@@ -194,3 +194,10 @@ def test_hub_download_offline_gives_a_clear_message(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="checkpoint_path"):
         vm.upcycle("vit_tiny_patch16_224", pretrained=True, every=2)
+
+
+def test_expert_dropout_defaults_to_the_dense_mlp_and_can_be_set():
+    model = vm.moeify(tiny_vit(proj_drop_rate=0.1), every=2, num_experts=4)
+    assert vm.moe_layers(model)["blocks.1.mlp"].experts.drop1.p == 0.1
+    model = vm.moeify(tiny_vit(), every=2, num_experts=4, drop=0.2)
+    assert vm.moe_layers(model)["blocks.3.mlp"].experts.drop2.p == 0.2

@@ -73,7 +73,8 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
             and the router starts small (std 1e-3 unless ``router_init_std``). Otherwise experts
             get timm's ViT init (truncated normal, std 0.02) and the router LeCun-normal.
         **moe_kwargs: passed to ``MoeMlp`` (num_experts, num_selected, capacity_factor,
-            batch_priority, group_size_images, router, noise_std, renormalize, loss weights...).
+            batch_priority, group_size_images, router, noise_std, renormalize, loss weights,
+            ``drop`` for expert dropout: default the replaced MLP's).
     """
     vit_blocks = _vit_blocks(model)
     indices = moe_block_indices(len(vit_blocks), every, last, blocks)
@@ -82,10 +83,12 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
         if isinstance(mlp, MoeMlp):
             raise ValueError(f"block {i} is already a MoE block")
         act = mlp.act
+        options = dict(moe_kwargs)
+        # Expert dropout: the dense MLP's unless given (the paper's recipes use MoE dropout 0.2).
+        options.setdefault("drop", (getattr(mlp.drop1, "p", 0.0), getattr(mlp.drop2, "p", 0.0)))
         layer = MoeMlp(
             mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features,
-            act_layer=lambda act=act: copy.deepcopy(act), bias=mlp.fc1.bias is not None,
-            drop=(getattr(mlp.drop1, "p", 0.0), getattr(mlp.drop2, "p", 0.0)), **moe_kwargs)
+            act_layer=lambda act=act: copy.deepcopy(act), bias=mlp.fc1.bias is not None, **options)
         layer.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
         if from_dense:
             layer.experts.load_from_mlp(mlp)

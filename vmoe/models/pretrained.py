@@ -2,13 +2,14 @@
 timm ViTs from pretrained weights. Nothing here unpickles a file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Union
 
 import timm
 import torch
@@ -69,22 +70,31 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
     An existing non-empty directory is never written over unless ``overwrite=True``; the files
     are written to a temporary directory first and moved into place only when complete.
     """
+    config = model_config(model)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with staged_save_dir(directory, overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def staged_save_dir(directory: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``directory``; on success move its files into
+    ``directory``. A non-empty ``directory`` is refused unless ``overwrite``; on error nothing
+    in it changes."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
-    config = model_config(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        yield tmp
         directory.mkdir(exist_ok=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(tmp / name, directory / name)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, directory / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return directory
 
 
 def _read_config(directory: Path) -> dict:

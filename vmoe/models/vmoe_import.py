@@ -247,31 +247,23 @@ def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **
     """Writes a ``save_pretrained`` directory (config.json + model.safetensors) from an official
     checkpoint, streaming: peak memory is about one array, never the whole model."""
     import json
-    import shutil
-    import tempfile
-    from .pretrained import CONFIG_NAME, WEIGHTS_NAME, model_config
+
+    from .pretrained import CONFIG_NAME, WEIGHTS_NAME, model_config, staged_save_dir
     from .safetensors_stream import SafetensorsStreamWriter
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # before reading anything
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     arch = infer_vmoe_architecture(prefix)
     meta_model = _build_empty(arch, moe_options)
     config = model_config(meta_model)
     specs = {k: (torch.float32, tuple(v.shape)) for k, v in meta_model.state_dict().items()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_save_dir(out_dir, overwrite) as tmp:
         source = {"source": "vmoe official checkpoint", "prefix": os.fspath(prefix), "format": "pt"}
         with SafetensorsStreamWriter(tmp / WEIGHTS_NAME, specs, metadata=source) as writer:
             for key, tensor in iter_converted_tensors(prefix, arch):
                 writer.write(key, tensor)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-        out_dir.mkdir(exist_ok=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
