@@ -166,14 +166,18 @@ def test_bad_inputs_name_the_problem():
         tiny(torch.randn(1, 4, 16))
 
 
-def test_bf16_autocast_keeps_router_in_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_router_in_float32(dtype):
     layer = make_layer().eval()
     x = torch.randn(2, 8, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    expected = layer(x)
+    plan32 = layer.last_plan
+    with torch.autocast("cpu", dtype=dtype):
         y = layer(x)
-    assert y.dtype == torch.float32 or y.dtype == torch.bfloat16
+    assert y.dtype == torch.float32  # same dtype as the input, like the residual stream
     assert layer.last_plan.gates.dtype == torch.float32
-    torch.testing.assert_close(y.float(), layer(x), atol=0.05, rtol=0.05)
+    assert torch.equal(layer.last_plan.slot, plan32.slot)  # same routing decisions as fp32
+    torch.testing.assert_close(y, expected, atol=0.05, rtol=0.05)
 
 
 def test_torch_compile_fullgraph_cpu():
