@@ -28,7 +28,9 @@ def moe_layers(model: nn.Module) -> Dict[str, MoeMlp]:
     """name -> MoeMlp for every MoE layer of ``model``, in module order. Raises ValueError if none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoeMlp)}
+    from ..models.moeify import moe_layers as all_moe_layers
+
+    layers = dict(all_moe_layers(model))
     if not layers:
         raise ValueError(f"model {type(model).__name__} has no MoE layers (no vmoe.moe.MoeMlp "
                          "module): turn some blocks' mlp into MoeMlp first")
