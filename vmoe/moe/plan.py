@@ -5,7 +5,7 @@ K choices per token, C buffer capacity per expert and group, d model width.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -36,6 +36,9 @@ class RoutingPlan:
     gates: torch.Tensor
     capacity: int
     valid: Optional[torch.Tensor] = None
+    # The index maps below are derived from the fields; dispatch and combine both need them in
+    # every forward, so each is computed once per plan.
+    _index_maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_groups(self) -> int:
@@ -64,10 +67,13 @@ class RoutingPlan:
         Row ``e * (G*C) + g * C + slot``; dropped assignments point at ``E * G * C``, one past the
         end, where dispatch/combine keep an all-zero row.
         """
-        G, C, E = self.num_groups, self.capacity, self.num_experts
-        group_offset = torch.arange(G, device=self.slot.device).view(G, 1, 1) * C
-        position = self.expert_index * (G * C) + group_offset + self.slot
-        return torch.where(self.kept, position, torch.full_like(position, E * G * C))
+        if "position" not in self._index_maps:
+            G, C, E = self.num_groups, self.capacity, self.num_experts
+            group_offset = torch.arange(G, device=self.slot.device).view(G, 1, 1) * C
+            position = self.expert_index * (G * C) + group_offset + self.slot
+            self._index_maps["position"] = torch.where(self.kept, position,
+                                                       torch.full_like(position, E * G * C))
+        return self._index_maps["position"]
 
     def buffer_assignment(self) -> torch.Tensor:
         """[E * G * C] int64: for each buffer row, the assignment it holds, as the flat index
@@ -77,13 +83,15 @@ class RoutingPlan:
         exactly one row (no collisions), so this is the inverse of ``buffer_position()`` and lets
         the backward passes of dispatch and combine be gathers too (deterministic, no atomics).
         """
-        G, S, K = self.expert_index.shape
-        num_rows = self.num_experts * G * self.capacity
-        table = torch.full((num_rows + 1,), G * S * K, dtype=torch.long, device=self.slot.device)
-        # Dropped assignments all write the scratch row ``num_rows``, which is cut off.
-        table.scatter_(0, self.buffer_position().reshape(-1),
-                       torch.arange(G * S * K, device=self.slot.device))
-        return table[:num_rows]
+        if "assignment" not in self._index_maps:
+            G, S, K = self.expert_index.shape
+            num_rows = self.num_experts * G * self.capacity
+            table = torch.full((num_rows + 1,), G * S * K, dtype=torch.long, device=self.slot.device)
+            # Dropped assignments all write the scratch row ``num_rows``, which is cut off.
+            table.scatter_(0, self.buffer_position().reshape(-1),
+                           torch.arange(G * S * K, device=self.slot.device))
+            self._index_maps["assignment"] = table[:num_rows]
+        return self._index_maps["assignment"]
 
     def buffer_token(self) -> torch.Tensor:
         """[E * G * C] int64: for each buffer row, the token (``g * S + s``) it holds.
@@ -92,10 +100,20 @@ class RoutingPlan:
         """
         return torch.div(self.buffer_assignment(), self.num_selected, rounding_mode="floor")
 
-    def detach(self) -> "RoutingPlan":
-        """A copy whose tensors are cut from the autograd graph (cheap: views)."""
+    def _map_tensors(self, fn) -> "RoutingPlan":
+        """A copy with ``fn`` applied to every tensor field (derived index maps are not copied:
+        the copy recomputes them on demand)."""
         values = {}
         for f in fields(self):
-            v = getattr(self, f.name)
-            values[f.name] = v.detach() if isinstance(v, torch.Tensor) else v
+            if f.init:
+                v = getattr(self, f.name)
+                values[f.name] = fn(v) if isinstance(v, torch.Tensor) else v
         return replace(self, **values)
+
+    def detach(self) -> "RoutingPlan":
+        """A copy whose tensors are cut from the autograd graph (cheap: views)."""
+        return self._map_tensors(torch.Tensor.detach)
+
+    def to(self, device) -> "RoutingPlan":
+        """A copy with every tensor on ``device``."""
+        return self._map_tensors(lambda t: t.to(device))

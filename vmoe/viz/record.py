@@ -12,7 +12,7 @@ flattened plan. Nothing here re-derives routing: every view is a reshape of the 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -130,8 +130,7 @@ class RoutingRecord:
         return not isinstance(self.layers[self.check_layer(layer)].router, ExpertChoiceRouter)
 
     def _add(self, name: str, plan: RoutingPlan, batch_size: int, tokens_per_image: int) -> None:
-        cpu = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(plan).items()}
-        self.forwards[name].append(_Forward(replace(plan, **cpu), batch_size, tokens_per_image))
+        self.forwards[name].append(_Forward(plan.detach().to("cpu"), batch_size, tokens_per_image))
         self._cache.pop(name, None)
 
     # --- views -----------------------------------------------------------------------------
