@@ -8,7 +8,10 @@ Prints, in one run, forward and forward+backward times (medians over interleaved
 - ``einsum``:       ``MoeMlp(dispatcher='einsum')``, the official one-hot dispatch (oracle);
 - ``moe``:          ``MoeMlp`` with the default index dispatcher;
 - ``einsum_id``/``moe_id``: the same two layers with identity experts, i.e. their routing +
-                    dispatch + combine overhead alone.
+                    dispatch + combine overhead alone;
+- ``floor_gmm``:    (bf16/fp16 only) the floor with ``Experts(gemm='grouped_mm')``, i.e.
+                    ``torch.nn.functional.grouped_mm`` instead of bmm: the column
+                    ``floor_gmm/floor`` says whether grouped GEMM measures faster (< 1) here.
 
 The last column, the ratio of the fastest repeats, is a contention-robust cross-check on a
 shared machine (the targets use the paired medians). Ratios are formed per repeat (each repeat times every variant once, in turn, so slow phases of a
@@ -24,6 +27,7 @@ S*K*cf), so the einsum path's [G, S, E, C] one-hot tensors grow with it, while t
 largest tensors are the [E, G*C, h] expert activations (~ tokens*K*cf*h, independent of S).
 
 Usage: python benchmarks/moe_layer.py [--repeats 7] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                                     [--shapes NAME ...] [--no-memory]
 """
 from __future__ import annotations
 
@@ -107,10 +111,16 @@ def build(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str = "inde
     G = -(-shape.images * shape.tokens // S)
     C = moe.router.capacity_for(S)
     layers["floor"] = moe.experts
+    if dtype == torch.bfloat16:
+        layers["floor_gmm"] = copy.deepcopy(moe.experts)
+        layers["floor_gmm"].gemm = "grouped_mm"
     inputs = {name: x for name in layers}
-    inputs["floor"] = torch.randn(shape.E, G * C, shape.d, device=device)
+    # Ready buffers are in the compute dtype: dispatch casts on the way (see vmoe.moe.dispatch).
+    inputs["floor"] = inputs["floor_gmm"] = torch.randn(shape.E, G * C, shape.d, device=device, dtype=dtype)
     grads = {name: torch.randn(shape.images, shape.tokens, shape.d, device=device) for name in layers}
-    grads["floor"] = torch.randn(shape.E, G * C, shape.d, device=device)
+    grads["floor"] = grads["floor_gmm"] = torch.randn(shape.E, G * C, shape.d, device=device)
+    for name in [n for n in inputs if n not in layers]:
+        del inputs[name], grads[name]
     return layers, inputs, grads, C
 
 
@@ -150,14 +160,15 @@ def _call(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) -> No
 
 def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int = 1):
     layers, inputs, grads, C = build(shape, device, dtype)
-    times = {(v, bwd): [] for v in VARIANTS for bwd in (False, True)}
+    variants = list(layers)
+    times = {(v, bwd): [] for v in variants for bwd in (False, True)}
     for bwd in (False, True):
         for _ in range(warmup):
-            for v in VARIANTS:
+            for v in variants:
                 run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner)
     for _ in range(repeats):  # interleaved: every repeat times every variant once
         for bwd in (False, True):
-            for v in VARIANTS:
+            for v in variants:
                 times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner))
     return times, C
 
@@ -242,9 +253,11 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
 
+    gmm = dtype == torch.bfloat16  # the grouped_mm floor runs in bfloat16 only
     print("\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms | moe_id ms "
-          "| moe/floor | einsum/floor | moe/dense | moe_id/einsum_id | moe/floor (min) |")
-    print("|" + "---|" * 15)
+          "| moe/floor | einsum/floor | moe/dense | moe_id/einsum_id | moe/floor (min) |"
+          + (" floor_gmm/floor |" if gmm else ""))
+    print("|" + "---|" * (15 if gmm else 14))
     checks = []
     floor_target = 1.08 if args.device == "cpu" else 1.10
     overhead_target = 1 / 3 if args.device == "cpu" else 1 / 5
@@ -260,7 +273,9 @@ def main(argv=None) -> int:
                   + " | ".join(f"{med[v]:.1f}" for v in VARIANTS)
                   + f" | {r_floor:.3f} | {paired_ratio(times, 'einsum', 'floor', bwd):.3f}"
                   f" | {paired_ratio(times, 'moe', 'dense', bwd):.2f} | {r_over:.3f}"
-                  f" | {min(times[('moe', bwd)]) / min(times[('floor', bwd)]):.3f} |", flush=True)
+                  f" | {min(times[('moe', bwd)]) / min(times[('floor', bwd)]):.3f} |"
+                  + (f" {paired_ratio(times, 'floor_gmm', 'floor', bwd):.3f} |" if gmm else ""),
+                  flush=True)
             if bwd and name.startswith(("S/32", "B/16")):
                 checks.append((f"{name}: moe fwd+bwd / floor <= {floor_target:.2f}", r_floor, r_floor <= floor_target))
                 if args.device == "cpu" or "E=32" in name:

@@ -6,8 +6,15 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["Experts"]
+__all__ = ["Experts", "EXPERT_GEMMS"]
+
+# How the per-expert GEMMs run: 'bmm' (batched GEMM, every dtype and device) or 'grouped_mm'
+# (``torch.nn.functional.grouped_mm``: CUTLASS grouped GEMM on Hopper/Blackwell in bfloat16).
+EXPERT_GEMMS = ("bmm", "grouped_mm")
+# grouped_mm reads rows with 16-byte aligned strides: widths must be multiples of 8 bf16 values.
+_GROUPED_MM_ALIGN = 8
 
 
 def _pair(value) -> Tuple[float, float]:
@@ -30,18 +37,35 @@ class Experts(nn.Module):
         drop: dropout after the activation and after fc2 (a float or a pair).
         same_init: all experts start from the same values (the paper's default); False draws
             each expert independently.
+        gemm: 'bmm' (default) or 'grouped_mm'. Both compute the same products over the
+            fixed-capacity buffers; 'grouped_mm' uses ``torch.nn.functional.grouped_mm`` and needs
+            bfloat16 buffers (train under ``torch.autocast(dtype=torch.bfloat16)``; the weights
+            are cast on the way, gradients reach the float32 parameters) and widths that are
+            multiples of 8. It is an explicit choice: where it cannot run, forward raises instead
+            of quietly running something else. ``benchmarks/moe_layer.py --expert-gemm`` times it.
     """
 
     def __init__(self, num_experts: int, in_features: int, hidden_features: Optional[int] = None,
                  out_features: Optional[int] = None, act_layer: Callable[[], nn.Module] = nn.GELU,
                  bias: bool = True, drop: Union[float, Tuple[float, float]] = 0.0,
-                 same_init: bool = True):
+                 same_init: bool = True, gemm: str = "bmm"):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.num_experts = num_experts
         self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
         self.same_init = same_init
+        if gemm not in EXPERT_GEMMS:
+            raise ValueError(f"gemm must be one of {EXPERT_GEMMS}, got gemm={gemm!r}")
+        if gemm == "grouped_mm":
+            widths = dict(in_features=in_features, hidden_features=hidden_features,
+                          out_features=out_features)
+            bad = {k: v for k, v in widths.items() if v % _GROUPED_MM_ALIGN}
+            if bad:
+                raise ValueError(f"gemm='grouped_mm' needs widths that are multiples of "
+                                 f"{_GROUPED_MM_ALIGN} (16-byte rows in bfloat16); got {bad}. "
+                                 "Use gemm='bmm' for these widths.")
+        self.gemm = gemm
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, in_features, hidden_features))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_features, out_features))
         self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_features)) if bias else None
@@ -95,9 +119,13 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [E, T, d] -> [E, T, d'] (T = G*C buffer rows per expert)."""
-        h = self._linear(x, self.fc1_weight, self.fc1_bias)
+        linear = self._linear
+        if self.gemm == "grouped_mm":
+            _check_grouped_mm(x)
+            linear = self._grouped_linear
+        h = linear(x, self.fc1_weight, self.fc1_bias)
         h = self.drop1(self.act(h))
-        return self.drop2(self._linear(h, self.fc2_weight, self.fc2_bias))
+        return self.drop2(linear(h, self.fc2_weight, self.fc2_bias))
 
     @staticmethod
     def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -105,6 +133,28 @@ class Experts(nn.Module):
             return torch.bmm(x, weight)
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
 
+    @staticmethod
+    def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x [E, T, k] bf16 @ weight [E, k, n] (cast to bf16, as autocast would for bmm)."""
+        out = F.grouped_mm(x, weight.to(x.dtype))
+        return out if bias is None else out + bias.to(out.dtype).unsqueeze(1)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
-                f"hidden_features={self.hidden_features}, out_features={self.out_features}")
+                f"hidden_features={self.hidden_features}, out_features={self.out_features}"
+                + (f", gemm={self.gemm!r}" if self.gemm != "bmm" else ""))
+
+
+def _check_grouped_mm(x: torch.Tensor) -> None:
+    """Raise a RuntimeError naming why ``grouped_mm`` cannot run on buffers ``x``."""
+    if x.dtype != torch.bfloat16:
+        raise RuntimeError(
+            f"Experts(gemm='grouped_mm') needs bfloat16 expert buffers, got {x.dtype}: run the "
+            "model under torch.autocast(device_type, dtype=torch.bfloat16) (or "
+            "Trainer(precision='bf16-mixed')), or use gemm='bmm' / expert_gemm='bmm'")
+    if (x.device.type == "cuda" and not torch.compiler.is_compiling()
+            and torch.cuda.get_device_capability(x.device) < (8, 0)):
+        raise RuntimeError(
+            f"Experts(gemm='grouped_mm') needs a CUDA device of compute capability >= 8.0, got "
+            f"{torch.cuda.get_device_name(x.device)} "
+            f"{torch.cuda.get_device_capability(x.device)}; use gemm='bmm'")

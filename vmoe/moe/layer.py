@@ -39,8 +39,12 @@ class MoeMlp(nn.Module):
             (S = images * N). Default: 8 images per group, as the paper.
         capacity_factor / capacity / capacity_multiple_of / capacity_rounding / batch_priority /
         noise_std / renormalize / *_weight: see ``TopKRouter``.
-        dispatcher: 'index' (default) or 'einsum' (the one-hot oracle; slow, for tests).
+        dispatcher: 'index' (default: Triton kernels on CUDA, portable gathers elsewhere),
+            'index_torch' / 'index_triton' (force a backend), or 'einsum' (the one-hot oracle;
+            slow, for tests).
         same_init: every expert starts from the same values (paper default).
+        expert_gemm: 'bmm' (default) or 'grouped_mm' for the expert GEMMs (see ``Experts``;
+            'grouped_mm' needs bf16 autocast and widths that are multiples of 8).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class MoeMlp(nn.Module):
         zloss_weight: float = 0.0,
         dispatcher: str = "index",
         same_init: bool = True,
+        expert_gemm: str = "bmm",
     ):
         super().__init__()
         if norm_layer is not None:
@@ -109,7 +114,8 @@ class MoeMlp(nn.Module):
         else:
             raise ValueError(f"router must be 'top_k' or 'expert_choice', got router={router!r}")
         self.experts = Experts(num_experts, in_features, hidden_features, out_features,
-                               act_layer=act_layer, bias=bias, drop=drop, same_init=same_init)
+                               act_layer=act_layer, bias=bias, drop=drop, same_init=same_init,
+                               gemm=expert_gemm)
         self.aux_loss: Optional[torch.Tensor] = None
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.last_plan: Optional[RoutingPlan] = None
