@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of issue 7 in one run (budget: < 5 minutes on one H200), then one summary table.
-#   1. tests marked `cuda` (Triton kernels vs the portable path, determinism, torch.compile);
-#   2. benchmarks/moe_layer.py --device cuda --dtype bf16 (S/32 and B/16 layers, E=8 and E=32);
+#   1. tests marked `cuda` (Triton kernels vs the portable path, determinism, torch.compile, no host
+#      sync, CUDA-graph capture and replay, grouped_mm vs bmm);
+#   2. benchmarks/moe_layer.py --device cuda --dtype bf16 (S/32 and B/16 layers, E=8 and E=32;
+#      the floor_gmm/floor column says whether grouped_mm beats bmm for the experts);
 #   3. benchmarks/train_throughput.py --device cuda (B/16 every-2 and S/32 last-2 vs dense).
 # Usage: bash benchmarks/gpu_check.sh [--cpu-smoke] [output-dir]
 #   logs go to output-dir (default $OUT/gpu_check or /tmp/gpu_check); --cpu-smoke runs the same
@@ -15,7 +17,7 @@ mkdir -p "$out"
 export WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if (( smoke )); then
-  tests=(-k cuda tests/test_fused_dispatch.py)
+  tests=(-k cuda tests/test_fused_dispatch.py tests/test_cuda_layer.py)
   layer=(--device cpu --repeats 1 --shapes "tiny E=4" --no-memory)
   train=(--device cpu --steps 1 --rounds 1 --warmup 0 --pairs s32)
 else
@@ -24,7 +26,7 @@ import torch, triton
 assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 ' || { echo "gpu_check: no usable CUDA device (try --cpu-smoke)"; exit 2; }
-  tests=(-m cuda tests/test_fused_dispatch.py tests/test_autograd_dispatch.py)
+  tests=(-m cuda tests/test_fused_dispatch.py tests/test_autograd_dispatch.py tests/test_cuda_layer.py)
   layer=(--device cuda --dtype bf16 --repeats 15)
   train=(--device cuda --steps 5 --rounds 3)
 fi

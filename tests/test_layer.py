@@ -189,6 +189,26 @@ def test_torch_compile_fullgraph_cpu():
     assert compiled.last_plan.capacity == layer.last_plan.capacity
 
 
+@pytest.mark.parametrize("router", ["top_k", "expert_choice"])
+def test_training_step_never_reads_tensor_values_on_the_host(router):
+    """Forward+backward on fake tensors (shapes only, no data): any ``.item()``, data-dependent
+    shape (nonzero, boolean masks) or Python branch on a value would raise here. This is what
+    lets the layer run without host syncs and be captured by CUDA graphs (checked on a GPU by
+    tests/test_cuda_layer.py)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+    extra = dict(num_selected=2, batch_priority=True) if router == "top_k" else {}
+    layer = MoeMlp(16, 32, num_experts=4, router=router, group_size_images=3,
+                   zloss_weight=0.01, **extra).train()  # 4 images of 5 tokens: last group padded
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(4, 5, 16, requires_grad=True)
+        y = layer(x)
+        (y.square().sum() + layer.aux_loss).backward()
+        assert y.shape == x.grad.shape == (4, 5, 16)
+        assert layer.last_plan.expert_index.shape[:2] == (2, 15)
+        with pytest.raises(DataDependentOutputException):
+            y.sum().item()  # the mode does catch host reads
+
+
 def test_same_init_and_independent_init():
     same = make_layer()
     w = same.experts.fc1_weight
