@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 7 in one run (budget: < 5 minutes on one H200), then one summary table.
+# Every GPU check of issue 7 in one run, then one summary table. Each step is capped (150 + 110 +
+# 100 s; the first includes inductor compiling) so that the whole fits one device call; whether it
+# meets issue 7's 5-minute aim is unknown until it has run on a GPU.
 #   1. tests marked `cuda` (Triton kernels vs the portable path, determinism, torch.compile, no host
 #      sync, CUDA-graph capture and replay, grouped_mm vs bmm);
 #   2. benchmarks/moe_layer.py --device cuda --dtype bf16 (S/32 and B/16 layers, E=8 and E=32;
@@ -40,9 +42,9 @@ run() {  # name, timeout (s), command...
   tail -n 40 "$out/$name.log"
 }
 : > "$out/status"
-run tests 100 python3 -m pytest -q "${tests[@]}"
-run moe_layer 120 python3 benchmarks/moe_layer.py "${layer[@]}"
-run train_throughput 110 python3 benchmarks/train_throughput.py "${train[@]}"
+run tests 150 python3 -m pytest -q "${tests[@]}"
+run moe_layer 110 python3 benchmarks/moe_layer.py "${layer[@]}"
+run train_throughput 100 python3 benchmarks/train_throughput.py "${train[@]}"
 
 echo
 echo "## GPU check summary"
