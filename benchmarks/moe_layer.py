@@ -9,7 +9,7 @@ Prints, in one run, forward and forward+backward times (medians over interleaved
 - ``moe``:          ``MoeMlp`` with the default index dispatcher;
 - ``einsum_id``/``moe_id``: the same two layers with identity experts, i.e. their routing +
                     dispatch + combine overhead alone;
-- ``floor_gmm``:    (bf16/fp16 only) the floor with ``Experts(gemm='grouped_mm')``, i.e.
+- ``floor_gmm``:    (bf16 only) the floor with ``Experts(gemm='grouped_mm')``, i.e.
                     ``torch.nn.functional.grouped_mm`` instead of bmm: the column
                     ``floor_gmm/floor`` says whether grouped GEMM measures faster (< 1) here.
 
@@ -114,13 +114,13 @@ def build(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str = "inde
     if dtype == torch.bfloat16:
         layers["floor_gmm"] = copy.deepcopy(moe.experts)
         layers["floor_gmm"].gemm = "grouped_mm"
-    inputs = {name: x for name in layers}
+    floors = {"floor", "floor_gmm"} & set(layers)
     # Ready buffers are in the compute dtype: dispatch casts on the way (see vmoe.moe.dispatch).
-    inputs["floor"] = inputs["floor_gmm"] = torch.randn(shape.E, G * C, shape.d, device=device, dtype=dtype)
-    grads = {name: torch.randn(shape.images, shape.tokens, shape.d, device=device) for name in layers}
-    grads["floor"] = grads["floor_gmm"] = torch.randn(shape.E, G * C, shape.d, device=device)
-    for name in [n for n in inputs if n not in layers]:
-        del inputs[name], grads[name]
+    buffers = torch.randn(shape.E, G * C, shape.d, device=device, dtype=dtype)
+    buffer_grad = torch.randn(shape.E, G * C, shape.d, device=device)
+    inputs = {name: buffers if name in floors else x for name in layers}
+    grads = {name: buffer_grad if name in floors
+             else torch.randn(shape.images, shape.tokens, shape.d, device=device) for name in layers}
     return layers, inputs, grads, C
 
 

@@ -3,7 +3,8 @@
 grouped_mm is the Hopper grouped-GEMM path of issue 7; PyTorch also runs it on the CPU in
 bfloat16, so its wiring (weights cast to bf16, biases, gradients reaching the float32
 parameters, errors) is checked here against bmm. Its speed is measured on a GPU by
-``benchmarks/moe_layer.py --expert-gemm grouped_mm`` (run by ``benchmarks/gpu_check.sh``).
+``benchmarks/moe_layer.py --dtype bf16`` (column ``floor_gmm/floor``; run by
+``benchmarks/gpu_check.sh``).
 """
 import timm
 import torch

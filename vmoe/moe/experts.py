@@ -42,7 +42,8 @@ class Experts(nn.Module):
             bfloat16 buffers (train under ``torch.autocast(dtype=torch.bfloat16)``; the weights
             are cast on the way, gradients reach the float32 parameters) and widths that are
             multiples of 8. It is an explicit choice: where it cannot run, forward raises instead
-            of quietly running something else. ``benchmarks/moe_layer.py --expert-gemm`` times it.
+            of quietly running something else. ``benchmarks/moe_layer.py --dtype bf16`` times it
+            against bmm (column ``floor_gmm/floor``).
     """
 
     def __init__(self, num_experts: int, in_features: int, hidden_features: Optional[int] = None,
