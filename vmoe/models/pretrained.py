@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -18,13 +17,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
+from .config_checks import FORMAT_VERSION, check_config_against_header, check_shapes, validate_config
 from .moeify import moe_layers, moeify
+from .safetensors_stream import read_safetensors_header
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
 
 
 def _plain(value):
@@ -103,11 +103,12 @@ def _read_config(directory: Path) -> dict:
         raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_pretrained?")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
-    for key in ("architecture", "model_args"):
-        if key not in config:
-            raise ValueError(f"{path} has no '{key}' entry: not a vmoe config")
+    validate_config(config, path)
+    if not timm.is_model(config["architecture"]):
+        raise ValueError(f"{path}: entry 'architecture' names {config['architecture']!r}, which is "
+                         "not a registered timm model (import the package that registers it)")
     return config
 
 
@@ -139,17 +140,42 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
     model.load_state_dict(state_dict)
 
 
-def _adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop a head of another class count; resample position embeddings to the new grid."""
+def _adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
+                           new_size: bool) -> Dict[str, torch.Tensor]:
+    """A new head (``new_head``: freshly initialized, or none for ``num_classes=0``); position
+    embeddings resampled to the new grid (``new_size``)."""
     own = model.state_dict()
     for key in ("head.weight", "head.bias"):
-        if key in state and key in own and state[key].shape != own[key].shape:
-            state[key] = own[key]  # new head, freshly initialized
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        if new_head and key in state and (key not in own or state[key].shape != own[key].shape):
+            if key in own:
+                state[key] = own[key]  # new head, freshly initialized
+            else:
+                del state[key]  # num_classes=0: no head
+    if new_size and "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
     return state
+
+
+def _build(config: dict, args: dict) -> nn.Module:
+    """The model ``config`` describes (timm architecture, then the moeify recipe), on the
+    current default device."""
+    model = timm.create_model(config["architecture"], pretrained=False, **args)
+    if config.get("moeify"):
+        recipe = config["moeify"]
+        moeify(model, blocks=recipe["blocks"], **recipe.get("moe_kwargs", {}))
+    return model
+
+
+def _build_on_meta(config: dict, args: dict, config_path: Path) -> nn.Module:
+    """``_build`` on the meta device (no memory, no init); any failure names the config."""
+    try:
+        with torch.device("meta"):
+            return _build(config, args)
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as err:
+        raise ValueError(f"{config_path}: cannot build {config['architecture']!r} from its "
+                         f"model_args/moeify entries ({type(err).__name__}: {err})") from None
 
 
 def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
@@ -158,28 +184,36 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
 
     ``num_classes`` (a new, freshly initialized head) and ``img_size`` (position embeddings
     resampled with timm's ``resample_abs_pos_embed``) prepare it for fine-tuning.
+
+    The directory is untrusted input: ``config.json`` is validated, and compared with the
+    header of ``model.safetensors`` (sizes first, then every parameter's shape on a meta-device
+    build) before the model is built, so nothing larger than the weights file is allocated.
     """
     directory = Path(directory)
     config = _read_config(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    header = read_safetensors_header(weights_path)
     args = dict(config["model_args"])
     if num_classes is not None:
         args["num_classes"] = num_classes
     if img_size is not None:
         args["img_size"] = img_size
     args.update(model_overrides)
-    model = timm.create_model(config["architecture"], pretrained=False, **args)
-    if config.get("moeify"):
-        recipe = config["moeify"]
-        moeify(model, blocks=recipe["blocks"], **recipe.get("moe_kwargs", {}))
-    state = _read_weights(directory / WEIGHTS_NAME)
-    state = _adapt_for_fine_tuning(model, state)
-    load_state_dict_checked(model, state, source=str(directory / WEIGHTS_NAME))
+    check_config_against_header(config, args, header, config_path, weights_path)
+    expected = {k: tuple(v.shape) for k, v in _build_on_meta(config, args, config_path).state_dict().items()}
+    may_differ = (["head.weight", "head.bias"] if num_classes is not None else []) + \
+        (["pos_embed"] if img_size is not None else [])
+    check_shapes(expected, header, config_path, weights_path, may_differ)
+    model = _build(config, args)
+    state = _read_weights(weights_path)
+    state = _adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
+    load_state_dict_checked(model, state, source=str(weights_path))
     layers = moe_layers(model)
     for name, settings in (config.get("routing") or {}).items():
-        if name in layers:
-            layers[name].router.capacity_factor = settings["capacity_factor"]
-            layers[name].router.capacity = settings["capacity"]
-            layers[name].router.batch_priority = settings["batch_priority"]
+        router = layers[name].router  # names were checked against the weights' routers
+        router.capacity_factor = settings["capacity_factor"]
+        router.capacity = settings["capacity"]
+        router.batch_priority = settings["batch_priority"]
     return model
 
 

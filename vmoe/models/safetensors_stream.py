@@ -19,17 +19,84 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["SafetensorsStreamWriter"]
+__all__ = ["SafetensorsStreamWriter", "TensorEntry", "read_safetensors_header"]
 
 _DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
            torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.float32: "F32", torch.float64: "F64", torch.uint16: "U16", torch.uint32: "U32",
            torch.uint64: "U64"}
+
+
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+class TensorEntry(NamedTuple):
+    """One tensor as a safetensors header describes it: dtype name (``"F32"``...), shape, and
+    ``[begin, end)`` byte offsets relative to the start of the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """Reads and checks only the header of a ``.safetensors`` file (no tensor data).
+
+    Every entry must have a known dtype, a shape of non-negative ints and byte offsets that
+    agree with dtype x shape and lie inside the file, so what the header declares is what the
+    file on disk holds. Raises FileNotFoundError or ValueError naming the file and the entry.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} not found")
+    size = os.path.getsize(path)
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): "
+                          f"{what}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"the file has {size} bytes, fewer than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:  # checked before reading: a corrupted length must not allocate
+            raise bad(f"the header length {n} runs past the end of the {size}-byte file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"the header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
+    data_size = size - 8 - n
+    entries = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(spec, dict) and spec.get("dtype") in _ITEMSIZE
+              and isinstance(spec.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in spec["shape"])
+              and isinstance(spec.get("data_offsets"), list) and len(spec["data_offsets"]) == 2
+              and all(type(o) is int for o in spec["data_offsets"]))
+        if not ok:
+            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}} with a known dtype "
+                      f"and int sizes: {str(spec)[:200]}")
+        begin, end = spec["data_offsets"]
+        nbytes = math.prod(spec["shape"]) * _ITEMSIZE[spec["dtype"]]
+        if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+            raise bad(f"tensor {name!r} ({spec['dtype']} {spec['shape']}, {nbytes} bytes) has "
+                      f"byte offsets {[begin, end]}, which do not fit the {data_size} bytes of "
+                      "data in the file")
+        entries[name] = TensorEntry(spec["dtype"], tuple(spec["shape"]), begin, end)
+    return entries
 
 
 class SafetensorsStreamWriter:

@@ -1,0 +1,202 @@
+"""Untrusted model directories: config.json is validated and compared with the safetensors
+header before any model is built for real, so an edited config cannot make vmoe allocate more
+than the weights file on disk justifies."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import vmoe.models as vm
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny vmoe_vit (E=4 in block 1) saved with save_pretrained; returns (dir, model)."""
+    model = timm.create_model("vmoe_vit", moe=dict(blocks=[1], num_experts=4, num_selected=2), **TINY)
+    return vm.save_pretrained(model.eval(), tmp_path / "m"), model.eval()
+
+
+@pytest.fixture
+def moeified(tmp_path):
+    """A tiny timm ViT made MoE by moeify (the recipe is the config's 'moeify' entry)."""
+    dense = timm.create_model("vit_tiny_patch16_224", **TINY)
+    model = vm.moeify(dense, blocks=[1], num_experts=4)
+    return vm.save_pretrained(model.eval(), tmp_path / "t"), model.eval()
+
+
+def _edit(directory: Path, edit) -> None:
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture
+def no_real_build(monkeypatch):
+    """Fails the test if a model is built anywhere but on the meta device."""
+    create = timm.create_model
+
+    def guarded(*args, **kwargs):
+        assert torch.get_default_device().type == "meta", "a model was built before the checks"
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", guarded)
+
+
+@pytest.fixture
+def no_build_at_all(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("timm.create_model was called before the config was checked")
+
+    monkeypatch.setattr(timm, "create_model", refuse)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("depth", 10**5, r"model_args.depth=100000 does not match .*model.safetensors, which holds 2 "
+                     r"transformer blocks \(blocks.0..1\)"),
+    ("embed_dim", 10**6, r"model_args.embed_dim=1000000 does not match .*has hidden size 32"),
+    ("moe", dict(blocks=[1], num_experts=10**9, num_selected=2),
+     r"model_args.moe.num_experts=1000000000 does not match .*has routers with \[4\] experts"),
+])
+def test_size_entries_are_checked_against_the_header_before_any_build(saved, no_build_at_all, key, value, match):
+    directory, _ = saved
+    _edit(directory, lambda c: c["model_args"].__setitem__(key, value))
+    with pytest.raises(ValueError, match=match) as err:
+        vm.from_pretrained(directory)
+    assert "config.json" in str(err.value)
+
+
+def test_moeify_recipe_is_checked_against_the_header(moeified, no_build_at_all):
+    directory, _ = moeified
+    _edit(directory, lambda c: c["moeify"]["moe_kwargs"].__setitem__("num_experts", 10**9))
+    with pytest.raises(ValueError, match=r"moeify.moe_kwargs.num_experts=1000000000 does not match"):
+        vm.from_pretrained(directory)
+    _edit(directory, lambda c: c["moeify"].update(blocks=[0, 1], moe_kwargs={"num_experts": 4}))
+    with pytest.raises(ValueError, match=r"moeify.blocks=\[0, 1\] does not match .*MoE routers only "
+                                         r"in \['blocks.1.mlp'\]"):
+        vm.from_pretrained(directory)
+
+
+def test_every_shape_is_compared_on_a_meta_build_before_the_real_one(saved, no_real_build):
+    directory, _ = saved
+    # Not one of the size entries checked first: caught by comparing the meta model's shapes.
+    _edit(directory, lambda c: c["model_args"].__setitem__("mlp_ratio", 4000.0))
+    with pytest.raises(ValueError, match=r"config.json describes a model that does not fit .*"
+                                         r"model.safetensors: wrong shapes .*blocks.0.mlp.fc1.weight: "
+                                         r"config \(128000, 32\) vs file \(64, 32\)"):
+        vm.from_pretrained(directory)
+
+
+def test_a_head_of_another_size_is_an_error_unless_num_classes_is_given(saved):
+    directory, model = saved
+    _edit(directory, lambda c: c["model_args"].__setitem__("num_classes", 1000))
+    # Before: the head silently became a freshly initialized 1000-class head.
+    with pytest.raises(ValueError, match=r"head.weight: config \(1000, 32\) vs file \(5, 32\)"):
+        vm.from_pretrained(directory)
+    tuned = vm.from_pretrained(directory, num_classes=3)
+    assert tuned.head.weight.shape == (3, 32)
+
+
+def test_fine_tuning_loads_everything_but_the_new_head_exactly(saved):
+    directory, model = saved
+    tuned = vm.from_pretrained(directory, num_classes=7)
+    own, new = model.state_dict(), tuned.state_dict()
+    assert set(own) == set(new)
+    for key in own:
+        if key.startswith("head."):
+            assert new[key].shape[0] == 7 and own[key].shape[0] == 5
+        else:
+            assert torch.equal(new[key], own[key]), key
+    features = vm.from_pretrained(directory, num_classes=0).eval()
+    assert isinstance(features.head, torch.nn.Identity)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(features(x), model.forward_head(model.forward_features(x), pre_logits=True))
+
+
+def test_resampled_position_embeddings_equal_timms_resampling(saved):
+    from timm.layers import resample_abs_pos_embed
+    directory, model = saved
+    tuned = vm.from_pretrained(directory, img_size=32)
+    assert tuned.pos_embed.shape == (1, 1 + 8 * 8, 32)
+    expected = resample_abs_pos_embed(model.pos_embed.detach(), new_size=[8, 8], num_prefix_tokens=1)
+    torch.testing.assert_close(tuned.pos_embed.detach(), expected, rtol=0, atol=0)
+    assert torch.equal(tuned.pos_embed[:, :1], model.pos_embed[:, :1])  # the class token's, kept
+    own, new = model.state_dict(), tuned.state_dict()
+    assert all(torch.equal(new[k], own[k]) for k in own if k != "pos_embed")
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.__setitem__("model_args", [["depth", 2]]),
+     r"entry 'model_args' must be a JSON object of timm model arguments, got \[\['depth', 2\]\]"),
+    (lambda c: c.__setitem__("architecture", 7), r"entry 'architecture' must be a timm model name"),
+    (lambda c: c.__setitem__("architecture", "no_such_net"), r"'no_such_net', which is not a registered timm model"),
+    (lambda c: c.__setitem__("version", 99), r"entry 'version' must be an int <= 1"),
+    (lambda c: c.__setitem__("moeify", [1]), r"entry 'moeify' must be null or"),
+    (lambda c: c.__setitem__("moeify", {"blocks": "1"}), r"entry 'moeify' -> 'blocks' must be a non-empty list"),
+    (lambda c: c.__setitem__("moeify", {"blocks": [1], "moe_kwargs": 4}), r"'moeify' -> 'moe_kwargs' must be"),
+    (lambda c: c.__setitem__("routing", [1]), r"entry 'routing' must be null or an object"),
+    (lambda c: c["routing"]["blocks.1.mlp"].pop("capacity"),
+     r"entry 'routing' -> 'blocks.1.mlp' must be an object with keys capacity_factor, capacity, batch_priority"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=0),
+     r"'routing' -> 'blocks.1.mlp' -> 'capacity' must be an int >= 1 or null, got 0"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=-3), r"'capacity' must be an int >= 1 or null, got -3"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=2.5), r"'capacity' must be an int >= 1 or null, got 2.5"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=0),
+     r"'capacity_factor' must be a finite number > 0 or null, got 0"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=math.nan), r"'capacity_factor' must be .*got nan"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=None),
+     r"'blocks.1.mlp' must be settings with a capacity_factor or a capacity"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(batch_priority="yes"),
+     r"'batch_priority' must be true or false, got 'yes'"),
+    (lambda c: c["routing"].__setitem__("blocks.0.mlp", c["routing"]["blocks.1.mlp"]),
+     r"entry 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers .*\['blocks.1.mlp'\]"),
+])
+def test_malformed_config_entries_are_named(saved, no_build_at_all, edit, match):
+    directory, _ = saved
+    _edit(directory, edit)
+    with pytest.raises(ValueError, match=match) as err:
+        vm.from_pretrained(directory)
+    assert str(directory / "config.json") in str(err.value)
+
+
+def test_routing_settings_are_restored(saved):
+    directory, _ = saved
+    _edit(directory, lambda c: c["routing"]["blocks.1.mlp"].update(capacity=3, capacity_factor=None,
+                                                                   batch_priority=True))
+    router = vm.from_pretrained(directory).blocks[1].mlp.router
+    assert (router.capacity, router.capacity_factor, router.batch_priority) == (3, None, True)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda b: (2**62).to_bytes(8, "little") + b[8:], r"header length 4611686018427387904 runs past the end"),
+    (lambda b: b[:5], r"fewer than the 8-byte header length"),
+    (lambda b: b[:8] + b"[" + b[9:], r"header is not valid JSON"),
+    (lambda b: b[:-4], r"tensor 'pos_embed' \(F32 \[1, 17, 32\], 2176 bytes\) has byte offsets \[\d+, \d+\], which do not fit"),
+])
+def test_weights_header_is_checked_against_the_file_size(saved, no_build_at_all, damage, match):
+    directory, _ = saved
+    weights = directory / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file.*" + match):
+        vm.from_pretrained(directory)
+
+
+def test_header_declaring_more_than_the_file_holds(saved, no_build_at_all):
+    """An entry whose offsets are consistent but lie past the end of the data is refused."""
+    directory, _ = saved
+    weights = directory / "model.safetensors"
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["blocks.1.mlp.experts.fc1_weight"] = {"dtype": "F32", "shape": [10**9, 32, 64],
+                                                 "data_offsets": [0, 10**9 * 32 * 64 * 4]}
+    new = json.dumps(header).encode()
+    weights.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    with pytest.raises(ValueError, match=r"'blocks.1.mlp.experts.fc1_weight' \(F32 \[1000000000, 32, 64\], "
+                                         r"8192000000000 bytes\) has byte offsets"):
+        vm.from_pretrained(directory)

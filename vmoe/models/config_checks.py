@@ -1,0 +1,147 @@
+"""Checks of an untrusted ``save_pretrained`` directory, before anything is built or allocated.
+
+``validate_config`` checks the structure of ``config.json`` (every message names the file and
+the entry). ``check_config_against_header`` compares the numbers that decide the model's size
+(depth, hidden size, experts, MoE blocks, routed layers) with the ``model.safetensors`` header,
+so a config edited to ``depth: 100000`` or ``num_experts: 10**9`` is refused from a few
+dictionary look-ups instead of a model build. ``check_shapes`` then compares every parameter
+of the model (built on the meta device: no memory) with the header.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .safetensors_stream import TensorEntry
+
+__all__ = ["validate_config", "check_config_against_header", "check_shapes"]
+
+FORMAT_VERSION = 1
+ROUTING_KEYS = ("capacity_factor", "capacity", "batch_priority")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(config, path: Path) -> None:
+    """Raises ValueError naming ``path`` and the entry when ``config`` (parsed JSON) is not a
+    vmoe model config: ``architecture`` a name, ``model_args`` an object, ``moeify`` null or
+    ``{"blocks": [ints], "moe_kwargs": {...}}``, ``routing`` null or ``{layer: {capacity_factor:
+    number > 0 or null, capacity: int >= 1 or null (not both null), batch_priority: bool}}``."""
+    def bad(entry: str, expected: str, got) -> ValueError:
+        return ValueError(f"{path}: entry {entry} must be {expected}, got {got!r:.200}")
+
+    if not isinstance(config, dict):
+        raise bad("(top level)", "a JSON object", type(config).__name__)
+    for key in ("architecture", "model_args"):
+        if key not in config:
+            raise ValueError(f"{path} has no '{key}' entry: not a vmoe config")
+    version = config.get("version", FORMAT_VERSION)
+    if not _is_int(version) or version > FORMAT_VERSION:
+        raise bad("'version'", f"an int <= {FORMAT_VERSION} (a newer vmoe wrote this file?)", version)
+    if not isinstance(config["architecture"], str) or not config["architecture"]:
+        raise bad("'architecture'", "a timm model name", config["architecture"])
+    if not isinstance(config["model_args"], dict):
+        raise bad("'model_args'", "a JSON object of timm model arguments", config["model_args"])
+    moe = config.get("moeify")
+    if moe is not None:
+        if not isinstance(moe, dict):
+            raise bad("'moeify'", 'null or {"blocks": [...], "moe_kwargs": {...}}', moe)
+        blocks = moe.get("blocks")
+        if not isinstance(blocks, list) or not blocks or not all(_is_int(b) for b in blocks):
+            raise bad("'moeify' -> 'blocks'", "a non-empty list of block indices (ints)", blocks)
+        if not isinstance(moe.get("moe_kwargs", {}), dict):
+            raise bad("'moeify' -> 'moe_kwargs'", "a JSON object of MoE options", moe["moe_kwargs"])
+    routing = config.get("routing")
+    if routing is None:
+        return
+    if not isinstance(routing, dict):
+        raise bad("'routing'", "null or an object {layer name: settings}", routing)
+    for name, settings in routing.items():
+        entry = f"'routing' -> {name!r}"
+        if not isinstance(settings, dict) or set(ROUTING_KEYS) - set(settings):
+            raise bad(entry, "an object with keys " + ", ".join(ROUTING_KEYS), settings)
+        cf, capacity, bpr = (settings[k] for k in ROUTING_KEYS)
+        if cf is not None and (not isinstance(cf, (int, float)) or isinstance(cf, bool)
+                               or not math.isfinite(cf) or cf <= 0):
+            raise bad(f"{entry} -> 'capacity_factor'", "a finite number > 0 or null", cf)
+        if capacity is not None and (not _is_int(capacity) or capacity < 1):
+            raise bad(f"{entry} -> 'capacity'", "an int >= 1 or null", capacity)
+        if cf is None and capacity is None:
+            raise bad(f"{entry}", "settings with a capacity_factor or a capacity (both are null)",
+                      settings)
+        if not isinstance(bpr, bool):
+            raise bad(f"{entry} -> 'batch_priority'", "true or false", bpr)
+
+
+def _block_indices(header: Mapping[str, TensorEntry]) -> set:
+    return {int(m.group(1)) for name in header if (m := re.match(r"blocks\.(\d+)\.", name))}
+
+
+def check_config_against_header(config: dict, args: dict, header: Mapping[str, TensorEntry],
+                                config_path: Path, weights_path: Path) -> None:
+    """Compares the size-deciding numbers of the config (with the caller's overrides in
+    ``args``) with the weights header; ValueError naming both files and the entry on a
+    mismatch. Costs a few look-ups: nothing is built."""
+    def mismatch(entry: str, value, found: str) -> ValueError:
+        return ValueError(f"{config_path}: {entry}={value!r:.100} does not match {weights_path}, "
+                          f"which {found}")
+
+    blocks = _block_indices(header)
+    depth = args.get("depth")
+    if depth is not None and (not _is_int(depth) or depth != len(blocks)):
+        found = (f"holds {len(blocks)} transformer blocks (blocks.0..{max(blocks)})" if blocks
+                 else "holds no transformer blocks (blocks.N.*)")
+        raise mismatch("model_args.depth", depth, found)
+    width = next((header[k].shape[0] for k in ("patch_embed.proj.weight", "norm.weight")
+                  if k in header and header[k].shape), None)
+    embed_dim = args.get("embed_dim")
+    if embed_dim is not None and width is not None and embed_dim != width:
+        raise mismatch("model_args.embed_dim", embed_dim, f"has hidden size {width}")
+    routers = {name[: -len(".router.weight")]: entry.shape for name, entry in header.items()
+               if name.endswith(".router.weight")}
+    experts = [("model_args.moe.num_experts", (args.get("moe") or {}).get("num_experts")
+                if isinstance(args.get("moe"), dict) else None)]
+    moe = config.get("moeify")
+    if moe:
+        experts.append(("moeify.moe_kwargs.num_experts", moe.get("moe_kwargs", {}).get("num_experts")))
+        missing = [i for i in moe["blocks"] if f"blocks.{i % max(len(blocks), 1)}.mlp" not in routers]
+        if missing:
+            raise mismatch("moeify.blocks", moe["blocks"],
+                           f"has MoE routers only in {sorted(routers) or 'no layer'}")
+    for entry, value in experts:
+        shapes = {shape[0] for shape in routers.values() if shape}
+        if value is not None and shapes != {value}:
+            raise mismatch(entry, value, f"has routers with {sorted(shapes) or 'no'} experts")
+    unknown = [name for name in (config.get("routing") or {}) if name not in routers]
+    if unknown:
+        raise ValueError(f"{config_path}: entry 'routing' names layers {unknown[:5]} that are not "
+                         f"MoE layers of the model in {weights_path} (its MoE layers: "
+                         f"{sorted(routers)})")
+
+
+def check_shapes(expected: Mapping[str, tuple], header: Mapping[str, TensorEntry],
+                 config_path: Path, weights_path: Path, may_differ: Iterable[str] = ()) -> None:
+    """Every parameter of the model built from the config (``expected``: name -> shape, from a
+    meta-device build) must be in the header with that shape, and nothing else; ``may_differ``
+    names the parameters whose shape a fine-tuning override changes (head, pos_embed)."""
+    may_differ = set(may_differ)
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected) - may_differ)
+    wrong = [f"{k}: config {tuple(expected[k])} vs file {header[k].shape}"
+             for k in sorted(set(expected) & set(header))
+             if tuple(expected[k]) != header[k].shape and k not in may_differ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing in the file ({len(missing)}): {missing[:8]}")
+        if unexpected:
+            parts.append(f"not in the model ({len(unexpected)}): {unexpected[:8]}")
+        if wrong:
+            parts.append(f"wrong shapes ({len(wrong)}): {wrong[:8]}")
+        raise ValueError(f"{config_path} describes a model that does not fit {weights_path}: "
+                         + "; ".join(parts))
+
