@@ -298,3 +298,64 @@ def test_random_corruption_never_escapes_as_another_error(tmp_path):
             assert os.path.basename(prefix) in str(e)
         Path(f).write_bytes(originals[f])
     assert errors > 50
+
+
+def test_many_chunks_are_checked_in_n_log_n(tmp_path):
+    """20,000 chunks (a 300 KB index): each is no longer compared with every other one."""
+    n = 20_000
+    rows = [((i, i + 1), (0, 4)) for i in range(n)]
+    assert len(read_checkpoint_index(_index(tmp_path, (n, 4), rows))["w"].chunks) == n
+    grid = [((i, i + 1), (j, j + 1)) for i in range(100) for j in range(200)]
+    assert len(read_checkpoint_index(_index(tmp_path, (100, 200), grid))["w"].chunks) == n
+    cases = [
+        (rows[:-1] + [((0, 1), (0, 4))], r"chunks \[\(0, 1\), \(0, 4\)\] and \[\(0, 1\), \(0, 4\)\] of 'w' overlap"),
+        (rows[:-2] + [((n - 2, n), (0, 3)), ((n - 2, n), (2, 3))],  # sizes add up: a gap and an overlap
+         rf"chunks \[\({n - 2}, {n}\), \(0, 3\)\] and \[\({n - 2}, {n}\), \(2, 3\)\] of 'w' overlap"),
+        (rows[:7] + rows[8:], rf"the chunks of 'w' cover {4 * n - 4} of its {4 * n} elements"),
+    ]
+    for regions, match in cases:
+        with pytest.raises(CheckpointFormatError, match=match):
+            read_checkpoint_index(_index(tmp_path, (n, 4), regions))
+    with pytest.raises(CheckpointFormatError, match=r"chunks \[\(57, 58\), \(0, 1\)\] and \[\(57, 58\), "
+                                                    r"\(0, 2\)\] of 'w' overlap"):
+        read_checkpoint_index(_index(tmp_path, (100, 200), grid[:57 * 200 + 1] + [((57, 58), (0, 2))]
+                                     + grid[57 * 200 + 2:]))
+
+
+def test_chunk_tiling_check_agrees_with_counting_every_element():
+    """The corner-sum test and the sweep against a brute-force count, on random chunk sets
+    (including a 'pinwheel' tiling that no straight cut separates)."""
+    from vmoe.models.official_checkpoint import _check_chunks
+    from vmoe.models._ckpt_format import Chunk
+    shape = (4, 3, 3)
+    pinwheel = [((0, 2), (0, 1)), ((2, 3), (0, 2)), ((1, 3), (2, 3)), ((0, 1), (1, 3)), ((1, 2), (1, 2))]
+    _check_chunks("w", (3, 3), tuple(Chunk(r, 0) for r in pinwheel), "x")
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for _ in range(400):
+        regions = []
+        for _ in range(int(rng.integers(1, 6))):
+            region = []
+            for n in shape:
+                a, b = sorted(int(v) for v in rng.integers(0, n + 1, 2))
+                region.append((a, b))
+            regions.append(tuple(region))
+        if rng.random() < 0.3:  # often a real tiling: split along axis 0
+            cut = int(rng.integers(0, 5))
+            regions = [((0, cut), (0, 3), (0, 3)), ((cut, 4), (0, 3), (0, 3))]
+        counts = np.zeros(shape, int)
+        for r in regions:
+            counts[tuple(slice(a, b) for a, b in r)] += 1
+        chunks = tuple(Chunk(r, 0) for r in regions)
+        if counts.max() > 1:
+            with pytest.raises(CheckpointFormatError, match="overlap"):
+                _check_chunks("w", shape, chunks, "x")
+            outcomes.add("overlap")
+        elif counts.min() == 0:
+            with pytest.raises(CheckpointFormatError, match=f"cover {counts.sum()} of its 36"):
+                _check_chunks("w", shape, chunks, "x")
+            outcomes.add("gap")
+        else:
+            _check_chunks("w", shape, chunks, "x")
+            outcomes.add("tiling")
+    assert outcomes == {"overlap", "gap", "tiling"}
