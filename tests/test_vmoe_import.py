@@ -184,3 +184,54 @@ def test_convert_command_line(tmp_path, capsys):
     model = from_pretrained(tmp_path / "cli")
     with torch.no_grad():
         np.testing.assert_allclose(model.eval()(_images(out)).numpy(), out["cf4.0/logits"], atol=1e-5)
+
+
+class _ShapeOnly:
+    """An array that has a shape and a dtype but no data (for writing an index alone)."""
+
+    def __init__(self, shape):
+        self.shape, self.dtype = shape, np.dtype(np.float32)
+
+
+@pytest.fixture
+def huge_index(tmp_path):
+    """The 1-shard fixture with an index that declares a 10**9-class head (128 GB of float32)
+    and is only a few KB itself: the shard on disk is the fixture's."""
+    import shutil
+    from vmoe.models._ckpt_writer import _index_bytes, _leaf_order, _plan
+    params = {k: _ShapeOnly(v.shape) for k, v in read_checkpoint(FIX / "vmoe_tiny_a").items()}
+    params["head/kernel"], params["head/bias"] = _ShapeOnly((32, 10**9)), _ShapeOnly((10**9,))
+    names = _leaf_order(params)
+    index = _index_bytes(_plan(params, names, set(), 1, 256 * 2**20), 1)
+    prefix = tmp_path / "huge"
+    Path(f"{prefix}.index").write_bytes(index)
+    shutil.copy(FIX / "vmoe_tiny_a.data-00000-of-00001", f"{prefix}.data-00000-of-00001")
+    assert len(index) < 200_000
+    return prefix
+
+
+def test_what_the_index_declares_is_checked_against_the_shards_before_allocating(huge_index, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was allocated before the shards were checked")
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", refuse)
+    monkeypatch.setattr("vmoe.models.vmoe_import._build_empty", refuse)
+    match = (r"huge.data-00000-of-00001: file is truncated, or .*huge.index does not belong to it: "
+             r"the index places 132000\d{6} bytes of array data in this shard, which has \d+ bytes")
+    with pytest.raises(CheckpointFormatError, match=match):
+        from_vmoe_checkpoint(huge_index, **GROUP)
+    with pytest.raises(CheckpointFormatError, match=match):
+        convert_vmoe_checkpoint(huge_index, tmp_path / "out", **GROUP)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_that_fails_its_scan_is_reported_before_allocating(tmp_path, monkeypatch):
+    """A shard with the right size but a wrong structure is also found before the model exists."""
+    import shutil
+    prefix = tmp_path / "a"
+    shutil.copy(FIX / "vmoe_tiny_a.index", f"{prefix}.index")
+    data = (FIX / "vmoe_tiny_a.data-00000-of-00001").read_bytes()
+    Path(f"{prefix}.data-00000-of-00001").write_bytes(data[:3] + b"\xc1" + data[4:])
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated first"))
+    with pytest.raises(CheckpointFormatError, match=r"byte 0xc1 is not a valid MessagePack type"):
+        from_vmoe_checkpoint(prefix, **GROUP)

@@ -377,13 +377,32 @@ def _assemble(info: ArrayInfo, pairs, files: dict[int, object], paths: dict[int,
     return out
 
 
+def _check_shard_sizes(infos: dict[str, ArrayInfo], paths: dict[int, str], prefix: str) -> None:
+    """Each shard file holds at least the array bytes the index places in it: a cheap bound,
+    before any shard is scanned or any array allocated."""
+    declared = dict.fromkeys(paths, 0)
+    for info in infos.values():
+        itemsize = storage_dtype(info.dtype, info.name).itemsize
+        for c in info.chunks:
+            if c.shard in declared:
+                declared[c.shard] += c.size * itemsize
+    for shard, path in paths.items():
+        size = os.path.getsize(path)
+        if size < declared[shard]:
+            raise CheckpointFormatError(
+                f"{path}: file is truncated, or {prefix}.index does not belong to it: the index "
+                f"places {declared[shard]} bytes of array data in this shard, which has {size} "
+                "bytes")
+
+
 def iter_checkpoint_arrays(prefix: str, names: Iterable[str] | None = None
                            ) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(name, array)`` one array at a time, in leaf order (all, or only ``names``).
 
-    Every shard needed is checked (structure, chunk regions, sizes) before the first array is
-    yielded, so a broken checkpoint fails early. Memory: about one array at a time, as long as
-    the caller does not keep them. bfloat16 arrays are returned as float32.
+    Every shard needed is checked (size against what the index declares, structure, chunk
+    regions, sizes) when this function is called, before it returns the iterator and before
+    anything is allocated, so a broken checkpoint fails early. Memory: about one array at a
+    time, as long as the caller does not keep them. bfloat16 arrays are returned as float32.
     """
     infos, num_shards = _load_index(prefix)
     prefix = os.fspath(prefix).removesuffix(".index")
@@ -405,9 +424,14 @@ def iter_checkpoint_arrays(prefix: str, names: Iterable[str] | None = None
         present = sorted(f for f in os.listdir(folder) if f.startswith(base + ".data-"))
         raise CheckpointFormatError(f"missing data shard(s) {missing}: {prefix}.index has "
                                     f"shard_count={num_shards}; present: {present}")
+    _check_shard_sizes(infos, paths, prefix)
     wanted = {i.leaf for i in selected}
     scans = {s: _scan_shard(paths[s], len(infos), wanted) for s in shards}
     located = [(info, _locate(info, scans, paths)) for info in selected]
+    return _stream(located, paths)
+
+
+def _stream(located, paths: dict[int, str]) -> Iterator[tuple[str, np.ndarray]]:
     files: dict[int, object] = {}
     try:
         for info, pairs in located:

@@ -188,12 +188,17 @@ def _mapping(arch: dict) -> list[tuple[str, tuple[str, ...], Callable]]:
 
 
 def iter_converted_tensors(prefix: str, arch: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Streams ``(torch key, float32 tensor)`` pairs; holds at most one block's q/k/v at once."""
+    """Streams ``(torch key, float32 tensor)`` pairs; holds at most one block's q/k/v at once.
+    Every shard is checked when this is called (see ``iter_checkpoint_arrays``)."""
     arch = arch or infer_vmoe_architecture(prefix)
     mapping = _mapping(arch)
     by_source = {src: (key, srcs, fn) for key, srcs, fn in mapping for src in srcs}
+    return _convert(iter_checkpoint_arrays(prefix, names=list(by_source)), by_source)
+
+
+def _convert(arrays: Iterator[tuple[str, np.ndarray]], by_source: dict) -> Iterator[tuple[str, torch.Tensor]]:
     pending: dict[str, np.ndarray] = {}
-    for name, array in iter_checkpoint_arrays(prefix, names=list(by_source)):
+    for name, array in arrays:
         pending[name] = array
         key, srcs, fn = by_source[name]
         if all(s in pending for s in srcs):
@@ -224,11 +229,12 @@ def from_vmoe_checkpoint(prefix: str, *, num_classes: Optional[int] = None, img_
     Memory: the model plus about one checkpoint array.
     """
     arch = infer_vmoe_architecture(prefix)
+    tensors = iter_converted_tensors(prefix, arch)  # checks every shard before any allocation
     model = _build_empty(arch, moe_options).to_empty(device="cpu")
     state = model.state_dict()
     filled = set()
     with torch.no_grad():
-        for key, tensor in iter_converted_tensors(prefix, arch):
+        for key, tensor in tensors:
             if state[key].shape != tensor.shape:  # only a bug in the mapping could cause this
                 raise RuntimeError(f"{key}: converted shape {tuple(tensor.shape)} != model "
                                    f"{tuple(state[key].shape)}")
@@ -255,13 +261,14 @@ def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # before reading anything
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
     arch = infer_vmoe_architecture(prefix)
+    tensors = iter_converted_tensors(prefix, arch)  # checks every shard before writing
     meta_model = _build_empty(arch, moe_options)
     config = model_config(meta_model)
     specs = {k: (torch.float32, tuple(v.shape)) for k, v in meta_model.state_dict().items()}
     with staged_save_dir(out_dir, overwrite) as tmp:
         source = {"source": "vmoe official checkpoint", "prefix": os.fspath(prefix), "format": "pt"}
         with SafetensorsStreamWriter(tmp / WEIGHTS_NAME, specs, metadata=source) as writer:
-            for key, tensor in iter_converted_tensors(prefix, arch):
+            for key, tensor in tensors:
                 writer.write(key, tensor)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return out_dir
