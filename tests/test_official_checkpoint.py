@@ -359,3 +359,28 @@ def test_chunk_tiling_check_agrees_with_counting_every_element():
             _check_chunks("w", shape, chunks, "x")
             outcomes.add("tiling")
     assert outcomes == {"overlap", "gap", "tiling"}
+
+
+@pytest.mark.parametrize("cut_from", ["inside", "before"])
+def test_a_shard_that_shrinks_after_the_scan_is_an_error(tmp_path, cut_from):
+    """The shard is checked when iteration is set up; if it is cut afterwards, the read that
+    comes up short names the shard, the array, its byte range and where the file now ends."""
+    from vmoe.models.official_checkpoint import _scan_shard
+    prefix = _copy(tmp_path, "vmoe_tiny_a")
+    shard = prefix + ".data-00000-of-00001"
+    infos = read_checkpoint_index(prefix)
+    info = infos["head/kernel"]
+    (offset, nbytes), = _scan_shard(shard, len(infos), {info.leaf})[info.leaf][0].pieces
+    assert nbytes == info.stored_nbytes > 100
+    end = offset + 100 if cut_from == "inside" else offset - 5
+    arrays = iter_checkpoint_arrays(prefix, names=["Encoder/encoder_norm/bias", "head/kernel"])
+    os.truncate(shard, end)
+    name, first = next(arrays)  # stored before the cut: complete
+    assert name == "Encoder/encoder_norm/bias"
+    np.testing.assert_array_equal(first, read_checkpoint(FIX / "vmoe_tiny_a", [name])[name])
+    missing = offset + nbytes - end if cut_from == "inside" else nbytes
+    match = (rf"data-00000-of-00001: file is truncated \(it changed after it was checked\?\): chunk "
+             rf"\[\(0, 32\), \(0, {info.shape[1]}\)\] of 'head/kernel' needs bytes {offset}..{offset + nbytes}"
+             rf" of it, but the file ends at byte {end}: {missing} bytes missing")
+    with pytest.raises(CheckpointFormatError, match=match):
+        next(arrays)

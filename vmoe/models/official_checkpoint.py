@@ -341,14 +341,19 @@ def _locate(info: ArrayInfo, scans: dict[int, dict[int, list[_Stored]]],
     return pairs
 
 
-def _readinto(f, offset: int, buf: memoryview, path: str) -> None:
+def _readinto(f, offset: int, buf: memoryview, path: str, what: str) -> None:
+    """Fills ``buf`` from byte ``offset`` of ``f``; a short read (the file shrank after it
+    was scanned) is a CheckpointFormatError, never a partly uninitialized array."""
     f.seek(offset)
     pos = 0
     while pos < len(buf):  # a single read() may return less (e.g. > 2 GiB on Linux)
         n = f.readinto(buf[pos:])
         if not n:
-            raise CheckpointFormatError(f"{path}: file is truncated: needed {len(buf) - pos} "
-                                        f"more bytes at byte {offset + pos}")
+            end = min(os.fstat(f.fileno()).st_size, offset + pos)
+            raise CheckpointFormatError(
+                f"{path}: file is truncated (it changed after it was checked?): {what} needs "
+                f"bytes {offset}..{offset + len(buf)} of it, but the file ends at byte {end}: "
+                f"{len(buf) - pos} bytes missing")
         pos += n
 
 
@@ -366,7 +371,8 @@ def _assemble(info: ArrayInfo, pairs, files: dict[int, object], paths: dict[int,
         flat = memoryview(buf.reshape(-1).view(np.uint8))
         pos = 0
         for offset, nbytes in x.pieces:
-            _readinto(f, offset, flat[pos:pos + nbytes], paths[c.shard])
+            _readinto(f, offset, flat[pos:pos + nbytes], paths[c.shard],
+                      f"chunk {list(c.region)} of '{info.name}'")
             pos += nbytes
         if info.dtype == "bfloat16":  # bits -> float32, in place in the output (no temp)
             bits = target.view(np.uint32)
