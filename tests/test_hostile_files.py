@@ -1,6 +1,7 @@
 """Untrusted model directories: config.json is validated and compared with the safetensors
 header before any model is built for real, so an edited config cannot make vmoe allocate more
 than the weights file on disk justifies."""
+import errno
 import json
 import math
 from pathlib import Path
@@ -200,3 +201,85 @@ def test_header_declaring_more_than_the_file_holds(saved, no_build_at_all):
     with pytest.raises(ValueError, match=r"'blocks.1.mlp.experts.fc1_weight' \(F32 \[1000000000, 32, 64\], "
                                          r"8192000000000 bytes\) has byte offsets"):
         vm.from_pretrained(directory)
+
+
+def test_a_non_empty_target_names_the_command_line_flag(saved, tmp_path):
+    from vmoe.models.vmoe_import import convert_vmoe_checkpoint
+    directory, model = saved
+    with pytest.raises(FileExistsError, match=r"m exists and is not empty; pass overwrite=True "
+                                              r"\(--overwrite on the command line\)"):
+        vm.save_pretrained(model, directory)
+    fixture = Path(__file__).parent / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
+    with pytest.raises(FileExistsError, match=r"\(--overwrite on the command line\)"):
+        convert_vmoe_checkpoint(fixture, directory)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_during_save_leaves_the_target_as_it_was(tmp_path, monkeypatch, existing):
+    from safetensors import SafetensorError
+    import vmoe.models.pretrained as pretrained
+    model = timm.create_model("vmoe_vit", **TINY)
+    target = tmp_path / "m"
+    if existing:
+        target.mkdir()
+        (target / "mine.txt").write_text("keep me")
+
+    def full(state, path, metadata=None):  # what safetensors raises on ENOSPC, after a partial write
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pretrained, "save_file", full)
+    with pytest.raises(OSError, match=rf"could not write {target}: .*No space left on device.*nothing "
+                                      r"was changed there") as err:
+        vm.save_pretrained(model, target, overwrite=existing)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["m"] if existing else [])
+    if existing:
+        assert [p.name for p in target.iterdir()] == ["mine.txt"]
+
+
+def test_a_full_disk_during_convert_leaves_nothing(tmp_path, monkeypatch):
+    from vmoe.models.safetensors_stream import SafetensorsStreamWriter
+    from vmoe.models.vmoe_import import convert_vmoe_checkpoint
+    fixture = Path(__file__).parent / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
+    write = SafetensorsStreamWriter.write
+    calls = []
+
+    def fills_up(self, name, tensor):
+        calls.append(name)
+        if len(calls) > 3:
+            _disk_full()
+        write(self, name, tensor)
+
+    monkeypatch.setattr(SafetensorsStreamWriter, "write", fills_up)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=rf"could not write {out}: No space left on device") as err:
+        convert_vmoe_checkpoint(fixture, out, group_size=34)
+    assert err.value.errno == errno.ENOSPC and len(calls) == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stream_writer_removes_its_file_when_the_final_flush_fails(tmp_path):
+    from vmoe.models.safetensors_stream import SafetensorsStreamWriter
+    path = tmp_path / "w.safetensors"
+    writer = SafetensorsStreamWriter(path, {"a": (torch.float32, (4,))})
+    writer.write("a", torch.zeros(4))
+
+    class FlushFails:
+        closed = False
+
+        def __init__(self, f):
+            self.f = f
+
+        def close(self):
+            self.f.close()
+            _disk_full()
+
+    writer._f = FlushFails(writer._f)
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []

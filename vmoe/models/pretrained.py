@@ -3,8 +3,10 @@ timm ViTs from pretrained weights. Nothing here unpickles a file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +23,7 @@ from .config_checks import FORMAT_VERSION, check_config_against_header, check_sh
 from .moeify import moe_layers, moeify
 from .safetensors_stream import read_safetensors_header
 
-__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle"]
+__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle", "check_target_dir"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -68,24 +70,42 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
     """Write ``config.json`` and ``model.safetensors`` into ``directory``.
 
     An existing non-empty directory is never written over unless ``overwrite=True``; the files
-    are written to a temporary directory first and moved into place only when complete.
+    are written to a temporary directory first and moved into place only when complete (a full
+    disk raises OSError naming ``directory`` and leaves it as it was).
     """
     config = model_config(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with staged_save_dir(directory, overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        try:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        except SafetensorError as err:  # safetensors reports I/O failures (disk full) this way
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), str(err)) from None
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return Path(directory)
+
+
+def check_target_dir(directory: Union[str, os.PathLike], overwrite: bool) -> None:
+    """FileExistsError when ``directory`` exists, is not empty, and ``overwrite`` is false."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True "
+                              "(--overwrite on the command line) to replace it")
+
+
+# Write failures that mean "the target could not be written" (not a bad source file).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 @contextlib.contextmanager
 def staged_save_dir(directory: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``directory``; on success move its files into
     ``directory``. A non-empty ``directory`` is refused unless ``overwrite``; on error nothing
-    in it changes."""
+    in it changes, and a full disk (or another write failure) is an OSError naming it."""
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    check_target_dir(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -93,6 +113,11 @@ def staged_save_dir(directory: Union[str, os.PathLike], overwrite: bool = False)
         directory.mkdir(exist_ok=True)
         for path in sorted(tmp.iterdir()):
             os.replace(path, directory / path.name)
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        raise OSError(err.errno, f"could not write {directory}: {err.strerror or err}; nothing "
+                                 "was changed there (the partial files were removed)") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

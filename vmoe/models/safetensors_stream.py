@@ -159,7 +159,11 @@ class SafetensorsStreamWriter:
         """Finishes the file: renames it into place if every tensor was written."""
         if self._f.closed:
             return
-        self._f.close()
+        try:
+            self._f.close()  # flushes: a full disk may only show here
+        except BaseException:
+            os.remove(self._tmp)
+            raise
         missing = [n for n in self._layout if n not in self._written]
         if missing:
             os.remove(self._tmp)

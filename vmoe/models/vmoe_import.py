@@ -254,12 +254,11 @@ def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **
     checkpoint, streaming: peak memory is about one array, never the whole model."""
     import json
 
-    from .pretrained import CONFIG_NAME, WEIGHTS_NAME, model_config, staged_save_dir
+    from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, model_config, staged_save_dir
     from .safetensors_stream import SafetensorsStreamWriter
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:  # before reading anything
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    check_target_dir(out_dir, overwrite)  # before reading anything
     arch = infer_vmoe_architecture(prefix)
     tensors = iter_converted_tensors(prefix, arch)  # checks every shard before writing
     meta_model = _build_empty(arch, moe_options)
