@@ -283,3 +283,15 @@ def test_stream_writer_removes_its_file_when_the_final_flush_fails(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         writer.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("num_heads", 3, r"AssertionError"),
+    ("bogus_option", 1, r"TypeError: .*bogus_option"),
+])
+def test_arguments_timm_refuses_are_named_as_config_errors(saved, no_real_build, key, value, match):
+    directory, _ = saved
+    _edit(directory, lambda c: c["model_args"].__setitem__(key, value))
+    with pytest.raises(ValueError, match=r"config.json: cannot build 'vmoe_vit' from its "
+                                         r"model_args/moeify entries \(" + match):
+        vm.from_pretrained(directory)

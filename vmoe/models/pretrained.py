@@ -193,12 +193,16 @@ def _build(config: dict, args: dict) -> nn.Module:
     return model
 
 
-def _build_on_meta(config: dict, args: dict, config_path: Path) -> nn.Module:
-    """``_build`` on the meta device (no memory, no init); any failure names the config."""
+def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.Module]:
+    """``_build`` on the meta device (no memory, no init); any failure names the config. None
+    for an architecture that cannot be built on the meta device at all (its init reads
+    tensor values)."""
     try:
         with torch.device("meta"):
             return _build(config, args)
-    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as err:
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError, NotImplementedError) as err:
+        if isinstance(err, NotImplementedError) or "meta" in str(err):
+            return None
         raise ValueError(f"{config_path}: cannot build {config['architecture']!r} from its "
                          f"model_args/moeify entries ({type(err).__name__}: {err})") from None
 
@@ -225,10 +229,12 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
         args["img_size"] = img_size
     args.update(model_overrides)
     check_config_against_header(config, args, header, config_path, weights_path)
-    expected = {k: tuple(v.shape) for k, v in _build_on_meta(config, args, config_path).state_dict().items()}
-    may_differ = (["head.weight", "head.bias"] if num_classes is not None else []) + \
-        (["pos_embed"] if img_size is not None else [])
-    check_shapes(expected, header, config_path, weights_path, may_differ)
+    meta = _build_on_meta(config, args, config_path)
+    if meta is not None:
+        expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        may_differ = (["head.weight", "head.bias"] if num_classes is not None else []) + \
+            (["pos_embed"] if img_size is not None else [])
+        check_shapes(expected, header, config_path, weights_path, may_differ)
     model = _build(config, args)
     state = _read_weights(weights_path)
     state = _adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
