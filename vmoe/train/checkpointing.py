@@ -43,13 +43,12 @@ class CheckpointError(ValueError):
 def _reason(err: BaseException) -> str:
     """A short reason for a failed safe load, without torch's advice to load unsafely."""
     text = str(err)
-    if "WeightsUnpickler error:" in text:  # a pickle of objects other than tensors/containers
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
-        return f"it holds Python objects that a safe load refuses ({detail})"
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-    if "weights_only" in first:
-        first = type(err).__name__
-    return f"corrupt or truncated? ({type(err).__name__}: {first})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and "weights_only" not in line and not line.strip().startswith("Check the documentation")]
+    if "Weights only load failed" in text or "WeightsUnpickler error" in text:
+        detail = lines[0].replace("WeightsUnpickler error:", "").strip() if lines else ""
+        return f"it holds Python objects that a safe load refuses ({detail or type(err).__name__})"
+    return f"corrupt or truncated? ({type(err).__name__}: {lines[0] if lines else type(err).__name__})"
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:

@@ -374,7 +374,10 @@ def _pair(size) -> Tuple[int, int]:
 
 
 def _differences(key: str, saved: Any, now: Any) -> list:
-    """``["key.sub: checkpoint A, now B", ...]`` for nested dicts; [] when equal."""
+    """``["key.sub: checkpoint A, now B", ...]`` for nested dicts (None as {}); [] when equal."""
+    if isinstance(saved, dict) or isinstance(now, dict):
+        saved = {} if saved is None else saved
+        now = {} if now is None else now
     if isinstance(saved, dict) and isinstance(now, dict):
         return [d for k in sorted(set(saved) | set(now), key=str)
                 for d in _differences(f"{key}.{k}", saved.get(k), now.get(k))]
