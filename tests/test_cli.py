@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+import vmoe.data
 import vmoe.models as vm
 from vmoe.cli import EXTRA_COMMANDS, main, register_command
+from vmoe.data import DigitsDataModule
+from vmoe.train import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -85,11 +88,48 @@ def test_fit_digits_trains_and_writes_everything(digits_run, capsys):
     assert torch.equal(model.state_dict()["head.weight"], state["model.head.weight"])
 
 
+def checkpoint_model(path, capacity_factor=4.0):
+    """The checkpoint's network rebuilt without Lightning, at the evaluation routing."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    model = build_model(model_name=hp["model_name"], model_kwargs=hp["model_kwargs"], num_classes=hp["num_classes"],
+                        img_size=hp["img_size"])
+    model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    vm.set_routing(model, capacity_factor=capacity_factor)
+    return model.eval()
+
+
+def newest_metrics(root):
+    version = max(Path(root).glob("lightning_logs/version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return list(csv.DictReader(open(version / "metrics.csv")))
+
+
 def test_validate_test_predict_from_checkpoint(digits_run, capsys):
     last = str(digits_run / "checkpoints" / "last.ckpt")
-    for command in ("validate", "test", "predict"):
-        args = [command, *fast(digits_run, "--ckpt_path", last, f"--trainer.limit_{'val' if command == 'validate' else command}_batches", "1")]
-        assert main(args) == 0, command
+    model = checkpoint_model(last)
+    dm = DigitsDataModule(img_size=16, batch_size=32)  # quickstart's data: whole val and test splits
+    dm.setup("fit")
+    for command, split, data in (("validate", "val", dm.val_set), ("test", "test", dm.test_set)):
+        assert main([command, *fast(digits_run, "--ckpt_path", last)]) == 0, command
+        x, y = next(iter(torch.utils.data.DataLoader(data, batch_size=len(data))))
+        with torch.no_grad():
+            expected = (model(x).argmax(-1) == y).float().mean().item()
+        assert series(newest_metrics(digits_run), f"{split}/acc1") == [pytest.approx(expected, abs=1e-6)]
+
+    assert main(["predict", *fast(digits_run, "--ckpt_path", last)]) == 0
+    path = digits_run / "predictions.csv"
+    assert f"wrote 180 predictions to {path}" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(path)))
+    x, y = next(iter(torch.utils.data.DataLoader(dm.test_set, batch_size=180)))
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    top_p, top_i = probs.topk(5, dim=-1)
+    assert [r["image"] for r in rows] == [str(i) for i in range(180)]  # digits: indices in the test set
+    assert [r["label"] for r in rows] == [str(int(v)) for v in y]
+    for k in range(5):
+        assert [r[f"top{k + 1}"] for r in rows] == [str(int(v)) for v in top_i[:, k]]
+        got = torch.tensor([float(r[f"prob{k + 1}"]) for r in rows])
+        assert torch.allclose(got, top_p[:, k], atol=2e-6)
 
 
 def test_fit_image_folder(tmp_path):
@@ -106,6 +146,30 @@ def test_fit_image_folder(tmp_path):
     assert (root / "export" / "config.json").is_file()
     assert vm.from_pretrained(root / "export").num_classes == 3
     assert (root / "checkpoints" / "last.ckpt").is_file()
+
+    # predict on a folder of unlabeled images (any layout), classes named as the train folders
+    loose = tmp_path / "loose"
+    (loose / "sub").mkdir(parents=True)
+    images = sorted((data / "test").glob("*/*.png"))[::2]
+    for i, src in enumerate(images):
+        (loose / ("sub" if i % 2 else "") / f"img{i}.png").write_bytes(src.read_bytes())
+    out = tmp_path / "preds.csv"
+    assert main(["predict", *fast(root, "--data", "vmoe.data.ImageFolderDataModule", "--data.data_dir", str(data),
+                                  "--data.img_size", "16", "--data.predict_dir", str(loose),
+                                  "--predictions.path", str(out),
+                                  "--ckpt_path", str(root / "checkpoints" / "last.ckpt"))]) == 0
+    rows = list(csv.DictReader(open(out)))
+    model = checkpoint_model(root / "checkpoints" / "last.ckpt")
+    dm = vmoe.data.ImageFolderDataModule(str(data), img_size=16, predict_dir=str(loose))
+    dm.setup("predict")
+    assert [r["image"] for r in rows] == [str(p) for p in dm.predict_set.paths] and len(rows) == len(images)
+    x = torch.stack([dm.predict_set[i] for i in range(len(rows))])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    names = ["diag", "left", "top"]
+    assert all(r["label"] == "" for r in rows) and list(rows[0])[-2:] == ["top3", "prob3"]
+    assert [r["top1"] for r in rows] == [names[i] for i in probs.argmax(-1).tolist()]
+    assert torch.allclose(torch.tensor([float(r["prob1"]) for r in rows]), probs.max(-1).values, atol=2e-6)
 
 
 def one_line_error(capsys, pattern):

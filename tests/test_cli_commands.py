@@ -44,3 +44,20 @@ def test_extra_commands_report_errors_in_one_line(tmp_path, capsys):
     assert "vmoe convert: error:" in err and "missing.index does not exist" in err
     assert main(["routing-report", "--model", str(tmp_path / "nothing"), "--data", "digits",
                  "--out", str(tmp_path / "r")]) == 2
+
+
+def test_routing_report_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(model_dir)]) == 0
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "index.html").write_text("my own page")
+    args = ["routing-report", "--model", str(model_dir), "--data", "digits", "--out", str(out),
+            "--max-images", "8", "--no-sweep", "--examples", "1", "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vmoe routing-report: error: --out") and "pass --overwrite" in err, err
+    assert (out / "index.html").read_text() == "my own page" and len(list(out.iterdir())) == 1
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "index.html").read_text() != "my own page" and (out / "report.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")]  # staging dir gone

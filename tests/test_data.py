@@ -152,6 +152,23 @@ def test_digits_split_sizes_disjoint_and_stratified():
         assert np.all(np.abs(counts - class_counts * 0.1) <= 1.0), counts
 
 
+def test_digits_setup_builds_its_sets_from_the_split_indices():
+    """The images setup() puts in each set are exactly those of split_indices() (80/10/10 of
+    1,797, stratified), the test set disjoint from training."""
+    dm = DigitsDataModule(channels=3)
+    dm.setup("fit")
+    images, labels = load_digits_uint8(3)
+    train, val, test = dm.split_indices()
+    assert (len(train), len(val), len(test)) == (1437, 180, 180)
+    assert set(test).isdisjoint(train) and set(val).isdisjoint(train) and set(test).isdisjoint(val)
+    for data, index in ((dm.train_set, train), (dm.val_set, val), (dm.test_set, test)):
+        assert np.array_equal(data.images, images[index]) and np.array_equal(data.labels, labels[index])
+        assert np.array_equal(dm.indices[{id(dm.train_set): "train", id(dm.val_set): "val",
+                                          id(dm.test_set): "test"}[id(data)]], index)
+    train_images = {dm.train_set.images[i].tobytes() for i in range(len(train))}
+    assert sum(dm.test_set.images[i].tobytes() in train_images for i in range(len(test))) < 5  # few duplicates
+
+
 def test_digits_split_is_deterministic_per_seed():
     a = DigitsDataModule(split_seed=0).split_indices()
     b = DigitsDataModule(split_seed=0).split_indices()

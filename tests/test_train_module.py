@@ -91,6 +91,26 @@ def test_training_step_adds_aux_loss_and_mixup_handles_odd_batch():
     assert module.model.pos_embed.grad is not None
 
 
+def test_training_loss_is_task_plus_weighted_aux_exactly():
+    module = tiny(aux_loss_weight=50.0)  # large: leaving aux out must show
+    logged = {}
+    module.log_dict = lambda values, **k: logged.update(values)
+    module.log = lambda name, value, **k: None
+    module.optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.1)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    torch.manual_seed(1)
+    loss = module.training_step((x, y), 0)
+    # recomputed independently: the same forward (same router noise), cross-entropy + 50 aux
+    torch.manual_seed(1)
+    logits = module(x)
+    aux = vm.aux_loss(module.model)
+    assert 50.0 * aux.item() > 1e-3
+    expected = F.cross_entropy(logits, y) + 50.0 * aux
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-6)
+    assert logged["train/task_loss"].item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert logged["train/aux_loss"].item() == pytest.approx(aux.item(), rel=1e-6)
+
+
 def test_labels_outside_num_classes_is_a_clear_error():
     module = tiny(num_classes=3)
     module.log = module.log_dict = lambda *a, **k: None

@@ -3,7 +3,8 @@
 A subclass sets ``num_classes`` (an attribute or property, readable right after construction so
 that LightningCLI can link it to the model) and implements ``_setup_datasets(stage)``, which
 fills ``train_set`` / ``val_set`` / ``test_set`` using ``build_train_transform()`` and
-``build_eval_transform()``. ``predict`` uses the test set.
+``build_eval_transform()``. ``predict`` uses ``predict_set`` when a subclass sets it (e.g.
+unlabeled images), else the test set.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class VisionDataModule(L.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
+        self.predict_set: Optional[Dataset] = None
 
     # --- defaults a subclass may override ---
     def default_train_transform(self) -> TrainTransformConfig:
@@ -156,6 +158,8 @@ class VisionDataModule(L.LightningDataModule):
         return self._loader(self.test_set, "test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_set is not None:
+            return self._loader(self.predict_set, "predict", train=False)
         return self._loader(self.test_set, "test (used for predict)", train=False)
 
     def __repr__(self) -> str:

@@ -87,20 +87,32 @@ class ArrayDataset(_TransformDataset):
 
 
 class ImageFileDataset(_TransformDataset):
-    """Images read from files at access time, with integer labels."""
+    """Images read from files at access time, with integer labels (items ``(image, label)``) or
+    without (``labels=None``: items are the image alone, e.g. a folder to predict on).
 
-    def __init__(self, paths: Sequence[str | os.PathLike], labels: Sequence[int], transform: Transform = None):
+    Any failure to read or transform an image raises CorruptImageError (a ValueError) whose
+    message starts with the file's path, so that it survives a DataLoader worker's re-raise."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], labels: Optional[Sequence[int]] = None,
+                 transform: Transform = None):
         super().__init__(transform)
-        if len(paths) != len(labels):
+        if labels is not None and len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self._apply(load_image(self.paths[index])), int(self.labels[index])
+        path = self.paths[index]
+        try:
+            image = self._apply(load_image(path))
+        except CorruptImageError:
+            raise
+        except Exception as err:  # e.g. a transform failing on an odd image
+            raise CorruptImageError(f"cannot use image file '{path}': {type(err).__name__}: {err}") from err
+        return image if self.labels is None else (image, int(self.labels[index]))
 
 
 def seed_worker(worker_id: int, rank: int = 0) -> None:

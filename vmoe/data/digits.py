@@ -81,16 +81,18 @@ class DigitsDataModule(VisionDataModule):
             randaugment_num_ops=1, randaugment_magnitude=5.0, randaugment_ops=list(GEOMETRIC_OPS), fill=0,
         )
 
-    def split_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(train, val, test) indices into ``load_digits()``."""
-        _, labels = load_digits_uint8(channels=1)
+    def split_indices(self, labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test) indices into ``load_digits()``: the split ``setup`` uses."""
+        if labels is None:
+            _, labels = load_digits_uint8(channels=1)
         return stratified_split(labels, self.val_fraction, self.test_fraction, self.split_seed)
 
     def _setup_datasets(self, stage: Optional[str]) -> None:
         if self.train_set is not None:  # already set up (setup runs once per stage)
             return
         images, labels = load_digits_uint8(self.channels)
-        train, val, test = stratified_split(labels, self.val_fraction, self.test_fraction, self.split_seed)
+        train, val, test = self.split_indices(labels)
+        self.indices = {"train": train, "val": val, "test": test}  # of the sets built here
         eval_tf = self.build_eval_transform()
         self.train_set = ArrayDataset(images[train], labels[train], self.build_train_transform())
         self.val_set = ArrayDataset(images[val], labels[val], eval_tf)

@@ -67,6 +67,18 @@ def scan_split(split_dir: Path, classes: Sequence[str], extensions: Sequence[str
     return paths, labels
 
 
+def list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
+    """Every image file under ``folder`` (recursively, sorted; hidden files ignored)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder '{folder}' does not exist or is not a directory")
+    exts = {e.lower() for e in extensions}
+    found = sorted(Path(root) / f for root, dirs, files in os.walk(folder, followlinks=True)
+                   for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
+    if not found:
+        raise ValueError(f"image folder '{folder}' holds no image file ({', '.join(sorted(exts))})")
+    return found
+
+
 def _is_readable(path: Path) -> bool:
     try:
         load_image(path)
@@ -87,6 +99,8 @@ class ImageFolderDataModule(VisionDataModule):
             warning that counts them; otherwise an unreadable image raises CorruptImageError
             naming the file when it is loaded.
         extensions: accepted file extensions (default: ``IMAGE_EXTENSIONS``).
+        predict_dir: a folder of images without labels (any layout) that ``predict`` uses
+            instead of the test split; the classes still come from the train split.
     """
 
     def __init__(
@@ -108,6 +122,7 @@ class ImageFolderDataModule(VisionDataModule):
         std: Optional[Sequence[float]] = None,
         train_transform: Optional[TrainTransformConfig] = None,
         eval_transform: Optional[EvalTransformConfig] = None,
+        predict_dir: Optional[str] = None,
     ):
         super().__init__(
             img_size=img_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -123,6 +138,7 @@ class ImageFolderDataModule(VisionDataModule):
         self.skip_corrupt = skip_corrupt
         self.extensions = tuple(IMAGE_EXTENSIONS if extensions is None else extensions)
         self._num_classes_arg = num_classes
+        self.predict_dir = None if predict_dir is None else Path(predict_dir).expanduser()
         self._classes: Optional[list[str]] = None
         self.skipped: list[Path] = []  # unreadable images dropped by skip_corrupt
 
@@ -159,6 +175,13 @@ class ImageFolderDataModule(VisionDataModule):
         return ImageFileDataset(paths, labels, transform)
 
     def _setup_datasets(self, stage: Optional[str]) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            if self.predict_set is None:
+                self.predict_set = ImageFileDataset(list_images(self.predict_dir, self.extensions), None,
+                                                    self.build_eval_transform())
+            if self.skip_corrupt:
+                self._drop_unreadable([self.predict_set])
+            return
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         splits = wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test")
         for split in splits:
@@ -180,10 +203,12 @@ class ImageFolderDataModule(VisionDataModule):
             for d in datasets:
                 ok = list(pool.map(_is_readable, d.paths))
                 bad += [p for p, good in zip(d.paths, ok) if not good]
-                before = set(d.labels.tolist())
                 d.paths = [p for p, good in zip(d.paths, ok) if good]
-                d.labels = d.labels[[i for i, good in enumerate(ok) if good]]
                 d.checked = True
+                if d.labels is None:  # unlabeled (predict_dir)
+                    continue
+                before = set(d.labels.tolist())
+                d.labels = d.labels[[i for i, good in enumerate(ok) if good]]
                 emptied = sorted(self.classes[i] for i in before - set(d.labels.tolist()))
                 if emptied:
                     raise ValueError(

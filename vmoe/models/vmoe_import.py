@@ -286,6 +286,10 @@ def convert_main(argv=None) -> None:
     p.add_argument("--batch-priority", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    out_dir = Path(a.out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not a.overwrite:  # before reading anything
+        raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace "
+                              "its files, or choose a new directory")
     out = convert_vmoe_checkpoint(a.prefix, a.out, overwrite=a.overwrite, num_selected=a.num_selected,
                                   capacity_factor=a.capacity_factor,
                                   group_size_images=a.group_size_images, batch_priority=a.batch_priority)

@@ -16,15 +16,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
+from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
 
 import vmoe.models as vm
 
+from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
 from .optim import SCHEDULES, lr_factor, param_groups
 
-__all__ = ["VmoeClassifier", "build_model"]
+__all__ = ["VmoeClassifier", "build_model", "state_dict_differences"]
 
 LOSSES = ("softmax", "sigmoid")
+# Hyper-parameters that decide the network's shape: a checkpoint made with other values does not fit.
+ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "upcycle_from", "moe", "img_size")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -206,9 +210,9 @@ class VmoeClassifier(L.LightningModule):
         task = self.task_loss(logits, target)
         aux = vm.aux_loss(self.model).to(task.device)
         loss = task + self.hparams.aux_loss_weight * aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: "
-                                     f"task={task.item()}, aux={aux.item()}")
+        if not torch.isfinite(loss):  # before the optimizer step: this update is never applied
+            self._raise_divergence(f"the training loss is {loss.item()} (task {task.item()}, "
+                                   f"aux {aux.item()})")
         bs = x.shape[0]
         self.log_dict({"train/loss": loss, "train/task_loss": task, "train/aux_loss": aux},
                       prog_bar=False, batch_size=bs)
@@ -261,7 +265,26 @@ class VmoeClassifier(L.LightningModule):
             vm.restore_routing(self.model, self._saved_routing)
             self._saved_routing = None
 
+    def _raise_divergence(self, what: str) -> None:
+        """DivergenceError naming the step and, when the weights are already non-finite, which
+        parameter (made so by the previous step's update)."""
+        step = self.global_step
+        bad = first_nonfinite_parameter(self.model)
+        if bad is not None:
+            where = (f"parameter model.{bad} became non-finite in the optimizer update of step "
+                     f"{step - 1}" if step else f"parameter model.{bad} is non-finite before training")
+            what = f"{where} ({what})" if what else where
+        raise DivergenceError(f"training diverged at step {step}: {what}; nothing non-finite was "
+                              f"saved; {DIVERGENCE_HINT}")
+
+    def _check_finite_weights(self, before: str) -> None:
+        if first_nonfinite_parameter(self.model) is not None:
+            self._raise_divergence(f"stopped before {before}")
+
     def on_validation_start(self) -> None:
+        if (self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+                and not self.trainer.sanity_checking):
+            self._check_finite_weights("validating")  # argmax of NaN logits would look like accuracy
         self._eval_routing()
 
     def on_validation_end(self) -> None:
@@ -283,14 +306,31 @@ class VmoeClassifier(L.LightningModule):
         # A checkpoint written during validation must hold the training routing settings, which
         # live in plain attributes (not in the state dict), so nothing to undo here; the
         # hyper-parameters rebuild them.
+        self._check_finite_weights("saving a checkpoint")  # a diverged model is never saved
         checkpoint["vmoe_num_classes"] = self.num_classes
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Refuses a checkpoint whose model differs from this one, naming what differs."""
         head = checkpoint.get("state_dict", {}).get("model.head.weight")
         theirs = checkpoint.get("vmoe_num_classes", None if head is None else head.shape[0])
         if theirs is not None and int(theirs) != self.num_classes:
             raise ValueError(f"the checkpoint was trained with num_classes={int(theirs)} but this "
                              f"model/data has num_classes={self.num_classes}")
+        source = self._checkpoint_name()
+        saved = checkpoint.get("hyper_parameters") or {}
+        changed = [f"model.{d}" for key in ARCHITECTURE_HPARAMS if key in saved
+                   for d in _differences(key, saved[key], self.hparams.get(key))]
+        if changed:
+            raise ValueError(f"checkpoint {source} does not fit the model: its architecture differs "
+                             f"({'; '.join(changed)}); resume with the checkpoint's settings or "
+                             "start a new run")
+        problems = self.strict_loading and state_dict_differences(checkpoint.get("state_dict", {}), self.state_dict())
+        if problems:
+            raise ValueError(f"checkpoint {source} does not fit the model: {problems}")
+
+    def _checkpoint_name(self) -> str:
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        return str(path) if path else "(being loaded)"
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -298,6 +338,15 @@ class VmoeClassifier(L.LightningModule):
         if data_classes is not None and int(data_classes) != self.num_classes:
             raise ValueError(f"num_classes mismatch: the model has {self.num_classes} outputs but "
                              f"the data module {type(dm).__name__} has {data_classes} classes")
+        data_size = getattr(dm, "img_size", None)
+        model_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if (data_size is not None and model_size is not None
+                and not getattr(self.model, "dynamic_img_size", False)
+                and tuple(model_size) != _pair(data_size)):
+            raise ValueError(f"img_size mismatch: the data module {type(dm).__name__} makes "
+                             f"{data_size}x{data_size} images but the model expects "
+                             f"{model_size[0]}x{model_size[1]}; set data.init_args.img_size or "
+                             "model.img_size so that they agree")
 
     # --- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -318,3 +367,33 @@ class VmoeClassifier(L.LightningModule):
             step, total_steps=total, warmup_steps=hp.warmup_steps, schedule=hp.schedule,
             peak_lr=hp.lr, end_lr=hp.end_lr))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _pair(size) -> Tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+
+
+def _differences(key: str, saved: Any, now: Any) -> list:
+    """``["key.sub: checkpoint A, now B", ...]`` for nested dicts (None as {}); [] when equal."""
+    if isinstance(saved, dict) or isinstance(now, dict):
+        saved = {} if saved is None else saved
+        now = {} if now is None else now
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [d for k in sorted(set(saved) | set(now), key=str)
+                for d in _differences(f"{key}.{k}", saved.get(k), now.get(k))]
+    if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)):
+        saved, now = list(saved), list(now)
+    return [] if saved == now else [f"{key}: checkpoint {saved!r}, now {now!r}"]
+
+
+def state_dict_differences(saved: Dict[str, Any], own: Dict[str, torch.Tensor], limit: int = 5) -> str:
+    """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if nothing)."""
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in sorted(set(own) & set(saved))
+             if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)]
+    parts = [f"{label} ({len(items)}): {', '.join(items[:limit])}{', ...' if len(items) > limit else ''}"
+             for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                  ("wrong shapes", wrong)) if items]
+    return "; ".join(parts)

@@ -162,6 +162,7 @@ class ResumableTraining(L.Callback):
         self._pending_rng: Optional[Dict[str, Any]] = None
         self._pending_loader: Optional[Dict[str, int]] = None
         self._stashed_rng: Optional[Dict[str, Any]] = None
+        self._step_rng: Optional[Dict[str, Any]] = None
         self.loader: Optional[ResumableLoader] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -193,6 +194,14 @@ class ResumableTraining(L.Callback):
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)  # first step after a resume: same RNG as uninterrupted
             self._pending_rng = None
+        # A checkpoint written on an exception inside this step (Ctrl-C, a crash) must hold the
+        # RNG of the step's start: the resumed run redoes the whole step.
+        self._step_rng = get_rng_state()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Counted when the step is done, so that a checkpoint written mid-step (on an exception)
+        # does not skip the batch it was training on.
+        self._step_rng = None
         if isinstance(self.loader, ResumableLoader):
             self.loader.consumed += 1
 
@@ -206,7 +215,9 @@ class ResumableTraining(L.Callback):
 
     def state_dict(self) -> Dict[str, Any]:
         # Saved mid-validation (ModelCheckpoint on validation end): the training RNG is the stash.
-        state = {"rng": self._stashed_rng if self._stashed_rng is not None else get_rng_state()}
+        # Saved mid-step (on an exception): the RNG of the step's start.
+        rng = self._stashed_rng if self._stashed_rng is not None else self._step_rng
+        state = {"rng": rng if rng is not None else get_rng_state()}
         if isinstance(self.loader, ResumableLoader):
             state["loader"] = self.loader.state_dict()
         return state

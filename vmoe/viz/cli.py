@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -64,13 +63,29 @@ def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_model(directory: str):
-    """``vmoe.models.from_pretrained(directory)`` with a clear error for a wrong path."""
+    """``vmoe.models.from_pretrained(directory)`` with a clear error for a wrong path or an
+    architecture that timm does not know."""
     import vmoe.models as vm
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {directory}: not a directory (expected a folder written by "
                                 "vmoe.models.save_pretrained, holding config.json and model.safetensors)")
-    return vm.from_pretrained(path)
+    try:
+        return vm.from_pretrained(path)
+    except RuntimeError as err:  # timm.create_model: "Unknown model (name)"
+        if not str(err).startswith("Unknown model"):
+            raise
+        raise ValueError(f"--model {directory}: config.json names an architecture that is not a "
+                         f"registered timm model ({err}); vmoe's are timm.list_models('vmoe_*')") from None
+
+
+def refuse_non_empty(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a new or empty directory unless ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace "
+                              "the report's files in it, or choose a new directory")
 
 
 def _model_img_size(model) -> int:
@@ -136,14 +151,10 @@ def _prepare(args):
 
 
 def _run(prog: str, body, argv: Optional[Sequence[str]]) -> int:
+    """The one error path of every vmoe command (``vmoe.cli.run_command``)."""
+    from vmoe.cli import run_command
     os.environ.setdefault("WANDB_MODE", "offline")
-    try:
-        return body(argv)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, FileExistsError) as err:
-        if os.environ.get("VMOE_DEBUG"):
-            raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(prog.removeprefix("vmoe "), lambda: body(argv))
 
 
 def routing_report_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -156,15 +167,22 @@ def routing_report_main(argv: Optional[Sequence[str]] = None) -> int:
                                  "index.html and report.json.")
         p.add_argument("--examples", type=_positive_int, default=4, help="patch maps drawn (default 4)")
         p.add_argument("--no-sweep", action="store_true", help="skip the capacity sweep")
+        p.add_argument("--overwrite", action="store_true",
+                       help="write into a non-empty --out (replacing the report's files there)")
         args = p.parse_args(argv)
+        from vmoe.models.pretrained import staged_save_dir
+
         from .report import write_routing_report
-        model, loader, classes, device = _prepare(args)
-        report = write_routing_report(
-            model, loader, args.out, max_images=args.max_images, num_examples=args.examples,
-            capacity_factors=None if args.no_sweep else args.capacity_factors, class_names=classes,
-            device=device, progress=not args.no_progress,
-            title=f"Routing report: {Path(args.model).name} on {args.data}")
         out = Path(args.out)
+        refuse_non_empty(out, args.overwrite)  # before any work
+        model, loader, classes, device = _prepare(args)
+        # Written into a temporary folder beside --out, moved into place when complete.
+        with staged_save_dir(out, overwrite=True) as tmp:
+            report = write_routing_report(
+                model, loader, tmp, max_images=args.max_images, num_examples=args.examples,
+                capacity_factors=None if args.no_sweep else args.capacity_factors, class_names=classes,
+                device=device, progress=not args.no_progress,
+                title=f"Routing report: {Path(args.model).name} on {args.data}")
         print(f"accuracy {100 * report['accuracy']:.1f}% over {report['data']['num_images']} images")
         print(f"wrote {len(report['files'])} files to {out}/; open {out / 'index.html'}")
         return 0

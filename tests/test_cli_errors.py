@@ -1,0 +1,180 @@
+"""Every user mistake in a ``vmoe`` command ends with one line ``vmoe <cmd>: error: ...`` and exit
+code 2 (no traceback); the options given win over a checkpoint's hyper-parameters."""
+import errno
+import json
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import vmoe.models as vm
+from vmoe.cli import main
+from vmoe.train import AtomicCheckpointIO
+
+from .conftest import FIXTURES
+from .test_cli import fast, make_image_folder
+
+SMALL = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "1",
+         "--trainer.limit_test_batches", "1", "--test_after_fit", "false", "--export.enabled", "false",
+         "--routing_stats.figures", "false"]
+
+
+def one_line_error(capsys, command, pattern):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    assert not any(line.startswith("Traceback") for line in err), err
+    line = err[-1]
+    assert line.startswith(f"vmoe {command}: error: ") and re.search(pattern, line), line
+    return line
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    assert main(["fit", *fast(root, *SMALL)]) == 0
+    return root
+
+
+class RecordRouting(L.Callback):
+    """Remembers the routing settings of every MoE layer at the first evaluation batch."""
+    seen = []
+
+    def _record(self, pl_module):
+        RecordRouting.seen.append({n: (m.router.capacity_factor, bool(m.router.batch_priority))
+                                   for n, m in vm.moe_layers(pl_module.model).items()})
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self._record(pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self._record(pl_module)
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_options_given_win_over_the_checkpoint_hparams(trained, command):
+    RecordRouting.seen = []
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    assert main([command, *fast(trained, "--ckpt_path", ckpt, "--model.eval_capacity_factor", "0.25",
+                                "--model.eval_batch_priority", "true", "--trainer.limit_val_batches", "1",
+                                "--trainer.limit_test_batches", "1",
+                                "--trainer.callbacks+=tests.test_cli_errors.RecordRouting")]) == 0
+    assert RecordRouting.seen and all(v == (0.25, True) for v in RecordRouting.seen[-1].values()), RecordRouting.seen
+
+
+@pytest.mark.parametrize("which", ["explicit", "last"])
+def test_resume_with_another_architecture_names_the_hparam(trained, capsys, which):
+    ckpt = str(trained / "checkpoints" / "last.ckpt") if which == "explicit" else "last"
+    assert main(["fit", *fast(trained, *SMALL, "--trainer.max_epochs", "2", "--ckpt_path", ckpt,
+                              "--model.model_kwargs", "{moe: {num_experts: 8}}")]) == 2
+    one_line_error(capsys, "fit", r"checkpoint .*last\.ckpt does not fit the model: .*"
+                                  r"model\.model_kwargs\.moe\.num_experts: checkpoint None, now 8")
+
+
+def test_resume_after_a_state_dict_change_lists_the_mismatch(trained, capsys):
+    # same hyper-parameters, other weights: a checkpoint edited to lose the head
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del ckpt["state_dict"]["model.head.bias"]
+    path = trained / "headless.ckpt"
+    torch.save(ckpt, path)
+    assert main(["test", *fast(trained, "--ckpt_path", str(path), "--trainer.limit_test_batches", "1")]) == 2
+    one_line_error(capsys, "test", r"headless\.ckpt does not fit the model: missing keys \(1\): model\.head\.bias")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickle", "truncated"])
+def test_unreadable_checkpoint_is_refused_without_unsafe_advice(trained, tmp_path, capsys, content):
+    path = tmp_path / f"{content}.ckpt"
+    if content == "garbage":
+        path.write_bytes(b"this is not a checkpoint")
+    elif content == "pickle":
+        torch.save({"state_dict": {}, "payload": Evil()}, path)
+    else:
+        data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    for command in ("test", "fit"):
+        assert main([command, *fast(tmp_path, *SMALL, "--ckpt_path", str(path))]) == 2
+        line = one_line_error(capsys, command, re.escape(str(path)) + " is not a readable vmoe/Lightning checkpoint")
+        assert "weights_only" not in line
+    if content == "pickle":
+        assert "refuses" in line and "system" in line, line
+
+
+def test_data_img_size_other_than_the_model_is_refused_at_setup(tmp_path, capsys):
+    assert main(["fit", *fast(tmp_path, *SMALL, "--data.init_args.img_size", "32")]) == 2
+    one_line_error(capsys, "fit", r"img_size mismatch: .* makes 32x32 images but the model expects 16x16")
+
+
+def test_corrupt_image_in_a_worker_is_named(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "folder", per_split=(2, 2, 2))
+    broken = data / "train" / "top" / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    assert main(["fit", *fast(tmp_path, "--data", "vmoe.data.ImageFolderDataModule",
+                              "--data.data_dir", str(data), "--data.img_size", "16", "--data.num_workers", "2",
+                              "--trainer.max_steps", "2")]) == 2
+    one_line_error(capsys, "fit", r"^vmoe fit: error: cannot read image file '" + re.escape(str(broken)))
+
+
+def test_checkpoint_write_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["fit", *fast(tmp_path, *SMALL)]) == 2
+    one_line_error(capsys, "fit", r"no space left on the device to write checkpoint .*\.ckpt")
+    assert not list((tmp_path / "checkpoints").glob("*"))  # neither a checkpoint nor a temp file
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    real_save = torch.save
+
+    def half_then_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(OSError, match="no space left on the device to write checkpoint .*last.ckpt"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_convert_refuses_a_non_empty_out_naming_the_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(out)]) == 2
+    line = one_line_error(capsys, "convert", r"--out .* is not empty; pass --overwrite")
+    assert "overwrite=True" not in line and (out / "mine.txt").read_text() == "keep me"
+
+
+def test_convert_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
+
+    monkeypatch.setattr("vmoe.models.vmoe_import.convert_vmoe_checkpoint", full)
+    assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, "convert", r"No space left on device")
+
+
+def test_routing_report_on_an_unregistered_architecture(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    vm.save_pretrained(vm.create_model("vmoe_tiny_e4_k2", num_classes=10) if hasattr(vm, "create_model")
+                       else __import__("timm").create_model("vmoe_tiny_e4_k2", num_classes=10), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architecture"] = "no_such_architecture"
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert main(["routing-report", "--model", str(model_dir), "--data", "digits",
+                 "--out", str(tmp_path / "report"), "--no-progress"]) == 2
+    one_line_error(capsys, "routing-report", r"no_such_architecture")

@@ -1,0 +1,100 @@
+"""``vmoe predict`` writes its predictions: one CSV row per image.
+
+Columns: ``image`` (the file path when the dataset has ``paths``, else the index in the
+dataset), ``label`` (empty when the data has no labels), then ``top1, prob1, ..., topK, probK``:
+the K most probable classes (class names when the data module has ``classes``, else ids) and
+their probabilities (softmax, or per-class sigmoid for ``model.loss=sigmoid``) from
+``VmoeClassifier.predict_step``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+__all__ = ["PredictionCsvWriter"]
+
+
+class PredictionCsvWriter(BasePredictionWriter):
+    """Writes ``path`` (the vmoe CLI's default: ``<default_root_dir>/predictions.csv``) during
+    predict, rows in dataset order, each batch as it comes; the file appears (atomically) when
+    the predict loop ends. Single process only (under DDP each rank would see a shard).
+
+    Attributes:
+        written: the CSV's path once written, else None; ``rows``: the number of rows.
+    """
+
+    def __init__(self, path: Optional[str] = None, top_k: int = 5, enabled: bool = True):
+        super().__init__(write_interval="batch")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"predictions.top_k={top_k!r} must be a positive int")
+        self.path, self.top_k, self.enabled = path, top_k, enabled
+        self.written: Optional[Path] = None
+        self.rows = 0
+        self._file = self._writer = self._tmp = None
+        self._classes: Optional[Sequence[str]] = None
+        self._paths: Optional[Sequence[Any]] = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.written, self.rows = None, 0
+        if not self.enabled or not trainer.is_global_zero:
+            return
+        if self.path is None:
+            raise ValueError("predictions.path is not set (where to write the predictions CSV)")
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        self._file = os.fdopen(fd, "w", newline="")
+        self._writer = csv.writer(self._file)
+        k = min(self.top_k, int(getattr(pl_module, "num_classes", self.top_k)))
+        self._writer.writerow(["image", "label"] + [c for i in range(1, k + 1) for c in (f"top{i}", f"prob{i}")])
+        dm = trainer.datamodule
+        self._classes = getattr(dm, "classes", None) if dm is not None else None
+        loaders = trainer.predict_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        self._paths = getattr(getattr(loader, "dataset", None), "paths", None)
+
+    def _name(self, index: int) -> str:
+        classes = self._classes
+        return str(classes[index]) if classes is not None and 0 <= index < len(classes) else str(index)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices: Optional[List[int]],
+                           batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._writer is None:
+            return
+        probs = prediction["probs"].float().cpu()  # [B, C]
+        k = min(self.top_k, probs.shape[1])
+        top_p, top_i = probs.topk(k, dim=-1)  # [B, k]
+        labels = prediction.get("label")
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else [None] * len(probs)
+        if batch_indices is None or len(batch_indices) != len(probs):
+            batch_indices = list(range(self.rows, self.rows + len(probs)))
+        for row, index in enumerate(batch_indices):
+            image = self._paths[index] if self._paths is not None else index
+            label = labels[row]
+            cells = [str(image), "" if label is None or label < 0 else self._name(int(label))]
+            for i, p in zip(top_i[row].tolist(), top_p[row].tolist()):
+                cells += [self._name(i), f"{p:.6f}"]
+            self._writer.writerow(cells)
+        self.rows += len(probs)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = self._writer = None
+        os.replace(self._tmp, self.path)
+        self.written = Path(self.path)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = self._writer = None
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
