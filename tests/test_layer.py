@@ -68,7 +68,7 @@ def test_capacity_and_batch_priority_can_change_after_construction():
     assert layer.last_plan.capacity == 12  # ceil(20*2*1.05/4) = 11 -> 12
     layer.capacity_factor = 4.0
     layer(x)
-    assert layer.last_plan.capacity == 40
+    assert layer.last_plan.capacity == 20  # ceil(20*2*4/4) = 40, capped at the group size S=20
     assert routing_statistics(layer.last_plan)["dropped_fraction"] == 0
     layer.capacity_factor, layer.batch_priority = 0.5, True
     y = layer(x)
