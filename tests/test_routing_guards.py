@@ -30,7 +30,14 @@ def with_bad_token(gates, at, value=float("nan")):
 @pytest.mark.parametrize("value", NON_FINITE)
 def test_bpr_token_with_non_finite_gates_never_takes_a_healthy_place(K, at, value):
     S, E, C = 11, 4, 2  # 11 healthy tokens asking for K places each, 2 places per expert
-    gates = healthy_gates(S, E)
+    torch.manual_seed(0)
+    # Expert 0 is every healthy token's second choice and nobody's first: with K = 2 a bad
+    # token's first choice (expert 0, as its gates tie) would take a place healthy second
+    # choices need unless all its assignments wait for every healthy one.
+    logits = 0.3 * torch.randn(1, S, E)
+    logits[0, torch.arange(S), 1 + torch.arange(S) % 3] += 3.0
+    logits[..., 0] += 2.0
+    gates = logits.softmax(-1)
     router = TopKRouter(dim=4, num_experts=E, num_selected=K, capacity_factor=None, capacity=C,
                         batch_priority=True)
     reference = router.route(gates)
