@@ -295,7 +295,7 @@ class TopKRouter(_GatingRouter):
         if self.batch_priority:
             # [G, S]: a token with any non-finite gate has the lowest priority, and with K > 1
             # its assignments also wait for every healthy second choice.
-            unhealthy = ~torch.isfinite(gates).all(-1)
+            unhealthy = ~torch.isfinite(gates.sum(-1))  # NaN/inf anywhere (gates are <= 1)
             priority = top_gates[..., 0].masked_fill(unhealthy, -math.inf)
             priority_order = _descending_order(priority, dim=1)
             deferred = unhealthy if K > 1 else None
