@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .dispatch import DISPATCHERS
 from .experts import Experts
 from .plan import RoutingPlan
-from .checks import check_batch_priority, check_capacity_factor, check_positive_int
+from .checks import check_capacity_factor, check_positive_int
 from .routing import ExpertChoiceRouter, TopKRouter
 
 __all__ = ["MoeMlp"]
@@ -146,10 +146,7 @@ class MoeMlp(nn.Module):
 
     @batch_priority.setter
     def batch_priority(self, value: bool) -> None:
-        check_batch_priority(value)
-        if value and isinstance(self.router, ExpertChoiceRouter):
-            raise ValueError("batch_priority=True does not apply to the expert_choice router")
-        self.router.batch_priority = value
+        self.router.batch_priority = value  # validated there (a bool; False for expert-choice)
 
     @property
     def noise_std(self) -> float:

@@ -165,8 +165,8 @@ class _GatingRouter(nn.Module):
     def batch_priority(self, value: bool) -> None:
         check_batch_priority(value)
         if value and not self.supports_batch_priority:
-            raise ValueError(f"batch_priority=True does not apply to {type(self).__name__}: "
-                             "it has no token priority")
+            raise ValueError(f"batch_priority=True does not apply to the expert-choice router "
+                             f"({type(self).__name__}): it has no token priority")
         self._batch_priority = value
 
     # --- capacity ------------------------------------------------------------------------------
