@@ -180,7 +180,8 @@ def set_routing(model: nn.Module, capacity_factor: Optional[float] = None,
         check_capacity_factor(capacity_factor, allow_none=False)
     if batch_priority is not None:
         check_batch_priority(batch_priority)
-        no_priority = [n for n in names if batch_priority and not all_layers[n].router.supports_batch_priority]
+        no_priority = [n for n in names
+                       if batch_priority and not all_layers[n].router.supports_batch_priority]
         if no_priority:
             raise ValueError(f"batch_priority=True does not apply to the expert-choice layers {no_priority}")
     previous = {}

@@ -203,7 +203,8 @@ class MoeMlp(nn.Module):
         self.last_plan = plan.detach()
         return out
 
-    def _route_no_tokens(self, tokens: torch.Tensor) -> Tuple[RoutingPlan, Dict[str, torch.Tensor], torch.Tensor]:
+    def _route_no_tokens(self, tokens: torch.Tensor
+                         ) -> Tuple[RoutingPlan, Dict[str, torch.Tensor], torch.Tensor]:
         """tokens: [0, S, d] (an empty batch) -> (plan of 0 groups, per-group losses [0], output
         [0, d']). The experts run on zero buffer rows, so the output depends on the input and
         the expert weights and backward works (all gradients zero), as with timm's ``Mlp``.
