@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..moe import MoeMlp, RoutingPlan, routing_statistics
+from ..moe.checks import check_batch_priority, check_capacity_factor
 
 __all__ = ["moe_block_indices", "moeify", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
            "routing_stats", "set_routing"]
@@ -163,6 +164,10 @@ def set_routing(model: nn.Module, capacity_factor: Optional[float] = None,
                 layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, object]]:
     """Set capacity factor and/or BPR on all (or the named) MoE layers.
 
+    The values are checked before any layer changes (``capacity_factor`` a finite number > 0,
+    ``batch_priority`` a bool, not True for an expert-choice layer): a bad value raises
+    ValueError and leaves the model as it was.
+
     Returns the previous settings ``{layer: {"capacity_factor", "capacity", "batch_priority"}}``
     so they can be restored with ``restore_routing``.
     """
@@ -171,6 +176,14 @@ def set_routing(model: nn.Module, capacity_factor: Optional[float] = None,
     unknown = [n for n in names if n not in all_layers]
     if unknown:
         raise ValueError(f"unknown MoE layers {unknown}; the model has {list(all_layers)}")
+    if capacity_factor is not None:
+        check_capacity_factor(capacity_factor, allow_none=False)
+    if batch_priority is not None:
+        check_batch_priority(batch_priority)
+        no_priority = [n for n in names
+                       if batch_priority and not all_layers[n].router.supports_batch_priority]
+        if no_priority:
+            raise ValueError(f"batch_priority=True does not apply to the expert-choice layers {no_priority}")
     previous = {}
     for name in names:
         layer = all_layers[name]
@@ -185,8 +198,12 @@ def set_routing(model: nn.Module, capacity_factor: Optional[float] = None,
 
 
 def restore_routing(model: nn.Module, previous: Dict[str, Dict[str, object]]) -> None:
-    """Undo ``set_routing`` with the settings it returned."""
+    """Undo ``set_routing`` with the settings it returned (each value is validated by the
+    router, as any assignment is)."""
     layers = moe_layers(model)
+    unknown = [name for name in previous if name not in layers]
+    if unknown:
+        raise ValueError(f"unknown MoE layers {unknown}; the model has {list(layers)}")
     for name, settings in previous.items():
         router = layers[name].router
         router.capacity_factor = settings["capacity_factor"]

@@ -121,7 +121,7 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [E, T, d] -> [E, T, d'] (T = G*C buffer rows per expert)."""
         linear = self._linear
-        if self.gemm == "grouped_mm":
+        if self.gemm == "grouped_mm" and x.shape[1] > 0:  # no rows (empty batch): bmm handles it
             _check_grouped_mm(x)
             linear = self._grouped_linear
         h = linear(x, self.fc1_weight, self.fc1_bias)

@@ -1,6 +1,7 @@
 """MoeMlp: a sparse Mixture-of-Experts drop-in replacement for timm's ``Mlp``."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from .dispatch import DISPATCHERS
 from .experts import Experts
 from .plan import RoutingPlan
-from .routing import ExpertChoiceRouter, TopKRouter, _check_positive_int
+from .checks import check_capacity_factor, check_positive_int
+from .routing import ExpertChoiceRouter, TopKRouter
 
 __all__ = ["MoeMlp"]
 
@@ -28,6 +30,8 @@ class MoeMlp(nn.Module):
             averaged over groups;
         ``aux_losses``: dict name -> scalar tensor, each loss averaged over groups (unweighted);
         ``last_plan``: the RoutingPlan (detached).
+    An empty batch (B = 0) returns an empty [0, N, d'] output, as timm's ``Mlp`` does: every
+    auxiliary loss is 0 and ``last_plan`` is a plan of 0 groups.
 
     Args (timm ``Mlp`` ones first): in_features, hidden_features, out_features, act_layer,
         norm_layer (must be None), bias, drop.
@@ -81,14 +85,14 @@ class MoeMlp(nn.Module):
         if norm_layer is not None:
             raise ValueError("MoeMlp does not support norm_layer inside the MLP (got "
                              f"norm_layer={norm_layer!r}); use a ViT without scale_mlp_norm")
-        _check_positive_int("in_features", in_features)
+        check_positive_int("in_features", in_features)
         if group_size is not None and group_size_images is not None:
             raise ValueError("give group_size (tokens) or group_size_images, not both: "
                              f"got group_size={group_size}, group_size_images={group_size_images}")
         if group_size is not None:
-            _check_positive_int("group_size", group_size)
+            check_positive_int("group_size", group_size)
         if group_size_images is not None:
-            _check_positive_int("group_size_images", group_size_images)
+            check_positive_int("group_size_images", group_size_images)
         if group_size is None and group_size_images is None:
             group_size_images = 8
         if dispatcher not in DISPATCHERS:
@@ -131,8 +135,8 @@ class MoeMlp(nn.Module):
 
     @capacity_factor.setter
     def capacity_factor(self, value: float) -> None:
-        from .routing import _check_capacity_factor
-        _check_capacity_factor(value)
+        """Routes with this factor from now on (clears an explicit ``capacity``)."""
+        check_capacity_factor(value, allow_none=False)
         self.router.capacity_factor = value
         self.router.capacity = None
 
@@ -142,9 +146,16 @@ class MoeMlp(nn.Module):
 
     @batch_priority.setter
     def batch_priority(self, value: bool) -> None:
-        if isinstance(self.router, ExpertChoiceRouter) and value:
-            raise ValueError("batch_priority does not apply to the expert_choice router")
-        self.router.batch_priority = bool(value)
+        self.router.batch_priority = value  # validated there (a bool; False for expert-choice)
+
+    @property
+    def noise_std(self) -> float:
+        """The router's training noise std before division by E (validated: finite, >= 0)."""
+        return self.router.noise_std
+
+    @noise_std.setter
+    def noise_std(self, value: float) -> None:
+        self.router.noise_std = value
 
     def group_size_for(self, tokens_per_image: int) -> int:
         """S, the number of tokens per routing group for images of N tokens."""
@@ -171,19 +182,39 @@ class MoeMlp(nn.Module):
             valid = (torch.arange(G * S, device=x.device) < T).view(G, S)
         tokens = tokens.view(G, S, d)
 
-        plan, losses = self.router(tokens, valid)           # plan: [G, S, K] fields
-        dispatch, combine = DISPATCHERS[self.dispatcher]
-        buffers = dispatch(tokens, plan)                     # [E, G*C, d]
-        expert_out = self.experts(buffers)                   # [E, G*C, d']
-        out = combine(expert_out, plan)                      # [G, S, d']
-        out = out.reshape(G * S, -1)[:T].view(B, N, -1).to(x.dtype)
+        if G > 0:
+            plan, losses = self.router(tokens, valid)       # plan: [G, S, K] fields
+            dispatch, combine = DISPATCHERS[self.dispatcher]
+            buffers = dispatch(tokens, plan)                 # [E, G*C, d]
+            expert_out = self.experts(buffers)               # [E, G*C, d']
+            out = combine(expert_out, plan)                  # [G, S, d']
+            out = out.reshape(G * S, -1)[:T]                 # [T, d']
+        else:
+            plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
+        out = out.view(B, N, out.shape[-1]).to(x.dtype)
 
         weights = self.router.loss_weights()
-        self.aux_losses = {name: value.mean() for name, value in losses.items()}
+        # Per-group losses [G] -> scalars; no group at all (B = 0) gives 0, not the NaN of an
+        # empty mean.
+        self.aux_losses = {name: value.mean() if G > 0 else value.sum()
+                           for name, value in losses.items()}
         self.aux_loss = sum((self.aux_losses[name] * weights[name] for name in self.aux_losses
                              if weights.get(name, 0.0) > 0), x.new_zeros((), dtype=torch.float32))
         self.last_plan = plan.detach()
         return out
+
+    def _route_no_tokens(self, tokens: torch.Tensor
+                         ) -> Tuple[RoutingPlan, Dict[str, torch.Tensor], torch.Tensor]:
+        """tokens: [0, S, d] (an empty batch) -> (plan of 0 groups, per-group losses [0], output
+        [0, d']). The experts run on zero buffer rows, so the output depends on the input and
+        the expert weights and backward works (all gradients zero), as with timm's ``Mlp``.
+        Dispatch and combine are skipped: they have no row to move."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # var() over 0 groups; the sum is 0
+            plan, losses = self.router(tokens)
+        E, d = self.num_experts, tokens.shape[-1]
+        rows = tokens.reshape(1, 0, d).expand(E, 0, d)       # [E, 0, d]
+        return plan, losses, self.experts(rows)[0]
 
     def extra_repr(self) -> str:
         groups = (f"group_size={self.group_size}" if self.group_size is not None

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .capacity import compute_capacity
+from .checks import (check_batch_priority, check_capacity, check_capacity_factor, check_noise_std,
+                     check_positive_int)
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
 from .plan import RoutingPlan
 
@@ -22,24 +24,12 @@ __all__ = ["TopKRouter", "ExpertChoiceRouter", "assign_buffer_slots"]
 Losses = Dict[str, torch.Tensor]
 
 
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {name}={value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
-
-
-def _check_capacity_factor(value) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"capacity_factor must be a finite number > 0, got capacity_factor={value!r}")
-
-
 def _descending_order(values: torch.Tensor, dim: int) -> torch.Tensor:
     """Indices sorting ``values`` high to low along ``dim``; ties keep the lower index first
-    (like ``jax.lax.top_k`` and the official stable argsort). NaN sorts as the largest value."""
-    return torch.sort(values, dim=dim, descending=True, stable=True).indices
+    (like ``jax.lax.top_k`` and the official stable argsort). Non-finite values (NaN, +-inf) sort
+    last, as -inf: a token with NaN gates never outranks a healthy one."""
+    key = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    return torch.sort(key, dim=dim, descending=True, stable=True).indices
 
 
 def assign_buffer_slots(
@@ -47,6 +37,7 @@ def assign_buffer_slots(
     num_experts: int,
     priority_order: Optional[torch.Tensor] = None,
     valid: Optional[torch.Tensor] = None,
+    deferred: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Each assignment's position in its expert's buffer, before the capacity cut.
 
@@ -59,6 +50,10 @@ def assign_buffer_slots(
         priority_order: [G, S] int64 permutation of the tokens, highest priority first, or None
             for group order.
         valid: [G, S] bool; padding tokens (False) take no place and get position -1.
+        deferred: [G, S] bool; these tokens' assignments (all K rounds) queue after every other
+            assignment of the group, in the same order among themselves. The top-K router
+            defers tokens with non-finite gates under BPR, so they never take a healthy
+            token's place.
 
     Returns:
         [G, S, K] int64: number of earlier assignments (in priority order) to the same expert.
@@ -68,15 +63,27 @@ def assign_buffer_slots(
         expert_index = expert_index.gather(1, priority_order.unsqueeze(-1).expand(G, S, K))
         if valid is not None:
             valid = valid.gather(1, priority_order)
+        if deferred is not None:
+            deferred = deferred.gather(1, priority_order)
     # [G, K*S]: round-major order, so first choices come before second choices.
     rounds = expert_index.transpose(1, 2).reshape(G, K * S)
+    valid_rounds = valid.repeat(1, K) if valid is not None else None
+    queue = None
+    if deferred is not None:
+        # [G, K*S] permutation moving the deferred assignments to the end (a stable sort).
+        queue = torch.sort(deferred.repeat(1, K).to(torch.int8), dim=1, stable=True).indices
+        rounds = rounds.gather(1, queue)
+        if valid_rounds is not None:
+            valid_rounds = valid_rounds.gather(1, queue)
     experts = torch.arange(num_experts, device=expert_index.device)
     one_hot = (rounds.unsqueeze(-1) == experts).to(torch.int32)  # [G, K*S, E]
-    if valid is not None:
-        one_hot = one_hot * valid.repeat(1, K).unsqueeze(-1).to(torch.int32)
+    if valid_rounds is not None:
+        one_hot = one_hot * valid_rounds.unsqueeze(-1).to(torch.int32)
     position = one_hot.cumsum(1).gather(2, rounds.unsqueeze(-1)).squeeze(-1).long() - 1
-    if valid is not None:
-        position = torch.where(valid.repeat(1, K), position, torch.full_like(position, -1))
+    if valid_rounds is not None:
+        position = torch.where(valid_rounds, position, torch.full_like(position, -1))
+    if queue is not None:
+        position = torch.empty_like(position).scatter_(1, queue, position)
     position = position.view(G, K, S).transpose(1, 2)  # [G, S, K], in priority order
     if priority_order is not None:
         position = torch.empty_like(position).scatter_(
@@ -85,22 +92,108 @@ def assign_buffer_slots(
 
 
 class _GatingRouter(nn.Module):
-    """Shared part of the routers: float32 gating logits without bias, and training noise."""
+    """Shared part of the routers: float32 gating logits without bias, training noise, and the
+    capacity settings.
 
-    def __init__(self, dim: int, num_experts: int, noise_std: float = 1.0,
-                 noisy_at_eval: bool = False):
+    ``noise_std``, ``capacity_factor``, ``capacity`` and ``batch_priority`` are validated
+    properties: a bad value raises ValueError naming the setting, whether it comes from the
+    constructor or is assigned later (evaluation settings, ``config.json`` routing entries).
+    """
+
+    #: Whether Batch Priority Routing means anything for this router.
+    supports_batch_priority = True
+
+    def __init__(self, dim: int, num_experts: int, *, capacity_factor: Optional[float],
+                 capacity: Optional[int], capacity_multiple_of: Optional[int],
+                 capacity_rounding: str, batch_priority: bool, noise_std: float,
+                 noisy_at_eval: bool):
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("num_experts", num_experts)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got noise_std={noise_std}")
+        check_positive_int("dim", dim)
+        check_positive_int("num_experts", num_experts)
+        if capacity is None and capacity_factor is None:
+            raise ValueError("give capacity_factor or capacity, got neither")
+        if capacity_multiple_of is not None:
+            check_positive_int("capacity_multiple_of", capacity_multiple_of, minimum=0)
+        if capacity_rounding not in ("ceil", "round"):
+            raise ValueError(f"capacity_rounding must be 'ceil' or 'round', got {capacity_rounding!r}")
         self.dim = dim
         self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.capacity = capacity
+        self.capacity_multiple_of = capacity_multiple_of
+        self.capacity_rounding = capacity_rounding
+        self.batch_priority = batch_priority
         self.noise_std = noise_std
         self.noisy_at_eval = noisy_at_eval
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.reset_parameters()
 
+    # --- validated settings --------------------------------------------------------------------
+    @property
+    def noise_std(self) -> float:
+        return self._noise_std
+
+    @noise_std.setter
+    def noise_std(self, value: float) -> None:
+        check_noise_std(value)
+        self._noise_std = value
+
+    @property
+    def capacity_factor(self) -> Optional[float]:
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value: Optional[float]) -> None:
+        check_capacity_factor(value)
+        self._capacity_factor = value
+
+    @property
+    def capacity(self) -> Optional[int]:
+        """Explicit buffer size per expert and group (None: from ``capacity_factor``)."""
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, value: Optional[int]) -> None:
+        check_capacity(value)
+        self._capacity = value
+
+    @property
+    def batch_priority(self) -> bool:
+        return self._batch_priority
+
+    @batch_priority.setter
+    def batch_priority(self, value: bool) -> None:
+        check_batch_priority(value)
+        if value and not self.supports_batch_priority:
+            raise ValueError(f"batch_priority=True does not apply to the expert-choice router "
+                             f"({type(self).__name__}): it has no token priority")
+        self._batch_priority = value
+
+    # --- capacity ------------------------------------------------------------------------------
+    def _choices_per_token(self) -> int:
+        """How many buffer places one token may ask for (K for top-K; 1 per expert for
+        expert-choice), the factor of S in the capacity formula."""
+        raise NotImplementedError
+
+    def capacity_for(self, group_size: int) -> int:
+        """Buffer size C per expert for groups of ``group_size`` tokens (S).
+
+        The explicit ``capacity``, else ``compute_capacity`` (the official formula), capped at
+        S: an expert can never hold more than every token of its group once, so e.g.
+        ``capacity_factor=1e9`` ("never drop") allocates S rows per expert and group, not
+        S*K*1e9/E.
+        """
+        if self.capacity is not None:
+            capacity = self.capacity
+        elif self.capacity_factor is None:
+            raise ValueError(f"{type(self).__name__} has neither capacity nor capacity_factor set")
+        else:
+            capacity = compute_capacity(group_size * self._choices_per_token(), self.num_experts,
+                                        self.capacity_factor, self.capacity_rounding,
+                                        self.capacity_multiple_of)
+        return min(capacity, group_size)
+
+    # --- gating --------------------------------------------------------------------------------
     def reset_parameters(self, std: Optional[float] = None) -> None:
         """Normal init with ``std`` (default: LeCun, 1/sqrt(d), as Flax's Dense)."""
         nn.init.normal_(self.weight, std=self.dim**-0.5 if std is None else std)
@@ -123,7 +216,9 @@ class _GatingRouter(nn.Module):
         return logits, logits
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, noise_std={self.noise_std}"
+        cap = (f"capacity={self.capacity}" if self.capacity is not None
+               else f"capacity_factor={self.capacity_factor}")
+        return f"dim={self.dim}, num_experts={self.num_experts}, {cap}, noise_std={self.noise_std}"
 
 
 class TopKRouter(_GatingRouter):
@@ -134,20 +229,21 @@ class TopKRouter(_GatingRouter):
         num_experts: E.
         num_selected: K, experts per token (1 <= K <= E).
         capacity_factor: buffer size per expert = ceil(S*K*cf/E) rounded up to
-            ``capacity_multiple_of``. Ignored when ``capacity`` is given.
-        capacity: explicit buffer size C per expert and group.
+            ``capacity_multiple_of``, capped at S. Ignored when ``capacity`` is given.
+        capacity: explicit buffer size C per expert and group (capped at S).
         capacity_multiple_of: round C up to a multiple of this (None/0: no rounding).
         capacity_rounding: 'ceil' (official default) or 'round'.
         batch_priority: BPR. Tokens with the largest top-1 gate take places first; otherwise
-            earlier tokens in the group do.
+            earlier tokens in the group do. Under BPR a token whose gates are not all finite
+            (NaN/inf input) queues after every healthy assignment of its group.
         noise_std: training noise std before division by E (paper: 1.0, i.e. std 1/E).
         noisy_at_eval: also add noise in eval mode.
         renormalize: combine weights are the gates renormalized over the K choices (sum 1)
             instead of the raw softmax gates (paper default: raw).
         importance_weight, load_weight, gshard_weight, zloss_weight: auxiliary loss weights.
 
-    All routing options are plain attributes and may be changed after construction, e.g. a
-    larger ``capacity_factor`` for evaluation or BPR with a capacity below 1.0 at inference.
+    The routing options may be changed after construction, e.g. a larger ``capacity_factor``
+    for evaluation or BPR with a capacity below 1.0 at inference; assignments are validated.
     """
 
     def __init__(
@@ -168,49 +264,42 @@ class TopKRouter(_GatingRouter):
         gshard_weight: float = 0.0,
         zloss_weight: float = 0.0,
     ):
-        super().__init__(dim, num_experts, noise_std, noisy_at_eval)
-        _check_positive_int("num_selected", num_selected)
+        super().__init__(dim, num_experts, capacity_factor=capacity_factor, capacity=capacity,
+                         capacity_multiple_of=capacity_multiple_of,
+                         capacity_rounding=capacity_rounding, batch_priority=batch_priority,
+                         noise_std=noise_std, noisy_at_eval=noisy_at_eval)
+        check_positive_int("num_selected", num_selected)
         if num_selected > num_experts:
             raise ValueError(f"num_selected (K) must be <= num_experts={num_experts}, "
                              f"got num_selected={num_selected}")
-        if capacity is None and capacity_factor is None:
-            raise ValueError("give capacity_factor or capacity, got neither")
-        if capacity is not None:
-            _check_positive_int("capacity", capacity)
-        _check_capacity_factor(capacity_factor)
-        if capacity_rounding not in ("ceil", "round"):
-            raise ValueError(f"capacity_rounding must be 'ceil' or 'round', got {capacity_rounding!r}")
         self.num_selected = num_selected
-        self.capacity_factor = capacity_factor
-        self.capacity = capacity
-        self.capacity_multiple_of = capacity_multiple_of
-        self.capacity_rounding = capacity_rounding
-        self.batch_priority = batch_priority
         self.renormalize = renormalize
         self.importance_weight = importance_weight
         self.load_weight = load_weight
         self.gshard_weight = gshard_weight
         self.zloss_weight = zloss_weight
 
-    def capacity_for(self, group_size: int) -> int:
-        """Buffer size C per expert for groups of ``group_size`` tokens."""
-        if self.capacity is not None:
-            return self.capacity
-        _check_capacity_factor(self.capacity_factor)
-        return compute_capacity(group_size * self.num_selected, self.num_experts,
-                                self.capacity_factor, self.capacity_rounding,
-                                self.capacity_multiple_of)
+    def _choices_per_token(self) -> int:
+        return self.num_selected
 
     def route(self, gates: torch.Tensor, valid: Optional[torch.Tensor] = None) -> RoutingPlan:
         """gates: [G, S, E] softmax -> RoutingPlan. Pure function of the gates (no noise)."""
         G, S, E = gates.shape
         K = self.num_selected
         capacity = self.capacity_for(S)
-        # Top-K experts per token, best first (ties -> lower expert index, as lax.top_k).
+        # Top-K experts per token, best first (ties -> lower expert index, as lax.top_k;
+        # non-finite gates last).
         expert_index = _descending_order(gates, dim=-1)[..., :K]
         top_gates = gates.gather(-1, expert_index)  # [G, S, K]
-        priority_order = _descending_order(top_gates[..., 0], dim=1) if self.batch_priority else None
-        position = assign_buffer_slots(expert_index, E, priority_order, valid)
+        priority_order = deferred = None
+        if self.batch_priority:
+            # [G, S]: a token with any non-finite gate has the lowest priority, and with K > 1
+            # its assignments also wait for every healthy second choice.
+            unhealthy = ~torch.isfinite(gates.sum(-1))  # NaN/inf anywhere (gates are <= 1)
+            priority = top_gates[..., 0].masked_fill(unhealthy, -math.inf)
+            priority_order = _descending_order(priority, dim=1)
+            deferred = unhealthy if K > 1 else None
+        position = assign_buffer_slots(expert_index, E, priority_order, valid, deferred)
         kept = (position >= 0) & (position < capacity)
         slot = torch.where(kept, position, torch.full_like(position, -1))
         weight = top_gates / top_gates.sum(-1, keepdim=True) if self.renormalize else top_gates
@@ -241,8 +330,7 @@ class TopKRouter(_GatingRouter):
                 "gshard": self.gshard_weight, "z": self.zloss_weight}
 
     def extra_repr(self) -> str:
-        cap = f"capacity={self.capacity}" if self.capacity is not None else f"capacity_factor={self.capacity_factor}"
-        return (f"{super().extra_repr()}, num_selected={self.num_selected}, {cap}, "
+        return (f"{super().extra_repr()}, num_selected={self.num_selected}, "
                 f"batch_priority={self.batch_priority}")
 
 
@@ -251,45 +339,32 @@ class ExpertChoiceRouter(_GatingRouter):
 
     The plan it returns uses K = E: ``expert_index[..., e] = e`` and ``slot[g, s, e]`` is the
     token's position in expert e's buffer (-1 if e did not pick it), so dispatch and combine are
-    the same as for top-K routing. C = ceil(S*cf/E) (no K factor), rounded as for top-K.
-    The official router has no auxiliary loss (perfect balance by construction); z-loss is
-    available.
+    the same as for top-K routing. C = ceil(S*cf/E) (no K factor), rounded as for top-K and
+    capped at S (an expert then takes every token). Tokens with non-finite gates are picked
+    last. The official router has no auxiliary loss (perfect balance by construction); z-loss
+    is available. ``batch_priority`` is always False (assigning True raises).
     """
+
+    supports_batch_priority = False
 
     def __init__(self, dim: int, num_experts: int, capacity_factor: Optional[float] = 1.0,
                  capacity: Optional[int] = None, capacity_multiple_of: Optional[int] = 4,
                  capacity_rounding: str = "ceil", noise_std: float = 1.0,
                  noisy_at_eval: bool = False, zloss_weight: float = 0.0):
-        super().__init__(dim, num_experts, noise_std, noisy_at_eval)
-        if capacity is None and capacity_factor is None:
-            raise ValueError("give capacity_factor or capacity, got neither")
-        if capacity is not None:
-            _check_positive_int("capacity", capacity)
-        _check_capacity_factor(capacity_factor)
-        self.capacity_factor = capacity_factor
-        self.capacity = capacity
-        self.capacity_multiple_of = capacity_multiple_of
-        self.capacity_rounding = capacity_rounding
-        self.batch_priority = False  # not meaningful here; kept so layers can be set uniformly
+        super().__init__(dim, num_experts, capacity_factor=capacity_factor, capacity=capacity,
+                         capacity_multiple_of=capacity_multiple_of,
+                         capacity_rounding=capacity_rounding, batch_priority=False,
+                         noise_std=noise_std, noisy_at_eval=noisy_at_eval)
         self.zloss_weight = zloss_weight
 
-    def capacity_for(self, group_size: int) -> int:
-        if self.capacity is not None:
-            capacity = self.capacity
-        else:
-            _check_capacity_factor(self.capacity_factor)
-            capacity = compute_capacity(group_size, self.num_experts, self.capacity_factor,
-                                        self.capacity_rounding, self.capacity_multiple_of)
-        if capacity > group_size:
-            raise ValueError(f"expert-choice capacity {capacity} exceeds the group size "
-                             f"{group_size}: each expert can pick at most every token once")
-        return capacity
+    def _choices_per_token(self) -> int:
+        return 1
 
     def route(self, gates: torch.Tensor, valid: Optional[torch.Tensor] = None) -> RoutingPlan:
         G, S, E = gates.shape
         capacity = self.capacity_for(S)
         scores = gates if valid is None else torch.where(valid.unsqueeze(-1), gates, torch.full_like(gates, -1.0))
-        # [G, E, C]: each expert's C best tokens, ties -> lower token index.
+        # [G, E, C]: each expert's C best tokens, ties -> lower token index, non-finite last.
         token_index = _descending_order(scores.transpose(1, 2), dim=-1)[..., :capacity]
         position = torch.arange(capacity, device=gates.device).expand(G, E, capacity)
         slot = torch.full((G, S, E), -1, dtype=torch.long, device=gates.device)

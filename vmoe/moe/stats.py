@@ -23,12 +23,14 @@ def routing_statistics(plan: RoutingPlan) -> Dict[str, torch.Tensor]:
         ``importance`` [E]: each expert's share of the total gate mass (sums to 1);
         ``buffer_fill`` (): kept assignments / (E * G * C), how full the buffers are;
         ``router_entropy`` (): mean entropy (nats) of the tokens' gate distributions.
+    A plan without tokens (an empty batch) has nothing to measure: its fractions and
+    ``load_cv`` are NaN (not a misleading 0 or 1).
     """
     G, S, K = plan.expert_index.shape
     E = plan.num_experts
     valid = plan.valid if plan.valid is not None else torch.ones(G, S, dtype=torch.bool, device=plan.slot.device)
     kept = plan.kept & valid.unsqueeze(-1)
-    num_valid = valid.sum().clamp_min(1).float()
+    num_valid = valid.sum().float()  # >= 1 for a layer's plan; 0 only for an empty batch
     counts = torch.zeros(E, device=kept.device).index_add_(
         0, plan.expert_index.reshape(-1), kept.reshape(-1).float())
     total_kept = counts.sum().clamp_min(1.0)
