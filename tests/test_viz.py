@@ -259,7 +259,7 @@ def test_capacity_sweep_matches_plain_evaluation_and_restores_settings():
         assert numbers["accuracy"][mode][1] == pytest.approx(plain)
         assert numbers["dropped_fraction"][mode][1] == 0.0 and numbers["dropped_fraction"][mode][0] > 0
         S = 2 * 17
-        C = compute_capacity(S * K, E, 2.0)
+        C = min(compute_capacity(S * K, E, 2.0), S)  # the router caps C at the group size
         G = 2  # 4 images per batch / 2 per group
         per_layer = 2 * E * G * C * (D * 64 + 64 * D) + 2 * G * S * D * E
         assert numbers["moe_flops_per_image"][mode][1] == pytest.approx(2 * per_layer / 4)
