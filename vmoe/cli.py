@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 __all__ = ["main", "VmoeCLI", "EXTRA_COMMANDS", "register_command", "LIGHTNING_COMMANDS",
            "run_command", "error_message", "TrainingInterrupted"]
@@ -174,7 +174,10 @@ def _make_cli_class():
             parser.add_lightning_class_args(ExportPretrained, "export")
             parser.add_lightning_class_args(ResumableTraining, "resume")
             parser.add_argument("--test_after_fit", type=bool, default=True,
-                                help="after fit, test the best checkpoint and print where things are")
+                                help="after fit, test and print where things are")
+            parser.add_argument("--test_weights", type=Literal["best", "final"], default="best",
+                                help="weights tested after fit: the best checkpoint (by the "
+                                     "checkpoint monitor) or the final weights of the run")
             parser.add_argument("--torch_num_threads", type=Optional[int], default=None,
                                 help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
             parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -246,8 +249,10 @@ def _make_cli_class():
                            "last": next((c.last_model_path for c in ckpts if c.last_model_path), "")}
             results = None
             if self.config.fit.test_after_fit and self._has_test_data():
+                best = self._paths["best"] if self.config.fit.test_weights == "best" else ""
+                self._paths["tested"] = Path(best).name if best else "final weights"
                 results = self.trainer.test(self.model, datamodule=self.datamodule,
-                                            ckpt_path=self._paths["best"] or None, verbose=False)
+                                            ckpt_path=best or None, verbose=False)
             self._summary(results)
 
         def _has_test_data(self) -> bool:
@@ -268,7 +273,8 @@ def _make_cli_class():
                 r = results[0]
                 acc = "  ".join(f"{k.split('/')[1]} {100 * v:.2f}%" for k, v in r.items()
                                 if k.startswith("test/acc"))
-                lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f})")
+                lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f}; "
+                             f"{self._paths['tested']})")
             paths = self._paths
             if paths["dir"]:
                 best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
