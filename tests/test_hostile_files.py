@@ -89,7 +89,7 @@ def test_every_shape_is_compared_on_a_meta_build_before_the_real_one(saved, no_r
     _edit(directory, lambda c: c["model_args"].__setitem__("mlp_ratio", 4000.0))
     with pytest.raises(ValueError, match=r"config.json describes a model that does not fit .*"
                                          r"model.safetensors: wrong shapes .*blocks.0.mlp.fc1.weight: "
-                                         r"config \(128000, 32\) vs file \(64, 32\)"):
+                                         r"file \(64, 32\) vs config \(128000, 32\)"):
         vm.from_pretrained(directory)
 
 
@@ -97,7 +97,7 @@ def test_a_head_of_another_size_is_an_error_unless_num_classes_is_given(saved):
     directory, model = saved
     _edit(directory, lambda c: c["model_args"].__setitem__("num_classes", 1000))
     # Before: the head silently became a freshly initialized 1000-class head.
-    with pytest.raises(ValueError, match=r"head.weight: config \(1000, 32\) vs file \(5, 32\)"):
+    with pytest.raises(ValueError, match=r"head.weight: file \(5, 32\) vs config \(1000, 32\)"):
         vm.from_pretrained(directory)
     tuned = vm.from_pretrained(directory, num_classes=3)
     assert tuned.head.weight.shape == (3, 32)

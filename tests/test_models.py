@@ -168,8 +168,8 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError) as err:
         vm.load_state_dict_checked(model, state)
     message = str(err.value)
-    assert "missing keys (1): ['blocks.1.mlp.router.weight']" in message
-    assert "unexpected keys (1): ['extra.weight']" in message
+    assert "missing keys (1): blocks.1.mlp.router.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
     assert "head.bias: checkpoint (3,) vs model (10,)" in message
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 from .safetensors_stream import TensorEntry
 
@@ -123,25 +123,34 @@ def check_config_against_header(config: dict, args: dict, header: Mapping[str, T
                          f"{sorted(routers)})")
 
 
+def shape_mismatches(expected: Mapping[str, tuple], found: Mapping[str, tuple],
+                     expected_as: str = "model", found_as: str = "file",
+                     may_differ: Iterable[str] = (), limit: Optional[int] = 8) -> str:
+    """What keeps ``found`` (name -> shape) from fitting ``expected`` (name -> shape): missing
+    keys, unexpected keys and wrong shapes as one readable string ('' when they fit), at most
+    ``limit`` names of each kind. ``may_differ`` names entries whose shape may differ."""
+    may_differ = set(may_differ)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - may_differ)
+    wrong = [f"{k}: {found_as} {tuple(found[k])} vs {expected_as} {tuple(expected[k])}"
+             for k in sorted(set(expected) & set(found))
+             if tuple(expected[k]) != tuple(found[k]) and k not in may_differ]
+    parts = []
+    for label, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("wrong shapes", wrong)):
+        if names:
+            more = ", ..." if limit is not None and len(names) > limit else ""
+            parts.append(f"{label} ({len(names)}): {', '.join(names[:limit])}{more}")
+    return "; ".join(parts)
+
+
 def check_shapes(expected: Mapping[str, tuple], header: Mapping[str, TensorEntry],
                  config_path: Path, weights_path: Path, may_differ: Iterable[str] = ()) -> None:
     """Every parameter of the model built from the config (``expected``: name -> shape, from a
     meta-device build) must be in the header with that shape, and nothing else; ``may_differ``
     names the parameters whose shape a fine-tuning override changes (head, pos_embed)."""
-    may_differ = set(may_differ)
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(set(header) - set(expected) - may_differ)
-    wrong = [f"{k}: config {tuple(expected[k])} vs file {header[k].shape}"
-             for k in sorted(set(expected) & set(header))
-             if tuple(expected[k]) != header[k].shape and k not in may_differ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing in the file ({len(missing)}): {missing[:8]}")
-        if unexpected:
-            parts.append(f"not in the model ({len(unexpected)}): {unexpected[:8]}")
-        if wrong:
-            parts.append(f"wrong shapes ({len(wrong)}): {wrong[:8]}")
-        raise ValueError(f"{config_path} describes a model that does not fit {weights_path}: "
-                         + "; ".join(parts))
+    problems = shape_mismatches(expected, {k: v.shape for k, v in header.items()},
+                                expected_as="config", found_as="file", may_differ=may_differ)
+    if problems:
+        raise ValueError(f"{config_path} describes a model that does not fit {weights_path}: {problems}")
 

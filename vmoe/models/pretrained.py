@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from .config_checks import FORMAT_VERSION, check_config_against_header, check_shapes, validate_config
+from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
+                            shape_mismatches, validate_config)
 from .moeify import moe_layers, moeify
 from .safetensors_stream import read_safetensors_header
 
@@ -148,20 +149,11 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
 
 def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict`` that lists every missing key, unexpected key and shape mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if wrong:
-            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = shape_mismatches(own, {k: tuple(v.shape) for k, v in state_dict.items()},
+                                expected_as="model", found_as="checkpoint", limit=None)
+    if problems:
+        raise ValueError(f"{source} does not fit {type(model).__name__}: {problems}")
     model.load_state_dict(state_dict)
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
 
 import vmoe.models as vm
+from vmoe.models.config_checks import shape_mismatches
 
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
 from .optim import SCHEDULES, lr_factor, param_groups
@@ -390,12 +391,9 @@ def _differences(key: str, saved: Any, now: Any) -> list:
 
 def state_dict_differences(saved: Dict[str, Any], own: Dict[str, torch.Tensor], limit: int = 5) -> str:
     """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if nothing)."""
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in sorted(set(own) & set(saved))
-             if hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)]
-    parts = [f"{label} ({len(items)}): {', '.join(items[:limit])}{', ...' if len(items) > limit else ''}"
-             for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                  ("wrong shapes", wrong)) if items]
-    return "; ".join(parts)
+    own_shapes = {k: tuple(v.shape) for k, v in own.items()}
+    # entries without a shape (not tensors) are not compared
+    saved_shapes = {k: tuple(v.shape) if hasattr(v, "shape") else own_shapes.get(k, ())
+                    for k, v in saved.items()}
+    return shape_mismatches(own_shapes, saved_shapes, expected_as="model", found_as="checkpoint",
+                            limit=limit)
