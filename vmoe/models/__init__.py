@@ -2,15 +2,16 @@
 
 Importing this package registers the ``vmoe_*`` models in timm's registry.
 """
+# The MoE layers of a model and their routing settings live in vmoe.moe; re-exported here.
+from ..moe import moe_layers, restore_routing, routing_settings, set_routing
 from . import variants  # noqa: F401  (registers the timm factories)
-from .moeify import (aux_loss, aux_losses, moe_block_indices, moe_layers, moeify, restore_routing,
-                     routing_plans, routing_stats, set_routing)
+from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_plans, routing_stats
 from .variants import PAPER_MOE_DEFAULTS, VARIANTS
 from .vit_moe import VisionTransformerMoe
 from .pretrained import from_pretrained, load_state_dict_checked, save_pretrained, upcycle
 from .vmoe_import import convert_vmoe_checkpoint, from_vmoe_checkpoint
 
 __all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
-           "routing_stats", "set_routing", "restore_routing", "VisionTransformerMoe", "VARIANTS",
-           "PAPER_MOE_DEFAULTS", "save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle",
+           "routing_stats", "set_routing", "restore_routing", "routing_settings",
+           "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle",
            "from_vmoe_checkpoint", "convert_vmoe_checkpoint"]

@@ -9,17 +9,19 @@ of the model (built on the meta device: no memory) with the header.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from ..moe import RoutingSettings
 from .safetensors_stream import TensorEntry
 
 __all__ = ["validate_config", "check_config_against_header", "check_shapes"]
 
 FORMAT_VERSION = 1
-ROUTING_KEYS = ("capacity_factor", "capacity", "batch_priority")
+ROUTING_KEYS = tuple(f.name for f in dataclasses.fields(RoutingSettings))  # a 'routing' entry
 
 
 def _is_int(value) -> bool:

@@ -1,18 +1,16 @@
-"""Turn a timm Vision Transformer into a V-MoE, and read/steer its MoE layers."""
+"""Turn a timm Vision Transformer into a V-MoE, and read its MoE layers' losses and plans."""
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..moe import MoeMlp, RoutingPlan, routing_statistics
-from ..moe.checks import check_batch_priority, check_capacity_factor
+from ..jsonable import to_jsonable
+from ..moe import MoeMlp, RoutingPlan, moe_layers, require_moe_layers, routing_statistics
 
-__all__ = ["moe_block_indices", "moeify", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
-           "routing_stats", "set_routing"]
+__all__ = ["moe_block_indices", "moeify", "aux_loss", "aux_losses", "routing_plans", "routing_stats"]
 
 
 def moe_block_indices(depth: int, every: Optional[int] = None, last: Optional[int] = None,
@@ -102,34 +100,23 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
     recipe = dict(getattr(model, "vmoe_moe", {}) or {})
     recipe.setdefault("blocks", [])
     recipe["blocks"] = sorted(set(recipe["blocks"]) | set(indices))
-    recipe["moe_kwargs"] = {**recipe.get("moe_kwargs", {}), **_jsonable(moe_kwargs)}
+    recipe["moe_kwargs"] = {**recipe.get("moe_kwargs", {}), **_storable(moe_kwargs)}
     model.vmoe_moe = recipe
     return model
 
 
-def _jsonable(kwargs: dict) -> dict:
+def _storable(moe_kwargs: dict) -> dict:
+    """The MoE options as JSON values (``model.vmoe_moe`` goes into config.json), or TypeError
+    naming the option that is not a plain value."""
     out = {}
-    for k, v in kwargs.items():
-        if isinstance(v, (bool, int, float, str, type(None))):
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
-            out[k] = list(v)
-        else:
-            raise TypeError(f"MoE option {k}={v!r} is not a plain value (int/float/str/bool/None); "
-                            "pass a name instead so the model can be saved and rebuilt")
+    for k, v in moe_kwargs.items():
+        try:
+            out[k] = to_jsonable(v, strict=True)
+        except TypeError:
+            raise TypeError(f"MoE option {k}={v!r} is not a plain value (None, bool, int, float, "
+                            "str, or lists/dicts of them); "
+                            "pass a name instead so the model can be saved and rebuilt") from None
     return out
-
-
-def moe_layers(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
-    """All MoE layers of the model, by module name (e.g. ``"blocks.1.mlp"``), in model order."""
-    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, MoeMlp))
-
-
-def _require_moe(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers (no MoeMlp): moeify it first")
-    return layers
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
@@ -147,7 +134,7 @@ def aux_losses(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
 
 def routing_plans(model: nn.Module) -> Dict[str, RoutingPlan]:
     """The RoutingPlan of every MoE layer from the last forward."""
-    plans = {name: m.last_plan for name, m in _require_moe(model).items()}
+    plans = {name: m.last_plan for name, m in require_moe_layers(model).items()}
     missing = [name for name, plan in plans.items() if plan is None]
     if missing:
         raise RuntimeError(f"no forward has run yet through {missing}")
@@ -157,58 +144,3 @@ def routing_plans(model: nn.Module) -> Dict[str, RoutingPlan]:
 def routing_stats(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     """``routing_statistics`` of every MoE layer's last plan."""
     return {name: routing_statistics(plan) for name, plan in routing_plans(model).items()}
-
-
-def set_routing(model: nn.Module, capacity_factor: Optional[float] = None,
-                batch_priority: Optional[bool] = None,
-                layers: Optional[Iterable[str]] = None) -> Dict[str, Dict[str, object]]:
-    """Set capacity factor and/or BPR on all (or the named) MoE layers.
-
-    The values are checked before any layer changes (``capacity_factor`` a finite number > 0,
-    ``batch_priority`` a bool, not True for an expert-choice layer): a bad value raises
-    ValueError and leaves the model as it was.
-
-    Returns the previous settings ``{layer: {"capacity_factor", "capacity", "batch_priority"}}``
-    so they can be restored with ``restore_routing``.
-    """
-    all_layers = _require_moe(model)
-    names = list(all_layers) if layers is None else list(layers)
-    unknown = [n for n in names if n not in all_layers]
-    if unknown:
-        raise ValueError(f"unknown MoE layers {unknown}; the model has {list(all_layers)}")
-    if capacity_factor is not None:
-        check_capacity_factor(capacity_factor, allow_none=False)
-    if batch_priority is not None:
-        check_batch_priority(batch_priority)
-        no_priority = [n for n in names
-                       if batch_priority and not all_layers[n].router.supports_batch_priority]
-        if no_priority:
-            raise ValueError(f"batch_priority=True does not apply to the expert-choice layers {no_priority}")
-    previous = {}
-    for name in names:
-        layer = all_layers[name]
-        previous[name] = {"capacity_factor": layer.router.capacity_factor,
-                          "capacity": layer.router.capacity,
-                          "batch_priority": layer.router.batch_priority}
-        if capacity_factor is not None:
-            layer.capacity_factor = capacity_factor
-        if batch_priority is not None:
-            layer.batch_priority = batch_priority
-    return previous
-
-
-def restore_routing(model: nn.Module, previous: Dict[str, Dict[str, object]]) -> None:
-    """Undo ``set_routing`` with the settings it returned (each value is validated by the
-    router, as any assignment is)."""
-    layers = moe_layers(model)
-    unknown = [name for name in previous if name not in layers]
-    if unknown:
-        raise ValueError(f"unknown MoE layers {unknown}; the model has {list(layers)}")
-    for name, settings in previous.items():
-        router = layers[name].router
-        router.capacity_factor = settings["capacity_factor"]
-        router.capacity = settings["capacity"]
-        router.batch_priority = settings["batch_priority"]
-
-
-__all__.append("restore_routing")

@@ -19,26 +19,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
+from ..jsonable import to_jsonable
+from ..moe import moe_layers, read_routing, restore_routing
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
-from .moeify import moe_layers, moeify
+from .moeify import moeify
 from .safetensors_stream import read_safetensors_header
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle", "check_target_dir"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _plain(value):
-    """JSON-friendly copy of a constructor argument, or TypeError naming it."""
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    raise TypeError(f"cannot store {value!r} in config.json")
 
 
 def model_config(model: nn.Module) -> dict:
@@ -55,14 +46,12 @@ def model_config(model: nn.Module) -> dict:
     if img_size is not None:
         args["img_size"] = list(img_size)
     try:
-        args = {k: _plain(v) for k, v in args.items()}
+        args = to_jsonable(args, strict=True)
     except TypeError as err:
         raise TypeError(f"model argument not storable: {err}; build the model with plain "
                         "arguments (names instead of classes)") from None
     moe = None if architecture.startswith("vmoe_") else getattr(model, "vmoe_moe", None)
-    routing = {name: {"capacity_factor": m.router.capacity_factor, "capacity": m.router.capacity,
-                      "batch_priority": m.router.batch_priority}
-               for name, m in moe_layers(model).items()}
+    routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
     return {"format": "vmoe", "version": FORMAT_VERSION, "architecture": architecture,
             "model_args": args, "moeify": moe, "routing": routing}
 
@@ -231,12 +220,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     state = _read_weights(weights_path)
     state = _adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
     load_state_dict_checked(model, state, source=str(weights_path))
-    layers = moe_layers(model)
-    for name, settings in (config.get("routing") or {}).items():
-        router = layers[name].router  # names were checked against the weights' routers
-        router.capacity_factor = settings["capacity_factor"]
-        router.capacity = settings["capacity"]
-        router.batch_priority = settings["batch_priority"]
+    restore_routing(moe_layers(model), config.get("routing") or {})  # names checked with the weights
     return model
 
 

@@ -1,6 +1,6 @@
-"""Argument checks for the MoE layer's settings, shared by the routers, ``MoeMlp`` and
-``vmoe.models.set_routing``: each raises one clear error naming the setting, its value and what is
-expected (e.g. ``capacity=0 must be None or an integer >= 1``)."""
+"""Argument checks for the MoE layer's settings, shared by the routers and ``MoeMlp`` (whose
+setters ``vmoe.moe.settings`` goes through): each raises one clear error naming the setting, its
+value and what is expected (e.g. ``capacity=0 must be None or an integer >= 1``)."""
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -14,7 +15,7 @@ from .plan import RoutingPlan
 from .checks import check_capacity_factor, check_positive_int
 from .routing import ExpertChoiceRouter, TopKRouter
 
-__all__ = ["MoeMlp"]
+__all__ = ["MoeMlp", "moe_layers", "require_moe_layers"]
 
 
 class MoeMlp(nn.Module):
@@ -220,3 +221,21 @@ class MoeMlp(nn.Module):
         groups = (f"group_size={self.group_size}" if self.group_size is not None
                   else f"group_size_images={self.group_size_images}")
         return f"{groups}, dispatcher={self.dispatcher!r}"
+
+
+def moe_layers(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
+    """Every ``MoeMlp`` in ``model`` by module name (e.g. ``"blocks.1.mlp"``), in module order;
+    empty for a model without MoE layers."""
+    return OrderedDict((name, m) for name, m in model.named_modules() if isinstance(m, MoeMlp))
+
+
+def require_moe_layers(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
+    """``moe_layers(model)``, or ValueError naming the model's type when it has none (TypeError
+    when ``model`` is not an ``nn.Module``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers (no vmoe.moe.MoeMlp module): "
+                         "replace some MLPs by MoeMlp first (vmoe.models.moeify)")
+    return layers

@@ -21,6 +21,7 @@ from timm.data import Mixup
 
 import vmoe.models as vm
 from vmoe.models.config_checks import shape_mismatches
+from vmoe.moe import moe_layers, restore_routing, set_routing
 
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
 from .optim import SCHEDULES, lr_factor, param_groups
@@ -166,7 +167,7 @@ class VmoeClassifier(L.LightningModule):
             f"{split}_acc{k}": torchmetrics.classification.MulticlassAccuracy(
                 num_classes=self.num_classes, top_k=kk, average="micro")
             for split in ("train", "val", "test") for k, kk in (("1", 1), ("5", top5))})
-        self._saved_routing = None
+        self._training_routing = None  # {layer: RoutingSettings} while evaluation routing is on
         self._checked_labels = False
 
     # --- loss ------------------------------------------------------------------------------
@@ -256,15 +257,18 @@ class VmoeClassifier(L.LightningModule):
 
     # --- evaluation-time routing --------------------------------------------------------------
     def _eval_routing(self) -> None:
+        """Route with ``eval_capacity_factor``/``eval_batch_priority``, keeping the training
+        settings for ``_train_routing`` (a no-op when already in evaluation routing)."""
         cf, bpr = self.hparams.eval_capacity_factor, self.hparams.eval_batch_priority
-        if (cf is None and bpr is None) or not vm.moe_layers(self.model) or self._saved_routing is not None:
+        if (cf is None and bpr is None) or not moe_layers(self.model) or self._training_routing is not None:
             return
-        self._saved_routing = vm.set_routing(self.model, capacity_factor=cf, batch_priority=bpr)
+        self._training_routing = set_routing(self.model, capacity_factor=cf, batch_priority=bpr)
 
     def _train_routing(self) -> None:
-        if self._saved_routing is not None:
-            vm.restore_routing(self.model, self._saved_routing)
-            self._saved_routing = None
+        """Put back exactly the training settings ``_eval_routing`` replaced."""
+        if self._training_routing is not None:
+            restore_routing(self.model, self._training_routing)
+            self._training_routing = None
 
     def _raise_divergence(self, what: str) -> None:
         """DivergenceError naming the step and, when the weights are already non-finite, which

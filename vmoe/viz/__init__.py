@@ -11,9 +11,10 @@ what-if maps re-route the recorded gates with the layer's own ``router.route``.
 """
 from .maps import patch_map, priority_map, routing_figure
 from .page import sweep_markdown
-from .record import RoutingRecord, TokenRouting, image_grid, moe_layers, record_routing, ungroup
+from vmoe.moe import moe_layers, routing_settings  # re-exported: notebooks use them beside the plots
+
+from .record import RoutingRecord, TokenRouting, image_grid, record_routing, ungroup
 from .report import write_routing_report
-from .settings import routing_settings
 from .stats import class_expert_matrix, expert_load, mutual_information
 from .style import expert_colors
 from .sweep import capacity_sweep, evaluate

@@ -19,22 +19,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan
+from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan, require_moe_layers, routing_settings
+from vmoe.moe import moe_layers  # noqa: F401  (vmoe.viz.cli imports it from here)
 
-__all__ = ["moe_layers", "record_routing", "image_grid", "RoutingRecord", "TokenRouting", "ungroup"]
-
-
-def moe_layers(model: nn.Module) -> Dict[str, MoeMlp]:
-    """name -> MoeMlp for every MoE layer of ``model``, in module order. Raises ValueError if none."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from ..models.moeify import moe_layers as all_moe_layers
-
-    layers = dict(all_moe_layers(model))
-    if not layers:
-        raise ValueError(f"model {type(model).__name__} has no MoE layers (no vmoe.moe.MoeMlp "
-                         "module): turn some blocks' mlp into MoeMlp first")
-    return layers
+__all__ = ["record_routing", "image_grid", "RoutingRecord", "TokenRouting", "ungroup"]
 
 
 def ungroup(values: torch.Tensor, batch_size: int, tokens_per_image: int) -> torch.Tensor:
@@ -183,7 +171,6 @@ class RoutingRecord:
         Uses the layer's own ``router.route`` on the recorded gates [G, S, E] and groups, so
         group membership and priorities are the recorded ones.
         """
-        from .settings import routing_settings  # local: settings imports nothing from here
         moe = self.layers[self.check_layer(layer)]
         if not self.is_top_k(layer):
             raise ValueError(f"layer {layer!r} uses expert-choice routing: it has no per-token "
@@ -254,7 +241,7 @@ def record_routing(model: nn.Module, layers: Optional[Sequence[str]] = None,
     Raises ValueError for a model without MoE layers, an unknown layer name, or images whose
     size does not match the model's (checked before the forward runs).
     """
-    all_layers = moe_layers(model)
+    all_layers = require_moe_layers(model)
     names = list(all_layers) if layers is None else list(layers)
     unknown = [n for n in names if n not in all_layers]
     if unknown or not names:

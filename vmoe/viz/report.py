@@ -22,13 +22,16 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
 
+from vmoe.jsonable import to_jsonable
+from vmoe.moe import require_moe_layers
+
 from .maps import patch_map, priority_map
 from .page import render_page
-from .record import RoutingRecord, moe_layers, record_routing
+from .record import RoutingRecord, record_routing
 from .stats import class_expert_matrix, expert_load
 from .sweep import capacity_sweep
 
-__all__ = ["write_routing_report", "DEFAULT_CAPACITY_FACTORS", "FirstImages", "to_jsonable"]
+__all__ = ["write_routing_report", "DEFAULT_CAPACITY_FACTORS", "FirstImages"]
 
 DEFAULT_CAPACITY_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 REPORT_FORMAT = "vmoe-routing-report"
@@ -72,24 +75,6 @@ def _expected_batches(data, max_images: Optional[int]) -> Optional[int]:
     if max_images is not None and batch_size:
         total = min(total, math.ceil(max_images / batch_size))
     return total
-
-
-def to_jsonable(value):
-    """numpy/torch values -> plain JSON types (tuple dict keys joined as 'a@b')."""
-    if isinstance(value, dict):
-        return {("@".join(map(str, k)) if isinstance(k, tuple) else str(k)): to_jsonable(v)
-                for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _save(fig, out_dir: Path, name: str, dpi: int) -> str:
@@ -229,7 +214,7 @@ def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, P
         ValueError: a model without MoE layers, an empty dataset, images whose size does not
         match the model's, bad arguments.
     """
-    layers = moe_layers(model)  # ValueError naming the model when it has no MoE layer
+    layers = require_moe_layers(model)  # ValueError naming the model when it has no MoE layer
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be a positive int or None, got max_images={max_images!r}")
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:

@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vmoe.moe import MoeMlp
+from vmoe.moe import MoeMlp, require_moe_layers, routing_settings
 
-from .record import image_grid, moe_layers
-from .settings import routing_settings
+from .record import image_grid
 
 __all__ = ["capacity_sweep", "evaluate"]
 
@@ -36,7 +35,7 @@ def _moe_flops(layer: MoeMlp, plan, tokens_per_group: int) -> int:
 def evaluate(model: nn.Module, data: Iterable, device=None) -> Dict[str, float]:
     """Top-1 accuracy of ``model`` (eval mode) over ``data`` (batches of (images, labels)), with
     the MoE layers' dropped fraction and FLOPs per image. The model's mode is restored."""
-    layers = moe_layers(model)
+    layers = require_moe_layers(model)
     device = device if device is not None else next(model.parameters()).device
     totals = {"flops": 0, "kept": 0, "assignments": 0}
 
@@ -94,7 +93,7 @@ def capacity_sweep(model: nn.Module, data: Iterable,
         ``moe_flops_per_image`` (router + expert MLPs on the E*G*C buffer rows, all MoE layers);
         ``reference_accuracy`` (float or None) and ``num_images``.
     """
-    layers = moe_layers(model)
+    layers = require_moe_layers(model)
     for mode in modes:
         if mode not in _STYLE:
             raise ValueError(f"modes must hold 'vanilla' and/or 'bpr', got {mode!r}")

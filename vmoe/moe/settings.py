@@ -1,0 +1,138 @@
+"""The routing settings of MoE layers: read them, change them, put them back.
+
+Evaluation routes with other settings than training (the paper trains at capacity factor 1.05
+and evaluates at 4.0; Batch Priority Routing lets inference run below 1.0). Training, the
+capacity sweep, the routing pictures and save/load all go through this module:
+
+    with routing_settings(model, capacity_factor=4.0):      # every MoE layer, restored on exit
+        logits = model(images)
+    previous = set_routing(model, batch_priority=True)      # {layer: RoutingSettings}
+    restore_routing(model, previous)
+
+``target`` is a model (it must hold at least one ``MoeMlp``) or a mapping ``{name: MoeMlp}``
+(e.g. a subset of ``moe_layers(model)``). Values are validated by the routers' and ``MoeMlp``'s
+setters (``vmoe.moe.checks``); a bad value raises and leaves every layer as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Union
+
+import torch.nn as nn
+
+from .layer import MoeMlp, require_moe_layers
+
+__all__ = ["RoutingSettings", "read_routing", "set_routing", "restore_routing", "routing_settings"]
+
+Layers = Union[nn.Module, Mapping[str, MoeMlp]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSettings:
+    """What a router's evaluation-time options are: ``capacity_factor`` (None when an explicit
+    ``capacity`` is set), ``capacity`` (buffer rows per expert and group, or None) and
+    ``batch_priority`` (BPR). ``to_dict``/``from_dict``: the ``config.json`` entry."""
+
+    capacity_factor: Optional[float]
+    capacity: Optional[int]
+    batch_priority: bool
+
+    @classmethod
+    def of(cls, layer: MoeMlp) -> "RoutingSettings":
+        """The settings ``layer``'s router routes with now."""
+        router = layer.router
+        return cls(router.capacity_factor, router.capacity, router.batch_priority)
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, object]) -> "RoutingSettings":
+        """From ``{"capacity_factor", "capacity", "batch_priority"}`` (other keys ignored)."""
+        return cls(*(entry[f.name] for f in dataclasses.fields(cls)))
+
+    def to_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
+
+    def apply(self, layer: MoeMlp) -> None:
+        """Make ``layer``'s router route with exactly these settings (each validated by the
+        router's setter: ValueError for e.g. ``capacity=0``)."""
+        router = layer.router
+        router.capacity_factor = self.capacity_factor
+        router.capacity = self.capacity
+        router.batch_priority = self.batch_priority
+
+
+def _layers(target: Layers, names: Optional[Iterable[str]] = None) -> Dict[str, MoeMlp]:
+    """``{name: MoeMlp}`` of ``target`` (a model with MoE layers, or such a mapping), restricted
+    to ``names`` (ValueError for a name that is not one of its MoE layers)."""
+    layers = dict(target) if isinstance(target, Mapping) else dict(require_moe_layers(target))
+    if names is None:
+        return layers
+    names = list(names)
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise ValueError(f"unknown MoE layers {unknown}; the model has {list(layers)}")
+    return {n: layers[n] for n in names}
+
+
+def read_routing(target: Layers) -> Dict[str, RoutingSettings]:
+    """``{layer: RoutingSettings}`` of every MoE layer of ``target``, in module order."""
+    return {name: RoutingSettings.of(layer) for name, layer in _layers(target).items()}
+
+
+def restore_routing(target: Layers,
+                    settings: Mapping[str, Union[RoutingSettings, Mapping[str, object]]]) -> None:
+    """Apply ``{layer: settings}`` (``RoutingSettings`` or their dicts, as ``read_routing``,
+    ``set_routing`` and ``config.json`` give them) to the named MoE layers of ``target``, all or
+    none: a value the router refuses, or an unknown layer name, raises ValueError and changes
+    nothing."""
+    layers = _layers(target, settings)
+    wanted = {name: s if isinstance(s, RoutingSettings) else RoutingSettings.from_dict(s)
+              for name, s in settings.items()}
+    previous = read_routing(layers)
+    try:
+        for name, s in wanted.items():
+            s.apply(layers[name])
+    except Exception:
+        for name, s in previous.items():
+            s.apply(layers[name])
+        raise
+
+
+def set_routing(target: Layers, capacity_factor: Optional[float] = None,
+                batch_priority: Optional[bool] = None,
+                layers: Optional[Iterable[str]] = None) -> Dict[str, RoutingSettings]:
+    """Set ``capacity_factor`` (a finite number > 0; clears an explicit ``capacity``) and/or
+    ``batch_priority`` on every MoE layer of ``target`` (or the ``layers`` named); None keeps
+    a setting. All or none: a bad value raises ValueError and changes nothing
+    (``batch_priority=True`` names the expert-choice layers, which have no priority).
+
+    Returns the previous ``{layer: RoutingSettings}``, for ``restore_routing``.
+    """
+    selected = _layers(target, layers)
+    if batch_priority is True:
+        no_priority = [n for n, m in selected.items() if not m.router.supports_batch_priority]
+        if no_priority:
+            raise ValueError(f"batch_priority=True does not apply to the expert-choice layers {no_priority}")
+    previous = read_routing(selected)
+    try:
+        for layer in selected.values():
+            if capacity_factor is not None:
+                layer.capacity_factor = capacity_factor
+            if batch_priority is not None:
+                layer.batch_priority = batch_priority
+    except Exception:
+        restore_routing(selected, previous)
+        raise
+    return previous
+
+
+@contextlib.contextmanager
+def routing_settings(target: Layers, capacity_factor: Optional[float] = None,
+                     batch_priority: Optional[bool] = None) -> Iterator[Dict[str, RoutingSettings]]:
+    """``set_routing`` for the ``with`` body; yields the previous settings and puts them back
+    exactly (factor, explicit capacity, BPR) on exit, error or not."""
+    previous = set_routing(target, capacity_factor, batch_priority)
+    try:
+        yield previous
+    finally:
+        restore_routing(target, previous)
