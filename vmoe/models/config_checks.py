@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
-from .safetensors_stream import TensorEntry
+from vmoe.checkpoints import TensorEntry
 
 __all__ = ["validate_config", "check_config_against_header", "check_shapes"]
 
