@@ -97,7 +97,8 @@ class LazyArray:
 
 def _write(job):
     """Child job: writes the synthetic checkpoint; returns its description."""
-    from vmoe.models.official_checkpoint import read_checkpoint_index, write_checkpoint
+    from tests.official_writer import write_checkpoint
+    from vmoe.checkpoints import read_checkpoint_index
     label, shapes = pick_shapes(int(job["size_gb"] * 1e9))
     params = {n: LazyArray(s, seed) for seed, (n, s) in enumerate(shapes.items())}
     t0 = time.perf_counter()
@@ -142,9 +143,8 @@ def child(mode, job):
     import resource
     import torch  # noqa: F401  (imported by every measured mode so the baseline matches)
     import vmoe.models  # noqa: F401  (timm and our model code)
-    from vmoe.models.vmoe_import import convert_vmoe_checkpoint, from_vmoe_checkpoint
-    from vmoe.models.official_checkpoint import iter_checkpoint_arrays, read_checkpoint_index
-    from vmoe.models.safetensors_stream import SafetensorsStreamWriter
+    from vmoe.checkpoints import SafetensorsStreamWriter, iter_checkpoint_arrays, read_checkpoint_index
+    from vmoe.models.official import convert_vmoe_checkpoint, from_vmoe_checkpoint
     with open("/proc/self/statm") as f:  # resident pages after the imports, before any work
         rss_start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     prefix = job["prefix"]

@@ -64,7 +64,7 @@ SHAPES = {
     "S/32 E=8": Shape("S/32 E=8", 512, 2048, 8),
     "S/32 E=32": Shape("S/32 E=32", 512, 2048, 32),
     "tiny E=4": Shape("tiny E=4", 64, 256, 4),
-    # Issue 7's GPU shapes: the B/16 layer (196 patches + cls, 8 images per group).
+    # The GPU shapes: the paper's B/16 layer (196 patches + cls, 8 images per group).
     "B/16 E=8": Shape("B/16 E=8", 768, 3072, 8, images=64, tokens=197),
     "B/16 E=32": Shape("B/16 E=32", 768, 3072, 32, images=64, tokens=197),
 }

@@ -1,6 +1,6 @@
 """Training throughput (images/s) of V-MoE against the dense ViT of the same architecture.
 
-Pairs (issue 7): V-MoE B/16 (E=8, K=2, every 2) vs dense ViT-B/16, and V-MoE S/32 (E=8, K=2,
+Pairs (the paper's models): V-MoE B/16 (E=8, K=2, every 2) vs dense ViT-B/16, and V-MoE S/32 (E=8, K=2,
 last 2) vs dense ViT-S/32. For each pair it prints the throughput ratio vmoe/dense next to the
 FLOPs ratio dense/vmoe (what the extra FLOPs predict; counted with torch.utils.flop_counter over
 one forward+backward, MoE layers at the E*G*C rows they actually compute) and their quotient.

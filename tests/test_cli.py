@@ -12,7 +12,7 @@ from PIL import Image
 
 import vmoe.data
 import vmoe.models as vm
-from vmoe.cli import EXTRA_COMMANDS, main, register_command
+from vmoe.cli import COMMANDS, LIGHTNING_COMMANDS, Command, main
 from vmoe.data import DigitsDataModule
 from vmoe.train import build_model
 
@@ -218,17 +218,32 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     one_line_error(capsys, re.escape(str(broken)))
 
 
-def test_extra_commands_dispatch_before_lightning(monkeypatch, capsys):
+def test_commands_dispatch_before_lightning(monkeypatch, capsys):
     calls = []
-    monkeypatch.setitem(EXTRA_COMMANDS, "hello", ("tests.test_cli:_hello", "say hello"))
-    monkeypatch.setattr("tests.test_cli._hello", lambda argv: calls.append(argv) or 7, raising=False)
-    assert main(["hello", "--x", "1"]) == 7 and calls == [["--x", "1"]]
-    with pytest.raises(ValueError, match="cannot be replaced"):
-        register_command("fit", "x:y", "no")
+    hello = Command("say hello", lambda p: p.add_argument("--x", type=int), lambda args: calls.append(args.x) or 7)
+    monkeypatch.setitem(COMMANDS, "hello", hello)
+    assert main(["hello", "--x", "1"]) == 7 and calls == [1]
+    assert not set(COMMANDS) & set(LIGHTNING_COMMANDS)  # a command never hides a Lightning one
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "hello" in out and "say hello" in out and "fit" in out
 
 
-def _hello(argv):  # replaced by the test above
-    return 0
+@pytest.mark.parametrize("data, extra, img_size, batch_size", [
+    ("vmoe.data.DigitsDataModule", [], 16, 64),
+    ("vmoe.data.ImageFolderDataModule", ["--data.data_dir", "images"], 224, 128),
+    ("vmoe.data.CIFAR10DataModule", [], 32, 128)])
+def test_data_options_passed_on_as_kwargs_are_listed_and_checked(data, extra, img_size, batch_size, capsys):
+    """The data modules hand the base class's options on as ``**kwargs``: LightningCLI still
+    shows them with their defaults, parses them and refuses a misspelt one."""
+    import yaml
+    assert main(["fit", "--data", data, *extra, "--data.eval_batch_size", "7", "--print_config"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    base = {"img_size": img_size, "batch_size": batch_size, "eval_batch_size": 7, "num_workers": 0,
+            "pin_memory": False, "drop_last": False, "mean": None, "std": None,
+            "train_transform": None, "eval_transform": None}
+    assert {k: args.get(k, "missing") for k in base} == base
+    assert main(["fit", "--data", data, *extra, "--data.batch_sise", "8", "--print_config"]) == 2
+    one_line_error(capsys, "batch_sise")
+    assert main(["fit", "--data", data, *extra, "--data.num_workers", "many", "--print_config"]) == 2
+    one_line_error(capsys, "num_workers")

@@ -1,5 +1,9 @@
 """The extra `vmoe` subcommands, run through the real entry point."""
 import json
+import subprocess
+import sys
+
+import pytest
 
 import numpy as np
 import torch
@@ -61,3 +65,23 @@ def test_routing_report_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsy
     assert main(args + ["--overwrite"]) == 0
     assert (out / "index.html").read_text() != "my own page" and (out / "report.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")]  # staging dir gone
+
+
+@pytest.mark.parametrize("command", ["convert", "routing-report", "capacity-sweep"])
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"usage: vmoe {command}" in capsys.readouterr().out
+
+
+def test_convert_does_not_import_lightning(tmp_path):
+    code = ("import sys; from vmoe.cli import main; "
+            f"code = main(['convert', {str(FIXTURES / 'vmoe_tiny_a')!r}, '--out', {str(tmp_path / 'out')!r}]); "
+            "print(code, sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[-2] == "0 []", done.stdout + done.stderr
+
+
+def test_a_bad_option_is_one_line(tmp_path, capsys):
+    assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(tmp_path), "--num-selected", "two"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vmoe convert: error:") and "num_selected" in err[0]

@@ -163,7 +163,7 @@ def test_convert_on_a_full_disk(tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
 
-    monkeypatch.setattr("vmoe.models.vmoe_import.convert_vmoe_checkpoint", full)
+    monkeypatch.setattr("vmoe.models.official.convert_vmoe_checkpoint", full)
     assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(tmp_path / "out")]) == 2
     one_line_error(capsys, "convert", r"No space left on device")
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 
 import vmoe.models as vm
-from vmoe.cli import _make_cli_class
+from vmoe.cli.training import VmoeCLI
 from vmoe.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from vmoe.train import VmoeClassifier
 
@@ -18,8 +18,8 @@ ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.s
 
 
 def build(name, tmp_path, *overrides):
-    cli = _make_cli_class()(args=["--config", str(CONFIGS / name), *ON_CPU,
-                                  "--trainer.default_root_dir", str(tmp_path / "run"), *overrides], run=False)
+    cli = VmoeCLI(args=["--config", str(CONFIGS / name), *ON_CPU,
+                        "--trainer.default_root_dir", str(tmp_path / "run"), *overrides], run=False)
     assert isinstance(cli.model, VmoeClassifier)
     return cli
 

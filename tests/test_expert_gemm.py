@@ -1,6 +1,6 @@
 """The experts' GEMM choice: 'bmm' (default) vs 'grouped_mm' (torch.nn.functional.grouped_mm).
 
-grouped_mm is the Hopper grouped-GEMM path of issue 7; PyTorch also runs it on the CPU in
+grouped_mm is the grouped-GEMM path for Hopper GPUs; PyTorch also runs it on the CPU in
 bfloat16, so its wiring (weights cast to bf16, biases, gradients reaching the float32
 parameters, errors) is checked here against bmm. Its speed is measured on a GPU by
 ``benchmarks/moe_layer.py --dtype bf16`` (column ``floor_gmm/floor``; run by

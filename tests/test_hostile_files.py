@@ -204,7 +204,7 @@ def test_header_declaring_more_than_the_file_holds(saved, no_build_at_all):
 
 
 def test_a_non_empty_target_names_the_command_line_flag(saved, tmp_path):
-    from vmoe.models.vmoe_import import convert_vmoe_checkpoint
+    from vmoe.models.official import convert_vmoe_checkpoint
     directory, model = saved
     with pytest.raises(FileExistsError, match=r"m exists and is not empty; pass overwrite=True "
                                               r"\(--overwrite on the command line\)"):
@@ -243,8 +243,8 @@ def test_a_full_disk_during_save_leaves_the_target_as_it_was(tmp_path, monkeypat
 
 
 def test_a_full_disk_during_convert_leaves_nothing(tmp_path, monkeypatch):
-    from vmoe.models.safetensors_stream import SafetensorsStreamWriter
-    from vmoe.models.vmoe_import import convert_vmoe_checkpoint
+    from vmoe.checkpoints.safetensors_stream import SafetensorsStreamWriter
+    from vmoe.models.official import convert_vmoe_checkpoint
     fixture = Path(__file__).parent / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
     write = SafetensorsStreamWriter.write
     calls = []
@@ -264,7 +264,7 @@ def test_a_full_disk_during_convert_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_stream_writer_removes_its_file_when_the_final_flush_fails(tmp_path):
-    from vmoe.models.safetensors_stream import SafetensorsStreamWriter
+    from vmoe.checkpoints.safetensors_stream import SafetensorsStreamWriter
     path = tmp_path / "w.safetensors"
     writer = SafetensorsStreamWriter(path, {"a": (torch.float32, (4,))})
     writer.write("a", torch.zeros(4))

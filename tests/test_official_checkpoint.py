@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from vmoe.models import _ckpt_format
-from vmoe.models.official_checkpoint import (
-    CheckpointFormatError, iter_checkpoint_arrays, read_checkpoint, read_checkpoint_index,
-    write_checkpoint)
+from vmoe.checkpoints import official_format
+from vmoe.checkpoints.official_reader import (
+    CheckpointFormatError, iter_checkpoint_arrays, read_checkpoint, read_checkpoint_index)
+
+from . import official_writer
+from .official_writer import write_checkpoint
 
 FIX = Path(__file__).parent / "fixtures" / "vmoe_reference"
 CASES = [("vmoe_tiny_a", "model_a_params"), ("vmoe_tiny_a_3shards", "model_a_params"),
@@ -100,7 +102,7 @@ def test_round_trip_many_shards_small_chunks_all_dtypes(tmp_path, monkeypatch):
         "scalar": np.array(3.5, dtype=np.float32),
         "empty": np.zeros((0, 4), dtype=np.float32),
     }
-    monkeypatch.setattr(_ckpt_format, "MAX_PIECE_BYTES", 16)  # several pieces per chunk
+    monkeypatch.setattr(official_writer, "MAX_PIECE_BYTES", 16)  # several pieces per chunk
     write_checkpoint(tmp_path / "r", params, num_shards=3, max_chunk_bytes=40)
     idx = read_checkpoint_index(tmp_path / "r")
     assert max(len(i.chunks) for i in idx.values()) > 5
@@ -211,7 +213,7 @@ def test_corrupted_shard_structure(tmp_path):
     Path(path).write_bytes(data + b"\x00")
     with pytest.raises(CheckpointFormatError, match="1 unexpected bytes after"):
         read_checkpoint(prefix)
-    Path(path).write_bytes(data.replace(_ckpt_format.MARKER_KEY.encode(), b"x" * 30))
+    Path(path).write_bytes(data.replace(official_format.MARKER_KEY.encode(), b"x" * 30))
     with pytest.raises(CheckpointFormatError, match="unexpected key 'xxxx"):
         read_checkpoint(prefix)
 
@@ -325,8 +327,8 @@ def test_many_chunks_are_checked_in_n_log_n(tmp_path):
 def test_chunk_tiling_check_agrees_with_counting_every_element():
     """The corner-sum test and the sweep against a brute-force count, on random chunk sets
     (including a 'pinwheel' tiling that no straight cut separates)."""
-    from vmoe.models.official_checkpoint import _check_chunks
-    from vmoe.models._ckpt_format import Chunk
+    from vmoe.checkpoints.official_reader import _check_chunks
+    from vmoe.checkpoints.official_format import Chunk
     shape = (4, 3, 3)
     pinwheel = [((0, 2), (0, 1)), ((2, 3), (0, 2)), ((1, 3), (2, 3)), ((0, 1), (1, 3)), ((1, 2), (1, 2))]
     _check_chunks("w", (3, 3), tuple(Chunk(r, 0) for r in pinwheel), "x")
@@ -365,7 +367,7 @@ def test_chunk_tiling_check_agrees_with_counting_every_element():
 def test_a_shard_that_shrinks_after_the_scan_is_an_error(tmp_path, cut_from):
     """The shard is checked when iteration is set up; if it is cut afterwards, the read that
     comes up short names the shard, the array, its byte range and where the file now ends."""
-    from vmoe.models.official_checkpoint import _scan_shard
+    from vmoe.checkpoints.official_reader import _scan_shard
     prefix = _copy(tmp_path, "vmoe_tiny_a")
     shard = prefix + ".data-00000-of-00001"
     infos = read_checkpoint_index(prefix)

@@ -1,4 +1,4 @@
-"""Guards of the MoE layer (issue 15): non-finite gates under BPR, router noise size and
+"""Guards of the MoE layer against bad inputs and settings: non-finite gates under BPR, router noise size and
 validation, empty batches, the capacity cap at the group size, routing settings validated
 wherever they are set."""
 import math

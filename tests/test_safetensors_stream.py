@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vmoe.models.safetensors_stream import SafetensorsStreamWriter
+from vmoe.checkpoints.safetensors_stream import SafetensorsStreamWriter
 
 
 def test_written_in_any_order_reads_back_with_safetensors(tmp_path):

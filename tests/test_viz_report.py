@@ -13,7 +13,7 @@ from PIL import Image
 
 import vmoe.models as vm
 import vmoe.viz as V
-from vmoe.viz.cli import capacity_sweep_main, routing_report_main
+from vmoe.cli import main
 
 NUM_CLASSES = 4
 CFS = (0.5, 4.0)
@@ -179,9 +179,9 @@ def saved(tmp_path_factory):
 
 def test_cli_routing_report_on_image_folder(saved, tmp_path, capsys):
     out = tmp_path / "report"
-    code = routing_report_main(["--model", str(saved / "model"), "--data", str(saved / "images"),
-                                "--out", str(out), "--batch-size", "4", "--capacity-factors", "0.5", "2",
-                                "--examples", "2", "--no-progress"])
+    code = main(["routing-report", "--model", str(saved / "model"), "--data", str(saved / "images"),
+                 "--out", str(out), "--batch-size", "4", "--capacity-factors", "0.5", "2",
+                 "--examples", "2", "--no-progress"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["num_images"] == 9 and report["data"]["class_names"] == ["cat", "dog", "eel"]
@@ -191,9 +191,9 @@ def test_cli_routing_report_on_image_folder(saved, tmp_path, capsys):
 
 
 def test_cli_capacity_sweep_prints_table(saved, tmp_path, capsys):
-    code = capacity_sweep_main(["--model", str(saved / "model"), "--data", str(saved / "images"),
-                                "--max-images", "6", "--batch-size", "4", "--out", str(tmp_path),
-                                "--capacity-factors", "0.25", "1", "4", "--no-progress"])
+    code = main(["capacity-sweep", "--model", str(saved / "model"), "--data", str(saved / "images"),
+                 "--max-images", "6", "--batch-size", "4", "--out", str(tmp_path),
+                 "--capacity-factors", "0.25", "1", "4", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     rows = [ln for ln in printed.splitlines() if re.match(r"\| [0-9.]+ \|", ln)]
@@ -206,17 +206,17 @@ def test_cli_capacity_sweep_prints_table(saved, tmp_path, capsys):
 
 def test_cli_errors_are_one_line(saved, tmp_path, capsys):
     base = ["--out", str(tmp_path / "o"), "--no-progress"]
-    assert routing_report_main(["--model", str(tmp_path / "missing"), "--data", "digits"] + base) == 2
+    assert main(["routing-report", "--model", str(tmp_path / "missing"), "--data", "digits"] + base) == 2
     assert "--model" in capsys.readouterr().err
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    assert routing_report_main(["--model", str(saved / "model"), "--data", str(tmp_path / "empty")] + base) == 2
+    assert main(["routing-report", "--model", str(saved / "model"), "--data", str(tmp_path / "empty")] + base) == 2
     assert "without any image" in capsys.readouterr().err
     for c in "abcde":  # 5 classes, the model has 4
         (tmp_path / "many" / c).mkdir(parents=True)
         Image.new("RGB", (16, 16)).save(tmp_path / "many" / c / "x.png")
-    assert capacity_sweep_main(["--model", str(saved / "model"), "--data", str(tmp_path / "many")] + base) == 2
+    assert main(["capacity-sweep", "--model", str(saved / "model"), "--data", str(tmp_path / "many")] + base) == 2
     assert "num_classes=4" in capsys.readouterr().err
-    assert routing_report_main(["--model", str(saved / "model"), "--data", "digits"] + base) == 2
+    assert main(["routing-report", "--model", str(saved / "model"), "--data", "digits"] + base) == 2
     assert "10 classes" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: missing --data
-        routing_report_main(["--model", str(saved / "model"), "--out", str(tmp_path)])
+    assert main(["routing-report", "--model", str(saved / "model"), "--out", str(tmp_path)]) == 2
+    assert "required: data" in capsys.readouterr().err

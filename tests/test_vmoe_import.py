@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from vmoe.models import from_pretrained, moe_layers
-from vmoe.models.official_checkpoint import CheckpointFormatError, read_checkpoint, write_checkpoint
-from vmoe.models.vmoe_import import (convert_vmoe_checkpoint, from_vmoe_checkpoint,
-                                     infer_vmoe_architecture)
+from vmoe.checkpoints import CheckpointFormatError, read_checkpoint
+from vmoe.cli import main
+from vmoe.models.official import convert_vmoe_checkpoint, from_vmoe_checkpoint, infer_vmoe_architecture
+
+from .official_writer import _index_bytes, _leaf_order, _plan, write_checkpoint
 
 FIX = Path(__file__).parent / "fixtures" / "vmoe_reference"
 MODELS = [("vmoe_tiny_a", "model_a"), ("vmoe_tiny_a_3shards", "model_a"),
@@ -181,9 +183,8 @@ def test_unexpected_trees_are_rejected(tmp_path, edit, match):
 
 
 def test_convert_command_line(tmp_path, capsys):
-    from vmoe.models.vmoe_import import convert_main
-    convert_main([str(FIX / "vmoe_tiny_a_3shards"), "--out", str(tmp_path / "cli"),
-                  "--group-size-images", "2", "--capacity-factor", "4.0"])
+    assert main(["convert", str(FIX / "vmoe_tiny_a_3shards"), "--out", str(tmp_path / "cli"),
+                 "--group-size-images", "2", "--capacity-factor", "4.0"]) == 0
     assert "wrote" in capsys.readouterr().out
     out = np.load(FIX / "model_a_outputs.npz")
     model = from_pretrained(tmp_path / "cli")
@@ -203,7 +204,6 @@ def huge_index(tmp_path):
     """The 1-shard fixture with an index that declares a 10**9-class head (128 GB of float32)
     and is only a few KB itself: the shard on disk is the fixture's."""
     import shutil
-    from vmoe.models._ckpt_writer import _index_bytes, _leaf_order, _plan
     params = {k: _ShapeOnly(v.shape) for k, v in read_checkpoint(FIX / "vmoe_tiny_a").items()}
     params["head/kernel"], params["head/bias"] = _ShapeOnly((32, 10**9)), _ShapeOnly((10**9,))
     names = _leaf_order(params)
@@ -220,7 +220,7 @@ def test_what_the_index_declares_is_checked_against_the_shards_before_allocating
         raise AssertionError("the model was allocated before the shards were checked")
 
     monkeypatch.setattr(torch.nn.Module, "to_empty", refuse)
-    monkeypatch.setattr("vmoe.models.vmoe_import._build_empty", refuse)
+    monkeypatch.setattr("vmoe.models.official._build_empty", refuse)
     match = (r"huge.data-00000-of-00001: file is truncated, or .*huge.index does not belong to it: "
              r"the index places 132000\d{6} bytes of array data in this shard, which has \d+ bytes")
     with pytest.raises(CheckpointFormatError, match=match):

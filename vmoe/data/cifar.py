@@ -18,7 +18,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from vmoe.data.base import VisionDataModule
 from vmoe.data.datasets import ArrayDataset, stratified_split
-from vmoe.data.transforms import EvalTransformConfig, TrainTransformConfig
+from vmoe.data.transforms import TrainTransformConfig
 
 _PIXELS = 32 * 32 * 3
 
@@ -71,7 +71,7 @@ def read_cifar_binary(path: Path, label_bytes: int, label_index: int) -> tuple[n
 class CIFAR10DataModule(VisionDataModule):
     """CIFAR-10 (10 classes, 50,000 train / 10,000 test 32x32 RGB images).
 
-    Args (besides those of ``VisionDataModule``):
+    Args (besides those of ``VisionDataModule``, passed on as ``**kwargs``):
         data_dir: folder holding (or receiving) ``cifar-10-batches-bin``.
         download: fetch and extract the archive in ``prepare_data`` if absent (needs network).
         val_fraction: stratified fraction of the train set held out for validation (V-MoE
@@ -88,21 +88,9 @@ class CIFAR10DataModule(VisionDataModule):
         download: bool = True,
         val_fraction: float = 0.02,
         split_seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        train_transform: Optional[TrainTransformConfig] = None,
-        eval_transform: Optional[EvalTransformConfig] = None,
+        **kwargs,
     ):
-        super().__init__(
-            img_size=img_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last, mean=mean, std=std,
-            train_transform=train_transform, eval_transform=eval_transform,
-        )
+        super().__init__(img_size=img_size, **kwargs)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         if self.channels != 3:

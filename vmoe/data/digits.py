@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from vmoe.data.base import VisionDataModule
 from vmoe.data.datasets import ArrayDataset, stratified_split
 from vmoe.data.randaugment import GEOMETRIC_OPS
-from vmoe.data.transforms import EvalTransformConfig, TrainTransformConfig
+from vmoe.data.transforms import TrainTransformConfig
 
 
 def load_digits_uint8(channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +27,7 @@ def load_digits_uint8(channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
 class DigitsDataModule(VisionDataModule):
     """8x8 handwritten digits upscaled to ``img_size``; 80/10/10 stratified split by default.
 
-    Args (besides those of ``VisionDataModule``):
+    Args (besides those of ``VisionDataModule``, passed on as ``**kwargs``):
         channels: 3 (grey replicated to RGB, for models with in_chans=3) or 1.
         val_fraction, test_fraction: fractions of the 1,797 images held out.
         split_seed: fixes the split (not the augmentation).
@@ -45,14 +45,9 @@ class DigitsDataModule(VisionDataModule):
         test_fraction: float = 0.1,
         split_seed: int = 0,
         batch_size: int = 64,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
-        train_transform: Optional[TrainTransformConfig] = None,
-        eval_transform: Optional[EvalTransformConfig] = None,
+        **kwargs,
     ):
         if channels not in (1, 3):
             raise ValueError(f"channels={channels!r} must be 1 or 3")
@@ -65,11 +60,7 @@ class DigitsDataModule(VisionDataModule):
         std = (0.5,) * channels if std is None else std
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} need {channels} entries (channels={channels})")
-        super().__init__(
-            img_size=img_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last, mean=mean, std=std,
-            train_transform=train_transform, eval_transform=eval_transform,
-        )
+        super().__init__(img_size=img_size, batch_size=batch_size, mean=mean, std=std, **kwargs)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed

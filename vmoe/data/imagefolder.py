@@ -16,7 +16,6 @@ from typing import Optional, Sequence
 
 from vmoe.data.base import VisionDataModule
 from vmoe.data.datasets import CorruptImageError, ImageFileDataset, load_image
-from vmoe.data.transforms import EvalTransformConfig, TrainTransformConfig
 
 # Extensions that PIL or OpenCV decode.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -90,7 +89,7 @@ def _is_readable(path: Path) -> bool:
 class ImageFolderDataModule(VisionDataModule):
     """Train/val/test directories of class sub-folders.
 
-    Args (besides those of ``VisionDataModule``):
+    Args (besides those of ``VisionDataModule``, passed on as ``**kwargs``):
         data_dir: the folder holding the split folders.
         num_classes: if given, must equal the number of train class folders.
         train_split, val_split, test_split: split folder names under ``data_dir``; None -> no
@@ -113,22 +112,10 @@ class ImageFolderDataModule(VisionDataModule):
         test_split: Optional[str] = "test",
         skip_corrupt: bool = False,
         extensions: Optional[list[str]] = None,
-        batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        train_transform: Optional[TrainTransformConfig] = None,
-        eval_transform: Optional[EvalTransformConfig] = None,
         predict_dir: Optional[str] = None,
+        **kwargs,
     ):
-        super().__init__(
-            img_size=img_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last, mean=mean, std=std,
-            train_transform=train_transform, eval_transform=eval_transform,
-        )
+        super().__init__(img_size=img_size, **kwargs)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes={num_classes!r} must be a positive int or None")
         if train_split is None:

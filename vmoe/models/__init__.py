@@ -1,4 +1,5 @@
-"""vmoe.models: timm ViT -> V-MoE, the paper's variants, upcycling, save/load, checkpoint import.
+"""vmoe.models: timm ViT -> V-MoE, the paper's variants, upcycling, save/load, the official
+checkpoints' key mapping.
 
 Importing this package registers the ``vmoe_*`` models in timm's registry.
 """
@@ -9,9 +10,9 @@ from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_pla
 from .variants import PAPER_MOE_DEFAULTS, VARIANTS
 from .vit_moe import VisionTransformerMoe
 from .pretrained import from_pretrained, load_state_dict_checked, save_pretrained, upcycle
-from .vmoe_import import convert_vmoe_checkpoint, from_vmoe_checkpoint
+from .official import convert_vmoe_checkpoint, from_vmoe_checkpoint, infer_vmoe_architecture
 
 __all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
            "routing_stats", "set_routing", "restore_routing", "routing_settings",
            "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle",
-           "from_vmoe_checkpoint", "convert_vmoe_checkpoint"]
+           "from_vmoe_checkpoint", "convert_vmoe_checkpoint", "infer_vmoe_architecture"]

@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
+from vmoe.checkpoints import TensorEntry
+
 from ..moe import RoutingSettings
-from .safetensors_stream import TensorEntry
 
 __all__ = ["validate_config", "check_config_against_header", "check_shapes"]
 

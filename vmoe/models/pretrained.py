@@ -19,12 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
+from vmoe.checkpoints import read_safetensors_header
+
 from ..jsonable import to_jsonable
 from ..moe import moe_layers, read_routing, restore_routing
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
 from .moeify import moeify
-from .safetensors_stream import read_safetensors_header
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle", "check_target_dir"]
 

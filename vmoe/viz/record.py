@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan, require_moe_layers, routing_settings
-from vmoe.moe import moe_layers  # noqa: F401  (vmoe.viz.cli imports it from here)
 
 __all__ = ["record_routing", "image_grid", "RoutingRecord", "TokenRouting", "ungroup"]
 

@@ -1,8 +1,8 @@
 """Building blocks of Google's V-MoE checkpoint format (``vmoe.checkpoints.partitioned``).
 
-Shared by the reader (:mod:`vmoe.models.official_checkpoint`) and the writer
-(:mod:`vmoe.models._ckpt_writer`): the error type, the array/chunk descriptions, the dtype
-whitelist, bfloat16 bit conversions and a tiny *streaming* MessagePack header reader.
+Shared by the reader (:mod:`vmoe.checkpoints.official_reader`) and the writer the tests use
+(``tests/official_writer.py``): the error type, the array/chunk descriptions, the dtype
+whitelist and a tiny *streaming* MessagePack header reader.
 
 Why a hand-written header reader: a data shard is one MessagePack map whose values hold the
 raw array bytes (possibly hundreds of MiB per chunk). ``msgpack.Unpacker`` would copy each of
@@ -26,8 +26,7 @@ __all__ = [
     "shard_path",
     "storage_dtype",
     "output_dtype",
-    "float32_to_bfloat16_bits",
-    "bfloat16_bits_to_float32",
+    "MsgpackStream",
 ]
 
 VERSION = "20220622"
@@ -35,8 +34,6 @@ MARKER_KEY = "__msgpack_array_chunk_a87ca2__"
 EXT_NDARRAY, EXT_SLICE_ND, EXT_INDEX_INFO = 1, 6, 8
 KNOWN_EXT_CODES = {1: "ndarray", 2: "complex", 3: "numpy scalar", 4: "ShapedArray", 5: "Slice",
                    6: "SliceNd", 7: "SliceNdArray", 8: "IndexInfo"}
-# vmoe splits every chunk into 1-D pieces of at most this many bytes.
-MAX_PIECE_BYTES = 2**30
 
 # Only plain numeric dtypes are accepted: never object/str/void (nothing in a file may make
 # numpy build Python objects). Stored little-endian ("native" on every machine vmoe ran on).
@@ -66,21 +63,6 @@ def storage_dtype(name: str, where: str) -> np.dtype:
 def output_dtype(name: str) -> np.dtype:
     """The dtype the reader returns: the stored one, except bfloat16 -> float32."""
     return np.dtype(np.float32) if name == "bfloat16" else np.dtype(name)
-
-
-def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round-to-nearest-even like JAX/XLA."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():  # keep NaN a (quiet) NaN: rounding could carry it into +-inf
-        bits[nan] = ((u[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)
-    return bits
-
-
-def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32 (exact: bf16 is float32's upper half)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

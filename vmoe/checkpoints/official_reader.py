@@ -1,4 +1,4 @@
-"""Read (and write) Google's official V-MoE checkpoints with numpy + msgpack only.
+"""Read Google's official V-MoE checkpoints with numpy + msgpack only.
 
 A checkpoint with prefix ``P`` is ``P.index`` plus data shards ``P.data-00000-of-0000N``,
 each one MessagePack document (format of ``vmoe.checkpoints.partitioned``, version
@@ -29,13 +29,12 @@ from typing import Iterable, Iterator
 import msgpack
 import numpy as np
 
-from vmoe.models._ckpt_format import (
+from vmoe.checkpoints.official_format import (
     EXT_INDEX_INFO, EXT_NDARRAY, EXT_SLICE_ND, KNOWN_EXT_CODES, MARKER_KEY, VERSION,
     ArrayInfo, CheckpointFormatError, Chunk, MsgpackStream, shard_path, storage_dtype)
-from vmoe.models._ckpt_writer import write_checkpoint
 
 __all__ = ["CheckpointFormatError", "ArrayInfo", "Chunk", "read_checkpoint_index",
-           "iter_checkpoint_arrays", "read_checkpoint", "write_checkpoint"]
+           "iter_checkpoint_arrays", "read_checkpoint"]
 
 
 # ----------------------------------------------------------------------------------- index

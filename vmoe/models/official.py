@@ -1,4 +1,5 @@
-"""Import Google's released V-MoE checkpoints into our timm-based ``VisionTransformerMoe``.
+"""Google's released V-MoE checkpoints -> our timm-based ``VisionTransformerMoe``: the key
+mapping of the official parameter tree (the file format is read by :mod:`vmoe.checkpoints`).
 
 The architecture is read from the checkpoint's index (hidden size, depth, heads, MLP size,
 patch size, MoE blocks and experts, class token or global pooling, representation size,
@@ -24,6 +25,7 @@ Parameter mapping (official name -> torch key, layout):
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -35,11 +37,14 @@ import timm
 import torch
 import torch.nn as nn
 
-from .official_checkpoint import CheckpointFormatError, iter_checkpoint_arrays, read_checkpoint_index
+from vmoe.checkpoints import (CheckpointFormatError, SafetensorsStreamWriter, iter_checkpoint_arrays,
+                              read_checkpoint_index)
+
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, model_config, staged_save_dir
 from .variants import PAPER_MOE_DEFAULTS
 
 __all__ = ["infer_vmoe_architecture", "from_vmoe_checkpoint", "convert_vmoe_checkpoint",
-           "iter_converted_tensors", "convert_main"]
+           "iter_converted_tensors"]
 
 _QKV = ("query", "key", "value")
 
@@ -252,11 +257,6 @@ def from_vmoe_checkpoint(prefix: str, *, num_classes: Optional[int] = None, img_
 def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **moe_options) -> Path:
     """Writes a ``save_pretrained`` directory (config.json + model.safetensors) from an official
     checkpoint, streaming: peak memory is about one array, never the whole model."""
-    import json
-
-    from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, model_config, staged_save_dir
-    from .safetensors_stream import SafetensorsStreamWriter
-
     out_dir = Path(out_dir)
     check_target_dir(out_dir, overwrite)  # before reading anything
     arch = infer_vmoe_architecture(prefix)
@@ -272,29 +272,3 @@ def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return out_dir
 
-
-def convert_main(argv=None) -> None:
-    """``python -m vmoe.models.vmoe_import PREFIX --out DIR [--num-selected 2] ...``"""
-    import argparse
-    p = argparse.ArgumentParser(description="Convert an official V-MoE checkpoint (PREFIX.index + "
-                                "PREFIX.data-*) into a vmoe save_pretrained directory.")
-    p.add_argument("prefix", help="checkpoint path without '.index'")
-    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    p.add_argument("--num-selected", type=int, default=2, help="K experts per token (default 2)")
-    p.add_argument("--capacity-factor", type=float, default=1.05)
-    p.add_argument("--group-size-images", type=int, default=8)
-    p.add_argument("--batch-priority", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    out_dir = Path(a.out)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not a.overwrite:  # before reading anything
-        raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace "
-                              "its files, or choose a new directory")
-    out = convert_vmoe_checkpoint(a.prefix, a.out, overwrite=a.overwrite, num_selected=a.num_selected,
-                                  capacity_factor=a.capacity_factor,
-                                  group_size_images=a.group_size_images, batch_priority=a.batch_priority)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    convert_main()

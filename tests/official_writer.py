@@ -1,4 +1,5 @@
-"""Writer of the official V-MoE checkpoint format (the reader is in ``official_checkpoint``).
+"""Writer of the official V-MoE checkpoint format, for tests and benchmarks (the reader is
+``vmoe.checkpoints.official_reader``; vmoe itself never writes this format).
 
 Produces what ``vmoe.checkpoints.partitioned.save_checkpoint`` produces for a params tree:
 ``P.index`` and ``P.data-{i:05d}-of-{N:05d}``. Arrays are split into chunks of at most
@@ -22,9 +23,22 @@ from typing import Iterable, Mapping
 import msgpack
 import numpy as np
 
-from vmoe.models import _ckpt_format as fmt
+from vmoe.checkpoints import official_format as fmt
 
-__all__ = ["write_checkpoint"]
+__all__ = ["write_checkpoint", "float32_to_bfloat16_bits"]
+
+# vmoe splits every chunk into 1-D pieces of at most this many bytes.
+MAX_PIECE_BYTES = 2**30
+
+
+def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round-to-nearest-even like JAX/XLA."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # keep NaN a (quiet) NaN: rounding could carry it into +-inf
+        bits[nan] = ((u[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)
+    return bits
 
 
 def _leaf_order(names: Iterable[str]) -> list[str]:
@@ -182,9 +196,9 @@ def write_checkpoint(prefix: str, params: Mapping[str, np.ndarray], num_shards: 
             arr = np.asarray(params[name])
             if arr.shape != shape:
                 raise ValueError(f"params[{name!r}] changed shape: {shape} then {arr.shape}")
-            arr = (fmt.float32_to_bfloat16_bits(arr) if dtype == "bfloat16"
+            arr = (float32_to_bfloat16_bits(arr) if dtype == "bfloat16"
                    else np.ascontiguousarray(arr, dtype=fmt.storage_dtype(dtype, name)))
-            per_piece = fmt.MAX_PIECE_BYTES // arr.itemsize
+            per_piece = MAX_PIECE_BYTES // arr.itemsize
             for shard, f in enumerate(files):
                 mine = [region for region, s in chunks if s == shard]
                 if not mine:

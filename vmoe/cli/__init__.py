@@ -1,0 +1,89 @@
+"""The ``vmoe`` command: one front end for every subcommand, all parsed with jsonargparse.
+
+``vmoe fit | validate | test | predict --config configs/<name>.yaml`` are LightningCLI
+subcommands (:mod:`vmoe.cli.training`; model ``vmoe.train.VmoeClassifier``, data any
+LightningDataModule with a ``num_classes`` attribute, e.g. ``vmoe.data.DigitsDataModule``).
+``vmoe convert``, ``routing-report`` and ``capacity-sweep`` are the :data:`COMMANDS` of
+:mod:`vmoe.cli.commands`; they do not import Lightning's trainer.
+
+Run layout (``trainer.default_root_dir``, default ``runs/default``): ``checkpoints/`` (best and
+last; ``--ckpt_path last`` resumes), ``export/`` (``save_pretrained`` of the best model), the
+logger's files (wandb offline by default) and ``routing/*.png``.
+
+Interrupt-safe: ``last.ckpt`` is written every ``last_checkpoint.every_n_train_steps`` steps
+(default 500), at every epoch end and when training stops on Ctrl-C or a crash, atomically
+(temp file + ``os.replace``). Ctrl-C ends with exit code 130 and
+``vmoe fit: interrupted at step N; resume with --ckpt_path last``.
+
+With ``--ckpt_path FILE``, the checkpoint's model hyper-parameters fill in the model options
+left at their defaults; options given on the command line or in a config win. A checkpoint
+whose architecture differs from the configured model is refused, naming what differs.
+
+User mistakes in every subcommand (unknown key, missing data path, bad value, num_classes or
+img_size mismatch, an unreadable checkpoint, a diverged run, a full disk, ...) end with a
+one-line ``vmoe <command>: error: ...`` and exit code 2 (:func:`run_command`); ``VMOE_DEBUG=1``
+shows the traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional, Sequence
+
+from .commands import COMMANDS, Command
+from .errors import TrainingInterrupted, error_message, run_command
+
+__all__ = ["main", "console_main", "COMMANDS", "Command", "LIGHTNING_COMMANDS", "run_command",
+           "error_message", "TrainingInterrupted"]
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _commands_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = [f"  {n:<{width}}  {c.help}" for n, c in sorted(COMMANDS.items())]
+    return "\nmore commands (vmoe <command> --help):\n" + "\n".join(rows)
+
+
+def _exit_code(stop: SystemExit) -> int:
+    return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+
+
+def _run_command(name: str, argv: List[str]) -> int:
+    """Parses ``argv`` with the command's jsonargparse parser (a mistake raises ArgumentError,
+    which :func:`run_command` turns into one line) and runs it."""
+    from jsonargparse import ArgumentParser
+
+    command = COMMANDS[name]
+    parser = ArgumentParser(prog=f"vmoe {name}", description=command.help, exit_on_error=False)
+    command.add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help
+        return _exit_code(stop)
+    return int(command.run(args) or 0)
+
+
+def _run_lightning(command: str, argv: Optional[List[str]]) -> int:
+    from .training import VmoeCLI
+
+    try:
+        VmoeCLI(args=argv)
+    except SystemExit as stop:
+        if command in ("-h", "--help", "") and not stop.code:
+            print(_commands_help())
+        return _exit_code(stop)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``vmoe``; returns the exit code (0 ok, 2 user error, 130 Ctrl-C)."""
+    explicit = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command in COMMANDS:
+        return run_command(command, lambda: _run_command(command, argv[1:]))
+    return run_command(command, lambda: _run_lightning(command, argv if explicit else None))
+
+
+def console_main() -> None:
+    sys.exit(main())

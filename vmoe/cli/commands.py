@@ -1,0 +1,256 @@
+"""``vmoe convert | routing-report | capacity-sweep``: the subcommands that do not train.
+
+Each is a :class:`Command`: a one-line help, the jsonargparse arguments and the function that
+runs on the parsed namespace. Nothing heavy is imported before a command runs, and none of them
+imports Lightning's trainer machinery (``vmoe convert`` reads and writes files with torch and
+timm only).
+
+    vmoe convert PREFIX --out DIR [--num-selected 2] [--capacity-factor 1.05] ...
+    vmoe routing-report --model runs/x/export --data digits --out report/
+    vmoe capacity-sweep --model runs/x/export --data path/to/val_images --out sweep/
+
+``--model`` is a directory written by ``vmoe.models.save_pretrained`` (e.g. the ``export/``
+folder of a training run). ``--data`` is ``digits`` (a split of ``vmoe.data.DigitsDataModule``)
+or a folder of class sub-folders of images (``<dir>/<class>/<image>``; labels = sorted folder
+names, as ``vmoe.data.ImageFolderDataModule``). Images go through the data module's evaluation
+pipeline (resize, center crop, normalize) at the model's input size. This is where ``vmoe.data``
+and ``vmoe.viz`` meet: neither imports the other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+__all__ = ["Command", "COMMANDS", "eval_loader", "load_model"]
+
+_SPLITS = ("test", "val", "train")
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A ``vmoe <name>`` subcommand: ``add_arguments(parser)`` declares its options,
+    ``run(args)`` does the work on the parsed namespace and returns an exit code."""
+
+    help: str
+    add_arguments: Callable
+    run: Callable
+
+
+# ------------------------------------------------------------------------------------ convert
+
+
+def _convert_arguments(p) -> None:
+    p.add_argument("prefix", help="checkpoint path without '.index'")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--num-selected", type=int, default=2, help="K experts per token")
+    p.add_argument("--capacity-factor", type=float, default=1.05)
+    p.add_argument("--group-size-images", type=int, default=8)
+    p.add_argument("--batch-priority", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _convert(args) -> int:
+    from vmoe.models import official
+
+    out_dir = Path(args.out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:  # before reading anything
+        raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace "
+                              "its files, or choose a new directory")
+    out = official.convert_vmoe_checkpoint(
+        args.prefix, out_dir, overwrite=args.overwrite, num_selected=args.num_selected,
+        capacity_factor=args.capacity_factor, group_size_images=args.group_size_images,
+        batch_priority=args.batch_priority)
+    print(f"wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------------ model and data for a report
+
+
+def load_model(directory: str):
+    """``vmoe.models.from_pretrained(directory)`` with a clear error for a wrong path or an
+    architecture that timm does not know."""
+    import vmoe.models as vm
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {directory}: not a directory (expected a folder written by "
+                                "vmoe.models.save_pretrained, holding config.json and model.safetensors)")
+    try:
+        return vm.from_pretrained(path)
+    except RuntimeError as err:  # timm.create_model: "Unknown model (name)"
+        if not str(err).startswith("Unknown model"):
+            raise
+        raise ValueError(f"--model {directory}: config.json names an architecture that is not a "
+                         f"registered timm model ({err}); vmoe's are timm.list_models('vmoe_*')") from None
+
+
+def _model_img_size(model) -> int:
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        raise ValueError("the model has no patch_embed.img_size: cannot tell which image size it expects")
+    h, w = size
+    if h != w:
+        raise ValueError(f"the model expects {h}x{w} images; only square inputs are supported here")
+    return int(h)
+
+
+def eval_loader(data: str, img_size: int, batch_size: int, split: str = "test",
+                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                num_workers: int = 0) -> Tuple[object, List[str]]:
+    """A DataLoader of (images [B,C,img_size,img_size], labels [B]) in order, and the class names.
+
+    ``data``: 'digits' (``split`` of ``DigitsDataModule``) or a folder ``<data>/<class>/<image>``
+    (read by ``ImageFolderDataModule`` as a single split). Every split, training included, goes
+    through the data module's evaluation pipeline: no augmentation.
+    """
+    from torch.utils.data import DataLoader
+
+    from vmoe.data import DigitsDataModule, ImageFolderDataModule
+
+    common = dict(img_size=img_size, batch_size=batch_size, mean=mean, std=std, num_workers=num_workers)
+    if data == "digits":
+        dm = DigitsDataModule(**common)
+    else:
+        root = Path(data).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {data}: neither 'digits' nor an existing folder of class "
+                                    "sub-folders (<dir>/<class>/<image>)")
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) != 3:
+                raise ValueError(f"--{name} needs 3 values for RGB images, got {list(values)}")
+        # The folder is the only split: it defines the classes and holds the images.
+        dm = ImageFolderDataModule(data_dir=str(root), train_split=".", val_split=None,
+                                   test_split=".", **common)
+        split = "test"
+    dm.setup("test" if split == "test" else "fit")
+    dataset = getattr(dm, f"{split}_set")
+    dataset.transform = dm.build_eval_transform()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return loader, list(dm.classes)
+
+
+def _prepare(args):
+    """Model on its device (eval mode) and the loader at the model's image size."""
+    import torch
+    os.environ.setdefault("WANDB_MODE", "offline")  # a report never logs to wandb
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_model(args.model).to(device).eval()
+    loader, classes = eval_loader(args.data, _model_img_size(model), args.batch_size, args.split,
+                                  args.mean, args.std, args.num_workers)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes and len(classes) > num_classes:
+        raise ValueError(f"--data {args.data} has {len(classes)} classes but the model has "
+                         f"num_classes={num_classes}")
+    return model, loader, classes, device
+
+
+def _refuse_non_empty(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a new or empty directory unless ``--overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace "
+                              "the report's files in it, or choose a new directory")
+
+
+def _report_arguments(p) -> None:
+    """The options routing-report and capacity-sweep share."""
+    from jsonargparse.typing import PositiveFloat, PositiveInt
+
+    from vmoe.viz.report import DEFAULT_CAPACITY_FACTORS
+    p.add_argument("--model", required=True, help="directory written by vmoe.models.save_pretrained "
+                   "(config.json + model.safetensors), e.g. a training run's export/ folder")
+    p.add_argument("--data", required=True, help="'digits' or a folder of class sub-folders of images")
+    p.add_argument("--split", choices=_SPLITS, default="test", help="digits: which split")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--max-images", type=PositiveInt, default=512, help="use the first N images")
+    p.add_argument("--batch-size", type=PositiveInt, default=64, help="images per forward")
+    p.add_argument("--capacity-factors", type=PositiveFloat, nargs="+", default=list(DEFAULT_CAPACITY_FACTORS),
+                   metavar="CF", help="inference capacity factors of the sweep")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="per-channel normalization mean on the [0, 1] scale (default 0.5, as vmoe.data)")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (default 0.5)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ...; auto: cuda if available")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+# ----------------------------------------------------------------------------- routing-report
+
+
+def _routing_report_arguments(p) -> None:
+    from jsonargparse.typing import PositiveInt
+    _report_arguments(p)
+    p.add_argument("--examples", type=PositiveInt, default=4, help="patch maps drawn")
+    p.add_argument("--no-sweep", action="store_true", help="skip the capacity sweep")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out (replacing the report's files there)")
+
+
+def _routing_report(args) -> int:
+    from vmoe.models.pretrained import staged_save_dir
+    from vmoe.viz.report import write_routing_report
+
+    out = Path(args.out)
+    _refuse_non_empty(out, args.overwrite)  # before any work
+    model, loader, classes, device = _prepare(args)
+    # Written into a temporary folder beside --out, moved into place when complete.
+    with staged_save_dir(out, overwrite=True) as tmp:
+        report = write_routing_report(
+            model, loader, tmp, max_images=args.max_images, num_examples=args.examples,
+            capacity_factors=None if args.no_sweep else args.capacity_factors, class_names=classes,
+            device=device, progress=not args.no_progress,
+            title=f"Routing report: {Path(args.model).name} on {args.data}")
+    print(f"accuracy {100 * report['accuracy']:.1f}% over {report['data']['num_images']} images")
+    print(f"wrote {len(report['files'])} files to {out}/; open {out / 'index.html'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- capacity-sweep
+
+
+def _capacity_sweep(args) -> int:
+    import matplotlib.pyplot as plt
+    from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
+
+    from vmoe.jsonable import to_jsonable
+    from vmoe.moe import ExpertChoiceRouter, moe_layers
+    from vmoe.viz.page import sweep_markdown
+    from vmoe.viz.report import FirstImages
+    from vmoe.viz.sweep import capacity_sweep
+
+    model, loader, _, device = _prepare(args)
+    layers = moe_layers(model)
+    # BPR needs per-token priorities, which expert-choice layers do not have
+    top_k = not any(isinstance(m.router, ExpertChoiceRouter) for m in layers.values())
+    modes = ("vanilla", "bpr") if top_k else ("vanilla",)
+    batches = -(-min(len(loader.dataset), args.max_images) // args.batch_size)
+    with tqdm(total=batches * (1 + len(args.capacity_factors) * len(modes)), desc="capacity sweep",
+              unit="batch", disable=args.no_progress) as bar:
+        fig, numbers = capacity_sweep(model, FirstImages(loader, args.max_images, lambda: bar.update(1)),
+                                      capacity_factors=args.capacity_factors, modes=modes, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "capacity_sweep.png", dpi=110)
+    plt.close(fig)
+    numbers = to_jsonable(numbers)
+    (out / "capacity_sweep.json").write_text(json.dumps(numbers, indent=1))
+    print(sweep_markdown(numbers))
+    print(f"\nwrote {out / 'capacity_sweep.png'} and {out / 'capacity_sweep.json'}")
+    return 0
+
+
+COMMANDS = {
+    "convert": Command(
+        "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
+        _convert_arguments, _convert),
+    "routing-report": Command(
+        "write routing plots, index.html and report.json for a model on a dataset",
+        _routing_report_arguments, _routing_report),
+    "capacity-sweep": Command(
+        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR",
+        _report_arguments, _capacity_sweep),
+}

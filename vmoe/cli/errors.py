@@ -1,0 +1,78 @@
+"""The one error path of every ``vmoe`` subcommand: a user's mistake is one line
+``vmoe <command>: error: ...`` on stderr and exit code 2, Ctrl-C exit code 130, a bug a
+traceback (``VMOE_DEBUG=1`` shows the traceback of a user error too)."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+from typing import Callable, Optional
+
+__all__ = ["run_command", "error_message", "TrainingInterrupted"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a Lightning subcommand; ``step`` is the trainer's global step then."""
+
+    def __init__(self, step: Optional[int] = None):
+        super().__init__(step)
+        self.step = step
+
+
+# OSErrors that are the user's to fix rather than bugs: a full disk or quota, a read-only place.
+USER_OS_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES}
+MAX_MESSAGE = 400
+_WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+
+
+def _user_errors() -> tuple:
+    from argparse import ArgumentError
+
+    errors = [ArgumentError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+              NotADirectoryError, IsADirectoryError, PermissionError, FloatingPointError]
+    if "lightning" in sys.modules:  # vmoe convert etc. do not import Lightning
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+        errors.append(MisconfigurationException)
+    return tuple(errors)
+
+
+def error_message(err: BaseException) -> Optional[str]:
+    """One line describing a user error, or None when ``err`` is a bug (show the traceback).
+
+    An exception re-raised from a DataLoader worker carries the worker's whole traceback as its
+    message; the line shown is the original exception's (e.g. the unreadable image's path)."""
+    is_user = isinstance(err, _user_errors()) or (isinstance(err, OSError) and err.errno in USER_OS_ERRNOS)
+    if not is_user:
+        return None
+    text = str(err)
+    if _WORKER_PREFIX.match(text):
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        text = re.sub(r"^[\w.]+(Error|Exception|Warning)?: ", "", lines[-1].strip()) if lines else text
+    message = " ".join(text.split()) or type(err).__name__
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + " ..."
+    return message
+
+
+def run_command(command: str, fn: Callable[[], Optional[int]]) -> int:
+    """Run ``fn()`` for ``vmoe <command>``; a user error becomes one line
+    ``vmoe <command>: error: ...`` on stderr and exit code 2, Ctrl-C exit code 130
+    (``VMOE_DEBUG=1`` re-raises to show the traceback). Every vmoe subcommand goes through it."""
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt as err:
+        step = getattr(err, "step", None)
+        if command == "fit" and step is not None:
+            text = f"interrupted at step {step}; resume with --ckpt_path last"
+        else:
+            text = "interrupted"
+        print(f"\nvmoe {command}: {text}", file=sys.stderr, flush=True)
+        return 130
+    except Exception as err:
+        message = error_message(err)
+        if message is None or os.environ.get("VMOE_DEBUG"):
+            raise
+        print(f"vmoe {command}: error: {message}  [{type(err).__name__}; VMOE_DEBUG=1 for the "
+              "traceback]", file=sys.stderr, flush=True)
+        return 2

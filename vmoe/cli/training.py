@@ -1,0 +1,180 @@
+"""``vmoe fit | validate | test | predict``: LightningCLI with vmoe's run layout.
+
+The model is ``vmoe.train.VmoeClassifier``; the data any LightningDataModule with a
+``num_classes`` attribute (e.g. ``vmoe.data.DigitsDataModule``). This module imports Lightning,
+so ``vmoe.cli`` imports it only for these four subcommands.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from vmoe.train import (
+    AtomicCheckpointIO,
+    ExportPretrained,
+    LastCheckpoint,
+    ResumableTraining,
+    RoutingStatsLogger,
+    VmoeClassifier,
+    read_checkpoint,
+)
+from vmoe.train.loggers import default_logger_config
+from vmoe.train.predictions import PredictionCsvWriter
+
+from .errors import TrainingInterrupted
+
+__all__ = ["VmoeCLI"]
+
+
+class VmoeCLI(LightningCLI):
+    """LightningCLI with the run layout, default callbacks and logger of vmoe."""
+
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
+        # turns them into one line.
+        quiet = {"exit_on_error": False}
+        kwargs.setdefault("parser_kwargs", {**quiet, "prog": "vmoe",
+                                            **{c: dict(quiet) for c in self.subcommands()}})
+        super().__init__(VmoeClassifier, L.LightningDataModule, subclass_mode_data=True,
+                         args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # Two checkpoint callbacks: the best one (by val/acc1), and "last" (LastCheckpoint:
+        # every N steps, every epoch end, on Ctrl-C/crash); --ckpt_path last finds it.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max",
+                             "checkpoint.save_last": False, "checkpoint.save_top_k": 1,
+                             "checkpoint.filename": "best-epoch{epoch}-step{step}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(PredictionCsvWriter, "predictions")
+        parser.add_lightning_class_args(RoutingStatsLogger, "routing_stats")
+        parser.add_lightning_class_args(ExportPretrained, "export")
+        parser.add_lightning_class_args(ResumableTraining, "resume")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test and print where things are")
+        parser.add_argument("--test_weights", type=Literal["best", "final"], default="best",
+                            help="weights tested after fit: the best checkpoint (by the "
+                                 "checkpoint monitor) or the final weights of the run")
+        parser.add_argument("--torch_num_threads", type=Optional[int], default=None,
+                            help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("torch_num_threads"):
+            torch.set_num_threads(config.torch_num_threads)
+        root = config.trainer.default_root_dir or os.path.join("runs", "default")
+        config.trainer.default_root_dir = root
+        for name in ("checkpoint", "last_checkpoint"):
+            if config[name].dirpath is None:
+                config[name].dirpath = os.path.join(root, "checkpoints")
+        if config.predictions.path is None:
+            config.predictions.path = os.path.join(root, "predictions.csv")
+        logger = config.trainer.logger
+        if logger is None or logger is True:
+            config.trainer.logger = default_logger_config(root, name=Path(root).name)
+        else:
+            for entry in logger if isinstance(logger, list) else [logger]:
+                args = getattr(entry, "init_args", None)
+                if args is not None and "Wandb" in str(entry.class_path) and args.get("save_dir") in (None, "."):
+                    args["save_dir"] = root
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, which re-applies every model hyper-parameter of
+        ``--ckpt_path`` over the user's options (a ``--model.eval_capacity_factor`` given
+        to ``vmoe test`` was silently ignored) and suggests an unsafe load for a bad file.
+        Here the checkpoint fills in only the model options left at their defaults."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {})
+        config = self.config[subcommand].model
+        defaults = self._parser(subcommand).get_defaults().model
+        taken = {k: v for k, v in hparams.items()
+                 if not k.startswith("_") and k in defaults and config.get(k) == defaults.get(k)}
+        if taken:
+            self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown (which
+            # wrote last.ckpt through LastCheckpoint.on_exception): report it as such.
+            if self.trainer.state.status == TrainerStatus.INTERRUPTED:
+                raise TrainingInterrupted(self.trainer.global_step) from None
+            raise
+
+    def after_predict(self) -> None:
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, PredictionCsvWriter) and cb.written is not None:
+                print(f"vmoe predict: wrote {cb.rows} predictions to {cb.written}", flush=True)
+
+    def after_fit(self) -> None:
+        # read before testing: restoring the best checkpoint resets the callbacks' state
+        ckpts = self.trainer.checkpoint_callbacks
+        self._paths = {"dir": ckpts[0].dirpath if ckpts else None,
+                       "best": ckpts[0].best_model_path if ckpts else "",
+                       "last": next((c.last_model_path for c in ckpts if c.last_model_path), "")}
+        results = None
+        if self.config.fit.test_after_fit and self._has_test_data():
+            best = self._paths["best"] if self.config.fit.test_weights == "best" else ""
+            self._paths["tested"] = Path(best).name if best else "final weights"
+            results = self.trainer.test(self.model, datamodule=self.datamodule,
+                                        ckpt_path=best or None, verbose=False)
+        self._summary(results)
+
+    def _has_test_data(self) -> bool:
+        dm = self.datamodule
+        if dm is None or not hasattr(dm, "test_dataloader"):
+            return False
+        try:
+            dm.setup("test")
+        except Exception as err:  # e.g. no test split configured: skip testing, say why
+            print(f"vmoe fit: not testing after fit ({type(err).__name__}: {err})", flush=True)
+            return False
+        return getattr(dm, "test_set", True) is not None
+
+    @rank_zero_only
+    def _summary(self, results) -> None:
+        trainer, lines = self.trainer, []
+        if results:
+            r = results[0]
+            acc = "  ".join(f"{k.split('/')[1]} {100 * v:.2f}%" for k, v in r.items()
+                            if k.startswith("test/acc"))
+            lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f}; "
+                         f"{self._paths['tested']})")
+        paths = self._paths
+        if paths["dir"]:
+            best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
+            lines.append(f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
+                         "resume with --ckpt_path last)")
+        for logger in trainer.loggers:
+            where = getattr(logger, "log_dir", None) or logger.save_dir
+            lines.append(f"logs:          {where}  ({type(logger).__name__})")
+        for cb in trainer.callbacks:
+            if isinstance(cb, ExportPretrained) and cb.export_path is not None:
+                lines.append(f"exported:      {cb.export_path}  (vmoe.models.from_pretrained)")
+            if isinstance(cb, RoutingStatsLogger):
+                for name, path in cb.last_figures.items():
+                    lines.append(f"{name + ':':<14} {path}")
+        print("\n".join(["", "vmoe fit finished."] + ["  " + line for line in lines]), flush=True)
