@@ -14,12 +14,13 @@ from .page import sweep_markdown
 from .record import RoutingRecord, TokenRouting, image_grid, moe_layers, record_routing, ungroup
 from .report import write_routing_report
 from .settings import routing_settings
-from .stats import class_expert_matrix, expert_load, mutual_information
+from .stats import class_expert_matrix, expert_load, expert_load_chart, expert_load_counts, mutual_information
 from .style import expert_colors
 from .sweep import capacity_sweep, evaluate
 
 __all__ = [
     "record_routing", "RoutingRecord", "TokenRouting", "moe_layers", "image_grid", "ungroup", "routing_settings",
-    "patch_map", "priority_map", "routing_figure", "expert_load", "class_expert_matrix", "mutual_information",
+    "patch_map", "priority_map", "routing_figure", "expert_load", "expert_load_counts",
+    "expert_load_chart", "class_expert_matrix", "mutual_information",
     "capacity_sweep", "evaluate", "expert_colors", "write_routing_report", "sweep_markdown",
 ]
