@@ -10,17 +10,18 @@ the numpy arrays/dicts drawn in it. Routing is read from the recorded plans, nev
 what-if maps re-route the recorded gates with the layer's own ``router.route``.
 """
 from .maps import patch_map, priority_map, routing_figure
-from .page import sweep_markdown
+from .page import sweep_markdown, sweep_table
 from .record import RoutingRecord, TokenRouting, image_grid, moe_layers, record_routing, ungroup
 from .report import write_routing_report
 from .settings import routing_settings
 from .stats import class_expert_matrix, expert_load, expert_load_chart, expert_load_counts, mutual_information
 from .style import expert_colors
-from .sweep import capacity_sweep, evaluate
+from .sweep import SweepRow, capacity_sweep, evaluate
 
 __all__ = [
     "record_routing", "RoutingRecord", "TokenRouting", "moe_layers", "image_grid", "ungroup", "routing_settings",
     "patch_map", "priority_map", "routing_figure", "expert_load", "expert_load_counts",
     "expert_load_chart", "class_expert_matrix", "mutual_information",
     "capacity_sweep", "evaluate", "expert_colors", "write_routing_report", "sweep_markdown",
+    "sweep_table", "SweepRow",
 ]
