@@ -9,10 +9,10 @@ import torch
 
 from ..plan import RoutingPlan
 
-__all__ = ["einsum_dispatch", "einsum_combine"]
+__all__ = ["einsum_dispatch", "einsum_combine", "one_hot_weights"]
 
 
-def _dense_weights(plan: RoutingPlan):
+def one_hot_weights(plan: RoutingPlan):
     """One-hot dispatch [G, S, E, C] bool and combine [G, S, E, C] float tensors."""
     G, S, K = plan.expert_index.shape
     E, C = plan.num_experts, plan.capacity
@@ -26,14 +26,14 @@ def _dense_weights(plan: RoutingPlan):
 
 def einsum_dispatch(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Oracle: the official one-hot einsum dispatch. [G, S, d] -> [E, G*C, d]."""
-    dispatch_mask, _ = _dense_weights(plan)
+    dispatch_mask, _ = one_hot_weights(plan)
     out = torch.einsum("gsec,gsd->egcd", dispatch_mask.to(x.dtype), x)
     return out.reshape(plan.num_experts, -1, x.shape[-1])
 
 
 def einsum_combine(expert_out: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Oracle: the official one-hot einsum combine. [E, G*C, d] -> [G, S, d]."""
-    _, combine_weight = _dense_weights(plan)
+    _, combine_weight = one_hot_weights(plan)
     E, GC, d = expert_out.shape
     per_group = expert_out.view(E, plan.num_groups, plan.capacity, d)
     return torch.einsum("gsec,egcd->gsd", combine_weight.to(expert_out.dtype), per_group)
