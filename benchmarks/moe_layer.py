@@ -6,7 +6,7 @@ Prints, in one run, forward and forward+backward times (medians over interleaved
 - ``floor``:        the batched expert MLP alone on ready-made [E, G*C, d] buffers of the same
                     capacity (no routing, no dispatch, no combine): what any MoE layer must pay;
 - ``einsum``:       ``MoeMlp(dispatcher='einsum')``, the official one-hot dispatch (oracle);
-- ``moe``:          ``MoeMlp`` with the default index dispatcher;
+- ``moe``:          ``MoeMlp`` with the default dispatcher ("auto": Triton on CUDA, else torch);
 - ``einsum_id``/``moe_id``: the same two layers with identity experts, i.e. their routing +
                     dispatch + combine overhead alone;
 - ``floor_gmm``:    (bf16 only) the floor with ``Experts(gemm='grouped_mm')``, i.e.
@@ -94,7 +94,7 @@ def make_layer(shape: Shape, dispatcher: str, identity: bool = False) -> MoeMlp:
     return layer
 
 
-def build(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str = "index"):
+def build(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str = "auto"):
     """name -> (module, input, output-gradient) for every variant, same weights throughout."""
     torch.manual_seed(0)
     x = torch.randn(shape.images, shape.tokens, shape.d, device=device)
@@ -210,7 +210,7 @@ def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dty
     autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     for gi in group_images:
         row = {"group_images": gi}
-        for dispatcher in ("index", "einsum"):
+        for path, dispatcher in (("index", "auto"), ("einsum", "einsum")):
             layer = make_layer(Shape(**{**shape.__dict__, "group_images": gi}), dispatcher)
             layer = layer.to(device).train()
 
@@ -221,7 +221,7 @@ def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dty
                 (out.float().square().mean() + layer.aux_loss).backward()
                 layer.zero_grad(set_to_none=True)
             step()  # warm-up (lazy init), then measure
-            row[dispatcher] = peak_alloc_bytes(step, device)
+            row[path] = peak_alloc_bytes(step, device)
             S = gi * shape.tokens
             row["EC"] = shape.E * layer.router.capacity_for(S)
         rows.append(row)

@@ -9,7 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vmoe.moe import MoeMlp, combine, dispatch, einsum_combine, einsum_dispatch
-from vmoe.moe.autograd_dispatch import TorchBackend, index_combine, index_dispatch
+from vmoe.moe.dispatch.autograd import index_combine, index_dispatch
+from vmoe.moe.dispatch.torch_backend import TorchBackend
 from vmoe.moe.routing import ExpertChoiceRouter, TopKRouter
 
 dispatch_mod = importlib.import_module("vmoe.moe.dispatch")
@@ -127,30 +128,32 @@ def test_inf_token_does_not_leak_into_dropped_tokens():
 
 def test_backend_selection_and_errors(monkeypatch):
     x = torch.randn(2, 3)
-    assert dispatch_mod.resolve_backend(None, x) is TorchBackend  # auto on CPU: portable
+    assert dispatch_mod.resolve_backend("auto", x) is TorchBackend  # auto on CPU: portable
     assert dispatch_mod.resolve_backend("torch", x) is TorchBackend
-    with pytest.raises(ValueError, match="backend.*'fast'"):
+    with pytest.raises(ValueError, match="dispatcher.*'fast'"):
         dispatch_mod.resolve_backend("fast", x)
-    monkeypatch.setenv("VMOE_DISPATCH_BACKEND", "gpu")
-    with pytest.raises(ValueError, match="VMOE_DISPATCH_BACKEND.*'gpu'"):
-        dispatch_mod.resolve_backend(None, x)
-    monkeypatch.setenv("VMOE_DISPATCH_BACKEND", "triton")
+    with pytest.raises(ValueError, match="dispatcher.*'gpu'"):
+        dispatch_mod.check_dispatcher("gpu")
+    with pytest.raises(ValueError, match="dispatcher.*'gpu'"):
+        MoeMlp(16, 32, dispatcher="gpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="VMOE_DISPATCH_BACKEND='triton'.*TRITON_INTERPRET"):
-        dispatch_mod.resolve_backend(None, x)
-    with pytest.raises(RuntimeError, match="backend='triton'"):
-        dispatch(torch.randn(3, 10, 4), make_plan(), backend="triton")
+    with pytest.raises(RuntimeError, match="dispatcher='triton'.*TRITON_INTERPRET"):
+        dispatch_mod.resolve_backend("triton", x)
+    with pytest.raises(RuntimeError, match="dispatcher='triton'"):
+        dispatch(torch.randn(3, 10, 4), make_plan(), dispatcher="triton")
+    with pytest.warns(DeprecationWarning, match="'index_torch' is now dispatcher='torch'"):
+        assert MoeMlp(16, 32, dispatcher="index_torch").dispatcher == "torch"
 
 
 def test_auto_falls_back_with_one_warning_and_explicit_request_raises(monkeypatch):
     monkeypatch.setattr(dispatch_mod, "_warned", set())
     with pytest.warns(RuntimeWarning, match="falling back.*no triton here"):
-        assert dispatch_mod._choose("auto", "backend", "no triton here") is TorchBackend
+        assert dispatch_mod._choose("auto", "no triton here") is TorchBackend
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second time: silent
-        assert dispatch_mod._choose("auto", "backend", "no triton here") is TorchBackend
+        assert dispatch_mod._choose("auto", "no triton here") is TorchBackend
     with pytest.raises(RuntimeError, match="requested.*no triton here"):
-        dispatch_mod._choose("triton", "backend", "no triton here")
+        dispatch_mod._choose("triton", "no triton here")
 
 
 def test_dispatch_casts_to_autocast_dtype_and_gradient_comes_back_in_input_dtype():
@@ -165,7 +168,7 @@ def test_dispatch_casts_to_autocast_dtype_and_gradient_comes_back_in_input_dtype
     assert torch.equal(x.grad, 3.0 * plan.kept.sum(-1, keepdim=True).float().expand_as(x))
 
 
-@pytest.mark.parametrize("dispatcher", ["index_torch", "einsum"])
+@pytest.mark.parametrize("dispatcher", ["torch", "einsum"])
 def test_moe_mlp_dispatchers_agree(dispatcher):
     torch.manual_seed(0)
     ref = MoeMlp(16, 32, num_experts=4, num_selected=2, group_size=20, capacity_factor=0.8).eval()

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from vmoe.moe import MoeMlp, combine, dispatch
-from vmoe.moe.autograd_dispatch import TorchBackend, index_combine, index_dispatch
+from vmoe.moe.dispatch.autograd import index_combine, index_dispatch
 from vmoe.moe.routing import ExpertChoiceRouter, TopKRouter
 
 pytest.importorskip("triton")
-fused = importlib.import_module("vmoe.moe.fused_dispatch")
+fused = importlib.import_module("vmoe.moe.dispatch.triton_backend")
 dispatch_mod = importlib.import_module("vmoe.moe.dispatch")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -33,15 +33,15 @@ def make_plan(kind="top_k", G=2, S=12, E=4, K=2, capacity=3, pad=0, device="cpu"
     return router.route(gates, valid)
 
 
-def run_layer_ops(plan, x, backend, dtype=None):
+def run_layer_ops(plan, x, dispatcher, dtype=None):
     """dispatch -> nonlinear 'experts' -> combine, backward of a fixed gradient."""
     xi = x.clone().requires_grad_()
     w = plan.combine_weight.clone().requires_grad_()
     p = plan.detach()
     p.combine_weight = w
-    buffers = dispatch(xi, p, backend=backend, dtype=dtype)
+    buffers = dispatch(xi, p, dispatcher=dispatcher, dtype=dtype)
     expert_out = torch.sin(buffers.float() * 1.5).to(buffers.dtype)
-    y = combine(expert_out, p, backend=backend)
+    y = combine(expert_out, p, dispatcher=dispatcher)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
     y.backward(gy)
     return buffers, y, xi.grad, w.grad
@@ -120,12 +120,12 @@ def test_triton_gradcheck_float64(interpret):
         lambda eo, w: index_combine(eo, w, token_rows, row_assignment, backend=be), (eo, w))
 
 
-def test_moe_mlp_index_triton_equals_index_torch(interpret):
+def test_moe_mlp_triton_dispatcher_equals_torch_dispatcher(interpret):
     torch.manual_seed(0)
     a = MoeMlp(32, 48, num_experts=4, num_selected=2, group_size=16, capacity_factor=0.9,
-               dispatcher="index_torch").train()
+               dispatcher="torch").train()
     b = MoeMlp(32, 48, num_experts=4, num_selected=2, group_size=16, capacity_factor=0.9,
-               dispatcher="index_triton").train()
+               dispatcher="triton").train()
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 11, 32)
     outs = []
@@ -144,7 +144,7 @@ def test_moe_mlp_index_triton_equals_index_torch(interpret):
 def test_unsupported_dtype_is_reported(interpret):
     assert "dtype" in fused.unsupported_reason(torch.zeros(2, dtype=torch.int32))
     assert fused.unsupported_reason(torch.zeros(2)) is None  # CPU + interpreter: runnable
-    with pytest.raises(RuntimeError, match="backend='triton'.*dtype"):
+    with pytest.raises(RuntimeError, match="dispatcher='triton'.*dtype"):
         dispatch_mod.resolve_backend("triton", torch.zeros(2, dtype=torch.int32))
 
 
@@ -162,7 +162,7 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 def test_cuda_triton_matches_torch_and_is_deterministic(dtype):
     plan = make_plan(G=4, S=400, E=8, K=2, capacity=108, device="cuda")
     x = torch.randn(4, 400, 512, device="cuda")
-    assert dispatch_mod.resolve_backend(None, x) is fused.TritonBackend  # auto picks Triton
+    assert dispatch_mod.resolve_backend("auto", x) is fused.TritonBackend  # auto picks Triton
     ref = run_layer_ops(plan, x, "torch", dtype=dtype)
     out = run_layer_ops(plan, x, "triton", dtype=dtype)
     again = run_layer_ops(plan, x, "triton", dtype=dtype)
@@ -190,7 +190,7 @@ def test_triton_path_compiles_fullgraph_as_opaque_custom_ops(interpret):
     one graph (here run by aot_eager, the kernels in the interpreter)."""
     torch.manual_seed(0)
     layer = MoeMlp(32, 48, num_experts=4, num_selected=2, group_size=16,
-                   dispatcher="index_triton").eval()
+                   dispatcher="triton").eval()
     x = torch.randn(2, 11, 32, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     y = compiled(x)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vmoe.moe import ExpertChoiceRouter, TopKRouter, compute_capacity, expert_choice_metrics
-from vmoe.moe.dispatch import _dense_weights
+from vmoe.moe.dispatch.einsum import one_hot_weights
 
 from .conftest import FIXTURES
 
@@ -51,7 +51,7 @@ def test_top_k_routing_equals_official(reference, key):
     np.testing.assert_allclose(plan.combine_weight[0].numpy(), ref_weight, atol=1e-7)
 
     # The one-hot form (the official einsum dispatcher's tensors) is identical too.
-    dispatch_mask, combine_weight = _dense_weights(plan)
+    dispatch_mask, combine_weight = one_hot_weights(plan)
     np.testing.assert_array_equal(dispatch_mask[0].numpy(), data[f"{key}/einsum/dispatch_weights"])
     np.testing.assert_allclose(combine_weight[0].numpy(), data[f"{key}/einsum/combine_weights"], atol=1e-7)
     dropped = S * K - int(plan.kept.sum())
@@ -69,7 +69,7 @@ def test_expert_choice_routing_equals_official(reference, shape, cf):
     router = ExpertChoiceRouter(dim=4, num_experts=E, capacity_factor=float(cf))
     plan = router.route(gates)
     assert plan.capacity == int(data[f"{key}/capacity"])
-    dispatch_mask, combine_weight = _dense_weights(plan)
+    dispatch_mask, combine_weight = one_hot_weights(plan)
     np.testing.assert_array_equal(dispatch_mask[0].numpy(), data[f"{key}/dispatch_weights"])
     np.testing.assert_allclose(combine_weight[0].numpy(), data[f"{key}/combine_weights"], atol=1e-7)
     metrics = expert_choice_metrics(plan)

@@ -11,12 +11,12 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from vmoe.moe import _triton_kernels as kernels  # noqa: E402
+from vmoe.moe.dispatch import triton_kernels as kernels  # noqa: E402
 
 KERNELS = {
     "gather_rows": (kernels.gather_rows,
-                    dict(src="*{x}", index="*i64", weight="*fp32", out="*{y}", limit="i64", d="i64"),
-                    dict(DIVISOR=2, HAS_WEIGHT=True, ACC=tl.float32, BLOCK=256)),
+                    dict(src="*{x}", index="*i64", out="*{y}", limit="i64", d="i64"),
+                    dict(BLOCK=256)),
     "gather_sum": (kernels.gather_sum,
                    dict(src="*{y}", index="*i64", weight="*fp32", out="*{x}", n_src="i64", d="i64"),
                    dict(K=2, HAS_WEIGHT=True, ACC=tl.float32, BLOCK=256)),

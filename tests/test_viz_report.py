@@ -89,8 +89,10 @@ def test_json_numbers_equal_library_functions(written):
     assert sweep["reference_accuracy"] == pytest.approx(plain)
     _, again = V.capacity_sweep(model, data, capacity_factors=CFS, reference=False)
     for mode in ("vanilla", "bpr"):
-        np.testing.assert_allclose(sweep["accuracy"][mode], again["accuracy"][mode])
-        np.testing.assert_allclose(sweep["moe_flops_per_image"][mode], again["moe_flops_per_image"][mode])
+        rows = [r for r in sweep["rows"] if r["routing"] == mode]
+        assert [r["capacity_factor"] for r in rows] == list(CFS)
+        np.testing.assert_allclose([r["accuracy"] for r in rows], again["accuracy"][mode])
+        np.testing.assert_allclose([r["moe_flops_per_image"] for r in rows], again["moe_flops_per_image"][mode])
 
 
 def test_examples_show_the_recorded_routing(written):
@@ -110,7 +112,8 @@ def test_examples_show_the_recorded_routing(written):
     for name in record.layer_names:
         for mode in ("bpr", "vanilla"):
             skipped = ~record.reroute(name, 0.5, batch_priority=mode == "bpr")[:, P:].any(-1)
-            assert pm["dataset"][f"{mode}@0.5"][name]["skipped_fraction"] == pytest.approx(skipped.mean())
+            whatif, = [w for w in pm["whatif"] if (w["routing"], w["capacity_factor"]) == (mode, 0.5)]
+            assert whatif["dataset"][name]["skipped_fraction"] == pytest.approx(skipped.mean())
 
 
 def test_captions_quote_the_numbers(written):
@@ -134,7 +137,7 @@ def test_restores_model_state_and_shows_progress(tmp_path, capsys):
     # a one-shot iterator is kept for the sweep: same numbers as a list
     again = V.write_routing_report(model, data, tmp_path / "list", capacity_factors=(1.0,), num_examples=2,
                                    progress=False)
-    assert report["capacity_sweep"]["accuracy"] == again["capacity_sweep"]["accuracy"]
+    assert report["capacity_sweep"]["rows"] == again["capacity_sweep"]["rows"]
     assert report["capacity_sweep"]["num_images"] == 12
 
 
@@ -143,7 +146,7 @@ def test_expert_choice_model_gets_load_matrix_and_vanilla_sweep(tmp_path):
     report = V.write_routing_report(model, batches((8,)), tmp_path, capacity_factors=(1.0,), progress=False)
     assert "examples" not in report and "priority_map" not in report
     assert report["class_expert"]["choice"] is None
-    assert list(report["capacity_sweep"]["accuracy"]) == ["vanilla"]
+    assert {r["routing"] for r in report["capacity_sweep"]["rows"]} == {"vanilla"}
     assert (tmp_path / "index.html").read_text().count("<img") == 3
 
 
@@ -186,7 +189,7 @@ def test_cli_routing_report_on_image_folder(saved, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["num_images"] == 9 and report["data"]["class_names"] == ["cat", "dog", "eel"]
     assert all((out / f).is_file() for f in report["files"]) and len(report["files"]) == 8
-    assert report["capacity_sweep"]["capacity_factors"] == [0.5, 2.0]
+    assert [r["capacity_factor"] for r in report["capacity_sweep"]["rows"]] == [0.5, 2.0, 0.5, 2.0]
     assert "index.html" in capsys.readouterr().out
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import DISPATCHERS
+from .dispatch import check_dispatcher, combine, dispatch
 from .experts import Experts
 from .plan import RoutingPlan
 from .checks import check_capacity_factor, check_positive_int
@@ -44,9 +44,9 @@ class MoeMlp(nn.Module):
             (S = images * N). Default: 8 images per group, as the paper.
         capacity_factor / capacity / capacity_multiple_of / capacity_rounding / batch_priority /
         noise_std / renormalize / *_weight: see ``TopKRouter``.
-        dispatcher: 'index' (default: Triton kernels on CUDA, portable gathers elsewhere),
-            'index_torch' / 'index_triton' (force a backend), or 'einsum' (the one-hot oracle;
-            slow, for tests).
+        dispatcher: 'auto' (default: Triton kernels on CUDA, portable gathers elsewhere),
+            'torch' / 'triton' (force a backend), or 'einsum' (the one-hot oracle; slow, for
+            tests). See ``vmoe.moe.dispatch``.
         same_init: every expert starts from the same values (paper default).
         expert_gemm: 'bmm' (default) or 'grouped_mm' for the expert GEMMs (see ``Experts``;
             'grouped_mm' needs bf16 autocast and widths that are multiples of 8).
@@ -78,7 +78,7 @@ class MoeMlp(nn.Module):
         load_weight: float = 0.005,
         gshard_weight: float = 0.0,
         zloss_weight: float = 0.0,
-        dispatcher: str = "index",
+        dispatcher: str = "auto",
         same_init: bool = True,
         expert_gemm: str = "bmm",
     ):
@@ -96,13 +96,11 @@ class MoeMlp(nn.Module):
             check_positive_int("group_size_images", group_size_images)
         if group_size is None and group_size_images is None:
             group_size_images = 8
-        if dispatcher not in DISPATCHERS:
-            raise ValueError(f"dispatcher must be one of {sorted(DISPATCHERS)}, got dispatcher={dispatcher!r}")
         self.in_features = in_features
         self.out_features = out_features or in_features
         self.group_size = group_size
         self.group_size_images = group_size_images
-        self.dispatcher = dispatcher
+        self.dispatcher = check_dispatcher(dispatcher)
         if router == "top_k":
             self.router = TopKRouter(
                 in_features, num_experts, num_selected, capacity_factor=capacity_factor,
@@ -185,10 +183,9 @@ class MoeMlp(nn.Module):
 
         if G > 0:
             plan, losses = self.router(tokens, valid)       # plan: [G, S, K] fields
-            dispatch, combine = DISPATCHERS[self.dispatcher]
-            buffers = dispatch(tokens, plan)                 # [E, G*C, d]
-            expert_out = self.experts(buffers)               # [E, G*C, d']
-            out = combine(expert_out, plan)                  # [G, S, d']
+            buffers = dispatch(tokens, plan, dispatcher=self.dispatcher)       # [E, G*C, d]
+            expert_out = self.experts(buffers)                                 # [E, G*C, d']
+            out = combine(expert_out, plan, dispatcher=self.dispatcher)        # [G, S, d']
             out = out.reshape(G * S, -1)[:T]                 # [T, d']
         else:
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']

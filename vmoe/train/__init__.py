@@ -1,6 +1,6 @@
 """vmoe.train: the LightningModule, callbacks (routing statistics, export, exact resume,
 interrupt-safe last checkpoint, prediction CSV)."""
-from .callbacks import ExportPretrained, RoutingStatsLogger, first_choice_maps
+from .callbacks import ExportPretrained, RoutingStatsLogger
 from .checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpoint, read_checkpoint
 from .divergence import DivergenceError, first_nonfinite_parameter
 from .module import VmoeClassifier, build_model
@@ -8,6 +8,6 @@ from .predictions import PredictionCsvWriter
 from .resume import EpochSampler, ResumableLoader, ResumableTraining
 
 __all__ = ["VmoeClassifier", "build_model", "RoutingStatsLogger", "ExportPretrained",
-           "first_choice_maps", "ResumableTraining", "ResumableLoader", "EpochSampler",
+           "ResumableTraining", "ResumableLoader", "EpochSampler",
            "LastCheckpoint", "AtomicCheckpointIO", "CheckpointError", "read_checkpoint",
            "DivergenceError", "first_nonfinite_parameter", "PredictionCsvWriter"]

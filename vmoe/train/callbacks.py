@@ -1,7 +1,8 @@
 """Callbacks: routing statistics and pictures to the logger; export of the best model.
 
 ``RoutingStatsLogger`` reads what the MoE layers keep after each forward (their RoutingPlan and
-auxiliary losses) through ``vmoe.models.routing_stats``/``aux_losses``; it never re-routes.
+auxiliary losses) through ``vmoe.models.routing_stats``/``aux_losses``; it never re-routes. Its
+pictures are drawn by ``vmoe.viz`` (``expert_load_chart``, ``routing_figure``).
 """
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import lightning as L
-import numpy as np
+import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 import vmoe.models as vm
+import vmoe.viz as viz
 
-from .figures import expert_load_figure, figure_to_array, resolve_figure_fn, routing_map_figure
-
-__all__ = ["RoutingStatsLogger", "ExportPretrained", "first_choice_maps"]
+__all__ = ["RoutingStatsLogger", "ExportPretrained"]
 
 log = logging.getLogger(__name__)
 TRAIN_STATS = ("dropped_fraction", "load_min", "load_max", "load_cv", "router_entropy")
@@ -29,50 +29,35 @@ def _short(layer: str) -> str:
     return layer[:-4] if layer.endswith(".mlp") else layer
 
 
-def first_choice_maps(model: torch.nn.Module, batch_size: int) -> Dict[str, torch.Tensor]:
-    """{layer: [B, P] int}: each patch token's first-choice expert in the last forward, -1 where
-    that choice was dropped. Prefix tokens (cls, registers) are removed; P = h*w patches."""
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
-    out = {}
-    for name, plan in vm.routing_plans(model).items():
-        first = torch.where(plan.slot[..., 0] >= 0, plan.expert_index[..., 0],
-                            torch.full_like(plan.expert_index[..., 0], -1))  # [G, S]
-        tokens = first.reshape(-1)
-        per_image = tokens.numel() // batch_size if plan.valid is None else int(plan.valid.sum()) // batch_size
-        out[name] = tokens[: batch_size * per_image].view(batch_size, per_image)[:, prefix:]
-    return out
-
-
 class RoutingStatsLogger(L.Callback):
     """Logs routing health per MoE layer, and routing pictures at validation.
 
     Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each auxiliary loss (unweighted), the
     fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
     router entropy. During validation (at the evaluation capacity) the dropped fraction is
-    averaged over the epoch. At validation end (rank 0): an expert-load bar chart and a routing
-    map of ``num_images`` validation images go to the logger (wandb image, tensorboard figure)
-    and are saved as PNGs in ``<log dir>/routing/``.
+    averaged over the epoch. At validation end (rank 0): the expert load of the whole validation
+    (``vmoe.viz.expert_load_chart``) and the patch map of the first validation image
+    (``vmoe.viz.routing_figure``) go to the logger (wandb image, tensorboard figure) and are
+    saved as ``expert_load.png`` and ``routing_map.png`` in ``<log dir>/routing/``.
 
     Args:
-        figure_fn: ``"module:function"`` making the routing picture as ``fn(model, images)``;
-            default: ``vmoe.viz.routing_figure`` if it exists, else a simple first-choice map.
+        num_images: validation images kept for the routing map (one forward; the first is drawn).
         figures_every_n_val: draw the figures at every n-th validation (and at the last epoch).
     """
 
     def __init__(self, every_n_steps: int = 50, figures: bool = True, num_images: int = 4,
-                 figure_fn: Optional[str] = None, figures_every_n_val: int = 1):
+                 figures_every_n_val: int = 1):
         if every_n_steps < 1 or figures_every_n_val < 1:
             raise ValueError(f"every_n_steps={every_n_steps} and figures_every_n_val="
                              f"{figures_every_n_val} must be >= 1")
         self.figures_every_n_val = figures_every_n_val
         self._val_count = 0
         self.every_n_steps, self.figures, self.num_images = every_n_steps, figures, num_images
-        self.figure_fn = figure_fn
         self.last_figures: Dict[str, Path] = {}
-        self._load_sum: Dict[str, torch.Tensor] = {}
+        # Per layer, summed over the validation batches: routed [K, E], kept [K, E], capacity.
+        self._load: Dict[str, List] = {}
         self._batches = 0
         self._images: Optional[torch.Tensor] = None
-        self._maps: Optional[Dict[str, torch.Tensor]] = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Lightning's own step counter for logs is global_step - 1 here (the step just taken).
@@ -95,22 +80,26 @@ class RoutingStatsLogger(L.Callback):
                 logger.log_metrics(values, step=step)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._load_sum, self._batches, self._images, self._maps = {}, 0, None, None
+        self._load, self._batches, self._images = {}, 0, None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not vm.moe_layers(pl_module.model):
+        layers = vm.moe_layers(pl_module.model)
+        if not layers:
             return
         stats = vm.routing_stats(pl_module.model)
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         for layer, s in stats.items():
             pl_module.log(f"val_routing/{_short(layer)}/dropped_fraction", s["dropped_fraction"].float(),
                           on_epoch=True, sync_dist=True, batch_size=x.shape[0])
-            self._load_sum[layer] = self._load_sum.get(layer, 0) + s["load"].float().cpu()
         self._batches += 1
-        if self._images is None and self.figures and trainer.is_global_zero:
-            n = min(self.num_images, x.shape[0])
-            self._images = x[:n].detach().cpu()
-            self._maps = {k: v[:n].cpu() for k, v in first_choice_maps(pl_module.model, x.shape[0]).items()}
+        if not self.figures or not trainer.is_global_zero:
+            return
+        for name, layer in layers.items():  # counts stay on the device: no host sync per batch
+            counts = viz.expert_load_counts(layer.last_plan, layer.router)
+            total = self._load.get(name)
+            self._load[name] = list(counts) if total is None else [t + c for t, c in zip(total, counts)]
+        if self._images is None:
+            self._images = x[:self.num_images].detach().cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -121,19 +110,16 @@ class RoutingStatsLogger(L.Callback):
         due = (self._val_count - 1) % self.figures_every_n_val == 0 or last
         if not self.figures or not due or not trainer.is_global_zero or not self._batches:
             return
-        loads = {_short(k): (v / self._batches).numpy() for k, v in self._load_sum.items()}
         step = trainer.global_step
-        figs = {"expert_load": expert_load_figure(loads, f"validation expert load, step {step}")}
-        fn = resolve_figure_fn(self.figure_fn)
-        if fn is not None:
-            was_training = pl_module.model.training
-            with torch.no_grad():
-                figs["routing_map"] = fn(pl_module.model.eval(), self._images.to(pl_module.device))
-            pl_module.model.train(was_training)
-        elif self._maps:
-            experts = {k: m.num_experts for k, m in vm.moe_layers(pl_module.model).items()}
-            grid = tuple(getattr(pl_module.model.patch_embed, "grid_size", (0, 0)))
-            figs["routing_map"] = routing_map_figure(self._images, self._maps, experts, grid)
+        names = list(self._load)
+        routed = torch.stack([self._load[n][0] for n in names]).cpu().numpy()    # [L, K, E]
+        kept = torch.stack([self._load[n][1] for n in names]).cpu().numpy()      # [L, K, E]
+        capacity = [self._load[n][2] for n in names]                              # [L]
+        figs = {"expert_load": viz.expert_load_chart([_short(n) for n in names], routed, kept, capacity,
+                                                     f"validation expert load, step {step}")[0]}
+        was_training = pl_module.model.training
+        figs["routing_map"] = viz.routing_figure(pl_module.model.eval(), self._images.to(pl_module.device))
+        pl_module.model.train(was_training)
         self._emit(trainer, figs, step)
 
     def _emit(self, trainer, figs, step: int) -> None:
@@ -146,11 +132,12 @@ class RoutingStatsLogger(L.Callback):
             for logger in trainer.loggers:
                 try:
                     if isinstance(logger, WandbLogger):
-                        logger.log_image(key=f"routing/{name}", images=[figure_to_array(fig)], step=step)
+                        logger.log_image(key=f"routing/{name}", images=[fig], step=step)
                     elif isinstance(logger, TensorBoardLogger):
-                        logger.experiment.add_figure(f"routing/{name}", fig, global_step=step)
+                        logger.experiment.add_figure(f"routing/{name}", fig, global_step=step, close=False)
                 except Exception as err:  # a logger failing to take a picture must not stop training
                     log.warning("could not log %s to %s: %s", name, type(logger).__name__, err)
+            plt.close(fig)  # pyplot keeps every open figure: one set per validation would pile up
 
 
 class ExportPretrained(L.Callback):

@@ -149,26 +149,27 @@ def _name(label: int, class_names) -> str:
 def _priority(record, index, image, top_k, capacity_factors, out_dir, dpi) -> dict:
     fig, numbers = priority_map(record, index=index, image=image, layers=top_k,
                                 capacity_factors=capacity_factors)
-    skipped = {f"{mode}@{cf:g}": {name: int(numbers["skipped"][(mode, cf)][i].sum())
-                                  for i, name in enumerate(top_k)}
-               for (mode, cf) in numbers["skipped"]}
     h, w = numbers["grid_size"]
-    # Over every recorded image: which patches each routing would leave unprocessed, and their
-    # mean priority (BPR should skip the low-priority ones, vanilla whatever comes last).
+    # Per what-if routing: the patches of this image no expert would process, and over every
+    # recorded image the share of such patches and their mean priority (BPR should skip the
+    # low-priority ones, vanilla whatever comes last). One row per (routing, capacity factor).
     P = record.num_prefix_tokens
-    dataset = {}
+    whatif = []
     for mode, cf in numbers["skipped"]:
-        per_layer = {}
+        dataset = {}
         for name in top_k:
             skip = ~record.reroute(name, cf, batch_priority=(mode == "bpr"))[:, P:].any(-1)   # [B, h*w]
             prio = record.tokens(name).priority[:, P:]
-            per_layer[name] = {"skipped_fraction": float(skip.mean()),
-                               "mean_priority_skipped": float(prio[skip].mean()) if skip.any() else None,
-                               "mean_priority_all": float(prio.mean())}
-        dataset[f"{mode}@{cf:g}"] = per_layer
+            dataset[name] = {"skipped_fraction": float(skip.mean()),
+                             "mean_priority_skipped": float(prio[skip].mean()) if skip.any() else None,
+                             "mean_priority_all": float(prio.mean())}
+        whatif.append({"routing": mode, "capacity_factor": float(cf),
+                       "skipped_patches": {name: int(numbers["skipped"][(mode, cf)][i].sum())
+                                           for i, name in enumerate(top_k)},
+                       "dataset": dataset})
     return {"index": index, "figure": _save(fig, out_dir, "priority_map.png", dpi),
             "capacity_factors": [float(c) for c in capacity_factors], "num_patches": h * w,
-            "skipped_patches": skipped, "priority": numbers["priority"], "dataset": dataset}
+            "whatif": whatif, "priority": numbers["priority"]}
 
 
 def _load(record: RoutingRecord, out_dir, dpi) -> dict:
@@ -276,9 +277,8 @@ def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, P
                   unit="batch", disable=not progress) as bar:
             fig, numbers = capacity_sweep(model, FirstImages(sweep_data, max_images, lambda: bar.update(1)),
                                           capacity_factors=capacity_factors, modes=modes, device=device)
-        report["capacity_sweep"] = {"figure": _save(fig, out_dir, "capacity_sweep.png", dpi), **{
-            k: numbers[k] for k in ("capacity_factors", "accuracy", "dropped_fraction", "moe_flops_per_image",
-                                    "reference_accuracy", "num_images")}}
+        report["capacity_sweep"] = {"figure": _save(fig, out_dir, "capacity_sweep.png", dpi),
+                                    **{k: numbers[k] for k in ("rows", "reference_accuracy", "num_images")}}
 
     report = to_jsonable(report)
     report["files"] = _figure_names(report) + ["index.html", "report.json"]

@@ -6,17 +6,20 @@ are never counted.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from vmoe.moe import ExpertChoiceRouter, RoutingPlan
 
 from .record import RoutingRecord
 from .style import DROPPED_HATCH, expert_colors
 
-__all__ = ["expert_load", "class_expert_matrix", "mutual_information"]
+__all__ = ["expert_load", "expert_load_counts", "expert_load_chart", "class_expert_matrix", "mutual_information"]
 
 
 def _names(record: RoutingRecord, layers: Optional[Sequence[str]]) -> List[str]:
@@ -37,42 +40,73 @@ def _panel_grid(count: int, max_cols: int = 4, panel=(3.4, 3.0), extra=(0.0, 0.9
     return fig, list(axes.flat)
 
 
+@torch.no_grad()
+def expert_load_counts(plan: RoutingPlan, router) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Assignment counts of one forward's plan, padding tokens excluded.
+
+    Args:
+        plan: a layer's RoutingPlan ([G, S, K] fields).
+        router: that layer's router; an expert-choice router counts only the tokens each expert
+            picked (K = 1 below, routed = kept: nothing is "dropped").
+    Returns:
+        (routed, kept, capacity): ``routed`` [K, E] and ``kept`` [K, E] int64 assignments sent
+        to / processed by each expert per choice, on the plan's device (no host sync);
+        ``capacity`` the buffer slots per expert summed over the G groups.
+    """
+    G, S, K = plan.expert_index.shape
+    E = plan.num_experts
+    valid = (torch.ones(G, S, dtype=torch.bool, device=plan.slot.device) if plan.valid is None
+             else plan.valid).unsqueeze(-1).expand(G, S, K)
+    kept = plan.kept & valid
+    if isinstance(router, ExpertChoiceRouter):
+        picked = torch.zeros(E, dtype=torch.long, device=kept.device).scatter_add_(
+            0, plan.expert_index.reshape(-1), kept.reshape(-1).long()).view(1, E)
+        return picked, picked.clone(), plan.num_groups * plan.capacity
+    # One bin per (choice, expert): row k of the [K, E] tables.
+    bins = (plan.expert_index + torch.arange(K, device=kept.device) * E).reshape(-1)
+    counts = torch.zeros(2, K * E, dtype=torch.long, device=kept.device)
+    counts[0].scatter_add_(0, bins, valid.reshape(-1).long())
+    counts[1].scatter_add_(0, bins, kept.reshape(-1).long())
+    return counts[0].view(K, E), counts[1].view(K, E), plan.num_groups * plan.capacity
+
+
 def expert_load(record: RoutingRecord, layers: Optional[Sequence[str]] = None):
     """Tokens routed to each expert vs its capacity, per layer, over every recorded forward.
 
-    Bars per expert, stacked: kept 1st-choice assignments, kept later choices, dropped ones
-    (hatched). The dashed line is the capacity: C summed over every recorded group.
-
-    Returns:
-        (figure, numbers) with numbers: ``layers``; ``routed`` [L, K, E] and ``kept`` [L, K, E]
-        assignment counts per choice and expert (expert-choice layers: K = 1 and
-        routed = kept, the tokens each expert picked); ``capacity`` [L], buffer slots per
-        expert summed over groups; ``dropped_fraction`` [L], dropped / routed assignments.
+    Counts of ``expert_load_counts`` summed over the forwards, drawn by ``expert_load_chart``.
+    Returns ``expert_load_chart``'s (figure, numbers).
     """
     names = _names(record, layers)
-    shapes = {(record.plans(n)[0].num_experts, record.plans(n)[0].num_selected if record.is_top_k(n) else 1)
-              for n in names}
+    totals = []
+    for name in names:
+        counts = [expert_load_counts(plan, record.layers[name].router) for plan in record.plans(name)]
+        totals.append((sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts)))
+    shapes = {tuple(routed.shape[::-1]) for routed, _, _ in totals}
     if len(shapes) > 1:
         raise ValueError(f"layers differ in (experts, choices) {sorted(shapes)}: plot them separately")
-    (E, K), = shapes
-    routed = np.zeros((len(names), K, E), dtype=np.int64)
-    kept = np.zeros_like(routed)
-    capacity = np.zeros(len(names), dtype=np.int64)
-    for i, name in enumerate(names):
-        for plan in record.plans(name):
-            valid = (np.ones(plan.slot.shape[:2], dtype=bool) if plan.valid is None
-                     else plan.valid.numpy())[..., None]                        # [G, S, 1]
-            expert = plan.expert_index.numpy()                                  # [G, S, K]
-            is_kept = plan.kept.numpy() & valid
-            if record.is_top_k(name):
-                for k in range(K):
-                    routed[i, k] += np.bincount(expert[..., k][valid[..., 0]], minlength=E)
-                    kept[i, k] += np.bincount(expert[..., k][is_kept[..., k]], minlength=E)
-            else:  # expert choice: only the tokens each expert picked count; nothing is "dropped"
-                picked = np.bincount(expert[is_kept], minlength=E)
-                routed[i, 0] += picked
-                kept[i, 0] += picked
-            capacity[i] += plan.num_groups * plan.capacity
+    return expert_load_chart(names, np.stack([t[0].numpy() for t in totals]),
+                             np.stack([t[1].numpy() for t in totals]), np.array([t[2] for t in totals]),
+                             f"Expert load over {record.num_images} images (bar colors: experts)")
+
+
+def expert_load_chart(layers: Sequence[str], routed: np.ndarray, kept: np.ndarray, capacity: np.ndarray,
+                      title: str = "Expert load (bar colors: experts)"):
+    """Bars per expert and layer, stacked: kept 1st-choice assignments, kept later choices,
+    dropped ones (hatched). The dashed line is the capacity.
+
+    Args:
+        layers: [L] layer names (panel titles).
+        routed, kept: [L, K, E] assignment counts per choice and expert (``expert_load_counts``
+            summed over forwards).
+        capacity: [L] buffer slots per expert summed over the counted groups.
+    Returns:
+        (figure, numbers) with numbers: ``layers``; ``routed`` [L, K, E] and ``kept`` [L, K, E];
+        ``capacity`` [L]; ``dropped_fraction`` [L], dropped / routed assignments.
+    """
+    names = list(layers)
+    routed, kept = np.asarray(routed, dtype=np.int64), np.asarray(kept, dtype=np.int64)
+    capacity = np.asarray(capacity, dtype=np.int64)
+    _, K, E = routed.shape
     dropped_fraction = 1.0 - kept.sum((1, 2)) / np.maximum(routed.sum((1, 2)), 1)
 
     fig, axes = _panel_grid(len(names))
@@ -100,7 +134,7 @@ def expert_load(record: RoutingRecord, layers: Optional[Sequence[str]] = None):
     handles += [Patch(facecolor="white", edgecolor="black", hatch=DROPPED_HATCH, label="dropped"),
                 Line2D([], [], color="black", linestyle="--", label="capacity (all groups)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"Expert load over {record.num_images} images (bar colors: experts)", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     return fig, {"layers": names, "routed": routed, "kept": kept, "capacity": capacity,
                  "dropped_fraction": dropped_fraction}
 

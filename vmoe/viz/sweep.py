@@ -3,7 +3,7 @@ vanilla routing vs Batch Priority Routing (the V-MoE paper's figure showing that
 accuracy at low capacity)."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, TypedDict
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -14,10 +14,20 @@ from vmoe.moe import MoeMlp, require_moe_layers, routing_settings
 
 from .record import image_grid
 
-__all__ = ["capacity_sweep", "evaluate"]
+__all__ = ["capacity_sweep", "evaluate", "SweepRow"]
 
 _STYLE = {"vanilla": dict(color="#0072B2", marker="o", label="vanilla (earlier tokens first)"),
           "bpr": dict(color="#D55E00", marker="s", label="BPR (largest gate first)")}
+
+
+class SweepRow(TypedDict):
+    """One evaluation of the capacity sweep: plain JSON-ready values, so the markdown table, the
+    report's JSON and its page are all rendered from the same list of rows."""
+    routing: str                  # "vanilla" (earlier tokens first) or "bpr" (largest gate first)
+    capacity_factor: float        # inference capacity factor of every MoE layer
+    accuracy: float               # top-1 accuracy
+    dropped_fraction: float       # dropped token assignments, all MoE layers
+    moe_flops_per_image: float    # router + expert MLPs on the E*G*C buffer rows, all MoE layers
 
 
 def _moe_flops(layer: MoeMlp, plan, tokens_per_group: int) -> int:
@@ -88,10 +98,10 @@ def capacity_sweep(model: nn.Module, data: Iterable,
         modes: 'vanilla' and/or 'bpr'.
         reference: also evaluate with the layers' own settings (a dashed line in the plot).
     Returns:
-        (figure, numbers) with numbers: ``capacity_factors`` [n]; dicts mode -> [n] arrays
-        ``accuracy``, ``dropped_fraction`` (of token assignments, all MoE layers) and
-        ``moe_flops_per_image`` (router + expert MLPs on the E*G*C buffer rows, all MoE layers);
-        ``reference_accuracy`` (float or None) and ``num_images``.
+        (figure, numbers) with numbers: ``rows``, one ``SweepRow`` per (routing, capacity
+        factor), modes outermost; the same values as arrays for plotting: ``capacity_factors``
+        [n] and dicts mode -> [n] arrays ``accuracy``, ``dropped_fraction`` and
+        ``moe_flops_per_image``; ``reference_accuracy`` (float or None) and ``num_images``.
     """
     layers = require_moe_layers(model)
     for mode in modes:
@@ -100,18 +110,20 @@ def capacity_sweep(model: nn.Module, data: Iterable,
     if not len(capacity_factors) or not len(modes):
         raise ValueError(f"capacity_factors and modes must be non-empty, got {capacity_factors!r}, {modes!r}")
     cfs = np.array([float(c) for c in capacity_factors])
-    keys = ("accuracy", "dropped_fraction", "moe_flops_per_image")
-    numbers: Dict[str, object] = {"capacity_factors": cfs,
-                                  **{k: {m: np.zeros(len(cfs)) for m in modes} for k in keys}}
     ref: Optional[Dict[str, float]] = evaluate(model, data, device) if reference else None
+    rows: List[SweepRow] = []
     for mode in modes:
-        for j, cf in enumerate(cfs):
+        for cf in cfs:
             with routing_settings(layers, capacity_factor=float(cf), batch_priority=(mode == "bpr")):
                 result = evaluate(model, data, device)
-            for k in keys:
-                numbers[k][mode][j] = result[k]
-    numbers["reference_accuracy"] = ref["accuracy"] if ref else None
-    numbers["num_images"] = result["num_images"]
+            rows.append(SweepRow(routing=mode, capacity_factor=float(cf), accuracy=float(result["accuracy"]),
+                                 dropped_fraction=float(result["dropped_fraction"]),
+                                 moe_flops_per_image=float(result["moe_flops_per_image"])))
+    keys = ("accuracy", "dropped_fraction", "moe_flops_per_image")
+    numbers: Dict[str, object] = {
+        "rows": rows, "capacity_factors": cfs,
+        **{k: {m: np.array([r[k] for r in rows if r["routing"] == m]) for m in modes} for k in keys},
+        "reference_accuracy": ref["accuracy"] if ref else None, "num_images": result["num_images"]}
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
     peak = max(float(v.max()) for v in numbers["moe_flops_per_image"].values())

@@ -1,6 +1,7 @@
-"""Triton kernels for index dispatch/combine: the fast path on CUDA (``TritonBackend``).
+"""The Triton dispatch backend: the fast path on CUDA (``TritonBackend``).
 
-They implement the three gathers of ``autograd_dispatch`` (see its docstring for the index maps):
+Its kernels (``triton_kernels.py``) implement the three gathers of ``autograd.py`` (see its
+docstring for the index maps):
 one program per output row (and per block of columns), reading its inputs through the maps, so
 no atomics are needed and results are deterministic run to run. Accumulation is float32; the
 dispatch casts to the compute dtype on the way (e.g. fp32 tokens -> bf16 buffers under autocast).
@@ -66,7 +67,7 @@ def _kernels(interpret: bool):
     import triton
     from triton.runtime.interpreter import InterpretedFunction
 
-    from . import _triton_kernels as k
+    from . import triton_kernels as k
     wrap = InterpretedFunction if interpret else triton.jit
     return wrap(k.gather_rows), wrap(k.gather_sum), wrap(k.combine_backward)
 
@@ -97,8 +98,7 @@ def _gather_rows_op(src: torch.Tensor, index: torch.Tensor, out_dtype: torch.dty
     out = torch.empty(index.shape[0], d, dtype=out_dtype, device=src.device)
     if out.numel():
         block = _block(d)
-        _kernels(interpret)[0][(index.shape[0], -(-d // block))](
-            src, index, src, out, N, d, DIVISOR=1, HAS_WEIGHT=False, ACC=_acc(src, out), BLOCK=block)
+        _kernels(interpret)[0][(index.shape[0], -(-d // block))](src, index, out, N, d, BLOCK=block)
     return out
 
 
@@ -155,7 +155,7 @@ def _acc_torch(t: torch.Tensor) -> torch.dtype:
 
 
 class TritonBackend:
-    """The kernels of ``autograd_dispatch.TorchBackend``, fused in Triton (same contracts)."""
+    """The kernels of ``torch_backend.TorchBackend``, fused in Triton (same contracts)."""
 
     name = "triton"
 

@@ -1,6 +1,6 @@
-"""Triton kernel bodies for ``fused_dispatch`` (imported lazily: needs triton).
+"""Triton kernel bodies for ``triton_backend`` (imported lazily: needs triton).
 
-Plain functions with ``tl`` as a module global: ``fused_dispatch`` wraps them with ``triton.jit``
+Plain functions with ``tl`` as a module global: ``triton_backend`` wraps them with ``triton.jit``
 for CUDA or with the interpreter for CPU tensors (the interpreter patches ``tl`` in the
 function's globals, so the bodies cannot be closures). Indices are int64; every row index at or
 beyond its limit is a sentinel that reads zero. ``ACC`` is the accumulation dtype: float32, or
@@ -15,18 +15,14 @@ does for floats, and the interpreter maps it to numpy's sum.
 import triton.language as tl
 
 
-def gather_rows(src, index, weight, out, limit, d, DIVISOR: tl.constexpr,
-                HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # out[r] = weight[a] * src[a // DIVISOR] with a = index[r]; zero if a >= limit.
+def gather_rows(src, index, out, limit, d, BLOCK: tl.constexpr):
+    # out[r] = src[index[r]]; zero if index[r] >= limit. A plain copy: one rounding, straight to
+    # the output dtype.
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < d
     a = tl.load(index + r)
-    valid = a < limit
-    src_row = a // DIVISOR
-    v = tl.load(src + src_row * d + cols, mask=cmask & valid, other=0.0)
-    if HAS_WEIGHT:  # otherwise a plain copy: one rounding, straight to the output dtype
-        v = v.to(ACC) * tl.load(weight + a, mask=valid, other=0.0).to(ACC)
+    v = tl.load(src + a * d + cols, mask=cmask & (a < limit), other=0.0)
     tl.store(out + r * d + cols, v.to(out.dtype.element_ty), mask=cmask)
 
 
