@@ -41,7 +41,7 @@ def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     return bits
 
 
-def _leaf_order(names: Iterable[str]) -> list[str]:
+def leaf_order(names: Iterable[str]) -> list[str]:
     """Depth-first order of the nested tree with sorted keys (not a plain sort of the names:
     ``a/b`` comes before ``a-c`` because the key ``a`` sorts before ``a-c``)."""
     tree: dict = {}
@@ -109,7 +109,7 @@ def _write_piece(f, data: memoryview, count: int, dtype: str) -> None:
     f.write(data)
 
 
-def _plan(params: Mapping, names: list[str], bf16: set[str], num_shards: int, max_bytes: int):
+def plan_chunks(params: Mapping, names: list[str], bf16: set[str], num_shards: int, max_bytes: int):
     """name -> (shape, stored dtype name, [(region, shard)]), balancing bytes over shards."""
     load = [0] * num_shards
     plan = {}
@@ -136,7 +136,7 @@ def _plan(params: Mapping, names: list[str], bf16: set[str], num_shards: int, ma
     return plan
 
 
-def _index_bytes(plan: dict, num_shards: int) -> bytes:
+def index_bytes(plan: dict, num_shards: int) -> bytes:
     tree: dict = {}
     for name, (shape, dtype, chunks) in plan.items():  # plan is in leaf order: keys sorted
         *parents, last = name.split("/")
@@ -170,14 +170,14 @@ def write_checkpoint(prefix: str, params: Mapping[str, np.ndarray], num_shards: 
         raise ValueError(f"max_chunk_bytes must be an int >= 16, got {max_chunk_bytes!r}")
     if not isinstance(params, Mapping) or not params:
         raise ValueError(f"params must be a non-empty mapping name -> array, got {type(params)}")
-    names = _leaf_order(params)
+    names = leaf_order(params)
     if bfloat16 is True:
         bf16 = {n for n in names if np.dtype(getattr(params[n], "dtype", "O")).kind == "f"}
     else:
         bf16 = {bfloat16} if isinstance(bfloat16, str) else set(bfloat16 or ())
         if bf16 - set(names):
             raise ValueError(f"bfloat16: {sorted(bf16 - set(names))} are not in params")
-    plan = _plan(params, names, bf16, num_shards, max_chunk_bytes)
+    plan = plan_chunks(params, names, bf16, num_shards, max_chunk_bytes)
 
     prefix = os.fspath(prefix)
     folder, base = os.path.split(prefix)
@@ -217,7 +217,7 @@ def write_checkpoint(prefix: str, params: Mapping[str, np.ndarray], num_shards: 
         for f in files:
             f.close()
         with open(temps[-1], "wb") as f:
-            f.write(_index_bytes(plan, num_shards))
+            f.write(index_bytes(plan, num_shards))
         for t, p in zip(temps, finals):  # index last: it names the shards
             os.replace(t, p)
     except BaseException:

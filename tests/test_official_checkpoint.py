@@ -327,11 +327,11 @@ def test_many_chunks_are_checked_in_n_log_n(tmp_path):
 def test_chunk_tiling_check_agrees_with_counting_every_element():
     """The corner-sum test and the sweep against a brute-force count, on random chunk sets
     (including a 'pinwheel' tiling that no straight cut separates)."""
-    from vmoe.checkpoints.official_reader import _check_chunks
+    from vmoe.checkpoints.official_reader import check_chunk_tiling
     from vmoe.checkpoints.official_format import Chunk
     shape = (4, 3, 3)
     pinwheel = [((0, 2), (0, 1)), ((2, 3), (0, 2)), ((1, 3), (2, 3)), ((0, 1), (1, 3)), ((1, 2), (1, 2))]
-    _check_chunks("w", (3, 3), tuple(Chunk(r, 0) for r in pinwheel), "x")
+    check_chunk_tiling("w", (3, 3), tuple(Chunk(r, 0) for r in pinwheel), "x")
     rng = np.random.default_rng(0)
     outcomes = set()
     for _ in range(400):
@@ -351,14 +351,14 @@ def test_chunk_tiling_check_agrees_with_counting_every_element():
         chunks = tuple(Chunk(r, 0) for r in regions)
         if counts.max() > 1:
             with pytest.raises(CheckpointFormatError, match="overlap"):
-                _check_chunks("w", shape, chunks, "x")
+                check_chunk_tiling("w", shape, chunks, "x")
             outcomes.add("overlap")
         elif counts.min() == 0:
             with pytest.raises(CheckpointFormatError, match=f"cover {counts.sum()} of its 36"):
-                _check_chunks("w", shape, chunks, "x")
+                check_chunk_tiling("w", shape, chunks, "x")
             outcomes.add("gap")
         else:
-            _check_chunks("w", shape, chunks, "x")
+            check_chunk_tiling("w", shape, chunks, "x")
             outcomes.add("tiling")
     assert outcomes == {"overlap", "gap", "tiling"}
 
@@ -367,12 +367,12 @@ def test_chunk_tiling_check_agrees_with_counting_every_element():
 def test_a_shard_that_shrinks_after_the_scan_is_an_error(tmp_path, cut_from):
     """The shard is checked when iteration is set up; if it is cut afterwards, the read that
     comes up short names the shard, the array, its byte range and where the file now ends."""
-    from vmoe.checkpoints.official_reader import _scan_shard
+    from vmoe.checkpoints.official_reader import scan_shard
     prefix = _copy(tmp_path, "vmoe_tiny_a")
     shard = prefix + ".data-00000-of-00001"
     infos = read_checkpoint_index(prefix)
     info = infos["head/kernel"]
-    (offset, nbytes), = _scan_shard(shard, len(infos), {info.leaf})[info.leaf][0].pieces
+    (offset, nbytes), = scan_shard(shard, len(infos), {info.leaf})[info.leaf][0].pieces
     assert nbytes == info.stored_nbytes > 100
     end = offset + 100 if cut_from == "inside" else offset - 5
     arrays = iter_checkpoint_arrays(prefix, names=["Encoder/encoder_norm/bias", "head/kernel"])

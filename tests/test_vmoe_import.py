@@ -10,7 +10,7 @@ from vmoe.checkpoints import CheckpointFormatError, read_checkpoint
 from vmoe.cli import main
 from vmoe.models.official import convert_vmoe_checkpoint, from_vmoe_checkpoint, infer_vmoe_architecture
 
-from .official_writer import _index_bytes, _leaf_order, _plan, write_checkpoint
+from .official_writer import index_bytes, leaf_order, plan_chunks, write_checkpoint
 
 FIX = Path(__file__).parent / "fixtures" / "vmoe_reference"
 MODELS = [("vmoe_tiny_a", "model_a"), ("vmoe_tiny_a_3shards", "model_a"),
@@ -206,8 +206,8 @@ def huge_index(tmp_path):
     import shutil
     params = {k: _ShapeOnly(v.shape) for k, v in read_checkpoint(FIX / "vmoe_tiny_a").items()}
     params["head/kernel"], params["head/bias"] = _ShapeOnly((32, 10**9)), _ShapeOnly((10**9,))
-    names = _leaf_order(params)
-    index = _index_bytes(_plan(params, names, set(), 1, 256 * 2**20), 1)
+    names = leaf_order(params)
+    index = index_bytes(plan_chunks(params, names, set(), 1, 256 * 2**20), 1)
     prefix = tmp_path / "huge"
     Path(f"{prefix}.index").write_bytes(index)
     shutil.copy(FIX / "vmoe_tiny_a.data-00000-of-00001", f"{prefix}.data-00000-of-00001")

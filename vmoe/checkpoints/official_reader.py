@@ -118,7 +118,7 @@ def _find_overlap(chunks: tuple[Chunk, ...]) -> tuple[Chunk, Chunk] | None:
     return None
 
 
-def _check_chunks(name: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...], where: str):
+def check_chunk_tiling(name: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...], where: str):
     """Every chunk lies inside the array, and together they cover it exactly once."""
     for c in chunks:
         if len(c.region) != len(shape) or any(
@@ -162,7 +162,7 @@ def _parse_index_info(name: str, leaf: int, payload: bytes, num_shards: int, whe
                                         f"0..{num_shards - 1} (shard_count={num_shards})")
         chunks.append(Chunk(_decode_region(s, where), shard))
     chunks = tuple(chunks)
-    _check_chunks(name, shape, chunks, where)
+    check_chunk_tiling(name, shape, chunks, where)
     return ArrayInfo(name=name, leaf=leaf, shape=shape, dtype=dtype, chunks=chunks)
 
 
@@ -279,7 +279,7 @@ def _scan_chunk(s: MsgpackStream, what: str) -> _Stored:
     return _Stored(region, dtype or "", tuple(pieces))
 
 
-def _scan_shard(path: str, num_leaves: int, wanted: set[int]) -> dict[int, list[_Stored]]:
+def scan_shard(path: str, num_leaves: int, wanted: set[int]) -> dict[int, list[_Stored]]:
     """Reads a data shard's headers only: leaf -> its chunks stored there (for wanted leaves)."""
     size = os.path.getsize(path)
     found: dict[int, list[_Stored]] = {}
@@ -431,7 +431,7 @@ def iter_checkpoint_arrays(prefix: str, names: Iterable[str] | None = None
                                     f"shard_count={num_shards}; present: {present}")
     _check_shard_sizes(infos, paths, prefix)
     wanted = {i.leaf for i in selected}
-    scans = {s: _scan_shard(paths[s], len(infos), wanted) for s in shards}
+    scans = {s: scan_shard(paths[s], len(infos), wanted) for s in shards}
     located = [(info, _locate(info, scans, paths)) for info in selected]
     return _stream(located, paths)
 
