@@ -103,6 +103,16 @@ class VmoeClassifier(L.LightningModule):
     fine-tuning choice); ``weight_decay`` on kernels only; ``warmup_steps`` of
     linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``.
 
+    Fine-tuning: ``layer_decay`` (e.g. 0.75) scales block i's learning rate by
+    ``layer_decay ** (depth - i)`` (timm's ``param_groups_layer_decay``; the head at ``lr``, the
+    final norm with the last block, the embeddings at ``layer_decay ** (depth + 1)``).
+
+    Speed/memory: ``grad_checkpointing`` recomputes each block's activations in the backward pass
+    (timm's ``set_grad_checkpointing``; the recomputation redraws the same router noise, so the
+    loss, the aux losses and the gradients equal those without it); ``compile`` runs the network
+    through ``torch.compile`` (``compile_kwargs`` passed on, e.g. ``{backend: aot_eager}``),
+    in place, so state dicts and checkpoints keep their keys.
+
     Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
     and, if set, ``eval_batch_priority``; training settings are restored afterwards.
     """
@@ -135,6 +145,10 @@ class VmoeClassifier(L.LightningModule):
         end_lr: float = 0.0,
         eval_capacity_factor: Optional[float] = 4.0,
         eval_batch_priority: Optional[bool] = None,
+        layer_decay: Optional[float] = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        compile_kwargs: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -154,6 +168,15 @@ class VmoeClassifier(L.LightningModule):
                                  checkpoint_path=checkpoint_path, upcycle_pretrained=upcycle_pretrained,
                                  moe=moe, num_classes=num_classes, img_size=img_size,
                                  moe_dropout=moe_dropout)
+        if grad_checkpointing:
+            if not hasattr(self.model, "set_grad_checkpointing"):
+                raise ValueError(f"model.grad_checkpointing: {type(self.model).__name__} has no "
+                                 "set_grad_checkpointing (a timm model has)")
+            self.model.set_grad_checkpointing(True)
+        if compile:
+            self.model.compile(**(compile_kwargs or {}))
+        elif compile_kwargs:
+            raise ValueError("model.compile_kwargs is given but model.compile is false")
         self.num_classes = int(self.model.num_classes)
         if self.num_classes < 1:
             raise ValueError("the model has no classifier head (num_classes=0); set model.num_classes")
@@ -356,7 +379,9 @@ class VmoeClassifier(L.LightningModule):
     # --- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self.model, hp.weight_decay)
+        groups = param_groups(self.model, hp.weight_decay, layer_decay=hp.layer_decay)
+        for group in groups:  # the schedule multiplies each group's own initial lr
+            group["lr"] = hp.lr * group.get("lr_scale", 1.0)
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, foreach=True)
         else:

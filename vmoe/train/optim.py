@@ -2,43 +2,57 @@
 
 The V-MoE recipe decays only "kernels": matrices and expert weight slabs. Biases, norm scales,
 the class token and position embeddings get no weight decay (timm's and the official code's
-convention). The schedule is a linear warmup from 0 to the peak, then cosine or linear decay to
+convention). Fine-tuning can scale each layer's learning rate by ``layer_decay ** depth-from-top``
+(timm's layer-wise decay). The schedule is a linear warmup from 0 to the peak, then cosine or linear decay to
 ``end_lr``; it is stepped every optimizer step.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Set
 
 import torch.nn as nn
+from timm.optim import param_groups_layer_decay
 
-__all__ = ["param_groups", "lr_factor", "SCHEDULES"]
+__all__ = ["param_groups", "no_weight_decay_names", "lr_factor", "SCHEDULES"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _no_decay_names(model: nn.Module) -> set:
+def no_weight_decay_names(model: nn.Module) -> Set[str]:
+    """Names of the trainable parameters that get no weight decay: 0/1-D tensors, biases
+    (expert biases are [E, h], 2-D, but biases: the name decides, not only the rank) and the
+    model's ``no_weight_decay()`` (timm: pos_embed, cls_token, reg_token, ...)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     names = set()
-    if hasattr(model, "no_weight_decay"):
-        names |= set(model.no_weight_decay())  # timm: pos_embed, cls_token, reg_token, ...
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if param.requires_grad and (param.ndim <= 1 or leaf.endswith("bias") or name in skip
+                                    or leaf in skip):
+            names.add(name)
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two AdamW groups: decayed kernels, and everything 0/1-D, a bias or an embedding token.
+def param_groups(model: nn.Module, weight_decay: float,
+                 layer_decay: Optional[float] = None) -> List[Dict]:
+    """Optimizer parameter groups: kernels get ``weight_decay``, ``no_weight_decay_names`` 0.
 
-    Expert biases are [E, h] (2-D) but are biases: the name decides, not only the rank.
+    Without ``layer_decay``: two groups (decayed, not decayed). With it: timm's
+    ``param_groups_layer_decay`` (the model's ``group_matcher``: stem = layer 0, block i and the
+    final norm after block i = layer i + 1, the head = the top layer, depth + 1), one group per
+    layer and decay kind, each with ``lr_scale = layer_decay ** (top - layer)``; the decay
+    membership is the same.
     """
-    skip = _no_decay_names(model)
+    no_decay_names = no_weight_decay_names(model)
+    if layer_decay is not None:
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
+        return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
+                                        no_weight_decay_list=sorted(no_decay_names))
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or leaf.endswith("bias") or name in skip or leaf in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        if param.requires_grad:
+            (no_decay if name in no_decay_names else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

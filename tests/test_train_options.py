@@ -1,0 +1,123 @@
+"""Training options from the YAML, each built on timm's or Lightning's implementation:
+gradient checkpointing, torch.compile, layer-wise lr decay, an EMA of the weights. Each runs a
+few steps of ``vmoe fit`` on digits with the tiny model."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import vmoe.models as vm
+from vmoe.cli import main
+from vmoe.train import VmoeClassifier, build_model
+from vmoe.train.optim import no_weight_decay_names, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def fit(root, *extra):
+    """A few steps of ``vmoe fit`` on digits; returns the exit code."""
+    return main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--torch_num_threads", "1",
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                 "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
+                 "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "1",
+                 "--trainer.limit_test_batches", "1", "--data.init_args.batch_size", "32",
+                 "--routing_stats.figures", "false", "--export.enabled", "false", *extra])
+
+
+def last_state(root):
+    ckpt = torch.load(Path(root) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == STEPS
+    return ckpt
+
+
+def tiny(**kw):
+    return VmoeClassifier(model_name="vmoe_tiny_e4_k2", num_classes=10, **kw)
+
+
+# --- gradient checkpointing -------------------------------------------------------------------
+def loss_and_grads(module, x, y, seed=0):
+    """Training-mode loss (router noise on), aux losses read before and after backward, grads."""
+    module.train()
+    module.zero_grad()
+    torch.manual_seed(seed)
+    logits = module(x)
+    aux = vm.aux_loss(module.model)
+    loss = module.task_loss(logits, y) + aux
+    loss.backward()
+    after = vm.aux_loss(module.model)  # the recomputation in backward ran the routers again
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), aux.detach(), after.detach(), grads
+
+
+def test_grad_checkpointing_gives_the_same_loss_aux_losses_and_gradients():
+    plain, ckpt = tiny(), tiny(grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    loss0, aux0, after0, grads0 = loss_and_grads(plain, x, y)
+    loss1, aux1, after1, grads1 = loss_and_grads(ckpt, x, y)
+    assert aux0 > 0
+    assert torch.equal(loss0, loss1) and torch.equal(aux0, aux1)
+    # not double counted: the aux loss left after the recomputing backward is the same one
+    assert torch.equal(after1, aux1) and torch.equal(after0, aux0)
+    assert grads0.keys() == grads1.keys()
+    assert "model.blocks.1.mlp.router.weight" in grads1  # the aux loss reaches the router
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_compile_kwargs_without_compile_is_refused():
+    with pytest.raises(ValueError, match="compile_kwargs is given but model.compile is false"):
+        tiny(compile_kwargs={"backend": "eager"})
+
+
+def test_fit_with_grad_checkpointing(tmp_path):
+    assert fit(tmp_path, "--model.grad_checkpointing", "true") == 0
+    ckpt = last_state(tmp_path)
+    assert ckpt["hyper_parameters"]["grad_checkpointing"] is True
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+def test_fit_with_compile_keeps_the_state_dict_keys(tmp_path):
+    assert fit(tmp_path, "--model.compile", "true", "--model.compile_kwargs", "{backend: aot_eager}",
+               "--trainer.limit_val_batches", "0", "--test_after_fit", "false") == 0
+    ckpt = last_state(tmp_path)
+    plain = tiny()
+    assert set(ckpt["state_dict"]) == set(plain.state_dict())  # no "_orig_mod." prefix
+    assert ckpt["hyper_parameters"]["compile"] is True
+
+
+# --- layer-wise learning-rate decay -----------------------------------------------------------
+def test_layer_decay_scales_follow_depth_and_keep_the_decay_membership():
+    model = build_model(model_name="vmoe_tiny_e4_k2", num_classes=10)
+    depth, rate = len(model.blocks), 0.75
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain = param_groups(model, 0.1)
+    layered = param_groups(model, 0.1, layer_decay=rate)
+
+    def members(groups, decayed):
+        return {names[id(p)] for g in groups if (g["weight_decay"] > 0) == decayed for p in g["params"]}
+
+    for decayed in (True, False):
+        assert members(layered, decayed) == members(plain, decayed)
+    assert members(plain, False) == no_weight_decay_names(model)
+    scale = {names[id(p)]: g["lr_scale"] for g in layered for p in g["params"]}
+    for i in range(depth):
+        assert scale[f"blocks.{i}.attn.qkv.weight"] == pytest.approx(rate ** (depth - i))
+        assert scale[f"blocks.{i}.norm1.bias"] == pytest.approx(rate ** (depth - i))
+    assert scale["blocks.1.mlp.experts.fc1_weight"] == pytest.approx(rate ** (depth - 1))
+    assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == pytest.approx(rate ** (depth + 1))
+    assert scale["norm.weight"] == pytest.approx(rate)  # timm groups it with the last block
+    assert scale["head.weight"] == scale["head.bias"] == 1.0
+    with pytest.raises(ValueError, match="layer_decay"):
+        param_groups(model, 0.1, layer_decay=1.5)
+
+
+def test_fit_with_layer_decay_uses_the_scaled_learning_rates(tmp_path):
+    assert fit(tmp_path, "--model.layer_decay", "0.5", "--model.schedule", "constant",
+               "--model.warmup_steps", "0", "--model.lr", "0.002") == 0
+    groups = last_state(tmp_path)["optimizer_states"][0]["param_groups"]
+    assert sorted({g["lr"] for g in groups}) == pytest.approx(sorted({0.002 * g["lr_scale"] for g in groups}))
+    assert max(g["lr"] for g in groups) == pytest.approx(0.002)
+    assert min(g["lr"] for g in groups) == pytest.approx(0.002 * 0.5 ** 5)  # depth 4: the stem at 0.5 ** 5
