@@ -3,6 +3,7 @@ gradient checkpointing, torch.compile, layer-wise lr decay, an EMA of the weight
 few steps of ``vmoe fit`` on digits with the tiny model."""
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -121,3 +122,40 @@ def test_fit_with_layer_decay_uses_the_scaled_learning_rates(tmp_path):
     assert sorted({g["lr"] for g in groups}) == pytest.approx(sorted({0.002 * g["lr_scale"] for g in groups}))
     assert max(g["lr"] for g in groups) == pytest.approx(0.002)
     assert min(g["lr"] for g in groups) == pytest.approx(0.002 * 0.5 ** 5)  # depth 4: the stem at 0.5 ** 5
+
+
+# --- EMA of the weights -----------------------------------------------------------------------
+class RecordWeights(L.Callback):
+    """Keeps the model's parameters after every optimizer step (class attribute ``seen``)."""
+
+    seen: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        RecordWeights.seen.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+
+def test_fit_with_ema_checkpoints_and_exports_the_ema_weights(tmp_path):
+    RecordWeights.seen = []
+    decay = 0.5
+    assert fit(tmp_path, "--ema.decay", str(decay), "--trainer.callbacks+=tests.test_train_options.RecordWeights",
+               "--export.enabled", "true", "--export.use_best", "false",
+               "--trainer.limit_val_batches", "0", "--test_after_fit", "false") == 0
+    steps = RecordWeights.seen
+    assert len(steps) == STEPS
+    ema = dict(steps[0])  # the first update copies, then ema = decay * ema + (1 - decay) * w
+    for weights in steps[1:]:
+        ema = {n: decay * ema[n] + (1 - decay) * w for n, w in weights.items()}
+    final = steps[-1]
+    assert max((ema[n] - final[n]).abs().max().item() for n in ema) > 1e-4  # EMA != last weights
+    ckpt = last_state(tmp_path)
+    exported = vm.from_pretrained(tmp_path / "export").state_dict()
+    for name in ema:
+        torch.testing.assert_close(ckpt["state_dict"][f"model.{name}"], ema[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(exported[name], ema[name], rtol=0, atol=1e-6)
+        # Lightning keeps the training weights next to them, for resuming
+        torch.testing.assert_close(ckpt["current_model_state"][f"model.{name}"], final[name], rtol=0, atol=0)
+
+
+def test_ema_decay_out_of_range_is_one_error_line(tmp_path, capsys):
+    assert fit(tmp_path, "--ema.decay", "1.5") == 2
+    assert "ema.decay=1.5 must be in (0, 1)" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Literal, Optional, Sequence
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -62,6 +62,12 @@ class VmoeCLI(LightningCLI):
         parser.add_lightning_class_args(RoutingStatsLogger, "routing_stats")
         parser.add_lightning_class_args(ExportPretrained, "export")
         parser.add_lightning_class_args(ResumableTraining, "resume")
+        parser.add_argument("--ema.decay", type=Optional[float], default=None,
+                            help="keep an exponential moving average of the weights with this "
+                                 "decay (e.g. 0.9998; Lightning's EMAWeightAveraging): validation, "
+                                 "checkpoints, testing after fit and the export use the EMA weights")
+        parser.add_argument("--ema.update_starting_at_step", type=Optional[int], default=None,
+                            help="first optimizer step (0-based) averaged into the EMA")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="after fit, test and print where things are")
         parser.add_argument("--test_weights", type=Literal["best", "final"], default="best",
@@ -95,6 +101,12 @@ class VmoeCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        ema = self.config[self.subcommand].get("ema") if self.subcommand == "fit" else None
+        if ema is not None and ema.decay is not None:
+            if not 0.0 < ema.decay < 1.0:
+                raise ValueError(f"ema.decay={ema.decay} must be in (0, 1)")
+            trainer.callbacks.insert(0, EMAWeightAveraging(
+                decay=ema.decay, update_starting_at_step=ema.update_starting_at_step))
         return trainer
 
     def _parse_ckpt_path(self) -> None:

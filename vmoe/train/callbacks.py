@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
+import torch.nn as nn
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 import vmoe.models as vm
@@ -140,6 +141,19 @@ class RoutingStatsLogger(L.Callback):
             plt.close(fig)  # pyplot keeps every open figure: one set per validation would pile up
 
 
+def detached_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also right after a training step: the outputs of the last forward
+    that modules keep as attributes (a MoE layer's ``aux_loss``/``aux_losses``) are still part of
+    the autograd graph, which deepcopy refuses; the copy gets them detached."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            for item in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(item, torch.Tensor) and item.grad_fn is not None:
+                    memo[id(item)] = item.detach()
+    return copy.deepcopy(model, memo)
+
+
 class ExportPretrained(L.Callback):
     """At the end of ``fit`` write ``save_pretrained`` (config.json + model.safetensors) of the
     best checkpoint (or the final weights when there is none) into ``dirpath`` (default
@@ -153,7 +167,7 @@ class ExportPretrained(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.enabled or not trainer.is_global_zero:
             return
-        model = copy.deepcopy(pl_module.model).cpu()
+        model = detached_copy(pl_module.model).cpu()
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
         self.source = "final weights"
         if ckpt:
