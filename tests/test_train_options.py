@@ -1,11 +1,13 @@
 """Training options from the YAML, each built on timm's or Lightning's implementation:
 gradient checkpointing, torch.compile, layer-wise lr decay, an EMA of the weights. Each runs a
 few steps of ``vmoe fit`` on digits with the tiny model."""
+import csv
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vmoe.models as vm
 from vmoe.cli import main
@@ -159,3 +161,36 @@ def test_fit_with_ema_checkpoints_and_exports_the_ema_weights(tmp_path):
 def test_ema_decay_out_of_range_is_one_error_line(tmp_path, capsys):
     assert fit(tmp_path, "--ema.decay", "1.5") == 2
     assert "ema.decay=1.5 must be in (0, 1)" in capsys.readouterr().err
+
+
+# --- losses from torch and timm -------------------------------------------------------------
+def smoothed_one_hot(y, classes, smoothing):
+    """The targets the hand-written losses used: off = s / C, on = 1 - s + s / C."""
+    off = smoothing / classes
+    return torch.full((y.shape[0], classes), off).scatter_(1, y.unsqueeze(1), 1.0 - smoothing + off)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_library_losses_equal_the_hand_written_ones(smoothing):
+    torch.manual_seed(0)
+    logits, y = 3 * torch.randn(16, 10), torch.randint(0, 10, (16,))
+    soft = torch.softmax(torch.randn(16, 10), -1)  # mixup-like soft targets
+    target = smoothed_one_hot(y, 10, smoothing)
+    softmax, sigmoid = tiny(label_smoothing=smoothing), tiny(loss="sigmoid", label_smoothing=smoothing)
+    for labels, hand in ((y, target), (soft, soft)):
+        ce = torch.sum(-hand * torch.log_softmax(logits, -1), -1).mean()
+        bce = F.binary_cross_entropy_with_logits(logits, hand, reduction="none").sum(-1).mean()
+        torch.testing.assert_close(softmax.task_loss(logits, labels), ce, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sigmoid.task_loss(logits, labels), bce, rtol=0, atol=1e-6)
+
+
+def test_learning_rate_monitor_logs_every_group(tmp_path):
+    logger = "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: %s}}" % tmp_path
+    assert fit(tmp_path, "--trainer.logger", logger, "--trainer.log_every_n_steps", "1",
+               "--model.warmup_steps", "3", "--model.lr", "0.004", "--model.layer_decay", "0.5",
+               "--trainer.limit_val_batches", "0", "--test_after_fit", "false") == 0
+    rows = list(csv.DictReader(open(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))))
+    keys = {k for row in rows for k, v in row.items() if v and k.startswith("train/lr")}
+    assert "train/lr" not in keys and {"train/lr/pg1", "train/lr/pg2"} <= keys
+    top = [float(r["train/lr/pg12"]) for r in rows if r.get("train/lr/pg12")]  # the head's group
+    assert top == pytest.approx([0.004 * (s + 1) / 4 for s in range(3)] + [0.004])  # warmup, peak

@@ -13,7 +13,7 @@ from typing import Literal, Optional, Sequence
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -101,6 +101,9 @@ class VmoeCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
+            # logs each parameter group's learning rate every step as train/lr/pg<i>
+            trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         ema = self.config[self.subcommand].get("ema") if self.subcommand == "fit" else None
         if ema is not None and ema.decay is not None:
             if not 0.0 < ema.decay < 1.0:

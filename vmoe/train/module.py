@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy
 
 import vmoe.models as vm
 from vmoe.models.config_checks import shape_mismatches
@@ -101,7 +102,9 @@ class VmoeClassifier(L.LightningModule):
 
     Optimizer: AdamW(``lr``, ``betas``) or ``optimizer='sgd'`` (``momentum``, the usual ViT
     fine-tuning choice); ``weight_decay`` on kernels only; ``warmup_steps`` of
-    linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``.
+    linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``. The
+    learning rates are logged by Lightning's ``LearningRateMonitor`` (``vmoe fit`` adds it when
+    there is a logger) as ``train/lr/pg<i>``.
 
     Fine-tuning: ``layer_decay`` (e.g. 0.75) scales block i's learning rate by
     ``layer_decay ** (depth - i)`` (timm's ``param_groups_layer_decay``; the head at ``lr``, the
@@ -185,6 +188,8 @@ class VmoeClassifier(L.LightningModule):
             # Mixed soft targets already include label smoothing.
             self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
                                label_smoothing=label_smoothing, num_classes=self.num_classes)
+        # per-class BCE summed over classes (the paper's); smoothing only for integer labels
+        self.sigmoid_loss = BinaryCrossEntropy(smoothing=label_smoothing, sum_classes=True)
         top5 = min(5, self.num_classes)
         self.metrics = nn.ModuleDict({
             f"{split}_acc{k}": torchmetrics.classification.MulticlassAccuracy(
@@ -194,20 +199,15 @@ class VmoeClassifier(L.LightningModule):
         self._checked_labels = False
 
     # --- loss ------------------------------------------------------------------------------
-    def _targets(self, y: torch.Tensor) -> torch.Tensor:
-        """Labels [B] -> smoothed one-hot [B, C] (float32)."""
-        ls = self.hparams.label_smoothing
-        off = ls / self.num_classes
-        t = torch.full((y.shape[0], self.num_classes), off, device=y.device)
-        return t.scatter_(1, y.long().unsqueeze(1), 1.0 - ls + off)
-
     def task_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits [B, C]; target: labels [B] (int) or soft targets [B, C]. Float32 scalar."""
+        """logits [B, C]; target: labels [B] (int, smoothed by ``label_smoothing``) or soft targets
+        [B, C] (mixup's, already smoothed). Float32 scalar."""
         logits = logits.float()
-        soft = target if target.is_floating_point() else self._targets(target)
         if self.hparams.loss == "sigmoid":
-            return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").sum(-1).mean()
-        return torch.sum(-soft * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            return self.sigmoid_loss(logits, target)
+        if target.is_floating_point():
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target.long(), label_smoothing=self.hparams.label_smoothing)
 
     def _check_labels(self, y: torch.Tensor) -> None:
         if self._checked_labels:
@@ -246,7 +246,6 @@ class VmoeClassifier(L.LightningModule):
             metric = self.metrics[f"train_acc{k}"]
             metric(logits.detach(), y)
             self.log(f"train/acc{k}", metric, batch_size=bs, prog_bar=k == "1")
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=bs)
         return loss
 
     def _eval_step(self, batch, split: str) -> torch.Tensor:
@@ -398,7 +397,9 @@ class VmoeClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, total_steps=total, warmup_steps=hp.warmup_steps, schedule=hp.schedule,
             peak_lr=hp.lr, end_lr=hp.end_lr))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # the name is the key Lightning's LearningRateMonitor logs: train/lr/pg1, train/lr/pg2, ...
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
 
 def _pair(size) -> Tuple[int, int]:
