@@ -91,6 +91,16 @@ def test_finetune_vmoe_b16(tmp_path):
     assert cli.datamodule.img_size == 384
 
 
+def test_finetune_vmoe_b16_with_its_commented_options(tmp_path):
+    saved = vm.save_pretrained(timm.create_model("vmoe_tiny_e4_k2", num_classes=10), tmp_path / "pretrained")
+    data = make_image_folder(tmp_path / "folder", per_split=(1, 1, 0))
+    cli = build("finetune_vmoe_b16.yaml", tmp_path, "--model.pretrained_dir", str(saved),
+                "--data.init_args.data_dir", str(data), "--model.layer_decay", "0.75",
+                "--model.grad_checkpointing", "true", "--ema.decay", "0.9998")
+    assert cli.model.hparams.layer_decay == 0.75 and cli.model.model.grad_checkpointing
+    assert cli.config.ema.decay == 0.9998
+
+
 @pytest.mark.parametrize("name", ["cifar10_upcycle_vit_s.yaml", "finetune_vmoe_b16.yaml"])
 def test_configs_with_tiny_overrides_build_on_digits(name, tmp_path):
     """Any config's trainer/optimizer options also work with the tiny model and built-in data."""
