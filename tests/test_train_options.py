@@ -64,6 +64,10 @@ def test_grad_checkpointing_gives_the_same_loss_aux_losses_and_gradients():
     assert torch.equal(loss0, loss1) and torch.equal(aux0, aux1)
     # not double counted: the aux loss left after the recomputing backward is the same one
     assert torch.equal(after1, aux1) and torch.equal(after0, aux0)
+    stats0, stats1 = vm.routing_stats(plain.model), vm.routing_stats(ckpt.model)  # the last plans
+    for layer in stats0:
+        for key in stats0[layer]:
+            assert torch.equal(stats0[layer][key], stats1[layer][key]), (layer, key)
     assert grads0.keys() == grads1.keys()
     assert "model.blocks.1.mlp.router.weight" in grads1  # the aux loss reaches the router
     for name in grads0:
@@ -82,6 +86,18 @@ def test_fit_with_grad_checkpointing(tmp_path):
 
 
 # --- torch.compile ----------------------------------------------------------------------------
+def test_compiled_model_gives_the_same_loss_and_aux_loss():
+    plain, compiled = tiny(), tiny(compile=True, compile_kwargs={"backend": "aot_eager"})
+    compiled.load_state_dict(plain.state_dict())
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    loss0, aux0, _, grads0 = loss_and_grads(plain, x, y)
+    loss1, aux1, _, grads1 = loss_and_grads(compiled, x, y)
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(aux1, aux0, rtol=0, atol=1e-6)  # the layers' attributes are set
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_fit_with_compile_keeps_the_state_dict_keys(tmp_path):
     assert fit(tmp_path, "--model.compile", "true", "--model.compile_kwargs", "{backend: aot_eager}",
                "--trainer.limit_val_batches", "0", "--test_after_fit", "false") == 0
@@ -128,20 +144,25 @@ def test_fit_with_layer_decay_uses_the_scaled_learning_rates(tmp_path):
 
 # --- EMA of the weights -----------------------------------------------------------------------
 class RecordWeights(L.Callback):
-    """Keeps the model's parameters after every optimizer step (class attribute ``seen``)."""
+    """Keeps the model's parameters after every optimizer step (class attribute ``seen``) and
+    those the test after fit evaluates (``tested``)."""
 
     seen: list = []
+    tested: dict = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         RecordWeights.seen.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
 
+    def on_test_start(self, trainer, pl_module):
+        RecordWeights.tested = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
 
 def test_fit_with_ema_checkpoints_and_exports_the_ema_weights(tmp_path):
-    RecordWeights.seen = []
+    RecordWeights.seen, RecordWeights.tested = [], {}
     decay = 0.5
     assert fit(tmp_path, "--ema.decay", str(decay), "--trainer.callbacks+=tests.test_train_options.RecordWeights",
                "--export.enabled", "true", "--export.use_best", "false",
-               "--trainer.limit_val_batches", "0", "--test_after_fit", "false") == 0
+               "--trainer.limit_val_batches", "0", "--test_weights", "final") == 0
     steps = RecordWeights.seen
     assert len(steps) == STEPS
     ema = dict(steps[0])  # the first update copies, then ema = decay * ema + (1 - decay) * w
@@ -154,6 +175,7 @@ def test_fit_with_ema_checkpoints_and_exports_the_ema_weights(tmp_path):
     for name in ema:
         torch.testing.assert_close(ckpt["state_dict"][f"model.{name}"], ema[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(exported[name], ema[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(RecordWeights.tested[name], ema[name], rtol=0, atol=1e-6)
         # Lightning keeps the training weights next to them, for resuming
         torch.testing.assert_close(ckpt["current_model_state"][f"model.{name}"], final[name], rtol=0, atol=0)
 
