@@ -8,7 +8,7 @@ optimizer and schedule, and the evaluation-time routing (the paper trains with c
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import timm

@@ -9,7 +9,7 @@ convention). Fine-tuning can scale each layer's learning rate by ``layer_decay *
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay
@@ -81,7 +81,3 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
         shape = 1.0 - progress
     return end + (1.0 - end) * shape
 
-
-def count(groups: Iterable[Dict]) -> List[int]:
-    """Number of parameter elements per group (for logging/tests)."""
-    return [sum(p.numel() for p in g["params"]) for g in groups]
