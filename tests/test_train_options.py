@@ -99,8 +99,11 @@ def test_compiled_model_gives_the_same_loss_and_aux_loss():
 
 
 def test_fit_with_compile_keeps_the_state_dict_keys(tmp_path):
+    # with validation and the test after fit (evaluation routing: other capacity factor), and
+    # together with gradient checkpointing and the EMA
     assert fit(tmp_path, "--model.compile", "true", "--model.compile_kwargs", "{backend: aot_eager}",
-               "--trainer.limit_val_batches", "0", "--test_after_fit", "false") == 0
+               "--trainer.val_check_interval", str(STEPS), "--model.grad_checkpointing", "true",
+               "--ema.decay", "0.9") == 0
     ckpt = last_state(tmp_path)
     plain = tiny()
     assert set(ckpt["state_dict"]) == set(plain.state_dict())  # no "_orig_mod." prefix

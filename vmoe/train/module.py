@@ -113,8 +113,8 @@ class VmoeClassifier(L.LightningModule):
     Speed/memory: ``grad_checkpointing`` recomputes each block's activations in the backward pass
     (timm's ``set_grad_checkpointing``; the recomputation redraws the same router noise, so the
     loss, the aux losses and the gradients equal those without it); ``compile`` runs the network
-    through ``torch.compile`` (``compile_kwargs`` passed on, e.g. ``{backend: aot_eager}``),
-    in place, so state dicts and checkpoints keep their keys.
+    through ``torch.compile`` (``compile_kwargs`` passed on, e.g. ``{backend: aot_eager}``;
+    ``dynamic`` defaults to False), in place, so state dicts and checkpoints keep their keys.
 
     Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
     and, if set, ``eval_batch_priority``; training settings are restored afterwards.
@@ -177,7 +177,9 @@ class VmoeClassifier(L.LightningModule):
                                  "set_grad_checkpointing (a timm model has)")
             self.model.set_grad_checkpointing(True)
         if compile:
-            self.model.compile(**(compile_kwargs or {}))
+            # dynamic=False: evaluation routing changes the capacity factor (a float), which
+            # dynamic shapes fail to trace; static shapes compile once per routing setting
+            self.model.compile(**{"dynamic": False, **(compile_kwargs or {})})
         elif compile_kwargs:
             raise ValueError("model.compile_kwargs is given but model.compile is false")
         self.num_classes = int(self.model.num_classes)
