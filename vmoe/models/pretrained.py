@@ -27,7 +27,8 @@ from .config_checks import (FORMAT_VERSION, check_config_against_header, check_s
                             shape_mismatches, validate_config)
 from .moeify import moeify
 
-__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle", "check_target_dir"]
+__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
+           "check_target_dir"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -147,7 +148,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
     model.load_state_dict(state_dict)
 
 
-def _adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
+def adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
                            new_size: bool) -> Dict[str, torch.Tensor]:
     """A new head (``new_head``: freshly initialized, or none for ``num_classes=0``); position
     embeddings resampled to the new grid (``new_size``)."""
@@ -219,7 +220,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
         check_shapes(expected, header, config_path, weights_path, may_differ)
     model = _build(config, args)
     state = _read_weights(weights_path)
-    state = _adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
+    state = adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
     load_state_dict_checked(model, state, source=str(weights_path))
     restore_routing(moe_layers(model), config.get("routing") or {})  # names checked with the weights
     return model

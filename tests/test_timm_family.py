@@ -1,0 +1,65 @@
+"""vmoe models as a timm model family: default cfgs, pretrained weights from files, local-dir and
+hf-hub names, features_only."""
+import json
+
+import pytest
+import timm
+import torch
+
+import vmoe.models as vm
+
+
+def tiny(**kwargs):
+    return timm.create_model("vmoe_tiny_e4_k2", **kwargs).eval()
+
+
+def test_data_config_is_the_models_own():
+    config = timm.data.resolve_model_data_config(tiny(num_classes=10))
+    assert config["input_size"] == (3, 16, 16)
+    assert config["mean"] == (0.5, 0.5, 0.5) and config["std"] == (0.5, 0.5, 0.5)
+    big = timm.data.resolve_model_data_config(timm.create_model("vmoe_s32_e8_k2_last2", num_classes=0))
+    assert big["input_size"] == (3, 224, 224) and big["mean"] == (0.5, 0.5, 0.5)
+    cfg = tiny().pretrained_cfg
+    assert cfg["architecture"] == "vmoe_tiny_e4_k2" and cfg["license"] == "apache-2.0"
+    assert cfg["first_conv"] == "patch_embed.proj" and cfg["classifier"] == "head"
+
+
+def test_pretrained_from_a_local_file(tmp_path):
+    model = tiny(num_classes=10)
+    vm.save_pretrained(model, tmp_path)
+    file = str(tmp_path / "model.safetensors")
+    x = torch.randn(2, 3, 16, 16)
+    loaded = tiny(pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=file))
+    assert (loaded(x) - model(x)).abs().max() <= 1e-6
+    # Fine-tuning: a new head and a resampled position embedding (the filter fn).
+    tuned = tiny(pretrained=True, num_classes=3, img_size=32, pretrained_cfg_overlay=dict(file=file))
+    assert tuned(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert tuned.pos_embed.shape == (1, 65, 64)
+    torch.testing.assert_close(tuned.blocks[1].mlp.router.weight, model.blocks[1].mlp.router.weight)
+
+
+def test_pretrained_without_weights_says_how_to_get_them():
+    with pytest.raises(ValueError, match="no hub weights.*vmoe convert"):
+        tiny(pretrained=True)
+
+
+def test_save_for_hf_and_local_dir(tmp_path):
+    model = tiny(num_classes=10)
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert (loaded(x) - model(x)).abs().max() <= 1e-6
+
+
+def test_features_only_equals_forward_intermediates():
+    model = tiny(num_classes=0)
+    features = timm.create_model("vmoe_tiny_e4_k2", features_only=True, out_indices=(1, 3)).eval()
+    missing, _ = features.model.load_state_dict(model.state_dict(), strict=False)
+    assert missing == []
+    x = torch.randn(2, 3, 16, 16)
+    maps = features(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 64, 4, 4), (2, 64, 4, 4)]
+    assert features.feature_info.channels() == [64, 64]
+    expected = model.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
+    for got, want in zip(maps, expected):
+        torch.testing.assert_close(got, want)
