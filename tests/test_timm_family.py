@@ -9,6 +9,14 @@ import torch
 import vmoe.models as vm
 
 
+def routing_of(model):
+    """Every MoE layer's routing: evaluation settings, K, group size, router type, placement."""
+    return {name: (layer.router.num_selected, layer.group_size, layer.group_size_images,
+                   type(layer.router).__name__, layer.router.capacity_factor, layer.router.capacity,
+                   layer.router.batch_priority)
+            for name, layer in vm.moe_layers(model).items()}
+
+
 def tiny(**kwargs):
     return timm.create_model("vmoe_tiny_e4_k2", **kwargs).eval()
 
@@ -63,3 +71,47 @@ def test_features_only_equals_forward_intermediates():
     expected = model.forward_intermediates(x, indices=(1, 3), intermediates_only=True)
     for got, want in zip(maps, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_save_pretrained_loads_through_local_dir_with_its_routing(tmp_path):
+    model = tiny(num_classes=10)
+    vm.set_routing(model, capacity_factor=0.5, batch_priority=True)  # drops tokens: routing matters
+    vm.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pretrained_cfg"]["input_size"] == [3, 16, 16] and config["format"] == "vmoe"
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert routing_of(loaded) == routing_of(model)
+    x = torch.randn(4, 3, 16, 16)
+    assert (loaded(x) - model(x)).abs().max() <= 1e-6
+    assert timm.data.resolve_model_data_config(loaded)["input_size"] == (3, 16, 16)
+    for source in (tmp_path, f"local-dir:{tmp_path}"):  # and vmoe's own loader, checks included
+        again = vm.from_pretrained(source).eval()
+        assert (again(x) - model(x)).abs().max() <= 1e-6
+
+
+def test_local_dir_fine_tuning_overrides(tmp_path):
+    model = tiny(num_classes=10)
+    vm.save_pretrained(model, tmp_path)
+    tuned = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=4, img_size=32)
+    assert tuned(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    torch.testing.assert_close(tuned.blocks[3].mlp.router.weight, model.blocks[3].mlp.router.weight)
+
+
+def test_converted_official_checkpoint_loads_through_local_dir(tmp_path):
+    from vmoe.models.official import convert_vmoe_checkpoint, from_vmoe_checkpoint
+    from .test_vmoe_import import FIX, GROUP
+    options = dict(GROUP, capacity_factor=0.5, batch_priority=True)
+    convert_vmoe_checkpoint(FIX / "vmoe_tiny_a_perturbed", tmp_path, **options)
+    direct = from_vmoe_checkpoint(FIX / "vmoe_tiny_a_perturbed", **options).eval()
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert routing_of(loaded) == routing_of(direct)
+    x = torch.randn(3, 3, 16, 16)
+    assert (loaded(x) - direct(x)).abs().max() <= 1e-6
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match=r"could not download 'hf-hub:nobody/vmoe-none' from the "
+                                           r"Hugging Face Hub .*Offline\? .*local-dir:DIR"):
+        vm.from_pretrained("hf-hub:nobody/vmoe-none")

@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
+from timm.models._hub import save_config_for_hf  # the config half of timm.models.save_for_hf
 
 from vmoe.checkpoints import read_safetensors_header
 
@@ -28,7 +29,7 @@ from .config_checks import (FORMAT_VERSION, check_config_against_header, check_s
 from .moeify import moeify
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
-           "check_target_dir"]
+           "check_target_dir", "model_config", "write_config", "resolve_model_dir"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -52,10 +53,24 @@ def model_config(model: nn.Module) -> dict:
     except TypeError as err:
         raise TypeError(f"model argument not storable: {err}; build the model with plain "
                         "arguments (names instead of classes)") from None
-    moe = None if architecture.startswith("vmoe_") else getattr(model, "vmoe_moe", None)
+    built_moe = architecture.startswith("vmoe_")
+    moe = None if built_moe else getattr(model, "vmoe_moe", None)
     routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
+    if built_moe:
+        args["routing"] = routing  # the vmoe factories apply it: timm's local-dir/hf-hub loaders
+    else:
+        args.pop("routing", None)
     return {"format": "vmoe", "version": FORMAT_VERSION, "architecture": architecture,
             "model_args": args, "moeify": moe, "routing": routing}
+
+
+def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write ``model``'s ``config.json``: what timm's ``save_for_hf`` writes (architecture,
+    num_classes, model_args, pretrained_cfg: ``timm.create_model("local-dir:DIR")`` reads it)
+    plus the vmoe entries of ``model_config`` (format, version, moeify, routing)."""
+    config = model_config(model)
+    vmoe_entries = {k: config[k] for k in ("format", "version", "moeify", "routing")}
+    save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False) -> Path:
@@ -65,7 +80,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
     are written to a temporary directory first and moved into place only when complete (a full
     disk raises OSError naming ``directory`` and leaves it as it was).
     """
-    config = model_config(model)
+    model_config(model)  # refuses an unsaveable model before anything is written
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with staged_save_dir(directory, overwrite) as tmp:
         try:
@@ -75,7 +90,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
             if code is None:
                 raise
             raise OSError(int(code.group(1)), str(err)) from None
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_config(model, tmp / CONFIG_NAME)
     return Path(directory)
 
 
@@ -190,9 +205,32 @@ def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.M
                          f"model_args/moeify entries ({type(err).__name__}: {err})") from None
 
 
+def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
+    """The local directory of ``source``: a path, ``local-dir:PATH``, or ``hf-hub:ORG/NAME[@REV]``
+    (config.json and model.safetensors downloaded into the Hugging Face cache; RuntimeError
+    saying what to do when that fails, e.g. offline)."""
+    text = os.fspath(source)
+    if text.startswith("local-dir:"):
+        return Path(text[len("local-dir:"):])
+    if not text.startswith("hf-hub:"):
+        return Path(text)
+    repo_id, _, revision = text[len("hf-hub:"):].partition("@")
+    from huggingface_hub import snapshot_download  # only needed for hub names
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except (OSError, ValueError) as err:  # huggingface_hub: offline, not found, auth, network
+        raise RuntimeError(
+            f"could not download {text!r} from the Hugging Face Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Offline? Download the repository "
+            "elsewhere and load its directory: from_pretrained(DIR) or "
+            "timm.create_model('local-dir:DIR', pretrained=True)") from err
+
+
 def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
                     img_size: Optional[Union[int, Sequence[int]]] = None, **model_overrides) -> nn.Module:
-    """Rebuild a model written by ``save_pretrained`` (same logits).
+    """Rebuild a model written by ``save_pretrained`` (same logits). ``directory``: a path,
+    ``local-dir:PATH`` or ``hf-hub:ORG/NAME`` (see ``resolve_model_dir``).
 
     ``num_classes`` (a new, freshly initialized head) and ``img_size`` (position embeddings
     resampled with timm's ``resample_abs_pos_embed``) prepare it for fine-tuning.
@@ -201,7 +239,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     header of ``model.safetensors`` (sizes first, then every parameter's shape on a meta-device
     build) before the model is built, so nothing larger than the weights file is allocated.
     """
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
     config = _read_config(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     header = read_safetensors_header(weights_path)
