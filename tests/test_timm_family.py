@@ -115,3 +115,21 @@ def test_hub_name_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"could not download 'hf-hub:nobody/vmoe-none' from the "
                                            r"Hugging Face Hub .*Offline\? .*local-dir:DIR"):
         vm.from_pretrained("hf-hub:nobody/vmoe-none")
+
+
+def test_model_card_is_written_on_request(tmp_path):
+    model = tiny(num_classes=10)
+    vm.set_routing(model, capacity_factor=2.0, batch_priority=True)
+    vm.save_pretrained(model, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()
+    vm.save_pretrained(model, tmp_path / "card",
+                       model_card=dict(dataset="digits, 16x16", metrics={"val/acc1": 0.93}))
+    card = (tmp_path / "card" / "README.md").read_text()
+    total = sum(p.numel() for p in model.parameters())
+    assert "# vmoe_tiny_e4_k2" in card and f"total: {total:,}" in card
+    assert "| `blocks.3.mlp` | TopKRouter | 4 | 2 | 2.0 | None | True | 8 images |" in card
+    assert "digits, 16x16" in card and "| val/acc1 | 0.93 |" in card
+    assert 'timm.create_model("local-dir:DIR", pretrained=True)' in card
+    loaded = vm.from_pretrained(tmp_path / "card").eval()  # the card does not disturb loading
+    x = torch.randn(2, 3, 16, 16)
+    assert (loaded(x) - model(x)).abs().max() <= 1e-6

@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -26,6 +26,7 @@ from ..jsonable import to_jsonable
 from ..moe import moe_layers, read_routing, restore_routing
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
+from .model_card import model_card as make_model_card
 from .moeify import moeify
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
@@ -33,6 +34,7 @@ __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "ada
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 
 
 def model_config(model: nn.Module) -> dict:
@@ -73,8 +75,12 @@ def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
 
 
-def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False,
+                    model_card: Union[bool, Mapping] = False) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (timm's ``save_for_hf``
+    layout, loadable with ``timm.create_model("local-dir:DIR", pretrained=True)``), and with
+    ``model_card`` a ``README.md`` (architecture, routing, parameter counts; pass a dict with
+    ``dataset``/``metrics``/``notes`` to add what training knows).
 
     An existing non-empty directory is never written over unless ``overwrite=True``; the files
     are written to a temporary directory first and moved into place only when complete (a full
@@ -91,6 +97,9 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
                 raise
             raise OSError(int(code.group(1)), str(err)) from None
         write_config(model, tmp / CONFIG_NAME)
+        if model_card:
+            info = model_card if isinstance(model_card, Mapping) else None
+            (tmp / CARD_NAME).write_text(make_model_card(model, model_config(model), info))
     return Path(directory)
 
 
