@@ -3,7 +3,9 @@
 Names: ``vmoe_{s32,b32,b16,l32,l16,h14}_e{8,32}_k{1,2}_{every2,last2}``, plus
 ``vmoe_tiny_e4_k2`` (a CPU-sized model for 16x16 inputs) and ``vmoe_vit`` (every argument
 explicit; used to rebuild imported or saved models). ``import vmoe.models`` registers them, then
-``timm.create_model("vmoe_s32_e8_k2_last2", num_classes=1000)`` works.
+``timm.create_model("vmoe_s32_e8_k2_last2", num_classes=1000)`` works. Every factory goes
+through timm's ``build_model_with_cfg`` with the ``default_cfgs`` below, so ``pretrained=True``
+(a file, ``local-dir:``, ``hf-hub:``), ``features_only=True`` and timm's data config work.
 
 Paper defaults (official configs): group of 8 images per routing group, capacity factor 1.05
 (training), router noise std 1/E, importance and load loss weights 0.005, vanilla priority (no
