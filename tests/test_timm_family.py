@@ -27,6 +27,9 @@ def test_data_config_is_the_models_own():
     assert config["mean"] == (0.5, 0.5, 0.5) and config["std"] == (0.5, 0.5, 0.5)
     big = timm.data.resolve_model_data_config(timm.create_model("vmoe_s32_e8_k2_last2", num_classes=0))
     assert big["input_size"] == (3, 224, 224) and big["mean"] == (0.5, 0.5, 0.5)
+    wide = timm.create_model("vmoe_vit", img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    assert timm.data.resolve_model_data_config(wide)["input_size"] == (3, 32, 32)
+    assert timm.data.resolve_model_data_config(tiny(img_size=24))["input_size"] == (3, 24, 24)
     cfg = tiny().pretrained_cfg
     assert cfg["architecture"] == "vmoe_tiny_e4_k2" and cfg["license"] == "apache-2.0"
     assert cfg["first_conv"] == "patch_embed.proj" and cfg["classifier"] == "head"
@@ -104,6 +107,8 @@ def test_converted_official_checkpoint_loads_through_local_dir(tmp_path):
     convert_vmoe_checkpoint(FIX / "vmoe_tiny_a_perturbed", tmp_path, **options)
     direct = from_vmoe_checkpoint(FIX / "vmoe_tiny_a_perturbed", **options).eval()
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    for model in (direct, loaded, vm.from_pretrained(tmp_path)):
+        assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 16, 16)
     assert routing_of(loaded) == routing_of(direct)
     x = torch.randn(3, 3, 16, 16)
     assert (loaded(x) - direct(x)).abs().max() <= 1e-6

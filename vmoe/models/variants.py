@@ -90,8 +90,13 @@ def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
     num_classes = options.setdefault("num_classes", 1000)
     if options.get("head_bias_init", 0.0) == "paper":
         options["head_bias_init"] = -math.log(max(num_classes, 1))
-    # The filter fits the head by shape: keep timm from dropping a head of the same size.
+    # The filter fits the head by shape: keep timm from dropping a head of the same size. The
+    # data config follows the model's input size (timm's data helpers read input_size).
     overlay = {**(options.pop("pretrained_cfg_overlay", None) or {}), "num_classes": num_classes}
+    if "img_size" in options:
+        size = options["img_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        overlay["input_size"] = (options.get("in_chans", 3), *size)
     model = build_model_with_cfg(
         VisionTransformerMoe, name, pretrained, moe={**moe, **user_moe},
         pretrained_cfg_overlay=overlay, pretrained_filter_fn=checkpoint_filter_fn,
