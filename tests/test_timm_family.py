@@ -138,3 +138,31 @@ def test_model_card_is_written_on_request(tmp_path):
     loaded = vm.from_pretrained(tmp_path / "card").eval()  # the card does not disturb loading
     x = torch.randn(2, 3, 16, 16)
     assert (loaded(x) - model(x)).abs().max() <= 1e-6
+
+
+def test_push_to_hub_uploads_the_saved_directory(monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploaded["files"] = sorted(p.name for p in folder_path.iterdir())
+            return "https://huggingface.co/me/vmoe-tiny/commit/1"
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = vm.push_to_hub(tiny(num_classes=3), "me/vmoe-tiny")
+    assert url.endswith("/commit/1") and uploaded["repo"] == "me/vmoe-tiny"
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_push_to_hub_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match=r"could not push to the Hugging Face Hub repository "
+                                           r"'nobody/vmoe-none' .*Offline or not logged in\?"):
+        vm.push_to_hub(tiny(num_classes=3), "nobody/vmoe-none")

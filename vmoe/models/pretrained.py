@@ -30,7 +30,7 @@ from .model_card import model_card as make_model_card
 from .moeify import moeify
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
-           "check_target_dir", "model_config", "write_config", "resolve_model_dir"]
+           "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -101,6 +101,30 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
             info = model_card if isinstance(model_card, Mapping) else None
             (tmp / CARD_NAME).write_text(make_model_card(model, model_config(model), info))
     return Path(directory)
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, model_card: Union[bool, Mapping] = True,
+                private: bool = False, token: Optional[str] = None,
+                commit_message: str = "Add V-MoE model") -> str:
+    """Upload ``model`` as a ``save_pretrained`` directory (config.json, model.safetensors and,
+    by default, the model card) to the Hugging Face Hub repository ``repo_id`` (created when
+    missing). Returns the commit URL. Loading back: ``timm.create_model("hf-hub:" + repo_id,
+    pretrained=True)`` or ``from_pretrained("hf-hub:" + repo_id)``. Offline, not logged in, or
+    refused: RuntimeError saying so (the files are not kept)."""
+    from huggingface_hub import HfApi  # only needed for uploads
+
+    with tempfile.TemporaryDirectory(prefix="vmoe_push_") as tmp:
+        folder = save_pretrained(model, Path(tmp) / "model", model_card=model_card)
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        except (OSError, ValueError) as err:  # huggingface_hub: offline, auth, network, refused
+            raise RuntimeError(
+                f"could not push to the Hugging Face Hub repository {repo_id!r} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Offline or not logged in? Save "
+                "with save_pretrained(model, DIR) and upload DIR later (huggingface-cli upload)") from err
+    return str(getattr(info, "commit_url", info))
 
 
 def check_target_dir(directory: Union[str, os.PathLike], overwrite: bool) -> None:
