@@ -76,6 +76,16 @@ def test_features_only_equals_forward_intermediates():
         torch.testing.assert_close(got, want)
 
 
+def test_features_only_backbone_from_a_saved_model(tmp_path):
+    model = tiny(num_classes=10)
+    vm.save_pretrained(model, tmp_path)
+    backbone = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, features_only=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    want = model.forward_intermediates(x, indices=3, intermediates_only=True)
+    for got, expected in zip(backbone(x), want):
+        assert (got - expected).abs().max() <= 1e-6
+
+
 def test_save_pretrained_loads_through_local_dir_with_its_routing(tmp_path):
     model = tiny(num_classes=10)
     vm.set_routing(model, capacity_factor=0.5, batch_priority=True)  # drops tokens: routing matters
@@ -166,3 +176,12 @@ def test_push_to_hub_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"could not push to the Hugging Face Hub repository "
                                            r"'nobody/vmoe-none' .*Offline or not logged in\?"):
         vm.push_to_hub(tiny(num_classes=3), "nobody/vmoe-none")
+
+
+def test_weights_of_another_model_are_named(tmp_path):
+    other = timm.create_model("vmoe_vit", img_size=16, patch_size=4, embed_dim=64, depth=2,
+                              num_heads=4, moe=dict(every=2, num_experts=4, num_selected=2))
+    vm.save_pretrained(other, tmp_path)
+    with pytest.raises(ValueError, match=r"the pretrained weights do not fit vmoe_tiny_e4_k2: "
+                                         r"missing keys \(\d+\): blocks.2"):
+        tiny(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))

@@ -23,6 +23,7 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..moe import moe_layers, restore_routing
+from .config_checks import shape_mismatches
 from .pretrained import adapt_for_fine_tuning
 from .vit_moe import VisionTransformerMoe
 
@@ -65,8 +66,16 @@ _WEIGHT_SOURCES = ("file", "state_dict", "hf_hub_id", "url")
 def checkpoint_filter_fn(state: Dict[str, torch.Tensor], model: VisionTransformerMoe) -> Dict[str, torch.Tensor]:
     """timm's ``pretrained_filter_fn`` for vmoe models: a new head where the checkpoint's head
     does not fit (another ``num_classes``), position embeddings resampled to the model's grid
-    (another ``img_size``)."""
-    return adapt_for_fine_tuning(model, state, new_head=True, new_size=True)
+    (another ``img_size``). ValueError listing what does not fit when the weights are another
+    model's (missing or unexpected keys, wrong shapes)."""
+    state = adapt_for_fine_tuning(model, state, new_head=True, new_size=True)
+    problems = shape_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                {k: tuple(v.shape) for k, v in state.items()},
+                                expected_as="model", found_as="weights")
+    if problems:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+        raise ValueError(f"the pretrained weights do not fit {name}: {problems}")
+    return state
 
 
 def _check_weight_source(name: str, cfg: Optional[dict], overlay: Optional[dict]) -> None:
