@@ -185,3 +185,18 @@ def test_weights_of_another_model_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"the pretrained weights do not fit vmoe_tiny_e4_k2: "
                                          r"missing keys \(\d+\): blocks.2"):
         tiny(pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+
+
+def test_directories_of_the_previous_layout_still_load(tmp_path):
+    model = tiny(num_classes=10)
+    vm.set_routing(model, capacity_factor=2.0, batch_priority=True)
+    vm.save_pretrained(model, tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    old = {k: config[k] for k in ("format", "version", "architecture", "moeify", "routing")}
+    old["model_args"] = {"num_classes": 10, "img_size": [16, 16]}  # what vmoe wrote before
+    path.write_text(json.dumps(old))
+    loaded = vm.from_pretrained(tmp_path).eval()
+    assert routing_of(loaded) == routing_of(model)
+    x = torch.randn(2, 3, 16, 16)
+    assert (loaded(x) - model(x)).abs().max() <= 1e-6
