@@ -103,6 +103,12 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
     return Path(directory)
 
 
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (huggingface_hub's messages run to several lines)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def push_to_hub(model: nn.Module, repo_id: str, *, model_card: Union[bool, Mapping] = True,
                 private: bool = False, token: Optional[str] = None,
                 commit_message: str = "Add V-MoE model") -> str:
@@ -121,9 +127,9 @@ def push_to_hub(model: nn.Module, repo_id: str, *, model_card: Union[bool, Mappi
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         except (OSError, ValueError) as err:  # huggingface_hub: offline, auth, network, refused
             raise RuntimeError(
-                f"could not push to the Hugging Face Hub repository {repo_id!r} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}). Offline or not logged in? Save "
-                "with save_pretrained(model, DIR) and upload DIR later (huggingface-cli upload)") from err
+                f"could not push to the Hugging Face Hub repository {repo_id!r} ({_first_line(err)}). "
+                "Offline or not logged in? Save with save_pretrained(model, DIR) and upload DIR "
+                "later (huggingface-cli upload)") from err
     return str(getattr(info, "commit_url", info))
 
 
@@ -197,7 +203,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
 
 
 def adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
-                           new_size: bool) -> Dict[str, torch.Tensor]:
+                          new_size: bool) -> Dict[str, torch.Tensor]:
     """A new head (``new_head``: freshly initialized, or none for ``num_classes=0``); position
     embeddings resampled to the new grid (``new_size``)."""
     own = model.state_dict()
@@ -254,8 +260,8 @@ def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
                                       allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except (OSError, ValueError) as err:  # huggingface_hub: offline, not found, auth, network
         raise RuntimeError(
-            f"could not download {text!r} from the Hugging Face Hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Offline? Download the repository "
+            f"could not download {text!r} from the Hugging Face Hub ({_first_line(err)}). "
+            "Offline? Download the repository "
             "elsewhere and load its directory: from_pretrained(DIR) or "
             "timm.create_model('local-dir:DIR', pretrained=True)") from err
 
