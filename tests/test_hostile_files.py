@@ -156,6 +156,10 @@ def test_resampled_position_embeddings_equal_timms_resampling(saved):
      r"'batch_priority' must be true or false, got 'yes'"),
     (lambda c: c["routing"].__setitem__("blocks.0.mlp", c["routing"]["blocks.1.mlp"]),
      r"entry 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers .*\['blocks.1.mlp'\]"),
+    (lambda c: c["model_args"]["routing"]["blocks.1.mlp"].update(capacity=0),
+     r"'model_args' -> 'routing' -> 'blocks.1.mlp' -> 'capacity' must be an int >= 1 or null, got 0"),
+    (lambda c: c["model_args"]["routing"].__setitem__("blocks.0.mlp", c["routing"]["blocks.1.mlp"]),
+     r"entry 'model_args' -> 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers"),
 ])
 def test_malformed_config_entries_are_named(saved, no_build_at_all, edit, match):
     directory, _ = saved

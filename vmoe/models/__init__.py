@@ -9,10 +9,10 @@ from . import variants  # noqa: F401  (registers the timm factories)
 from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_plans, routing_stats
 from .variants import PAPER_MOE_DEFAULTS, VARIANTS
 from .vit_moe import VisionTransformerMoe
-from .pretrained import from_pretrained, load_state_dict_checked, save_pretrained, upcycle
+from .pretrained import from_pretrained, load_state_dict_checked, push_to_hub, save_pretrained, upcycle
 from .official import convert_vmoe_checkpoint, from_vmoe_checkpoint, infer_vmoe_architecture
 
 __all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
            "routing_stats", "set_routing", "restore_routing", "routing_settings",
-           "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle",
+           "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "save_pretrained", "push_to_hub", "from_pretrained", "load_state_dict_checked", "upcycle",
            "from_vmoe_checkpoint", "convert_vmoe_checkpoint", "infer_vmoe_architecture"]

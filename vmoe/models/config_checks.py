@@ -32,8 +32,10 @@ def _is_int(value) -> bool:
 def validate_config(config, path: Path) -> None:
     """Raises ValueError naming ``path`` and the entry when ``config`` (parsed JSON) is not a
     vmoe model config: ``architecture`` a name, ``model_args`` an object, ``moeify`` null or
-    ``{"blocks": [ints], "moe_kwargs": {...}}``, ``routing`` null or ``{layer: {capacity_factor:
-    number > 0 or null, capacity: int >= 1 or null (not both null), batch_priority: bool}}``."""
+    ``{"blocks": [ints], "moe_kwargs": {...}}``, ``routing`` (and its copy ``model_args.routing``,
+    which timm's ``local-dir:``/``hf-hub:`` loader passes to the factory) null or ``{layer:
+    {capacity_factor: number > 0 or null, capacity: int >= 1 or null (not both null),
+    batch_priority: bool}}``."""
     def bad(entry: str, expected: str, got) -> ValueError:
         return ValueError(f"{path}: entry {entry} must be {expected}, got {got!r:.200}")
 
@@ -58,13 +60,18 @@ def validate_config(config, path: Path) -> None:
             raise bad("'moeify' -> 'blocks'", "a non-empty list of block indices (ints)", blocks)
         if not isinstance(moe.get("moe_kwargs", {}), dict):
             raise bad("'moeify' -> 'moe_kwargs'", "a JSON object of MoE options", moe["moe_kwargs"])
-    routing = config.get("routing")
+    _validate_routing(config.get("routing"), "'routing'", bad)
+    _validate_routing(config["model_args"].get("routing"), "'model_args' -> 'routing'", bad)
+
+
+def _validate_routing(routing, where: str, bad) -> None:
+    """A routing entry (``where`` names it): null or ``{layer: settings}``."""
     if routing is None:
         return
     if not isinstance(routing, dict):
-        raise bad("'routing'", "null or an object {layer name: settings}", routing)
+        raise bad(where, "null or an object {layer name: settings}", routing)
     for name, settings in routing.items():
-        entry = f"'routing' -> {name!r}"
+        entry = f"{where} -> {name!r}"
         if not isinstance(settings, dict) or set(ROUTING_KEYS) - set(settings):
             raise bad(entry, "an object with keys " + ", ".join(ROUTING_KEYS), settings)
         cf, capacity, bpr = (settings[k] for k in ROUTING_KEYS)
@@ -119,11 +126,13 @@ def check_config_against_header(config: dict, args: dict, header: Mapping[str, T
         shapes = {shape[0] for shape in routers.values() if shape}
         if value is not None and shapes != {value}:
             raise mismatch(entry, value, f"has routers with {sorted(shapes) or 'no'} experts")
-    unknown = [name for name in (config.get("routing") or {}) if name not in routers]
-    if unknown:
-        raise ValueError(f"{config_path}: entry 'routing' names layers {unknown[:5]} that are not "
-                         f"MoE layers of the model in {weights_path} (its MoE layers: "
-                         f"{sorted(routers)})")
+    for entry, routing in (("'routing'", config.get("routing")),
+                           ("'model_args' -> 'routing'", args.get("routing"))):
+        unknown = [name for name in (routing or {}) if name not in routers]
+        if unknown:
+            raise ValueError(f"{config_path}: entry {entry} names layers {unknown[:5]} that are not "
+                             f"MoE layers of the model in {weights_path} (its MoE layers: "
+                             f"{sorted(routers)})")
 
 
 def shape_mismatches(expected: Mapping[str, tuple], found: Mapping[str, tuple],

@@ -25,7 +25,6 @@ Parameter mapping (official name -> torch key, layout):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -40,7 +39,7 @@ import torch.nn as nn
 from vmoe.checkpoints import (CheckpointFormatError, SafetensorsStreamWriter, iter_checkpoint_arrays,
                               read_checkpoint_index)
 
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, model_config, staged_save_dir
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, staged_save_dir, write_config
 from .variants import PAPER_MOE_DEFAULTS
 
 __all__ = ["infer_vmoe_architecture", "from_vmoe_checkpoint", "convert_vmoe_checkpoint",
@@ -262,13 +261,12 @@ def convert_vmoe_checkpoint(prefix: str, out_dir, *, overwrite: bool = False, **
     arch = infer_vmoe_architecture(prefix)
     tensors = iter_converted_tensors(prefix, arch)  # checks every shard before writing
     meta_model = _build_empty(arch, moe_options)
-    config = model_config(meta_model)
     specs = {k: (torch.float32, tuple(v.shape)) for k, v in meta_model.state_dict().items()}
     with staged_save_dir(out_dir, overwrite) as tmp:
         source = {"source": "vmoe official checkpoint", "prefix": os.fspath(prefix), "format": "pt"}
         with SafetensorsStreamWriter(tmp / WEIGHTS_NAME, specs, metadata=source) as writer:
             for key, tensor in tensors:
                 writer.write(key, tensor)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_config(meta_model, tmp / CONFIG_NAME)
     return out_dir
 

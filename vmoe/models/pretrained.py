@@ -10,7 +10,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
+from timm.models._hub import save_config_for_hf  # the config half of timm.models.save_for_hf
 
 from vmoe.checkpoints import read_safetensors_header
 
@@ -25,12 +26,15 @@ from ..jsonable import to_jsonable
 from ..moe import moe_layers, read_routing, restore_routing
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
+from .model_card import model_card as make_model_card
 from .moeify import moeify
 
-__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "upcycle", "check_target_dir"]
+__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
+           "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
 
 
 def model_config(model: nn.Module) -> dict:
@@ -51,20 +55,38 @@ def model_config(model: nn.Module) -> dict:
     except TypeError as err:
         raise TypeError(f"model argument not storable: {err}; build the model with plain "
                         "arguments (names instead of classes)") from None
-    moe = None if architecture.startswith("vmoe_") else getattr(model, "vmoe_moe", None)
+    built_moe = architecture.startswith("vmoe_")
+    moe = None if built_moe else getattr(model, "vmoe_moe", None)
     routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
+    if built_moe:
+        args["routing"] = routing  # the vmoe factories apply it: timm's local-dir/hf-hub loaders
+    else:
+        args.pop("routing", None)
     return {"format": "vmoe", "version": FORMAT_VERSION, "architecture": architecture,
             "model_args": args, "moeify": moe, "routing": routing}
 
 
-def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory``.
+def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write ``model``'s ``config.json``: what timm's ``save_for_hf`` writes (architecture,
+    num_classes, model_args, pretrained_cfg: ``timm.create_model("local-dir:DIR")`` reads it)
+    plus the vmoe entries of ``model_config`` (format, version, moeify, routing)."""
+    config = model_config(model)
+    vmoe_entries = {k: config[k] for k in ("format", "version", "moeify", "routing")}
+    save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
+
+
+def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False,
+                    model_card: Union[bool, Mapping] = False) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (timm's ``save_for_hf``
+    layout, loadable with ``timm.create_model("local-dir:DIR", pretrained=True)``), and with
+    ``model_card`` a ``README.md`` (architecture, routing, parameter counts; pass a dict with
+    ``dataset``/``metrics``/``notes`` to add what training knows).
 
     An existing non-empty directory is never written over unless ``overwrite=True``; the files
     are written to a temporary directory first and moved into place only when complete (a full
     disk raises OSError naming ``directory`` and leaves it as it was).
     """
-    config = model_config(model)
+    model_config(model)  # refuses an unsaveable model before anything is written
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with staged_save_dir(directory, overwrite) as tmp:
         try:
@@ -74,8 +96,41 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
             if code is None:
                 raise
             raise OSError(int(code.group(1)), str(err)) from None
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        write_config(model, tmp / CONFIG_NAME)
+        if model_card:
+            info = model_card if isinstance(model_card, Mapping) else None
+            (tmp / CARD_NAME).write_text(make_model_card(model, model_config(model), info))
     return Path(directory)
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (huggingface_hub's messages run to several lines)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, model_card: Union[bool, Mapping] = True,
+                private: bool = False, token: Optional[str] = None,
+                commit_message: str = "Add V-MoE model") -> str:
+    """Upload ``model`` as a ``save_pretrained`` directory (config.json, model.safetensors and,
+    by default, the model card) to the Hugging Face Hub repository ``repo_id`` (created when
+    missing). Returns the commit URL. Loading back: ``timm.create_model("hf-hub:" + repo_id,
+    pretrained=True)`` or ``from_pretrained("hf-hub:" + repo_id)``. Offline, not logged in, or
+    refused: RuntimeError saying so (the files are not kept)."""
+    from huggingface_hub import HfApi  # only needed for uploads
+
+    with tempfile.TemporaryDirectory(prefix="vmoe_push_") as tmp:
+        folder = save_pretrained(model, Path(tmp) / "model", model_card=model_card)
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+        except (OSError, ValueError) as err:  # huggingface_hub: offline, auth, network, refused
+            raise RuntimeError(
+                f"could not push to the Hugging Face Hub repository {repo_id!r} ({_first_line(err)}). "
+                "Offline or not logged in? Save with save_pretrained(model, DIR) and upload DIR "
+                "later (huggingface-cli upload)") from err
+    return str(getattr(info, "commit_url", info))
 
 
 def check_target_dir(directory: Union[str, os.PathLike], overwrite: bool) -> None:
@@ -147,8 +202,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor
     model.load_state_dict(state_dict)
 
 
-def _adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
-                           new_size: bool) -> Dict[str, torch.Tensor]:
+def adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
+                          new_size: bool) -> Dict[str, torch.Tensor]:
     """A new head (``new_head``: freshly initialized, or none for ``num_classes=0``); position
     embeddings resampled to the new grid (``new_size``)."""
     own = model.state_dict()
@@ -189,9 +244,32 @@ def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.M
                          f"model_args/moeify entries ({type(err).__name__}: {err})") from None
 
 
+def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
+    """The local directory of ``source``: a path, ``local-dir:PATH``, or ``hf-hub:ORG/NAME[@REV]``
+    (config.json and model.safetensors downloaded into the Hugging Face cache; RuntimeError
+    saying what to do when that fails, e.g. offline)."""
+    text = os.fspath(source)
+    if text.startswith("local-dir:"):
+        return Path(text[len("local-dir:"):])
+    if not text.startswith("hf-hub:"):
+        return Path(text)
+    repo_id, _, revision = text[len("hf-hub:"):].partition("@")
+    from huggingface_hub import snapshot_download  # only needed for hub names
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except (OSError, ValueError) as err:  # huggingface_hub: offline, not found, auth, network
+        raise RuntimeError(
+            f"could not download {text!r} from the Hugging Face Hub ({_first_line(err)}). "
+            "Offline? Download the repository "
+            "elsewhere and load its directory: from_pretrained(DIR) or "
+            "timm.create_model('local-dir:DIR', pretrained=True)") from err
+
+
 def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
                     img_size: Optional[Union[int, Sequence[int]]] = None, **model_overrides) -> nn.Module:
-    """Rebuild a model written by ``save_pretrained`` (same logits).
+    """Rebuild a model written by ``save_pretrained`` (same logits). ``directory``: a path,
+    ``local-dir:PATH`` or ``hf-hub:ORG/NAME`` (see ``resolve_model_dir``).
 
     ``num_classes`` (a new, freshly initialized head) and ``img_size`` (position embeddings
     resampled with timm's ``resample_abs_pos_embed``) prepare it for fine-tuning.
@@ -200,7 +278,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     header of ``model.safetensors`` (sizes first, then every parameter's shape on a meta-device
     build) before the model is built, so nothing larger than the weights file is allocated.
     """
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
     config = _read_config(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     header = read_safetensors_header(weights_path)
@@ -219,7 +297,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
         check_shapes(expected, header, config_path, weights_path, may_differ)
     model = _build(config, args)
     state = _read_weights(weights_path)
-    state = _adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
+    state = adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
     load_state_dict_checked(model, state, source=str(weights_path))
     restore_routing(moe_layers(model), config.get("routing") or {})  # names checked with the weights
     return model

@@ -3,7 +3,9 @@
 Names: ``vmoe_{s32,b32,b16,l32,l16,h14}_e{8,32}_k{1,2}_{every2,last2}``, plus
 ``vmoe_tiny_e4_k2`` (a CPU-sized model for 16x16 inputs) and ``vmoe_vit`` (every argument
 explicit; used to rebuild imported or saved models). ``import vmoe.models`` registers them, then
-``timm.create_model("vmoe_s32_e8_k2_last2", num_classes=1000)`` works.
+``timm.create_model("vmoe_s32_e8_k2_last2", num_classes=1000)`` works. Every factory goes
+through timm's ``build_model_with_cfg`` with the ``default_cfgs`` below, so ``pretrained=True``
+(a file, ``local-dir:``, ``hf-hub:``), ``features_only=True`` and timm's data config work.
 
 Paper defaults (official configs): group of 8 images per routing group, capacity factor 1.05
 (training), router noise std 1/E, importance and load loss weights 0.005, vanilla priority (no
@@ -14,12 +16,18 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Dict, Optional
 
-from timm.models import register_model
+import torch
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..moe import moe_layers, restore_routing
+from .config_checks import shape_mismatches
+from .pretrained import adapt_for_fine_tuning
 from .vit_moe import VisionTransformerMoe
 
-__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "vmoe_vit", "vmoe_tiny_e4_k2"]
+__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "checkpoint_filter_fn", "vmoe_vit", "vmoe_tiny_e4_k2"]
 
 # name -> (patch, hidden, depth, mlp, heads), from the official configs.
 VARIANTS = {
@@ -35,23 +43,75 @@ PAPER_MOE_DEFAULTS = dict(capacity_factor=1.05, group_size_images=8, noise_std=1
                           importance_weight=0.005, load_weight=0.005, batch_priority=False,
                           same_init=True)
 
-_TIMM_FACTORY_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_PAPER = dict(paper_ids="arXiv:2106.05974", paper_name="Scaling Vision with Sparse Mixture of Experts")
 
 
-def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict) -> VisionTransformerMoe:
+def _default_cfg(img_size: int = 224) -> dict:
+    """timm's pretrained_cfg of a vmoe model: V-MoE/inception inputs (mean = std = 0.5), no hub
+    weights (load a file, a ``local-dir:`` or ``hf-hub:`` name; see ``vmoe convert``)."""
+    return dict(url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None,
+                crop_pct=0.875, interpolation="bicubic", fixed_input_size=True,
+                mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD,
+                first_conv="patch_embed.proj", classifier="head", license="apache-2.0", **_PAPER)
+
+
+_NAMES = ([f"vmoe_{size}_e{e}_k{k}_{place}" for size in VARIANTS for e in (8, 32) for k in (1, 2)
+           for place in ("every2", "last2")] + ["vmoe_vit"])
+default_cfgs = generate_default_cfgs({**{name: _default_cfg() for name in _NAMES},
+                                      "vmoe_tiny_e4_k2": _default_cfg(img_size=16)})
+
+_WEIGHT_SOURCES = ("file", "state_dict", "hf_hub_id", "url")
+
+
+def checkpoint_filter_fn(state: Dict[str, torch.Tensor], model: VisionTransformerMoe) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` for vmoe models: a new head where the checkpoint's head
+    does not fit (another ``num_classes``), position embeddings resampled to the model's grid
+    (another ``img_size``). ValueError listing what does not fit when the weights are another
+    model's (missing or unexpected keys, wrong shapes)."""
+    state = adapt_for_fine_tuning(model, state, new_head=True, new_size=True)
+    problems = shape_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                {k: tuple(v.shape) for k, v in state.items()},
+                                expected_as="model", found_as="weights")
+    if problems:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+        raise ValueError(f"the pretrained weights do not fit {name}: {problems}")
+    return state
+
+
+def _check_weight_source(name: str, cfg: Optional[dict], overlay: Optional[dict]) -> None:
+    merged = {**(cfg if isinstance(cfg, dict) else {}), **(overlay or {})}
+    if not any(merged.get(key) for key in _WEIGHT_SOURCES):
+        raise ValueError(f"{name}: there are no hub weights for vmoe models. Pass a weights file "
+                         "(pretrained_cfg_overlay=dict(file='.../model.safetensors')), load a saved "
+                         "directory with timm.create_model('local-dir:DIR', pretrained=True) or "
+                         "vmoe.models.from_pretrained(DIR), or import Google's released checkpoints "
+                         "with `vmoe convert` / vmoe.models.from_vmoe_checkpoint")
+
+
+def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
+    """The model through timm's ``build_model_with_cfg`` (pretrained weights, features_only).
+    ``routing=`` (``{layer: settings}``, as ``config.json`` stores it) is applied after building."""
     if pretrained:
-        raise ValueError(f"{name}: there are no hub weights for vmoe models. Import Google's "
-                         "released checkpoints with `vmoe convert` / vmoe.models.from_vmoe_checkpoint, "
-                         "or load a saved model with vmoe.models.from_pretrained(dir)")
-    for key in _TIMM_FACTORY_ARGS:
-        kwargs.pop(key, None)
+        _check_weight_source(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    routing = kwargs.pop("routing", None)
     user_moe = kwargs.pop("moe", None) or {}
     options = {**arch, **kwargs}
     num_classes = options.setdefault("num_classes", 1000)
     if options.get("head_bias_init", 0.0) == "paper":
         options["head_bias_init"] = -math.log(max(num_classes, 1))
-    model = VisionTransformerMoe(moe={**moe, **user_moe}, **options)
-    model.pretrained_cfg = {"architecture": name}
+    # The filter fits the head by shape: keep timm from dropping a head of the same size. The
+    # data config follows the model's input size (timm's data helpers read input_size).
+    overlay = {**(options.pop("pretrained_cfg_overlay", None) or {}), "num_classes": num_classes}
+    if "img_size" in options:
+        size = options["img_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        overlay["input_size"] = (options.get("in_chans", 3), *size)
+    model = build_model_with_cfg(
+        VisionTransformerMoe, name, pretrained, moe={**moe, **user_moe},
+        pretrained_cfg_overlay=overlay, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=options.pop("out_indices", 3), feature_cls="getter"), **options)
+    if routing:
+        restore_routing(moe_layers(getattr(model, "model", model)), routing)
     return model
 
 

@@ -1,0 +1,70 @@
+"""The model card (``README.md``) of a saved V-MoE: architecture, routing settings, parameter
+counts, and the training data and metrics when the caller knows them."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch.nn as nn
+
+from ..moe import moe_layers
+
+__all__ = ["parameter_counts", "model_card"]
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """``total`` parameters, those in ``experts``, and ``active`` per token (the dense part plus
+    K of the E experts of each MoE layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = active_experts = 0
+    for layer in moe_layers(model).values():
+        count = sum(p.numel() for p in layer.experts.parameters())
+        experts += count
+        k = getattr(layer.router, "num_selected", None) or layer.router.num_experts
+        active_experts += count * k // layer.router.num_experts
+    return {"total": total, "experts": experts, "active": total - experts + active_experts}
+
+
+def _routing_rows(model: nn.Module) -> list:
+    rows = ["| layer | router | experts | K | capacity factor | capacity | BPR | group |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, layer in moe_layers(model).items():
+        router = layer.router
+        group = (f"{layer.group_size} tokens" if layer.group_size else f"{layer.group_size_images} images")
+        rows.append(f"| `{name}` | {type(router).__name__} | {router.num_experts} | "
+                    f"{getattr(router, 'num_selected', '-')} | {router.capacity_factor} | {router.capacity} | "
+                    f"{router.batch_priority} | {group} |")
+    return rows
+
+
+def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None) -> str:
+    """Markdown with a Hugging Face front matter. ``config``: the model's ``config.json``
+    entries (architecture, model_args); ``info``: optional ``dataset`` (str), ``metrics``
+    ({name: value}) and ``notes`` (str)."""
+    info = dict(info or {})
+    architecture = config["architecture"]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    counts = parameter_counts(model)
+    lines = ["---", "library_name: timm", "tags: [image-classification, timm, vmoe, mixture-of-experts]",
+             f"license: {cfg.get('license', 'apache-2.0')}", "---", "",
+             f"# {architecture} (V-MoE)", "",
+             f"A Vision Mixture-of-Experts ({type(model).__name__}, {len(model.blocks)} blocks, "
+             f"hidden {getattr(model, 'embed_dim', '?')}, {model.num_classes} classes, input "
+             f"{tuple(cfg.get('input_size', ()))}).", "",
+             "## Parameters", "",
+             f"- total: {counts['total']:,}", f"- in experts: {counts['experts']:,}",
+             f"- active per token: {counts['active']:,}", "",
+             "## Routing", "", *_routing_rows(model), ""]
+    if info.get("dataset"):
+        lines += ["## Training data", "", str(info["dataset"]), ""]
+    if info.get("metrics"):
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|",
+                  *(f"| {k} | {v} |" for k, v in dict(info["metrics"]).items()), ""]
+    if info.get("notes"):
+        lines += ["## Notes", "", str(info["notes"]), ""]
+    if architecture.startswith("vmoe_"):  # built by a vmoe factory: timm's loaders rebuild it
+        usage = ["import timm", "import vmoe.models  # registers vmoe_*",
+                 'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"']
+    else:  # a timm model made MoE by moeify: vmoe's loader replays the recipe
+        usage = ["import vmoe.models as vm", 'model = vm.from_pretrained("DIR")  # or "hf-hub:ORG/NAME"']
+    lines += ["## Usage", "", "```python", *usage, "```", ""]
+    return "\n".join(lines)
