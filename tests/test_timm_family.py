@@ -127,7 +127,7 @@ def test_converted_official_checkpoint_loads_through_local_dir(tmp_path):
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match=r"could not download 'hf-hub:nobody/vmoe-none' from the "
+    with pytest.raises(ConnectionError, match=r"could not download 'hf-hub:nobody/vmoe-none' from the "
                                            r"Hugging Face Hub .*Offline\? .*local-dir:DIR"):
         vm.from_pretrained("hf-hub:nobody/vmoe-none")
 

@@ -256,8 +256,8 @@ def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.M
 
 def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
     """The local directory of ``source``: a path, ``local-dir:PATH``, or ``hf-hub:ORG/NAME[@REV]``
-    (config.json and model.safetensors downloaded into the Hugging Face cache; RuntimeError
-    saying what to do when that fails, e.g. offline)."""
+    (config.json and model.safetensors downloaded into the Hugging Face cache; ConnectionError
+    saying what to do when that fails: offline, no such repository, no access)."""
     text = os.fspath(source)
     if text.startswith("local-dir:"):
         return Path(text[len("local-dir:"):])
@@ -269,7 +269,7 @@ def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
         return Path(snapshot_download(repo_id, revision=revision or None,
                                       allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except (OSError, ValueError) as err:  # huggingface_hub: offline, not found, auth, network
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not download {text!r} from the Hugging Face Hub ({_first_line(err)}). "
             "Offline? Download the repository "
             "elsewhere and load its directory: from_pretrained(DIR) or "
