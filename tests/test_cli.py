@@ -131,6 +131,28 @@ def test_validate_test_predict_from_checkpoint(digits_run, capsys):
         got = torch.tensor([float(r[f"prob{k + 1}"]) for r in rows])
         assert torch.allclose(got, top_p[:, k], atol=2e-6)
 
+    # with each image's expert usage: recomputed from the plans of the same batches (48 images)
+    usage_csv = digits_run / "usage.csv"
+    assert main(["predict", *fast(digits_run, "--ckpt_path", last, "--predictions.path", str(usage_csv),
+                                  "--predictions.expert_usage", "true")]) == 0
+    rows = list(csv.DictReader(open(usage_csv)))
+    assert list(rows[0])[12:] == [f"blocks.{b}.mlp/{c}" for b in (1, 3)
+                                  for c in ("e0", "e1", "e2", "e3", "dropped")]
+    for start in range(0, 180, 48):
+        with torch.no_grad():
+            model(x[start:start + 48])
+        for name, layer in vm.moe_layers(model).items():
+            plan = layer.last_plan
+            images = len(x[start:start + 48])
+            expert = plan.expert_index.reshape(-1, 2)[: images * 17].reshape(images, 17 * 2)
+            kept = plan.kept.reshape(-1, 2)[: images * 17].reshape(images, 17 * 2)
+            for e in range(4):
+                want = ((expert == e) & kept).float().mean(1)
+                got = torch.tensor([float(r[f"{name}/e{e}"]) for r in rows[start:start + 48]])
+                assert torch.allclose(got, want, atol=2e-6), (name, e)
+            dropped = torch.tensor([float(r[f"{name}/dropped"]) for r in rows[start:start + 48]])
+            assert torch.allclose(dropped, 1 - kept.float().mean(1), atol=2e-6)
+
 
 def test_fit_image_folder(tmp_path):
     data = make_image_folder(tmp_path / "folder")

@@ -178,3 +178,67 @@ def test_routing_report_on_an_unregistered_architecture(tmp_path, capsys):
     assert main(["routing-report", "--model", str(model_dir), "--data", "digits",
                  "--out", str(tmp_path / "report"), "--no-progress"]) == 2
     one_line_error(capsys, "routing-report", r"no_such_architecture")
+
+
+# ------------------------------------------------------------------ model sources (issue 12)
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A saved tiny V-MoE, the same config beside another model's weights, a config without
+    weights."""
+    import shutil
+
+    import timm
+    root = tmp_path_factory.mktemp("sources")
+    vm.save_pretrained(timm.create_model("vmoe_tiny_e4_k2", num_classes=3), root / "tiny")
+    vm.save_pretrained(timm.create_model("vmoe_vit", img_size=16, patch_size=4, embed_dim=64, depth=2,
+                                         num_heads=4, num_classes=3,
+                                         moe=dict(every=2, num_experts=4, num_selected=2)), root / "other")
+    for name, weights in (("mismatch", root / "other" / "model.safetensors"), ("no_weights", None)):
+        (root / name).mkdir()
+        shutil.copy(root / "tiny" / "config.json", root / name)
+        if weights:
+            shutil.copy(weights, root / name)
+    return root
+
+
+@pytest.mark.parametrize("option, source, pattern", [
+    ("pretrained_dir", "hf-hub:nobody/vmoe-none", r"could not download 'hf-hub:nobody/vmoe-none' .*Offline\?"),
+    ("model_name", "hf-hub:nobody/vmoe-none", r"could not download 'hf-hub:nobody/vmoe-none' .*Offline\?"),
+    ("model_name", "local-dir:{root}/no_weights", r"weights file .*no_weights/model.safetensors not found"),
+    ("pretrained_dir", "{root}/mismatch", r"mismatch/config.json: .* not MoE layers of the model in .*mismatch/model.safetensors"),
+    ("model_name", "no_such_model", r"model.model_name='no_such_model' is not a registered timm model"),
+])
+def test_model_sources_that_cannot_load_give_one_line(saved_models, tmp_path, capsys, monkeypatch,
+                                                      option, source, pattern):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    clear = [] if option == "model_name" else ["--model.model_name", "null"]
+    assert main(["fit", *fast(tmp_path, *SMALL, *clear,
+                              f"--model.{option}", source.format(root=saved_models))]) == 2
+    one_line_error(capsys, "fit", pattern)
+
+
+def test_routing_report_of_a_hub_model_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert main(["routing-report", "--model", "hf-hub:nobody/vmoe-none", "--data", "digits",
+                 "--out", str(tmp_path / "report"), "--no-progress"]) == 2
+    one_line_error(capsys, "routing-report", r"could not download 'hf-hub:nobody/vmoe-none'")
+
+
+def test_a_fine_tuning_config_starts_from_a_local_dir_model(saved_models, tmp_path):
+    """A YAML whose model is ``local-dir:DIR`` (3 classes) fine-tunes on digits (10 classes): a
+    new head, every other weight loaded. With a vanishing learning rate the exported model
+    still holds the saved weights."""
+    from safetensors.torch import load_file
+    config = tmp_path / "finetune.yaml"
+    config.write_text(f"model:\n  model_name: local-dir:{saved_models / 'tiny'}\n  lr: 1.0e-12\n"
+                      "  end_lr: 0.0\n  warmup_steps: 0\n  weight_decay: 0.0\n")
+    assert main(["fit", *fast(tmp_path, *SMALL[:-4], "--config", str(config),
+                              "--export.use_best", "false")]) == 0
+    saved = load_file(str(saved_models / "tiny" / "model.safetensors"))
+    tuned = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert tuned["head.weight"].shape == (10, 64) and saved["head.weight"].shape == (3, 64)
+    body = [k for k in saved if not k.startswith("head.")]
+    assert body and max((tuned[k] - saved[k]).abs().max().item() for k in body) <= 1e-6

@@ -127,7 +127,7 @@ def test_converted_official_checkpoint_loads_through_local_dir(tmp_path):
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(RuntimeError, match=r"could not download 'hf-hub:nobody/vmoe-none' from the "
+    with pytest.raises(ConnectionError, match=r"could not download 'hf-hub:nobody/vmoe-none' from the "
                                            r"Hugging Face Hub .*Offline\? .*local-dir:DIR"):
         vm.from_pretrained("hf-hub:nobody/vmoe-none")
 
@@ -200,3 +200,52 @@ def test_directories_of_the_previous_layout_still_load(tmp_path):
     assert routing_of(loaded) == routing_of(model)
     x = torch.randn(2, 3, 16, 16)
     assert (loaded(x) - model(x)).abs().max() <= 1e-6
+
+
+def upcycled_tiny_vit():
+    """A dense timm ViT made MoE by upcycle, with changed routing."""
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=5, depth=4)
+    model = vm.upcycle(dense, last=2, num_experts=4, num_selected=2)
+    vm.set_routing(model, capacity_factor=3.0, batch_priority=True)
+    return model.eval()
+
+
+def test_moeified_timm_models_load_through_timm_local_dir(tmp_path):
+    model = upcycled_tiny_vit()
+    vm.save_pretrained(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["architecture"] == "vmoe_moeified"
+    assert config["model_args"]["base_architecture"] == "vit_tiny_patch16_224"
+    x = torch.randn(2, 3, 32, 32)
+    for loaded in (timm.create_model(f"local-dir:{tmp_path / 'a'}", pretrained=True),
+                   vm.from_pretrained(tmp_path / "a")):
+        loaded.eval()
+        assert routing_of(loaded) == routing_of(model)
+        assert (loaded(x) - model(x)).abs().max() <= 1e-6
+    # timm's loader keeps the saved pretrained_cfg: the data config is the saved model's
+    assert timm.data.resolve_model_data_config(
+        timm.create_model(f"local-dir:{tmp_path / 'a'}"))["input_size"] == (3, 32, 32)
+    # saved again, the same config: the loaded model is the same kind of model
+    vm.save_pretrained(loaded, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text()) == config
+    # a new head for fine-tuning, through timm
+    tuned = timm.create_model(f"local-dir:{tmp_path / 'a'}", pretrained=True, num_classes=3)
+    assert tuned(x).shape == (2, 3) and routing_of(tuned) == routing_of(model)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.__setitem__("moeify", None), r"entry 'moeify' must be the MoE recipe"),
+    (lambda c: c["model_args"].pop("base_architecture"),
+     r"entry 'model_args' -> 'base_architecture' must be the dense timm model name"),
+    (lambda c: c["model_args"].__setitem__("base_architecture", "no_such_vit"),
+     r"cannot build 'vmoe_moeified' .*'no_such_vit' is not a registered dense timm model"),
+])
+def test_moeified_configs_are_checked(tmp_path, edit, message):
+    vm.save_pretrained(upcycled_tiny_vit(), tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        vm.from_pretrained(tmp_path)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vmoe.models as vm
 from vmoe.train import VmoeClassifier, build_model
-from vmoe.train.optim import lr_factor, param_groups
+from vmoe.train.optim import create_optimizer, lr_factor, param_groups
 
 
 def tiny(**kw):
@@ -168,7 +168,23 @@ def test_eval_capacity_factor_during_validation_and_test_then_restored():
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="model.loss='hinge'"):
         tiny(loss="hinge")
-    with pytest.raises(ValueError, match="model.optimizer='lamb'"):
-        tiny(optimizer="lamb")
+    with pytest.raises(ValueError, match="model.optimizer='lambada' is not an optimizer"):
+        tiny(optimizer="lambada")
+    with pytest.raises(ValueError, match="model.end_lr=0.01 is above model.lr=0.001"):
+        tiny(lr=1e-3, end_lr=1e-2)
     with pytest.raises(ValueError, match="model.moe_dropout"):
         tiny(moe_dropout=1.5)
+
+
+def test_optimizers_come_from_timms_factory():
+    """'sgd' is classical momentum (timm's 'sgd' is Nesterov), betas reach Adam-type optimizers,
+    every timm optimizer name works, and vmoe's weight-decay groups are kept."""
+    model = tiny().model
+    sgd = create_optimizer(param_groups(model, 0.1), "sgd", lr=0.1, momentum=0.8)
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.defaults["nesterov"] is False and sgd.defaults["momentum"] == 0.8
+    adamw = create_optimizer(param_groups(model, 0.1), "adamw", lr=1e-3, betas=(0.8, 0.95))
+    assert type(adamw) is torch.optim.AdamW and tuple(adamw.defaults["betas"]) == (0.8, 0.95)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
+    lamb = create_optimizer(param_groups(model, 0.1), "lamb", lr=1e-3)
+    assert type(lamb).__name__ == "Lamb" and len(lamb.param_groups) == 2

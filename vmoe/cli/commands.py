@@ -75,7 +75,11 @@ def load_model(directory: str):
     architecture that timm does not know."""
     import vmoe.models as vm
     path = Path(directory)
-    if not path.is_dir():
+    if directory.startswith("hf-hub:"):
+        path = directory  # from_pretrained downloads it (a one-line ConnectionError offline)
+    elif directory.startswith("local-dir:"):
+        path = Path(directory[len("local-dir:"):])
+    if isinstance(path, Path) and not path.is_dir():
         raise FileNotFoundError(f"--model {directory}: not a directory (expected a folder written by "
                                 "vmoe.models.save_pretrained, holding config.json and model.safetensors)")
     try:

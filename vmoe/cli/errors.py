@@ -29,8 +29,10 @@ _WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 def _user_errors() -> tuple:
     from argparse import ArgumentError
 
+    # ConnectionError: a download that failed (offline, no such hub repository): the user's to fix
     errors = [ArgumentError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
-              NotADirectoryError, IsADirectoryError, PermissionError, FloatingPointError]
+              NotADirectoryError, IsADirectoryError, PermissionError, FloatingPointError,
+              ConnectionError]
     if "lightning" in sys.modules:  # vmoe convert etc. do not import Lightning
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         errors.append(MisconfigurationException)

@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Optional
 from vmoe.checkpoints import TensorEntry
 
 from ..moe import RoutingSettings
+from .moeify import MOEIFIED_ARCHITECTURE
 
 __all__ = ["validate_config", "check_config_against_header", "check_shapes"]
 
@@ -60,6 +61,12 @@ def validate_config(config, path: Path) -> None:
             raise bad("'moeify' -> 'blocks'", "a non-empty list of block indices (ints)", blocks)
         if not isinstance(moe.get("moe_kwargs", {}), dict):
             raise bad("'moeify' -> 'moe_kwargs'", "a JSON object of MoE options", moe["moe_kwargs"])
+    if config["architecture"] == MOEIFIED_ARCHITECTURE:
+        if moe is None:
+            raise bad("'moeify'", f"the MoE recipe (architecture {MOEIFIED_ARCHITECTURE!r} replays it)", moe)
+        base = config["model_args"].get("base_architecture")
+        if not isinstance(base, str) or not base or base == MOEIFIED_ARCHITECTURE:
+            raise bad("'model_args' -> 'base_architecture'", "the dense timm model name", base)
     _validate_routing(config.get("routing"), "'routing'", bad)
     _validate_routing(config["model_args"].get("routing"), "'model_args' -> 'routing'", bad)
 

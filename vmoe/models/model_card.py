@@ -36,20 +36,31 @@ def _routing_rows(model: nn.Module) -> list:
     return rows
 
 
+def _input_size(model: nn.Module, cfg: Mapping) -> tuple:
+    """(C, H, W) the model takes: its patch embedding's image size (which a new ``img_size``
+    changes while a timm pretrained_cfg keeps the original), else the cfg's."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is None:
+        return tuple(cfg.get("input_size", ()))
+    return (cfg.get("input_size", (3,))[0], *size)
+
+
 def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None) -> str:
     """Markdown with a Hugging Face front matter. ``config``: the model's ``config.json``
     entries (architecture, model_args); ``info``: optional ``dataset`` (str), ``metrics``
     ({name: value}) and ``notes`` (str)."""
     info = dict(info or {})
     architecture = config["architecture"]
+    base = (config.get("model_args") or {}).get("base_architecture")
+    title = f"{base} made MoE" if base else architecture
     cfg = getattr(model, "pretrained_cfg", None) or {}
     counts = parameter_counts(model)
     lines = ["---", "library_name: timm", "tags: [image-classification, timm, vmoe, mixture-of-experts]",
              f"license: {cfg.get('license', 'apache-2.0')}", "---", "",
-             f"# {architecture} (V-MoE)", "",
+             f"# {title} (V-MoE)", "",
              f"A Vision Mixture-of-Experts ({type(model).__name__}, {len(model.blocks)} blocks, "
              f"hidden {getattr(model, 'embed_dim', '?')}, {model.num_classes} classes, input "
-             f"{tuple(cfg.get('input_size', ()))}).", "",
+             f"{_input_size(model, cfg)}).", "",
              "## Parameters", "",
              f"- total: {counts['total']:,}", f"- in experts: {counts['experts']:,}",
              f"- active per token: {counts['active']:,}", "",
@@ -61,10 +72,8 @@ def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None
                   *(f"| {k} | {v} |" for k, v in dict(info["metrics"]).items()), ""]
     if info.get("notes"):
         lines += ["## Notes", "", str(info["notes"]), ""]
-    if architecture.startswith("vmoe_"):  # built by a vmoe factory: timm's loaders rebuild it
-        usage = ["import timm", "import vmoe.models  # registers vmoe_*",
-                 'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"']
-    else:  # a timm model made MoE by moeify: vmoe's loader replays the recipe
-        usage = ["import vmoe.models as vm", 'model = vm.from_pretrained("DIR")  # or "hf-hub:ORG/NAME"']
+    usage = ["import timm", "import vmoe.models  # registers the vmoe_* architectures",
+             'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"',
+             '# or, checking the files before building: vmoe.models.from_pretrained("DIR")']
     lines += ["## Usage", "", "```python", *usage, "```", ""]
     return "\n".join(lines)

@@ -10,7 +10,15 @@ import torch.nn as nn
 from ..jsonable import to_jsonable
 from ..moe import MoeMlp, RoutingPlan, moe_layers, require_moe_layers, routing_statistics
 
-__all__ = ["moe_block_indices", "moeify", "aux_loss", "aux_losses", "routing_plans", "routing_stats"]
+__all__ = ["moe_block_indices", "moeify", "aux_loss", "aux_losses", "routing_plans", "routing_stats",
+           "MOEIFIED_ARCHITECTURE", "MOEIFIED_ARGS"]
+
+# The timm name that rebuilds a moeified timm model (``vmoe.models.variants.vmoe_moeified``):
+# saved directories of such models name it as their architecture, so that timm's ``local-dir:``
+# and ``hf-hub:`` loaders build the MoE model. ``MOEIFIED_ARGS`` are its own arguments (every
+# other one goes to the base model).
+MOEIFIED_ARCHITECTURE = "vmoe_moeified"
+MOEIFIED_ARGS = ("base_architecture", "moeify", "routing")
 
 
 def moe_block_indices(depth: int, every: Optional[int] = None, last: Optional[int] = None,

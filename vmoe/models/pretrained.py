@@ -27,7 +27,7 @@ from ..moe import moe_layers, read_routing, restore_routing
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
 from .model_card import model_card as make_model_card
-from .moeify import moeify
+from .moeify import MOEIFIED_ARCHITECTURE, MOEIFIED_ARGS, moeify
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
            "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
@@ -58,10 +58,16 @@ def model_config(model: nn.Module) -> dict:
     built_moe = architecture.startswith("vmoe_")
     moe = None if built_moe else getattr(model, "vmoe_moe", None)
     routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
-    if built_moe:
+    for key in MOEIFIED_ARGS:  # a model rebuilt by vmoe_moeified: its args are regenerated
+        args.pop(key, None)
+    if moe:
+        # timm's local-dir/hf-hub loaders build the architecture named in config.json: for a
+        # moeified timm model that is the vmoe_moeified factory, which builds the dense base
+        # model and replays the recipe. vmoe's loader reads the top-level 'moeify' entry.
+        args.update(base_architecture=architecture, moeify=moe, routing=routing)
+        architecture = MOEIFIED_ARCHITECTURE
+    elif built_moe:
         args["routing"] = routing  # the vmoe factories apply it: timm's local-dir/hf-hub loaders
-    else:
-        args.pop("routing", None)
     return {"format": "vmoe", "version": FORMAT_VERSION, "architecture": architecture,
             "model_args": args, "moeify": moe, "routing": routing}
 
@@ -71,7 +77,7 @@ def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     num_classes, model_args, pretrained_cfg: ``timm.create_model("local-dir:DIR")`` reads it)
     plus the vmoe entries of ``model_config`` (format, version, moeify, routing)."""
     config = model_config(model)
-    vmoe_entries = {k: config[k] for k in ("format", "version", "moeify", "routing")}
+    vmoe_entries = {k: config[k] for k in ("format", "version", "architecture", "moeify", "routing")}
     save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
 
 
@@ -223,6 +229,10 @@ def adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_
 def _build(config: dict, args: dict) -> nn.Module:
     """The model ``config`` describes (timm architecture, then the moeify recipe), on the
     current default device."""
+    if config["architecture"] == MOEIFIED_ARCHITECTURE:
+        # the factory replays the recipe: the top-level one, which the checks have read
+        args = {**args, "moeify": config["moeify"]}
+        return timm.create_model(MOEIFIED_ARCHITECTURE, pretrained=False, **args)
     model = timm.create_model(config["architecture"], pretrained=False, **args)
     if config.get("moeify"):
         recipe = config["moeify"]
@@ -246,8 +256,8 @@ def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.M
 
 def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
     """The local directory of ``source``: a path, ``local-dir:PATH``, or ``hf-hub:ORG/NAME[@REV]``
-    (config.json and model.safetensors downloaded into the Hugging Face cache; RuntimeError
-    saying what to do when that fails, e.g. offline)."""
+    (config.json and model.safetensors downloaded into the Hugging Face cache; ConnectionError
+    saying what to do when that fails: offline, no such repository, no access)."""
     text = os.fspath(source)
     if text.startswith("local-dir:"):
         return Path(text[len("local-dir:"):])
@@ -259,7 +269,7 @@ def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
         return Path(snapshot_download(repo_id, revision=revision or None,
                                       allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except (OSError, ValueError) as err:  # huggingface_hub: offline, not found, auth, network
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not download {text!r} from the Hugging Face Hub ({_first_line(err)}). "
             "Offline? Download the repository "
             "elsewhere and load its directory: from_pretrained(DIR) or "

@@ -18,16 +18,19 @@ import math
 import sys
 from typing import Dict, Optional
 
+import timm
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 
 from ..moe import moe_layers, restore_routing
 from .config_checks import shape_mismatches
+from .moeify import MOEIFIED_ARCHITECTURE, moeify as apply_moeify
 from .pretrained import adapt_for_fine_tuning
 from .vit_moe import VisionTransformerMoe
 
-__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "checkpoint_filter_fn", "vmoe_vit", "vmoe_tiny_e4_k2"]
+__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "checkpoint_filter_fn", "vmoe_vit", "vmoe_tiny_e4_k2",
+           "vmoe_moeified"]
 
 # name -> (patch, hidden, depth, mlp, heads), from the official configs.
 VARIANTS = {
@@ -154,3 +157,38 @@ def vmoe_tiny_e4_k2(pretrained: bool = False, **kwargs):
 def vmoe_vit(pretrained: bool = False, **kwargs):
     """A V-MoE with every architecture argument given explicitly (``moe=`` dict included)."""
     return _build("vmoe_vit", pretrained, {}, {}, kwargs)
+
+
+@register_model
+def vmoe_moeified(pretrained: bool = False, *, base_architecture: str, moeify: dict,
+                  routing: Optional[dict] = None, pretrained_cfg=None, pretrained_cfg_overlay=None,
+                  pretrained_model_args: Optional[dict] = None, cache_dir=None, **base_args):
+    """A timm model made MoE by ``vmoe.models.moeify`` (or ``upcycle``), rebuilt: the dense
+    ``base_architecture`` with ``base_args``, then the ``moeify`` recipe (``{"blocks": [...],
+    "moe_kwargs": {...}}``), then ``routing`` (``{layer: settings}``), then, with ``pretrained``,
+    the weights named by ``pretrained_cfg`` (a file, ``local-dir:``, ``hf-hub:``; through
+    ``checkpoint_filter_fn``, so another ``num_classes``/``img_size`` gets a new head and resampled
+    position embeddings). ``save_pretrained`` names this architecture for moeified models, which
+    is how ``timm.create_model("local-dir:DIR", pretrained=True)`` loads them. The model keeps
+    the base model's ``pretrained_cfg`` (input size, normalization)."""
+    if not isinstance(base_architecture, str) or not timm.is_model(base_architecture) \
+            or base_architecture == MOEIFIED_ARCHITECTURE:
+        raise ValueError(f"{MOEIFIED_ARCHITECTURE}: base_architecture={base_architecture!r} is not a "
+                         "registered dense timm model")
+    model = timm.create_model(base_architecture, pretrained=False, pretrained_cfg=pretrained_cfg,
+                              pretrained_cfg_overlay=pretrained_cfg_overlay, **base_args)
+    blocks = moeify.get("blocks") if isinstance(moeify, dict) else None
+    if not isinstance(blocks, list) or not blocks:
+        raise ValueError(f"{MOEIFIED_ARCHITECTURE}: moeify={moeify!r:.200} must be "
+                         '{"blocks": [block indices], "moe_kwargs": {...}}')
+    apply_moeify(model, blocks=blocks, **moeify.get("moe_kwargs", {}))
+    if routing:
+        restore_routing(moe_layers(model), routing)
+    if pretrained:
+        _check_weight_source(MOEIFIED_ARCHITECTURE, pretrained_cfg, pretrained_cfg_overlay)
+        load_pretrained(model, num_classes=model.num_classes,
+                        in_chans=base_args.get("in_chans", 3), filter_fn=checkpoint_filter_fn)
+        if routing:  # the weights do not carry routing settings; keep the recipe's
+            restore_routing(moe_layers(model), routing)
+    return model
+

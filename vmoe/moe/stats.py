@@ -8,7 +8,7 @@ import torch
 
 from .plan import RoutingPlan
 
-__all__ = ["routing_statistics", "expert_choice_metrics"]
+__all__ = ["routing_statistics", "expert_choice_metrics", "image_expert_usage"]
 
 
 @torch.no_grad()
@@ -71,3 +71,20 @@ def expert_choice_metrics(plan: RoutingPlan) -> Dict[str, torch.Tensor]:
     for t in thresholds:
         metrics[f"ratio_processed_items_by_at_least_{t}_experts"] = (per_item >= t).float().mean(1)
     return metrics
+
+
+@torch.no_grad()
+def image_expert_usage(plan: RoutingPlan, batch_size: int) -> torch.Tensor:
+    """[B, E] float: for each of the forward's B images, the fraction of its N*K token choices
+    that expert e processed (a row sums to 1 minus the image's dropped fraction). Images are
+    the plan's tokens in order, N = tokens / B (padding at the end excluded)."""
+    G, S, K = plan.expert_index.shape
+    tokens = G * S if plan.valid is None else int(plan.valid.sum())
+    if batch_size < 1 or tokens % batch_size:
+        raise ValueError(f"the plan holds {tokens} tokens, not a whole number of tokens for "
+                         f"each of {batch_size} images")
+    per_image = tokens // batch_size * K  # N*K choices
+    experts = plan.expert_index.reshape(G * S, K)[:tokens].reshape(batch_size, per_image)
+    kept = plan.kept.reshape(G * S, K)[:tokens].reshape(batch_size, per_image).float()
+    usage = torch.zeros(batch_size, plan.num_experts, device=kept.device)
+    return usage.scatter_add_(1, experts, kept) / per_image

@@ -25,14 +25,13 @@ from vmoe.models.config_checks import shape_mismatches
 from vmoe.moe import moe_layers, restore_routing, set_routing
 
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
-from .optim import SCHEDULES, lr_factor, param_groups
+from .optim import SCHEDULES, check_optimizer_name, create_optimizer, lr_factor, param_groups
 
 __all__ = ["VmoeClassifier", "build_model", "state_dict_differences"]
 
 LOSSES = ("softmax", "sigmoid")
 # Hyper-parameters that decide the network's shape: a checkpoint made with other values does not fit.
 ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "upcycle_from", "moe", "img_size")
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
@@ -44,12 +43,17 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
 
     - ``model_name``: ``timm.create_model(model_name, num_classes, img_size, **model_kwargs)``
       (the ``vmoe_*`` variants carry their MoE layers; a dense timm ViT becomes MoE with ``moe``);
-    - ``pretrained_dir``: ``vmoe.models.from_pretrained`` (new head / resolution if given);
+      a ``local-dir:DIR`` or ``hf-hub:ORG/NAME`` name is a ``pretrained_dir``;
+    - ``pretrained_dir``: ``vmoe.models.from_pretrained`` (a directory, ``local-dir:`` or
+      ``hf-hub:`` name; new head / resolution if given);
     - ``upcycle_from``: a dense timm ViT name whose weights (``checkpoint_path``, or timm's hub
       when ``upcycle_pretrained``) start every expert (``vmoe.models.upcycle``; ``moe`` gives
       the placement ``every``/``last``/``blocks`` and the MoE options).
     ``moe_dropout`` sets the experts' dropout (the paper's "MoE dropout").
     """
+    if model_name and model_name.startswith(("local-dir:", "hf-hub:")) and not pretrained_dir:
+        # timm's names of saved models: load them with their weights, checked (from_pretrained)
+        model_name, pretrained_dir = None, model_name
     sources = [n for n, v in (("model_name", model_name), ("pretrained_dir", pretrained_dir),
                               ("upcycle_from", upcycle_from)) if v]
     if len(sources) != 1:
@@ -100,8 +104,9 @@ class VmoeClassifier(L.LightningModule):
     summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
     (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses.
 
-    Optimizer: AdamW(``lr``, ``betas``) or ``optimizer='sgd'`` (``momentum``, the usual ViT
-    fine-tuning choice); ``weight_decay`` on kernels only; ``warmup_steps`` of
+    Optimizer: built by timm's optimizer factory: AdamW(``lr``, ``betas``) by default,
+    ``optimizer='sgd'`` (classical ``momentum``, the usual ViT fine-tuning choice) or any name of
+    ``timm.optim.list_optimizers()`` (lamb, lion, adafactor, ...); ``weight_decay`` on kernels only; ``warmup_steps`` of
     linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``. The
     learning rates are logged by Lightning's ``LearningRateMonitor`` (``vmoe fit`` adds it when
     there is a logger) as ``train/lr/pg<i>``.
@@ -160,8 +165,10 @@ class VmoeClassifier(L.LightningModule):
             raise ValueError(f"model.schedule={schedule!r} must be one of {SCHEDULES}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"model.optimizer={optimizer!r} must be one of {OPTIMIZERS}")
+        check_optimizer_name(optimizer)
+        if end_lr > lr:
+            raise ValueError(f"model.end_lr={end_lr} is above model.lr={lr}: the schedule would "
+                             "rise to end_lr; set end_lr <= lr")
         if lr <= 0 or warmup_steps < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
                              f"warmup_steps={warmup_steps}, weight_decay={weight_decay})")
@@ -383,12 +390,8 @@ class VmoeClassifier(L.LightningModule):
         groups = param_groups(self.model, hp.weight_decay, layer_decay=hp.layer_decay)
         for group in groups:  # the schedule multiplies each group's own initial lr
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, foreach=True)
-        else:
-            # foreach: one kernel per group instead of one per tensor (torch picks it on CUDA
-            # only; on a CPU it halves the update of a small model)
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), foreach=True)
+        optimizer = create_optimizer(groups, hp.optimizer, lr=hp.lr, momentum=hp.momentum,
+                                     betas=hp.betas)
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             if hp.schedule != "constant":

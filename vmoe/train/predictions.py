@@ -4,7 +4,10 @@ Columns: ``image`` (the file path when the dataset has ``paths``, else the index
 dataset), ``label`` (empty when the data has no labels), then ``top1, prob1, ..., topK, probK``:
 the K most probable classes (class names when the data module has ``classes``, else ids) and
 their probabilities (softmax, or per-class sigmoid for ``model.loss=sigmoid``) from
-``VmoeClassifier.predict_step``.
+``VmoeClassifier.predict_step``. With ``expert_usage``, per MoE layer (e.g. ``blocks.1.mlp``)
+``<layer>/e0 .. <layer>/e{E-1}``: the fraction of the image's token choices (N*K) each expert
+processed, and ``<layer>/dropped``: the fraction dropped (the row's expert fractions sum to
+1 minus it), read from the layer's routing plan of that batch (``image_expert_usage``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ from typing import Any, List, Optional, Sequence
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from ..moe import moe_layers
+from ..moe.stats import image_expert_usage
+
 __all__ = ["PredictionCsvWriter"]
 
 
@@ -30,11 +36,13 @@ class PredictionCsvWriter(BasePredictionWriter):
         written: the CSV's path once written, else None; ``rows``: the number of rows.
     """
 
-    def __init__(self, path: Optional[str] = None, top_k: int = 5, enabled: bool = True):
+    def __init__(self, path: Optional[str] = None, top_k: int = 5, enabled: bool = True,
+                 expert_usage: bool = False):
         super().__init__(write_interval="batch")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"predictions.top_k={top_k!r} must be a positive int")
-        self.path, self.top_k, self.enabled = path, top_k, enabled
+        self.path, self.top_k, self.enabled, self.expert_usage = path, top_k, enabled, expert_usage
+        self._layers: dict = {}
         self.written: Optional[Path] = None
         self.rows = 0
         self._file = self._writer = self._tmp = None
@@ -53,7 +61,11 @@ class PredictionCsvWriter(BasePredictionWriter):
         self._file = os.fdopen(fd, "w", newline="")
         self._writer = csv.writer(self._file)
         k = min(self.top_k, int(getattr(pl_module, "num_classes", self.top_k)))
-        self._writer.writerow(["image", "label"] + [c for i in range(1, k + 1) for c in (f"top{i}", f"prob{i}")])
+        self._layers = moe_layers(getattr(pl_module, "model", pl_module)) if self.expert_usage else {}
+        usage = [f"{name}/{column}" for name, layer in self._layers.items()
+                 for column in [f"e{e}" for e in range(layer.num_experts)] + ["dropped"]]
+        self._writer.writerow(["image", "label"] + [c for i in range(1, k + 1) for c in (f"top{i}", f"prob{i}")]
+                              + usage)
         dm = trainer.datamodule
         self._classes = getattr(dm, "classes", None) if dm is not None else None
         loaders = trainer.predict_dataloaders
@@ -75,14 +87,25 @@ class PredictionCsvWriter(BasePredictionWriter):
         labels = labels.tolist() if isinstance(labels, torch.Tensor) else [None] * len(probs)
         if batch_indices is None or len(batch_indices) != len(probs):
             batch_indices = list(range(self.rows, self.rows + len(probs)))
+        usage = self._usage(len(probs))
         for row, index in enumerate(batch_indices):
             image = self._paths[index] if self._paths is not None else index
             label = labels[row]
             cells = [str(image), "" if label is None or label < 0 else self._name(int(label))]
             for i, p in zip(top_i[row].tolist(), top_p[row].tolist()):
                 cells += [self._name(i), f"{p:.6f}"]
-            self._writer.writerow(cells)
+            self._writer.writerow(cells + [f"{u:.6f}" for u in usage[row]])
         self.rows += len(probs)
+
+    def _usage(self, batch_size: int) -> List[List[float]]:
+        """Per image, the usage columns of every MoE layer ([] per image without expert_usage)."""
+        if not self._layers:
+            return [[] for _ in range(batch_size)]
+        parts = []
+        for layer in self._layers.values():
+            used = image_expert_usage(layer.last_plan, batch_size).float().cpu()  # [B, E]
+            parts += [used, 1.0 - used.sum(1, keepdim=True)]
+        return torch.cat(parts, dim=1).tolist()
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if self._file is None:
