@@ -158,7 +158,7 @@ def test_num_slots_is_soft_only_and_width_is_checked():
 def test_routing_settings_of_a_soft_layer():
     model = nn.Sequential(_tiny(), MoeMlp(8, 16, num_experts=4, num_selected=1))
     settings = read_routing(model)
-    assert settings["0"].to_dict() == dict(capacity_factor=None, capacity=None, batch_priority=False)
+    assert settings["0"].to_dict() == dict(capacity_factor=None, capacity=2, batch_priority=False)
     with pytest.raises(ValueError, match="capacity_factor=4.0 does not apply to a Soft MoE layer"):
         set_routing(model, capacity_factor=4.0)
     assert read_routing(model) == settings  # all or none: the sparse layer is unchanged

@@ -116,7 +116,8 @@ def test_bad_slots_are_named(kwargs, match):
 
 def test_fixed_settings_refuse_changes():
     router = SoftRouter(8, 4, num_slots=1)
-    router.capacity_factor = None  # the same value: accepted
+    router.capacity_factor = None  # the same values: accepted
+    router.capacity = 1
     router.batch_priority = False
     for name, value in (("capacity_factor", 2.0), ("capacity", 3), ("batch_priority", True)):
         with pytest.raises(ValueError, match=f"{name}=.* does not apply to a Soft MoE layer"):

@@ -69,10 +69,11 @@ class SoftRouter(nn.Module):
     Parameters: ``mu`` [d, E, P] (the official layout; normalized over d at every forward, so
     its init scale does not matter) and the scalar ``scale`` (init 1).
 
-    The routing settings are fixed: P is the shape of ``mu``. ``capacity_factor`` (the factor P
-    came from, None when ``num_slots`` was given), ``capacity`` (always None) and
-    ``batch_priority`` (always False) exist so that ``vmoe.moe.settings`` can read a soft layer;
-    assigning another value raises ValueError.
+    The routing settings are fixed: P is the shape of ``mu``. ``capacity`` (= P: the slot
+    buffers are [E, G*P, d], so P is the per-group capacity C), ``capacity_factor`` (always
+    None) and ``batch_priority`` (always False) exist so that ``vmoe.moe.settings`` and
+    ``config.json`` read a soft layer like a sparse one; assigning another value raises
+    ValueError.
     """
 
     #: Soft routing has no token priority (nothing is dropped).
@@ -85,8 +86,7 @@ class SoftRouter(nn.Module):
         check_positive_int("dim", dim)
         check_positive_int("num_experts", num_experts)
         if num_slots is not None:
-            check_positive_int("num_slots", num_slots)
-            capacity_factor = None  # as the official router: ignored when num_slots is given
+            check_positive_int("num_slots", num_slots)  # capacity_factor is ignored, as officially
         else:
             if capacity_factor is None:
                 raise ValueError("Soft MoE router: give num_slots or capacity_factor, got neither")
@@ -99,7 +99,6 @@ class SoftRouter(nn.Module):
         self.dim = dim
         self.num_experts = num_experts
         self.num_slots = num_slots
-        self._capacity_factor = capacity_factor
         self.noise_std = noise_std
         self.mu = nn.Parameter(torch.empty(dim, num_experts, num_slots))
         self.scale = nn.Parameter(torch.ones(()))
@@ -122,21 +121,22 @@ class SoftRouter(nn.Module):
                              f"[d, E, P] ({name} stays {current!r})")
 
     @property
-    def capacity_factor(self) -> Optional[float]:
-        """The factor P was derived from (None when ``num_slots`` was given)."""
-        return self._capacity_factor
+    def capacity_factor(self) -> None:
+        """None: the slots are fixed (``capacity`` is P)."""
+        return None
 
     @capacity_factor.setter
     def capacity_factor(self, value) -> None:
-        self._fixed("capacity_factor", value, self._capacity_factor)
+        self._fixed("capacity_factor", value, None)
 
     @property
-    def capacity(self) -> None:
-        return None
+    def capacity(self) -> int:
+        """P: each expert's slots per group (its buffer rows per group)."""
+        return self.num_slots
 
     @capacity.setter
     def capacity(self, value) -> None:
-        self._fixed("capacity", value, None)
+        self._fixed("capacity", value, self.num_slots)
 
     @property
     def batch_priority(self) -> bool:
