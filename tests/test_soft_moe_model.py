@@ -103,3 +103,21 @@ def test_imported_checkpoint_reproduces_model_s():
         torch.testing.assert_close(bf16(IMAGES), torch.from_numpy(OUTPUTS["logits"]), atol=3e-4, rtol=0)
     # The head bias of the official model family starts at -log(C); here it was perturbed.
     assert model.blocks[0].attn.q_norm.bias is None and model.blocks[2].mlp.router.scale.item() == 5.0
+
+
+def test_vmoe_convert_recognizes_the_soft_moe_checkpoint(tmp_path):
+    from vmoe.cli import main
+    from vmoe.models import from_pretrained
+    assert main(["convert", str(FIX / "soft_moe_tiny_s"), "--out", str(tmp_path / "f32")]) == 0
+    assert main(["convert", str(FIX / "soft_moe_tiny_s"), "--out", str(tmp_path / "bf16"),
+                 "--bf16-dispatch"]) == 0
+    model = from_pretrained(tmp_path / "f32").eval()
+    assert all(m.is_soft and m.group_size_images == 1 and m.noise_std == 0.0
+               for m in moe_layers(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IMAGES), torch.from_numpy(OUTPUTS["no_bf16/logits"]),
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_pretrained(tmp_path / "bf16").eval()(IMAGES),
+                                   torch.from_numpy(OUTPUTS["logits"]), atol=3e-4, rtol=0)
+    with pytest.raises(ValueError, match="num_selected=1 only applies to sparse routers"):
+        from_vmoe_checkpoint(FIX / "soft_moe_tiny_s", num_selected=1)
