@@ -162,18 +162,19 @@ class SoftRouter(nn.Module):
         return self.noise_std > 0 and self.training
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast."""
+        """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast.
+
+        ``scale * <x * r, mu_unit>`` is computed as ``scale * r * <x, mu_unit>`` with
+        ``r = rsqrt(|x|^2 + 1e-6)`` per token: the same product (to float rounding) without a
+        normalized copy of the tokens, so the [G*S, d] work is one matmul and one norm."""
+        G, S, d = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_unit = unit_normalize(x.float(), dim=-1)                       # [G, S, d]
-            mu_unit = unit_normalize(self.mu.float(), dim=0)                 # [d, E, P]
-            scale = self.scale.float()
-            # The official code scales the smaller operand; the product is the same.
-            if x_unit.numel() < mu_unit.numel():
-                x_unit = x_unit * scale
-            else:
-                mu_unit = mu_unit * scale
-            G, S, d = x_unit.shape
-            logits = x_unit.reshape(G * S, d) @ mu_unit.reshape(d, -1)      # [G*S, E*P]
+            tokens = x.reshape(G * S, d).float()
+            mu_unit = unit_normalize(self.mu.float(), dim=0).reshape(d, -1)  # [d, E*P]
+            # [G*S, 1]: each token's 1/norm times the learned scale
+            token_scale = torch.rsqrt(tokens.square().sum(-1, keepdim=True) + NORM_EPS)
+            token_scale = token_scale * self.scale.float()
+            logits = (tokens @ mu_unit) * token_scale                       # [G*S, E*P]
         return logits.view(G, S, self.num_experts, self.num_slots)
 
     @staticmethod
