@@ -13,7 +13,7 @@ import torch
 
 import vmoe.models  # noqa: F401  (registers the timm factories)
 from vmoe.models import from_vmoe_checkpoint, moe_layers
-from vmoe.models.official import from_vmoe_params
+from vmoe.models import from_vmoe_params
 from vmoe.moe import SoftRoutingPlan
 
 FIX = Path(__file__).parent / "fixtures" / "soft_moe_reference"
