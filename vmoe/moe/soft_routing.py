@@ -29,7 +29,7 @@ from .capacity import compute_capacity
 from .checks import check_capacity_factor, check_noise_std, check_positive_int
 from .plan import SoftRoutingPlan
 
-__all__ = ["SoftRouter", "soft_slots_per_expert", "unit_normalize"]
+__all__ = ["SoftRouter", "soft_slots_per_expert", "unit_normalize", "normalized_logits"]
 
 #: eps added to the squared norm inside the rsqrt (the official ``normalize``).
 NORM_EPS = 1e-6
@@ -51,6 +51,45 @@ def soft_slots_per_expert(group_size: int, num_experts: int, capacity_factor: fl
                                 multiple_of=None)
     except ValueError as error:
         raise ValueError(f"Soft MoE slots per expert: {error} (give num_slots >= 1 instead)") from None
+
+
+class _NormalizedLogits(torch.autograd.Function):
+    """``scale * <x * r, mu_unit>`` with ``r = rsqrt(|x|^2 + 1e-6)`` per token, computed as
+    ``scale * r * (x @ mu_unit)`` (the same product to float rounding), so the [T, d] tokens are
+    read once for the norm and never copied normalized. Backward, also one pass over x besides
+    the two matmuls: ``dx = (g * scale * r) @ mu_unit^T - x * r^3 * scale * sum_j g_j raw_j``
+    (the second term fused into the matmul as its ``addmm`` input).
+
+    x: [T, d] float32, mu_unit: [d, E*P], scale: () -> logits [T, E*P].
+    """
+
+    @staticmethod
+    def forward(ctx, x, mu_unit, scale):
+        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS)
+        raw = x @ mu_unit                                                    # [T, E*P]
+        ctx.save_for_backward(x, mu_unit, scale, r, raw)
+        return raw * (r * scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mu_unit, scale, r, raw = ctx.saved_tensors
+        grad_raw = grad * (r * scale)                                        # [T, E*P]
+        dot = (grad * raw).sum(-1, keepdim=True)                             # [T, 1]: sum_j g_j raw_j
+        grad_x = grad_mu = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            coef = -(r * r * r) * scale * dot                                # d logits / d r, chained
+            grad_x = torch.addmm(x * coef, grad_raw, mu_unit.t())
+        if ctx.needs_input_grad[1]:
+            grad_mu = x.t() @ grad_raw
+        if ctx.needs_input_grad[2]:
+            grad_scale = (dot * r).sum()
+        return grad_x, grad_mu, grad_scale
+
+
+def normalized_logits(x: torch.Tensor, mu_unit: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [T, d], mu_unit: [d, E*P] (unit columns), scale: () -> ``scale * <unit_normalize(x),
+    mu_unit>`` [T, E*P], with a fused backward (see ``_NormalizedLogits``)."""
+    return _NormalizedLogits.apply(x, mu_unit, scale)
 
 
 class SoftRouter(nn.Module):
@@ -162,19 +201,12 @@ class SoftRouter(nn.Module):
         return self.noise_std > 0 and self.training
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast.
-
-        ``scale * <x * r, mu_unit>`` is computed as ``scale * r * <x, mu_unit>`` with
-        ``r = rsqrt(|x|^2 + 1e-6)`` per token: the same product (to float rounding) without a
-        normalized copy of the tokens, so the [G*S, d] work is one matmul and one norm."""
+        """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast."""
         G, S, d = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            tokens = x.reshape(G * S, d).float()
             mu_unit = unit_normalize(self.mu.float(), dim=0).reshape(d, -1)  # [d, E*P]
-            # [G*S, 1]: each token's 1/norm times the learned scale
-            token_scale = torch.rsqrt(tokens.square().sum(-1, keepdim=True) + NORM_EPS)
-            token_scale = token_scale * self.scale.float()
-            logits = (tokens @ mu_unit) * token_scale                       # [G*S, E*P]
+            logits = normalized_logits(x.reshape(G * S, d).float(), mu_unit,
+                                       self.scale.float())                   # [G*S, E*P]
         return logits.view(G, S, self.num_experts, self.num_slots)
 
     @staticmethod
