@@ -83,7 +83,9 @@ def test_tiny_soft_variant_trains_saves_and_loads(tmp_path):
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.eval()
-    out = vm.save_pretrained(model, tmp_path / "m")
+    out = vm.save_pretrained(model, tmp_path / "m", model_card=True)
+    card = (out / "README.md").read_text()
+    assert "# soft_moe_tiny_e8 (Soft MoE)" in card and "| `blocks.2.mlp` | SoftRouter | 8 |" in card
     config = json.loads((out / "config.json").read_text())
     assert config["routing"]["blocks.2.mlp"] == dict(capacity_factor=None, capacity=1, batch_priority=False)
     loaded = vm.from_pretrained(out).eval()
