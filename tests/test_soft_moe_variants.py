@@ -102,6 +102,9 @@ def test_moeified_soft_model_round_trip_and_config_checks(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), model(x))
     assert isinstance(loaded.blocks[3].mlp, MoeMlp) and loaded.blocks[3].mlp.num_slots == 4
+    # Fine-tuning at another resolution keeps the slots the weights were trained with.
+    tuned = vm.from_pretrained(out, img_size=32, num_classes=3)
+    assert tuned.blocks[3].mlp.num_slots == 4 and tuned(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     # A config that disagrees with the weights' Soft MoE routers is refused before building.
     config = json.loads((out / "config.json").read_text())
     config["moeify"]["moe_kwargs"]["num_experts"] = 8
