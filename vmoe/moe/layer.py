@@ -146,8 +146,9 @@ class MoeMlp(nn.Module):
                          zloss_weight=zloss_weight, dispatcher=dispatcher)
             sparse = [f"{k}={v!r}" for k, v in given.items() if v != _SPARSE_ONLY[k]]
             if sparse:
-                raise ValueError(f"{', '.join(sparse)} only appl{'ies' if len(sparse) == 1 else 'y'} "
-                                 "to sparse routers (top_k, expert_choice), not to router='soft'")
+                verb = "applies" if len(sparse) == 1 else "apply"
+                raise ValueError(f"{', '.join(sparse)} only {verb} to sparse routers (top_k, "
+                                 "expert_choice), not to router='soft'")
         elif num_slots is not None:
             raise ValueError(f"num_slots={num_slots!r} only applies to router='soft' "
                              f"(got router={router!r}; sparse routers use capacity)")
