@@ -93,6 +93,10 @@ def test_tiny_soft_variant_trains_saves_and_loads(tmp_path):
     via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert torch.equal(via_timm(x), model(x))
     assert read_routing(loaded) == read_routing(model)
+    # timm's family features: data config and feature maps (no class token to drop).
+    assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 16, 16)
+    features = timm.create_model("soft_moe_tiny_e8", features_only=True)(x)
+    assert [tuple(f.shape) for f in features] == [(4, 64, 4, 4)] * 3
 
 
 def test_moeified_soft_model_round_trip_and_config_checks(tmp_path):
