@@ -195,3 +195,18 @@ def test_routing_settings_of_a_soft_layer():
     with routing_settings({"1": model[1]}, capacity_factor=4.0):
         assert model[1].capacity_factor == 4.0
     assert read_routing(model) == settings
+
+
+@pytest.mark.parametrize("router", ["soft", "top_k"])
+def test_bf16_dispatch_rounds_what_the_experts_see(router):
+    kwargs = dict(num_slots=2) if router == "soft" else dict(num_selected=2, capacity_factor=4.0)
+    torch.manual_seed(0)
+    layer = MoeMlp(8, 16, num_experts=4, router=router, bf16_dispatch=True, **kwargs).eval()
+    seen = []
+    layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    x = torch.randn(3, 5, 8)
+    rounded = layer(x)
+    assert torch.equal(seen[0], seen[0].bfloat16().float())  # bf16 values in the buffers
+    layer.bf16_dispatch = False
+    exact = layer(x)
+    assert 0 < (rounded - exact).abs().max() < 0.05
