@@ -206,7 +206,12 @@ def test_bf16_dispatch_rounds_what_the_experts_see(router):
     layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     x = torch.randn(3, 5, 8)
     rounded = layer(x)
-    assert torch.equal(seen[0], seen[0].bfloat16().float())  # bf16 values in the buffers
+    from vmoe.moe import dispatch
+    plan = layer.last_plan
+    tokens = x.reshape(plan.num_groups, -1, 8)
+    # The experts see the dispatch of the bf16-rounded tokens (slots mixed in float32).
+    torch.testing.assert_close(seen[0], dispatch(tokens.bfloat16().float(), plan), atol=1e-6, rtol=0)
+    assert not torch.allclose(seen[0], dispatch(tokens, plan), atol=1e-6, rtol=0)
     layer.bf16_dispatch = False
     exact = layer(x)
     assert 0 < (rounded - exact).abs().max() < 0.05
