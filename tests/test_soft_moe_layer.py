@@ -201,7 +201,8 @@ def test_routing_settings_of_a_soft_layer():
 def test_bf16_dispatch_rounds_what_the_experts_see(router):
     kwargs = dict(num_slots=2) if router == "soft" else dict(num_selected=2, capacity_factor=4.0)
     torch.manual_seed(0)
-    layer = MoeMlp(8, 16, num_experts=4, router=router, bf16_dispatch=True, **kwargs).eval()
+    layer = MoeMlp(8, 16, num_experts=4, router=router, bf16_dispatch=True, group_size=5,
+                   **kwargs).eval()
     seen = []
     layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     x = torch.randn(3, 5, 8)
