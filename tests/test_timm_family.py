@@ -249,3 +249,15 @@ def test_moeified_configs_are_checked(tmp_path, edit, message):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         vm.from_pretrained(tmp_path)
+
+
+def test_moeified_soft_moe_loads_through_timm_local_dir(tmp_path):
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=5, depth=4,
+                              global_pool="avg", class_token=False)
+    model = vm.upcycle(dense, last=2, router="soft", num_experts=4, num_slots=2).eval()
+    vm.save_pretrained(model, tmp_path)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert all(layer.is_soft and layer.num_slots == 2 for layer in vm.moe_layers(loaded).values())
+    x = torch.randn(2, 3, 32, 32)
+    assert (loaded(x) - model(x)).abs().max() <= 1e-6

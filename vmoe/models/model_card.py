@@ -8,6 +8,9 @@ import torch.nn as nn
 
 from ..moe import moe_layers
 
+#: Architecture names whose timm factory builds the MoE layers itself (vmoe's registered models).
+VMOE_FACTORY_PREFIXES = ("vmoe_", "soft_moe_")
+
 __all__ = ["parameter_counts", "model_card"]
 
 
@@ -45,6 +48,12 @@ def _input_size(model: nn.Module, cfg: Mapping) -> tuple:
     return (cfg.get("input_size", (3,))[0], *size)
 
 
+def _kind(model: nn.Module) -> str:
+    """'Soft MoE' when every MoE layer is soft, else 'V-MoE'."""
+    layers = moe_layers(model).values()
+    return "Soft MoE" if layers and all(m.is_soft for m in layers) else "V-MoE"
+
+
 def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None) -> str:
     """Markdown with a Hugging Face front matter. ``config``: the model's ``config.json``
     entries (architecture, model_args); ``info``: optional ``dataset`` (str), ``metrics``
@@ -57,7 +66,7 @@ def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None
     counts = parameter_counts(model)
     lines = ["---", "library_name: timm", "tags: [image-classification, timm, vmoe, mixture-of-experts]",
              f"license: {cfg.get('license', 'apache-2.0')}", "---", "",
-             f"# {title} (V-MoE)", "",
+             f"# {title} ({_kind(model)})", "",
              f"A Vision Mixture-of-Experts ({type(model).__name__}, {len(model.blocks)} blocks, "
              f"hidden {getattr(model, 'embed_dim', '?')}, {model.num_classes} classes, input "
              f"{_input_size(model, cfg)}).", "",
@@ -72,7 +81,7 @@ def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None
                   *(f"| {k} | {v} |" for k, v in dict(info["metrics"]).items()), ""]
     if info.get("notes"):
         lines += ["## Notes", "", str(info["notes"]), ""]
-    usage = ["import timm", "import vmoe.models  # registers the vmoe_* architectures",
+    usage = ["import timm", "import vmoe.models  # registers vmoe_* and soft_moe_*",
              'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"',
              '# or, checking the files before building: vmoe.models.from_pretrained("DIR")']
     lines += ["## Usage", "", "```python", *usage, "```", ""]
