@@ -188,3 +188,14 @@ def test_optimizers_come_from_timms_factory():
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0]
     lamb = create_optimizer(param_groups(model, 0.1), "lamb", lr=1e-3)
     assert type(lamb).__name__ == "Lamb" and len(lamb.param_groups) == 2
+
+
+def test_evaluation_routing_leaves_soft_layers_alone():
+    """The default eval_capacity_factor (4.0) applies to sparse layers; Soft MoE layers (fixed
+    slots) run as trained, so a Soft MoE model validates with the defaults."""
+    module = tiny(model_name="soft_moe_tiny_e8", eval_batch_priority=True)
+    before = {name: layer.num_slots for name, layer in vm.moe_layers(module.model).items()}
+    assert before
+    module.on_validation_start()
+    assert {name: layer.num_slots for name, layer in vm.moe_layers(module.model).items()} == before
+    module.on_validation_end()

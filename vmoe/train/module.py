@@ -289,11 +289,15 @@ class VmoeClassifier(L.LightningModule):
     # --- evaluation-time routing --------------------------------------------------------------
     def _eval_routing(self) -> None:
         """Route with ``eval_capacity_factor``/``eval_batch_priority``, keeping the training
-        settings for ``_train_routing`` (a no-op when already in evaluation routing)."""
+        settings for ``_train_routing`` (a no-op when already in evaluation routing). Soft MoE
+        layers have no capacity or priority to change (their slots are parameters): they are
+        left as they are."""
         cf, bpr = self.hparams.eval_capacity_factor, self.hparams.eval_batch_priority
-        if (cf is None and bpr is None) or not moe_layers(self.model) or self._training_routing is not None:
+        sparse = [name for name, layer in moe_layers(self.model).items() if not layer.is_soft]
+        if (cf is None and bpr is None) or not sparse or self._training_routing is not None:
             return
-        self._training_routing = set_routing(self.model, capacity_factor=cf, batch_priority=bpr)
+        self._training_routing = set_routing(self.model, capacity_factor=cf, batch_priority=bpr,
+                                             layers=sparse)
 
     def _train_routing(self) -> None:
         """Put back exactly the training settings ``_eval_routing`` replaced."""
