@@ -1,7 +1,7 @@
 """vmoe.moe: the sparse Mixture-of-Experts layer (plain PyTorch: no Lightning, no timm).
 
 Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter`` and
-``ExpertChoiceRouter``, ``RoutingPlan``, ``Experts``, ``compute_capacity``, the dispatchers and
+``ExpertChoiceRouter``, ``RoutingPlan``, ``SoftRoutingPlan``, ``Experts``, ``compute_capacity``, the dispatchers and
 the auxiliary losses, ``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE
 layers of a model) and the routing settings (``RoutingSettings``, ``routing_settings``,
 ``set_routing``, ``restore_routing``, ``read_routing``).
@@ -11,15 +11,17 @@ from .dispatch import combine, dispatch, einsum_combine, einsum_dispatch
 from .experts import Experts
 from .layer import MoeMlp, moe_layers, require_moe_layers
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
-from .plan import RoutingPlan
+from .plan import RoutingPlan, SoftRoutingPlan
 from .routing import ExpertChoiceRouter, TopKRouter
 from .settings import RoutingSettings, read_routing, restore_routing, routing_settings, set_routing
-from .stats import expert_choice_metrics, routing_statistics
+from .stats import SOFT_TRAIN_STATS, expert_choice_metrics, routing_statistics, soft_routing_statistics
 
 __all__ = [
-    "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "RoutingPlan", "Experts", "compute_capacity",
+    "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "RoutingPlan", "SoftRoutingPlan", "Experts",
+    "compute_capacity",
     "dispatch", "combine", "einsum_dispatch", "einsum_combine", "importance_loss", "load_loss",
     "gshard_loss", "router_z_loss", "routing_statistics", "expert_choice_metrics",
     "moe_layers", "require_moe_layers", "RoutingSettings", "routing_settings", "set_routing",
     "restore_routing", "read_routing",
+    "soft_routing_statistics", "SOFT_TRAIN_STATS",
 ]

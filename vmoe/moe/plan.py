@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["RoutingPlan"]
+__all__ = ["RoutingPlan", "SoftRoutingPlan"]
 
 
 @dataclass
@@ -115,5 +115,54 @@ class RoutingPlan:
         return self._map_tensors(torch.Tensor.detach)
 
     def to(self, device) -> "RoutingPlan":
+        """A copy with every tensor on ``device``."""
+        return self._map_tensors(lambda t: t.to(device))
+
+
+@dataclass
+class SoftRoutingPlan:
+    """Soft MoE routing (Puigcerver et al. 2023): every slot mixes all tokens of its group,
+    every token mixes all slots. Nothing is dropped.
+
+    Axis letters: G groups, S tokens per group, E experts, P slots per expert. The flattened
+    slot index is ``e * P + p`` (the official layout).
+
+    Attributes:
+        dispatch_weight: [G, S, E, P] float32. For each slot (g, e, p), a softmax over the S tokens
+            of group g; padding tokens get weight 0.
+        combine_weight: [G, S, E, P] float32. For each token (g, s), a softmax over all E*P slots
+            jointly (not per expert).
+        valid: [G, S] bool or None. False for padding tokens appended to fill the last group.
+    """
+
+    dispatch_weight: torch.Tensor
+    combine_weight: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+
+    @property
+    def num_groups(self) -> int:
+        return self.dispatch_weight.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.dispatch_weight.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.dispatch_weight.shape[2]
+
+    @property
+    def slots_per_expert(self) -> int:
+        return self.dispatch_weight.shape[3]
+
+    def _map_tensors(self, fn) -> "SoftRoutingPlan":
+        return SoftRoutingPlan(*(None if v is None else fn(v) for v in
+                                 (self.dispatch_weight, self.combine_weight, self.valid)))
+
+    def detach(self) -> "SoftRoutingPlan":
+        """A copy whose tensors are cut from the autograd graph (cheap: views)."""
+        return self._map_tensors(torch.Tensor.detach)
+
+    def to(self, device) -> "SoftRoutingPlan":
         """A copy with every tensor on ``device``."""
         return self._map_tensors(lambda t: t.to(device))
