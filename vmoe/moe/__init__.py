@@ -1,9 +1,10 @@
-"""vmoe.moe: the sparse Mixture-of-Experts layer (plain PyTorch: no Lightning, no timm).
+"""vmoe.moe: the Mixture-of-Experts layer, sparse or soft (plain PyTorch: no Lightning, no timm).
 
-Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter`` and
-``ExpertChoiceRouter``, ``RoutingPlan``, ``SoftRoutingPlan``, ``Experts``, ``compute_capacity``, the dispatchers and
-the auxiliary losses, ``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE
-layers of a model) and the routing settings (``RoutingSettings``, ``routing_settings``,
+Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter``,
+``ExpertChoiceRouter`` and ``SoftRouter`` (Soft MoE), ``RoutingPlan``, ``SoftRoutingPlan``,
+``Experts``, ``compute_capacity``, the dispatchers and the auxiliary losses,
+``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE layers of a model) and
+the routing settings (``RoutingSettings``, ``routing_settings``,
 ``set_routing``, ``restore_routing``, ``read_routing``).
 """
 from .capacity import compute_capacity
@@ -13,12 +14,13 @@ from .layer import MoeMlp, moe_layers, require_moe_layers
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
 from .plan import RoutingPlan, SoftRoutingPlan
 from .routing import ExpertChoiceRouter, TopKRouter
+from .soft_routing import SoftRouter
 from .settings import RoutingSettings, read_routing, restore_routing, routing_settings, set_routing
 from .stats import SOFT_TRAIN_STATS, expert_choice_metrics, routing_statistics, soft_routing_statistics
 
 __all__ = [
-    "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "RoutingPlan", "SoftRoutingPlan", "Experts",
-    "compute_capacity",
+    "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "SoftRouter", "RoutingPlan", "SoftRoutingPlan",
+    "Experts", "compute_capacity",
     "dispatch", "combine", "einsum_dispatch", "einsum_combine", "importance_loss", "load_loss",
     "gshard_loss", "router_z_loss", "routing_statistics", "expert_choice_metrics",
     "moe_layers", "require_moe_layers", "RoutingSettings", "routing_settings", "set_routing",

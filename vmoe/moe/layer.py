@@ -11,18 +11,51 @@ import torch.nn.functional as F
 
 from .dispatch import check_dispatcher, combine, dispatch
 from .experts import Experts
-from .plan import RoutingPlan
+from .plan import RoutingPlan, SoftRoutingPlan
 from .checks import check_capacity_factor, check_positive_int
 from .routing import ExpertChoiceRouter, TopKRouter
+from .soft_routing import SoftRouter
 
-__all__ = ["MoeMlp", "moe_layers", "require_moe_layers"]
+__all__ = ["MoeMlp", "moe_layers", "require_moe_layers", "ROUTERS"]
+
+ROUTERS = ("top_k", "expert_choice", "soft")
+
+
+class _Default:
+    """A constructor default that depends on the router type (``repr``: what it resolves to)."""
+
+    def __init__(self, sparse, soft):
+        self.sparse, self.soft = sparse, soft
+
+    def resolve(self, router: str):
+        return self.soft if router == "soft" else self.sparse
+
+    def __repr__(self) -> str:
+        return f"{self.sparse!r} (soft: {self.soft!r})"
+
+
+_CAPACITY_FACTOR = _Default(1.05, 1.0)
+_NOISE_STD = _Default(1.0, 0.0)
+# Sparse-only options and their defaults: a Soft MoE layer refuses any other value.
+_SPARSE_ONLY = dict(num_selected=2, capacity=None, capacity_multiple_of=4, capacity_rounding="ceil",
+                    batch_priority=False, renormalize=False, importance_weight=0.005,
+                    load_weight=0.005, gshard_weight=0.0, zloss_weight=0.0, dispatcher="auto")
+
+
+def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round float values to bfloat16 (nearest even) and back: the official
+    ``Bfloat16Dispatcher``'s cast of the dispatched data and of the expert outputs."""
+    return x.to(torch.bfloat16).to(x.dtype) if x.dtype == torch.float32 else x
 
 
 class MoeMlp(nn.Module):
     """Sparse MoE MLP: ``forward(x: [B, N, d]) -> [B, N, d']``, like timm's ``Mlp``.
 
     Tokens are flattened in row-major order and cut into routing groups of S tokens (a group
-    spans consecutive images, as in the official code). The last group is padded when B*N is
+    spans consecutive images, as in the official code). With ``router='soft'`` it is a Soft MoE
+    layer (Puigcerver et al. 2023): every slot mixes all tokens of its group, every token mixes
+    all slots (``SoftRouter``, ``SoftRoutingPlan``); nothing is dropped and there is no
+    auxiliary loss (``aux_loss`` is 0). The last group is padded when B*N is
     not a multiple of S; padding tokens never take a buffer place and never reach the output.
     Buffer capacity is computed from S, so a short batch routes as a full group would.
 
@@ -30,7 +63,7 @@ class MoeMlp(nn.Module):
         ``aux_loss``: scalar tensor (with grad), the weighted sum of the auxiliary losses,
             averaged over groups;
         ``aux_losses``: dict name -> scalar tensor, each loss averaged over groups (unweighted);
-        ``last_plan``: the RoutingPlan (detached).
+        ``last_plan``: the RoutingPlan (detached); a SoftRoutingPlan for a Soft MoE layer.
     An empty batch (B = 0) returns an empty [0, N, d'] output, as timm's ``Mlp`` does: every
     auxiliary loss is 0 and ``last_plan`` is a plan of 0 groups.
 
@@ -39,11 +72,24 @@ class MoeMlp(nn.Module):
     MoE args:
         num_experts: E.
         num_selected: K (top-K router).
-        router: 'top_k' or 'expert_choice'.
+        router: 'top_k', 'expert_choice' or 'soft'.
         group_size: tokens per routing group S; or ``group_size_images`` images per group
-            (S = images * N). Default: 8 images per group, as the paper.
+            (S = images * N). Default: 8 images per group, as the paper (soft: 1 image per
+            group, as the Soft MoE paper).
         capacity_factor / capacity / capacity_multiple_of / capacity_rounding / batch_priority /
-        noise_std / renormalize / *_weight: see ``TopKRouter``.
+        noise_std / renormalize / *_weight: see ``TopKRouter``. ``capacity_factor`` defaults
+            to 1.05 (soft: 1.0) and ``noise_std`` to 1.0 (soft: 0.0, not divided by E).
+    Soft MoE args (``router='soft'``):
+        num_slots: P, slots per expert (the paper: 1). If None, P = round(S * capacity_factor /
+            E) (half to even, as the official code), which needs ``group_size`` in tokens.
+        bf16_dispatch: round the tokens before the dispatch mix and the expert outputs before
+            the combine mix to bfloat16, as the official ``Bfloat16Dispatcher`` does (default
+            False: float32 throughout). Use it to reproduce the official logits of imported
+            Soft MoE checkpoints to ~3e-4; without it they agree with the official model run
+            without its bf16 casts to 1e-5.
+        The sparse-only options (num_selected, capacity, capacity_multiple_of,
+        capacity_rounding, batch_priority, renormalize, the loss weights, dispatcher) must stay
+        at their defaults: any other value raises ValueError naming it.
         dispatcher: 'auto' (default: Triton kernels on CUDA, portable gathers elsewhere),
             'torch' / 'triton' (force a backend), or 'einsum' (the one-hot oracle; slow, for
             tests). See ``vmoe.moe.dispatch``.
@@ -67,12 +113,12 @@ class MoeMlp(nn.Module):
         router: str = "top_k",
         group_size: Optional[int] = None,
         group_size_images: Optional[int] = None,
-        capacity_factor: Optional[float] = 1.05,
+        capacity_factor: Optional[float] = _CAPACITY_FACTOR,
         capacity: Optional[int] = None,
         capacity_multiple_of: Optional[int] = 4,
         capacity_rounding: str = "ceil",
         batch_priority: bool = False,
-        noise_std: float = 1.0,
+        noise_std: float = _NOISE_STD,
         renormalize: bool = False,
         importance_weight: float = 0.005,
         load_weight: float = 0.005,
@@ -81,8 +127,32 @@ class MoeMlp(nn.Module):
         dispatcher: str = "auto",
         same_init: bool = True,
         expert_gemm: str = "bmm",
+        num_slots: Optional[int] = None,
+        bf16_dispatch: bool = False,
     ):
         super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got router={router!r}")
+        if isinstance(capacity_factor, _Default):
+            capacity_factor = capacity_factor.resolve(router)
+        if isinstance(noise_std, _Default):
+            noise_std = noise_std.resolve(router)
+        if router == "soft":
+            given = dict(num_selected=num_selected, capacity=capacity,
+                         capacity_multiple_of=capacity_multiple_of,
+                         capacity_rounding=capacity_rounding, batch_priority=batch_priority,
+                         renormalize=renormalize, importance_weight=importance_weight,
+                         load_weight=load_weight, gshard_weight=gshard_weight,
+                         zloss_weight=zloss_weight, dispatcher=dispatcher)
+            sparse = [f"{k}={v!r}" for k, v in given.items() if v != _SPARSE_ONLY[k]]
+            if sparse:
+                raise ValueError(f"{', '.join(sparse)} only appl{'ies' if len(sparse) == 1 else 'y'} "
+                                 "to sparse routers (top_k, expert_choice), not to router='soft'")
+        elif num_slots is not None:
+            raise ValueError(f"num_slots={num_slots!r} only applies to router='soft' "
+                             f"(got router={router!r}; sparse routers use capacity)")
+        if not isinstance(bf16_dispatch, bool):
+            raise ValueError(f"bf16_dispatch={bf16_dispatch!r} must be a bool")
         if norm_layer is not None:
             raise ValueError("MoeMlp does not support norm_layer inside the MLP (got "
                              f"norm_layer={norm_layer!r}); use a ViT without scale_mlp_norm")
@@ -95,13 +165,18 @@ class MoeMlp(nn.Module):
         if group_size_images is not None:
             check_positive_int("group_size_images", group_size_images)
         if group_size is None and group_size_images is None:
-            group_size_images = 8
+            group_size_images = 1 if router == "soft" else 8
         self.in_features = in_features
         self.out_features = out_features or in_features
         self.group_size = group_size
         self.group_size_images = group_size_images
         self.dispatcher = check_dispatcher(dispatcher)
-        if router == "top_k":
+        self.bf16_dispatch = bf16_dispatch
+        if router == "soft":
+            self.router = SoftRouter(in_features, num_experts, num_slots=num_slots,
+                                     capacity_factor=capacity_factor, group_size=group_size,
+                                     noise_std=noise_std)
+        elif router == "top_k":
             self.router = TopKRouter(
                 in_features, num_experts, num_selected, capacity_factor=capacity_factor,
                 capacity=capacity, capacity_multiple_of=capacity_multiple_of,
@@ -114,14 +189,12 @@ class MoeMlp(nn.Module):
                 in_features, num_experts, capacity_factor=capacity_factor, capacity=capacity,
                 capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
                 noise_std=noise_std, zloss_weight=zloss_weight)
-        else:
-            raise ValueError(f"router must be 'top_k' or 'expert_choice', got router={router!r}")
         self.experts = Experts(num_experts, in_features, hidden_features, out_features,
                                act_layer=act_layer, bias=bias, drop=drop, same_init=same_init,
                                gemm=expert_gemm)
         self.aux_loss: Optional[torch.Tensor] = None
         self.aux_losses: Dict[str, torch.Tensor] = {}
-        self.last_plan: Optional[RoutingPlan] = None
+        self.last_plan: Optional[Union[RoutingPlan, SoftRoutingPlan]] = None
 
     # --- routing options that evaluation/inference commonly changes -------------------------
     @property
@@ -138,6 +211,16 @@ class MoeMlp(nn.Module):
         check_capacity_factor(value, allow_none=False)
         self.router.capacity_factor = value
         self.router.capacity = None
+
+    @property
+    def num_slots(self) -> Optional[int]:
+        """P, slots per expert of a Soft MoE layer (None for sparse routers)."""
+        return getattr(self.router, "num_slots", None)
+
+    @property
+    def is_soft(self) -> bool:
+        """Whether this is a Soft MoE layer (its plans are ``SoftRoutingPlan``)."""
+        return isinstance(self.router, SoftRouter)
 
     @property
     def batch_priority(self) -> bool:
@@ -182,9 +265,14 @@ class MoeMlp(nn.Module):
         tokens = tokens.view(G, S, d)
 
         if G > 0:
-            plan, losses = self.router(tokens, valid)       # plan: [G, S, K] fields
+            # plan: [G, S, K] fields (sparse) or [G, S, E, P] weights (soft, with C = P)
+            plan, losses = self.router(tokens, valid)
+            if self.bf16_dispatch:
+                tokens = _round_to_bf16(tokens)
             buffers = dispatch(tokens, plan, dispatcher=self.dispatcher)       # [E, G*C, d]
             expert_out = self.experts(buffers)                                 # [E, G*C, d']
+            if self.bf16_dispatch:
+                expert_out = _round_to_bf16(expert_out)
             out = combine(expert_out, plan, dispatcher=self.dispatcher)        # [G, S, d']
             out = out.reshape(G * S, -1)[:T]                 # [T, d']
         else:
@@ -202,7 +290,8 @@ class MoeMlp(nn.Module):
         return out
 
     def _route_no_tokens(self, tokens: torch.Tensor
-                         ) -> Tuple[RoutingPlan, Dict[str, torch.Tensor], torch.Tensor]:
+                         ) -> Tuple[Union[RoutingPlan, SoftRoutingPlan], Dict[str, torch.Tensor],
+                                    torch.Tensor]:
         """tokens: [0, S, d] (an empty batch) -> (plan of 0 groups, per-group losses [0], output
         [0, d']). The experts run on zero buffer rows, so the output depends on the input and
         the expert weights and backward works (all gradients zero), as with timm's ``Mlp``.
@@ -217,6 +306,8 @@ class MoeMlp(nn.Module):
     def extra_repr(self) -> str:
         groups = (f"group_size={self.group_size}" if self.group_size is not None
                   else f"group_size_images={self.group_size_images}")
+        if self.is_soft:
+            return f"{groups}, bf16_dispatch={self.bf16_dispatch}"
         return f"{groups}, dispatcher={self.dispatcher!r}"
 
 

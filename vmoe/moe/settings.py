@@ -104,7 +104,8 @@ def set_routing(target: Layers, capacity_factor: Optional[float] = None,
     """Set ``capacity_factor`` (a finite number > 0; clears an explicit ``capacity``) and/or
     ``batch_priority`` on every MoE layer of ``target`` (or the ``layers`` named); None keeps
     a setting. All or none: a bad value raises ValueError and changes nothing
-    (``batch_priority=True`` names the expert-choice layers, which have no priority).
+    (``batch_priority=True`` names the expert-choice and soft layers, which have no priority;
+    a Soft MoE layer's slots are fixed, so any ``capacity_factor`` names it too).
 
     Returns the previous ``{layer: RoutingSettings}``, for ``restore_routing``.
     """
@@ -112,7 +113,11 @@ def set_routing(target: Layers, capacity_factor: Optional[float] = None,
     if batch_priority is True:
         no_priority = [n for n, m in selected.items() if not m.router.supports_batch_priority]
         if no_priority:
-            raise ValueError(f"batch_priority=True does not apply to the expert-choice layers {no_priority}")
+            soft = [n for n in no_priority if selected[n].is_soft]
+            kinds = [f"{kind} layers {names}" for kind, names in
+                     (("expert-choice", [n for n in no_priority if n not in soft]), ("soft", soft))
+                     if names]
+            raise ValueError(f"batch_priority=True does not apply to the {' and the '.join(kinds)}")
     previous = read_routing(selected)
     try:
         for layer in selected.values():

@@ -12,6 +12,9 @@ One knob, ``dispatcher`` (here and in ``MoeMlp(dispatcher=...)``), picks the imp
   fallback warns once. An explicit ``"triton"`` that cannot run raises, naming the reason;
 - ``"einsum"``: the official one-hot einsum tensors (``einsum.py``), the test oracle: slow.
 
+A ``SoftRoutingPlan`` (Soft MoE) always goes through ``soft.py`` (dense mixing matmuls; the knob
+does not apply: every slot mixes every token of its group).
+
 Both index backends plug into the same autograd Functions (``autograd.py``): forward and backward
 are gathers, with no atomics, so results are deterministic on every device, and no tensor of size
 tokens x experts x capacity exists on that path.
@@ -23,15 +26,17 @@ from typing import Optional
 
 import torch
 
-from ..plan import RoutingPlan
+from ..plan import RoutingPlan, SoftRoutingPlan
 from . import triton_backend
 from .autograd import index_combine, index_dispatch
 from .einsum import einsum_combine, einsum_dispatch
+from .soft import soft_combine, soft_dispatch
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
 __all__ = ["dispatch", "combine", "einsum_dispatch", "einsum_combine", "DISPATCHERS",
-           "check_dispatcher", "resolve_backend", "TorchBackend", "TritonBackend"]
+           "check_dispatcher", "resolve_backend", "TorchBackend", "TritonBackend", "soft_dispatch",
+           "soft_combine"]
 
 DISPATCHERS = ("auto", "torch", "triton", "einsum")
 # Names used before the dispatch package (saved configs may hold them).
@@ -100,6 +105,8 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "auto",
         dispatcher: 'auto' | 'torch' | 'triton' | 'einsum' (see the module docstring).
         dtype: buffer dtype (default: the autocast dtype if autocast is on, else x's).
     """
+    if isinstance(plan, SoftRoutingPlan):
+        return soft_dispatch(x, plan, dtype)
     if dispatcher == "einsum":
         out = einsum_dispatch(x, plan)
         return out if dtype is None else out.to(dtype)
@@ -117,6 +124,8 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "a
     A dropped assignment reads a zero row with weight 0, so a token whose every choice was
     dropped gets exactly 0 (only the residual passes through the block).
     """
+    if isinstance(plan, SoftRoutingPlan):
+        return soft_combine(expert_out, plan)
     if dispatcher == "einsum":
         return einsum_combine(expert_out, plan)
     E, GC, d = expert_out.shape

@@ -1,0 +1,208 @@
+"""Soft MoE router (Puigcerver et al. 2023): tokens of a group -> SoftRoutingPlan.
+
+Axis letters: G groups, S tokens per group, E experts, P slots per expert, d width.
+
+Semantics of the official ``vmoe.projects.soft_moe.router.SoftRouter`` (JAX), which the tests
+check against recorded outputs:
+
+* tokens and the slot embeddings ``mu`` [d, E, P] are normalized with the eps *inside* the
+  rsqrt: ``x * rsqrt(sum_d x^2 + 1e-6)`` (a zero token stays 0, a tiny one does not reach norm 1);
+* ``logits[g, s, e, p] = scale * <x_unit[g, s], mu_unit[:, e, p]>`` with a learned scalar
+  ``scale`` (initialized to 1);
+* training noise (off by default): ``logits += noise_std * N(0, 1)`` (not divided by E);
+* dispatch weights: softmax over the S tokens of the group, for each slot (e, p);
+  combine weights: softmax over all E*P slots jointly, for each token;
+* P is ``num_slots``, or ``round(S * capacity_factor / E)`` with Python's round (half to even);
+* no auxiliary loss, nothing is dropped.
+
+Everything is static-shape, so the router runs under ``torch.compile(fullgraph=True)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .capacity import compute_capacity
+from .checks import check_capacity_factor, check_noise_std, check_positive_int
+from .plan import SoftRoutingPlan
+
+__all__ = ["SoftRouter", "soft_slots_per_expert", "unit_normalize"]
+
+#: eps added to the squared norm inside the rsqrt (the official ``normalize``).
+NORM_EPS = 1e-6
+
+
+def unit_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x * rsqrt(sum(x^2, dim) + 1e-6)``: the official Soft MoE normalization (eps inside the
+    rsqrt; unlike ``F.normalize``, a token of norm 1e-3 ends at norm 0.707, not 1)."""
+    return x * torch.rsqrt(x.square().sum(dim, keepdim=True) + NORM_EPS)
+
+
+def soft_slots_per_expert(group_size: int, num_experts: int, capacity_factor: float) -> int:
+    """P = ``round(group_size * capacity_factor / num_experts)`` as the official code computes it
+    (Python floats, half to even: 2.5 -> 2, 3.5 -> 4). ValueError naming the numbers when P < 1."""
+    check_positive_int("group_size", group_size)
+    check_capacity_factor(capacity_factor, allow_none=False)
+    try:
+        return compute_capacity(group_size, num_experts, capacity_factor, ceil_or_round="round",
+                                multiple_of=None)
+    except ValueError as error:
+        raise ValueError(f"Soft MoE slots per expert: {error} (give num_slots >= 1 instead)") from None
+
+
+class SoftRouter(nn.Module):
+    """Soft MoE router: ``forward(x [G, S, d], valid [G, S] or None) -> (SoftRoutingPlan, {})``.
+
+    Args:
+        dim: token width d.
+        num_experts: E.
+        num_slots: P, slots per expert (the paper: 1). If None, P comes from
+            ``capacity_factor`` and ``group_size`` (see ``soft_slots_per_expert``).
+        capacity_factor: used only when ``num_slots`` is None (official default 1.0).
+        group_size: S, tokens per group; needed only to derive P from ``capacity_factor``.
+        noise_std: std of the Gaussian noise added to the logits in training (official default
+            0.0; not divided by E).
+
+    Parameters: ``mu`` [d, E, P] (the official layout; normalized over d at every forward, so
+    its init scale does not matter) and the scalar ``scale`` (init 1).
+
+    The routing settings are fixed: P is the shape of ``mu``. ``capacity_factor`` (the factor P
+    came from, None when ``num_slots`` was given), ``capacity`` (always None) and
+    ``batch_priority`` (always False) exist so that ``vmoe.moe.settings`` can read a soft layer;
+    assigning another value raises ValueError.
+    """
+
+    #: Soft routing has no token priority (nothing is dropped).
+    supports_batch_priority = False
+
+    def __init__(self, dim: int, num_experts: int, num_slots: Optional[int] = None,
+                 capacity_factor: Optional[float] = 1.0, group_size: Optional[int] = None,
+                 noise_std: float = 0.0):
+        super().__init__()
+        check_positive_int("dim", dim)
+        check_positive_int("num_experts", num_experts)
+        if num_slots is not None:
+            check_positive_int("num_slots", num_slots)
+            capacity_factor = None  # as the official router: ignored when num_slots is given
+        else:
+            if capacity_factor is None:
+                raise ValueError("Soft MoE router: give num_slots or capacity_factor, got neither")
+            if group_size is None:
+                raise ValueError("Soft MoE router: num_slots=None derives the slots per expert from "
+                                 f"capacity_factor={capacity_factor} and the group size in tokens; "
+                                 "give group_size (tokens) or num_slots")
+            num_slots = soft_slots_per_expert(group_size, num_experts, capacity_factor)
+        check_noise_std(noise_std)
+        self.dim = dim
+        self.num_experts = num_experts
+        self.num_slots = num_slots
+        self._capacity_factor = capacity_factor
+        self.noise_std = noise_std
+        self.mu = nn.Parameter(torch.empty(dim, num_experts, num_slots))
+        self.scale = nn.Parameter(torch.ones(()))
+        self.reset_parameters()
+
+    # --- fixed settings, readable like the sparse routers' -------------------------------------
+    @property
+    def noise_std(self) -> float:
+        return self._noise_std
+
+    @noise_std.setter
+    def noise_std(self, value: float) -> None:
+        check_noise_std(value)
+        self._noise_std = value
+
+    def _fixed(self, name: str, value, current) -> None:
+        if value != current:
+            raise ValueError(f"{name}={value!r} does not apply to a Soft MoE layer: its "
+                             f"{self.num_slots} slot(s) per expert are fixed by the shape of mu "
+                             f"[d, E, P] ({name} stays {current!r})")
+
+    @property
+    def capacity_factor(self) -> Optional[float]:
+        """The factor P was derived from (None when ``num_slots`` was given)."""
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, value) -> None:
+        self._fixed("capacity_factor", value, self._capacity_factor)
+
+    @property
+    def capacity(self) -> None:
+        return None
+
+    @capacity.setter
+    def capacity(self, value) -> None:
+        self._fixed("capacity", value, None)
+
+    @property
+    def batch_priority(self) -> bool:
+        return False
+
+    @batch_priority.setter
+    def batch_priority(self, value) -> None:
+        if value is not False:
+            raise ValueError(f"batch_priority={value!r} does not apply to a Soft MoE layer: "
+                             "soft routing drops no token, so it has no priority")
+
+    # --- routing -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, std: Optional[float] = None) -> None:
+        """``mu``: normal with ``std`` (default LeCun, 1/sqrt(fan_in) with the official fan_in
+        E*d; irrelevant after normalization); ``scale``: 1."""
+        fan_in = self.dim * self.num_experts
+        nn.init.normal_(self.mu, std=1.0 / math.sqrt(fan_in) if std is None else std)
+        self.scale.fill_(1.0)
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.noise_std > 0 and self.training
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x_unit = unit_normalize(x.float(), dim=-1)                       # [G, S, d]
+            mu_unit = unit_normalize(self.mu.float(), dim=0)                 # [d, E, P]
+            scale = self.scale.float()
+            # The official code scales the smaller operand; the product is the same.
+            if x_unit.numel() < mu_unit.numel():
+                x_unit = x_unit * scale
+            else:
+                mu_unit = mu_unit * scale
+            G, S, d = x_unit.shape
+            logits = x_unit.reshape(G * S, d) @ mu_unit.reshape(d, -1)      # [G*S, E*P]
+        return logits.view(G, S, self.num_experts, self.num_slots)
+
+    @staticmethod
+    def route(logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> SoftRoutingPlan:
+        """logits: [G, S, E, P] -> SoftRoutingPlan. Pure function of the logits (no noise).
+
+        Padding tokens (``valid`` False) get dispatch weight 0; a group needs one valid token.
+        """
+        G, S, E, P = logits.shape
+        masked = logits
+        if valid is not None:
+            masked = logits.masked_fill(~valid.view(G, S, 1, 1), -math.inf)
+        dispatch_weight = masked.softmax(dim=1)                              # over S
+        combine_weight = logits.reshape(G, S, E * P).softmax(-1).view(G, S, E, P)  # over (E, P)
+        return SoftRoutingPlan(dispatch_weight, combine_weight, valid)
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
+                ) -> Tuple[SoftRoutingPlan, Dict[str, torch.Tensor]]:
+        """x: [G, S, d] -> (SoftRoutingPlan, {}): no auxiliary loss."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"SoftRouter input width d={x.shape[-1]} differs from dim={self.dim}")
+        logits = self.logits(x)
+        if self.adds_noise:
+            logits = logits + self.noise_std * torch.randn_like(logits)
+        return self.route(logits, valid), {}
+
+    def loss_weights(self) -> Dict[str, float]:
+        return {}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_experts={self.num_experts}, num_slots={self.num_slots}, "
+                f"noise_std={self.noise_std}")
