@@ -26,15 +26,10 @@ import torch.nn as nn
 from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan, SoftRoutingPlan, require_moe_layers, routing_settings
 
 __all__ = ["record_routing", "image_grid", "RoutingRecord", "TokenRouting", "SoftTokenRouting", "ungroup",
-           "is_soft_layer", "SOFT_LAYER_PICTURES"]
+           "refuse_soft_layer", "SOFT_LAYER_PICTURES"]
 
 # What to draw instead, named in the message a sparse-only picture gives for a Soft MoE layer.
 SOFT_LAYER_PICTURES = "dispatch_map, combine_entropy_map, slot_similarity or class_expert_matrix"
-
-
-def is_soft_layer(layer: MoeMlp) -> bool:
-    """True for a Soft MoE layer (its router hands on a SoftRoutingPlan)."""
-    return isinstance(layer.last_plan, SoftRoutingPlan) or type(layer.router).__name__ == "SoftRouter"
 
 
 def refuse_soft_layer(name: str, what: str) -> None:
@@ -101,9 +96,9 @@ class SoftTokenRouting:
 
     @property
     def combine_entropy(self) -> np.ndarray:
-        """[B, N] float32: entropy (nats) of each token's combine weights over the E*P slots:
-        0 when one slot makes the output, log(E*P) when all slots count equally."""
-        c = self.combine.reshape(*self.combine.shape[:2], -1)
+        """[B, N] (or [N] for one image) float32: entropy (nats) of each token's combine weights
+        over the E*P slots: 0 when one slot makes the output, log(E*P) when all count equally."""
+        c = self.combine.reshape(*self.combine.shape[:-2], -1)
         return -np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0)), 0.0).sum(-1).astype(np.float32)
 
 
@@ -165,7 +160,7 @@ class RoutingRecord:
         forwards = self.forwards[self.check_layer(layer)]
         if forwards:
             return isinstance(forwards[0].plan, SoftRoutingPlan)
-        return is_soft_layer(self.layers[layer])
+        return self.layers[layer].is_soft
 
     def check_sparse(self, layer: str, what: str) -> str:
         """``layer``, or the clear ValueError when it is a Soft MoE layer."""

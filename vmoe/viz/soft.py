@@ -129,7 +129,7 @@ def combine_entropy_map(record: RoutingRecord, index: int = 0, image=None,
         pre, grid = record.split_tokens(view.combine_entropy)
         grids.append(grid)
         prefix.append(pre)
-        bound.append(math.log(view.combine.shape[1] * view.combine.shape[2]))
+        bound.append(math.log(view.combine.shape[-2] * view.combine.shape[-1]))
     norm = Normalize(0.0, max(max(bound), 1e-12))
     cmap = plt.get_cmap("viridis")
     fig, axes = new_figure(1, len(names), extra_width=0.9)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from vmoe.moe import MoeMlp, require_moe_layers, routing_settings
 
-from .record import image_grid, is_soft_layer, refuse_soft_layer
+from .record import image_grid, refuse_soft_layer
 
 __all__ = ["capacity_sweep", "evaluate", "SweepRow"]
 
@@ -45,7 +45,7 @@ def _sparse_layers(model: nn.Module, what: str):
     """The model's MoE layers; the clear ValueError naming a Soft MoE layer among them."""
     layers = require_moe_layers(model)
     for name, layer in layers.items():
-        if is_soft_layer(layer):
+        if layer.is_soft:
             refuse_soft_layer(name, what)
     return layers
 
