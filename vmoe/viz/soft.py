@@ -26,6 +26,7 @@ from .style import draw_token_grid, new_figure, to_display_image
 __all__ = ["dispatch_map", "combine_entropy_map", "slot_similarity", "soft_layers"]
 
 MAX_SLOTS = 16
+SLOTS_PER_ROW = 8
 
 
 def soft_layers(record: RoutingRecord, layers: Optional[Sequence[str]] = None) -> List[str]:
@@ -92,16 +93,22 @@ def dispatch_map(record: RoutingRecord, index: int = 0, image=None,
     maps, prefix = np.stack(maps), np.stack(prefix)
     norm = Normalize(0.0, max(float(maps.max()), float(prefix.max()) if prefix.size else 0.0, 1e-12))
     cmap = plt.get_cmap("magma")
-    fig, axes = new_figure(len(names), len(chosen), panel=2.2, extra_width=0.8)
+    # Up to 8 slots per row of panels; each layer starts a new row.
+    cols = min(len(chosen), SLOTS_PER_ROW)
+    rows_per_layer = -(-len(chosen) // cols)
+    fig, axes = new_figure(len(names) * rows_per_layer, cols, panel=2.2, extra_width=0.8)
+    for ax in axes[:, :].flat:
+        ax.set_visible(False)
     for row, name in enumerate(names):
         P = record.soft_tokens(name).dispatch.shape[-1]
         for col, slot in enumerate(chosen):
-            ax = axes[row, col]
+            ax = axes[row * rows_per_layer + col // cols, col % cols]
+            ax.set_visible(True)
             draw_token_grid(ax, background, record.grid_size, cmap(norm(maps[row, col])),
                             cmap(norm(prefix[row, col])), prefix_labels=record.prefix_labels,
                             alpha=0.75, image_size=record.image_size)
-            ax.set_title(f"{name}\n{_slot_label(slot, P)}" if col == 0 else _slot_label(slot, P), fontsize=8)
-    fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), fraction=0.02,
+            ax.set_title(f"{name}\n{_slot_label(slot, P)}" if col % cols == 0 else _slot_label(slot, P), fontsize=8)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), fraction=0.02, shrink=0.8,
                  label="dispatch weight (share of the slot)")
     fig.suptitle(f"Which patches each slot mixes (image {index})", fontsize=11)
     return fig, {"layers": names, "slots": np.array(chosen), "dispatch": maps, "prefix_dispatch": prefix,
@@ -114,7 +121,7 @@ def combine_entropy_map(record: RoutingRecord, index: int = 0, image=None,
     slots, as a heat map over recorded image ``index``, one panel per Soft MoE layer.
 
     0 nats: one slot makes the patch's output (sparse-like); log(E*P): every slot counts equally.
-    The color scale runs from 0 to log(E*P) of the largest layer.
+    The color scale runs from the smallest entropy drawn to log(E*P) of the largest layer.
 
     Returns:
         (figure, numbers) with numbers: ``layers`` [L]; ``entropy`` [L, h, w] and
@@ -130,7 +137,10 @@ def combine_entropy_map(record: RoutingRecord, index: int = 0, image=None,
         grids.append(grid)
         prefix.append(pre)
         bound.append(math.log(view.combine.shape[-2] * view.combine.shape[-1]))
-    norm = Normalize(0.0, max(max(bound), 1e-12))
+    # From the smallest entropy drawn up to the largest possible: trained layers often sit close
+    # to log(E*P), and a scale from 0 would hide their differences.
+    low = min(min(float(g.min()) for g in grids), min((float(p.min()) for p in prefix if p.size), default=math.inf))
+    norm = Normalize(min(low, max(bound) - 1e-6), max(max(bound), 1e-12))
     cmap = plt.get_cmap("viridis")
     fig, axes = new_figure(1, len(names), extra_width=0.9)
     for col, name in enumerate(names):
