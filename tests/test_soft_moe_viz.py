@@ -13,6 +13,7 @@ import torch
 
 import vmoe.models as vm
 import vmoe.viz as V
+from vmoe.moe import SOFT_TRAIN_STATS
 from vmoe.train import RoutingStatsLogger
 
 NUM_CLASSES = 4
@@ -235,7 +236,7 @@ def test_routing_stats_logger_on_a_soft_model(tmp_path):
     cb.on_train_batch_end(trainer, pl_module, None, (x, torch.zeros(4)), 0)
     values = logged.pop()
     want = vm.routing_stats(model)
-    assert set(values) == {f"routing/{n[:-4]}/{k}" for n in LAYERS for k in vm_soft_train_stats()}
+    assert set(values) == {f"routing/{n[:-4]}/{k}" for n in LAYERS for k in SOFT_TRAIN_STATS}
     for n in LAYERS:
         assert values[f"routing/{n[:-4]}/combine_entropy"] == pytest.approx(float(want[n]["combine_entropy"]))
     assert all(np.isfinite(v) for v in values.values())
@@ -244,8 +245,3 @@ def test_routing_stats_logger_on_a_soft_model(tmp_path):
     assert not logged  # no dropped fraction to log for Soft MoE layers
     cb.on_validation_epoch_end(trainer, pl_module)
     assert set(cb.last_figures) == {"routing_map"} and cb.last_figures["routing_map"].stat().st_size > 5000
-
-
-def vm_soft_train_stats():
-    from vmoe.moe import SOFT_TRAIN_STATS
-    return SOFT_TRAIN_STATS

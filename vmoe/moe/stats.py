@@ -103,12 +103,9 @@ def _pairwise_cosine(vectors: torch.Tensor, valid: Optional[torch.Tensor]) -> Di
     G, V, _ = vectors.shape
     unit = vectors * torch.rsqrt((vectors * vectors).sum(-1, keepdim=True) + _COSINE_EPS)
     sim = unit @ unit.transpose(1, 2)                                            # [G, V, V]
-    pair = ~torch.eye(V, dtype=torch.bool, device=sim.device).expand(G, V, V)
-    if valid is not None:
-        pair = pair & valid.unsqueeze(1) & valid.unsqueeze(2)
-    diag = torch.eye(V, dtype=torch.bool, device=sim.device).expand(G, V, V)
-    if valid is not None:
-        diag = diag & valid.unsqueeze(1) & valid.unsqueeze(2)
+    eye = torch.eye(V, dtype=torch.bool, device=sim.device).expand(G, V, V)
+    both = (valid.unsqueeze(1) & valid.unsqueeze(2)) if valid is not None else torch.ones_like(eye)
+    pair, diag = ~eye & both, eye & both
     num_pairs = pair.sum()
     inf = sim.new_full((1,), math.inf)
     nan = sim.new_full((), math.nan)

@@ -11,7 +11,7 @@ MoE layer is ``class_expert_matrix`` (it counts the combine weights).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
