@@ -6,7 +6,9 @@
 #      sync, CUDA-graph capture and replay, grouped_mm vs bmm);
 #   2. benchmarks/moe_layer.py --device cuda --dtype bf16 (S/32 and B/16 layers, E=8 and E=32;
 #      the floor_gmm/floor column says whether grouped_mm beats bmm for the experts);
-#   3. benchmarks/train_throughput.py --device cuda (B/16 every-2 and S/32 last-2 vs dense).
+#   3. benchmarks/train_throughput.py --device cuda (B/16 every-2 and S/32 last-2 vs dense);
+#   4. benchmarks/moe_layer.py --soft --device cuda --dtype bf16 (Soft MoE S/32 layer, E=8 and
+#      E=32, vs its essential matmuls; capped at 60 s).
 # Usage: bash benchmarks/gpu_check.sh [--cpu-smoke] [output-dir]
 #   logs go to output-dir (default $OUT/gpu_check or /tmp/gpu_check); --cpu-smoke runs the same
 #   steps at toy sizes on the CPU, to check the script itself on a machine without a GPU.
@@ -19,18 +21,21 @@ mkdir -p "$out"
 export WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if (( smoke )); then
-  tests=(-k cuda tests/test_fused_dispatch.py tests/test_cuda_layer.py)
+  tests=(-k cuda tests/test_fused_dispatch.py tests/test_cuda_layer.py tests/test_soft_moe_layer.py)
   layer=(--device cpu --repeats 1 --shapes "tiny E=4" --no-memory)
   train=(--device cpu --steps 1 --rounds 1 --warmup 0 --pairs s32)
+  soft=(--soft --device cpu --repeats 1 --shapes "S/32 E=32")
 else
   python3 -c '
 import torch, triton
 assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 ' || { echo "gpu_check: no usable CUDA device (try --cpu-smoke)"; exit 2; }
-  tests=(-m cuda tests/test_fused_dispatch.py tests/test_autograd_dispatch.py tests/test_cuda_layer.py)
+  tests=(-m cuda tests/test_fused_dispatch.py tests/test_autograd_dispatch.py tests/test_cuda_layer.py
+         tests/test_soft_moe_layer.py)
   layer=(--device cuda --dtype bf16 --repeats 15)
   train=(--device cuda --steps 5 --rounds 3)
+  soft=(--soft --device cuda --dtype bf16 --repeats 15)
 fi
 
 run() {  # name, timeout (s), command...
@@ -45,6 +50,7 @@ run() {  # name, timeout (s), command...
 run tests 150 python3 -m pytest -q "${tests[@]}"
 run moe_layer 110 python3 benchmarks/moe_layer.py "${layer[@]}"
 run train_throughput 100 python3 benchmarks/train_throughput.py "${train[@]}"
+run moe_layer_soft 60 python3 benchmarks/moe_layer.py "${soft[@]}"
 
 echo
 echo "## GPU check summary"
@@ -56,7 +62,7 @@ echo
 echo "| check | result |"
 echo "|---|---|"
 grep -h -E "passed|failed|error|skipped" "$out/tests.log" | tail -n 1 | sed 's/^/| cuda tests | /; s/$/ |/'
-grep -h -E "^\s*\[(PASS|FAIL)\]" "$out/moe_layer.log" "$out/train_throughput.log" \
+grep -h -E "^\s*\[(PASS|FAIL)\]" "$out/moe_layer.log" "$out/train_throughput.log" "$out/moe_layer_soft.log" \
   | sed -E 's/^\s*\[(PASS|FAIL)\] (.*)$/| \2 | \1 |/'
 echo
 echo "Layer table:"

@@ -26,8 +26,15 @@ group sizes at a fixed token count. E*C per token grows linearly with the group 
 S*K*cf), so the einsum path's [G, S, E, C] one-hot tensors grow with it, while the index path's
 largest tensors are the [E, G*C, h] expert activations (~ tokens*K*cf*h, independent of S).
 
+Soft MoE (``--soft``): ``MoeMlp(router='soft')`` at the S/32 layer shape (d=512, h=2048,
+32 images x 50 tokens, one image per group, E=8 and E=32, slots per expert from capacity factor
+1.0: P = round(50/E)) against the sum of its essential matmuls, each timed alone on ready inputs
+in the same repeat: the router logits ([G*S, d] @ [d, E*P]), the dispatch mix
+([G, E*P, S] @ [G, S, d]), the experts on ready [E, G*P, d] slots, and the combine mix
+([G, S, E*P] @ [G, E*P, d]), forward and backward each. Target: layer / sum <= 1.10.
+
 Usage: python benchmarks/moe_layer.py [--repeats 7] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-                                     [--shapes NAME ...] [--no-memory]
+                                     [--shapes NAME ...] [--no-memory] [--soft]
 """
 from __future__ import annotations
 
@@ -228,6 +235,93 @@ def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dty
     return rows
 
 
+# --- Soft MoE ---------------------------------------------------------------------------------
+SOFT_SHAPES = {"S/32 E=8": Shape("S/32 E=8", 512, 2048, 8, cf=1.0, group_images=1),
+               "S/32 E=32": Shape("S/32 E=32", 512, 2048, 32, cf=1.0, group_images=1)}
+SOFT_PARTS = ["logits", "dispatch_mix", "experts", "combine_mix"]
+
+
+class _Matmul(nn.Module):
+    """One essential matmul of the soft layer on ready inputs: ``a @ b`` (batched if 3-d), with
+    gradients for both operands. ``fp32=True`` keeps it in float32 under autocast (the router)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, fp32: bool = False, transpose_a: bool = False):
+        super().__init__()
+        self.a, self.b, self.fp32, self.transpose_a = nn.Parameter(a), nn.Parameter(b), fp32, transpose_a
+
+    def forward(self, _x):
+        a = self.a.transpose(-1, -2) if self.transpose_a else self.a  # the layer's layout
+        with torch.autocast(device_type=self.a.device.type, enabled=not self.fp32
+                            and torch.is_autocast_enabled(self.a.device.type)):
+            return a @ self.b
+
+
+def build_soft(shape: Shape, device: str, dtype: torch.dtype):
+    """name -> (module, input, output gradient) for the soft layer and each essential matmul."""
+    torch.manual_seed(0)
+    S, G = shape.tokens * shape.group_images, shape.images // shape.group_images
+    layer = MoeMlp(shape.d, shape.h, num_experts=shape.E, router="soft",
+                   capacity_factor=shape.cf, group_size=S).to(device)
+    P, E, d = layer.num_slots, shape.E, shape.d
+    x = torch.randn(shape.images, shape.tokens, d, device=device)
+    rand = lambda *size: torch.randn(*size, device=device)  # noqa: E731
+    slots = rand(E, G * P, d).to(dtype)
+    parts = {
+        "layer": (layer, x, rand(shape.images, shape.tokens, d)),
+        "logits": (_Matmul(rand(G * S, d), rand(d, E * P), fp32=True), None, rand(G * S, E * P)),
+        "dispatch_mix": (_Matmul(rand(G, S, E * P).softmax(1), rand(G, S, d), transpose_a=True), None,
+                         rand(G, E * P, d)),
+        "experts": (layer.experts, slots, rand(E, G * P, d)),
+        "combine_mix": (_Matmul(rand(G, S, E * P).softmax(-1), rand(G, E * P, d)), None, rand(G, S, d)),
+    }
+    return parts, P
+
+
+def _soft_call(module, x, grad, device, dtype) -> None:
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
+    xi = x.detach().requires_grad_() if x is not None else None
+    with autocast:
+        out = module(xi)
+    out.backward(grad.to(out.dtype))
+    module.zero_grad(set_to_none=True)
+
+
+def soft_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int):
+    """Prints the Soft MoE table; returns the checks [(text, ratio, ok)]."""
+    print("\nSoft MoE layer, forward+backward, vs its essential matmuls timed alone on ready inputs:")
+    print("| shape | P | layer ms | " + " | ".join(f"{p} ms" for p in SOFT_PARTS)
+          + " | layer/sum | layer/sum (min) |")
+    print("|" + "---|" * (len(SOFT_PARTS) + 5))
+    checks = []
+    for name in shapes:
+        parts, P = build_soft(SOFT_SHAPES[name], device, dtype)
+        times = {k: [] for k in parts}
+
+        def timed(k):
+            module, x, grad = parts[k]
+            module.train()
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                _soft_call(module, x, grad, device, dtype)
+            _sync(device)
+            return (time.perf_counter() - start) / inner
+
+        for _ in range(warmup):
+            for k in parts:
+                timed(k)
+        for _ in range(repeats):  # interleaved: each repeat times the layer and every part once
+            for k in parts:
+                times[k].append(timed(k))
+        sums = [sum(times[p][i] for p in SOFT_PARTS) for i in range(repeats)]
+        ratio = statistics.median(t / s for t, s in zip(times["layer"], sums))
+        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        print(f"| {name} | {P} | {med['layer']:.2f} | " + " | ".join(f"{med[p]:.2f}" for p in SOFT_PARTS)
+              + f" | {ratio:.3f} | {min(times['layer']) / min(sums):.3f} |", flush=True)
+        checks.append((f"soft {name}: layer fwd+bwd / essential matmuls <= 1.10", ratio, ratio <= 1.10))
+    return checks
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=7)
@@ -238,20 +332,29 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory check")
+    p.add_argument("--soft", action="store_true", help="the Soft MoE table only (see above)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    shapes = args.shapes or DEFAULT_SHAPES[args.device]
+    known = SOFT_SHAPES if args.soft else SHAPES
+    shapes = args.shapes or (list(SOFT_SHAPES) if args.soft else DEFAULT_SHAPES[args.device])
     for name in shapes:
-        if name not in SHAPES:
-            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(SHAPES)}")
+        if name not in known:
+            raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(known)}")
     alloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
     print(f"torch {torch.__version__}, device={args.device}, dtype={args.dtype}, "
           f"threads={torch.get_num_threads()}, repeats={args.repeats}, allocator env={alloc or 'glibc default'}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
+    if args.soft:
+        inner = args.inner or (10 if args.device == "cuda" else 1)
+        checks = soft_table(shapes, args.repeats, args.warmup, args.device, dtype, inner)
+        print("\nTargets:")
+        for text, value, ok in checks:
+            print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {value:.3f}")
+        return 0 if all(ok for _, _, ok in checks) else 1
 
     gmm = dtype == torch.bfloat16  # the grouped_mm floor runs in bfloat16 only
     print("\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms | moe_id ms "

@@ -2,6 +2,7 @@
 plus its contract: compile, autocast, empty batch, padding, bad input, routing settings."""
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -80,12 +81,37 @@ def _tiny(**kwargs):
     return MoeMlp(8, 16, num_experts=4, router="soft", num_slots=2, **kwargs)
 
 
-def test_compiles_fullgraph_and_matches_eager():
-    layer = _tiny().eval()
-    x = torch.randn(3, 5, 8)
-    eager = layer(x)
-    compiled = torch.compile(layer, fullgraph=True, backend="eager")
-    torch.testing.assert_close(compiled(x), eager)
+@pytest.mark.parametrize("G_multiple_of_E", [False, True])
+def test_compiles_fullgraph_and_matches_eager(G_multiple_of_E):
+    """No graph break (fullgraph) in forward and backward; both row layouts (4 or 3 groups)."""
+    layer = _tiny(group_size=5).train()
+    x = torch.randn(4 if G_multiple_of_E else 3, 5, 8)
+    grad = torch.randn_like(x)
+    xe = x.clone().requires_grad_()
+    layer(xe).backward(grad)
+    eager = [xe.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    xc = x.clone().requires_grad_()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(xc).backward(grad)
+    for got, want in zip([xc.grad] + [p.grad for p in layer.parameters()], eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_soft_layer_compiled_bf16_matches_cpu():
+    """On a GPU: the soft layer (inductor-compiled, bf16 autocast) against the float32 CPU layer."""
+    layer = MoeMlp(64, 128, num_experts=8, router="soft", num_slots=2).eval()
+    x = torch.randn(16, 50, 64)
+    want = layer(x)
+    cuda_layer = copy.deepcopy(layer).cuda()
+    compiled = torch.compile(cuda_layer, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = compiled(x.cuda())
+    torch.testing.assert_close(got.float().cpu(), want, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(cuda_layer.last_plan.dispatch_weight.cpu(),
+                               layer.last_plan.dispatch_weight, atol=1e-4, rtol=1e-3)
 
 
 def test_bf16_autocast_and_gradients():
@@ -158,7 +184,7 @@ def test_num_slots_is_soft_only_and_width_is_checked():
 def test_routing_settings_of_a_soft_layer():
     model = nn.Sequential(_tiny(), MoeMlp(8, 16, num_experts=4, num_selected=1))
     settings = read_routing(model)
-    assert settings["0"].to_dict() == dict(capacity_factor=None, capacity=None, batch_priority=False)
+    assert settings["0"].to_dict() == dict(capacity_factor=None, capacity=2, batch_priority=False)
     with pytest.raises(ValueError, match="capacity_factor=4.0 does not apply to a Soft MoE layer"):
         set_routing(model, capacity_factor=4.0)
     assert read_routing(model) == settings  # all or none: the sparse layer is unchanged

@@ -116,10 +116,33 @@ def test_bad_slots_are_named(kwargs, match):
 
 def test_fixed_settings_refuse_changes():
     router = SoftRouter(8, 4, num_slots=1)
-    router.capacity_factor = None  # the same value: accepted
+    router.capacity_factor = None  # the same values: accepted
+    router.capacity = 1
     router.batch_priority = False
     for name, value in (("capacity_factor", 2.0), ("capacity", 3), ("batch_priority", True)):
         with pytest.raises(ValueError, match=f"{name}=.* does not apply to a Soft MoE layer"):
             setattr(router, name, value)
     with pytest.raises(ValueError, match="input width d=6 differs from dim=8"):
         router(torch.randn(1, 4, 6))
+
+
+def test_logits_gradients_match_autograd_of_the_plain_formula():
+    """The fused logits' backward (x, mu, scale) equals autograd through the official formula,
+    zero and tiny tokens included (float64 gradcheck)."""
+    from vmoe.moe.soft_routing import normalized_logits
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x[0] = 0.0
+    x[1] *= 1e-4
+    x.requires_grad_()
+    mu = unit_normalize(torch.randn(5, 3, dtype=torch.float64), 0).requires_grad_()
+    scale = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(normalized_logits, (x, mu, scale))
+    fused = normalized_logits(x, mu, scale)
+    plain = scale * unit_normalize(x, -1) @ mu
+    torch.testing.assert_close(fused, plain)
+    g = torch.randn_like(plain)
+    want = torch.autograd.grad(plain, (x, mu, scale), g)
+    got = torch.autograd.grad(fused, (x, mu, scale), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

@@ -45,10 +45,13 @@ class Command:
 def _convert_arguments(p) -> None:
     p.add_argument("prefix", help="checkpoint path without '.index'")
     p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    p.add_argument("--num-selected", type=int, default=2, help="K experts per token")
-    p.add_argument("--capacity-factor", type=float, default=1.05)
-    p.add_argument("--group-size-images", type=int, default=8)
+    p.add_argument("--num-selected", type=int, default=None, help="K experts per token (default 2)")
+    p.add_argument("--capacity-factor", type=float, default=None, help="default 1.05")
+    p.add_argument("--group-size-images", type=int, default=None,
+                   help="images per routing group (default 8; Soft MoE checkpoints: 1)")
     p.add_argument("--batch-priority", action="store_true")
+    p.add_argument("--bf16-dispatch", action="store_true",
+                   help="Soft MoE: round the mixed data to bfloat16 as the official code does")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -59,10 +62,12 @@ def _convert(args) -> int:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:  # before reading anything
         raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace "
                               "its files, or choose a new directory")
-    out = official.convert_vmoe_checkpoint(
-        args.prefix, out_dir, overwrite=args.overwrite, num_selected=args.num_selected,
-        capacity_factor=args.capacity_factor, group_size_images=args.group_size_images,
-        batch_priority=args.batch_priority)
+    # Only the options given: the importer fills in the defaults of the checkpoint's router type.
+    given = dict(num_selected=args.num_selected, capacity_factor=args.capacity_factor,
+                 group_size_images=args.group_size_images,
+                 batch_priority=args.batch_priority or None, bf16_dispatch=args.bf16_dispatch or None)
+    out = official.convert_vmoe_checkpoint(args.prefix, out_dir, overwrite=args.overwrite,
+                                           **{k: v for k, v in given.items() if v is not None})
     print(f"wrote {out}")
     return 0
 

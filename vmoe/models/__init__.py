@@ -1,4 +1,4 @@
-"""vmoe.models: timm ViT -> V-MoE, the paper's variants, upcycling, save/load, the official
+"""vmoe.models: timm ViT -> V-MoE or Soft MoE, the papers' variants, upcycling, save/load, the official
 checkpoints' key mapping.
 
 Importing this package registers the ``vmoe_*`` models in timm's registry.
@@ -7,12 +7,15 @@ Importing this package registers the ``vmoe_*`` models in timm's registry.
 from ..moe import moe_layers, restore_routing, routing_settings, set_routing
 from . import variants  # noqa: F401  (registers the timm factories)
 from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_plans, routing_stats
-from .variants import PAPER_MOE_DEFAULTS, VARIANTS
+from .variants import PAPER_MOE_DEFAULTS, SOFT_MOE_PAPER_DEFAULTS, SOFT_VARIANTS, VARIANTS
 from .vit_moe import VisionTransformerMoe
 from .pretrained import from_pretrained, load_state_dict_checked, push_to_hub, save_pretrained, upcycle
-from .official import convert_vmoe_checkpoint, from_vmoe_checkpoint, infer_vmoe_architecture
+from .official import (convert_vmoe_checkpoint, from_vmoe_checkpoint, from_vmoe_params,
+                       infer_vmoe_architecture)
 
 __all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
            "routing_stats", "set_routing", "restore_routing", "routing_settings",
-           "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "save_pretrained", "push_to_hub", "from_pretrained", "load_state_dict_checked", "upcycle",
-           "from_vmoe_checkpoint", "convert_vmoe_checkpoint", "infer_vmoe_architecture"]
+           "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "SOFT_VARIANTS",
+           "SOFT_MOE_PAPER_DEFAULTS", "save_pretrained", "push_to_hub", "from_pretrained", "load_state_dict_checked", "upcycle",
+           "from_vmoe_checkpoint", "from_vmoe_params", "convert_vmoe_checkpoint",
+           "infer_vmoe_architecture"]

@@ -111,8 +111,11 @@ def check_config_against_header(config: dict, args: dict, header: Mapping[str, T
     embed_dim = args.get("embed_dim")
     if embed_dim is not None and width is not None and embed_dim != width:
         raise mismatch("model_args.embed_dim", embed_dim, f"has hidden size {width}")
-    routers = {name[: -len(".router.weight")]: entry.shape for name, entry in header.items()
+    # layer -> (E,): sparse routers' weight is [E, d], the Soft MoE router's mu [d, E, P].
+    routers = {name[: -len(".router.weight")]: entry.shape[:1] for name, entry in header.items()
                if name.endswith(".router.weight")}
+    routers.update({name[: -len(".router.mu")]: entry.shape[1:2] for name, entry in header.items()
+                    if name.endswith(".router.mu")})
     experts = [("model_args.moe.num_experts", (args.get("moe") or {}).get("num_experts")
                 if isinstance(args.get("moe"), dict) else None)]
     moe = config.get("moeify")

@@ -8,6 +8,9 @@ import torch.nn as nn
 
 from ..moe import moe_layers
 
+#: Architecture names whose timm factory builds the MoE layers itself (vmoe's registered models).
+VMOE_FACTORY_PREFIXES = ("vmoe_", "soft_moe_")
+
 __all__ = ["parameter_counts", "model_card"]
 
 
@@ -61,8 +64,8 @@ def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None
                   *(f"| {k} | {v} |" for k, v in dict(info["metrics"]).items()), ""]
     if info.get("notes"):
         lines += ["## Notes", "", str(info["notes"]), ""]
-    if architecture.startswith("vmoe_"):  # built by a vmoe factory: timm's loaders rebuild it
-        usage = ["import timm", "import vmoe.models  # registers vmoe_*",
+    if architecture.startswith(VMOE_FACTORY_PREFIXES):  # a vmoe factory: timm's loaders rebuild it
+        usage = ["import timm", "import vmoe.models  # registers vmoe_* and soft_moe_*",
                  'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"']
     else:  # a timm model made MoE by moeify: vmoe's loader replays the recipe
         usage = ["import vmoe.models as vm", 'model = vm.from_pretrained("DIR")  # or "hf-hub:ORG/NAME"']

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..jsonable import to_jsonable
 from ..moe import MoeMlp, RoutingPlan, moe_layers, require_moe_layers, routing_statistics
+from ..moe.soft_routing import soft_slots_per_expert
 
 __all__ = ["moe_block_indices", "moeify", "aux_loss", "aux_losses", "routing_plans", "routing_stats"]
 
@@ -73,16 +74,19 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
             get timm's ViT init (truncated normal, std 0.02) and the router LeCun-normal.
         **moe_kwargs: passed to ``MoeMlp`` (num_experts, num_selected, capacity_factor,
             batch_priority, group_size_images, router, noise_std, renormalize, loss weights,
-            ``drop`` for expert dropout: default the replaced MLP's).
+            ``drop`` for expert dropout: default the replaced MLP's). Soft MoE:
+            ``router='soft'`` with ``num_slots=P``, or without it P = round(S * capacity_factor
+            / E) for the model's group size S in tokens (default one image per group).
     """
     vit_blocks = _vit_blocks(model)
     indices = moe_block_indices(len(vit_blocks), every, last, blocks)
+    layer_kwargs = _soft_slots(model, moe_kwargs)
     for i in indices:
         mlp = vit_blocks[i].mlp
         if isinstance(mlp, MoeMlp):
             raise ValueError(f"block {i} is already a MoE block")
         act = mlp.act
-        options = dict(moe_kwargs)
+        options = dict(layer_kwargs)
         # Expert dropout: the dense MLP's unless given (the paper's recipes use MoE dropout 0.2).
         options.setdefault("drop", (getattr(mlp.drop1, "p", 0.0), getattr(mlp.drop2, "p", 0.0)))
         layer = MoeMlp(
@@ -103,6 +107,27 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
     recipe["moe_kwargs"] = {**recipe.get("moe_kwargs", {}), **_storable(moe_kwargs)}
     model.vmoe_moe = recipe
     return model
+
+
+def _soft_slots(model: nn.Module, moe_kwargs: dict) -> dict:
+    """``moe_kwargs`` with ``num_slots`` set for a Soft MoE whose slots come from a capacity
+    factor: P = round(S * capacity_factor / E) (official rounding) with S = the group size in
+    tokens of this model's images."""
+    if moe_kwargs.get("router") != "soft" or moe_kwargs.get("num_slots") is not None:
+        return moe_kwargs
+    group_size = moe_kwargs.get("group_size")
+    if group_size is None:
+        patch_embed = getattr(model, "patch_embed", None)
+        num_patches = getattr(patch_embed, "num_patches", None)
+        if num_patches is None:
+            raise ValueError("router='soft' without num_slots derives the slots per expert from "
+                             "the tokens per group, but the model has no patch_embed.num_patches: "
+                             "give num_slots or group_size (tokens)")
+        tokens = num_patches + getattr(model, "num_prefix_tokens", 0)
+        group_size = (moe_kwargs.get("group_size_images") or 1) * tokens
+    slots = soft_slots_per_expert(group_size, moe_kwargs.get("num_experts", 8),
+                                  moe_kwargs.get("capacity_factor", 1.0))  # official default
+    return {**moe_kwargs, "num_slots": slots}
 
 
 def _storable(moe_kwargs: dict) -> dict:

@@ -1,5 +1,6 @@
-"""Google's released V-MoE checkpoints -> our timm-based ``VisionTransformerMoe``: the key
-mapping of the official parameter tree (the file format is read by :mod:`vmoe.checkpoints`).
+"""Google's released V-MoE and Soft MoE checkpoints -> our timm-based ``VisionTransformerMoe``:
+the key mapping of the official parameter tree (the file format is read by
+:mod:`vmoe.checkpoints`).
 
 The architecture is read from the checkpoint's index (hidden size, depth, heads, MLP size,
 patch size, MoE blocks and experts, class token or global pooling, representation size,
@@ -20,6 +21,8 @@ Parameter mapping (official name -> torch key, layout):
     .../SelfAttention/out/kernel (H,hd,d)          -> blocks.i.attn.proj.weight (d, d)
     .../Mlp/Dense_{0,1}/kernel (in,out)            -> blocks.i.mlp.fc{1,2}.weight (out,in)
     .../Moe/Router/dense/kernel (d,E)              -> blocks.i.mlp.router.weight (E,d)
+    .../Moe/Router/mu (d,E,P), Router/scale ()     -> blocks.i.mlp.router.{mu,scale} (Soft MoE)
+    .../SelfAttention/{query,key}_ln/scale (hd,)   -> blocks.i.attn.{q,k}_norm.weight (qk-norm)
     .../Moe/Mlp/Dense_{0,1}/{kernel,bias}          -> blocks.i.mlp.experts.fc{1,2}_{weight,bias}
     Encoder/encoder_norm, pre_logits, head         -> norm, pre_logits.fc, head
 """
@@ -29,7 +32,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import timm
@@ -42,8 +45,8 @@ from vmoe.checkpoints import (CheckpointFormatError, SafetensorsStreamWriter, it
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, staged_save_dir, write_config
 from .variants import PAPER_MOE_DEFAULTS
 
-__all__ = ["infer_vmoe_architecture", "from_vmoe_checkpoint", "convert_vmoe_checkpoint",
-           "iter_converted_tensors"]
+__all__ = ["infer_vmoe_architecture", "architecture_from_shapes", "from_vmoe_checkpoint",
+           "from_vmoe_params", "convert_vmoe_checkpoint", "iter_converted_tensors"]
 
 _QKV = ("query", "key", "value")
 
@@ -64,8 +67,13 @@ def _official_shapes(a: dict) -> dict[str, tuple]:
         for q in _QKV:
             s[f"{b}/SelfAttention/{q}/kernel"], s[f"{b}/SelfAttention/{q}/bias"] = (d, H, d // H), (H, d // H)
         s[f"{b}/SelfAttention/out/kernel"], s[f"{b}/SelfAttention/out/bias"] = (H, d // H, d), (d,)
-        if i in a["moe_blocks"]:
+        if a.get("qk_norm"):
+            s[f"{b}/SelfAttention/query_ln/scale"] = s[f"{b}/SelfAttention/key_ln/scale"] = (d // H,)
+        if i in a["moe_blocks"] and a.get("router") == "soft":
+            s[f"{b}/Moe/Router/mu"], s[f"{b}/Moe/Router/scale"] = (d, E, a["num_slots"]), ()
+        elif i in a["moe_blocks"]:
             s[f"{b}/Moe/Router/dense/kernel"] = (d, E)
+        if i in a["moe_blocks"]:
             s[f"{b}/Moe/Mlp/Dense_0/kernel"], s[f"{b}/Moe/Mlp/Dense_0/bias"] = (E, d, m), (E, m)
             s[f"{b}/Moe/Mlp/Dense_1/kernel"], s[f"{b}/Moe/Mlp/Dense_1/bias"] = (E, m, d), (E, d)
         else:
@@ -87,7 +95,14 @@ def infer_vmoe_architecture(prefix: str) -> dict:
     """
     prefix = os.fspath(prefix).removesuffix(".index")
     shapes = {n: i.shape for n, i in read_checkpoint_index(prefix).items()}
-    where = f"{prefix}.index"
+    return architecture_from_shapes(shapes, f"{prefix}.index")
+
+
+def architecture_from_shapes(shapes: dict, where: str = "the parameters") -> dict:
+    """The architecture an official parameter tree (``/``-joined name -> shape) describes:
+    V-MoE (``Router/dense/kernel``) or Soft MoE (``Router/mu`` [d, E, P] + ``Router/scale``)
+    blocks, qk-norm attention, class token or global pooling. CheckpointFormatError naming
+    ``where`` when the tree is not such a ViT."""
 
     def get(name: str, ndim: int) -> tuple:
         if name not in shapes or len(shapes[name]) != ndim:
@@ -103,11 +118,15 @@ def infer_vmoe_architecture(prefix: str) -> dict:
         raise CheckpointFormatError(f"{where}: expected transformer blocks "
                                     f"Encoder/encoderblock_0..N-1, found {sorted(blocks)}")
     _, heads, head_dim = get("Encoder/encoderblock_0/SelfAttention/query/kernel", 3)
-    moe_blocks = sorted(i for i in blocks if f"Encoder/encoderblock_{i}/Moe/Router/dense/kernel" in shapes)
+    soft = any(re.fullmatch(r"Encoder/encoderblock_\d+/Moe/Router/mu", n) for n in shapes)
+    router_param = "Router/mu" if soft else "Router/dense/kernel"
+    moe_blocks = sorted(i for i in blocks if f"Encoder/encoderblock_{i}/Moe/{router_param}" in shapes)
     first_mlp = ("Encoder/encoderblock_0/Moe/Mlp/Dense_0/kernel" if 0 in moe_blocks
                  else "Encoder/encoderblock_0/Mlp/Dense_0/kernel")
     mlp_dim = get(first_mlp, 3 if 0 in moe_blocks else 2)[-1]
-    num_experts = get(f"Encoder/encoderblock_{moe_blocks[0]}/Moe/Router/dense/kernel", 2)[1] if moe_blocks else 0
+    router_shape = (get(f"Encoder/encoderblock_{moe_blocks[0]}/Moe/{router_param}", 3 if soft else 2)
+                    if moe_blocks else (0, 0, 0))
+    num_experts = router_shape[1]
     num_tokens = get("Encoder/posembed_input/pos_embedding", 3)[1]
     class_token = "cls" in shapes
     grid = math.isqrt(max(num_tokens - class_token, 0))
@@ -119,7 +138,9 @@ def infer_vmoe_architecture(prefix: str) -> dict:
                 mlp_dim=mlp_dim, moe_blocks=moe_blocks, num_experts=num_experts, grid=grid,
                 num_tokens=num_tokens, class_token=class_token,
                 representation_size=shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None,
-                num_classes=shapes["head/kernel"][-1] if "head/kernel" in shapes else 0)
+                num_classes=shapes["head/kernel"][-1] if "head/kernel" in shapes else 0,
+                qk_norm="Encoder/encoderblock_0/SelfAttention/query_ln/scale" in shapes,
+                router="soft" if soft else "top_k", num_slots=router_shape[2] if soft else None)
     if heads * head_dim != d or int(d * (mlp_dim / d)) != mlp_dim:
         raise CheckpointFormatError(f"{where}: heads x head_dim = {heads} x {head_dim} != hidden "
                                     f"{d}, or MLP size {mlp_dim} is not expressible as a ratio")
@@ -146,6 +167,8 @@ def _timm_kwargs(arch: dict, moe_options: dict) -> dict:
                   class_token=arch["class_token"], global_pool="token" if arch["class_token"] else "avg",
                   fc_norm=False,  # official 'gap': final LayerNorm on tokens, then the mean
                   representation_size=arch["representation_size"], act_layer="gelu_tanh")
+    if arch.get("qk_norm"):
+        kwargs.update(qk_norm=True, qk_norm_bias=False)  # official normalize_qk: LayerNorm, no bias
     if arch["moe_blocks"]:
         kwargs["moe"] = dict(blocks=list(arch["moe_blocks"]), num_experts=arch["num_experts"],
                              **moe_options)
@@ -174,8 +197,15 @@ def _mapping(arch: dict) -> list[tuple[str, tuple[str, ...], Callable]]:
                lambda *bs: np.concatenate([x.reshape(-1) for x in bs])),
               (f"{t}.attn.proj.weight", (f"{att}/out/kernel",), lambda k: k.reshape(-1, k.shape[-1]).T),
               (f"{t}.attn.proj.bias", (f"{att}/out/bias",), same)]
-        if i in arch["moe_blocks"]:
+        if arch.get("qk_norm"):
+            m += [(f"{t}.attn.q_norm.weight", (f"{att}/query_ln/scale",), same),
+                  (f"{t}.attn.k_norm.weight", (f"{att}/key_ln/scale",), same)]
+        if i in arch["moe_blocks"] and arch.get("router") == "soft":
+            m += [(f"{t}.mlp.router.mu", (f"{b}/Moe/Router/mu",), same),
+                  (f"{t}.mlp.router.scale", (f"{b}/Moe/Router/scale",), lambda v: np.reshape(v, ()))]
+        elif i in arch["moe_blocks"]:
             m.append((f"{t}.mlp.router.weight", (f"{b}/Moe/Router/dense/kernel",), lin))
+        if i in arch["moe_blocks"]:
             for j in (0, 1):
                 m += [(f"{t}.mlp.experts.fc{j + 1}_weight", (f"{b}/Moe/Mlp/Dense_{j}/kernel",), same),
                       (f"{t}.mlp.experts.fc{j + 1}_bias", (f"{b}/Moe/Mlp/Dense_{j}/bias",), same)]
@@ -207,12 +237,21 @@ def _convert(arrays: Iterator[tuple[str, np.ndarray]], by_source: dict) -> Itera
         key, srcs, fn = by_source[name]
         if all(s in pending for s in srcs):
             out = fn(*(pending.pop(s) for s in srcs))
-            yield key, torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+            # (ascontiguousarray makes 0-d arrays 1-d: keep the shape, e.g. Router/scale ())
+            yield key, torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(np.shape(out)))
+
+
+#: What a Soft MoE checkpoint does not store, from the official configs: one image per group,
+#: no router noise. (P, the slots per expert, is the shape of Router/mu.)
+SOFT_MOE_DEFAULTS = dict(group_size_images=1, noise_std=0.0)
 
 
 def _build_empty(arch: dict, moe_options: dict) -> nn.Module:
     """The model on the meta device (no memory, no init time); filled from the checkpoint."""
-    options = {**PAPER_MOE_DEFAULTS, "num_selected": 2, **moe_options}
+    if arch.get("router") == "soft":
+        options = {**SOFT_MOE_DEFAULTS, "router": "soft", "num_slots": arch["num_slots"], **moe_options}
+    else:
+        options = {**PAPER_MOE_DEFAULTS, "num_selected": 2, **moe_options}
     if "group_size" in moe_options and "group_size_images" not in moe_options:
         options.pop("group_size_images")  # a group size in tokens replaces the default in images
     with torch.device("meta"):
@@ -230,10 +269,29 @@ def from_vmoe_checkpoint(prefix: str, *, num_classes: Optional[int] = None, img_
         **moe_options: MoE options the checkpoint does not store, passed to ``MoeMlp``:
             num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
             group_size (tokens), batch_priority (False), capacity_multiple_of (4), ...
+            A Soft MoE checkpoint (``Router/mu``) builds ``router='soft'`` layers with P from
+            ``mu``'s shape, one image per group and no noise; ``bf16_dispatch=True``
+            reproduces the official bf16 rounding of the mixed data (see ``MoeMlp``).
     Memory: the model plus about one checkpoint array.
     """
     arch = infer_vmoe_architecture(prefix)
     tensors = iter_converted_tensors(prefix, arch)  # checks every shard before any allocation
+    return _fill(arch, tensors, num_classes, img_size, moe_options)
+
+
+def from_vmoe_params(params: Mapping[str, np.ndarray], *, num_classes: Optional[int] = None,
+                     img_size=None, **moe_options) -> nn.Module:
+    """``from_vmoe_checkpoint`` for an official parameter tree already in memory: a mapping of
+    ``/``-joined names to arrays (e.g. a flattened Flax params dict, or an ``.npz`` of it)."""
+    params = {name: np.asarray(array) for name, array in params.items()}
+    arch = architecture_from_shapes({n: a.shape for n, a in params.items()})
+    by_source = {src: (key, srcs, fn) for key, srcs, fn in _mapping(arch) for src in srcs}
+    return _fill(arch, _convert(((n, params[n]) for n in by_source), by_source), num_classes,
+                 img_size, moe_options)
+
+
+def _fill(arch: dict, tensors: Iterator[tuple[str, torch.Tensor]], num_classes, img_size,
+          moe_options: dict) -> nn.Module:
     model = _build_empty(arch, moe_options).to_empty(device="cpu")
     state = model.state_dict()
     filled = set()

@@ -26,7 +26,7 @@ from ..jsonable import to_jsonable
 from ..moe import moe_layers, read_routing, restore_routing
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
-from .model_card import model_card as make_model_card
+from .model_card import VMOE_FACTORY_PREFIXES, model_card as make_model_card
 from .moeify import moeify
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
@@ -55,7 +55,7 @@ def model_config(model: nn.Module) -> dict:
     except TypeError as err:
         raise TypeError(f"model argument not storable: {err}; build the model with plain "
                         "arguments (names instead of classes)") from None
-    built_moe = architecture.startswith("vmoe_")
+    built_moe = architecture.startswith(VMOE_FACTORY_PREFIXES)
     moe = None if built_moe else getattr(model, "vmoe_moe", None)
     routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
     if built_moe:

@@ -2,7 +2,9 @@
 
 Names: ``vmoe_{s32,b32,b16,l32,l16,h14}_e{8,32}_k{1,2}_{every2,last2}``, plus
 ``vmoe_tiny_e4_k2`` (a CPU-sized model for 16x16 inputs) and ``vmoe_vit`` (every argument
-explicit; used to rebuild imported or saved models). ``import vmoe.models`` registers them, then
+explicit; used to rebuild imported or saved models). Soft MoE (Puigcerver et al. 2023):
+``soft_moe_{s16,b16,l16}_e128``, ``soft_moe_h14_e256`` and ``soft_moe_tiny_e8`` (16x16 inputs).
+``import vmoe.models`` registers them, then
 ``timm.create_model("vmoe_s32_e8_k2_last2", num_classes=1000)`` works. Every factory goes
 through timm's ``build_model_with_cfg`` with the ``default_cfgs`` below, so ``pretrained=True``
 (a file, ``local-dir:``, ``hf-hub:``), ``features_only=True`` and timm's data config work.
@@ -27,7 +29,8 @@ from .config_checks import shape_mismatches
 from .pretrained import adapt_for_fine_tuning
 from .vit_moe import VisionTransformerMoe
 
-__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "checkpoint_filter_fn", "vmoe_vit", "vmoe_tiny_e4_k2"]
+__all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "SOFT_VARIANTS", "SOFT_MOE_PAPER_DEFAULTS",
+           "checkpoint_filter_fn", "vmoe_vit", "vmoe_tiny_e4_k2", "soft_moe_tiny_e8"]
 
 # name -> (patch, hidden, depth, mlp, heads), from the official configs.
 VARIANTS = {
@@ -44,21 +47,41 @@ PAPER_MOE_DEFAULTS = dict(capacity_factor=1.05, group_size_images=8, noise_std=1
                           same_init=True)
 
 _PAPER = dict(paper_ids="arXiv:2106.05974", paper_name="Scaling Vision with Sparse Mixture of Experts")
+_SOFT_PAPER = dict(paper_ids="arXiv:2308.00951", paper_name="From Sparse to Soft Mixtures of Experts")
+
+# Soft MoE variants: name -> (patch, hidden, depth, mlp, heads, experts). The standard ViT sizes
+# of the Soft MoE paper (its S/16 is ViT-S: hidden 384, not the V-MoE paper's S/32 of 512).
+SOFT_VARIANTS = {
+    "s16": (16, 384, 12, 1536, 6, 128),
+    "b16": (16, 768, 12, 3072, 12, 128),
+    "l16": (16, 1024, 24, 4096, 16, 128),
+    "h14": (14, 1280, 32, 5120, 16, 256),
+}
+# Official Soft MoE configs: one slot per expert, one image per group, no router noise, global
+# average pooling (no class token; final LayerNorm on the tokens, then the mean), qk-LayerNorm.
+SOFT_MOE_PAPER_DEFAULTS = dict(router="soft", num_slots=1, group_size_images=1, noise_std=0.0,
+                               same_init=True)
+_SOFT_ARCH = dict(class_token=False, global_pool="avg", fc_norm=False, qk_norm=True,
+                  qk_norm_bias=False, head_bias_init="paper")
 
 
-def _default_cfg(img_size: int = 224) -> dict:
+def _default_cfg(img_size: int = 224, paper: Optional[dict] = None) -> dict:
     """timm's pretrained_cfg of a vmoe model: V-MoE/inception inputs (mean = std = 0.5), no hub
     weights (load a file, a ``local-dir:`` or ``hf-hub:`` name; see ``vmoe convert``)."""
     return dict(url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None,
                 crop_pct=0.875, interpolation="bicubic", fixed_input_size=True,
                 mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD,
-                first_conv="patch_embed.proj", classifier="head", license="apache-2.0", **_PAPER)
+                first_conv="patch_embed.proj", classifier="head", license="apache-2.0",
+                **(paper or _PAPER))
 
 
 _NAMES = ([f"vmoe_{size}_e{e}_k{k}_{place}" for size in VARIANTS for e in (8, 32) for k in (1, 2)
            for place in ("every2", "last2")] + ["vmoe_vit"])
+_SOFT_NAMES = [f"soft_moe_{size}_e{SOFT_VARIANTS[size][-1]}" for size in SOFT_VARIANTS]
 default_cfgs = generate_default_cfgs({**{name: _default_cfg() for name in _NAMES},
-                                      "vmoe_tiny_e4_k2": _default_cfg(img_size=16)})
+                                      "vmoe_tiny_e4_k2": _default_cfg(img_size=16),
+                                      **{name: _default_cfg(paper=_SOFT_PAPER) for name in _SOFT_NAMES},
+                                      "soft_moe_tiny_e8": _default_cfg(img_size=16, paper=_SOFT_PAPER)})
 
 _WEIGHT_SOURCES = ("file", "state_dict", "hf_hub_id", "url")
 
@@ -148,6 +171,39 @@ def vmoe_tiny_e4_k2(pretrained: bool = False, **kwargs):
     arch = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0)
     moe = dict(every=2, num_experts=4, num_selected=2, **PAPER_MOE_DEFAULTS)
     return _build("vmoe_tiny_e4_k2", pretrained, arch, moe, kwargs)
+
+
+def _soft_variant(size: str):
+    patch, hidden, depth, mlp, heads, experts = SOFT_VARIANTS[size]
+    arch = dict(img_size=224, patch_size=patch, embed_dim=hidden, depth=depth, num_heads=heads,
+                mlp_ratio=mlp / hidden, **_SOFT_ARCH)
+    moe = dict(blocks=list(range(depth // 2, depth)), num_experts=experts, **SOFT_MOE_PAPER_DEFAULTS)
+    name = f"soft_moe_{size}_e{experts}"
+
+    def factory(pretrained: bool = False, **kwargs):
+        return _build(name, pretrained, arch, moe, kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__module__ = __name__
+    factory.__doc__ = (f"Soft MoE {size[0].upper()}/{size[1:]} ({depth} blocks, hidden {hidden}), "
+                       f"E={experts}, one slot per expert, MoE in the last {depth - depth // 2} blocks.")
+    return factory
+
+
+for _size in SOFT_VARIANTS:
+    _fn = _soft_variant(_size)
+    setattr(sys.modules[__name__], _fn.__name__, register_model(_fn))
+
+
+@register_model
+def soft_moe_tiny_e8(pretrained: bool = False, **kwargs):
+    """Tiny Soft MoE for 16x16 images (patch 4, 16 patches, no class token): hidden 64, 4 blocks,
+    4 heads, MLP 128; blocks 2 and 3 are Soft MoE with E=8, one slot per expert (8 slots for
+    16 tokens per image). Trains in seconds on a CPU."""
+    arch = dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0,
+                **_SOFT_ARCH)
+    moe = dict(blocks=[2, 3], num_experts=8, **SOFT_MOE_PAPER_DEFAULTS)
+    return _build("soft_moe_tiny_e8", pretrained, arch, moe, kwargs)
 
 
 @register_model

@@ -29,14 +29,20 @@ class VisionTransformerMoe(VisionTransformer):
         head_bias_init: initial value of every head bias (the paper: ``-log(num_classes)``;
             None keeps timm's zero init).
         moe: placement and MoE options passed to ``moeify`` (e.g. ``dict(every=2,
-            num_experts=8, num_selected=2)``); None builds a dense ViT.
+            num_experts=8, num_selected=2)``, or ``dict(last=..., router='soft', num_slots=1)``
+            for Soft MoE); None builds a dense ViT.
+        qk_norm_bias: with timm's ``qk_norm=True``, whether the q/k LayerNorms have a bias
+            (timm: yes; the official Soft MoE ViTs' ``normalize_qk``: no, a scale only).
         **vit_kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim,
             depth, num_heads, mlp_ratio, num_classes, global_pool, class_token, act_layer, ...).
     """
 
     def __init__(self, representation_size: Optional[int] = None,
-                 head_bias_init: Optional[float] = None, moe: Optional[dict] = None, **vit_kwargs):
+                 head_bias_init: Optional[float] = None, moe: Optional[dict] = None,
+                 qk_norm_bias: bool = True, **vit_kwargs):
         super().__init__(**vit_kwargs)
+        if not qk_norm_bias:
+            self._drop_qk_norm_bias()
         self.representation_size = representation_size
         if representation_size:
             self.pre_logits = nn.Sequential(OrderedDict(
@@ -47,6 +53,17 @@ class VisionTransformerMoe(VisionTransformer):
         self._reset_head()
         if moe:
             moeify(self, **moe)
+
+    def _drop_qk_norm_bias(self) -> None:
+        """q/k LayerNorms with a scale and no bias (same eps), as the official ``normalize_qk``."""
+        for block in self.blocks:
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(block.attn, name)
+                if not isinstance(norm, nn.LayerNorm):
+                    raise ValueError("qk_norm_bias=False needs qk_norm=True (LayerNorm q/k norms)")
+                setattr(block.attn, name, nn.LayerNorm(
+                    norm.normalized_shape, eps=norm.eps, bias=False, device=norm.weight.device,
+                    dtype=norm.weight.dtype))
 
     def _reset_head(self) -> None:
         width = self.representation_size or self.embed_dim

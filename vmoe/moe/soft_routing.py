@@ -29,7 +29,7 @@ from .capacity import compute_capacity
 from .checks import check_capacity_factor, check_noise_std, check_positive_int
 from .plan import SoftRoutingPlan
 
-__all__ = ["SoftRouter", "soft_slots_per_expert", "unit_normalize"]
+__all__ = ["SoftRouter", "soft_slots_per_expert", "unit_normalize", "normalized_logits"]
 
 #: eps added to the squared norm inside the rsqrt (the official ``normalize``).
 NORM_EPS = 1e-6
@@ -53,6 +53,45 @@ def soft_slots_per_expert(group_size: int, num_experts: int, capacity_factor: fl
         raise ValueError(f"Soft MoE slots per expert: {error} (give num_slots >= 1 instead)") from None
 
 
+class _NormalizedLogits(torch.autograd.Function):
+    """``scale * <x * r, mu_unit>`` with ``r = rsqrt(|x|^2 + 1e-6)`` per token, computed as
+    ``scale * r * (x @ mu_unit)`` (the same product to float rounding), so the [T, d] tokens are
+    read once for the norm and never copied normalized. Backward, also one pass over x besides
+    the two matmuls: ``dx = (g * scale * r) @ mu_unit^T - x * r^3 * scale * sum_j g_j raw_j``
+    (the second term fused into the matmul as its ``addmm`` input).
+
+    x: [T, d] float32, mu_unit: [d, E*P], scale: () -> logits [T, E*P].
+    """
+
+    @staticmethod
+    def forward(ctx, x, mu_unit, scale):
+        r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS)
+        raw = x @ mu_unit                                                    # [T, E*P]
+        ctx.save_for_backward(x, mu_unit, scale, r, raw)
+        return raw * (r * scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mu_unit, scale, r, raw = ctx.saved_tensors
+        grad_raw = grad * (r * scale)                                        # [T, E*P]
+        dot = (grad * raw).sum(-1, keepdim=True)                             # [T, 1]: sum_j g_j raw_j
+        grad_x = grad_mu = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            coef = -(r * r * r) * scale * dot                                # d logits / d r, chained
+            grad_x = torch.addmm(x * coef, grad_raw, mu_unit.t())
+        if ctx.needs_input_grad[1]:
+            grad_mu = x.t() @ grad_raw
+        if ctx.needs_input_grad[2]:
+            grad_scale = (dot * r).sum()
+        return grad_x, grad_mu, grad_scale
+
+
+def normalized_logits(x: torch.Tensor, mu_unit: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x: [T, d], mu_unit: [d, E*P] (unit columns), scale: () -> ``scale * <unit_normalize(x),
+    mu_unit>`` [T, E*P], with a fused backward (see ``_NormalizedLogits``)."""
+    return _NormalizedLogits.apply(x, mu_unit, scale)
+
+
 class SoftRouter(nn.Module):
     """Soft MoE router: ``forward(x [G, S, d], valid [G, S] or None) -> (SoftRoutingPlan, {})``.
 
@@ -69,10 +108,11 @@ class SoftRouter(nn.Module):
     Parameters: ``mu`` [d, E, P] (the official layout; normalized over d at every forward, so
     its init scale does not matter) and the scalar ``scale`` (init 1).
 
-    The routing settings are fixed: P is the shape of ``mu``. ``capacity_factor`` (the factor P
-    came from, None when ``num_slots`` was given), ``capacity`` (always None) and
-    ``batch_priority`` (always False) exist so that ``vmoe.moe.settings`` can read a soft layer;
-    assigning another value raises ValueError.
+    The routing settings are fixed: P is the shape of ``mu``. ``capacity`` (= P: the slot
+    buffers are [E, G*P, d], so P is the per-group capacity C), ``capacity_factor`` (always
+    None) and ``batch_priority`` (always False) exist so that ``vmoe.moe.settings`` and
+    ``config.json`` read a soft layer like a sparse one; assigning another value raises
+    ValueError.
     """
 
     #: Soft routing has no token priority (nothing is dropped).
@@ -85,8 +125,7 @@ class SoftRouter(nn.Module):
         check_positive_int("dim", dim)
         check_positive_int("num_experts", num_experts)
         if num_slots is not None:
-            check_positive_int("num_slots", num_slots)
-            capacity_factor = None  # as the official router: ignored when num_slots is given
+            check_positive_int("num_slots", num_slots)  # capacity_factor is ignored, as officially
         else:
             if capacity_factor is None:
                 raise ValueError("Soft MoE router: give num_slots or capacity_factor, got neither")
@@ -99,7 +138,6 @@ class SoftRouter(nn.Module):
         self.dim = dim
         self.num_experts = num_experts
         self.num_slots = num_slots
-        self._capacity_factor = capacity_factor
         self.noise_std = noise_std
         self.mu = nn.Parameter(torch.empty(dim, num_experts, num_slots))
         self.scale = nn.Parameter(torch.ones(()))
@@ -122,21 +160,22 @@ class SoftRouter(nn.Module):
                              f"[d, E, P] ({name} stays {current!r})")
 
     @property
-    def capacity_factor(self) -> Optional[float]:
-        """The factor P was derived from (None when ``num_slots`` was given)."""
-        return self._capacity_factor
+    def capacity_factor(self) -> None:
+        """None: the slots are fixed (``capacity`` is P)."""
+        return None
 
     @capacity_factor.setter
     def capacity_factor(self, value) -> None:
-        self._fixed("capacity_factor", value, self._capacity_factor)
+        self._fixed("capacity_factor", value, None)
 
     @property
-    def capacity(self) -> None:
-        return None
+    def capacity(self) -> int:
+        """P: each expert's slots per group (its buffer rows per group)."""
+        return self.num_slots
 
     @capacity.setter
     def capacity(self, value) -> None:
-        self._fixed("capacity", value, None)
+        self._fixed("capacity", value, self.num_slots)
 
     @property
     def batch_priority(self) -> bool:
@@ -163,17 +202,11 @@ class SoftRouter(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast."""
+        G, S, d = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_unit = unit_normalize(x.float(), dim=-1)                       # [G, S, d]
-            mu_unit = unit_normalize(self.mu.float(), dim=0)                 # [d, E, P]
-            scale = self.scale.float()
-            # The official code scales the smaller operand; the product is the same.
-            if x_unit.numel() < mu_unit.numel():
-                x_unit = x_unit * scale
-            else:
-                mu_unit = mu_unit * scale
-            G, S, d = x_unit.shape
-            logits = x_unit.reshape(G * S, d) @ mu_unit.reshape(d, -1)      # [G*S, E*P]
+            mu_unit = unit_normalize(self.mu.float(), dim=0).reshape(d, -1)  # [d, E*P]
+            logits = normalized_logits(x.reshape(G * S, d).float(), mu_unit,
+                                       self.scale.float())                   # [G*S, E*P]
         return logits.view(G, S, self.num_experts, self.num_slots)
 
     @staticmethod

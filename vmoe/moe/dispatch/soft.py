@@ -30,21 +30,27 @@ def _mixing_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
 
 
 def _groups_to_rows(slots: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E, G, P, d] -> [E, G*P, d] in the official row order."""
-    E, G, P, d = slots.shape
-    if G % E == 0:
-        slots = slots.view(E, E, G // E, P, d).transpose(1, 2)      # [E, b, a, P, d]
-    return slots.reshape(E, G * P, d)
+    """[G, E*P, d] (one bmm output per group) -> [E, G*P, d] in the official row order: one copy."""
+    G, EP, d = slots.shape
+    E = num_experts
+    P = EP // E
+    if G % E == 0:  # g = a*(G/E) + b -> row (b*E + a)*P + p
+        rows = slots.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)     # [E, b, a, P, d]
+    else:
+        rows = slots.view(G, E, P, d).transpose(0, 1)                    # [E, G, P, d]
+    return rows.reshape(E, G * P, d)
 
 
 def _rows_to_groups(rows: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """[E, G*P, d] in the official row order -> [E, G, P, d]."""
+    """[E, G*P, d] in the official row order -> [G, E*P, d]: one copy."""
     E, GP, d = rows.shape
     G = num_groups
     P = GP // G
     if G % E == 0:
-        return rows.view(E, G // E, E, P, d).transpose(1, 2).reshape(E, G, P, d)
-    return rows.view(E, G, P, d)
+        groups = rows.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)    # [a, b, E, P, d]
+    else:
+        groups = rows.view(E, G, P, d).transpose(0, 1)                   # [G, E, P, d]
+    return groups.reshape(G, E * P, d)
 
 
 def soft_dispatch(x: torch.Tensor, plan: SoftRoutingPlan, dtype: Optional[torch.dtype] = None
@@ -59,7 +65,7 @@ def soft_dispatch(x: torch.Tensor, plan: SoftRoutingPlan, dtype: Optional[torch.
     dtype = _mixing_dtype(x, dtype)
     weight = plan.dispatch_weight.reshape(G, S, E * P).to(dtype)
     slots = torch.bmm(weight.transpose(1, 2), x.to(dtype))                 # [G, E*P, d]
-    return _groups_to_rows(slots.view(G, E, P, d).transpose(0, 1), E)
+    return _groups_to_rows(slots, E)
 
 
 def soft_combine(expert_out: torch.Tensor, plan: SoftRoutingPlan) -> torch.Tensor:
@@ -67,6 +73,6 @@ def soft_combine(expert_out: torch.Tensor, plan: SoftRoutingPlan) -> torch.Tenso
     slot outputs of its group."""
     E, GP, d = expert_out.shape
     G, S = plan.num_groups, plan.group_size
-    slots = _rows_to_groups(expert_out, G).transpose(0, 1).reshape(G, GP // G * E, d)  # [G, E*P, d']
+    slots = _rows_to_groups(expert_out, G)                                 # [G, E*P, d']
     weight = plan.combine_weight.reshape(G, S, -1).to(expert_out.dtype)
     return torch.bmm(weight, slots)                                        # [G, S, d']
