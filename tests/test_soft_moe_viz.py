@@ -202,14 +202,10 @@ def test_report_numbers_equal_the_library_functions(report):
         assert (got["num_experts"], got["slots_per_expert"], got["group_size"]) == (4, 2, 17)
 
 
-def test_cli_routing_report_and_capacity_sweep_on_a_soft_model(tmp_path, capsys, monkeypatch):
-    import vmoe.cli.commands as commands
+def test_cli_routing_report_and_capacity_sweep_on_a_saved_soft_model(tmp_path, capsys):
     from vmoe.cli import main
 
-    model = soft_model(num_classes=10)
-    (tmp_path / "model").mkdir()
-    # The model as --model would load it (save/load of Soft MoE models is vmoe.models' business).
-    monkeypatch.setattr(commands, "load_model", lambda directory: model)
+    vm.save_pretrained(soft_model(num_classes=10), tmp_path / "model")
     args = ["--model", str(tmp_path / "model"), "--data", "digits", "--max-images", "24",
             "--batch-size", "12", "--no-progress"]
     assert main(["routing-report", *args, "--out", str(tmp_path / "report"), "--examples", "1"]) == 0
