@@ -48,7 +48,7 @@ def test_quickstart_soft_trains_a_few_steps(tmp_path):
     assert isinstance(cli.datamodule, DigitsDataModule) and cli.datamodule.img_size == 16
     model = cli.model.model
     layers = vm.moe_layers(model)
-    assert list(layers) == ["blocks.1.mlp", "blocks.3.mlp"] and all(m.is_soft for m in layers.values())
+    assert list(layers) == ["blocks.2.mlp", "blocks.3.mlp"] and all(m.is_soft for m in layers.values())
     assert all((m.num_experts, m.num_slots, m.group_size_images) == (4, 4, 1) for m in layers.values())
     assert (model.embed_dim, len(model.blocks), tuple(model.patch_embed.grid_size)) == (64, 4, (4, 4))
     assert cli.model.hparams.eval_capacity_factor is None   # a Soft MoE has no capacity to change
