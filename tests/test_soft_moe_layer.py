@@ -116,11 +116,13 @@ def test_cuda_soft_layer_compiled_bf16_matches_cpu():
 
 def test_bf16_autocast_and_gradients():
     layer = _tiny()
+    seen = []
+    layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
     x = torch.randn(2, 6, 8, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
-    assert out.dtype == torch.float32 or out.dtype == torch.bfloat16
-    assert layer.last_plan.dispatch_weight.dtype == torch.float32
+    assert out.dtype == torch.float32 and seen == [torch.bfloat16]  # slots mixed in bf16
+    assert layer.last_plan.dispatch_weight.dtype == torch.float32  # routing stays float32
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert layer.router.mu.grad.abs().sum() > 0 and layer.router.scale.grad.abs() > 0
@@ -193,3 +195,24 @@ def test_routing_settings_of_a_soft_layer():
     with routing_settings({"1": model[1]}, capacity_factor=4.0):
         assert model[1].capacity_factor == 4.0
     assert read_routing(model) == settings
+
+
+@pytest.mark.parametrize("router", ["soft", "top_k"])
+def test_bf16_dispatch_rounds_what_the_experts_see(router):
+    kwargs = dict(num_slots=2) if router == "soft" else dict(num_selected=2, capacity_factor=4.0)
+    torch.manual_seed(0)
+    layer = MoeMlp(8, 16, num_experts=4, router=router, bf16_dispatch=True, group_size=5,
+                   **kwargs).eval()
+    seen = []
+    layer.experts.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    x = torch.randn(3, 5, 8)
+    rounded = layer(x)
+    from vmoe.moe import dispatch
+    plan = layer.last_plan
+    tokens = x.reshape(plan.num_groups, -1, 8)
+    # The experts see the dispatch of the bf16-rounded tokens (slots mixed in float32).
+    torch.testing.assert_close(seen[0], dispatch(tokens.bfloat16().float(), plan), atol=1e-6, rtol=0)
+    assert not torch.allclose(seen[0], dispatch(tokens, plan), atol=1e-6, rtol=0)
+    layer.bf16_dispatch = False
+    exact = layer(x)
+    assert 0 < (rounded - exact).abs().max() < 0.05

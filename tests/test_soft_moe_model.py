@@ -53,7 +53,32 @@ def test_built_model_matches_official_without_bf16(name):
         torch.testing.assert_close(seen[f"{b}/mlp_out"],
                                    torch.from_numpy(outputs[f"no_bf16/encoderblock_{b}/mlp_out"]),
                                    atol=1e-5, rtol=0)
-    assert config  # the config file exists and parses (exact constructor config of the model)
+    # The official constructor config, read back from our model.
+    c = config["model"]
+    assert (len(model.blocks), model.embed_dim, model.blocks[0].attn.num_heads, model.num_classes) == \
+        (c["encoder"]["num_layers"], c["hidden_size"], c["encoder"]["num_heads"], c["num_classes"])
+    assert [int(n.split(".")[1]) for n in layers] == c["encoder"]["moe"]["layers"]
+    assert all(m.num_experts == c["encoder"]["moe"]["num_experts"]
+               and m.group_size_for(model.patch_embed.num_patches) == c["encoder"]["moe"]["group_size"]
+               for m in layers.values())
+    q_norm = model.blocks[0].attn.q_norm
+    assert q_norm.bias is None and q_norm.eps == config["derived"]["qk_layer_norm"]["epsilon"]
+
+
+def test_model_s_architecture_built_by_name_equals_the_import():
+    """The README's model S as an explicit timm build (GAP, qk-norm, no cls token, head bias
+    -log(C)), then given the official weights: the same logits as the import."""
+    model = timm.create_model(
+        "vmoe_vit", img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4, mlp_ratio=2.0,
+        num_classes=10, class_token=False, global_pool="avg", fc_norm=False, qk_norm=True,
+        qk_norm_bias=False, act_layer="gelu_tanh", head_bias_init=-math.log(10),
+        moe=dict(blocks=[2, 3], num_experts=8, router="soft", num_slots=1, noise_std=0.0)).eval()
+    torch.testing.assert_close(model.head.bias, torch.full((10,), -math.log(10)))
+    imported = from_vmoe_params(_params("s")).eval()
+    model.load_state_dict(imported.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IMAGES), torch.from_numpy(OUTPUTS["no_bf16/logits"]),
+                                   atol=1e-5, rtol=0)
 
 
 def test_model_s_intermediates_up_to_the_first_soft_moe_and_router_weights():

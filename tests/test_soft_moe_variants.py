@@ -83,7 +83,9 @@ def test_tiny_soft_variant_trains_saves_and_loads(tmp_path):
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.eval()
-    out = vm.save_pretrained(model, tmp_path / "m")
+    out = vm.save_pretrained(model, tmp_path / "m", model_card=True)
+    card = (out / "README.md").read_text()
+    assert "# soft_moe_tiny_e8 (Soft MoE)" in card and "| `blocks.2.mlp` | SoftRouter | 8 |" in card
     config = json.loads((out / "config.json").read_text())
     assert config["routing"]["blocks.2.mlp"] == dict(capacity_factor=None, capacity=1, batch_priority=False)
     loaded = vm.from_pretrained(out).eval()
@@ -91,6 +93,10 @@ def test_tiny_soft_variant_trains_saves_and_loads(tmp_path):
     via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert torch.equal(via_timm(x), model(x))
     assert read_routing(loaded) == read_routing(model)
+    # timm's family features: data config and feature maps (no class token to drop).
+    assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 16, 16)
+    features = timm.create_model("soft_moe_tiny_e8", features_only=True)(x)
+    assert [tuple(f.shape) for f in features] == [(4, 64, 4, 4)] * 3
 
 
 def test_moeified_soft_model_round_trip_and_config_checks(tmp_path):
@@ -100,6 +106,9 @@ def test_moeified_soft_model_round_trip_and_config_checks(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(loaded(x), model(x))
     assert isinstance(loaded.blocks[3].mlp, MoeMlp) and loaded.blocks[3].mlp.num_slots == 4
+    # Fine-tuning at another resolution keeps the slots the weights were trained with.
+    tuned = vm.from_pretrained(out, img_size=32, num_classes=3)
+    assert tuned.blocks[3].mlp.num_slots == 4 and tuned(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     # A config that disagrees with the weights' Soft MoE routers is refused before building.
     config = json.loads((out / "config.json").read_text())
     config["moeify"]["moe_kwargs"]["num_experts"] = 8

@@ -39,6 +39,12 @@ def _routing_rows(model: nn.Module) -> list:
     return rows
 
 
+def _kind(model: nn.Module) -> str:
+    """'Soft MoE' when every MoE layer is soft, else 'V-MoE'."""
+    layers = moe_layers(model).values()
+    return "Soft MoE" if layers and all(m.is_soft for m in layers) else "V-MoE"
+
+
 def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None) -> str:
     """Markdown with a Hugging Face front matter. ``config``: the model's ``config.json``
     entries (architecture, model_args); ``info``: optional ``dataset`` (str), ``metrics``
@@ -49,7 +55,7 @@ def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None
     counts = parameter_counts(model)
     lines = ["---", "library_name: timm", "tags: [image-classification, timm, vmoe, mixture-of-experts]",
              f"license: {cfg.get('license', 'apache-2.0')}", "---", "",
-             f"# {architecture} (V-MoE)", "",
+             f"# {architecture} ({_kind(model)})", "",
              f"A Vision Mixture-of-Experts ({type(model).__name__}, {len(model.blocks)} blocks, "
              f"hidden {getattr(model, 'embed_dim', '?')}, {model.num_classes} classes, input "
              f"{tuple(cfg.get('input_size', ()))}).", "",

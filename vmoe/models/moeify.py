@@ -104,7 +104,8 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
     recipe = dict(getattr(model, "vmoe_moe", {}) or {})
     recipe.setdefault("blocks", [])
     recipe["blocks"] = sorted(set(recipe["blocks"]) | set(indices))
-    recipe["moe_kwargs"] = {**recipe.get("moe_kwargs", {}), **_storable(moe_kwargs)}
+    # (with the derived num_slots of a Soft MoE: a rebuild at another image size keeps P)
+    recipe["moe_kwargs"] = {**recipe.get("moe_kwargs", {}), **_storable(layer_kwargs)}
     model.vmoe_moe = recipe
     return model
 

@@ -68,7 +68,8 @@ def _official_shapes(a: dict) -> dict[str, tuple]:
             s[f"{b}/SelfAttention/{q}/kernel"], s[f"{b}/SelfAttention/{q}/bias"] = (d, H, d // H), (H, d // H)
         s[f"{b}/SelfAttention/out/kernel"], s[f"{b}/SelfAttention/out/bias"] = (H, d // H, d), (d,)
         if a.get("qk_norm"):
-            s[f"{b}/SelfAttention/query_ln/scale"] = s[f"{b}/SelfAttention/key_ln/scale"] = (d // H,)
+            for q in ("query_ln", "key_ln"):
+                s[f"{b}/SelfAttention/{q}/scale"] = (d // H,)
         if i in a["moe_blocks"] and a.get("router") == "soft":
             s[f"{b}/Moe/Router/mu"], s[f"{b}/Moe/Router/scale"] = (d, E, a["num_slots"]), ()
         elif i in a["moe_blocks"]:

@@ -82,11 +82,12 @@ class MoeMlp(nn.Module):
     Soft MoE args (``router='soft'``):
         num_slots: P, slots per expert (the paper: 1). If None, P = round(S * capacity_factor /
             E) (half to even, as the official code), which needs ``group_size`` in tokens.
-        bf16_dispatch: round the tokens before the dispatch mix and the expert outputs before
-            the combine mix to bfloat16, as the official ``Bfloat16Dispatcher`` does (default
-            False: float32 throughout). Use it to reproduce the official logits of imported
-            Soft MoE checkpoints to ~3e-4; without it they agree with the official model run
-            without its bf16 casts to 1e-5.
+        bf16_dispatch: round the tokens before dispatch and the expert outputs before combine
+            to bfloat16, as the official ``Bfloat16Dispatcher`` does (the official Soft MoE
+            router always uses it; it works for any router here; default False: float32
+            throughout). Use it to reproduce the official logits of imported Soft MoE
+            checkpoints to ~3e-4; without it they agree with the official model run without
+            its bf16 casts to 1e-5.
         The sparse-only options (num_selected, capacity, capacity_multiple_of,
         capacity_rounding, batch_priority, renormalize, the loss weights, dispatcher) must stay
         at their defaults: any other value raises ValueError naming it.
@@ -146,8 +147,9 @@ class MoeMlp(nn.Module):
                          zloss_weight=zloss_weight, dispatcher=dispatcher)
             sparse = [f"{k}={v!r}" for k, v in given.items() if v != _SPARSE_ONLY[k]]
             if sparse:
-                raise ValueError(f"{', '.join(sparse)} only appl{'ies' if len(sparse) == 1 else 'y'} "
-                                 "to sparse routers (top_k, expert_choice), not to router='soft'")
+                verb = "applies" if len(sparse) == 1 else "apply"
+                raise ValueError(f"{', '.join(sparse)} only {verb} to sparse routers (top_k, "
+                                 "expert_choice), not to router='soft'")
         elif num_slots is not None:
             raise ValueError(f"num_slots={num_slots!r} only applies to router='soft' "
                              f"(got router={router!r}; sparse routers use capacity)")

@@ -32,7 +32,8 @@ Layers = Union[nn.Module, Mapping[str, MoeMlp]]
 class RoutingSettings:
     """What a router's evaluation-time options are: ``capacity_factor`` (None when an explicit
     ``capacity`` is set), ``capacity`` (buffer rows per expert and group, or None) and
-    ``batch_priority`` (BPR). ``to_dict``/``from_dict``: the ``config.json`` entry."""
+    ``batch_priority`` (BPR). ``to_dict``/``from_dict``: the ``config.json`` entry. A Soft MoE
+    layer reads ``(None, P, False)`` and accepts only those values: its slots are fixed."""
 
     capacity_factor: Optional[float]
     capacity: Optional[int]

@@ -50,7 +50,8 @@ def soft_slots_per_expert(group_size: int, num_experts: int, capacity_factor: fl
         return compute_capacity(group_size, num_experts, capacity_factor, ceil_or_round="round",
                                 multiple_of=None)
     except ValueError as error:
-        raise ValueError(f"Soft MoE slots per expert: {error} (give num_slots >= 1 instead)") from None
+        raise ValueError(f"Soft MoE slots per expert: {error} "
+                         "(give num_slots >= 1 instead)") from None
 
 
 class _NormalizedLogits(torch.autograd.Function):
@@ -74,10 +75,10 @@ class _NormalizedLogits(torch.autograd.Function):
     def backward(ctx, grad):
         x, mu_unit, scale, r, raw = ctx.saved_tensors
         grad_raw = grad * (r * scale)                                        # [T, E*P]
-        dot = (grad * raw).sum(-1, keepdim=True)                             # [T, 1]: sum_j g_j raw_j
+        dot = (grad * raw).sum(-1, keepdim=True)                   # [T, 1]: sum_j g_j raw_j
         grad_x = grad_mu = grad_scale = None
         if ctx.needs_input_grad[0]:
-            coef = -(r * r * r) * scale * dot                                # d logits / d r, chained
+            coef = -(r * r * r) * scale * dot                      # through r = rsqrt(|x|^2 + eps)
             grad_x = torch.addmm(x * coef, grad_raw, mu_unit.t())
         if ctx.needs_input_grad[1]:
             grad_mu = x.t() @ grad_raw
@@ -130,9 +131,9 @@ class SoftRouter(nn.Module):
             if capacity_factor is None:
                 raise ValueError("Soft MoE router: give num_slots or capacity_factor, got neither")
             if group_size is None:
-                raise ValueError("Soft MoE router: num_slots=None derives the slots per expert from "
-                                 f"capacity_factor={capacity_factor} and the group size in tokens; "
-                                 "give group_size (tokens) or num_slots")
+                raise ValueError("Soft MoE router: num_slots=None derives the slots per expert "
+                                 f"from capacity_factor={capacity_factor} and the group size in "
+                                 "tokens; give group_size (tokens) or num_slots")
             num_slots = soft_slots_per_expert(group_size, num_experts, capacity_factor)
         check_noise_std(noise_std)
         self.dim = dim
