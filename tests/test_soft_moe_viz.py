@@ -109,7 +109,8 @@ def test_slot_similarity_is_the_cosine_of_dispatch_vectors_over_every_group(reco
         unit = d / np.linalg.norm(d, axis=1, keepdims=True)
         cos = np.einsum("gna,gnb->gab", unit, unit).mean(0)                      # 11 groups
         np.testing.assert_allclose(numbers["similarity"][i], cos, atol=1e-5)
-        np.testing.assert_allclose(numbers["expert_similarity"][i], cos.reshape(4, 2, 4, 2).mean((1, 3)), atol=1e-5)
+        np.testing.assert_allclose(numbers["expert_similarity"][i], cos.reshape(4, 2, 4, 2).mean((1, 3)),
+                                   atol=1e-5)
         assert numbers["mean_off_diagonal"][i] == pytest.approx(cos[~np.eye(8, dtype=bool)].mean(), abs=1e-5)
     fig.savefig(tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 5000

@@ -107,7 +107,8 @@ def dispatch_map(record: RoutingRecord, index: int = 0, image=None,
             draw_token_grid(ax, background, record.grid_size, cmap(norm(maps[row, col])),
                             cmap(norm(prefix[row, col])), prefix_labels=record.prefix_labels,
                             alpha=0.75, image_size=record.image_size)
-            ax.set_title(f"{name}\n{_slot_label(slot, P)}" if col % cols == 0 else _slot_label(slot, P), fontsize=8)
+            label = _slot_label(slot, P)
+            ax.set_title(f"{name}\n{label}" if col % cols == 0 else label, fontsize=8)
     fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), fraction=0.02, shrink=0.8,
                  label="dispatch weight (share of the slot)")
     fig.suptitle(f"Which patches each slot mixes (image {index})", fontsize=11)
@@ -139,7 +140,7 @@ def combine_entropy_map(record: RoutingRecord, index: int = 0, image=None,
         bound.append(math.log(view.combine.shape[-2] * view.combine.shape[-1]))
     # From the smallest entropy drawn up to the largest possible: trained layers often sit close
     # to log(E*P), and a scale from 0 would hide their differences.
-    low = min(min(float(g.min()) for g in grids), min((float(p.min()) for p in prefix if p.size), default=math.inf))
+    low = min([float(g.min()) for g in grids] + [float(p.min()) for p in prefix if p.size])
     norm = Normalize(min(low, max(bound) - 1e-6), max(max(bound), 1e-12))
     cmap = plt.get_cmap("viridis")
     fig, axes = new_figure(1, len(names), extra_width=0.9)

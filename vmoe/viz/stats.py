@@ -175,10 +175,11 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
         class_names: names of the class ids, for the tick labels.
     Returns:
         (figure, numbers) with numbers: ``layers``; ``classes`` [C] class ids present;
-        ``counts`` [L, C, E] (float: combine mass, for Soft MoE layers); ``matrix`` [L, C, E] rows normalized to sum to 1 (class and expert
-        ids in increasing order); ``class_order`` [L, C] and ``expert_order`` [L, E] the display
-        order (experts by total load, classes grouped by their most used expert, strongest
-        first); ``mutual_information_bits`` [L], I(class; expert) in bits.
+        ``counts`` [L, C, E] (float: combine mass, for Soft MoE layers); ``matrix`` [L, C, E]
+        rows normalized to sum to 1 (class and expert ids in increasing order); ``class_order``
+        [L, C] and ``expert_order`` [L, E] the display order (experts by total load, classes
+        grouped by their most used expert, strongest first); ``mutual_information_bits`` [L],
+        I(class; expert) in bits.
     """
     names = _names(record, layers)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
