@@ -177,6 +177,7 @@ def test_report_has_the_soft_pictures_and_notes_the_sparse_ones(report):
     assert page.count("<figcaption>") == len(pngs)
     assert "Capacity sweep omitted" in page and "drop no token" in page
     assert "Soft MoE: which patches each slot mixes" in page
+    assert page.count("<td>none (Soft MoE)</td>") == 2   # the layer table: no dropped assignments
     assert json.loads((out / "report.json").read_text()) == rep
     assert rep["class_expert"]["weighting"] == "combine"
 
