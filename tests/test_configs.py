@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 
 import vmoe.models as vm
 from vmoe.cli.training import VmoeCLI
@@ -26,7 +27,8 @@ def build(name, tmp_path, *overrides):
 
 def test_all_configs_are_covered():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(
-        ["quickstart.yaml", "cifar10_upcycle_vit_s.yaml", "vmoe_s32_last2_imagenet.yaml", "finetune_vmoe_b16.yaml"])
+        ["quickstart.yaml", "quickstart_soft.yaml", "cifar10_upcycle_vit_s.yaml", "vmoe_s32_last2_imagenet.yaml",
+         "finetune_vmoe_b16.yaml"])
 
 
 def test_quickstart(tmp_path):
@@ -38,6 +40,23 @@ def test_quickstart(tmp_path):
     # checkpoints go into the run directory, best and last
     dirs = {c.dirpath for c in cli.trainer.checkpoint_callbacks}
     assert dirs == {str(tmp_path / "run" / "checkpoints")}
+
+
+def test_quickstart_soft_trains_a_few_steps(tmp_path):
+    cli = build("quickstart_soft.yaml", tmp_path, "--trainer.max_steps", "4", "--trainer.limit_val_batches", "1",
+                "--trainer.num_sanity_val_steps", "0", "--routing_stats.every_n_steps", "2")
+    assert isinstance(cli.datamodule, DigitsDataModule) and cli.datamodule.img_size == 16
+    model = cli.model.model
+    layers = vm.moe_layers(model)
+    assert list(layers) == ["blocks.2.mlp", "blocks.3.mlp"] and all(m.is_soft for m in layers.values())
+    assert all((m.num_experts, m.num_slots, m.group_size_images) == (4, 4, 1) for m in layers.values())
+    assert (model.embed_dim, len(model.blocks), tuple(model.patch_embed.grid_size)) == (64, 4, (4, 4))
+    assert cli.model.hparams.eval_capacity_factor is None   # a Soft MoE has no capacity to change
+    before = layers["blocks.3.mlp"].router.mu.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 4
+    assert not torch.equal(before, layers["blocks.3.mlp"].router.mu)   # the router learns
+    assert layers["blocks.3.mlp"].last_plan.dispatch_weight.shape[1:] == (17, 4, 4)
 
 
 def test_cifar10_upcycle_vit_s(tmp_path):

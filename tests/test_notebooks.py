@@ -72,6 +72,9 @@ def test_02_draws_the_model_saved_by_01(artifacts, monkeypatch):
     text = text_outputs(nb)
     assert "loaded" in text and "| capacity factor |" in text
     assert count_images(nb) >= 6  # 2 patch maps, priority map, load, class x expert, sweep
+    # Soft MoE section: dispatch map, combine entropy, slot similarity, class x expert
+    assert count_images(nb) >= 10 and re.search(r"blocks\.3\.mlp: the slots mix on average [0-9.]+ of 17", text)
+    assert "I(class; expert) through the combine weights" in text
     report = json.loads((artifacts / "routing_report" / "report.json").read_text())
     assert (artifacts / "routing_report" / "index.html").is_file() and report["data"]["num_images"] == 60
 

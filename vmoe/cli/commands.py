@@ -14,7 +14,8 @@ folder of a training run). ``--data`` is ``digits`` (a split of ``vmoe.data.Digi
 or a folder of class sub-folders of images (``<dir>/<class>/<image>``; labels = sorted folder
 names, as ``vmoe.data.ImageFolderDataModule``). Images go through the data module's evaluation
 pipeline (resize, center crop, normalize) at the model's input size. This is where ``vmoe.data``
-and ``vmoe.viz`` meet: neither imports the other.
+and ``vmoe.viz`` meet: neither imports the other. A Soft MoE model gets its own pictures in the
+routing report (no capacity sweep); ``capacity-sweep`` refuses it with a message naming the layer.
 """
 from __future__ import annotations
 
@@ -260,6 +261,6 @@ COMMANDS = {
         "write routing plots, index.html and report.json for a model on a dataset",
         _routing_report_arguments, _routing_report),
     "capacity-sweep": Command(
-        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR",
+        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR (sparse MoE layers only)",
         _report_arguments, _capacity_sweep),
 }

@@ -16,7 +16,7 @@ from .plan import RoutingPlan, SoftRoutingPlan
 from .routing import ExpertChoiceRouter, TopKRouter
 from .soft_routing import SoftRouter
 from .settings import RoutingSettings, read_routing, restore_routing, routing_settings, set_routing
-from .stats import expert_choice_metrics, routing_statistics
+from .stats import SOFT_TRAIN_STATS, expert_choice_metrics, routing_statistics, soft_routing_statistics
 
 __all__ = [
     "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "SoftRouter", "RoutingPlan", "SoftRoutingPlan",
@@ -25,4 +25,5 @@ __all__ = [
     "gshard_loss", "router_z_loss", "routing_statistics", "expert_choice_metrics",
     "moe_layers", "require_moe_layers", "RoutingSettings", "routing_settings", "set_routing",
     "restore_routing", "read_routing",
+    "soft_routing_statistics", "SOFT_TRAIN_STATS",
 ]

@@ -19,11 +19,14 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 import vmoe.models as vm
 import vmoe.viz as viz
+from vmoe.moe import SOFT_TRAIN_STATS, SoftRoutingPlan
 
 __all__ = ["RoutingStatsLogger", "ExportPretrained"]
 
 log = logging.getLogger(__name__)
 TRAIN_STATS = ("dropped_fraction", "load_min", "load_max", "load_cv", "router_entropy")
+# (Soft MoE layers log vmoe.moe.SOFT_TRAIN_STATS: importance min/max/CV, combine entropy, and
+# the tokens each slot effectively mixes.)
 
 
 def _short(layer: str) -> str:
@@ -35,11 +38,12 @@ class RoutingStatsLogger(L.Callback):
 
     Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each auxiliary loss (unweighted), the
     fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
-    router entropy. During validation (at the evaluation capacity) the dropped fraction is
-    averaged over the epoch. At validation end (rank 0): the expert load of the whole validation
-    (``vmoe.viz.expert_load_chart``) and the patch map of the first validation image
-    (``vmoe.viz.routing_figure``) go to the logger (wandb image, tensorboard figure) and are
-    saved as ``expert_load.png`` and ``routing_map.png`` in ``<log dir>/routing/``.
+    router entropy (Soft MoE layers: ``vmoe.moe.SOFT_TRAIN_STATS`` instead). During validation
+    (at the evaluation capacity) the dropped fraction is averaged over the epoch. At validation
+    end (rank 0): the expert load of the whole validation (``vmoe.viz.expert_load_chart``; sparse
+    layers only) and the patch map of the first validation image (``vmoe.viz.routing_figure``;
+    for a Soft MoE model its dispatch map) go to the logger (wandb image, tensorboard figure) and
+    are saved as ``expert_load.png`` and ``routing_map.png`` in ``<log dir>/routing/``.
 
     Args:
         num_images: validation images kept for the routing map (one forward; the first is drawn).
@@ -69,7 +73,9 @@ class RoutingStatsLogger(L.Callback):
         stats = vm.routing_stats(pl_module.model)
         for layer, losses in vm.aux_losses(pl_module.model).items():
             short = _short(layer)
-            for name in TRAIN_STATS:
+            # A Soft MoE layer drops nothing and has no load: its own statistics instead.
+            names = SOFT_TRAIN_STATS if "dropped_fraction" not in stats[layer] else TRAIN_STATS
+            for name in names:
                 values[f"routing/{short}/{name}"] = stats[layer][name]
             for name, value in losses.items():
                 values[f"routing/{short}/{name}_loss"] = value.detach()
@@ -90,12 +96,15 @@ class RoutingStatsLogger(L.Callback):
         stats = vm.routing_stats(pl_module.model)
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         for layer, s in stats.items():
-            pl_module.log(f"val_routing/{_short(layer)}/dropped_fraction", s["dropped_fraction"].float(),
-                          on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+            if "dropped_fraction" in s:  # Soft MoE layers drop nothing
+                pl_module.log(f"val_routing/{_short(layer)}/dropped_fraction", s["dropped_fraction"].float(),
+                              on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         self._batches += 1
         if not self.figures or not trainer.is_global_zero:
             return
         for name, layer in layers.items():  # counts stay on the device: no host sync per batch
+            if isinstance(layer.last_plan, SoftRoutingPlan):
+                continue  # a Soft MoE layer has no load to count (nothing is dropped)
             counts = viz.expert_load_counts(layer.last_plan, layer.router)
             total = self._load.get(name)
             self._load[name] = list(counts) if total is None else [t + c for t, c in zip(total, counts)]
@@ -113,11 +122,14 @@ class RoutingStatsLogger(L.Callback):
             return
         step = trainer.global_step
         names = list(self._load)
-        routed = torch.stack([self._load[n][0] for n in names]).cpu().numpy()    # [L, K, E]
-        kept = torch.stack([self._load[n][1] for n in names]).cpu().numpy()      # [L, K, E]
-        capacity = [self._load[n][2] for n in names]                              # [L]
-        figs = {"expert_load": viz.expert_load_chart([_short(n) for n in names], routed, kept, capacity,
-                                                     f"validation expert load, step {step}")[0]}
+        if names:
+            routed = torch.stack([self._load[n][0] for n in names]).cpu().numpy()    # [L, K, E]
+            kept = torch.stack([self._load[n][1] for n in names]).cpu().numpy()      # [L, K, E]
+            capacity = [self._load[n][2] for n in names]                              # [L]
+        figs = {}
+        if names:  # sparse layers only
+            figs["expert_load"] = viz.expert_load_chart([_short(n) for n in names], routed, kept, capacity,
+                                                        f"validation expert load, step {step}")[0]
         was_training = pl_module.model.training
         figs["routing_map"] = viz.routing_figure(pl_module.model.eval(), self._images.to(pl_module.device))
         pl_module.model.train(was_training)

@@ -3,6 +3,7 @@
     with record_routing(model) as record:
         model(images)
     fig, numbers = patch_map(record, index=0, image=images[0])
+    fig, numbers = dispatch_map(record, index=0, image=images[0])   # Soft MoE layers: slots' patches
     write_routing_report(model, loader, "report/")   # PNGs + index.html + report.json
 
 Every plotting function returns ``(figure, numbers)``: a matplotlib Figure (Agg backend) and
@@ -13,7 +14,8 @@ from vmoe.moe import moe_layers, routing_settings  # re-exported: notebooks use 
 
 from .maps import patch_map, priority_map, routing_figure
 from .page import sweep_markdown, sweep_table
-from .record import RoutingRecord, TokenRouting, image_grid, record_routing, ungroup
+from .record import RoutingRecord, SoftTokenRouting, TokenRouting, image_grid, record_routing, ungroup
+from .soft import combine_entropy_map, dispatch_map, slot_similarity
 from .report import write_routing_report
 from .stats import class_expert_matrix, expert_load, expert_load_chart, expert_load_counts, mutual_information
 from .style import expert_colors
@@ -25,4 +27,5 @@ __all__ = [
     "expert_load_chart", "class_expert_matrix", "mutual_information",
     "capacity_sweep", "evaluate", "expert_colors", "write_routing_report", "sweep_markdown",
     "sweep_table", "SweepRow",
+    "dispatch_map", "combine_entropy_map", "slot_similarity", "SoftTokenRouting",
 ]

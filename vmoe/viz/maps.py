@@ -26,13 +26,14 @@ def _ordinal(k: int) -> str:
     return _ORDINAL[k] if k < len(_ORDINAL) else f"{k + 1}th"
 
 
-def _layers(record: RoutingRecord, layers: Optional[Sequence[str]], top_k_only: bool) -> List[str]:
+def _layers(record: RoutingRecord, layers: Optional[Sequence[str]], top_k_only: bool,
+            what: str = "the patch map") -> List[str]:
     record.check_nonempty()
     names = list(record.layer_names if layers is None else layers)
     if not names:
         raise ValueError("layers must name at least one recorded layer, got an empty list")
     for name in names:
-        record.check_layer(name)
+        record.check_sparse(name, what)
         if top_k_only and not record.is_top_k(name):
             raise ValueError(f"layer {name!r} uses expert-choice routing: tokens have no ranked "
                              "choices to map; use expert_load or class_expert_matrix(choice=None)")
@@ -118,7 +119,7 @@ def priority_map(record: RoutingRecord, index: int = 0, image=None,
         ``prefix_dropped`` ([L, K, h, w] / [L, K, P] bool, per choice) and ``skipped``
         ([L, h, w] bool, no choice kept).
     """
-    names = _layers(record, layers, top_k_only=True)
+    names = _layers(record, layers, top_k_only=True, what="the priority map (Batch Priority Routing)")
     for mode in modes:
         if mode not in ("bpr", "vanilla"):
             raise ValueError(f"modes must hold 'bpr' and/or 'vanilla', got {mode!r}")
@@ -174,7 +175,8 @@ def priority_map(record: RoutingRecord, index: int = 0, image=None,
 
 
 def routing_figure(model, images, index: int = 0):
-    """The patch map of ``images[index]`` after one forward of ``images`` ([B, C, H, W]).
+    """The patch map of ``images[index]`` after one forward of ``images`` ([B, C, H, W]); for a
+    model whose MoE layers are all Soft MoE layers, their dispatch map instead.
 
     The hook the training callback uses for its routing picture (``fn(model, images)``);
     returns only the figure.
@@ -182,8 +184,13 @@ def routing_figure(model, images, index: int = 0):
     import torch
 
     from .record import record_routing
+    from .soft import dispatch_map
 
     with record_routing(model) as record, torch.no_grad():
         model(images)
-    figure, _ = patch_map(record, index=index, image=images[index])
+    sparse = [n for n in record.layer_names if not record.is_soft(n)]
+    if sparse:
+        figure, _ = patch_map(record, index=index, image=images[index], layers=sparse)
+    else:
+        figure, _ = dispatch_map(record, index=index, image=images[index])
     return figure

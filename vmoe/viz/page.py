@@ -37,7 +37,7 @@ def _max_over_mean(per_expert: np.ndarray) -> float:
 
 def caption_numbers(report: dict) -> Dict[str, object]:
     """The key numbers quoted in the captions (also handy in tests and notebooks)."""
-    load = report["expert_load"]["layers"]
+    load = report["expert_load"]["layers"] if "expert_load" in report else {}  # none: all layers Soft MoE
     out: Dict[str, object] = {
         "dropped_fraction": {n: v["dropped_fraction"] for n, v in load.items()},
         # busiest expert's assignments over the mean per expert: 1.0 is perfectly balanced

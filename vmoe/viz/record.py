@@ -8,6 +8,10 @@ A MoeMlp flattens its input [B, N, d] row-major into B*N tokens, pads the end to
 and cuts it into [G, S] groups (a group may span several images, and an image may span two
 groups). ``ungroup`` undoes exactly that, so token n of image b is row ``b * N + n`` of the
 flattened plan. Nothing here re-derives routing: every view is a reshape of the recorded plan.
+
+A Soft MoE layer records a SoftRoutingPlan ([G, S, E, P] dispatch and combine weights; P slots
+per expert): ``soft_tokens`` views it per image. The sparse views (``tokens``, ``reroute``) refuse
+such a layer with a message saying so: nothing is dropped and no token chooses an expert.
 """
 from __future__ import annotations
 
@@ -19,9 +23,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan, require_moe_layers, routing_settings
+from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan, SoftRoutingPlan, require_moe_layers, routing_settings
 
-__all__ = ["record_routing", "image_grid", "RoutingRecord", "TokenRouting", "ungroup"]
+__all__ = ["record_routing", "image_grid", "RoutingRecord", "TokenRouting", "SoftTokenRouting", "ungroup",
+           "refuse_soft_layer", "SOFT_LAYER_PICTURES"]
+
+# What to draw instead, named in the message a sparse-only picture gives for a Soft MoE layer.
+SOFT_LAYER_PICTURES = "dispatch_map, combine_entropy_map, slot_similarity or class_expert_matrix"
+
+
+def refuse_soft_layer(name: str, what: str) -> None:
+    """The clear error for a sparse-only picture asked of the Soft MoE layer ``name``."""
+    raise ValueError(f"layer {name!r} is a Soft MoE layer: {what} applies to sparse (top-K or "
+                     "expert-choice) layers only; a Soft MoE layer mixes every token into every slot, "
+                     f"drops nothing and has no per-token expert choice. Use {SOFT_LAYER_PICTURES}")
 
 
 def ungroup(values: torch.Tensor, batch_size: int, tokens_per_image: int) -> torch.Tensor:
@@ -63,6 +78,28 @@ class TokenRouting:
     def priority(self) -> np.ndarray:
         """[B, N] float32: the largest gate, the score Batch Priority Routing sorts by."""
         return self.gates.max(-1)
+
+
+@dataclass
+class SoftTokenRouting:
+    """Soft MoE routing of every token of every recorded image for one layer (numpy arrays).
+
+    Attributes:
+        dispatch: [B, N, E, P] float32, the weight of each token in each slot (e, p) of its
+            routing group (for every slot, the weights over the group's tokens sum to 1; with one
+            image per group, over the image's tokens).
+        combine: [B, N, E, P] float32, the weight of each slot in each token's output (sums to 1
+            over (E, P) for every token).
+    """
+    dispatch: np.ndarray
+    combine: np.ndarray
+
+    @property
+    def combine_entropy(self) -> np.ndarray:
+        """[B, N] (or [N] for one image) float32: entropy (nats) of each token's combine weights
+        over the E*P slots: 0 when one slot makes the output, log(E*P) when all count equally."""
+        c = self.combine.reshape(*self.combine.shape[:-2], -1)
+        return -np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0)), 0.0).sum(-1).astype(np.float32)
 
 
 class RoutingRecord:
@@ -114,7 +151,22 @@ class RoutingRecord:
                              "`with record_routing(model) as record:` (is the dataset empty?)")
 
     def is_top_k(self, layer: str) -> bool:
-        return not isinstance(self.layers[self.check_layer(layer)].router, ExpertChoiceRouter)
+        """True for a top-K layer (False for expert-choice and Soft MoE layers)."""
+        return not (isinstance(self.layers[self.check_layer(layer)].router, ExpertChoiceRouter)
+                    or self.is_soft(layer))
+
+    def is_soft(self, layer: str) -> bool:
+        """True for a Soft MoE layer (its recorded plans are SoftRoutingPlans)."""
+        forwards = self.forwards[self.check_layer(layer)]
+        if forwards:
+            return isinstance(forwards[0].plan, SoftRoutingPlan)
+        return self.layers[layer].is_soft
+
+    def check_sparse(self, layer: str, what: str) -> str:
+        """``layer``, or the clear ValueError when it is a Soft MoE layer."""
+        if self.is_soft(layer):
+            refuse_soft_layer(layer, what)
+        return layer
 
     def _add(self, name: str, plan: RoutingPlan, batch_size: int, tokens_per_image: int) -> None:
         self.forwards[name].append(_Forward(plan.detach().to("cpu"), batch_size, tokens_per_image))
@@ -128,17 +180,46 @@ class RoutingRecord:
     def tokens(self, layer: str) -> TokenRouting:
         """All recorded images' routing for ``layer``: arrays [B, N, ...] over every forward."""
         self.check_nonempty()
+        self.check_sparse(layer, "per-token expert choices (patch maps, priority, expert load)")
         if layer not in self._cache:
-            parts = self.forwards[self.check_layer(layer)]
-            lengths = sorted({f.tokens_per_image for f in parts})
-            if len(lengths) > 1:
-                raise ValueError(f"layer {layer!r} saw images of different token counts {lengths}; "
-                                 "record each image size in its own record_routing block")
+            parts = self._parts(layer)
             self._cache[layer] = TokenRouting(
                 expert=self._cat(parts, lambda p: p.expert_index).numpy(),
                 kept=self._cat(parts, lambda p: p.slot >= 0).numpy(),
                 gates=self._cat(parts, lambda p: p.gates.float()).numpy())
         return self._cache[layer]
+
+    def _parts(self, layer: str) -> List[_Forward]:
+        parts = self.forwards[self.check_layer(layer)]
+        lengths = sorted({f.tokens_per_image for f in parts})
+        if len(lengths) > 1:
+            raise ValueError(f"layer {layer!r} saw images of different token counts {lengths}; "
+                             "record each image size in its own record_routing block")
+        return parts
+
+    def soft_tokens(self, layer: str) -> SoftTokenRouting:
+        """All recorded images' Soft MoE routing for ``layer``: arrays [B, N, E, P] over every
+        forward. ValueError for a sparse layer (use ``tokens``)."""
+        self.check_nonempty()
+        if not self.is_soft(layer):
+            raise ValueError(f"layer {layer!r} is a sparse MoE layer, not a Soft MoE layer: use tokens()")
+        if layer not in self._cache:
+            parts = self._parts(layer)
+            self._cache[layer] = SoftTokenRouting(
+                dispatch=self._cat(parts, lambda p: p.dispatch_weight.float()).numpy(),
+                combine=self._cat(parts, lambda p: p.combine_weight.float()).numpy())
+        return self._cache[layer]
+
+    def soft_image(self, index: int, layer: str) -> SoftTokenRouting:
+        """Soft MoE routing of recorded image ``index``: arrays [N, E, P]."""
+        tokens = self.soft_tokens(layer)
+        self._check_index(index, len(tokens.dispatch))
+        return SoftTokenRouting(tokens.dispatch[index], tokens.combine[index])
+
+    @staticmethod
+    def _check_index(index, count: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < count:
+            raise ValueError(f"image index must be an int in [0, {count}), got index={index!r}")
 
     @staticmethod
     def _cat(parts: Sequence[_Forward], field) -> torch.Tensor:
@@ -147,8 +228,7 @@ class RoutingRecord:
     def image(self, index: int, layer: str) -> TokenRouting:
         """Routing of recorded image ``index`` (0-based over all forwards): arrays [N, ...]."""
         tokens = self.tokens(layer)
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < len(tokens.expert):
-            raise ValueError(f"image index must be an int in [0, {len(tokens.expert)}), got index={index!r}")
+        self._check_index(index, len(tokens.expert))
         return TokenRouting(tokens.expert[index], tokens.kept[index], tokens.gates[index])
 
     def split_tokens(self, values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -170,7 +250,7 @@ class RoutingRecord:
         Uses the layer's own ``router.route`` on the recorded gates [G, S, E] and groups, so
         group membership and priorities are the recorded ones.
         """
-        moe = self.layers[self.check_layer(layer)]
+        moe = self.layers[self.check_sparse(layer, "re-routing at another capacity factor (BPR what-if)")]
         if not self.is_top_k(layer):
             raise ValueError(f"layer {layer!r} uses expert-choice routing: it has no per-token "
                              "priority, re-routing with BPR does not apply")

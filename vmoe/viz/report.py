@@ -6,6 +6,9 @@
 One recording pass over the data (``record_routing``, with a progress bar) gives the patch maps
 of a few example images, the BPR priority map, the expert load and the class x expert matrix;
 the capacity sweep then evaluates the same images again at each inference capacity factor.
+Soft MoE layers get their own pictures instead (``vmoe.viz.soft``: dispatch maps, combine
+entropy, slot similarity; class x expert through the combine weights); the sparse-only sections
+(patch maps, priority, expert load, capacity sweep) are left out for them with a one-line note.
 The numbers in ``report.json`` are the ones the library functions return (arrays as lists).
 """
 from __future__ import annotations
@@ -23,11 +26,12 @@ import torch.nn as nn
 from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
 
 from vmoe.jsonable import to_jsonable
-from vmoe.moe import require_moe_layers
+from vmoe.moe import require_moe_layers, soft_routing_statistics
 
 from .maps import patch_map, priority_map
 from .page import render_page
 from .record import RoutingRecord, record_routing
+from .soft import combine_entropy_map, dispatch_map, slot_similarity
 from .stats import class_expert_matrix, expert_load
 from .sweep import capacity_sweep
 
@@ -91,8 +95,9 @@ def _model_info(model: nn.Module, layers) -> dict:
         "img_size": list(img_size) if img_size is not None else None,
         "moe_layers": {name: {"router": type(m.router).__name__, "num_experts": m.num_experts,
                               "num_selected": getattr(m.router, "num_selected", None),
-                              "capacity_factor": m.router.capacity_factor, "capacity": m.router.capacity,
-                              "batch_priority": bool(m.router.batch_priority)}
+                              "capacity_factor": getattr(m.router, "capacity_factor", None),
+                              "capacity": getattr(m.router, "capacity", None),
+                              "batch_priority": bool(getattr(m.router, "batch_priority", False))}
                        for name, m in layers.items()},
     }
 
@@ -172,10 +177,10 @@ def _priority(record, index, image, top_k, capacity_factors, out_dir, dpi) -> di
             "whatif": whatif, "priority": numbers["priority"]}
 
 
-def _load(record: RoutingRecord, out_dir, dpi) -> dict:
-    """Expert load; layers of different (E, K) are drawn in separate figures."""
+def _load(record: RoutingRecord, sparse: List[str], out_dir, dpi) -> dict:
+    """Expert load of the sparse layers; layers of different (E, K) are drawn in separate figures."""
     groups: Dict[tuple, List[str]] = {}
-    for name in record.layer_names:
+    for name in sparse:
         plan = record.plans(name)[0]
         groups.setdefault((plan.num_experts, plan.num_selected if record.is_top_k(name) else 1), []).append(name)
     figures, layers = [], {}
@@ -185,6 +190,41 @@ def _load(record: RoutingRecord, out_dir, dpi) -> dict:
         for i, name in enumerate(names):
             layers[name] = {k: numbers[k][i] for k in ("routed", "kept", "capacity", "dropped_fraction")}
     return {"figures": figures, "layers": layers}
+
+
+def _soft_sections(record: RoutingRecord, rec: dict, soft: List[str], class_names, out_dir, dpi) -> dict:
+    """Soft MoE layers: dispatch maps of the example images, the combine-entropy map of the
+    first one, the slot similarity, and per-layer statistics over every recorded group."""
+    maps = []
+    for n, (index, image) in enumerate(rec["examples"]):
+        fig, numbers = dispatch_map(record, index=index, image=image, layers=soft)
+        label, pred = int(rec["labels"][index]), int(rec["predictions"][index])
+        fig.suptitle(f"Which patches each slot mixes: image {index}, label {_name(label, class_names)}, "
+                     f"predicted {_name(pred, class_names)}", fontsize=11)
+        maps.append({"index": index, "label": label, "prediction": pred,
+                     "figure": _save(fig, out_dir, f"dispatch_map_{n}.png", dpi),
+                     "slots": numbers["slots"], "dispatch": numbers["dispatch"]})
+    index, image = rec["examples"][0]
+    fig, entropy = combine_entropy_map(record, index=index, image=image, layers=soft)
+    fig_sim, similarity = slot_similarity(record, layers=soft)
+    layers = {}
+    for i, name in enumerate(soft):
+        plans = record.plans(name)
+        groups = sum(p.num_groups for p in plans)
+        stats = [soft_routing_statistics(p) for p in plans]
+        mean = {k: sum(s[k].double() * p.num_groups for s, p in zip(stats, plans)) / groups
+                for k in ("importance", "combine_entropy", "dispatch_effective_tokens",
+                          "dispatch_weights_max_mean", "combine_weights_max_mean")}
+        layers[name] = {"num_experts": plans[0].num_experts, "slots_per_expert": plans[0].slots_per_expert,
+                        "group_size": plans[0].group_size, "max_entropy": float(entropy["max_entropy"][i]),
+                        "mean_off_diagonal_similarity": float(similarity["mean_off_diagonal"][i]),
+                        "slot_similarity": similarity["similarity"][i],
+                        **{k: v.float().numpy() if v.dim() else float(v) for k, v in mean.items()}}
+    return {"dispatch_maps": maps,
+            "combine_entropy": {"index": index, "figure": _save(fig, out_dir, "combine_entropy.png", dpi),
+                                "entropy": entropy["entropy"]},
+            "slot_similarity": {"figure": _save(fig_sim, out_dir, "slot_similarity.png", dpi)},
+            "layers": layers}
 
 
 def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, Path], *,
@@ -254,22 +294,34 @@ def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, P
                     "data": {"num_images": int(len(labels)), "classes": np.unique(labels),
                              "class_names": list(map(str, class_names)) if class_names is not None else None},
                     "accuracy": float((rec["predictions"] == labels).mean())}
-    top_k = [n for n in record.layer_names if record.is_top_k(n)]
+    soft = [n for n in record.layer_names if record.is_soft(n)]
+    sparse = [n for n in record.layer_names if n not in soft]
+    top_k = [n for n in sparse if record.is_top_k(n)]
     if top_k:
         report["examples"] = _example_figures(record, rec, top_k, class_names, out_dir, dpi)
         index, image = rec["examples"][0]
         report["priority_map"] = _priority(record, index, image, top_k, priority_capacity_factors, out_dir, dpi)
-    report["expert_load"] = _load(record, out_dir, dpi)
+    if sparse:
+        report["expert_load"] = _load(record, sparse, out_dir, dpi)
+    if soft:
+        report["soft"] = _soft_sections(record, rec, soft, class_names, out_dir, dpi)
+        report["omitted"] = [f"Soft MoE layers ({', '.join(soft)}) drop no token and have no per-token "
+                             "expert choice: the patch maps, BPR priority map and expert load are drawn "
+                             + ("for the sparse layers only." if sparse else "for sparse layers only.")]
+        if capacity_factors:
+            report["omitted"].append("Capacity sweep omitted: a Soft MoE layer's slots are parameters, "
+                                     "there is no capacity factor to vary at inference.")
 
-    choice = 0 if len(top_k) == len(record.layer_names) else None  # expert choice: every kept pick
+    choice = 0 if top_k == sparse else None  # expert choice: every kept pick (soft layers: combine weights)
     fig, numbers = class_expert_matrix(record, labels, choice=choice, class_names=class_names)
     report["class_expert"] = {
-        "figure": _save(fig, out_dir, "class_expert.png", dpi), "choice": choice, "classes": numbers["classes"],
+        "figure": _save(fig, out_dir, "class_expert.png", dpi), "choice": choice if sparse else None,
+        "weighting": "combine" if not sparse else ("mixed" if soft else "count"), "classes": numbers["classes"],
         "layers": {name: {k: numbers[k][i] for k in ("counts", "matrix", "mutual_information_bits",
                                                       "class_order", "expert_order")}
                    for i, name in enumerate(numbers["layers"])}}
 
-    if capacity_factors:
+    if capacity_factors and not soft:
         modes = ("vanilla", "bpr") if top_k == record.layer_names else ("vanilla",)
         sweep_data = kept_batches if one_shot else view
         num_batches = len(record.forwards[record.layer_names[0]])  # one forward per batch
@@ -292,7 +344,11 @@ def _figure_names(report: dict) -> List[str]:
     names = [e["figure"] for e in report.get("examples", [])]
     if "priority_map" in report:
         names.append(report["priority_map"]["figure"])
-    names += report["expert_load"]["figures"]
+    if "expert_load" in report:
+        names += report["expert_load"]["figures"]
+    if "soft" in report:
+        names += [m["figure"] for m in report["soft"]["dispatch_maps"]]
+        names += [report["soft"]["combine_entropy"]["figure"], report["soft"]["slot_similarity"]["figure"]]
     names.append(report["class_expert"]["figure"])
     if "capacity_sweep" in report:
         names.append(report["capacity_sweep"]["figure"])

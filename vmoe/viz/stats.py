@@ -14,7 +14,7 @@ import torch
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from vmoe.moe import ExpertChoiceRouter, RoutingPlan
+from vmoe.moe import ExpertChoiceRouter, RoutingPlan, SoftRoutingPlan
 
 from .record import RoutingRecord
 from .style import DROPPED_HATCH, expert_colors
@@ -53,6 +53,10 @@ def expert_load_counts(plan: RoutingPlan, router) -> Tuple[torch.Tensor, torch.T
         to / processed by each expert per choice, on the plan's device (no host sync);
         ``capacity`` the buffer slots per expert summed over the G groups.
     """
+    if isinstance(plan, SoftRoutingPlan):
+        raise ValueError("expert_load_counts: a Soft MoE plan (SoftRoutingPlan) routes every token to "
+                         "every slot and drops nothing, there are no assignments to count; "
+                         "see vmoe.moe.soft_routing_statistics for its importance")
     G, S, K = plan.expert_index.shape
     E = plan.num_experts
     valid = (torch.ones(G, S, dtype=torch.bool, device=plan.slot.device) if plan.valid is None
@@ -77,6 +81,8 @@ def expert_load(record: RoutingRecord, layers: Optional[Sequence[str]] = None):
     Returns ``expert_load_chart``'s (figure, numbers).
     """
     names = _names(record, layers)
+    for name in names:
+        record.check_sparse(name, "the expert load (tokens routed vs capacity)")
     totals = []
     for name in names:
         counts = [expert_load_counts(plan, record.layers[name].router) for plan in record.plans(name)]
@@ -161,16 +167,19 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
         record: from ``record_routing`` over a dataset.
         labels: [num_images] int class of each recorded image, in recording order.
         choice: count the experts of this choice (0: first choice), or None for every kept
-            assignment (the only option for expert-choice layers).
+            assignment (the only option for expert-choice layers). A Soft MoE layer counts, for
+            every token, its combine weights summed over each expert's slots (the share of the
+            token's output each expert makes); ``choice`` and ``kept_only`` do not apply to it.
         kept_only: count only assignments that got a buffer place (default: the router's choice).
         include_prefix: count the prefix tokens (class token) too (default: patches only).
         class_names: names of the class ids, for the tick labels.
     Returns:
         (figure, numbers) with numbers: ``layers``; ``classes`` [C] class ids present;
-        ``counts`` [L, C, E]; ``matrix`` [L, C, E] rows normalized to sum to 1 (class and expert
-        ids in increasing order); ``class_order`` [L, C] and ``expert_order`` [L, E] the display
-        order (experts by total load, classes grouped by their most used expert, strongest
-        first); ``mutual_information_bits`` [L], I(class; expert) in bits.
+        ``counts`` [L, C, E] (float: combine mass, for Soft MoE layers); ``matrix`` [L, C, E]
+        rows normalized to sum to 1 (class and expert ids in increasing order); ``class_order``
+        [L, C] and ``expert_order`` [L, E] the display order (experts by total load, classes
+        grouped by their most used expert, strongest first); ``mutual_information_bits`` [L],
+        I(class; expert) in bits.
     """
     names = _names(record, layers)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
@@ -181,9 +190,17 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
     row_of = np.searchsorted(classes, labels)                                   # [B]
     counts_all = []
     for name in names:
+        P = 0 if include_prefix else record.num_prefix_tokens
+        if record.is_soft(name):
+            # Soft MoE: each token's combine weights summed over each expert's slots [B, N', E];
+            # a class's row then sums to its number of tokens, like the sparse counts.
+            mass = record.soft_tokens(name).combine[:, P:].sum(-1).astype(np.float64)
+            table = np.zeros((len(classes), mass.shape[-1]))
+            np.add.at(table, row_of, mass.sum(1))
+            counts_all.append(table)
+            continue
         view = record.tokens(name)
         E = view.gates.shape[-1]
-        P = 0 if include_prefix else record.num_prefix_tokens
         expert, kept = view.expert[:, P:], view.kept[:, P:]                      # [B, N', K]
         if choice is None:
             mask = kept
@@ -227,6 +244,8 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
         ax.set_title(f"{name}\nI(class; expert) = {mi[i]:.3f} bits", fontsize=9)
     fig.colorbar(im, ax=list(axes)[:len(names)], fraction=0.04, label="share of the class's tokens")
     what = "first-choice" if choice == 0 else ("kept" if choice is None else f"choice-{choice + 1}")
+    if all(record.is_soft(n) for n in names):
+        what = "combine-weighted"
     fig.suptitle(f"Class x expert: {what} expert of each class's {'tokens' if include_prefix else 'patches'}",
                  fontsize=11)
     return fig, {"layers": names, "classes": classes, "counts": counts, "matrix": matrix,

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from vmoe.moe import MoeMlp, require_moe_layers, routing_settings
 
-from .record import image_grid
+from .record import image_grid, refuse_soft_layer
 
 __all__ = ["capacity_sweep", "evaluate", "SweepRow"]
 
@@ -41,11 +41,20 @@ def _moe_flops(layer: MoeMlp, plan, tokens_per_group: int) -> int:
     return expert + router
 
 
+def _sparse_layers(model: nn.Module, what: str):
+    """The model's MoE layers; the clear ValueError naming a Soft MoE layer among them."""
+    layers = require_moe_layers(model)
+    for name, layer in layers.items():
+        if layer.is_soft:
+            refuse_soft_layer(name, what)
+    return layers
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, device=None) -> Dict[str, float]:
     """Top-1 accuracy of ``model`` (eval mode) over ``data`` (batches of (images, labels)), with
     the MoE layers' dropped fraction and FLOPs per image. The model's mode is restored."""
-    layers = require_moe_layers(model)
+    layers = _sparse_layers(model, "evaluate (dropped fraction, MoE FLOPs at a capacity factor)")
     device = device if device is not None else next(model.parameters()).device
     totals = {"flops": 0, "kept": 0, "assignments": 0}
 
@@ -103,7 +112,7 @@ def capacity_sweep(model: nn.Module, data: Iterable,
         [n] and dicts mode -> [n] arrays ``accuracy``, ``dropped_fraction`` and
         ``moe_flops_per_image``; ``reference_accuracy`` (float or None) and ``num_images``.
     """
-    layers = require_moe_layers(model)
+    layers = _sparse_layers(model, "the capacity sweep (inference capacity factor, vanilla vs BPR)")
     for mode in modes:
         if mode not in _STYLE:
             raise ValueError(f"modes must hold 'vanilla' and/or 'bpr', got {mode!r}")
