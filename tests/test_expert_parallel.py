@@ -1,0 +1,227 @@
+"""Expert parallelism on CPU processes (gloo): the sharded model computes what the one-process
+model computes (outputs, input and parameter gradients, an optimizer step), state dicts do not
+depend on ep, and bad configurations raise on every rank instead of hanging."""
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import vmoe.models  # noqa: F401  (registers the vmoe timm models)
+from vmoe.moe import MoeMlp, moe_layers
+from vmoe.moe.parallel import (ExpertParallelExperts, average_gradients, clip_grad_norm_,
+                               expert_parallel_mesh, full_state_dict, shard_experts,
+                               unshard_experts)
+
+TOL = 1e-5
+IMAGES_PER_RANK = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world, port, out_dir, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        Path(out_dir, f"rank{rank}.txt").write_text(f"ok {result if result is not None else ''}")
+    except Exception as err:  # recorded for the parent: which rank raised what
+        Path(out_dir, f"rank{rank}.txt").write_text(f"error {type(err).__name__}: {err}\n"
+                                                    + traceback.format_exc())
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, world, tmp_path, *args, timeout=240):
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; returns each rank's
+    'ok ...' / 'error ...' line. A hang fails the test (the processes are killed)."""
+    out = tmp_path / f"ranks_{fn.__name__}_{world}"
+    out.mkdir()
+    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), str(out), args), nprocs=world,
+                             join=False, start_method="spawn")
+    import time
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{fn.__name__} with {world} processes did not finish in {timeout}s (a hang?)")
+    return [(out / f"rank{r}.txt").read_text() for r in range(world)]
+
+
+def tiny_model() -> nn.Module:
+    """vmoe_tiny_e4_k2 (E=4, K=2, 2 MoE layers) with deterministic routing (no router noise, no
+    dropout) and groups of 2 images, so a rank's 4 images form whole groups."""
+    torch.manual_seed(0)
+    model = timm.create_model("vmoe_tiny_e4_k2", num_classes=10)
+    for layer in moe_layers(model).values():
+        layer.noise_std = 0.0
+        layer.group_size_images = 2
+    return model
+
+
+def global_batch(world):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(world * IMAGES_PER_RANK, 3, 16, 16, generator=g),
+            torch.randint(0, 10, (world * IMAGES_PER_RANK,), generator=g))
+
+
+def loss_fn(model, x, y):
+    logits = model(x)
+    aux = sum(layer.aux_loss for layer in moe_layers(model).values())
+    return logits, nn.functional.cross_entropy(logits, y) + aux
+
+
+def _max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def check_equal_to_one_process(rank, world, ep):
+    reference = tiny_model()
+    model = tiny_model()
+    mesh = expert_parallel_mesh(ep)
+    shard_experts(model, mesh)
+    sharded = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+    assert len(sharded) == 2 and all(m.fc1_weight.shape[0] == 4 // ep for m in sharded)
+    for m in sharded:
+        m.count_bytes = True
+
+    x, y = global_batch(world)
+    x.requires_grad_(True)
+    ref_logits, ref_loss = loss_fn(reference, x, y)
+    ref_loss.backward()
+
+    part = slice(rank * IMAGES_PER_RANK, (rank + 1) * IMAGES_PER_RANK)
+    x_local = x.detach()[part].clone().requires_grad_(True)
+    logits, loss = loss_fn(model, x_local, y[part])
+    loss.backward()
+    average_gradients(model, mesh)
+
+    problems = []
+    if _max_diff(logits, ref_logits[part]) > TOL:
+        problems.append(f"logits differ by {_max_diff(logits, ref_logits[part])}")
+    # the local loss is 1/W of the global one's terms: d(global)/dx = d(local)/dx / W
+    if _max_diff(x_local.grad / world, x.grad[part]) > TOL:
+        problems.append(f"input grads differ by {_max_diff(x_local.grad / world, x.grad[part])}")
+    ref_params = dict(reference.named_parameters())
+    start = mesh.get_local_rank("ep") * (4 // ep)
+    for name, p in model.named_parameters():
+        want = ref_params[name].grad
+        if name.endswith(("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")):
+            want = want[start:start + 4 // ep]
+        if p.grad is None or _max_diff(p.grad, want) > TOL:
+            problems.append(f"grad of {name} differs by {None if p.grad is None else _max_diff(p.grad, want)}")
+    # the bytes read from the all-to-all inputs: per layer, forward and backward each move the
+    # [E, G*C, d] buffers out and [E, G*C, d'] back, (ep-1)/ep of them to other ranks
+    G, C, d = 2, moe_layers(reference)["blocks.1.mlp"].last_plan.capacity, 64
+    expected = 2 * (4 * G * C * (d + d) * 4) * (ep - 1) // ep
+    for m in sharded:
+        if m.bytes_sent != expected:
+            problems.append(f"bytes sent {m.bytes_sent}, expected {expected}")
+
+    # clipping computes the one-process global norm on every rank
+    total = clip_grad_norm_(model.parameters(), 0.5, model, mesh)
+    ref_total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    if abs(total.item() - ref_total.item()) > TOL:
+        problems.append(f"grad norm {total.item()} vs one process {ref_total.item()}")
+
+    # one optimizer step leaves the same weights as the one-process step (SGD: AdamW's first
+    # step is lr * sign(grad), which turns float noise in near-zero gradients into lr-sized steps)
+    for params in (reference.parameters(), model.parameters()):
+        torch.optim.SGD(params, lr=0.5, weight_decay=0.01).step()
+    after = full_state_dict(model)
+    ref_after = reference.state_dict()
+    assert after.keys() == ref_after.keys()
+    for k in after:
+        if _max_diff(after[k], ref_after[k]) > TOL:
+            problems.append(f"after the step {k} differs by {_max_diff(after[k], ref_after[k])}")
+    unshard_experts(model)
+    assert not any(isinstance(m, ExpertParallelExperts) for m in model.modules())
+    if any(not torch.equal(v, model.state_dict()[k]) for k, v in after.items()):
+        problems.append("unshard_experts changed the weights")
+    if problems:
+        raise AssertionError("; ".join(problems[:8]))
+
+
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2), (4, 4)])
+def test_expert_parallel_equals_one_process(tmp_path, world, ep):
+    results = launch(check_equal_to_one_process, world, tmp_path, ep)
+    assert all(r.startswith("ok") for r in results), "\n".join(results)
+
+
+def check_state_dict_independent_of_ep(rank, world, ep, path):
+    """Save with ep (full-E state dict), load into ep=1 and ep=world: equal logits."""
+    model = tiny_model()
+    with torch.no_grad():  # move off the same-init weights so that experts differ
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    shard_experts(model, expert_parallel_mesh(ep))
+    state = full_state_dict(model)
+    if rank == 0:
+        torch.save(state, path)
+    dist.barrier()
+    x, _ = global_batch(world)
+    part = slice(rank * IMAGES_PER_RANK, (rank + 1) * IMAGES_PER_RANK)
+    model.eval()
+    saved_logits = model(x[part])
+
+    one = tiny_model().eval()
+    one.load_state_dict(torch.load(path, weights_only=True))
+    wide = tiny_model()
+    shard_experts(wide, expert_parallel_mesh(world))
+    wide.load_state_dict(torch.load(path, weights_only=True))  # slices the full slabs
+    wide.eval()
+    problems = [f"{name}: {_max_diff(got, saved_logits)}" for name, got in
+                (("ep=1", one(x)[part]), (f"ep={world}", wide(x[part])))
+                if _max_diff(got, saved_logits) > TOL]
+    if problems:
+        raise AssertionError(f"logits differ from the ep={ep} model: {problems}")
+
+
+def test_checkpoint_saved_with_ep2_loads_with_ep1_and_ep4(tmp_path):
+    results = launch(check_state_dict_independent_of_ep, 4, tmp_path, 2, str(tmp_path / "ep2.pt"))
+    assert all(r.startswith("ok") for r in results), "\n".join(results)
+
+
+def bad_configuration(rank, world, case):
+    if case == "world":
+        expert_parallel_mesh(3)
+    elif case == "ep_disagrees":
+        expert_parallel_mesh(2 if rank == 0 else 1)
+    elif case == "E":
+        shard_experts(nn.Sequential(MoeMlp(8, 16, num_experts=3, group_size=4)), expert_parallel_mesh(2))
+    elif case == "model_disagrees":
+        torch.manual_seed(0)
+        layer = MoeMlp(8, 16, num_experts=4 if rank == 0 else 2, group_size=4)
+        shard_experts(nn.Sequential(layer), expert_parallel_mesh(2))
+    elif case == "checkpoint_E":
+        model = nn.Sequential(MoeMlp(8, 16, num_experts=4, group_size=4))
+        state = nn.Sequential(MoeMlp(8, 16, num_experts=8, group_size=4)).state_dict()
+        shard_experts(model, expert_parallel_mesh(2))
+        model.load_state_dict(state)
+    return "no error"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("world", "world size 2 is not a multiple of expert_parallel_size=3"),
+    ("ep_disagrees", "ranks disagree on the expert-parallel configuration (expert_parallel_size: "
+                     "rank 0=2, rank 1=1)"),
+    ("E", "expert_parallel_size=2 must divide every MoE layer's number of experts; these do not: {'0': 3}"),
+    ("model_disagrees", "ranks disagree on the model to shard"),
+    ("checkpoint_E", "0.experts.fc1_weight: the checkpoint has 8 experts, the model 4"),
+])
+def test_bad_configuration_raises_on_every_rank(tmp_path, case, message):
+    results = launch(bad_configuration, 2, tmp_path, case, timeout=120)
+    for rank, text in enumerate(results):
+        assert text.startswith("error") and message in text, f"rank {rank}: {text}"
