@@ -1,8 +1,10 @@
 """Expert parallelism on CPU processes (gloo): the sharded model computes what the one-process
 model computes (outputs, input and parameter gradients, an optimizer step), state dicts do not
 depend on ep, and bad configurations raise on every rank instead of hanging."""
+import json
 import os
 import socket
+import time
 import traceback
 from pathlib import Path
 
@@ -29,35 +31,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world, port, out_dir, args):
+def _entry(rank, checks, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
     try:
-        result = fn(rank, world, *args)
-        Path(out_dir, f"rank{rank}.txt").write_text(f"ok {result if result is not None else ''}")
-    except Exception as err:  # recorded for the parent: which rank raised what
-        Path(out_dir, f"rank{rank}.txt").write_text(f"error {type(err).__name__}: {err}\n"
-                                                    + traceback.format_exc())
+        for key, fn, args in checks:  # every rank runs the same checks in the same order
+            try:
+                fn(rank, world, *args)
+                results[key] = "ok"
+            except Exception as err:  # recorded for the parent: which rank raised what
+                results[key] = f"error {type(err).__name__}: {err}\n{traceback.format_exc()}"
     finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
 
 
-def launch(fn, world, tmp_path, *args, timeout=240):
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; returns each rank's
-    'ok ...' / 'error ...' line. A hang fails the test (the processes are killed)."""
-    out = tmp_path / f"ranks_{fn.__name__}_{world}"
-    out.mkdir()
-    ctx = mp.start_processes(_entry, args=(fn, world, free_port(), str(out), args), nprocs=world,
+def launch(checks, world, out_dir, timeout=300):
+    """Run ``[(key, fn, args), ...]`` (``fn(rank, world, *args)``) in ``world`` gloo processes
+    started once; returns ``{key: [rank 0's 'ok'/'error ...', rank 1's, ...]}``. A hang fails
+    the test (the processes are killed)."""
+    ctx = mp.start_processes(_entry, args=(checks, world, free_port(), str(out_dir)), nprocs=world,
                              join=False, start_method="spawn")
-    import time
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"{fn.__name__} with {world} processes did not finish in {timeout}s (a hang?)")
-    return [(out / f"rank{r}.txt").read_text() for r in range(world)]
+            pytest.fail(f"{world} processes did not finish in {timeout}s (a hang?)")
+    ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world)]
+    return {key: [r.get(key, "not run") for r in ranks] for key, _, _ in checks}
 
 
 def tiny_model() -> nn.Module:
@@ -155,9 +159,9 @@ def check_equal_to_one_process(rank, world, ep):
 
 
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2), (4, 4)])
-def test_expert_parallel_equals_one_process(tmp_path, world, ep):
-    results = launch(check_equal_to_one_process, world, tmp_path, ep)
-    assert all(r.startswith("ok") for r in results), "\n".join(results)
+def test_expert_parallel_equals_one_process(two_ranks, four_ranks, world, ep):
+    results = (two_ranks if world == 2 else four_ranks)[f"equal_ep{ep}"]
+    assert all(r == "ok" for r in results), "\n".join(results)
 
 
 def check_state_dict_independent_of_ep(rank, world, ep, path):
@@ -189,9 +193,9 @@ def check_state_dict_independent_of_ep(rank, world, ep, path):
         raise AssertionError(f"logits differ from the ep={ep} model: {problems}")
 
 
-def test_checkpoint_saved_with_ep2_loads_with_ep1_and_ep4(tmp_path):
-    results = launch(check_state_dict_independent_of_ep, 4, tmp_path, 2, str(tmp_path / "ep2.pt"))
-    assert all(r.startswith("ok") for r in results), "\n".join(results)
+def test_checkpoint_saved_with_ep2_loads_with_ep1_and_ep4(four_ranks):
+    results = four_ranks["checkpoint"]
+    assert all(r == "ok" for r in results), "\n".join(results)
 
 
 def bad_configuration(rank, world, case):
@@ -213,6 +217,27 @@ def bad_configuration(rank, world, case):
     return "no error"
 
 
+BAD_CASES = ("world", "ep_disagrees", "E", "model_disagrees", "checkpoint_E")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One start of 2 processes for every 2-process check (starting processes dominates)."""
+    checks = [("equal_ep2", check_equal_to_one_process, (2,))]
+    # the bad configurations go last: each raises on every rank and leaves the group usable
+    checks += [(f"bad_{case}", bad_configuration, (case,)) for case in BAD_CASES]
+    return launch(checks, 2, tmp_path_factory.mktemp("two_ranks"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("four_ranks")
+    checks = [("equal_ep2", check_equal_to_one_process, (2,)),
+              ("equal_ep4", check_equal_to_one_process, (4,)),
+              ("checkpoint", check_state_dict_independent_of_ep, (2, str(out / "ep2.pt")))]
+    return launch(checks, 4, out)
+
+
 @pytest.mark.parametrize("case,message", [
     ("world", "world size 2 is not a multiple of expert_parallel_size=3"),
     ("ep_disagrees", "ranks disagree on the expert-parallel configuration (expert_parallel_size: "
@@ -221,7 +246,6 @@ def bad_configuration(rank, world, case):
     ("model_disagrees", "ranks disagree on the model to shard"),
     ("checkpoint_E", "0.experts.fc1_weight: the checkpoint has 8 experts, the model 4"),
 ])
-def test_bad_configuration_raises_on_every_rank(tmp_path, case, message):
-    results = launch(bad_configuration, 2, tmp_path, case, timeout=120)
-    for rank, text in enumerate(results):
+def test_bad_configuration_raises_on_every_rank(two_ranks, case, message):
+    for rank, text in enumerate(two_ranks[f"bad_{case}"]):
         assert text.startswith("error") and message in text, f"rank {rank}: {text}"
