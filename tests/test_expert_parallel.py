@@ -4,6 +4,7 @@ depend on ep, and bad configurations raise on every rank instead of hanging."""
 import json
 import os
 import socket
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -14,11 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+from safetensors.torch import load_file
 
-import vmoe.models  # noqa: F401  (registers the vmoe timm models)
-from vmoe.moe import MoeMlp, moe_layers
+from vmoe.models import save_pretrained
+from vmoe.moe import MoeMlp, moe_layers, routing_statistics
 from vmoe.moe.parallel import (ExpertParallelExperts, average_gradients, clip_grad_norm_,
-                               expert_parallel_mesh, full_state_dict, shard_experts,
+                               expert_parallel_mesh, full_state_dict, gather_plan, shard_experts,
                                unshard_experts)
 
 TOL = 1e-5
@@ -150,10 +152,23 @@ def check_equal_to_one_process(rank, world, ep):
     for k in after:
         if _max_diff(after[k], ref_after[k]) > TOL:
             problems.append(f"after the step {k} differs by {_max_diff(after[k], ref_after[k])}")
-    unshard_experts(model)
-    assert not any(isinstance(m, ExpertParallelExperts) for m in model.modules())
-    if any(not torch.equal(v, model.state_dict()[k]) for k, v in after.items()):
-        problems.append("unshard_experts changed the weights")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            save_pretrained(model, Path(tmp) / "sharded")
+            problems.append("save_pretrained wrote a sharded model")
+        except ValueError as err:
+            assert "unshard_experts" in str(err)
+        unshard_experts(model)
+        assert not any(isinstance(m, ExpertParallelExperts) for m in model.modules())
+        if any(not torch.equal(v, model.state_dict()[k]) for k, v in after.items()):
+            problems.append("unshard_experts changed the weights")
+        # the directory of the unsharded model is that of the one-process model
+        save_pretrained(model, Path(tmp) / "ep"), save_pretrained(reference, Path(tmp) / "one")
+        if (Path(tmp) / "ep/config.json").read_text() != (Path(tmp) / "one/config.json").read_text():
+            problems.append("config.json differs from the one-process model's")
+        saved, ref_saved = (load_file(Path(tmp) / f"{d}/model.safetensors") for d in ("ep", "one"))
+        if {k: v.shape for k, v in saved.items()} != {k: v.shape for k, v in ref_saved.items()}:
+            problems.append("model.safetensors holds other tensors than the one-process model's")
     if problems:
         raise AssertionError("; ".join(problems[:8]))
 
@@ -217,13 +232,85 @@ def bad_configuration(rank, world, case):
     return "no error"
 
 
+def _step(model, optimizer, mesh, world, rank):
+    """One training step on this rank's part of the global batch (mesh None: one process, the
+    whole batch)."""
+    x, y = global_batch(world)
+    if mesh is not None:
+        part = slice(rank * IMAGES_PER_RANK, (rank + 1) * IMAGES_PER_RANK)
+        x, y = x[part], y[part]
+    optimizer.zero_grad()
+    loss_fn(model, x, y)[1].backward()
+    if mesh is not None:
+        average_gradients(model, mesh)
+    optimizer.step()
+
+
+def check_optimizer_state_independent_of_ep(rank, world, ep):
+    """A step with ep, its gathered optimizer state equals the one-process state; loaded into
+    ep=world (sliced), the next step leaves the one-process weights."""
+    from vmoe.train.strategy import gather_optimizer_state, shard_optimizer_state
+    sgd = dict(lr=0.5, momentum=0.9)
+    reference = tiny_model()
+    ref_opt = torch.optim.SGD(reference.parameters(), **sgd)
+    model = shard_experts(tiny_model(), expert_parallel_mesh(ep))
+    opt = torch.optim.SGD(model.parameters(), **sgd)
+    _step(reference, ref_opt, None, world, rank)
+    _step(model, opt, expert_parallel_mesh(ep), world, rank)
+    saved_model, saved_opt = full_state_dict(model), gather_optimizer_state(opt, model)
+    ref_state = ref_opt.state_dict()["state"]
+    problems = [f"momentum {i} differs" for i in ref_state
+                if _max_diff(saved_opt["state"][i]["momentum_buffer"], ref_state[i]["momentum_buffer"]) > TOL]
+
+    mesh = expert_parallel_mesh(world)
+    resumed = shard_experts(tiny_model(), mesh)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = torch.optim.SGD(resumed.parameters(), **sgd)
+    resumed_opt.load_state_dict(shard_optimizer_state(saved_opt, resumed_opt, resumed))
+    _step(reference, ref_opt, None, world, rank)
+    _step(resumed, resumed_opt, mesh, world, rank)
+    after, ref_after = full_state_dict(resumed), reference.state_dict()
+    problems += [f"{k} differs by {_max_diff(after[k], ref_after[k])}" for k in ref_after
+                 if _max_diff(after[k], ref_after[k]) > TOL]
+    if problems:
+        raise AssertionError("; ".join(problems[:8]))
+
+
+def test_optimizer_state_saved_with_ep2_resumes_with_ep4(four_ranks):
+    results = four_ranks["optimizer_state"]
+    assert all(r == "ok" for r in results), "\n".join(results)
+
+
+def check_gathered_routing_statistics(rank, world):
+    """Statistics of the gathered plans equal those of the one-process forward (every rank's
+    tokens counted, in rank order)."""
+    reference = tiny_model()
+    model = shard_experts(tiny_model(), expert_parallel_mesh(world))
+    x, _ = global_batch(world)
+    reference(x)
+    model(x[rank * IMAGES_PER_RANK:(rank + 1) * IMAGES_PER_RANK])
+    for name, layer in moe_layers(model).items():
+        ours = routing_statistics(gather_plan(layer.last_plan))
+        ref = routing_statistics(moe_layers(reference)[name].last_plan)
+        local = routing_statistics(layer.last_plan)
+        for key in ("load", "dropped_fraction", "importance", "buffer_fill", "router_entropy"):
+            assert _max_diff(ours[key], ref[key]) <= TOL, f"{name} {key}: {ours[key]} vs {ref[key]}"
+        assert not torch.equal(local["load"], ref["load"]), "one rank's tokens already give the global load"
+
+
+def test_routing_statistics_count_every_ranks_tokens(two_ranks):
+    results = two_ranks["gathered_stats"]
+    assert all(r == "ok" for r in results), "\n".join(results)
+
+
 BAD_CASES = ("world", "ep_disagrees", "E", "model_disagrees", "checkpoint_E")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """One start of 2 processes for every 2-process check (starting processes dominates)."""
-    checks = [("equal_ep2", check_equal_to_one_process, (2,))]
+    checks = [("equal_ep2", check_equal_to_one_process, (2,)),
+              ("gathered_stats", check_gathered_routing_statistics, ())]
     # the bad configurations go last: each raises on every rank and leaves the group usable
     checks += [(f"bad_{case}", bad_configuration, (case,)) for case in BAD_CASES]
     return launch(checks, 2, tmp_path_factory.mktemp("two_ranks"))
@@ -234,7 +321,8 @@ def four_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("four_ranks")
     checks = [("equal_ep2", check_equal_to_one_process, (2,)),
               ("equal_ep4", check_equal_to_one_process, (4,)),
-              ("checkpoint", check_state_dict_independent_of_ep, (2, str(out / "ep2.pt")))]
+              ("checkpoint", check_state_dict_independent_of_ep, (2, str(out / "ep2.pt"))),
+              ("optimizer_state", check_optimizer_state_independent_of_ep, (2,))]
     return launch(checks, 4, out)
 
 

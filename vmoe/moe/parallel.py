@@ -28,6 +28,7 @@ configuration is compared with one small ``all_gather_object`` before any other 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -42,7 +43,7 @@ from .layer import moe_layers
 __all__ = ["MESH_DIM_NAMES", "ExpertParallelExperts", "expert_parallel_mesh", "shard_experts",
            "unshard_experts", "expert_parallel_layers", "expert_parameters", "full_state_dict",
            "reduce_expert_gradients", "average_gradients", "clip_grad_norm_",
-           "check_same_configuration"]
+           "check_same_configuration", "gather_plan"]
 
 MESH_DIM_NAMES = ("dp", "ep")
 _EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -327,3 +328,27 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, model: 
     for p in params:
         p.grad.mul_(scale.to(p.grad.device, p.grad.dtype))
     return total
+
+
+@torch.no_grad()
+def gather_plan(plan, group: Optional[dist.ProcessGroup] = None):
+    """One plan of every rank's groups: each tensor field of the plan (a dataclass of
+    [G, ...] tensors, e.g. ``RoutingPlan``) all-gathered along G over ``group`` (default: the
+    world), so statistics read from it count every rank's tokens. A missing ``valid`` mask
+    (no padding) becomes all-True first, so the ranks always exchange the same fields. Every
+    rank calls, with plans of the same shapes (the same local batch)."""
+    if not dataclasses.is_dataclass(plan):
+        raise TypeError(f"gather_plan needs a dataclass plan (RoutingPlan), got {type(plan).__name__}")
+    world = dist.get_world_size(group)
+    changes = {}
+    for field in dataclasses.fields(plan):
+        value = getattr(plan, field.name)
+        if value is None and field.name == "valid":
+            G, S = plan.expert_index.shape[:2]
+            value = torch.ones(G, S, dtype=torch.bool, device=plan.expert_index.device)
+        if torch.is_tensor(value):
+            sent = value.to(torch.uint8) if value.dtype == torch.bool else value.contiguous()  # gloo: no bool
+            parts = [torch.empty_like(sent) for _ in range(world)]
+            dist.all_gather(parts, sent, group=group)
+            changes[field.name] = torch.cat(parts).to(value.dtype)
+    return dataclasses.replace(plan, **changes)
