@@ -1,6 +1,7 @@
 """``vmoe fit`` with ExpertParallelStrategy (from the YAML) on 2 CPU processes (gloo): it trains,
 both ranks end with the same full model, the checkpoint holds all E experts (weights and
 optimizer state), and the exported directory loads in one process with the same logits."""
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,24 @@ class RecordShardsAndLogits(L.Callback):
         save_file({**state, "probe_logits": logits}, os.path.join(self.out_dir, f"rank{rank}.safetensors"))
 
 
+class CheckResumedOptimizer(L.Callback):
+    """On a resumed run: the optimizer state after loading (sliced to this rank's experts) gathers
+    back to the checkpoint's full-E state; each rank writes what differs."""
+
+    def __init__(self, out_dir: str, ckpt: str):
+        self.out_dir, self.ckpt = out_dir, ckpt
+
+    def on_train_start(self, trainer, pl_module):
+        saved = read_checkpoint(self.ckpt)["optimizer_states"][0]["state"]
+        now = trainer.strategy.optimizer_state(trainer.optimizers[0])["state"]  # a collective
+        differ = [f"{i}.{k}" for i in saved for k, v in saved[i].items()
+                  if torch.is_tensor(v) and not torch.equal(v, now[i][k])]
+        local = [tuple(v.shape) for v in trainer.optimizers[0].state_dict()["state"].values()
+                 for v in v.values() if torch.is_tensor(v) and v.dim() == 3]
+        Path(self.out_dir, f"resumed{trainer.global_rank}.json").write_text(
+            json.dumps({"differ": differ, "shapes": sorted(set(local))}))
+
+
 def test_vmoe_fit_with_expert_parallel_strategy_on_two_processes(tmp_path):
     out = tmp_path / "ranks"
     out.mkdir()
@@ -60,8 +79,10 @@ def test_vmoe_fit_with_expert_parallel_strategy_on_two_processes(tmp_path):
         "--model.warmup_steps", "1", "--routing_stats.figures", "true", "--routing_stats.every_n_steps", "2",
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csv'}",
         "--trainer.callbacks+=tests.test_expert_parallel_fit.RecordShardsAndLogits",
-        f"--trainer.callbacks.out_dir={out}", timeout=300)
+        f"--trainer.callbacks.out_dir={out}", "--test_after_fit", "true", "--trainer.limit_test_batches", "2",
+        timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "test accuracy: acc1" in proc.stdout  # testing after fit shards the experts again
     # while training, each rank held 2 of the 4 experts of each MoE layer
     for rank in (0, 1):
         assert (out / f"shards{rank}.txt").read_text() == repr([(2, 64, 128), (2, 64, 128)])
@@ -96,6 +117,22 @@ def test_vmoe_fit_with_expert_parallel_strategy_on_two_processes(tmp_path):
     one = VmoeClassifier(model_name="vmoe_tiny_e4_k2", num_classes=10)
     one.load_state_dict(ckpt["state_dict"])
     assert all(torch.equal(v, r0[k]) for k, v in one.state_dict().items())
+
+    # resume with ep=2: each rank gets its experts' optimizer state back, exactly
+    last = str(next((tmp_path / "run").rglob("last.ckpt")))
+    proc = cli_subprocess(
+        tmp_path / "run", "--config", str(overlay), "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--model.warmup_steps", "1",
+        "--ckpt_path", last, "--export.enabled", "false",
+        "--trainer.callbacks+=tests.test_expert_parallel_fit.CheckResumedOptimizer",
+        f"--trainer.callbacks.out_dir={out}", f"--trainer.callbacks.ckpt={last}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        resumed = json.loads((out / f"resumed{rank}.json").read_text())
+        assert resumed["differ"] == [], (rank, resumed)
+        # the expert moments on the rank are its 2 experts' ([E/ep, d, h] and [E/ep, h, d])
+        assert [2, 64, 128] in resumed["shapes"] and [4, 64, 128] not in resumed["shapes"], resumed
 
 
 def test_strategy_rejects_a_bad_expert_parallel_size():
