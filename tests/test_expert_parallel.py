@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from vmoe.models import save_pretrained
 from vmoe.moe import MoeMlp, moe_layers, routing_statistics
 from vmoe.moe.parallel import (ExpertParallelExperts, average_gradients, clip_grad_norm_,
+                               gather_optimizer_state, shard_optimizer_state,
                                expert_parallel_mesh, full_state_dict, gather_plan, shard_experts,
                                unshard_experts)
 
@@ -37,16 +38,19 @@ def _entry(rank, checks, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
+    results, seconds = {}, {}
     try:
         for key, fn, args in checks:  # every rank runs the same checks in the same order
+            start = time.perf_counter()
             try:
                 fn(rank, world, *args)
                 results[key] = "ok"
             except Exception as err:  # recorded for the parent: which rank raised what
                 results[key] = f"error {type(err).__name__}: {err}\n{traceback.format_exc()}"
+            seconds[key] = round(time.perf_counter() - start, 2)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        Path(out_dir, f"seconds{rank}.json").write_text(json.dumps(seconds))  # to see what costs
         dist.destroy_process_group()
 
 
@@ -249,7 +253,6 @@ def _step(model, optimizer, mesh, world, rank):
 def check_optimizer_state_independent_of_ep(rank, world, ep):
     """A step with ep, its gathered optimizer state equals the one-process state; loaded into
     ep=world (sliced), the next step leaves the one-process weights."""
-    from vmoe.train.strategy import gather_optimizer_state, shard_optimizer_state
     sgd = dict(lr=0.5, momentum=0.9)
     reference = tiny_model()
     ref_opt = torch.optim.SGD(reference.parameters(), **sgd)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,8 @@ from .layer import moe_layers
 __all__ = ["MESH_DIM_NAMES", "ExpertParallelExperts", "expert_parallel_mesh", "shard_experts",
            "unshard_experts", "expert_parallel_layers", "expert_parameters", "full_state_dict",
            "reduce_expert_gradients", "average_gradients", "clip_grad_norm_",
-           "check_same_configuration", "gather_plan"]
+           "check_same_configuration", "gather_plan", "gather_optimizer_state",
+           "shard_optimizer_state"]
 
 MESH_DIM_NAMES = ("dp", "ep")
 _EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -136,7 +137,8 @@ class ExpertParallelExperts(Experts):
                 full, mine = getattr(experts, name), getattr(self, name)
                 if full is not None:
                     mine.data = full.detach()[rank * local:(rank + 1) * local].clone()
-        self._register_load_state_dict_pre_hook(self._slice_full_state)
+                    mine.requires_grad_(full.requires_grad)  # frozen experts stay frozen
+        self.register_load_state_dict_pre_hook(self._slice_full_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [E, T, d] (T = G*C rows per expert, this rank's tokens) -> [E, T, d']."""
@@ -165,7 +167,7 @@ class ExpertParallelExperts(Experts):
     def _count_grad(self, grad: torch.Tensor) -> None:
         self.bytes_sent += self._bytes_to_peers(grad)
 
-    def _slice_full_state(self, state_dict, prefix, *args) -> None:
+    def _slice_full_state(self, module, state_dict, prefix, *args) -> None:
         """Loading a full-E state dict keeps this rank's slabs; any other E is an error."""
         for name in _EXPERT_PARAMS:
             key = prefix + name
@@ -260,6 +262,7 @@ def unshard_experts(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             for pn, value in full.items():
                 getattr(plain, pn).data = value
+                getattr(plain, pn).requires_grad_(getattr(experts, pn).requires_grad)
         plain.train(experts.training)
         module.experts = plain.to(experts.fc1_weight.device)
     return model
@@ -273,6 +276,62 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         prefix = f"{name}." if name else ""
         for pn, value in layer.gathered().items():
             state[prefix + pn] = value
+    return state
+
+
+def _expert_param_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[int, ExpertParallelExperts]:
+    """{index of the parameter in ``optimizer.state_dict()``: its expert-parallel layer}."""
+    owner = {id(p): layer for layer in expert_parallel_layers(model).values() for p in layer.parameters()}
+    slots, index = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) in owner:
+                slots[index] = owner[id(p)]
+            index += 1
+    return slots
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[str, Any]:
+    """``optimizer.state_dict()`` with the per-expert state of sharded expert parameters (e.g.
+    Adam's moments, [E/ep, ...]) gathered to [E, ...]: the optimizer state of the one-process
+    model. A collective: every rank calls."""
+    state = optimizer.state_dict()
+    slots = _expert_param_slots(optimizer, model)
+    state["state"] = dict(state["state"])
+    for index in sorted(slots):
+        layer = slots[index]
+        entry = dict(state["state"].get(index, {}))
+        for key in sorted(entry):
+            value = entry[key]
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == layer.num_local_experts:
+                parts = [torch.empty_like(value) for _ in range(layer.ep_size)]
+                dist.all_gather(parts, value.contiguous(), group=layer.group)
+                entry[key] = torch.cat(parts)
+        if entry:
+            state["state"][index] = entry
+    return state
+
+
+def shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                          model: nn.Module) -> Dict[str, Any]:
+    """The inverse of ``gather_optimizer_state``: keep this rank's experts of every per-expert
+    state tensor. ValueError when the state was saved with another number of experts."""
+    slots = _expert_param_slots(optimizer, model)
+    state = dict(state)
+    state["state"] = dict(state["state"])
+    for index, layer in slots.items():
+        entry = dict(state["state"].get(index, {}))
+        for key, value in entry.items():
+            if not (torch.is_tensor(value) and value.dim() > 0):
+                continue
+            if value.shape[0] != layer.num_experts:
+                raise ValueError(f"optimizer state {index}.{key} holds {value.shape[0]} experts, the "
+                                 f"model {layer.num_experts}: the checkpoint was saved with another "
+                                 "number of experts")
+            start = layer.ep_rank * layer.num_local_experts
+            entry[key] = value[start:start + layer.num_local_experts].clone()
+        if entry:
+            state["state"][index] = entry
     return state
 
 

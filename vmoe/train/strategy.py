@@ -38,67 +38,12 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
-from vmoe.moe.parallel import (ExpertParallelExperts, clip_grad_norm_, expert_parallel_layers,
-                               expert_parallel_mesh, expert_parameters, full_state_dict,
-                               reduce_expert_gradients, shard_experts, unshard_experts)
+from vmoe.moe.parallel import (clip_grad_norm_, expert_parallel_layers, expert_parallel_mesh,
+                               expert_parameters, full_state_dict, gather_optimizer_state,
+                               reduce_expert_gradients, shard_experts, shard_optimizer_state,
+                               unshard_experts)
 
-__all__ = ["ExpertParallelStrategy", "gather_optimizer_state", "shard_optimizer_state"]
-
-
-def _expert_param_slots(optimizer: Optimizer, model: torch.nn.Module) -> Dict[int, ExpertParallelExperts]:
-    """{index of the parameter in ``optimizer.state_dict()``: its expert-parallel layer}."""
-    owner = {id(p): layer for layer in expert_parallel_layers(model).values() for p in layer.parameters()}
-    slots, index = {}, 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) in owner:
-                slots[index] = owner[id(p)]
-            index += 1
-    return slots
-
-
-def gather_optimizer_state(optimizer: Optimizer, model: torch.nn.Module) -> Dict[str, Any]:
-    """``optimizer.state_dict()`` with the per-expert state of sharded expert parameters (e.g.
-    Adam's moments, [E/ep, ...]) gathered to [E, ...]: the optimizer state of the one-process
-    model. A collective: every rank calls."""
-    state = optimizer.state_dict()
-    slots = _expert_param_slots(optimizer, model)
-    state["state"] = dict(state["state"])
-    for index in sorted(slots):
-        layer = slots[index]
-        entry = dict(state["state"].get(index, {}))
-        for key in sorted(entry):
-            value = entry[key]
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == layer.num_local_experts:
-                parts = [torch.empty_like(value) for _ in range(layer.ep_size)]
-                torch.distributed.all_gather(parts, value.contiguous(), group=layer.group)
-                entry[key] = torch.cat(parts)
-        if entry:
-            state["state"][index] = entry
-    return state
-
-
-def shard_optimizer_state(state: Mapping[str, Any], optimizer: Optimizer,
-                          model: torch.nn.Module) -> Dict[str, Any]:
-    """The inverse of ``gather_optimizer_state``: keep this rank's experts of every per-expert
-    state tensor. ValueError when the state was saved with another number of experts."""
-    slots = _expert_param_slots(optimizer, model)
-    state = dict(state)
-    state["state"] = dict(state["state"])
-    for index, layer in slots.items():
-        entry = dict(state["state"].get(index, {}))
-        for key, value in entry.items():
-            if not (torch.is_tensor(value) and value.dim() > 0):
-                continue
-            if value.shape[0] != layer.num_experts:
-                raise ValueError(f"optimizer state {index}.{key} holds {value.shape[0]} experts, the "
-                                 f"model {layer.num_experts}: the checkpoint was saved with another "
-                                 "number of experts")
-            start = layer.ep_rank * layer.num_local_experts
-            entry[key] = value[start:start + layer.num_local_experts].clone()
-        if entry:
-            state["state"][index] = entry
-    return state
+__all__ = ["ExpertParallelStrategy"]
 
 
 class ExpertParallelStrategy(DDPStrategy):
