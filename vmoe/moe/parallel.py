@@ -335,6 +335,14 @@ def shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optim
     return state
 
 
+def _all_reduce_sum(tensors: List[torch.Tensor], group: Optional[dist.ProcessGroup] = None) -> None:
+    """Sum ``tensors`` over ``group`` in place with one collective (flattened together)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
 def reduce_expert_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
     """Expert gradients -> the gradient of the global-batch mean loss: SUM over the dp group,
     divided by the world size (see the module docstring). Call once per optimizer step, after
@@ -345,11 +353,9 @@ def reduce_expert_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
     if not grads:
         return
     if mesh.size(0) > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for all slabs
-        dist.all_reduce(flat, group=mesh.get_group("dp"))
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-    torch._foreach_div_(grads, float(world))
+        _all_reduce_sum(grads, mesh.get_group("dp"))
+    for g in grads:
+        g.div_(world)
 
 
 def average_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
@@ -358,12 +364,17 @@ def average_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
     experts = {id(p) for _, p in expert_parameters(model)}
     grads = [p.grad for p in model.parameters() if id(p) not in experts and p.grad is not None]
     if grads and dist.get_world_size() > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-        torch._foreach_div_(grads, float(dist.get_world_size()))
+        _all_reduce_sum(grads)
+        for g in grads:
+            g.div_(dist.get_world_size())
     reduce_expert_gradients(model, mesh)
+
+
+def _squared_norm(params: List[torch.Tensor], device_type: str) -> torch.Tensor:
+    """Sum of the squared gradient entries of ``params`` (float32 scalar; 0 for none)."""
+    if not params:
+        return torch.zeros((), device=device_type)
+    return torch.stack([p.grad.detach().float().pow(2).sum() for p in params]).sum()
 
 
 @torch.no_grad()
@@ -374,13 +385,8 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, model: 
     computes the same global norm and scales by the same factor. Returns the total norm."""
     params = [p for p in parameters if p.grad is not None]
     experts = {id(p) for _, p in expert_parameters(model)}
-    def sq(ps):
-        ps = list(ps)
-        if not ps:
-            return torch.zeros((), device=mesh.device_type)
-        return torch.stack([p.grad.detach().float().pow(2).sum() for p in ps]).sum()
-    shared = sq(p for p in params if id(p) not in experts)
-    local = sq(p for p in params if id(p) in experts).to(shared.device)
+    shared = _squared_norm([p for p in params if id(p) not in experts], mesh.device_type)
+    local = _squared_norm([p for p in params if id(p) in experts], mesh.device_type).to(shared.device)
     dist.all_reduce(local, group=mesh.get_group("ep"))
     total = (shared + local).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
