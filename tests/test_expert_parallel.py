@@ -1,6 +1,7 @@
 """Expert parallelism on CPU processes (gloo): the sharded model computes what the one-process
 model computes (outputs, input and parameter gradients, an optimizer step), state dicts do not
 depend on ep, and bad configurations raise on every rank instead of hanging."""
+import copy
 import json
 import os
 import socket
@@ -290,8 +291,9 @@ def check_gathered_routing_statistics(rank, world):
     reference = tiny_model()
     model = shard_experts(tiny_model(), expert_parallel_mesh(world))
     x, _ = global_batch(world)
-    reference(x)
-    model(x[rank * IMAGES_PER_RANK:(rank + 1) * IMAGES_PER_RANK])
+    with torch.no_grad():  # (a module keeping a loss with grad cannot be deep-copied below)
+        reference(x)
+        model(x[rank * IMAGES_PER_RANK:(rank + 1) * IMAGES_PER_RANK])
     for name, layer in moe_layers(model).items():
         ours = routing_statistics(gather_plan(layer.last_plan))
         ref = routing_statistics(moe_layers(reference)[name].last_plan)
@@ -299,6 +301,12 @@ def check_gathered_routing_statistics(rank, world):
         for key in ("load", "dropped_fraction", "importance", "buffer_fill", "router_entropy"):
             assert _max_diff(ours[key], ref[key]) <= TOL, f"{name} {key}: {ours[key]} vs {ref[key]}"
         assert not torch.equal(local["load"], ref["load"]), "one rank's tokens already give the global load"
+    # a deep copy (EMA, detached copies) shares the process group and computes the same
+    clone = copy.deepcopy(model)
+    assert clone.blocks[1].mlp.experts.group is model.blocks[1].mlp.experts.group
+    part = x[rank * IMAGES_PER_RANK:(rank + 1) * IMAGES_PER_RANK]
+    with torch.no_grad():
+        assert torch.equal(clone(part), model(part))
 
 
 def test_routing_statistics_count_every_ranks_tokens(two_ranks):

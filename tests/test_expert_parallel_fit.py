@@ -4,10 +4,13 @@ optimizer state), and the exported directory loads in one process with the same 
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file, save_file
 
 import vmoe.models as vm
@@ -135,9 +138,16 @@ def test_vmoe_fit_with_expert_parallel_strategy_on_two_processes(tmp_path):
         assert [2, 64, 128] in resumed["shapes"] and [4, 64, 128] not in resumed["shapes"], resumed
 
 
-def test_strategy_rejects_a_bad_expert_parallel_size():
+def test_strategy_rejects_a_bad_expert_parallel_size_ema_and_predict():
     with pytest.raises(ValueError, match="expert_parallel_size=0 must be an int >= 1"):
         ExpertParallelStrategy(expert_parallel_size=0)
+    strategy = ExpertParallelStrategy(expert_parallel_size=2)
+    fitting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), callbacks=[EMAWeightAveraging()])
+    with pytest.raises(NotImplementedError, match="weight averaging"):
+        strategy.setup(fitting)
+    predicting = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.PREDICTING), callbacks=[])
+    with pytest.raises(NotImplementedError, match="predict with ExpertParallelStrategy is not supported"):
+        strategy.setup(predicting)
     trainer = L.Trainer(strategy="expert_parallel_2", accelerator="cpu", devices=2, logger=False)
     assert isinstance(trainer.strategy, ExpertParallelStrategy)
     assert trainer.strategy.expert_parallel_size == 2

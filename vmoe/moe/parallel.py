@@ -140,6 +140,15 @@ class ExpertParallelExperts(Experts):
                     mine.requires_grad_(full.requires_grad)  # frozen experts stay frozen
         self.register_load_state_dict_pre_hook(self._slice_full_state)
 
+    def __deepcopy__(self, memo):
+        """A copy that shares the process group (a handle to the ranks, which cannot be copied)."""
+        memo[id(self.group)] = self.group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [E, T, d] (T = G*C rows per expert, this rank's tokens) -> [E, T, d']."""
         E, T, d = x.shape

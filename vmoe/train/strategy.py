@@ -24,15 +24,17 @@ setup every MoE layer keeps this rank's E/ep experts and DDP is told to leave th
   At the end of a stage the model is put back together (``unshard_experts``) on every rank, so
   ``ExportPretrained`` writes what a one-process run writes.
 
-Limits: automatic optimization only; ``predict`` is refused (Lightning's predict sampler gives
-ranks unequal batch counts, and every rank must join every all-to-all): predict with the exported
-model; expert dropout draws on the rank that runs the expert.
+Limits: automatic optimization only; weight averaging (``ema.decay``) is refused; ``predict``
+is refused (Lightning's predict sampler gives ranks unequal batch counts, and every rank must
+join every all-to-all): predict with the exported model; expert dropout draws on the rank that
+runs the expert.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -77,6 +79,11 @@ class ExpertParallelStrategy(DDPStrategy):
                 "predict with ExpertParallelStrategy is not supported (ranks get unequal numbers of "
                 "batches, and every rank must join every all-to-all); predict with the exported "
                 "model (vmoe predict) in one process or with strategy ddp")
+        if any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+            raise NotImplementedError(
+                "weight averaging (ema.decay, Lightning's EMAWeightAveraging) is not supported with "
+                "ExpertParallelStrategy: its averaged copy would hold this rank's experts only and "
+                "be saved that way; train without it, or with strategy ddp")
         module = self.lightning_module
         shard_experts(module, self.mesh)
         # DDP neither broadcasts nor averages the slabs: they differ from rank to rank
