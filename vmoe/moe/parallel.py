@@ -407,19 +407,20 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, model: 
 @torch.no_grad()
 def gather_plan(plan, group: Optional[dist.ProcessGroup] = None):
     """One plan of every rank's groups: each tensor field of the plan (a dataclass of
-    [G, ...] tensors, e.g. ``RoutingPlan``) all-gathered along G over ``group`` (default: the
+    [G, S, ...] tensors: ``RoutingPlan``, Soft MoE's plan) all-gathered along G over ``group`` (default: the
     world), so statistics read from it count every rank's tokens. A missing ``valid`` mask
     (no padding) becomes all-True first, so the ranks always exchange the same fields. Every
     rank calls, with plans of the same shapes (the same local batch)."""
     if not dataclasses.is_dataclass(plan):
         raise TypeError(f"gather_plan needs a dataclass plan (RoutingPlan), got {type(plan).__name__}")
     world = dist.get_world_size(group)
+    tensors = [getattr(plan, f.name) for f in dataclasses.fields(plan)
+               if torch.is_tensor(getattr(plan, f.name))]
     changes = {}
     for field in dataclasses.fields(plan):
         value = getattr(plan, field.name)
-        if value is None and field.name == "valid":
-            G, S = plan.expert_index.shape[:2]
-            value = torch.ones(G, S, dtype=torch.bool, device=plan.expert_index.device)
+        if value is None and field.name == "valid":  # every plan's fields start with [G, S]
+            value = torch.ones(tensors[0].shape[:2], dtype=torch.bool, device=tensors[0].device)
         if torch.is_tensor(value):
             sent = value.to(torch.uint8) if value.dtype == torch.bool else value.contiguous()  # gloo: no bool
             parts = [torch.empty_like(sent) for _ in range(world)]
