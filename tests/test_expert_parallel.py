@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from vmoe.models import save_pretrained
 from vmoe.moe import MoeMlp, moe_layers, routing_statistics
 from vmoe.moe.parallel import (ExpertParallelExperts, average_gradients, clip_grad_norm_,
-                               gather_optimizer_state, shard_optimizer_state,
+                               exclude_experts_from_ddp, gather_optimizer_state,
+                               reduce_expert_gradients, shard_optimizer_state,
                                expert_parallel_mesh, full_state_dict, gather_plan, shard_experts,
                                unshard_experts)
 
@@ -309,6 +310,43 @@ def check_gathered_routing_statistics(rank, world):
         assert torch.equal(clone(part), model(part))
 
 
+def check_ddp_with_sharded_experts(rank, world, ep):
+    """The strategy's recipe without Lightning: DDP (ignoring the slabs) + reduce_expert_gradients
+    after backward give the one-process gradients; DDP leaves each rank's slabs its own."""
+    from torch.nn.parallel import DistributedDataParallel
+    reference = tiny_model()
+    model = tiny_model()
+    mesh = expert_parallel_mesh(ep)
+    shard_experts(model, mesh)
+    exclude_experts_from_ddp(model)
+    ddp = DistributedDataParallel(model)
+    x, y = global_batch(world)
+    loss_fn(reference, x, y)[1].backward()
+    part = slice(rank * IMAGES_PER_RANK, (rank + 1) * IMAGES_PER_RANK)
+    logits = ddp(x[part])
+    aux = sum(layer.aux_loss for layer in moe_layers(model).values())
+    (nn.functional.cross_entropy(logits, y[part]) + aux).backward()
+    reduce_expert_gradients(model, mesh)
+    ref = dict(reference.named_parameters())
+    start = mesh.get_local_rank("ep") * (4 // ep)
+    problems = []
+    for name, p in model.named_parameters():
+        want = ref[name].grad
+        if name.endswith(("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")):
+            want = want[start:start + 4 // ep]
+            if not torch.equal(p.detach(), ref[name].detach()[start:start + 4 // ep]):
+                problems.append(f"DDP overwrote this rank's {name}")
+        if _max_diff(p.grad, want) > TOL:
+            problems.append(f"grad of {name} differs by {_max_diff(p.grad, want)}")
+    if problems:
+        raise AssertionError("; ".join(problems[:8]))
+
+
+def test_ddp_ignoring_the_slabs_plus_expert_reduction_equals_one_process(four_ranks):
+    results = four_ranks["ddp_ep2"]
+    assert all(r == "ok" for r in results), "\n".join(results)
+
+
 def test_routing_statistics_count_every_ranks_tokens(two_ranks):
     results = two_ranks["gathered_stats"]
     assert all(r == "ok" for r in results), "\n".join(results)
@@ -333,7 +371,8 @@ def four_ranks(tmp_path_factory):
     checks = [("equal_ep2", check_equal_to_one_process, (2,)),
               ("equal_ep4", check_equal_to_one_process, (4,)),
               ("checkpoint", check_state_dict_independent_of_ep, (2, str(out / "ep2.pt"))),
-              ("optimizer_state", check_optimizer_state_independent_of_ep, (2,))]
+              ("optimizer_state", check_optimizer_state_independent_of_ep, (2,)),
+              ("ddp_ep2", check_ddp_with_sharded_experts, (2,))]
     return launch(checks, 4, out)
 
 

@@ -44,7 +44,7 @@ __all__ = ["MESH_DIM_NAMES", "ExpertParallelExperts", "expert_parallel_mesh", "s
            "unshard_experts", "expert_parallel_layers", "expert_parameters", "full_state_dict",
            "reduce_expert_gradients", "average_gradients", "clip_grad_norm_",
            "check_same_configuration", "gather_plan", "gather_optimizer_state",
-           "shard_optimizer_state"]
+           "shard_optimizer_state", "exclude_experts_from_ddp"]
 
 MESH_DIM_NAMES = ("dp", "ep")
 _EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -254,6 +254,13 @@ def expert_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     """(qualified name, parameter) of every sharded expert parameter of ``model``."""
     return [(f"{n}.{pn}", p) for n, m in expert_parallel_layers(model).items()
             for pn, p in m.named_parameters(recurse=False)]
+
+
+def exclude_experts_from_ddp(model: nn.Module) -> None:
+    """Make ``DistributedDataParallel(model)`` neither broadcast nor average the sharded expert
+    parameters (they differ from rank to rank; ``reduce_expert_gradients`` reduces them): DDP's
+    list of parameters to ignore. Call before wrapping; ``model`` is the module DDP wraps."""
+    model._ddp_params_and_buffers_to_ignore = [name for name, _ in expert_parameters(model)]
 
 
 def unshard_experts(model: nn.Module) -> nn.Module:

@@ -40,8 +40,8 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
-from vmoe.moe.parallel import (clip_grad_norm_, expert_parallel_layers, expert_parallel_mesh,
-                               expert_parameters, full_state_dict, gather_optimizer_state,
+from vmoe.moe.parallel import (clip_grad_norm_, exclude_experts_from_ddp, expert_parallel_layers,
+                               expert_parallel_mesh, full_state_dict, gather_optimizer_state,
                                reduce_expert_gradients, shard_experts, shard_optimizer_state,
                                unshard_experts)
 
@@ -86,8 +86,7 @@ class ExpertParallelStrategy(DDPStrategy):
                 "be saved that way; train without it, or with strategy ddp")
         module = self.lightning_module
         shard_experts(module, self.mesh)
-        # DDP neither broadcasts nor averages the slabs: they differ from rank to rank
-        module._ddp_params_and_buffers_to_ignore = [name for name, _ in expert_parameters(module)]
+        exclude_experts_from_ddp(module)  # the slabs differ from rank to rank
         super().setup(trainer)
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
