@@ -24,6 +24,7 @@ from vmoe.checkpoints import read_safetensors_header
 
 from ..jsonable import to_jsonable
 from ..moe import moe_layers, read_routing, restore_routing
+from ..moe.parallel import expert_parallel_layers
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
 from .model_card import VMOE_FACTORY_PREFIXES, model_card as make_model_card
@@ -93,6 +94,10 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
     disk raises OSError naming ``directory`` and leaves it as it was).
     """
     model_config(model)  # refuses an unsaveable model before anything is written
+    if expert_parallel_layers(model):
+        raise ValueError("cannot save an expert-parallel model (it holds E/ep experts per layer): "
+                         "call vmoe.moe.parallel.unshard_experts(model) on every rank first, "
+                         "then save on one")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with staged_save_dir(directory, overwrite) as tmp:
         try:

@@ -19,7 +19,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 import vmoe.models as vm
 import vmoe.viz as viz
-from vmoe.moe import SOFT_TRAIN_STATS, SoftRoutingPlan
+from vmoe.moe import SOFT_TRAIN_STATS, SoftRoutingPlan, routing_statistics
+from vmoe.moe.parallel import expert_parallel_layers, gather_plan
 
 __all__ = ["RoutingStatsLogger", "ExportPretrained"]
 
@@ -70,7 +71,7 @@ class RoutingStatsLogger(L.Callback):
         if step % self.every_n_steps or not trainer.loggers or not vm.moe_layers(pl_module.model):
             return
         values = {}
-        stats = vm.routing_stats(pl_module.model)
+        stats = _routing_stats_over_ranks(pl_module.model)
         for layer, losses in vm.aux_losses(pl_module.model).items():
             short = _short(layer)
             # A Soft MoE layer drops nothing and has no load: its own statistics instead.
@@ -81,7 +82,8 @@ class RoutingStatsLogger(L.Callback):
                 values[f"routing/{short}/{name}_loss"] = value.detach()
         # Straight to the loggers (not self.log, which would repeat the value every step until
         # the next update); one host sync every N steps.
-        values = dict(zip(values, torch.stack([v.float() for v in values.values()]).tolist()))
+        stacked = _mean_over_ranks(torch.stack([v.float() for v in values.values()]))  # the losses
+        values = dict(zip(values, stacked.tolist()))
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
@@ -100,7 +102,7 @@ class RoutingStatsLogger(L.Callback):
                 pl_module.log(f"val_routing/{_short(layer)}/dropped_fraction", s["dropped_fraction"].float(),
                               on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         self._batches += 1
-        if not self.figures or not trainer.is_global_zero:
+        if not self.figures:  # every rank counts: the chart shows every rank's tokens
             return
         for name, layer in layers.items():  # counts stay on the device: no host sync per batch
             if isinstance(layer.last_plan, SoftRoutingPlan):
@@ -118,25 +120,34 @@ class RoutingStatsLogger(L.Callback):
         # Figures cost ~0.5 s each: draw them every n-th validation, and always on the last epoch.
         last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0
         due = (self._val_count - 1) % self.figures_every_n_val == 0 or last
-        if not self.figures or not due or not trainer.is_global_zero or not self._batches:
+        if not self.figures or not due or not self._batches:
+            return
+        self._load = _sum_over_ranks(self._load)
+        # trainer.log_dir is a broadcast under DDP: every rank asks, or rank 0 waits forever
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
+        # an expert-parallel forward is a collective: then every rank draws the routing map
+        every_rank = bool(expert_parallel_layers(pl_module.model))
+        if not trainer.is_global_zero and not every_rank:
+            return
+        was_training = pl_module.model.training
+        routing_map = viz.routing_figure(pl_module.model.eval(), self._images.to(pl_module.device))
+        pl_module.model.train(was_training)
+        if not trainer.is_global_zero:
+            plt.close(routing_map)
             return
         step = trainer.global_step
         names = list(self._load)
-        if names:
+        figs = {}
+        if names:  # sparse layers only: a Soft MoE layer has no load to count
             routed = torch.stack([self._load[n][0] for n in names]).cpu().numpy()    # [L, K, E]
             kept = torch.stack([self._load[n][1] for n in names]).cpu().numpy()      # [L, K, E]
             capacity = [self._load[n][2] for n in names]                              # [L]
-        figs = {}
-        if names:  # sparse layers only
             figs["expert_load"] = viz.expert_load_chart([_short(n) for n in names], routed, kept, capacity,
                                                         f"validation expert load, step {step}")[0]
-        was_training = pl_module.model.training
-        figs["routing_map"] = viz.routing_figure(pl_module.model.eval(), self._images.to(pl_module.device))
-        pl_module.model.train(was_training)
-        self._emit(trainer, figs, step)
+        figs["routing_map"] = routing_map
+        self._emit(trainer, figs, step, out_dir)
 
-    def _emit(self, trainer, figs, step: int) -> None:
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
+    def _emit(self, trainer, figs, step: int, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, fig in figs.items():
             path = out_dir / f"{name}.png"
@@ -151,6 +162,46 @@ class RoutingStatsLogger(L.Callback):
                 except Exception as err:  # a logger failing to take a picture must not stop training
                     log.warning("could not log %s to %s: %s", name, type(logger).__name__, err)
             plt.close(fig)  # pyplot keeps every open figure: one set per validation would pile up
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _routing_stats_over_ranks(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
+    """``routing_statistics`` of each layer's last plan, over every rank's groups (the plans
+    are gathered: expert load counts every rank's tokens) when running distributed."""
+    plans = vm.routing_plans(model)
+    if _distributed():
+        plans = {name: gather_plan(plan) for name, plan in plans.items()}
+    return {name: routing_statistics(plan) for name, plan in plans.items()}
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return values
+
+
+def _sum_over_ranks(load: Dict[str, List]) -> Dict[str, List]:
+    """{layer: [routed [K, E], kept [K, E], capacity]} summed over the ranks (one all_reduce)."""
+    if not _distributed() or not load:
+        return load
+    names = list(load)
+    flat = torch.cat([torch.cat([load[n][0].reshape(-1), load[n][1].reshape(-1),
+                                 torch.tensor([load[n][2]], device=load[n][0].device)]) for n in names])
+    torch.distributed.all_reduce(flat)
+    out, offset = {}, 0
+    for n in names:
+        routed, kept, _ = load[n]
+        size = routed.numel()
+        out[n] = [flat[offset:offset + size].view_as(routed), flat[offset + size:offset + 2 * size].view_as(kept),
+                  int(flat[offset + 2 * size])]
+        offset += 2 * size + 1
+    return out
 
 
 def detached_copy(model: nn.Module) -> nn.Module:
