@@ -51,7 +51,8 @@ def test_quickstart_soft_trains_a_few_steps(tmp_path):
     assert list(layers) == ["blocks.2.mlp", "blocks.3.mlp"] and all(m.is_soft for m in layers.values())
     assert all((m.num_experts, m.num_slots, m.group_size_images) == (4, 4, 1) for m in layers.values())
     assert (model.embed_dim, len(model.blocks), tuple(model.patch_embed.grid_size)) == (64, 4, (4, 4))
-    assert cli.model.hparams.eval_capacity_factor is None   # a Soft MoE has no capacity to change
+    # the default evaluation capacity factor applies to sparse layers only: soft layers run as trained
+    assert cli.model.hparams.eval_capacity_factor == 4.0
     before = layers["blocks.3.mlp"].router.mu.detach().clone()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 4
