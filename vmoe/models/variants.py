@@ -141,30 +141,34 @@ def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
     return model
 
 
-def _paper_variant(size: str, num_experts: int, k: int, placement: str):
-    patch, hidden, depth, mlp, heads = VARIANTS[size]
-    arch = dict(img_size=224, patch_size=patch, embed_dim=hidden, depth=depth, num_heads=heads,
-                mlp_ratio=mlp / hidden, representation_size=hidden, head_bias_init="paper")
-    place = {"every2": dict(every=2), "last2": dict(last=2)}[placement]
-    moe = dict(place, num_experts=num_experts, num_selected=k, **PAPER_MOE_DEFAULTS)
-    name = f"vmoe_{size}_e{num_experts}_k{k}_{placement}"
-
+def _register(name: str, arch: dict, moe: dict, doc: str) -> None:
+    """Register the timm factory ``name(pretrained=False, **kwargs)`` (building through
+    ``_build``) and make it an attribute of this module."""
     def factory(pretrained: bool = False, **kwargs):
         return _build(name, pretrained, arch, moe, kwargs)
 
     factory.__name__ = factory.__qualname__ = name
     factory.__module__ = __name__
-    factory.__doc__ = (f"V-MoE {size[0].upper()}/{size[1:]} ({depth} blocks, hidden {hidden}), E={num_experts}, "
-                       f"K={k}, MoE placement '{placement}'.")
-    return factory
+    factory.__doc__ = doc
+    setattr(sys.modules[__name__], name, register_model(factory))
+
+
+def _paper_variant(size: str, num_experts: int, k: int, placement: str) -> None:
+    patch, hidden, depth, mlp, heads = VARIANTS[size]
+    arch = dict(img_size=224, patch_size=patch, embed_dim=hidden, depth=depth, num_heads=heads,
+                mlp_ratio=mlp / hidden, representation_size=hidden, head_bias_init="paper")
+    place = {"every2": dict(every=2), "last2": dict(last=2)}[placement]
+    moe = dict(place, num_experts=num_experts, num_selected=k, **PAPER_MOE_DEFAULTS)
+    _register(f"vmoe_{size}_e{num_experts}_k{k}_{placement}", arch, moe,
+              f"V-MoE {size[0].upper()}/{size[1:]} ({depth} blocks, hidden {hidden}), E={num_experts}, "
+              f"K={k}, MoE placement '{placement}'.")
 
 
 for _size in VARIANTS:
     for _e in (8, 32):
         for _k in (1, 2):
             for _place in ("every2", "last2"):
-                _fn = _paper_variant(_size, _e, _k, _place)
-                setattr(sys.modules[__name__], _fn.__name__, register_model(_fn))
+                _paper_variant(_size, _e, _k, _place)
 
 
 @register_model
@@ -176,26 +180,18 @@ def vmoe_tiny_e4_k2(pretrained: bool = False, **kwargs):
     return _build("vmoe_tiny_e4_k2", pretrained, arch, moe, kwargs)
 
 
-def _soft_variant(size: str):
+def _soft_variant(size: str) -> None:
     patch, hidden, depth, mlp, heads, experts = SOFT_VARIANTS[size]
     arch = dict(img_size=224, patch_size=patch, embed_dim=hidden, depth=depth, num_heads=heads,
                 mlp_ratio=mlp / hidden, **_SOFT_ARCH)
     moe = dict(blocks=list(range(depth // 2, depth)), num_experts=experts, **SOFT_MOE_PAPER_DEFAULTS)
-    name = f"soft_moe_{size}_e{experts}"
-
-    def factory(pretrained: bool = False, **kwargs):
-        return _build(name, pretrained, arch, moe, kwargs)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__module__ = __name__
-    factory.__doc__ = (f"Soft MoE {size[0].upper()}/{size[1:]} ({depth} blocks, hidden {hidden}), "
-                       f"E={experts}, one slot per expert, MoE in the last {depth - depth // 2} blocks.")
-    return factory
+    _register(f"soft_moe_{size}_e{experts}", arch, moe,
+              f"Soft MoE {size[0].upper()}/{size[1:]} ({depth} blocks, hidden {hidden}), "
+              f"E={experts}, one slot per expert, MoE in the last {depth - depth // 2} blocks.")
 
 
 for _size in SOFT_VARIANTS:
-    _fn = _soft_variant(_size)
-    setattr(sys.modules[__name__], _fn.__name__, register_model(_fn))
+    _soft_variant(_size)
 
 
 @register_model
