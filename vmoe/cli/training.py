@@ -188,7 +188,8 @@ class VmoeCLI(LightningCLI):
             lines.append(f"logs:          {where}  ({type(logger).__name__})")
         for cb in trainer.callbacks:
             if isinstance(cb, ExportPretrained) and cb.export_path is not None:
-                lines.append(f"exported:      {cb.export_path}  (vmoe.models.from_pretrained)")
+                lines.append(f"exported:      {cb.export_path}  (vmoe.models.from_pretrained, or "
+                             "timm.create_model('local-dir:DIR', pretrained=True))")
             if isinstance(cb, RoutingStatsLogger):
                 for name, path in cb.last_figures.items():
                     lines.append(f"{name + ':':<14} {path}")
