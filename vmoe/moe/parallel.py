@@ -176,6 +176,16 @@ class ExpertParallelExperts(Experts):
     def _count_grad(self, grad: torch.Tensor) -> None:
         self.bytes_sent += self._bytes_to_peers(grad)
 
+    def local_slab(self, value: torch.Tensor, what: str) -> torch.Tensor:
+        """value [E, ...] (a full-E weight or optimizer state) -> this rank's [E/ep, ...] rows (a
+        view); ValueError naming ``what`` when the value holds another number of experts."""
+        if value.shape[0] != self.num_experts:
+            raise ValueError(f"{what}: the checkpoint has {value.shape[0]} experts, the model "
+                             f"{self.num_experts} (state dicts of expert-parallel models "
+                             "always hold all E experts)")
+        start = self.ep_rank * self.num_local_experts
+        return value[start:start + self.num_local_experts]
+
     def _slice_full_state(self, module, state_dict, prefix, *args) -> None:
         """Loading a full-E state dict keeps this rank's slabs; any other E is an error."""
         for name in _EXPERT_PARAMS:
@@ -183,12 +193,7 @@ class ExpertParallelExperts(Experts):
             value = state_dict.get(key)
             if value is None or getattr(self, name) is None:
                 continue
-            if value.shape[0] != self.num_experts:
-                raise ValueError(f"{key}: the checkpoint has {value.shape[0]} experts, the model "
-                                 f"{self.num_experts} (state dicts of expert-parallel models "
-                                 "always hold all E experts)")
-            start = self.ep_rank * self.num_local_experts
-            state_dict[key] = value[start:start + self.num_local_experts]
+            state_dict[key] = self.local_slab(value, key)
 
     def gathered(self) -> Dict[str, torch.Tensor]:
         """The full [E, ...] expert tensors (all_gather over the ep group; every rank calls)."""
@@ -340,12 +345,7 @@ def shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optim
         for key, value in entry.items():
             if not (torch.is_tensor(value) and value.dim() > 0):
                 continue
-            if value.shape[0] != layer.num_experts:
-                raise ValueError(f"optimizer state {index}.{key} holds {value.shape[0]} experts, the "
-                                 f"model {layer.num_experts}: the checkpoint was saved with another "
-                                 "number of experts")
-            start = layer.ep_rank * layer.num_local_experts
-            entry[key] = value[start:start + layer.num_local_experts].clone()
+            entry[key] = layer.local_slab(value, f"optimizer state {index}.{key}").clone()
         if entry:
             state["state"][index] = entry
     return state

@@ -135,7 +135,6 @@ class SoftRouter(nn.Module):
                                  f"from capacity_factor={capacity_factor} and the group size in "
                                  "tokens; give group_size (tokens) or num_slots")
             num_slots = soft_slots_per_expert(group_size, num_experts, capacity_factor)
-        check_noise_std(noise_std)
         self.dim = dim
         self.num_experts = num_experts
         self.num_slots = num_slots
