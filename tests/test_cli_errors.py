@@ -260,6 +260,31 @@ def test_write_errors_are_translated_once(tmp_path):
         assert err.value is exc  # not a write failure: unchanged
 
 
+def test_predict_refuses_an_existing_csv_or_a_directory_unless_overwrite(trained, tmp_path, capsys):
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+
+    def predict(path, *extra):
+        return main(["predict", *fast(trained, "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1",
+                                      "--predictions.path", str(path), *extra)])
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("keep me")
+    assert predict(labels) == 2
+    one_line_error(capsys, "predict", rf"predictions\.path {re.escape(str(labels))} exists; pass "
+                                      r"--predictions\.overwrite true")
+    assert labels.read_text() == "keep me"
+    assert predict(labels, "--predictions.overwrite", "true") == 0
+    assert labels.read_text().startswith("image,label,top1,prob1")
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for extra in ([], ["--predictions.overwrite", "true"]):
+        assert predict(folder, *extra) == 2
+        one_line_error(capsys, "predict", rf"predictions\.path {re.escape(str(folder))} is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "labels.csv"]  # no .folder.*.tmp
+    assert list(folder.iterdir()) == []
+
+
 def test_convert_refuses_a_non_empty_out_naming_the_flag(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

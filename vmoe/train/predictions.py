@@ -31,18 +31,21 @@ __all__ = ["PredictionCsvWriter"]
 class PredictionCsvWriter(BasePredictionWriter):
     """Writes ``path`` (the vmoe CLI's default: ``<default_root_dir>/predictions.csv``) during
     predict, rows in dataset order, each batch as it comes; the file appears (atomically) when
-    the predict loop ends. Single process only (under DDP each rank would see a shard).
+    the predict loop ends. An existing file is refused before predicting unless ``overwrite``
+    (``--predictions.overwrite true``), as every vmoe output. Single process only (under DDP
+    each rank would see a shard).
 
     Attributes:
         written: the CSV's path once written, else None; ``rows``: the number of rows.
     """
 
     def __init__(self, path: Optional[str] = None, top_k: int = 5, enabled: bool = True,
-                 expert_usage: bool = False):
+                 expert_usage: bool = False, overwrite: bool = False):
         super().__init__(write_interval="batch")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"predictions.top_k={top_k!r} must be a positive int")
         self.path, self.top_k, self.enabled, self.expert_usage = path, top_k, enabled, expert_usage
+        self.overwrite = overwrite
         self._layers: dict = {}
         self.written: Optional[Path] = None
         self.rows = 0
@@ -57,6 +60,12 @@ class PredictionCsvWriter(BasePredictionWriter):
         if self.path is None:
             raise ValueError("predictions.path is not set (where to write the predictions CSV)")
         target = Path(self.path)
+        if target.is_dir():
+            raise IsADirectoryError(f"predictions.path {target} is a directory; give the CSV file's path, "
+                                    f"e.g. {target / 'predictions.csv'}")
+        if target.exists() and not self.overwrite:
+            raise FileExistsError(f"predictions.path {target} exists; pass --predictions.overwrite true "
+                                  "(overwrite=True) to replace it, or choose another path")
         with failed_write(target, "predictions"):
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
