@@ -285,6 +285,23 @@ def test_predict_refuses_an_existing_csv_or_a_directory_unless_overwrite(trained
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.parametrize("command,extra,pattern", [
+    ("fit", ["--ema.decay", "0.9"], r"weight averaging \(ema\.decay.*not supported with ExpertParallelStrategy"),
+    ("predict", [], r"predict with ExpertParallelStrategy is not supported")])
+def test_expert_parallel_limits_are_one_line_before_any_rank_starts(tmp_path, capsys, command, extra, pattern):
+    assert main([command, *fast(tmp_path, "--trainer.strategy", "expert_parallel_2", "--trainer.devices", "2",
+                                "--trainer.accelerator", "cpu", *extra)]) == 2
+    one_line_error(capsys, command, pattern)
+
+
+def test_unknown_compile_backend_is_named_with_the_valid_ones(tmp_path, capsys):
+    assert main(["fit", *fast(tmp_path, *SMALL, "--model.compile", "true",
+                              "--model.compile_kwargs", "{backend: no_such_backend}")]) == 2
+    one_line_error(capsys, "fit", r"model\.compile_kwargs\.backend='no_such_backend' is not a torch\.compile "
+                                  r"backend; torch .* has .*aot_eager.*inductor")
+    assert not (tmp_path / "checkpoints").exists()  # refused before training
+
+
 def test_convert_refuses_a_non_empty_out_naming_the_flag(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vmoe.train import (
@@ -29,6 +29,7 @@ from vmoe.train import (
 )
 from vmoe.train.loggers import default_logger_config
 from vmoe.train.predictions import PredictionCsvWriter
+from vmoe.train.strategy import ExpertParallelStrategy
 
 from .errors import TrainingInterrupted
 
@@ -110,6 +111,11 @@ class VmoeCLI(LightningCLI):
                 raise ValueError(f"ema.decay={ema.decay} must be in (0, 1)")
             trainer.callbacks.insert(0, EMAWeightAveraging(
                 decay=ema.decay, update_starting_at_step=ema.update_starting_at_step))
+        if isinstance(trainer.strategy, ExpertParallelStrategy):  # one line, before ranks start
+            try:
+                trainer.strategy.check_supported(TrainerFn(self.subcommand), trainer.callbacks)
+            except NotImplementedError as err:
+                raise ValueError(str(err)) from None
         return trainer
 
     def _parse_ckpt_path(self) -> None:
