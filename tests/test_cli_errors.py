@@ -275,6 +275,18 @@ def test_predict_refuses_an_existing_csv_or_a_directory_unless_overwrite(trained
     assert labels.read_text() == "keep me"
     assert predict(labels, "--predictions.overwrite", "true") == 0
     assert labels.read_text().startswith("image,label,top1,prob1")
+    written = labels.read_text()
+
+    from vmoe.train.predictions import PredictionCsvWriter
+
+    def disk_full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:  # a full disk while the rows are written
+        patch.setattr(PredictionCsvWriter, "_write_rows", disk_full)
+        assert predict(labels, "--predictions.overwrite", "true") == 2
+    one_line_error(capsys, "predict", rf"could not write predictions {re.escape(str(labels))}: disk full")
+    assert labels.read_text() == written
 
     folder = tmp_path / "folder"
     folder.mkdir()
