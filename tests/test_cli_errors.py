@@ -248,7 +248,8 @@ def test_write_errors_are_translated_once(tmp_path):
              (OSError(errno.EDQUOT, "Disk quota exceeded"), errno.EDQUOT, r"disk quota exceeded"),
              (SafetensorError("I/O error: No space left on device (os error 28)"), errno.ENOSPC, "disk full"),
              (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), errno.EIO,
-              r"input/output error \(torch\.save: PytorchStreamWriter failed")]
+              r"the write failed part-way \(disk full or file too large\?\) \(torch\.save: PytorchStreamWriter failed"),
+             (OSError(errno.EIO, "Input/output error"), errno.EIO, r"input/output error \(Input/output error\)")]
     for exc, code, pattern in cases:
         with pytest.raises(WriteError, match=rf"^could not write model {re.escape(str(target))}: {pattern}") as err:
             with failed_write(target, "model"):

@@ -97,7 +97,10 @@ def failed_write(target: Union[str, os.PathLike], what: str = "") -> Iterator[No
         if code is None:
             raise
         name = f"{what} {os.fspath(target)}" if what else os.fspath(target)
-        raise WriteError(code, f"could not write {name}: {WRITE_ERRNOS[code]} ({_detail(err, code)}); "
+        reason = WRITE_ERRNOS[code]
+        if code == errno.EIO and _torch_write_failure(err) and not any(isinstance(e, OSError) for e in _chain(err)):
+            reason = "the write failed part-way (disk full or file too large?)"  # torch did not say why
+        raise WriteError(code, f"could not write {name}: {reason} ({_detail(err, code)}); "
                                "nothing was changed") from err
 
 
