@@ -129,7 +129,8 @@ def test_checkpoint_write_on_a_full_disk(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     assert main(["fit", *fast(tmp_path, *SMALL)]) == 2
-    one_line_error(capsys, "fit", r"no space left on the device to write checkpoint .*\.ckpt")
+    one_line_error(capsys, "fit", r"could not write checkpoint .*\.ckpt: disk full \(No space left on device\); "
+                                  r"nothing was changed")
     assert not list((tmp_path / "checkpoints").glob("*"))  # neither a checkpoint nor a temp file
 
 
@@ -143,11 +144,175 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_the_disk_is_full(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_then_full)
-    with pytest.raises(OSError, match="no space left on the device to write checkpoint .*last.ckpt"):
+    with pytest.raises(OSError, match="could not write checkpoint .*last.ckpt: disk full"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class _FailingFile:
+    """A file object that passes ``limit`` bytes on to ``f``, then raises ``exc`` (as a full
+    disk, a file-size limit or a Ctrl-C arriving mid-write would)."""
+
+    def __init__(self, f, exc, limit=4096):
+        self.f, self.exc, self.left = f, exc, limit
+
+    def write(self, data):
+        if len(data) > self.left:
+            raise self.exc
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_fails(monkeypatch, exc, from_call=2, once=False):
+    """torch.save call ``from_call`` (and, unless ``once``, every later one) fails mid-write
+    with ``exc`` inside torch's zip writer: the error torch itself raises then."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        n = len(calls)
+        if n < from_call or (once and n > from_call):
+            return real(obj, f, *args, **kwargs)
+        return real(obj, _FailingFile(f, exc), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    return calls
+
+
+def test_torch_save_failure_mid_fit_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as RuntimeError('[enforce fail at inline_container.cc...
+    unexpected pos ...'): the same one line as an OSError, the step-2 last.ckpt intact."""
+    calls = save_fails(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+    assert main(["fit", *fast(tmp_path, *SMALL, "--last_checkpoint.every_n_train_steps", "2")]) == 2
+    one_line_error(capsys, "fit", r"could not write checkpoint .*last\.ckpt: disk full \(No space left on "
+                                  r"device\); nothing was changed")
+    assert len(calls) >= 2
+    ckpts = tmp_path / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]  # no temp file, no half file
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_ctrl_c_inside_torch_save_exits_130_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """torch wraps a KeyboardInterrupt raised inside its writer into a RuntimeError: it must
+    still end as Ctrl-C (exit 130, the resume line), the previous last.ckpt intact."""
+    save_fails(monkeypatch, KeyboardInterrupt(), once=True)
+    assert main(["fit", *fast(tmp_path, *SMALL, "--last_checkpoint.every_n_train_steps", "2",
+                              "--last_checkpoint.on_exception", "false")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "vmoe fit: interrupted at step 4; resume with --ckpt_path last"
+    ckpts = tmp_path / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.fixture
+def file_size_limit():
+    """A real file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes fail with EFBIG)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit(nbytes):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_convert_under_a_file_size_limit_is_one_line_and_keeps_the_old_output(tmp_path, capsys, file_size_limit):
+    out = tmp_path / "out"
+    assert main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    file_size_limit(64 * 1024)  # model.safetensors is ~250 KB
+    code = main(["convert", str(FIXTURES / "vmoe_tiny_a"), "--out", str(out), "--overwrite"])
+    file_size_limit(-1)  # RLIM_INFINITY
+    assert code == 2
+    one_line_error(capsys, "convert", rf"could not write {re.escape(str(out))}: file too large .*\(File too "
+                                      r"large\); nothing was changed")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+
+
+def test_write_errors_are_translated_once(tmp_path):
+    from safetensors import SafetensorError
+
+    from vmoe.writes import WriteError, failed_write
+    target = tmp_path / "x"
+    cases = [(OSError(errno.EFBIG, "File too large"), errno.EFBIG, r"file too large"),
+             (OSError(errno.EROFS, "Read-only file system"), errno.EROFS, r"read-only file system"),
+             (OSError(errno.EDQUOT, "Disk quota exceeded"), errno.EDQUOT, r"disk quota exceeded"),
+             (SafetensorError("I/O error: No space left on device (os error 28)"), errno.ENOSPC, "disk full"),
+             (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), errno.EIO,
+              r"the write failed part-way \(disk full or file too large\?\) \(torch\.save: PytorchStreamWriter failed"),
+             (OSError(errno.EIO, "Input/output error"), errno.EIO, r"input/output error \(Input/output error\)")]
+    for exc, code, pattern in cases:
+        with pytest.raises(WriteError, match=rf"^could not write model {re.escape(str(target))}: {pattern}") as err:
+            with failed_write(target, "model"):
+                raise exc
+        assert err.value.errno == code and err.value.__cause__ is exc
+    for exc in (OSError(errno.ENOENT, "No such file"), RuntimeError("a bug"), ValueError("bad value")):
+        with pytest.raises(type(exc)) as err, failed_write(target):
+            raise exc
+        assert err.value is exc  # not a write failure: unchanged
+
+
+def test_predict_refuses_an_existing_csv_or_a_directory_unless_overwrite(trained, tmp_path, capsys):
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+
+    def predict(path, *extra):
+        return main(["predict", *fast(trained, "--ckpt_path", ckpt, "--trainer.limit_predict_batches", "1",
+                                      "--predictions.path", str(path), *extra)])
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("keep me")
+    assert predict(labels) == 2
+    one_line_error(capsys, "predict", rf"predictions\.path {re.escape(str(labels))} exists; pass "
+                                      r"--predictions\.overwrite true")
+    assert labels.read_text() == "keep me"
+    assert predict(labels, "--predictions.overwrite", "true") == 0
+    assert labels.read_text().startswith("image,label,top1,prob1")
+    written = labels.read_text()
+
+    from vmoe.train.predictions import PredictionCsvWriter
+
+    def disk_full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:  # a full disk while the rows are written
+        patch.setattr(PredictionCsvWriter, "_write_rows", disk_full)
+        assert predict(labels, "--predictions.overwrite", "true") == 2
+    one_line_error(capsys, "predict", rf"could not write predictions {re.escape(str(labels))}: disk full")
+    assert labels.read_text() == written
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for extra in ([], ["--predictions.overwrite", "true"]):
+        assert predict(folder, *extra) == 2
+        one_line_error(capsys, "predict", rf"predictions\.path {re.escape(str(folder))} is a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "labels.csv"]  # no .folder.*.tmp
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("command,extra,pattern", [
+    ("fit", ["--ema.decay", "0.9"], r"weight averaging \(ema\.decay.*not supported with ExpertParallelStrategy"),
+    ("predict", [], r"predict with ExpertParallelStrategy is not supported")])
+def test_expert_parallel_limits_are_one_line_before_any_rank_starts(tmp_path, capsys, command, extra, pattern):
+    assert main([command, *fast(tmp_path, "--trainer.strategy", "expert_parallel_2", "--trainer.devices", "2",
+                                "--trainer.accelerator", "cpu", *extra)]) == 2
+    one_line_error(capsys, command, pattern)
+
+
+def test_unknown_compile_backend_is_named_with_the_valid_ones(tmp_path, capsys):
+    assert main(["fit", *fast(tmp_path, *SMALL, "--model.compile", "true",
+                              "--model.compile_kwargs", "{backend: no_such_backend}")]) == 2
+    one_line_error(capsys, "fit", r"model\.compile_kwargs\.backend='no_such_backend' is not a torch\.compile "
+                                  r"backend; torch .* has .*aot_eager.*inductor")
+    assert not (tmp_path / "checkpoints").exists()  # refused before training
 
 
 def test_convert_refuses_a_non_empty_out_naming_the_flag(tmp_path, capsys):

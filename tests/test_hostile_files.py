@@ -237,8 +237,8 @@ def test_a_full_disk_during_save_leaves_the_target_as_it_was(tmp_path, monkeypat
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(pretrained, "save_file", full)
-    with pytest.raises(OSError, match=rf"could not write {target}: .*No space left on device.*nothing "
-                                      r"was changed there") as err:
+    with pytest.raises(OSError, match=rf"could not write {target}: disk full \(No space left on device\); "
+                                      r"nothing was changed") as err:
         vm.save_pretrained(model, target, overwrite=existing)
     assert err.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == (["m"] if existing else [])
@@ -261,7 +261,7 @@ def test_a_full_disk_during_convert_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SafetensorsStreamWriter, "write", fills_up)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match=rf"could not write {out}: No space left on device") as err:
+    with pytest.raises(OSError, match=rf"could not write {out}: disk full \(No space left on device\)") as err:
         convert_vmoe_checkpoint(fixture, out, group_size=34)
     assert err.value.errno == errno.ENOSPC and len(calls) == 4
     assert list(tmp_path.iterdir()) == []

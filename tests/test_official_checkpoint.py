@@ -188,6 +188,23 @@ def test_truncated_shard(tmp_path, keep):
         read_checkpoint(prefix)
 
 
+def test_a_payload_cut_short_is_named_with_its_size_and_offset(tmp_path):
+    """The shard ends inside a piece's bytes: the scan's skip over that payload says so, with
+    the payload's size and offset (not just the next read's "needed 1 more bytes")."""
+    from vmoe.checkpoints.official_reader import scan_shard
+    prefix = _copy(tmp_path, "vmoe_tiny_a")
+    shard = prefix + ".data-00000-of-00001"
+    infos = read_checkpoint_index(prefix)
+    info = infos["head/kernel"]
+    (offset, nbytes), = scan_shard(shard, len(infos), {info.leaf})[info.leaf][0].pieces
+    end = offset + nbytes - 3
+    os.truncate(shard, end)
+    with pytest.raises(CheckpointFormatError, match=rf"data-00000-of-00001: file is truncated: a {nbytes}-byte "
+                                                    rf"payload at byte {offset} needs bytes {offset}\.\."
+                                                    rf"{offset + nbytes}, but the file ends at byte {end}"):
+        scan_shard(shard, len(infos), {info.leaf})
+
+
 def test_truncated_or_corrupted_index(tmp_path):
     prefix = _copy(tmp_path)
     data = Path(prefix + ".index").read_bytes()

@@ -296,3 +296,26 @@ def test_restore_routing_validates_the_settings():
     with pytest.raises(ValueError, match="unknown MoE layers"):
         vm.restore_routing(model, {"blocks.0.attn": {"capacity_factor": 1.0, "capacity": None,
                                                      "batch_priority": False}})
+
+
+# --- 7. padding tokens take no place in the buffers ------------------------------------------------
+@pytest.mark.parametrize("batch_priority", [False, True])
+@pytest.mark.parametrize("where", ["end", "interleaved"])
+def test_padding_tokens_do_not_take_places_of_valid_tokens(batch_priority, where):
+    """A half-padded group (K=2, capacity 2 for 8 valid assignments over 4 experts): the valid
+    tokens get exactly the slots they get when routed alone, without the padding (whose first
+    choices would otherwise queue before the valid tokens' second choices)."""
+    S, E = 8, 4
+    router = TopKRouter(dim=16, num_experts=E, num_selected=2, capacity_factor=None, capacity=2,
+                        batch_priority=batch_priority)
+    gates = healthy_gates(S, E, seed=3)
+    valid = torch.zeros(1, S, dtype=torch.bool)
+    valid[:, : S // 2] = True if where == "end" else False
+    if where == "interleaved":
+        valid[:, 1::2] = True
+    padded = router.route(gates, valid)
+    alone = router.route(gates[:, valid[0]])
+    assert (alone.slot[..., 1] >= 0).any() and (alone.slot < 0).any()  # second choices kept, some dropped
+    assert torch.equal(padded.slot[:, valid[0]], alone.slot)
+    assert torch.equal(padded.combine_weight[:, valid[0]], alone.combine_weight)
+    assert (padded.slot[:, ~valid[0]] == -1).all()

@@ -170,6 +170,10 @@ def test_prediction_of_an_image_does_not_depend_on_the_batch():
     (dict(num_slots=1, load_weight=0.1, gshard_weight=1.0), "load_weight=0.1, gshard_weight=1.0 only apply"),
     (dict(num_slots=1, capacity=4), "capacity=4 only applies"),
     (dict(num_slots=1, zloss_weight=0.1), "zloss_weight=0.1 only applies"),
+    # given with the sparse default's value: still refused (it was given, so the user meant it)
+    (dict(num_slots=1, num_selected=2), "num_selected=2 only applies to sparse routers"),
+    (dict(num_slots=1, batch_priority=False, dispatcher="auto"), "batch_priority=False, dispatcher='auto' only apply"),
+    (dict(num_slots=1, capacity=None), "capacity=None only applies"),
 ])
 def test_bad_soft_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from vmoe.cli import main
@@ -90,3 +91,50 @@ def test_first_nonfinite_parameter_names_it_and_ignores_huge_finite_weights():
         model[1].bias[1] = float("inf")
     assert first_nonfinite_parameter(model) == "1.bias"
     assert issubclass(DivergenceError, FloatingPointError)
+
+
+class _Plain(L.LightningModule):
+    """Any LightningModule (not VmoeClassifier, whose own guard stops a diverged run first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=2)
+
+
+class _CrashAt(L.Callback):
+    """At step ``step``: optionally turns a weight NaN, then crashes (as a bug would)."""
+
+    def __init__(self, step: int, poison: bool):
+        self.step, self.poison = step, poison
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            if self.poison:
+                with torch.no_grad():
+                    pl_module.net.weight[0, 0] = float("nan")
+            raise RuntimeError("crash")
+
+
+
+@pytest.mark.parametrize("poison", [False, True])
+def test_last_checkpoint_on_exception_never_saves_non_finite_weights_of_any_module(tmp_path, poison):
+    from vmoe.train import LastCheckpoint
+    last = LastCheckpoint(dirpath=str(tmp_path), every_n_train_steps=0, every_epoch=False)
+    trainer = L.Trainer(max_steps=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=True, callbacks=[last, _CrashAt(3, poison)])
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer.fit(_Plain())
+    if poison:  # the crash comes with NaN weights: nothing is saved
+        assert last.saved_on_exception is None and not (tmp_path / "last.ckpt").exists()
+    else:  # control: the same crash with finite weights saves step 3
+        assert last.saved_on_exception == 3
+        assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3

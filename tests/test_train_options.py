@@ -16,6 +16,7 @@ from vmoe.train.optim import no_weight_decay_names, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
+NO_AUG = "{scale: [1.0, 1.0], ratio: [1.0, 1.0], randaugment_num_ops: 0, hflip_prob: 0.0}"
 
 
 def fit(root, *extra):
@@ -181,6 +182,50 @@ def test_fit_with_ema_checkpoints_and_exports_the_ema_weights(tmp_path):
         torch.testing.assert_close(RecordWeights.tested[name], ema[name], rtol=0, atol=1e-6)
         # Lightning keeps the training weights next to them, for resuming
         torch.testing.assert_close(ckpt["current_model_state"][f"model.{name}"], final[name], rtol=0, atol=0)
+
+
+def test_ema_weights_are_tested_after_fit_with_best_and_by_vmoe_test(tmp_path):
+    """--test_weights best restores the best checkpoint, whose state_dict holds the EMA weights
+    (the training weights sit in current_model_state): the test after fit, and ``vmoe test
+    --ckpt_path`` on that checkpoint, must both evaluate the EMA weights."""
+    RecordWeights.seen, RecordWeights.tested = [], {}
+    assert fit(tmp_path, "--ema.decay", "0.5", "--trainer.callbacks+=tests.test_train_options.RecordWeights",
+               "--trainer.val_check_interval", str(STEPS), "--test_weights", "best") == 0
+    best = next((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == STEPS
+    ema = {n[len("model."):]: v for n, v in ckpt["state_dict"].items() if n.startswith("model.")}
+    current = {n[len("model."):]: v for n, v in ckpt["current_model_state"].items() if n.startswith("model.")}
+    assert max((ema[n] - current[n]).abs().max().item() for n in ema) > 1e-4  # EMA != training weights
+    for tested in ("after fit", "vmoe test"):
+        if tested == "vmoe test":
+            RecordWeights.tested = {}
+            assert main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--torch_num_threads", "1",
+                         "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+                         "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_test_batches", "1",
+                         "--trainer.callbacks+=tests.test_train_options.RecordWeights", "--ckpt_path", str(best)]) == 0
+        assert RecordWeights.tested, tested
+        for name in ema:
+            torch.testing.assert_close(RecordWeights.tested[name], ema[name], rtol=0, atol=0, msg=tested)
+
+
+def test_ema_resume_equals_an_uninterrupted_run(tmp_path):
+    """Ctrl-C at step 2, resume with --ckpt_path last: the average (state_dict) and the training
+    weights (current_model_state) at step 4 equal those of a run that was never stopped."""
+    opts = ["--ema.decay", "0.5", "--trainer.deterministic", "true", "--trainer.limit_val_batches", "0",
+            "--data.init_args.train_transform", NO_AUG, "--last_checkpoint.every_n_train_steps", "2",
+            "--test_after_fit", "false"]
+    assert fit(tmp_path / "straight", *opts) == 0
+    kill = ["--trainer.callbacks+=tests.test_train_resume.KillAtStep", "--trainer.callbacks.step", "2"]
+    assert fit(tmp_path / "resumed", *opts, *kill) == 130
+    assert fit(tmp_path / "resumed", *opts, "--ckpt_path", "last") == 0
+    straight, resumed = last_state(tmp_path / "straight"), last_state(tmp_path / "resumed")
+    for key in ("state_dict", "current_model_state"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=1e-6, msg=f"{key} {name}")
+    diff = max((straight["state_dict"][n] - v).abs().max().item() for n, v in straight["current_model_state"].items()
+               if v.is_floating_point())
+    assert diff > 1e-4  # the average is not the training weights
 
 
 def test_ema_decay_out_of_range_is_one_error_line(tmp_path, capsys):

@@ -134,10 +134,11 @@ class MsgpackStream:
 
     def skip(self, n: int) -> None:
         """Seeks over ``n`` payload bytes (checking that the file is long enough)."""
-        end = self.f.tell() + n
-        if end > self.size:
-            raise self.fail(f"file is truncated: a {n}-byte payload runs past the end")
-        self.f.seek(end)
+        start = self.f.tell()
+        if start + n > self.size:
+            raise self.fail(f"file is truncated: a {n}-byte payload at byte {start} needs bytes "
+                            f"{start}..{start + n}, but the file ends at byte {self.size}", start)
+        self.f.seek(start + n)
 
     def _uint(self, n: int) -> int:
         return int.from_bytes(self.read(n), "big")

@@ -227,6 +227,7 @@ def _capacity_sweep(args) -> int:
     from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
 
     from vmoe.jsonable import to_jsonable
+    from vmoe.models.pretrained import staged_save_dir
     from vmoe.moe import ExpertChoiceRouter, moe_layers
     from vmoe.viz.page import sweep_markdown
     from vmoe.viz.report import FirstImages
@@ -243,11 +244,11 @@ def _capacity_sweep(args) -> int:
         fig, numbers = capacity_sweep(model, FirstImages(loader, args.max_images, lambda: bar.update(1)),
                                       capacity_factors=args.capacity_factors, modes=modes, device=device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "capacity_sweep.png", dpi=110)
-    plt.close(fig)
     numbers = to_jsonable(numbers)
-    (out / "capacity_sweep.json").write_text(json.dumps(numbers, indent=1))
+    with staged_save_dir(out, overwrite=True) as tmp:  # moved into --out when both are written
+        fig.savefig(tmp / "capacity_sweep.png", dpi=110)
+        (tmp / "capacity_sweep.json").write_text(json.dumps(numbers, indent=1))
+    plt.close(fig)
     print(sweep_markdown(numbers))
     print(f"\nwrote {out / 'capacity_sweep.png'} and {out / 'capacity_sweep.json'}")
     return 0

@@ -20,8 +20,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step = step
 
 
-# OSErrors that are the user's to fix rather than bugs: a full disk or quota, a read-only place.
-USER_OS_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES}
+# OSErrors that are the user's to fix rather than bugs: a full disk or quota, a file-size
+# limit, a read-only place (vmoe's writers raise them as vmoe.writes.WriteError).
+USER_OS_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS,
+                  errno.EACCES}
 MAX_MESSAGE = 400
 _WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 
@@ -29,10 +31,12 @@ _WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 def _user_errors() -> tuple:
     from argparse import ArgumentError
 
+    from ..writes import WriteError
+
     # ConnectionError: a download that failed (offline, no such hub repository): the user's to fix
     errors = [ArgumentError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
               NotADirectoryError, IsADirectoryError, PermissionError, FloatingPointError,
-              ConnectionError]
+              ConnectionError, WriteError]
     if "lightning" in sys.modules:  # vmoe convert etc. do not import Lightning
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         errors.append(MisconfigurationException)

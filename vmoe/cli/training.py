@@ -13,9 +13,9 @@ from typing import Literal, Optional, Sequence
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vmoe.train import (
@@ -29,6 +29,7 @@ from vmoe.train import (
 )
 from vmoe.train.loggers import default_logger_config
 from vmoe.train.predictions import PredictionCsvWriter
+from vmoe.train.strategy import ExpertParallelStrategy
 
 from .errors import TrainingInterrupted
 
@@ -110,6 +111,11 @@ class VmoeCLI(LightningCLI):
                 raise ValueError(f"ema.decay={ema.decay} must be in (0, 1)")
             trainer.callbacks.insert(0, EMAWeightAveraging(
                 decay=ema.decay, update_starting_at_step=ema.update_starting_at_step))
+        if isinstance(trainer.strategy, ExpertParallelStrategy):  # one line, before ranks start
+            try:
+                trainer.strategy.check_supported(TrainerFn(self.subcommand), trainer.callbacks)
+            except NotImplementedError as err:
+                raise ValueError(str(err)) from None
         return trainer
 
     def _parse_ckpt_path(self) -> None:
@@ -154,8 +160,16 @@ class VmoeCLI(LightningCLI):
         if self.config.fit.test_after_fit and self._has_test_data():
             best = self._paths["best"] if self.config.fit.test_weights == "best" else ""
             self._paths["tested"] = Path(best).name if best else "final weights"
-            results = self.trainer.test(self.model, datamodule=self.datamodule,
-                                        ckpt_path=best or None, verbose=False)
+            # Lightning's WeightAveraging (ema.decay) would restore the checkpoint's training
+            # weights (current_model_state) over its EMA weights (state_dict) when the test loads
+            # the best checkpoint; the final weights are the EMA already (on_train_end)
+            averaging = [cb for cb in self.trainer.callbacks if isinstance(cb, WeightAveraging)]
+            self.trainer.callbacks = [cb for cb in self.trainer.callbacks if cb not in averaging]
+            try:
+                results = self.trainer.test(self.model, datamodule=self.datamodule,
+                                            ckpt_path=best or None, verbose=False)
+            finally:
+                self.trainer.callbacks = averaging + self.trainer.callbacks
         self._summary(results)
 
     def _has_test_data(self) -> bool:

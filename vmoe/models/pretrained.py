@@ -3,10 +3,8 @@ timm ViTs from pretrained weights. Nothing here unpickles a file."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from timm.models._hub import save_config_for_hf  # the config half of timm.model
 from vmoe.checkpoints import read_safetensors_header
 
 from ..jsonable import to_jsonable
+from ..writes import failed_write
 from ..moe import moe_layers, read_routing, restore_routing
 from ..moe.parallel import expert_parallel_layers
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
@@ -100,13 +99,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
                          "then save on one")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with staged_save_dir(directory, overwrite) as tmp:
-        try:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        except SafetensorError as err:  # safetensors reports I/O failures (disk full) this way
-            code = re.search(r"os error (\d+)", str(err))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), str(err)) from None
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         write_config(model, tmp / CONFIG_NAME)
         if model_card:
             info = model_card if isinstance(model_card, Mapping) else None
@@ -152,31 +145,24 @@ def check_target_dir(directory: Union[str, os.PathLike], overwrite: bool) -> Non
                               "(--overwrite on the command line) to replace it")
 
 
-# Write failures that mean "the target could not be written" (not a bad source file).
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
-
-
 @contextlib.contextmanager
 def staged_save_dir(directory: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``directory``; on success move its files into
     ``directory``. A non-empty ``directory`` is refused unless ``overwrite``; on error nothing
-    in it changes, and a full disk (or another write failure) is an OSError naming it."""
+    in it changes, and a failed write (disk full, file too large, ...) is a
+    ``vmoe.writes.WriteError`` naming it."""
     directory = Path(directory)
     check_target_dir(directory, overwrite)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        directory.mkdir(exist_ok=True)
-        for path in sorted(tmp.iterdir()):
-            os.replace(path, directory / path.name)
-    except OSError as err:
-        if err.errno not in _WRITE_ERRNOS:
-            raise
-        raise OSError(err.errno, f"could not write {directory}: {err.strerror or err}; nothing "
-                                 "was changed there (the partial files were removed)") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with failed_write(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            yield tmp
+            directory.mkdir(exist_ok=True)
+            for path in sorted(tmp.iterdir()):
+                os.replace(path, directory / path.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_config(directory: Path) -> dict:

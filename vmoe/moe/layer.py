@@ -36,10 +36,24 @@ class _Default:
 
 _CAPACITY_FACTOR = _Default(1.05, 1.0)
 _NOISE_STD = _Default(1.0, 0.0)
-# Sparse-only options and their defaults: a Soft MoE layer refuses any other value.
-_SPARSE_ONLY = dict(num_selected=2, capacity=None, capacity_multiple_of=4, capacity_rounding="ceil",
-                    batch_priority=False, renormalize=False, importance_weight=0.005,
-                    load_weight=0.005, gshard_weight=0.0, zloss_weight=0.0, dispatcher="auto")
+
+
+class _SparseDefault(_Default):
+    """The default of a sparse-only option: a Soft MoE layer refuses the option when it is
+    given (whatever its value), not when it differs from the default."""
+
+    def __init__(self, value):
+        super().__init__(value, value)
+
+    def __repr__(self) -> str:
+        return repr(self.sparse)
+
+
+# Sparse-only options and their defaults (marked: a Soft MoE layer refuses any that is given).
+_SPARSE_ONLY = {k: _SparseDefault(v) for k, v in dict(
+    num_selected=2, capacity=None, capacity_multiple_of=4, capacity_rounding="ceil",
+    batch_priority=False, renormalize=False, importance_weight=0.005, load_weight=0.005,
+    gshard_weight=0.0, zloss_weight=0.0, dispatcher="auto").items()}
 
 
 def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -110,22 +124,22 @@ class MoeMlp(nn.Module):
         drop: Union[float, Tuple[float, float]] = 0.0,
         *,
         num_experts: int = 8,
-        num_selected: int = 2,
+        num_selected: int = _SPARSE_ONLY["num_selected"],
         router: str = "top_k",
         group_size: Optional[int] = None,
         group_size_images: Optional[int] = None,
         capacity_factor: Optional[float] = _CAPACITY_FACTOR,
-        capacity: Optional[int] = None,
-        capacity_multiple_of: Optional[int] = 4,
-        capacity_rounding: str = "ceil",
-        batch_priority: bool = False,
+        capacity: Optional[int] = _SPARSE_ONLY["capacity"],
+        capacity_multiple_of: Optional[int] = _SPARSE_ONLY["capacity_multiple_of"],
+        capacity_rounding: str = _SPARSE_ONLY["capacity_rounding"],
+        batch_priority: bool = _SPARSE_ONLY["batch_priority"],
         noise_std: float = _NOISE_STD,
-        renormalize: bool = False,
-        importance_weight: float = 0.005,
-        load_weight: float = 0.005,
-        gshard_weight: float = 0.0,
-        zloss_weight: float = 0.0,
-        dispatcher: str = "auto",
+        renormalize: bool = _SPARSE_ONLY["renormalize"],
+        importance_weight: float = _SPARSE_ONLY["importance_weight"],
+        load_weight: float = _SPARSE_ONLY["load_weight"],
+        gshard_weight: float = _SPARSE_ONLY["gshard_weight"],
+        zloss_weight: float = _SPARSE_ONLY["zloss_weight"],
+        dispatcher: str = _SPARSE_ONLY["dispatcher"],
         same_init: bool = True,
         expert_gemm: str = "bmm",
         num_slots: Optional[int] = None,
@@ -138,14 +152,14 @@ class MoeMlp(nn.Module):
             capacity_factor = capacity_factor.resolve(router)
         if isinstance(noise_std, _Default):
             noise_std = noise_std.resolve(router)
+        sparse_options = dict(zip(_SPARSE_ONLY, (
+            num_selected, capacity, capacity_multiple_of, capacity_rounding, batch_priority, renormalize,
+            importance_weight, load_weight, gshard_weight, zloss_weight, dispatcher)))
+        (num_selected, capacity, capacity_multiple_of, capacity_rounding, batch_priority, renormalize,
+         importance_weight, load_weight, gshard_weight, zloss_weight, dispatcher) = (
+            v.resolve(router) if isinstance(v, _Default) else v for v in sparse_options.values())
         if router == "soft":
-            given = dict(num_selected=num_selected, capacity=capacity,
-                         capacity_multiple_of=capacity_multiple_of,
-                         capacity_rounding=capacity_rounding, batch_priority=batch_priority,
-                         renormalize=renormalize, importance_weight=importance_weight,
-                         load_weight=load_weight, gshard_weight=gshard_weight,
-                         zloss_weight=zloss_weight, dispatcher=dispatcher)
-            sparse = [f"{k}={v!r}" for k, v in given.items() if v != _SPARSE_ONLY[k]]
+            sparse = [f"{k}={v!r}" for k, v in sparse_options.items() if not isinstance(v, _SparseDefault)]
             if sparse:
                 verb = "applies" if len(sparse) == 1 else "apply"
                 raise ValueError(f"{', '.join(sparse)} only {verb} to sparse routers (top_k, "

@@ -21,6 +21,7 @@ import vmoe.models as vm
 import vmoe.viz as viz
 from vmoe.moe import SOFT_TRAIN_STATS, SoftRoutingPlan, routing_statistics
 from vmoe.moe.parallel import expert_parallel_layers, gather_plan
+from vmoe.writes import save_figure
 
 __all__ = ["RoutingStatsLogger", "ExportPretrained"]
 
@@ -151,7 +152,7 @@ class RoutingStatsLogger(L.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, fig in figs.items():
             path = out_dir / f"{name}.png"
-            fig.savefig(path, dpi=100)
+            save_figure(fig, path, dpi=100)
             self.last_figures[name] = path
             for logger in trainer.loggers:
                 try:

@@ -7,14 +7,15 @@
 - ``AtomicCheckpointIO``: writes ``<dir>/.<name>.*.tmp`` beside the target, fsyncs it, then
   ``os.replace``: a reader sees the old file or the new one, never half of one (Lightning's
   own writer stages in the system temp dir and moves across file systems, which copies in
-  place). A full disk raises ``OSError(ENOSPC)`` naming the checkpoint, the old file intact.
+  place). A failed write (full disk, file too large, ...) raises ``vmoe.writes.WriteError``
+  naming the checkpoint, the old file intact; Ctrl-C inside ``torch.save`` stays a
+  KeyboardInterrupt.
 - ``read_checkpoint``: ``torch.load(weights_only=True)`` whose failures (corrupt, truncated,
   pickled objects) become ``CheckpointError`` "X is not a readable vmoe/Lightning checkpoint".
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import pickle
@@ -28,12 +29,12 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from ..writes import failed_write
 from .divergence import DivergenceError, first_nonfinite_parameter
 
 __all__ = ["LastCheckpoint", "AtomicCheckpointIO", "CheckpointError", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
-DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 class CheckpointError(ValueError):
@@ -81,24 +82,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(err, OSError) and err.errno in DISK_FULL:
-                raise OSError(err.errno, f"no space left on the device to write checkpoint {path} "
-                              f"({err.strerror}); the previous file, if any, is unchanged") from None
-            raise
+        with failed_write(path, "checkpoint"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:

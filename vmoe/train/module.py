@@ -184,6 +184,7 @@ class VmoeClassifier(L.LightningModule):
                                  "set_grad_checkpointing (a timm model has)")
             self.model.set_grad_checkpointing(True)
         if compile:
+            _check_compile_backend((compile_kwargs or {}).get("backend"))
             # dynamic=False: evaluation routing changes the capacity factor (a float), which
             # dynamic shapes fail to trace; static shapes compile once per routing setting
             self.model.compile(**{"dynamic": False, **(compile_kwargs or {})})
@@ -436,3 +437,16 @@ def state_dict_differences(saved: Dict[str, Any], own: Dict[str, torch.Tensor], 
                     for k, v in saved.items()}
     return shape_mismatches(own_shapes, saved_shapes, expected_as="model", found_as="checkpoint",
                             limit=limit)
+
+
+def _check_compile_backend(backend) -> None:
+    """A ``torch.compile`` backend given by name must be one torch knows (its own error comes
+    as a torch traceback, only once the model is compiled)."""
+    if not isinstance(backend, str):
+        return  # None (inductor) or a callable backend
+    import torch._dynamo
+
+    known = [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING_ONLY" not in b]
+    if backend not in known:
+        raise ValueError(f"model.compile_kwargs.backend={backend!r} is not a torch.compile backend; "
+                         f"torch {torch.__version__} has {', '.join(known)}")

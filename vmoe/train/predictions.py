@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from ..moe import moe_layers
 from ..moe.stats import image_expert_usage
+from ..writes import failed_write
 
 __all__ = ["PredictionCsvWriter"]
 
@@ -30,18 +31,21 @@ __all__ = ["PredictionCsvWriter"]
 class PredictionCsvWriter(BasePredictionWriter):
     """Writes ``path`` (the vmoe CLI's default: ``<default_root_dir>/predictions.csv``) during
     predict, rows in dataset order, each batch as it comes; the file appears (atomically) when
-    the predict loop ends. Single process only (under DDP each rank would see a shard).
+    the predict loop ends. An existing file is refused before predicting unless ``overwrite``
+    (``--predictions.overwrite true``), as every vmoe output. Single process only (under DDP
+    each rank would see a shard).
 
     Attributes:
         written: the CSV's path once written, else None; ``rows``: the number of rows.
     """
 
     def __init__(self, path: Optional[str] = None, top_k: int = 5, enabled: bool = True,
-                 expert_usage: bool = False):
+                 expert_usage: bool = False, overwrite: bool = False):
         super().__init__(write_interval="batch")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"predictions.top_k={top_k!r} must be a positive int")
         self.path, self.top_k, self.enabled, self.expert_usage = path, top_k, enabled, expert_usage
+        self.overwrite = overwrite
         self._layers: dict = {}
         self.written: Optional[Path] = None
         self.rows = 0
@@ -56,8 +60,15 @@ class PredictionCsvWriter(BasePredictionWriter):
         if self.path is None:
             raise ValueError("predictions.path is not set (where to write the predictions CSV)")
         target = Path(self.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        if target.is_dir():
+            raise IsADirectoryError(f"predictions.path {target} is a directory; give the CSV file's path, "
+                                    f"e.g. {target / 'predictions.csv'}")
+        if target.exists() and not self.overwrite:
+            raise FileExistsError(f"predictions.path {target} exists; pass --predictions.overwrite true "
+                                  "(overwrite=True) to replace it, or choose another path")
+        with failed_write(target, "predictions"):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         self._file = os.fdopen(fd, "w", newline="")
         self._writer = csv.writer(self._file)
         k = min(self.top_k, int(getattr(pl_module, "num_classes", self.top_k)))
@@ -88,6 +99,11 @@ class PredictionCsvWriter(BasePredictionWriter):
         if batch_indices is None or len(batch_indices) != len(probs):
             batch_indices = list(range(self.rows, self.rows + len(probs)))
         usage = self._usage(len(probs))
+        with failed_write(self.path, "predictions"):
+            self._write_rows(batch_indices, labels, top_i, top_p, usage)
+        self.rows += len(probs)
+
+    def _write_rows(self, batch_indices, labels, top_i, top_p, usage) -> None:
         for row, index in enumerate(batch_indices):
             image = self._paths[index] if self._paths is not None else index
             label = labels[row]
@@ -95,7 +111,6 @@ class PredictionCsvWriter(BasePredictionWriter):
             for i, p in zip(top_i[row].tolist(), top_p[row].tolist()):
                 cells += [self._name(i), f"{p:.6f}"]
             self._writer.writerow(cells + [f"{u:.6f}" for u in usage[row]])
-        self.rows += len(probs)
 
     def _usage(self, batch_size: int) -> List[List[float]]:
         """Per image, the usage columns of every MoE layer ([] per image without expert_usage)."""
@@ -110,14 +125,24 @@ class PredictionCsvWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module) -> None:
         if self._file is None:
             return
-        self._file.close()
+        try:
+            with failed_write(self.path, "predictions"):
+                self._file.close()
+                os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
         self._file = self._writer = None
-        os.replace(self._tmp, self.path)
         self.written = Path(self.path)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        """Close and remove the temporary file (the target is left as it was)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = self._writer = None
             with contextlib.suppress(OSError):
                 os.unlink(self._tmp)

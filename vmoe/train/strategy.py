@@ -73,17 +73,22 @@ class ExpertParallelStrategy(DDPStrategy):
         super().setup_environment()  # the process group
         self.mesh = expert_parallel_mesh(self.expert_parallel_size, self.root_device.type)
 
-    def setup(self, trainer) -> None:
-        if trainer.state.fn == TrainerFn.PREDICTING and self.expert_parallel_size > 1:
+    def check_supported(self, fn: TrainerFn, callbacks) -> None:
+        """NotImplementedError for what this strategy cannot run: predict (ep > 1), weight
+        averaging. ``vmoe fit|predict`` calls it before any process is started."""
+        if fn == TrainerFn.PREDICTING and self.expert_parallel_size > 1:
             raise NotImplementedError(
                 "predict with ExpertParallelStrategy is not supported (ranks get unequal numbers of "
                 "batches, and every rank must join every all-to-all); predict with the exported "
                 "model (vmoe predict) in one process or with strategy ddp")
-        if any(isinstance(cb, WeightAveraging) for cb in trainer.callbacks):
+        if any(isinstance(cb, WeightAveraging) for cb in callbacks):
             raise NotImplementedError(
                 "weight averaging (ema.decay, Lightning's EMAWeightAveraging) is not supported with "
                 "ExpertParallelStrategy: its averaged copy would hold this rank's experts only and "
                 "be saved that way; train without it, or with strategy ddp")
+
+    def setup(self, trainer) -> None:
+        self.check_supported(trainer.state.fn, trainer.callbacks)
         module = self.lightning_module
         shard_experts(module, self.mesh)
         exclude_experts_from_ddp(module)  # the slabs differ from rank to rank
