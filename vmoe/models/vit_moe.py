@@ -52,6 +52,7 @@ class VisionTransformerMoe(VisionTransformer):
         if not qk_norm_bias:
             self._drop_qk_norm_bias()
         self.representation_size = representation_size
+        self.head_hidden_size = representation_size or self.embed_dim  # forward_head(pre_logits=True)
         if representation_size:
             self.pre_logits = nn.Sequential(OrderedDict(
                 fc=nn.Linear(self.embed_dim, representation_size), act=nn.Tanh()))
