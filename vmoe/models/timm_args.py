@@ -35,16 +35,19 @@ def _feature_class(name: str, feature_cls):
     return FEATURE_CLASSES[key]
 
 
-def check_factory_args(name: str, options: dict, depth: int) -> None:
+def check_factory_args(name: str, options: dict, depth: Optional[int]) -> None:
     """ValueError naming the argument: ``in_chans`` not an int >= 1; with ``features_only``, a
-    ``feature_cls`` timm does not have or ``out_indices`` outside the model's ``depth`` blocks
-    (an int n: the last n blocks, 1 <= n <= depth; a list: indices in [-depth, depth))."""
+    ``feature_cls`` timm does not have or (unless ``depth`` is None: not known yet)
+    ``out_indices`` outside the model's ``depth`` blocks (an int n: the last n blocks,
+    1 <= n <= depth; a list: indices in [-depth, depth))."""
     in_chans = options.get("in_chans", 3)
     if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
         raise ValueError(f"{name}: in_chans={in_chans!r} must be an int >= 1 (channels of the input images)")
     if not options.get("features_only"):
         return
     _feature_class(name, options.get("feature_cls", "getter"))
+    if depth is None:
+        return
     out_indices = options.get("out_indices", 3)
     try:
         feature_take_indices(depth, out_indices)

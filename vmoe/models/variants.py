@@ -307,7 +307,7 @@ def vmoe_moeified(pretrained: bool = False, *, base_architecture: str = MOEIFIED
         raise ValueError(f"{name}: base_architecture={base_architecture!r} is not a "
                          "registered dense timm model")
     check_factory_args(name, dict(base_args, features_only=features_only, feature_cls=feature_cls,
-                                  out_indices=out_indices), depth=1 << 30)  # in_chans, feature_cls
+                                  out_indices=out_indices), depth=None)
     if pretrained:
         _check_weight_source(name, pretrained_cfg, pretrained_cfg_overlay)
         if _local_dir(pretrained_cfg) is not None:
