@@ -10,6 +10,7 @@ from timm.models import create_feature_extractor, get_graph_node_names
 from timm.models._manipulate import adapt_input_conv
 
 import vmoe.models as vm
+from vmoe.moe import MoeMlp
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -131,6 +132,8 @@ def test_fx_forward_and_backward_equal_eager(family):
     results = []
     for run in (model, lambda x: fx(x)["out"]):
         model.zero_grad()
+        for layer in vm.moe_layers(model).values():
+            layer.aux_loss, layer.last_plan = None, None
         torch.manual_seed(0)
         out = run(X)
         loss = out.square().mean() + vm.aux_loss(model)
@@ -144,6 +147,10 @@ def test_fx_forward_and_backward_equal_eager(family):
         torch.testing.assert_close(fx_g[name], g[name])
     assert set(vm.moe_layers(fx)) == set(vm.moe_layers(model))
     assert all(layer.last_plan is not None for layer in vm.moe_layers(fx).values())
+    # torchvision's own extractor, told timm's leaves (timm.models.create_feature_extractor does)
+    from torchvision.models.feature_extraction import create_feature_extractor as tv_extractor
+    tv = tv_extractor(model.eval(), [last], tracer_kwargs=dict(leaf_modules=[MoeMlp]))
+    torch.testing.assert_close(tv(X)[last], model(X))
 
 
 def test_grad_checkpointing_gives_the_same_outputs_and_gradients(family):
