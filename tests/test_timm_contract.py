@@ -232,9 +232,9 @@ def test_local_dir_without_model_args_num_classes_keeps_the_trained_head(family,
     config = json.loads((tmp_path / "config.json").read_text())
     del config["model_args"]["num_classes"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
-    assert loaded.num_classes == 10
-    torch.testing.assert_close(loaded(X), model(X))
+    for loaded in (timm.create_model(f"local-dir:{tmp_path}", pretrained=True), vm.from_pretrained(tmp_path)):
+        assert loaded.num_classes == 10
+        torch.testing.assert_close(loaded.eval()(X), model(X))
 
 
 def test_a_trained_head_is_never_dropped_silently(saved):

@@ -314,6 +314,8 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     header = read_safetensors_header(weights_path)
     args = dict(config["model_args"])
+    if "num_classes" not in args and isinstance(config.get("num_classes"), int):
+        args["num_classes"] = config["num_classes"]  # the top-level entry (timm's layout)
     if num_classes is not None:
         args["num_classes"] = num_classes
     if img_size is not None:
