@@ -30,7 +30,7 @@ from .model_card import VMOE_FACTORY_PREFIXES, model_card as make_model_card
 from .moeify import MOEIFIED_ARCHITECTURE, MOEIFIED_ARGS, moeify
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
-           "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
+           "check_saved_dir", "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -180,6 +180,22 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def check_saved_dir(directory: Union[str, os.PathLike], args: Mapping) -> None:
+    """The checks ``from_pretrained`` runs before building, for the other loaders of a saved
+    directory (timm's ``local-dir:``, which calls the vmoe factories): ``config.json``
+    validated, then its size-deciding numbers, with ``args`` (the model arguments the factory
+    will build with) over its ``model_args``, compared with the ``model.safetensors`` header.
+    ValueError naming the file and the entry. Without a ``model.safetensors`` (a directory timm
+    saved as ``pytorch_model.bin``) only the config is checked."""
+    directory = Path(directory)
+    config = _read_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if weights_path.is_file():
+        header = read_safetensors_header(weights_path)
+        check_config_against_header(config, {**config["model_args"], **args}, header,
+                                    directory / CONFIG_NAME, weights_path)
+
+
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
@@ -284,6 +300,8 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     header = read_safetensors_header(weights_path)
     args = dict(config["model_args"])
+    if "num_classes" not in args and isinstance(config.get("num_classes"), int):
+        args["num_classes"] = config["num_classes"]  # the top-level entry (timm's layout)
     if num_classes is not None:
         args["num_classes"] = num_classes
     if img_size is not None:

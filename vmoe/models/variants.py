@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
+from pathlib import Path
 from typing import Dict, Optional
 
 import timm
@@ -27,8 +29,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretra
 
 from ..moe import moe_layers, restore_routing
 from .config_checks import shape_mismatches
-from .moeify import MOEIFIED_ARCHITECTURE, moeify as apply_moeify
-from .pretrained import adapt_for_fine_tuning
+from .moeify import MOEIFIED_ARCHITECTURE, moe_block_indices, moeify as apply_moeify
+from .pretrained import adapt_for_fine_tuning, check_saved_dir
+from .timm_args import (VIT_DEFAULT_DEPTH, check_factory_args, input_cfg, source_in_chans,
+                        source_num_classes, wrap_features)
 from .vit_moe import VisionTransformerMoe
 
 __all__ = ["VARIANTS", "PAPER_MOE_DEFAULTS", "SOFT_VARIANTS", "SOFT_MOE_PAPER_DEFAULTS",
@@ -87,21 +91,50 @@ default_cfgs = generate_default_cfgs({**{name: _default_cfg() for name in _NAMES
                                       "soft_moe_tiny_e8": _default_cfg(img_size=16, paper=_SOFT_PAPER)})
 
 _WEIGHT_SOURCES = ("file", "state_dict", "hf_hub_id", "url")
+_HEAD = ("head.weight", "head.bias")
+_FIRST_CONV = "patch_embed.proj.weight"
 
 
-def checkpoint_filter_fn(state: Dict[str, torch.Tensor], model: VisionTransformerMoe) -> Dict[str, torch.Tensor]:
-    """timm's ``pretrained_filter_fn`` for vmoe models: a new head where the checkpoint's head
-    does not fit (another ``num_classes``), position embeddings resampled to the model's grid
-    (another ``img_size``). ValueError listing what does not fit when the weights are another
-    model's (missing or unexpected keys, wrong shapes)."""
-    state = adapt_for_fine_tuning(model, state, new_head=True, new_size=True)
-    problems = shape_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                                {k: tuple(v.shape) for k, v in state.items()},
-                                expected_as="model", found_as="weights")
+def _fits_after_adaptation(model: VisionTransformerMoe, own: Dict[str, tuple], found: Dict[str, tuple],
+                           new_head: bool) -> set:
+    """The entries whose shapes may differ because loading adapts them: the head (with
+    ``new_head``), the first conv's input channels (timm's ``adapt_input_conv`` runs after this
+    filter), and position embeddings of the same width on a square grid (resampled)."""
+    may_differ = set(_HEAD) if new_head else set()
+    a, b = own.get(_FIRST_CONV), found.get(_FIRST_CONV)
+    if a and b and len(a) == len(b) == 4 and (a[0], *a[2:]) == (b[0], *b[2:]):
+        may_differ.add(_FIRST_CONV)
+    a, b = own.get("pos_embed"), found.get("pos_embed")
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    if a and b and len(a) == len(b) == 3 and a[::2] == b[::2] and b[1] > prefix \
+            and math.isqrt(b[1] - prefix) ** 2 == b[1] - prefix:
+        may_differ.add("pos_embed")
+    return may_differ
+
+
+def checkpoint_filter_fn(state: Dict[str, torch.Tensor], model: VisionTransformerMoe,
+                         new_head: bool = True) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` for vmoe models. First every shape is checked: ValueError
+    listing what does not fit when the weights are another model's (missing or unexpected keys,
+    wrong shapes), before anything is resampled. Then, with ``new_head``, a fresh head where the
+    checkpoint's does not fit (another ``num_classes``; the factories pass ``new_head=False``
+    unless ``num_classes`` was given, so a trained head is never dropped silently), and position
+    embeddings resampled to the model's grid (another ``img_size``). The first conv keeps the
+    checkpoint's input channels: timm adapts it to ``in_chans`` after this filter."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    problems = shape_mismatches(own, found, expected_as="model", found_as="weights",
+                                may_differ=_fits_after_adaptation(model, own, found, new_head))
     if problems:
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
-        raise ValueError(f"the pretrained weights do not fit {name}: {problems}")
-    return state
+        hint = ""
+        if not new_head and "head.weight" in own and "head.weight" in found \
+                and own["head.weight"] != found["head.weight"]:
+            hint = (f". The weights' head has {found['head.weight'][0]} classes: pass "
+                    f"num_classes={found['head.weight'][0]} to keep it, or another num_classes "
+                    "for a new head")
+        raise ValueError(f"the pretrained weights do not fit {name}: {problems}{hint}")
+    return adapt_for_fine_tuning(model, state, new_head=new_head, new_size=True)
 
 
 def _check_weight_source(name: str, cfg: Optional[dict], overlay: Optional[dict]) -> None:
@@ -112,30 +145,65 @@ def _check_weight_source(name: str, cfg: Optional[dict], overlay: Optional[dict]
                          "directory with timm.create_model('local-dir:DIR', pretrained=True) or "
                          "vmoe.models.from_pretrained(DIR), or import Google's released checkpoints "
                          "with `vmoe convert` / vmoe.models.from_vmoe_checkpoint")
+    file = merged.get("file")
+    if file and merged.get("source") != "hf-hub" and not merged.get("state_dict") \
+            and not Path(file).exists():
+        what = "directory" if merged.get("source") == "local-dir" else "weights file"
+        raise FileNotFoundError(f"{name}: pretrained {what} {file} not found "
+                                "(pretrained_cfg_overlay / pretrained_cfg 'file')")
+
+
+def _local_dir(cfg) -> Optional[Path]:
+    """The directory timm's ``local-dir:`` loader reads the weights from (None otherwise)."""
+    if isinstance(cfg, dict) and cfg.get("source") == "local-dir" and cfg.get("file"):
+        return Path(cfg["file"])
+    return None
+
+
+def _new_head(options: dict, kwargs: dict) -> bool:
+    """Whether the weights' head may be replaced: ``num_classes`` was given and differs from the
+    saved model's (``local-dir:`` passes the saved ``model_args``), or the model is a backbone."""
+    given = options.get("num_classes")
+    source = (kwargs.get("pretrained_model_args") or {}).get("num_classes")
+    return bool(options.get("features_only")) or (given is not None and given != source)
 
 
 def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
     """The model through timm's ``build_model_with_cfg`` (pretrained weights, features_only).
-    ``routing=`` (``{layer: settings}``, as ``config.json`` stores it) is applied after building."""
+    ``routing=`` (``{layer: settings}``, as ``config.json`` stores it) is applied after building.
+    A ``local-dir:`` source is checked as ``from_pretrained`` checks it, before building."""
     if pretrained:
         _check_weight_source(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     routing = kwargs.pop("routing", None)
     user_moe = kwargs.pop("moe", None) or {}
     options = {**arch, **kwargs}
-    num_classes = options.setdefault("num_classes", 1000)
+    check_factory_args(name, options, options.get("depth", VIT_DEFAULT_DEPTH))
+    cfg, overlay = kwargs.get("pretrained_cfg"), options.pop("pretrained_cfg_overlay", None) or {}
+    new_head = _new_head(options, kwargs)
+    num_classes = options.setdefault("num_classes", source_num_classes(cfg, overlay))
+    if pretrained and _local_dir(cfg) is not None:
+        check_saved_dir(_local_dir(cfg), {**{k: v for k, v in options.items() if k != "pretrained_cfg"},
+                                          "moe": {**moe, **user_moe}, "routing": routing})
     if options.get("head_bias_init", 0.0) == "paper":
         options["head_bias_init"] = -math.log(max(num_classes, 1))
     # The filter fits the head by shape: keep timm from dropping a head of the same size. The
-    # data config follows the model's input size (timm's data helpers read input_size).
-    overlay = {**(options.pop("pretrained_cfg_overlay", None) or {}), "num_classes": num_classes}
-    if "img_size" in options:
-        size = options["img_size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        overlay["input_size"] = (options.get("in_chans", 3), *size)
+    # data config follows the model's input (timm's data helpers read input_size, mean, std);
+    # while loading, input_size[0] stays the weights' channels, so that timm adapts the first
+    # conv to in_chans.
+    in_chans = options.get("in_chans", 3)
+    default = default_cfgs[name].default.to_dict()
+    size = options.get("img_size", default["input_size"][1:])
+    source = {**default, **(cfg if isinstance(cfg, dict) else {}), **overlay}
+    own_input = input_cfg(in_chans, size, source.get("mean"), source.get("std"))
+    overlay = {**overlay, "num_classes": num_classes, **own_input}
+    if pretrained:
+        overlay["input_size"] = (source_in_chans(cfg, kwargs.get("pretrained_cfg_overlay")),
+                                 *own_input["input_size"][1:])
     model = build_model_with_cfg(
         VisionTransformerMoe, name, pretrained, moe={**moe, **user_moe},
-        pretrained_cfg_overlay=overlay, pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_cfg_overlay=overlay, pretrained_filter_fn=partial(checkpoint_filter_fn, new_head=new_head),
         feature_cfg=dict(out_indices=options.pop("out_indices", 3), feature_cls="getter"), **options)
+    model.pretrained_cfg.update(own_input)  # the weights now take in_chans channels
     if routing:
         restore_routing(moe_layers(getattr(model, "model", model)), routing)
     return model
@@ -211,10 +279,17 @@ def vmoe_vit(pretrained: bool = False, **kwargs):
     return _build("vmoe_vit", pretrained, {}, {}, kwargs)
 
 
+# vmoe_moeified without arguments: V-MoE "Last 2" (E=8, K=2) on timm's ViT-Ti/16.
+MOEIFIED_DEFAULT_BASE = "vit_tiny_patch16_224"
+MOEIFIED_DEFAULT_MOE = dict(num_experts=8, num_selected=2)
+
+
 @register_model
-def vmoe_moeified(pretrained: bool = False, *, base_architecture: str, moeify: dict,
-                  routing: Optional[dict] = None, pretrained_cfg=None, pretrained_cfg_overlay=None,
-                  pretrained_model_args: Optional[dict] = None, cache_dir=None, **base_args):
+def vmoe_moeified(pretrained: bool = False, *, base_architecture: str = MOEIFIED_DEFAULT_BASE,
+                  moeify: Optional[dict] = None, routing: Optional[dict] = None,
+                  pretrained_cfg=None, pretrained_cfg_overlay=None,
+                  pretrained_model_args: Optional[dict] = None, cache_dir=None,
+                  features_only: bool = False, feature_cls="getter", out_indices=3, **base_args):
     """A timm model made MoE by ``vmoe.models.moeify`` (or ``upcycle``), rebuilt: the dense
     ``base_architecture`` with ``base_args``, then the ``moeify`` recipe (``{"blocks": [...],
     "moe_kwargs": {...}}``), then ``routing`` (``{layer: settings}``), then, with ``pretrained``,
@@ -222,25 +297,47 @@ def vmoe_moeified(pretrained: bool = False, *, base_architecture: str, moeify: d
     ``checkpoint_filter_fn``, so another ``num_classes``/``img_size`` gets a new head and resampled
     position embeddings). ``save_pretrained`` names this architecture for moeified models, which
     is how ``timm.create_model("local-dir:DIR", pretrained=True)`` loads them. The model keeps
-    the base model's ``pretrained_cfg`` (input size, normalization)."""
+    the base model's ``pretrained_cfg`` (input size, normalization).
+
+    Without arguments: ``vit_tiny_patch16_224`` with the paper's "Last 2" placement (the last
+    two odd blocks), E=8, K=2. ``features_only`` wraps the MoE model as timm wraps a ViT."""
+    name = MOEIFIED_ARCHITECTURE
     if not isinstance(base_architecture, str) or not timm.is_model(base_architecture) \
             or base_architecture == MOEIFIED_ARCHITECTURE:
-        raise ValueError(f"{MOEIFIED_ARCHITECTURE}: base_architecture={base_architecture!r} is not a "
+        raise ValueError(f"{name}: base_architecture={base_architecture!r} is not a "
                          "registered dense timm model")
+    check_factory_args(name, dict(base_args, features_only=features_only, feature_cls=feature_cls,
+                                  out_indices=out_indices), depth=None)
+    if pretrained:
+        _check_weight_source(name, pretrained_cfg, pretrained_cfg_overlay)
+        if _local_dir(pretrained_cfg) is not None:
+            check_saved_dir(_local_dir(pretrained_cfg), {**base_args, "routing": routing,
+                                                         "base_architecture": base_architecture})
     model = timm.create_model(base_architecture, pretrained=False, pretrained_cfg=pretrained_cfg,
                               pretrained_cfg_overlay=pretrained_cfg_overlay, **base_args)
+    if moeify is None:
+        depth = len(getattr(model, "blocks", ()))
+        moeify = dict(blocks=moe_block_indices(depth, last=min(2, depth // 2)) if depth > 1 else [0],
+                      moe_kwargs=dict(MOEIFIED_DEFAULT_MOE))
     blocks = moeify.get("blocks") if isinstance(moeify, dict) else None
     if not isinstance(blocks, list) or not blocks:
-        raise ValueError(f"{MOEIFIED_ARCHITECTURE}: moeify={moeify!r:.200} must be "
+        raise ValueError(f"{name}: moeify={moeify!r:.200} must be "
                          '{"blocks": [block indices], "moe_kwargs": {...}}')
     apply_moeify(model, blocks=blocks, **moeify.get("moe_kwargs", {}))
     if routing:
         restore_routing(moe_layers(model), routing)
     if pretrained:
-        _check_weight_source(MOEIFIED_ARCHITECTURE, pretrained_cfg, pretrained_cfg_overlay)
-        load_pretrained(model, num_classes=model.num_classes,
-                        in_chans=base_args.get("in_chans", 3), filter_fn=checkpoint_filter_fn)
+        new_head = features_only or ("num_classes" in base_args and base_args["num_classes"]
+                                     != (pretrained_model_args or {}).get("num_classes"))
+        # the filter fits the head by shape: keep timm from dropping one of the same size
+        cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes,
+                        in_chans=base_args.get("in_chans", 3),
+                        filter_fn=partial(checkpoint_filter_fn, new_head=new_head))
         if routing:  # the weights do not carry routing settings; keep the recipe's
             restore_routing(moe_layers(model), routing)
+    if features_only:
+        check_factory_args(name, dict(features_only=True, out_indices=out_indices),
+                           depth=len(model.blocks))
+        model = wrap_features(model, name, feature_cls, out_indices)
     return model
-

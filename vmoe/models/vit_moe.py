@@ -14,11 +14,19 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_module
 from timm.models.vision_transformer import VisionTransformer
 
+from ..moe import MoeMlp
 from .moeify import moeify
 
 __all__ = ["VisionTransformerMoe"]
+
+# torch.fx cannot trace the routing (checks and branches on sizes, per-layer bookkeeping): the MoE
+# layer is a leaf of timm's FX tracer (timm's answer for such modules), so features_only with
+# feature_cls="fx" and timm's/torchvision's create_feature_extractor work. A leaf runs eagerly,
+# so the traced model still keeps aux losses and plans on its (shared) MoeMlp modules.
+register_notrace_module(MoeMlp)
 
 
 class VisionTransformerMoe(VisionTransformer):
@@ -44,6 +52,7 @@ class VisionTransformerMoe(VisionTransformer):
         if not qk_norm_bias:
             self._drop_qk_norm_bias()
         self.representation_size = representation_size
+        self.head_hidden_size = representation_size or self.embed_dim  # forward_head(pre_logits=True)
         if representation_size:
             self.pre_logits = nn.Sequential(OrderedDict(
                 fc=nn.Linear(self.embed_dim, representation_size), act=nn.Tanh()))

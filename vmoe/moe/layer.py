@@ -319,6 +319,15 @@ class MoeMlp(nn.Module):
         rows = tokens.reshape(1, 0, d).expand(E, 0, d)       # [E, 0, d]
         return plan, losses, self.experts(rows)[0]
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this on every submodule: refuse with the supported route."""
+        raise RuntimeError(
+            "vmoe's MoE layer (MoeMlp) cannot be compiled by TorchScript: its routing uses Python "
+            "that TorchScript does not support (and TorchScript is deprecated in PyTorch). "
+            "Export with torch.export.export(model, (images,)) instead (fixed capacity makes every "
+            "shape static), which is also the route to ONNX (torch.onnx.export(model, (images,), "
+            "dynamo=True)); use torch.compile(model) for speed.")
+
     def extra_repr(self) -> str:
         groups = (f"group_size={self.group_size}" if self.group_size is not None
                   else f"group_size_images={self.group_size_images}")
