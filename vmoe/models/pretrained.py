@@ -76,10 +76,18 @@ def model_config(model: nn.Module) -> dict:
 def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model``'s ``config.json``: what timm's ``save_for_hf`` writes (architecture,
     num_classes, model_args, pretrained_cfg: ``timm.create_model("local-dir:DIR")`` reads it)
-    plus the vmoe entries of ``model_config`` (format, version, moeify, routing)."""
+    plus the vmoe entries of ``model_config`` (format, version, moeify, routing).
+
+    ``num_classes`` is written at the top level (and in ``pretrained_cfg``), not in
+    ``model_args``: transformers' ``TimmWrapper`` passes its own ``num_classes`` (the config's
+    ``num_labels``) next to ``model_args`` ("got multiple values for keyword argument"), and
+    timm's loaders read it from the pretrained cfg. ``from_pretrained`` reads it from either."""
     config = model_config(model)
     vmoe_entries = {k: config[k] for k in ("format", "version", "architecture", "moeify", "routing")}
     save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
+    written = json.loads(Path(path).read_text())
+    written["model_args"].pop("num_classes", None)  # timm's get_model_args puts it back
+    Path(path).write_text(json.dumps(written, indent=2))
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False,
@@ -194,6 +202,18 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
+def _saved_num_classes(config: dict, path: Path) -> Dict[str, int]:
+    """``{"num_classes": N}`` from the top-level entry of ``config.json`` (where ``write_config``
+    puts it; directories of the previous layout have it in ``model_args``, which wins), or {}
+    when absent. ValueError naming the file for a value that is not an int >= 0."""
+    if "num_classes" not in config:
+        return {}
+    value = config["num_classes"]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{path}: entry 'num_classes' must be an int >= 0, got {value!r:.100}")
+    return {"num_classes": value}
+
+
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
@@ -297,7 +317,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     config = _read_config(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     header = read_safetensors_header(weights_path)
-    args = dict(config["model_args"])
+    args = {**_saved_num_classes(config, config_path), **config["model_args"]}
     if num_classes is not None:
         args["num_classes"] = num_classes
     if img_size is not None:
