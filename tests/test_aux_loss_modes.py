@@ -174,3 +174,21 @@ def test_vmoe_fit_gradient_accumulation_scales_the_aux_loss_with_the_task_loss(t
     moved = {n: before.get_parameter(n).detach() - after[n].detach() for n in expected}
     assert moved[ROUTER].abs().max() > 0
     assert_same(moved, expected, atol=1e-6)
+
+
+def test_ema_copies_and_evaluates_without_touching_the_training_gradients():
+    """timm's ModelEmaV3 deep-copies the model (possible after a forward: the kept losses are
+    detached) and runs it under no_grad: nothing attached, the training gradients unchanged."""
+    from timm.utils import ModelEmaV3
+
+    model, reference = tiny_model(), tiny_model()
+    expected = grads_of(reference, task_only, [batch()])
+    torch.manual_seed(0)
+    F.cross_entropy(model(batch()[0]), batch()[1]).backward()
+    ema = ModelEmaV3(model, decay=0.5)
+    ema.update(model)
+    with torch.no_grad():
+        ema.module.eval()(batch()[0])
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_same(got, expected)
+    assert all(p.grad is None for p in ema.module.parameters())
