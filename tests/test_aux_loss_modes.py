@@ -192,3 +192,13 @@ def test_ema_copies_and_evaluates_without_touching_the_training_gradients():
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert_same(got, expected)
     assert all(p.grad is None for p in ema.module.parameters())
+
+
+def test_grad_checkpointing_attaches_the_aux_loss_once():
+    """The recomputing backward re-runs each router (same noise): the aux gradient still comes
+    once."""
+    ckpt, manual = tiny_model(), tiny_model()
+    ckpt.set_grad_checkpointing(True)
+    vm.set_aux_loss_mode(manual, "manual")
+    assert_same(grads_of(ckpt, task_only, [batch()]), grads_of(manual, task_plus_aux, [batch()]),
+                atol=1e-6)
