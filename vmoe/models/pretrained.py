@@ -202,18 +202,6 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _saved_num_classes(config: dict, path: Path) -> Dict[str, int]:
-    """``{"num_classes": N}`` from the top-level entry of ``config.json`` (where ``write_config``
-    puts it; directories of the previous layout have it in ``model_args``, which wins), or {}
-    when absent. ValueError naming the file for a value that is not an int >= 0."""
-    if "num_classes" not in config:
-        return {}
-    value = config["num_classes"]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{path}: entry 'num_classes' must be an int >= 0, got {value!r:.100}")
-    return {"num_classes": value}
-
-
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
@@ -299,6 +287,18 @@ def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
             "Offline? Download the repository "
             "elsewhere and load its directory: from_pretrained(DIR) or "
             "timm.create_model('local-dir:DIR', pretrained=True)") from err
+
+
+def _saved_num_classes(config: dict, path: Path) -> Dict[str, int]:
+    """``{"num_classes": N}`` from the top-level entry of ``config.json`` (where ``write_config``
+    puts it; directories of the previous layout have it in ``model_args``, which wins), or {}
+    when absent. ValueError naming the file for a value that is not an int >= 0."""
+    if "num_classes" not in config:
+        return {}
+    value = config["num_classes"]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{path}: entry 'num_classes' must be an int >= 0, got {value!r:.100}")
+    return {"num_classes": value}
 
 
 def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
