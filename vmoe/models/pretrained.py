@@ -289,18 +289,6 @@ def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
             "timm.create_model('local-dir:DIR', pretrained=True)") from err
 
 
-def _saved_num_classes(config: dict, path: Path) -> Dict[str, int]:
-    """``{"num_classes": N}`` from the top-level entry of ``config.json`` (where ``write_config``
-    puts it; directories of the previous layout have it in ``model_args``, which wins), or {}
-    when absent. ValueError naming the file for a value that is not an int >= 0."""
-    if "num_classes" not in config:
-        return {}
-    value = config["num_classes"]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{path}: entry 'num_classes' must be an int >= 0, got {value!r:.100}")
-    return {"num_classes": value}
-
-
 def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
                     img_size: Optional[Union[int, Sequence[int]]] = None, **model_overrides) -> nn.Module:
     """Rebuild a model written by ``save_pretrained`` (same logits). ``directory``: a path,
@@ -317,7 +305,9 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     config = _read_config(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     header = read_safetensors_header(weights_path)
-    args = {**_saved_num_classes(config, config_path), **config["model_args"]}
+    args = dict(config["model_args"])
+    if "num_classes" not in args and isinstance(config.get("num_classes"), int):
+        args["num_classes"] = config["num_classes"]  # the top-level entry (timm's layout)
     if num_classes is not None:
         args["num_classes"] = num_classes
     if img_size is not None:
