@@ -1,4 +1,4 @@
-"""Balancing losses in any training loop (vmoe.moe.aux): in the default 'backward' mode a loop
+"""Balancing losses in any training loop (vmoe.moe.balancing): in the default 'backward' mode a loop
 that backpropagates only its task loss gets the gradients of task + aux loss; nothing is counted
 twice (vmoe fit, a loop that also adds the aux loss, accumulation, loss scaling, compile)."""
 import copy
@@ -52,7 +52,7 @@ ROUTER = "blocks.1.mlp.router.weight"
 
 
 def test_task_loss_only_loop_gets_the_aux_loss_gradients():
-    """Fails on the code before vmoe.moe.aux: a loop without the aux loss trained no balancing."""
+    """Fails on the code before vmoe.moe.balancing: a loop without the aux loss trained no balancing."""
     auto, manual = tiny_model(), tiny_model()
     vm.set_aux_loss_mode(manual, "manual")
     assert all(m.aux_loss_mode == "backward" for m in vm.moe_layers(auto).values())  # the default
@@ -136,7 +136,7 @@ def tiny_classifier(**kw):
 
 def test_vmoe_fit_counts_the_aux_loss_once_with_its_weight():
     """The gradients of a training step equal those of task + aux_loss_weight x aux computed
-    explicitly (the pre-vmoe.moe.aux path); with the layers left in 'backward' mode they would
+    explicitly (the pre-vmoe.moe.balancing path); with the layers left in 'backward' mode they would
     get 1 x aux attached on top of the detached 50 x aux."""
     module = tiny_classifier(aux_loss_weight=50.0)
     assert all(m.aux_loss_mode == "manual" for m in vm.moe_layers(module.model).values())

@@ -6,9 +6,9 @@ Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter``,
 ``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE layers of a model) and
 the routing settings (``RoutingSettings``, ``routing_settings``,
 ``set_routing``, ``restore_routing``, ``read_routing``); ``set_aux_loss_mode`` /
-``set_aux_loss_scale`` (how the balancing losses reach the gradients, ``vmoe.moe.aux``).
+``set_aux_loss_scale`` (how the balancing losses reach the gradients, ``vmoe.moe.balancing``).
 """
-from .aux import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale
+from .balancing import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale
 from .capacity import compute_capacity
 from .dispatch import combine, dispatch, einsum_combine, einsum_dispatch
 from .experts import Experts

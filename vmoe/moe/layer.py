@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .aux import AttachAuxLoss, check_aux_loss_mode, check_aux_loss_scale
+from .balancing import AttachAuxLoss, check_aux_loss_mode, check_aux_loss_scale
 from .dispatch import check_dispatcher, combine, dispatch
 from .experts import Experts
 from .plan import RoutingPlan, SoftRoutingPlan
@@ -65,7 +65,7 @@ class MoeMlp(nn.Module):
             groups;
         ``aux_losses``: dict name -> scalar tensor, each loss averaged over groups (unweighted);
         ``last_plan``: the RoutingPlan (detached); a SoftRoutingPlan for a Soft MoE layer.
-    Balancing losses (``vmoe.moe.aux``): with ``aux_loss_mode='backward'`` (the default) the
+    Balancing losses (``vmoe.moe.balancing``): with ``aux_loss_mode='backward'`` (the default) the
     aux loss reaches the gradients through the backward pass of the layer output, times
     ``aux_loss_scale`` (default 1.0), in any training loop; ``aux_loss``/``aux_losses`` are then
     detached (for logging: adding them to a loss changes nothing). With ``'manual'`` they keep
@@ -250,7 +250,7 @@ class MoeMlp(nn.Module):
 
     @property
     def aux_loss_mode(self) -> str:
-        """'backward' (aux loss attached to the output's backward) or 'manual' (see ``vmoe.moe.aux``)."""
+        """'backward' (aux loss attached to the output's backward) or 'manual' (see ``vmoe.moe.balancing``)."""
         return self._aux_loss_mode
 
     @aux_loss_mode.setter

@@ -183,7 +183,7 @@ class VmoeClassifier(L.LightningModule):
         if vm.moe_layers(self.model):
             # training_step adds aux_loss_weight x the aux losses to the loss itself, so that
             # Lightning's gradient accumulation and AMP loss scaling apply to both terms: the
-            # layers must not also attach them to the backward pass (vmoe.moe.aux)
+            # layers must not also attach them to the backward pass (vmoe.moe.balancing)
             vm.set_aux_loss_mode(self.model, "manual")
         if grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
