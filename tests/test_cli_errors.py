@@ -407,3 +407,15 @@ def test_a_fine_tuning_config_starts_from_a_local_dir_model(saved_models, tmp_pa
     assert tuned["head.weight"].shape == (10, 64) and saved["head.weight"].shape == (3, 64)
     body = [k for k in saved if not k.startswith("head.")]
     assert body and max((tuned[k] - saved[k]).abs().max().item() for k in body) <= 1e-6
+
+
+@pytest.mark.parametrize("option", [["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
+                                    ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR",
+                                     "--lr_scheduler.step_size", "1"]])
+def test_lightning_optimizer_options_are_refused_naming_vmoes(tmp_path, capsys, option):
+    """LightningCLI's --optimizer / --lr_scheduler replaced configure_optimizers silently (one
+    parameter group, no schedule) while the hparams recorded model.optimizer: adamw."""
+    assert main(["fit", *fast(tmp_path, *SMALL, *option)]) == 2
+    one_line_error(capsys, "fit", rf"^vmoe fit: error: --{option[0][2:]} torch\.optim\..*: not "
+                                  r"supported; .*use --model\.optimizer \(adamw, sgd or a timm\.optim name\)")
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything ran

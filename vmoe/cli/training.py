@@ -36,6 +36,24 @@ from .errors import TrainingInterrupted
 __all__ = ["VmoeCLI"]
 
 
+def _refuse_lightning_optimizer(config) -> None:
+    """LightningCLI's ``--optimizer`` / ``--lr_scheduler`` would replace ``configure_optimizers``
+    (one parameter group: weight decay on biases and norms too; no warmup, no schedule) while the
+    hyper-parameters still record ``model.optimizer``: refused, naming vmoe's options instead."""
+    given = [f"--{key} {_class_name(config.get(key))}" for key in ("optimizer", "lr_scheduler")
+             if config.get(key) is not None]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)}: not supported; vmoe builds the optimizer and schedule itself "
+            "(no weight decay on biases, norms and embeddings; warmup then decay): use "
+            "--model.optimizer (adamw, sgd or a timm.optim name), --model.lr, --model.weight_decay, "
+            "--model.momentum/--model.betas, --model.schedule, --model.warmup_steps, --model.end_lr")
+
+
+def _class_name(value) -> str:
+    return str(getattr(value, "class_path", value))
+
+
 class VmoeCLI(LightningCLI):
     """LightningCLI with the run layout, default callbacks and logger of vmoe."""
 
@@ -80,6 +98,7 @@ class VmoeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        _refuse_lightning_optimizer(config)
         if config.get("torch_num_threads"):
             torch.set_num_threads(config.torch_num_threads)
         root = config.trainer.default_root_dir or os.path.join("runs", "default")

@@ -3,8 +3,10 @@ checkpoints' key mapping.
 
 Importing this package registers the ``vmoe_*`` models in timm's registry.
 """
-# The MoE layers of a model and their routing settings live in vmoe.moe; re-exported here.
-from ..moe import moe_layers, restore_routing, routing_settings, set_routing
+# The MoE layers of a model, their routing settings and aux-loss modes live in vmoe.moe;
+# re-exported here.
+from ..moe import (moe_layers, restore_routing, routing_settings, set_aux_loss_mode,
+                   set_aux_loss_scale, set_routing)
 from . import variants  # noqa: F401  (registers the timm factories)
 from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_plans, routing_stats
 from .variants import PAPER_MOE_DEFAULTS, SOFT_MOE_PAPER_DEFAULTS, SOFT_VARIANTS, VARIANTS
@@ -15,6 +17,7 @@ from .official import (convert_vmoe_checkpoint, from_vmoe_checkpoint, from_vmoe_
 
 __all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
            "routing_stats", "set_routing", "restore_routing", "routing_settings",
+           "set_aux_loss_mode", "set_aux_loss_scale",
            "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "SOFT_VARIANTS",
            "SOFT_MOE_PAPER_DEFAULTS", "save_pretrained", "push_to_hub", "from_pretrained", "load_state_dict_checked", "upcycle",
            "from_vmoe_checkpoint", "from_vmoe_params", "convert_vmoe_checkpoint",

@@ -154,7 +154,12 @@ def _storable(moe_kwargs: dict) -> dict:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum over MoE layers of the weighted auxiliary loss of the last forward (scalar)."""
+    """Sum over MoE layers of the weighted auxiliary loss of the last forward (float32 scalar).
+
+    In the layers' default ``aux_loss_mode='backward'`` it is detached, for logging: the aux
+    losses already reach the gradients through the backward pass of the layer outputs, so adding
+    it to a loss changes nothing. After ``set_aux_loss_mode(model, 'manual')`` it has a graph and
+    the training loop adds it to its loss (``vmoe.moe.balancing``)."""
     losses = [m.aux_loss for m in moe_layers(model).values() if m.aux_loss is not None]
     if not losses:
         return torch.zeros(())

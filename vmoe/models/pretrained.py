@@ -75,10 +75,18 @@ def model_config(model: nn.Module) -> dict:
 def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write ``model``'s ``config.json``: what timm's ``save_for_hf`` writes (architecture,
     num_classes, model_args, pretrained_cfg: ``timm.create_model("local-dir:DIR")`` reads it)
-    plus the vmoe entries of ``model_config`` (format, version, moeify, routing)."""
+    plus the vmoe entries of ``model_config`` (format, version, moeify, routing).
+
+    ``num_classes`` is written at the top level (and in ``pretrained_cfg``), not in
+    ``model_args``: transformers' ``TimmWrapper`` passes its own ``num_classes`` (the config's
+    ``num_labels``) next to ``model_args`` ("got multiple values for keyword argument"), and
+    timm's loaders read it from the pretrained cfg. ``from_pretrained`` reads it from either."""
     config = model_config(model)
     vmoe_entries = {k: config[k] for k in ("format", "version", "architecture", "moeify", "routing")}
     save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
+    written = json.loads(Path(path).read_text())
+    written["model_args"].pop("num_classes", None)  # timm's get_model_args puts it back
+    Path(path).write_text(json.dumps(written, indent=2))
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False,

@@ -5,8 +5,10 @@ Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter``,
 ``Experts``, ``compute_capacity``, the dispatchers and the auxiliary losses,
 ``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE layers of a model) and
 the routing settings (``RoutingSettings``, ``routing_settings``,
-``set_routing``, ``restore_routing``, ``read_routing``).
+``set_routing``, ``restore_routing``, ``read_routing``); ``set_aux_loss_mode`` /
+``set_aux_loss_scale`` (how the balancing losses reach the gradients, ``vmoe.moe.balancing``).
 """
+from .balancing import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale
 from .capacity import compute_capacity
 from .dispatch import combine, dispatch, einsum_combine, einsum_dispatch
 from .experts import Experts
@@ -26,4 +28,5 @@ __all__ = [
     "moe_layers", "require_moe_layers", "RoutingSettings", "routing_settings", "set_routing",
     "restore_routing", "read_routing",
     "soft_routing_statistics", "SOFT_TRAIN_STATS",
+    "set_aux_loss_mode", "set_aux_loss_scale", "AttachAuxLoss", "AUX_LOSS_MODES",
 ]

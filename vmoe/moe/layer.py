@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .balancing import AttachAuxLoss, check_aux_loss_mode, check_aux_loss_scale
 from .dispatch import check_dispatcher, combine, dispatch
 from .experts import Experts
 from .plan import RoutingPlan, SoftRoutingPlan
@@ -74,10 +75,15 @@ class MoeMlp(nn.Module):
     Buffer capacity is computed from S, so a short batch routes as a full group would.
 
     After each forward the layer keeps, for the loss, metrics and plots:
-        ``aux_loss``: scalar tensor (with grad), the weighted sum of the auxiliary losses,
-            averaged over groups;
+        ``aux_loss``: scalar tensor, the weighted sum of the auxiliary losses, averaged over
+            groups;
         ``aux_losses``: dict name -> scalar tensor, each loss averaged over groups (unweighted);
         ``last_plan``: the RoutingPlan (detached); a SoftRoutingPlan for a Soft MoE layer.
+    Balancing losses (``vmoe.moe.balancing``): with ``aux_loss_mode='backward'`` (the default) the
+    aux loss reaches the gradients through the backward pass of the layer output, times
+    ``aux_loss_scale`` (default 1.0), in any training loop; ``aux_loss``/``aux_losses`` are then
+    detached (for logging: adding them to a loss changes nothing). With ``'manual'`` they keep
+    their graph and the loop adds ``aux_loss`` to its loss (``vmoe fit`` does).
     An empty batch (B = 0) returns an empty [0, N, d'] output, as timm's ``Mlp`` does: every
     auxiliary loss is 0 and ``last_plan`` is a plan of 0 groups.
 
@@ -209,6 +215,7 @@ class MoeMlp(nn.Module):
                                act_layer=act_layer, bias=bias, drop=drop, same_init=same_init,
                                gemm=expert_gemm)
         self.aux_loss: Optional[torch.Tensor] = None
+        self._aux_loss_mode, self._aux_loss_scale = "backward", 1.0
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.last_plan: Optional[Union[RoutingPlan, SoftRoutingPlan]] = None
 
@@ -255,6 +262,24 @@ class MoeMlp(nn.Module):
     def noise_std(self, value: float) -> None:
         self.router.noise_std = value
 
+    @property
+    def aux_loss_mode(self) -> str:
+        """'backward' (aux loss attached to the output's backward) or 'manual' (see ``vmoe.moe.balancing``)."""
+        return self._aux_loss_mode
+
+    @aux_loss_mode.setter
+    def aux_loss_mode(self, value: str) -> None:
+        self._aux_loss_mode = check_aux_loss_mode(value)
+
+    @property
+    def aux_loss_scale(self) -> float:
+        """The factor the attached aux loss enters the backpropagated loss with ('backward' mode)."""
+        return self._aux_loss_scale
+
+    @aux_loss_scale.setter
+    def aux_loss_scale(self, value: float) -> None:
+        self._aux_loss_scale = check_aux_loss_scale(value)
+
     def group_size_for(self, tokens_per_image: int) -> int:
         """S, the number of tokens per routing group for images of N tokens."""
         if self.group_size is not None:
@@ -283,27 +308,40 @@ class MoeMlp(nn.Module):
         if G > 0:
             # plan: [G, S, K] fields (sparse) or [G, S, E, P] weights (soft, with C = P)
             plan, losses = self.router(tokens, valid)
+            aux_losses, aux_loss = self._aux_losses(losses, G, x)
             if self.bf16_dispatch:
                 tokens = _round_to_bf16(tokens)
             buffers = dispatch(tokens, plan, dispatcher=self.dispatcher)       # [E, G*C, d]
             expert_out = self.experts(buffers)                                 # [E, G*C, d']
             if self.bf16_dispatch:
                 expert_out = _round_to_bf16(expert_out)
+            if self._aux_loss_mode == "backward" and aux_loss.requires_grad:
+                # the aux loss's gradient joins the backward pass here (before combine, a real
+                # op: its output may be modified in place, e.g. by timm's LayerScale)
+                expert_out = AttachAuxLoss.apply(expert_out, aux_loss, self._aux_loss_scale)
             out = combine(expert_out, plan, dispatcher=self.dispatcher)        # [G, S, d']
             out = out.reshape(G * S, -1)[:T]                 # [T, d']
         else:
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
+            aux_losses, aux_loss = self._aux_losses(losses, G, x)
         out = out.view(B, N, out.shape[-1]).to(x.dtype)
 
-        weights = self.router.loss_weights()
-        # Per-group losses [G] -> scalars; no group at all (B = 0) gives 0, not the NaN of an
-        # empty mean.
-        self.aux_losses = {name: value.mean() if G > 0 else value.sum()
-                           for name, value in losses.items()}
-        self.aux_loss = sum((self.aux_losses[name] * weights[name] for name in self.aux_losses
-                             if weights.get(name, 0.0) > 0), x.new_zeros((), dtype=torch.float32))
+        if self._aux_loss_mode == "backward":  # already in the backward pass: for logging only
+            aux_losses = {name: value.detach() for name, value in aux_losses.items()}
+            aux_loss = aux_loss.detach()
+        self.aux_losses, self.aux_loss = aux_losses, aux_loss
         self.last_plan = plan.detach()
         return out
+
+    def _aux_losses(self, losses: Dict[str, torch.Tensor], G: int, x: torch.Tensor
+                    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Per-group losses {name: [G]} -> ({name: scalar}, the weighted sum: float32 scalar).
+        No group at all (B = 0) gives 0, not the NaN of an empty mean."""
+        weights = self.router.loss_weights()
+        means = {name: value.mean() if G > 0 else value.sum() for name, value in losses.items()}
+        total = sum((means[name] * weights[name] for name in means if weights.get(name, 0.0) > 0),
+                    x.new_zeros((), dtype=torch.float32))
+        return means, total
 
     def _route_no_tokens(self, tokens: torch.Tensor
                          ) -> Tuple[Union[RoutingPlan, SoftRoutingPlan], Dict[str, torch.Tensor],

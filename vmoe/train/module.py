@@ -102,7 +102,9 @@ class VmoeClassifier(L.LightningModule):
 
     Loss: ``loss='softmax'`` (cross-entropy) or ``'sigmoid'`` (per-class binary cross-entropy
     summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
-    (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses.
+    (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses
+    (added here: the model's MoE layers are put in ``aux_loss_mode='manual'``, so the aux losses
+    are counted once, and scaled with the task loss by gradient accumulation and AMP).
 
     Optimizer: built by timm's optimizer factory: AdamW(``lr``, ``betas``) by default,
     ``optimizer='sgd'`` (classical ``momentum``, the usual ViT fine-tuning choice) or any name of
@@ -178,6 +180,11 @@ class VmoeClassifier(L.LightningModule):
                                  checkpoint_path=checkpoint_path, upcycle_pretrained=upcycle_pretrained,
                                  moe=moe, num_classes=num_classes, img_size=img_size,
                                  moe_dropout=moe_dropout)
+        if vm.moe_layers(self.model):
+            # training_step adds aux_loss_weight x the aux losses to the loss itself, so that
+            # Lightning's gradient accumulation and AMP loss scaling apply to both terms: the
+            # layers must not also attach them to the backward pass (vmoe.moe.balancing)
+            vm.set_aux_loss_mode(self.model, "manual")
         if grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
                 raise ValueError(f"model.grad_checkpointing: {type(self.model).__name__} has no "
