@@ -213,3 +213,11 @@ def test_cli_export_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     _one_line_error(capsys, ["export", "--model", str(model_dir), "--format", "onnx", "--out", out],
                     'pip install -e ".[export]"')
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("prefix", ["vmoe_reference/vmoe_tiny_a", "soft_moe_reference/soft_moe_tiny_s"])
+def test_imported_official_checkpoints_export(prefix):
+    from pathlib import Path
+    model = vm.from_vmoe_checkpoint(Path(__file__).parent / "fixtures" / prefix)
+    program = vm.export_program(model)
+    assert max(vm.check_export(program, model, (1, 3, 9)).values()) < 1e-5
