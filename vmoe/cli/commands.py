@@ -1,4 +1,4 @@
-"""``vmoe convert | routing-report | capacity-sweep``: the subcommands that do not train.
+"""``vmoe convert | routing-report | capacity-sweep | export``: the subcommands that do not train.
 
 Each is a :class:`Command`: a one-line help, the jsonargparse arguments and the function that
 runs on the parsed namespace. Nothing heavy is imported before a command runs, and none of them
@@ -8,6 +8,7 @@ timm only).
     vmoe convert PREFIX --out DIR [--num-selected 2] [--capacity-factor 1.05] ...
     vmoe routing-report --model runs/x/export --data digits --out report/
     vmoe capacity-sweep --model runs/x/export --data path/to/val_images --out sweep/
+    vmoe export --model runs/x/export --format onnx --out model.onnx [--capacity-factor 4.0]
 
 ``--model`` is a directory written by ``vmoe.models.save_pretrained`` (e.g. the ``export/``
 folder of a training run). ``--data`` is ``digits`` (a split of ``vmoe.data.DigitsDataModule``)
@@ -254,6 +255,57 @@ def _capacity_sweep(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- export
+
+
+def _export_arguments(p) -> None:
+    from typing import Optional
+
+    from jsonargparse.typing import PositiveFloat, PositiveInt
+
+    from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
+    p.add_argument("--model", required=True, help="directory written by vmoe.models.save_pretrained, "
+                   "local-dir:DIR or hf-hub:ORG/NAME")
+    p.add_argument("--format", default="onnx", help="'onnx' (ONNX Runtime; needs the export extra: "
+                   'pip install -e ".[export]") or \'pt2\' (torch.export.save)')
+    p.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--capacity-factor", type=PositiveFloat, default=EVAL_CAPACITY_FACTOR,
+                   help="inference capacity factor of the sparse MoE layers (default: what vmoe fit "
+                   "evaluates with)")
+    p.add_argument("--batch-priority", type=Optional[bool], default=None,
+                   help="true/false: Batch Priority Routing at inference (default: the model's)")
+    p.add_argument("--batch-independent", action="store_true",
+                   help="one image per routing group: an image's logits do not depend on its batch")
+    p.add_argument("--max-batch", type=Optional[PositiveInt], default=None,
+                   help="largest batch the artifact accepts (default: unbounded)")
+    p.add_argument("--check-batch-sizes", type=PositiveInt, nargs=2, default=[1, 5], metavar="B",
+                   help="the two batch sizes the artifact is checked at against the eager model")
+
+
+def _export(args) -> int:
+    from vmoe.models.export import EXPORT_FORMATS, MissingExtraError, check_export, export_model, require_onnx
+
+    out = Path(args.out)
+    if args.format not in EXPORT_FORMATS:
+        raise ValueError(f"--format {args.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if out.exists() and not args.overwrite:  # before loading anything
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose a new file")
+    try:
+        if args.format == "onnx":
+            require_onnx()
+    except MissingExtraError as err:
+        raise ValueError(str(err)) from None
+    model = load_model(args.model).eval()
+    routing = dict(capacity_factor=args.capacity_factor, batch_priority=args.batch_priority,
+                   batch_independent=args.batch_independent)
+    export_model(model, out, args.format, overwrite=args.overwrite, max_batch=args.max_batch, **routing)
+    diffs = check_export(out, model, args.check_batch_sizes, **routing)
+    shown = ", ".join(f"batch {b}: {d:.2e}" for b, d in diffs.items())
+    print(f"wrote {out} ({args.format}); max |exported - eager| {shown}")
+    return 0
+
+
 COMMANDS = {
     "convert": Command(
         "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
@@ -264,4 +316,7 @@ COMMANDS = {
     "capacity-sweep": Command(
         "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR (sparse MoE layers only)",
         _report_arguments, _capacity_sweep),
+    "export": Command(
+        "export a model to ONNX or torch.export (.pt2) with a dynamic batch, checked against eager",
+        _export_arguments, _export),
 }

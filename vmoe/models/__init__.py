@@ -12,6 +12,7 @@ from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_pla
 from .variants import PAPER_MOE_DEFAULTS, SOFT_MOE_PAPER_DEFAULTS, SOFT_VARIANTS, VARIANTS
 from .vit_moe import VisionTransformerMoe
 from .pretrained import from_pretrained, load_state_dict_checked, push_to_hub, save_pretrained, upcycle
+from .export import check_export, export_model, export_onnx, export_program, inference_routing, save_program
 from .official import (convert_vmoe_checkpoint, from_vmoe_checkpoint, from_vmoe_params,
                        infer_vmoe_architecture)
 
@@ -21,4 +22,5 @@ __all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses"
            "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "SOFT_VARIANTS",
            "SOFT_MOE_PAPER_DEFAULTS", "save_pretrained", "push_to_hub", "from_pretrained", "load_state_dict_checked", "upcycle",
            "from_vmoe_checkpoint", "from_vmoe_params", "convert_vmoe_checkpoint",
-           "infer_vmoe_architecture"]
+           "infer_vmoe_architecture", "export_program", "export_onnx", "export_model", "save_program",
+           "check_export", "inference_routing"]

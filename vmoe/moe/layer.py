@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .balancing import AttachAuxLoss, check_aux_loss_mode, check_aux_loss_scale
 from .dispatch import check_dispatcher, combine, dispatch
@@ -296,11 +297,14 @@ class MoeMlp(nn.Module):
             raise ValueError(f"MoeMlp input width d={d} differs from in_features={self.in_features}")
         S = self.group_size_for(N)
         T = B * N
-        G = -(-T // S)
-        pad = G * S - T
+        pad = (-T) % S                                   # in [0, S): fills the last group
+        G = (T + pad) // S
         tokens = x.reshape(T, d)
         valid = None
-        if pad:
+        # Skip the padding only when it is known to be 0 without a guard: in eager mode sizes
+        # are ints; under torch.export / dynamic shapes a batch-derived ``pad`` stays symbolic
+        # and every batch size takes the padded path (same result, no specialization on B).
+        if not statically_known_true(pad == 0):
             tokens = F.pad(tokens, (0, 0, 0, pad))
             valid = (torch.arange(G * S, device=x.device) < T).view(G, S)
         tokens = tokens.view(G, S, d)
@@ -320,7 +324,9 @@ class MoeMlp(nn.Module):
                 # op: its output may be modified in place, e.g. by timm's LayerScale)
                 expert_out = AttachAuxLoss.apply(expert_out, aux_loss, self._aux_loss_scale)
             out = combine(expert_out, plan, dispatcher=self.dispatcher)        # [G, S, d']
-            out = out.reshape(G * S, -1)[:T]                 # [T, d']
+            out = out.reshape(G * S, -1)                     # [G*S, d']
+            if valid is not None:  # drop the padding rows (split: sizes T and pad, no Min(T, G*S))
+                out = out.split([T, pad])[0]                 # [T, d']
         else:
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
             aux_losses, aux_loss = self._aux_losses(losses, G, x)

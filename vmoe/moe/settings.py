@@ -23,9 +23,13 @@ import torch.nn as nn
 
 from .layer import MoeMlp, require_moe_layers
 
-__all__ = ["RoutingSettings", "read_routing", "set_routing", "restore_routing", "routing_settings"]
+__all__ = ["EVAL_CAPACITY_FACTOR", "RoutingSettings", "read_routing", "set_routing", "restore_routing", "routing_settings"]
 
 Layers = Union[nn.Module, Mapping[str, MoeMlp]]
+
+#: The capacity factor sparse layers evaluate with in ``vmoe fit`` (validation, test, predict;
+#: the paper's 4.0) and that ``vmoe.models.export_program`` bakes into an exported model.
+EVAL_CAPACITY_FACTOR = 4.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from timm.loss import BinaryCrossEntropy
 import vmoe.models as vm
 from vmoe.models.config_checks import shape_mismatches
 from vmoe.moe import moe_layers, restore_routing, set_routing
+from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
 
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
 from .optim import SCHEDULES, check_optimizer_name, create_optimizer, lr_factor, param_groups
@@ -153,7 +154,7 @@ class VmoeClassifier(L.LightningModule):
         warmup_steps: int = 0,
         schedule: str = "cosine",
         end_lr: float = 0.0,
-        eval_capacity_factor: Optional[float] = 4.0,
+        eval_capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
         eval_batch_priority: Optional[bool] = None,
         layer_decay: Optional[float] = None,
         grad_checkpointing: bool = False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..plan import SoftRoutingPlan
 
@@ -29,15 +30,41 @@ def _mixing_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
     return x.dtype
 
 
+def _row_order(num_groups, num_experts: int, device: torch.device) -> torch.Tensor:
+    """[G] int64: the group whose slots fill row block r (rows ``r*P .. r*P + P - 1``) of each
+    expert, in the official order: ``r`` itself when ``G % E != 0``; when ``G % E == 0`` the
+    interleaved ``g = (r % E) * (G/E) + r // E``. Tensor arithmetic, no branch on G (which
+    stays symbolic under torch.export with a dynamic batch)."""
+    G, E = num_groups, num_experts
+    r = torch.arange(G, device=device)
+    interleaved = (r % E) * (G // E) + r // E
+    divisible = (r[-1:] + 1) % E == 0                                     # [1]: G % E == 0
+    return torch.where(divisible, interleaved, r)
+
+
+def _layout_known(num_groups, num_experts: int):
+    """True/False when ``G % E == 0`` is known without a guard (eager: always; the views below,
+    one copy), None when G is symbolic (torch.export with a dynamic batch: the index form,
+    which gives the same rows for every G without specializing on it)."""
+    if statically_known_true(num_groups % num_experts == 0):
+        return True
+    if statically_known_true(num_groups % num_experts != 0):
+        return False
+    return None
+
+
 def _groups_to_rows(slots: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[G, E*P, d] (one bmm output per group) -> [E, G*P, d] in the official row order: one copy."""
     G, EP, d = slots.shape
     E = num_experts
     P = EP // E
-    if G % E == 0:  # g = a*(G/E) + b -> row (b*E + a)*P + p
+    divisible = _layout_known(G, E)
+    if divisible:  # g = a*(G/E) + b -> row (b*E + a)*P + p
         rows = slots.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)     # [E, b, a, P, d]
-    else:
+    elif divisible is False:
         rows = slots.view(G, E, P, d).transpose(0, 1)                    # [E, G, P, d]
+    else:
+        rows = slots.view(G, E, P, d).transpose(0, 1).index_select(1, _row_order(G, E, slots.device))
     return rows.reshape(E, G * P, d)
 
 
@@ -46,10 +73,15 @@ def _rows_to_groups(rows: torch.Tensor, num_groups: int) -> torch.Tensor:
     E, GP, d = rows.shape
     G = num_groups
     P = GP // G
-    if G % E == 0:
+    divisible = _layout_known(G, E)
+    if divisible:
         groups = rows.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)    # [a, b, E, P, d]
-    else:
+    elif divisible is False:
         groups = rows.view(E, G, P, d).transpose(0, 1)                   # [G, E, P, d]
+    else:
+        order = _row_order(G, E, rows.device)
+        block = torch.empty_like(order).scatter_(0, order, torch.arange(G, device=rows.device))
+        groups = rows.view(E, G, P, d).transpose(0, 1).index_select(0, block)  # [G, E, P, d]
     return groups.reshape(G, E * P, d)
 
 

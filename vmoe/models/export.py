@@ -1,0 +1,275 @@
+"""Deploy a vmoe model: ``torch.export`` and ONNX with a dynamic batch dimension.
+
+    program = export_program(model)                   # torch.export.ExportedProgram, any batch
+    save_program(program, "model.pt2")                # torch.export.save (+ the routing used)
+    export_onnx(model, "model.onnx")                  # ONNX (dynamo exporter), batch axis dynamic
+    check_export("model.onnx", model)                 # {batch size: max |artifact - eager|}
+
+Every MoE layer keeps its grouping, padding and routing semantics at every batch size: the
+layer's shape arithmetic stays symbolic (``MoeMlp.forward``, ``moe/dispatch/soft.py``), capacity
+depends on the group size S only, and the stable descending order of the routers
+(``aten.sort.stable``, which ONNX has no function for) is lowered to ONNX ``TopK``, whose spec
+orders ties by lower index first, as the stable sort does (non-finite keys are -inf by then).
+
+Routing: the artifact routes as the model did when it was exported, by default with
+``EVAL_CAPACITY_FACTOR`` (4.0, what ``vmoe fit`` evaluates with) on the sparse layers and
+their BPR setting unchanged; Soft MoE layers have fixed slots. The settings used are stored in
+the artifact (``extra_files["vmoe_routing.json"]`` of the .pt2, the ONNX ``metadata_props``).
+
+Batch dependence: a sparse layer's routing groups span ``group_size_images`` consecutive images
+(default 8) that compete for buffer places, so an image's output depends on the other images of
+its group whenever a place is contested (a token dropped or not), and on the batch's size
+through the padding of the last group. ``batch_independent=True`` routes one image per group
+(``group_size_images=1``): the output of an image then depends on that image alone. Soft MoE
+layers with one image per group (the default) are batch-independent already.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..moe import moe_layers, require_moe_layers, set_routing, restore_routing
+from ..moe.parallel import expert_parallel_layers
+from ..moe.settings import EVAL_CAPACITY_FACTOR, read_routing
+from ..writes import failed_write
+
+__all__ = ["EXPORT_FORMATS", "EXPORT_EXTRA", "MissingExtraError", "inference_routing",
+           "export_program", "save_program", "export_onnx", "export_model", "check_export"]
+
+EXPORT_FORMATS = ("onnx", "pt2")
+EXPORT_EXTRA = 'pip install -e ".[export]"'
+ROUTING_FILE = "vmoe_routing.json"
+
+
+class MissingExtraError(ImportError):
+    """onnx / onnxscript / onnxruntime are not installed (the ``export`` extra)."""
+
+
+def require_onnx() -> None:
+    """ImportError naming the ``export`` extra when onnx, onnxscript or onnxruntime is missing."""
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(f"ONNX export needs {', '.join(missing)} (not installed): "
+                                f"install the export extra, {EXPORT_EXTRA}")
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    sharded = list(expert_parallel_layers(model))
+    if sharded:
+        raise ValueError(f"cannot export a model whose experts are sharded over processes "
+                         f"(expert-parallel layers {sharded}): gather them first with "
+                         "vmoe.moe.parallel.unshard_experts(model)")
+
+
+def _input_shape(model: nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) of the images the model takes, from its patch embedding."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    proj = getattr(embed, "proj", None)
+    if size is None or proj is None:
+        raise ValueError(f"{type(model).__name__} has no patch_embed.img_size/proj: pass example=")
+    return proj.in_channels, int(size[0]), int(size[1])
+
+
+@contextlib.contextmanager
+def inference_routing(model: nn.Module, capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+                      batch_priority: Optional[bool] = None, batch_independent: bool = False
+                      ) -> Iterator[Dict[str, dict]]:
+    """Route the ``with`` body as an exported model will: ``capacity_factor`` (None: keep) and
+    ``batch_priority`` (None: keep) on the sparse layers (Soft MoE layers have fixed slots) and,
+    with ``batch_independent``, one image per routing group in every layer. Yields
+    ``{layer: settings}`` as used; everything is put back on exit."""
+    layers = require_moe_layers(model)
+    sparse = [name for name, layer in layers.items() if not layer.is_soft]
+    if batch_independent:
+        grouped = [n for n, m in layers.items() if m.is_soft and m.group_size_images != 1]
+        if grouped:
+            raise ValueError(f"batch_independent=True: Soft MoE layers {grouped} have slots sized "
+                             "for groups of several images; their group size cannot change")
+    groups = {name: (m.group_size, m.group_size_images) for name, m in layers.items()}
+    previous = set_routing(model, capacity_factor, batch_priority, layers=sparse) if sparse else {}
+    try:
+        if batch_independent:
+            for m in layers.values():
+                m.group_size, m.group_size_images = None, 1
+        used = {name: {**s.to_dict(), "group_size": layers[name].group_size,
+                       "group_size_images": layers[name].group_size_images}
+                for name, s in read_routing(layers).items()}
+        yield used
+    finally:
+        for name, (size, images) in groups.items():
+            layers[name].group_size, layers[name].group_size_images = size, images
+        if previous:
+            restore_routing(model, previous)
+
+
+def _sort_stable_to_onnx():
+    """The ONNX translation of ``aten.sort.stable``: ``TopK`` over the whole axis (ties: lower
+    index first by the ONNX spec, as a stable sort)."""
+    from onnxscript import opset18 as op
+
+    def sort_stable(self, *, stable=None, dim=-1, descending=False):
+        n = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+        return op.TopK(self, n, axis=dim, largest=descending, sorted=True)
+
+    return {torch.ops.aten.sort.stable: sort_stable}
+
+
+def _export(model: nn.Module, example: Optional[torch.Tensor], max_batch: Optional[int]):
+    from torch.export import Dim
+    from torch.fx.experimental import _config as shape_config
+
+    if example is None:
+        example = torch.randn(3, *_input_shape(model))
+    if not isinstance(example, torch.Tensor) or example.dim() != 4:
+        raise ValueError(f"example must be an image batch [B, C, H, W], got "
+                         f"{getattr(example, 'shape', type(example).__name__)}")
+    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
+    batch = Dim("batch", min=1, max=max_batch) if max_batch else Dim("batch", min=1)
+    device = next(model.parameters()).device
+    # Sizes derived from the batch (groups G, padding) are traced size-obliviously: torch's
+    # layout checks would otherwise specialize the program on whether G == 1.
+    with shape_config.patch(backed_size_oblivious=True):
+        return torch.export.export(model, (example.to(device),), dynamic_shapes=({0: batch},))
+
+
+def export_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
+                   capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+                   batch_priority: Optional[bool] = None, batch_independent: bool = False,
+                   max_batch: Optional[int] = None) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` (eval mode) with a dynamic batch dimension (1 .. max_batch,
+    None: unbounded). ``example``: an image batch [B, C, H, W] (default: 3 random images at the
+    model's input size); the program runs at every batch size. Routing: see
+    ``inference_routing``; the settings used are in ``program.graph_module.meta["vmoe_routing"]``.
+    The model's own settings and training mode are unchanged afterwards."""
+    _check_model(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with inference_routing(model, capacity_factor, batch_priority, batch_independent) as used:
+            program = _export(model, example, max_batch)
+    finally:
+        model.train(was_training)
+    program.graph_module.meta["vmoe_routing"] = used
+    return program
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name for the exported model")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (vmoe export: --overwrite) to "
+                              "replace it, or choose a new file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, what: str) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write, moved over ``path`` at the end
+    (a failed write leaves the previous file as it was)."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    with failed_write(path, what):
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+
+def save_program(program: torch.export.ExportedProgram, path: Union[str, os.PathLike], *,
+                 overwrite: bool = False) -> Path:
+    """``torch.export.save`` to ``path`` (refused when it exists, unless ``overwrite``), with the
+    routing settings as ``extra_files["vmoe_routing.json"]``; load with ``torch.export.load``."""
+    path = Path(path)
+    _refuse_existing(path, overwrite)
+    routing = json.dumps(program.graph_module.meta.get("vmoe_routing", {}))
+    with _atomic(path, "exported program") as tmp:
+        torch.export.save(program, tmp, extra_files={ROUTING_FILE: routing})
+    return path
+
+
+def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example: Optional[torch.Tensor] = None,
+                *, overwrite: bool = False, **routing) -> Path:
+    """ONNX (``torch.onnx.export(..., dynamo=True)``) of ``export_program(model, example,
+    **routing)`` to ``path``: input ``images`` [batch, C, H, W], output ``logits``, the batch
+    axis dynamic; standard ONNX operators only. The routing settings are the model's
+    ``metadata_props["vmoe.routing"]``. Refuses an existing ``path`` unless ``overwrite``."""
+    require_onnx()
+    path = Path(path)
+    _refuse_existing(path, overwrite)
+    program = export_program(model, example, **routing)
+    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, input_names=["images"],
+                                     output_names=["logits"],
+                                     custom_translation_table=_sort_stable_to_onnx())
+    onnx_program.model.metadata_props["vmoe.routing"] = json.dumps(
+        program.graph_module.meta["vmoe_routing"])
+    with _atomic(path, "ONNX model") as tmp:
+        onnx_program.save(tmp, external_data=False)
+    return path
+
+
+def export_model(model: nn.Module, path: Union[str, os.PathLike], format: str = "onnx", *,
+                 overwrite: bool = False, **routing) -> Path:
+    """``export_onnx`` or ``export_program`` + ``save_program`` by ``format`` ('onnx', 'pt2')."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}: choose one of {EXPORT_FORMATS}")
+    if format == "onnx":
+        return export_onnx(model, path, overwrite=overwrite, **routing)
+    _refuse_existing(Path(path), overwrite)  # before the (slow) export
+    return save_program(export_program(model, **routing), path, overwrite=overwrite)
+
+
+def _runner(artifact):
+    """A function images [B, C, H, W] -> logits (numpy or tensor) for an exported artifact:
+    an ExportedProgram, a .pt2 file or a .onnx file (ONNX Runtime, CPU)."""
+    if isinstance(artifact, torch.export.ExportedProgram):
+        module = artifact.module()
+        return lambda x: module(x)
+    path = Path(artifact)
+    if path.suffix == ".onnx":
+        require_onnx()
+        import onnxruntime as ort
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+    module = torch.export.load(str(path)).module()
+    return lambda x: module(x)
+
+
+def check_export(artifact, model: nn.Module, batch_sizes: Sequence[int] = (1, 5), *,
+                 seed: int = 0, **routing) -> Dict[int, float]:
+    """``{batch size: max |artifact(x) - model(x)|}`` on random image batches, the eager model
+    routing as ``export_program(**routing)`` does (use the same options as for the export)."""
+    run = _runner(artifact)
+    shape = _input_shape(model)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    diffs = {}
+    try:
+        with inference_routing(model, **routing), torch.no_grad():
+            for b in batch_sizes:
+                x = torch.randn(b, *shape, generator=generator).to(device)
+                got = run(x)
+                diffs[b] = float((got.to(device).float() - model(x).float()).abs().max())
+    finally:
+        model.train(was_training)
+    return diffs
