@@ -16,8 +16,8 @@ epoch, none seen twice. Images are decoded once (:func:`vmoe.data.load_image`) a
 the usual albumentations pipelines.
 
 Resume: litdata's ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``, which
-Lightning's fit loop saves in every checkpoint (``loops.fit_loop.state_dict.combined_loader``)
-and restores with ``--ckpt_path``. With the same
+the data module's ``state_dict``/``load_state_dict`` put in every Lightning checkpoint and
+restore with ``--ckpt_path`` before the loader is made. With the same
 shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed epoch yields exactly
 the items the uninterrupted epoch had left (tests/test_data_shards.py asserts it); litdata
 refuses (or re-plans, see ``num_canonical_nodes``) a changed topology.
@@ -283,6 +283,7 @@ class ShardDataModule(VisionDataModule):
                              f"{self.manifest['num_classes']} classes")
         self.classes = self.manifest.get("classes")
         self._loaders: dict[str, Any] = {}
+        self._pending_state: Optional[dict] = None
 
     @property
     def num_classes(self) -> int:  # type: ignore[override]
@@ -322,11 +323,30 @@ class ShardDataModule(VisionDataModule):
             dataset, batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_skipping,
             drop_last=train and self.drop_last, persistent_workers=False)
+        if train and self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
         self._loaders[split] = loader
         return loader
 
     def val_dataloader(self):
         return [] if self.val_set is None else super().val_dataloader()
+
+    # Lightning saves these with every checkpoint and restores them (``--ckpt_path``) before it
+    # asks for the loaders: the training stream's position in its epoch. (Lightning's fit loop
+    # also stores the loader's state_dict, but reloads it only in some restarts.)
+    def state_dict(self) -> dict:
+        loader = self._loaders.get("train")
+        return {} if loader is None else {"train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if "train" in self._loaders:
+            self._loaders["train"].load_state_dict(state)
+        else:
+            self._pending_state = state
 
     def __repr__(self) -> str:
         return (f"ShardDataModule(path={self.paths['train']!r}, num_classes={self.num_classes}, "
