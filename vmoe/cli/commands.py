@@ -1,4 +1,5 @@
-"""``vmoe convert | routing-report | capacity-sweep | export``: the subcommands that do not train.
+"""``vmoe convert | routing-report | capacity-sweep | export | make-shards``: the subcommands that
+do not train.
 
 Each is a :class:`Command`: a one-line help, the jsonargparse arguments and the function that
 runs on the parsed namespace. Nothing heavy is imported before a command runs, and none of them
@@ -9,6 +10,7 @@ timm only).
     vmoe routing-report --model runs/x/export --data digits --out report/
     vmoe capacity-sweep --model runs/x/export --data path/to/val_images --out sweep/
     vmoe export --model runs/x/export --format onnx --out model.onnx [--capacity-factor 4.0]
+    vmoe make-shards --source path/to/images --out shards/train
 
 ``--model`` is a directory written by ``vmoe.models.save_pretrained`` (e.g. the ``export/``
 folder of a training run). ``--data`` is ``digits`` (a split of ``vmoe.data.DigitsDataModule``)
@@ -306,6 +308,34 @@ def _export(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- make-shards
+
+
+def _make_shards_arguments(p) -> None:
+    p.add_argument("--source", required=True, help="a folder of class sub-folders (<dir>/<class>/<image>, or "
+                   "<dir>/<split>/<class>/<image>), or a Hugging Face dataset (save_to_disk/Parquet/"
+                   "imagefolder folder or hub name)")
+    p.add_argument("--out", required=True, help="output folder of litdata chunks + vmoe_shards.json")
+    p.add_argument("--split", default="train", help="the split to write (default train)")
+    p.add_argument("--image-column", default="image", help="Hugging Face source: the image column")
+    p.add_argument("--label-column", default="label", help="Hugging Face source: the label column")
+    p.add_argument("--chunk-bytes", default="64MB", help="target size of one chunk (litdata), e.g. 64MB")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _make_shards(args) -> int:
+    from vmoe.data.shards import write_shards
+
+    out = Path(args.out)  # a non-empty --out is refused before any work
+    manifest = write_shards(args.source, out, overwrite=args.overwrite, chunk_bytes=args.chunk_bytes,
+                            split=args.split, image_column=args.image_column,
+                            label_column=args.label_column, progress=not args.no_progress)
+    print(f"wrote {manifest['num_images']} images of {manifest['num_classes']} classes to {out}/; "
+          f"train with --data vmoe.data.ShardDataModule --data.path {out}")
+    return 0
+
+
 COMMANDS = {
     "convert": Command(
         "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
@@ -319,4 +349,7 @@ COMMANDS = {
     "export": Command(
         "export a model to ONNX or torch.export (.pt2) with a dynamic batch, checked against eager",
         _export_arguments, _export),
+    "make-shards": Command(
+        "write litdata streaming shards from an image folder or a Hugging Face dataset",
+        _make_shards_arguments, _make_shards),
 }

@@ -11,7 +11,9 @@ from vmoe.data.base import VisionDataModule
 from vmoe.data.cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_binary
 from vmoe.data.datasets import ArrayDataset, CorruptImageError, ImageFileDataset, load_image, stratified_split
 from vmoe.data.digits import DigitsDataModule, load_digits_uint8
+from vmoe.data.hf import HFDataModule
 from vmoe.data.imagefolder import IMAGE_EXTENSIONS, ImageFolderDataModule
+from vmoe.data.shards import ShardDataModule, write_shards
 from vmoe.data.randaugment import DEFAULT_OPS, GEOMETRIC_OPS, OPS, RandAugment
 from vmoe.data.transforms import (
     DEFAULT_EVAL,
@@ -27,6 +29,8 @@ DATAMODULES: dict[str, type[VisionDataModule]] = {
     "imagefolder": ImageFolderDataModule,
     "cifar10": CIFAR10DataModule,
     "cifar100": CIFAR100DataModule,
+    "hf": HFDataModule,
+    "shards": ShardDataModule,
 }
 
 
@@ -43,8 +47,8 @@ def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
 
 __all__ = [
     "ArrayDataset", "CIFAR10DataModule", "DEFAULT_EVAL", "DEFAULT_TRAIN", "CIFAR100DataModule", "CorruptImageError", "DATAMODULES",
-    "DEFAULT_OPS", "DigitsDataModule", "EvalTransformConfig", "GEOMETRIC_OPS", "IMAGE_EXTENSIONS",
-    "ImageFileDataset", "ImageFolderDataModule", "OPS", "RandAugment", "TrainTransformConfig",
+    "DEFAULT_OPS", "DigitsDataModule", "EvalTransformConfig", "GEOMETRIC_OPS", "HFDataModule", "IMAGE_EXTENSIONS",
+    "ImageFileDataset", "ImageFolderDataModule", "OPS", "RandAugment", "ShardDataModule", "TrainTransformConfig",
     "VisionDataModule", "build_datamodule", "build_eval_transform", "build_train_transform",
-    "load_digits_uint8", "load_image", "read_cifar_binary", "stratified_split",
+    "load_digits_uint8", "load_image", "read_cifar_binary", "stratified_split", "write_shards",
 ]

@@ -6,6 +6,7 @@ raw uint8 array [H, W, C] without one), label a Python int; the default collate 
 """
 from __future__ import annotations
 
+import io
 import os
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
@@ -25,26 +26,33 @@ class CorruptImageError(ValueError):
     """An image file that neither PIL nor OpenCV can decode; the message names the file."""
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as uint8 RGB [H, W, 3].
+def load_image(path: str | os.PathLike, data: Optional[bytes] = None) -> np.ndarray:
+    """Read an image file (or its encoded bytes ``data``, ``path`` then only names it) as
+    uint8 RGB [H, W, 3]: grey, RGBA, CMYK, palette and 16-bit images converted, the EXIF
+    orientation applied.
 
     PIL first; OpenCV only when PIL does not recognise the format (so a truncated JPEG, which
     OpenCV would half-decode with a warning, is still reported as corrupt).
     Raises CorruptImageError naming ``path``.
     """
-    path = Path(path)
+    path = Path(path) if data is None else path
     try:
-        with Image.open(path) as im:
+        with Image.open(path if data is None else io.BytesIO(data)) as im:
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 # 16-bit greyscale: keep the high byte instead of PIL's clipping to 255
                 arr = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+                arr = np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+            else:
+                arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+            return arr
     except UnidentifiedImageError as err:
         pil_error: Exception = err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise CorruptImageError(f"cannot read image file '{path}': {type(err).__name__}: {err}") from err
-    arr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if data is None:
+        arr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    else:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if arr is None:
         raise CorruptImageError(
             f"cannot read image file '{path}': neither PIL ({pil_error}) nor OpenCV can decode it"

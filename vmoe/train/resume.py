@@ -179,7 +179,9 @@ class ResumableTraining(L.Callback):
 
         def train_dataloader():
             loader = original()
-            self.loader = ResumableLoader(loader, seed=seed) if isinstance(loader, DataLoader) else loader
+            # a stream (IterableDataset: HF streaming, litdata shards) orders and resumes itself
+            wrap = isinstance(loader, DataLoader) and not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+            self.loader = ResumableLoader(loader, seed=seed) if wrap else loader
             if self._pending_loader is not None and isinstance(self.loader, ResumableLoader):
                 # Lightning reloads loader states only when restarting mid-epoch, and it creates
                 # the first iterator before calling set_epoch; so the position is applied here.

@@ -1,0 +1,358 @@
+"""Streaming shards on litdata: written by :func:`write_shards` (``vmoe make-shards``), read by
+:class:`ShardDataModule` from a local folder or a URL (``s3://``, ``gs://``, ...).
+
+A shard folder holds litdata chunks (``chunk-*.bin`` + ``index.json``) of items
+``{"image": encoded bytes (the source file's, not re-encoded), "label": int, "key": str}`` and
+``vmoe_shards.json``, the manifest: format name and version, the vmoe version that wrote it,
+the class names and the image count. The manifest is written last, so a folder without one is
+not a complete shard set; a folder of another format version is refused.
+
+Reading: litdata's ``StreamingDataset`` divides the items over every DDP rank (all ranks of a
+data- or expert-parallel run are data-parallel workers) and over the loader workers of each
+rank, shuffled with ``seed`` (chunk order, then items within chunks; re-drawn every epoch).
+Under DDP litdata drops the remainder that would give ranks unequal counts (``drop_last``, its
+default in a distributed run): at most ``world_size * num_workers * batch_size - 1`` images an
+epoch, none seen twice. Images are decoded once (:func:`vmoe.data.load_image`) and go through
+the usual albumentations pipelines.
+
+Resume: litdata's ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``, which
+the data module's ``state_dict``/``load_state_dict`` put in every Lightning checkpoint and
+restore with ``--ckpt_path`` before the loader is made. With the same
+shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed epoch yields exactly
+the items the uninterrupted epoch had left (tests/test_data_shards.py asserts it); litdata
+refuses (or re-plans, see ``num_canonical_nodes``) a changed topology.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from vmoe.data.base import VisionDataModule
+from vmoe.data.datasets import CorruptImageError, load_image
+
+__all__ = ["MANIFEST", "FORMAT", "FORMAT_VERSION", "ShardDataModule", "write_shards", "read_manifest"]
+
+MANIFEST = "vmoe_shards.json"
+FORMAT = "vmoe-shards"
+FORMAT_VERSION = 1
+
+
+def _vmoe_version() -> str:
+    from vmoe import __version__
+    return __version__
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _folder_items(source: Path, extensions) -> tuple[list[str], Iterator[tuple[str, bytes, int]], int]:
+    from vmoe.data.imagefolder import IMAGE_EXTENSIONS, list_class_folders, scan_split
+
+    classes = list_class_folders(source)
+    paths, labels = scan_split(source, classes, extensions or IMAGE_EXTENSIONS)
+
+    def items():
+        for path, label in zip(paths, labels):
+            yield str(path.relative_to(source)), path.read_bytes(), int(label)
+    return classes, items(), len(paths)
+
+
+def _hf_items(source: str, split: str, image_column: str, label_column: str):
+    import datasets
+
+    from vmoe.data.hf import image_bytes, load_hf_dataset
+
+    tables = load_hf_dataset(source)
+    if split not in tables:
+        raise ValueError(f"--split {split!r} is not a split of {source!r}: {sorted(tables)}")
+    table = tables[split]
+    for role, column in (("--image-column", image_column), ("--label-column", label_column)):
+        if column not in table.column_names:
+            raise ValueError(f"{role} {column!r} is not a column of split {split!r} of {source!r}; "
+                             f"its columns: {table.column_names}")
+    feature = table.features[label_column]
+    labels = np.asarray(table[label_column])
+    if isinstance(feature, datasets.ClassLabel):
+        classes = list(feature.names)
+    else:
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
+    if isinstance(table.features[image_column], datasets.Image):
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+
+    def items():
+        for i in range(len(table)):
+            where = f"row {i} of split {split!r} of {source!r}"
+            label = int(labels[i])
+            if not 0 <= label < len(classes):
+                raise ValueError(f"{where}: label {label} is not in [0, {len(classes)})")
+            name, data = image_bytes(table[i][image_column], where)
+            yield f"{split}/{i}", (Path(name).read_bytes() if data is None else data), label
+    return classes, items(), len(table)
+
+
+def write_shards(source: str, out: str, overwrite: bool = False, chunk_bytes: str = "64MB",
+                 split: str = "train", image_column: str = "image", label_column: str = "label",
+                 progress: bool = True, extensions: Optional[list[str]] = None) -> dict:
+    """Write ``source`` (a folder of class sub-folders ``<dir>/<class>/<image>``, or a Hugging
+    Face dataset as :class:`vmoe.data.HFDataModule` reads it, its ``split``) as litdata chunks
+    into ``out``; returns the manifest. Written into a temporary folder beside ``out`` and moved
+    in when complete (a full disk: ``WriteError``, ``out`` unchanged); a non-empty ``out`` is
+    refused unless ``overwrite``."""
+    from litdata.streaming.writer import BinaryWriter
+    from tqdm import tqdm
+
+    from vmoe.models.pretrained import check_target_dir, staged_save_dir
+
+    out_dir = Path(out)
+    check_target_dir(out_dir, overwrite)  # before reading anything
+    src = Path(source).expanduser()
+    is_folder = src.is_dir() and not any((src / f).exists() for f in ("dataset_dict.json", "state.json")) \
+        and not any(src.glob("*.parquet")) and not any(src.glob("**/*.parquet"))
+    if is_folder and (src / split).is_dir() and not any(f.is_file() for f in src.iterdir()):
+        src_folder = src / split if (src / split).is_dir() else src
+    else:
+        src_folder = src
+    if is_folder:
+        classes, items, total = _folder_items(src_folder, extensions)
+    else:
+        classes, items, total = _hf_items(source, split, image_column, label_column)
+    if total == 0:
+        raise ValueError(f"{source!r} holds no image to write")
+    with staged_save_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
+        with tqdm(total=total, desc="make-shards", unit="img", disable=not progress) as bar:
+            for index, (key, data, label) in enumerate(items):
+                writer.add_item(index, {"image": data, "label": label, "key": key})
+                bar.update(1)
+        writer.done()
+        writer.merge()
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vmoe_version": _vmoe_version(),
+                    "num_images": total, "num_classes": len(classes), "classes": classes,
+                    "source": str(source), "item": {"image": "encoded bytes", "label": "int", "key": "str"}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _check_manifest(manifest: Any, where: str) -> dict:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{where} is not a vmoe shard manifest (format {FORMAT!r} expected)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{where} was written by vmoe {manifest.get('vmoe_version')} in shard format version "
+                         f"{manifest.get('format_version')}; this vmoe ({_vmoe_version()}) reads version "
+                         f"{FORMAT_VERSION}: rewrite the shards with this version's `vmoe make-shards`")
+    if not isinstance(manifest.get("num_classes"), int) or manifest["num_classes"] < 1:
+        raise ValueError(f"{where}: num_classes={manifest.get('num_classes')!r} must be a positive int")
+    if not manifest.get("num_images"):
+        raise ValueError(f"{where}: the shard folder holds no image (num_images={manifest.get('num_images')!r})")
+    return manifest
+
+
+def _fetch_remote(url: str, storage_options: Optional[dict], local: str) -> None:
+    from litdata.streaming.downloader import get_downloader
+
+    get_downloader(url, os.path.dirname(local), [], storage_options).download_file(
+        url.rstrip("/") + "/" + MANIFEST, local)
+
+
+def read_manifest(path: str, storage_options: Optional[dict] = None, timeout_s: float = 30.0) -> dict:
+    """The checked manifest of a shard folder or URL; a URL that does not answer within
+    ``timeout_s`` is a ConnectionError naming it."""
+    if not _is_url(path):
+        folder = Path(str(path).removeprefix("file://")).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"shard folder '{folder}' does not exist or is not a directory")
+        file = folder / MANIFEST
+        if not file.is_file():
+            if not any(folder.iterdir()):
+                raise ValueError(f"shard folder '{folder}' is empty: write shards with `vmoe make-shards "
+                                 f"--source DIR --out {folder}`")
+            raise ValueError(f"shard folder '{folder}' has no {MANIFEST}: not written by `vmoe make-shards`, "
+                             "or its writing did not finish")
+        try:
+            manifest = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON ({err})") from None
+        if not (folder / "index.json").is_file():
+            raise ValueError(f"shard folder '{folder}' has no index.json (litdata's chunk index)")
+        return _check_manifest(manifest, str(file))
+    import tempfile
+
+    local = os.path.join(tempfile.mkdtemp(prefix="vmoe-shards-"), MANIFEST)
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(_fetch_remote, path, storage_options, local)
+    try:
+        future.result(timeout=timeout_s)
+    except FutureTimeout:
+        raise ConnectionError(f"shard URL {path} did not answer within {timeout_s:g} s (reading "
+                              f"{MANIFEST}); check the URL, the network and the credentials") from None
+    except Exception as err:
+        raise ConnectionError(f"cannot read {path.rstrip('/')}/{MANIFEST}: {type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]}") from err
+    finally:
+        pool.shutdown(wait=False)
+    with open(local) as f:
+        return _check_manifest(json.load(f), f"{path.rstrip('/')}/{MANIFEST}")
+
+
+class DecodeItem:
+    """litdata ``transform``: a stored item -> ``(image float32 [C, H, W], label)``; None for an
+    unreadable image with ``skip_corrupt`` (the collate drops it and counts it). The pipeline is
+    reseeded once per worker process from ``seed``, the rank and the worker id."""
+
+    def __init__(self, pipeline, where: str, num_classes: int, skip_corrupt: bool, seed: int, rank: int = 0):
+        self.pipeline, self.where, self.num_classes = pipeline, where, num_classes
+        self.skip_corrupt, self.seed, self.rank = skip_corrupt, seed, rank
+        self._seeded_pid: Optional[int] = None
+
+    def __call__(self, item: dict):
+        if self._seeded_pid != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            if hasattr(self.pipeline, "set_random_seed"):
+                self.pipeline.set_random_seed(
+                    (self.seed + 1_000_003 * self.rank + 7919 * (info.id + 1 if info else 0)) % 2**32)
+            self._seeded_pid = os.getpid()
+        key = f"{self.where} item {item.get('key')!r}"
+        label = int(item["label"])
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"{key}: label {label} is not in [0, {self.num_classes})")
+        try:
+            image = self.pipeline(image=load_image(key, bytes(item["image"])))["image"]
+        except CorruptImageError as err:
+            if self.skip_corrupt:
+                warnings.warn(f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}")
+                return None
+            raise
+        return image, label
+
+
+def collate_skipping(batch: list):
+    """Default collate over the items that are not None (unreadable, skipped)."""
+    from torch.utils.data import default_collate
+
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        raise CorruptImageError(f"every image of a batch of {len(batch)} was unreadable (skip_corrupt=True)")
+    return default_collate(kept)
+
+
+class ShardDataModule(VisionDataModule):
+    """Shards written by ``vmoe make-shards``: ``vmoe fit --data vmoe.data.ShardDataModule
+    --data.path DIR_OR_URL``.
+
+    Args (besides those of ``VisionDataModule``):
+        path: the training shard folder or URL (``s3://bucket/train``, ``gs://...``).
+        val_path, test_path: shard folders/URLs of the validation and test splits (optional).
+        num_classes: must equal the manifest's, if given.
+        shuffle, seed: litdata's shuffle of the training shards (chunks, then items), by epoch.
+        skip_corrupt: drop unreadable images as they are met (a warning each) instead of raising.
+        cache_dir: where litdata caches remote chunks (default: its own).
+        storage_options: passed to litdata (credentials, endpoint_url, ...).
+        timeout_s: the longest wait for a URL's manifest.
+        stream_drop_last: litdata's ``drop_last`` (None: True under DDP, so that every rank gets
+            the same number of batches; False: every image exactly once, ranks may differ by one).
+    """
+
+    def __init__(self, path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
+                 num_classes: Optional[int] = None, img_size: int = 224, shuffle: bool = True, seed: int = 0,
+                 skip_corrupt: bool = False, cache_dir: Optional[str] = None,
+                 storage_options: Optional[dict] = None, timeout_s: float = 30.0,
+                 stream_drop_last: Optional[bool] = None, **kwargs):
+        super().__init__(img_size=img_size, **kwargs)
+        self.paths = {"train": path, "val": val_path, "test": test_path}
+        self.shuffle, self.seed, self.skip_corrupt = shuffle, seed, skip_corrupt
+        self.cache_dir, self.storage_options, self.timeout_s = cache_dir, storage_options, timeout_s
+        self.stream_drop_last = stream_drop_last
+        self.manifest = read_manifest(path, storage_options, timeout_s)
+        if num_classes is not None and num_classes != self.manifest["num_classes"]:
+            raise ValueError(f"num_classes={num_classes} but the shards at {path} have "
+                             f"{self.manifest['num_classes']} classes")
+        self.classes = self.manifest.get("classes")
+        self._loaders: dict[str, Any] = {}
+        self._pending_state: Optional[dict] = None
+
+    @property
+    def num_classes(self) -> int:  # type: ignore[override]
+        return int(self.manifest["num_classes"])
+
+    def _dataset(self, role: str):
+        from litdata import StreamingDataset
+
+        path = self.paths[role]
+        if role != "train":
+            other = read_manifest(path, self.storage_options, self.timeout_s)
+            if other["num_classes"] != self.num_classes:
+                raise ValueError(f"{role} shards {path} have {other['num_classes']} classes, the train "
+                                 f"shards {self.paths['train']} have {self.num_classes}")
+        train = role == "train"
+        pipeline = self.build_train_transform() if train else self.build_eval_transform()
+        kwargs = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
+        return StreamingDataset(
+            str(path), shuffle=self.shuffle and train, seed=self.seed,
+            drop_last=self.stream_drop_last if train else False, storage_options=self.storage_options,
+            transform=DecodeItem(pipeline, f"shards {path}", self.num_classes, self.skip_corrupt,
+                                 self.seed, self._rank()), **kwargs)
+
+    def _setup_datasets(self, stage: Optional[str]) -> None:
+        for role in ("train", "val", "test"):
+            if self.paths[role] is not None and getattr(self, f"{role}_set") is None:
+                setattr(self, f"{role}_set", self._dataset(role))
+
+    def _loader(self, dataset, split: str, train: bool):
+        from litdata import StreamingDataLoader
+
+        if dataset is None:
+            return super()._loader(dataset, split, train)
+        if split in self._loaders:  # one loader per split: its state_dict is the epoch's progress
+            return self._loaders[split]
+        loader = StreamingDataLoader(
+            dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_skipping,
+            drop_last=train and self.drop_last, persistent_workers=False)
+        if train and self._pending_state is not None:
+            loader.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._loaders[split] = loader
+        return loader
+
+    def val_dataloader(self):
+        return [] if self.val_set is None else super().val_dataloader()
+
+    # Lightning saves these with every checkpoint and restores them (``--ckpt_path``) before it
+    # asks for the loaders: the training stream's position in its epoch. (Lightning's fit loop
+    # also stores the loader's state_dict, but reloads it only in some restarts.)
+    def state_dict(self) -> dict:
+        loader = self._loaders.get("train")
+        return {} if loader is None else {"train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = state_dict.get("train_loader")
+        if state is None:
+            return
+        if "train" in self._loaders:
+            self._loaders["train"].load_state_dict(state)
+        else:
+            self._pending_state = state
+
+    def __repr__(self) -> str:
+        return (f"ShardDataModule(path={self.paths['train']!r}, num_classes={self.num_classes}, "
+                f"num_images={self.manifest['num_images']}, img_size={self.img_size})")
+
+
+def iter_keys(loader: Iterable) -> list:
+    """Helper for tests and benchmarks: every label in a loader's batches, in order."""
+    return [int(y) for _, ys in loader for y in ys]
