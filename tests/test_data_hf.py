@@ -192,5 +192,5 @@ def test_vmoe_fit_trains_from_a_hf_dataset(saved, tmp_path):
                               "--routing_stats.figures", "false")])
     assert code == 0
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2

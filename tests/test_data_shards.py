@@ -235,7 +235,7 @@ def test_vmoe_fit_from_shards_and_resume_mid_epoch(tmp_path):
     whole = fit("whole", 5)
     assert len(whole) == 5 and len({y for b in whole for y in b}) == 20  # 5 of the epoch's 6 batches
     first = fit("cut", 2)
-    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["ShardDataModule"]["train_loader"]
     assert state["num_samples_yielded"] == 8  # the stream's position is in the checkpoint
     rest = fit("cut", 5, "--ckpt_path", "last")
