@@ -368,9 +368,9 @@ class MoeMlp(nn.Module):
         raise RuntimeError(
             "vmoe's MoE layer (MoeMlp) cannot be compiled by TorchScript: its routing uses Python "
             "that TorchScript does not support (and TorchScript is deprecated in PyTorch). "
-            "Export with torch.export.export(model, (images,)) instead (fixed capacity makes every "
-            "shape static), which is also the route to ONNX (torch.onnx.export(model, (images,), "
-            "dynamo=True)); use torch.compile(model) for speed.")
+            "Export with torch.export instead (vmoe.models.export_program(model) for a dynamic "
+            "batch), which is also the route to ONNX (vmoe.models.export_onnx, or `vmoe export "
+            "--format onnx`); use torch.compile(model) for speed.")
 
     def extra_repr(self) -> str:
         groups = (f"group_size={self.group_size}" if self.group_size is not None
