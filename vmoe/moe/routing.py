@@ -153,7 +153,7 @@ class _GatingRouter(nn.Module):
 
     @property
     def batch_priority(self) -> bool:
-        return self.config.routing_settings().batch_priority
+        return getattr(self.config, "batch_priority", False)  # expert choice: none
 
     @batch_priority.setter
     def batch_priority(self, value: bool) -> None:
