@@ -284,8 +284,9 @@ def from_vmoe_checkpoint(prefix: str, *, num_classes: Optional[int] = None, img_
         prefix: checkpoint path without ``.index``, e.g. ``~/vmoe/vmoe_s32_last2_ilsvrc2012``.
         num_classes: a new, freshly initialized head with this many classes (fine-tuning).
         img_size: a new input size; position embeddings are resampled (timm).
-        **moe_options: MoE options the checkpoint does not store, passed to ``MoeMlp``:
-            num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
+        **moe_options: MoE options the checkpoint does not store, flat as ``MoeMlp``'s keyword
+            options or nested (``router=dict(name="top_k", num_selected=1)``; see
+            ``vmoe.moe.config``): num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
             group_size (tokens), batch_priority (False), capacity_multiple_of (4), ...
             A Soft MoE checkpoint (``Router/mu``) builds ``router='soft'`` layers with P from
             ``mu``'s shape, one image per group and no noise; ``bf16_dispatch=True``

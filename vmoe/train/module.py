@@ -97,7 +97,7 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
     else:
         if not moe:
             raise ValueError("model.upcycle_from needs model.moe with a placement, e.g. "
-                             "{last: 2, num_experts: 8, num_selected: 2}")
+                             "{last: 2, num_experts: 8, router: {name: top_k, num_selected: 2}}")
         if model_kwargs:
             raise ValueError(f"model.model_kwargs={model_kwargs} is not used with upcycle_from")
         model = vm.upcycle(upcycle_from, checkpoint_path=checkpoint_path,
@@ -119,6 +119,12 @@ class VmoeClassifier(L.LightningModule):
     Model source (exactly one): ``model_name`` (+ ``model_kwargs``, ``moe``), ``pretrained_dir``
     or ``upcycle_from`` (+ ``checkpoint_path``/``upcycle_pretrained``, ``moe``); see
     ``build_model``. ``num_classes`` comes from the data module under the CLI.
+
+    ``moe`` is a ``vmoe.models.MoeifyConfig`` (YAML: placement and layer options, the router's
+    under ``router: {name: top_k, num_selected: 2, ...}``; the flat form of earlier vmoe
+    versions is read too): a misspelt or mistyped option is refused when the config is parsed,
+    naming ``model.moe.<key>``. ``model_kwargs.moe`` (the options a vmoe timm factory takes over
+    its own) is checked here, before the model is built, naming ``model.model_kwargs.moe.<key>``.
 
     Loss: ``loss='softmax'`` (cross-entropy) or ``'sigmoid'`` (per-class binary cross-entropy
     summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
