@@ -146,6 +146,10 @@ def test_config_and_flat_options_are_exclusive():
 def test_flat_expert_choice_ignores_top_k_options_as_before():
     layer = MoeMlp(8, 16, num_experts=4, router="expert_choice", num_selected=2, renormalize=True)
     assert layer.config.router == ExpertChoiceRouterConfig()
+    with pytest.raises(ValueError, match=r"moe\.batch_priority=True does not apply to router='expert_choice'"):
+        MoeMlp(8, 16, num_experts=4, router="expert_choice", batch_priority=True)
+    with pytest.raises(ValueError, match=r"moe\.router\.num_selected: not an option of router 'expert_choice'"):
+        MoeMlp(8, 16, config=dict(router=dict(name="expert_choice", num_selected=2)))
 
 
 def test_routers_hold_their_config_and_setters_replace_it():

@@ -275,6 +275,9 @@ ROUTER_CONFIGS: Dict[str, Type[_RouterConfig]] = {
     cls.name: cls for cls in (TopKRouterConfig, ExpertChoiceRouterConfig, SoftRouterConfig)}
 _ROUTER_TYPES = tuple(ROUTER_CONFIGS.values())
 _SPARSE_ROUTERS = tuple(n for n, c in ROUTER_CONFIGS.items() if not c.is_soft)
+#: The top-K options a flat ``router='expert_choice'`` configuration ignores (for compatibility).
+_IGNORED_BY_FLAT_EXPERT_CHOICE = ("num_selected", "batch_priority", "renormalize",
+                                  "importance_weight", "load_weight", "gshard_weight")
 
 
 def _router_class(name, where: str) -> Type[_RouterConfig]:
@@ -302,12 +305,15 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
     the layer's path. A Soft MoE option for a sparse router, or a sparse one for a Soft MoE router,
     is refused naming the router type it belongs to."""
     cls = _router_class(name, f"{where}.router")
-    if not cls.is_soft:
-        # As before the typed configs: a sparse router ignores the other sparse router's flat
-        # options (``router='expert_choice'`` next to a family's ``num_selected=2``), so that
-        # flat configs saved with them keep loading. The nested form refuses them.
-        sparse = {k for n in _SPARSE_ROUTERS for k in ROUTER_CONFIGS[n].options()}
-        options = {k: v for k, v in options.items() if k in cls.options() or k not in sparse}
+    if cls is ExpertChoiceRouterConfig:
+        # As before the typed configs, the flat form of an expert-choice layer ignores the top-K
+        # options it always ignored (e.g. a family's ``num_selected=2``), so flat configs saved
+        # with them keep loading; BPR on is refused (it has no priority). The nested form, and
+        # any newer top-K option, are strict.
+        if options.get("batch_priority") is True:
+            raise ValueError(f"{where}.batch_priority=True does not apply to router='expert_choice':"
+                             " it has no token priority")
+        options = {k: v for k, v in options.items() if k not in _IGNORED_BY_FLAT_EXPERT_CHOICE}
     others = [k for k in options if k not in cls.options()]
     if others:
         given = ", ".join(f"{k}={options[k]!r}" for k in others)
