@@ -103,3 +103,17 @@ def test_moeify_config_round_trips_through_its_dict():
     assert MoeifyConfig.from_dict(config.to_dict()) == config
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()
     assert config.replace(every=2).every == 2 and config.replace(every=2).last is None
+
+
+def test_a_flat_expert_choice_next_to_a_familys_top_k_options_saves_and_loads(tmp_path):
+    # the flat form ignores top-K options for an expert-choice layer (as before the typed
+    # configs); the nested form stored in config.json leaves them out
+    model = timm.create_model("vmoe_tiny_e4_k2", num_classes=3,
+                              moe=dict(router="expert_choice", num_selected=1, capacity_factor=0.75)).eval()
+    config = json.loads((vm.save_pretrained(model, tmp_path / "e") / "config.json").read_text())
+    assert config["model_args"]["moe"] == {"router": {"name": "expert_choice", "capacity_factor": 0.75}}
+    loaded = vm.from_pretrained(tmp_path / "e").eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded(x), model(x))
+    # a misspelt option is kept (and refused), not dropped
+    assert nested_moe_options(dict(router="expert_choice", num_selcted=1))["router"]["num_selcted"] == 1

@@ -205,8 +205,27 @@ def nested_moe_options(options, where: str = "moe") -> Dict[str, Any]:
                              f"{where}.router when it is a mapping, not next to it")
         out["router"] = dict(router)
     elif router is not None or flat_router:
-        out["router"] = {**({} if router is None else {"name": router}), **flat_router}
+        out["router"] = {**({} if router is None else {"name": router}),
+                         **_without_ignored(router, flat_router)}
     return out
+
+
+def _without_ignored(name, flat_router: Dict[str, Any]) -> Dict[str, Any]:
+    """The flat router options of router ``name`` less those the flat form ignores for it (an
+    expert-choice layer next to a family's ``num_selected=2``: ``MoeLayerConfig.from_dict``
+    decides which), so that the nested form, which is strict, means the same."""
+    cls = ROUTER_CONFIGS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        return flat_router
+    foreign = {k: v for k, v in flat_router.items() if k not in cls.options()
+               and any(k in c.options() for c in _ROUTER_TYPES)}
+    if not foreign:
+        return flat_router
+    try:
+        ignored = MoeLayerConfig.from_dict({"router": name, **foreign}).router == cls()
+    except (ValueError, TypeError):
+        ignored = False  # refused: kept, for the reader to name
+    return {k: v for k, v in flat_router.items() if not (ignored and k in foreign)}
 
 
 def merge_moe_options(base, override, where: str = "moe") -> Dict[str, Any]:
