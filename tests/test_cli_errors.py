@@ -419,3 +419,56 @@ def test_lightning_optimizer_options_are_refused_naming_vmoes(tmp_path, capsys, 
     one_line_error(capsys, "fit", rf"^vmoe fit: error: --{option[0][2:]} torch\.optim\..*: not "
                                   r"supported; .*use --model\.optimizer \(adamw, sgd or a timm\.optim name\)")
     assert not (tmp_path / "checkpoints").exists()  # refused before anything ran
+
+
+UNION_ERROR = '''Parser key "model.moe":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'vmoe.models.moeify.MoeifyConfig'>, <class 'NoneType'>]
+  Errors:
+    - Not of type MoeifyConfig: model.moe.router.num_selcted: not an option of router 'top_k'
+      (its options: num_selected, capacity_factor)
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'dict'>
+  Given value: {'router': {'num_selcted': 3}}'''
+
+
+def test_union_errors_are_condensed_to_the_first_type_message():
+    from argparse import ArgumentError
+
+    from vmoe.cli.errors import condense_union_error, error_message
+
+    line = ('Parser key "model.moe": model.moe.router.num_selcted: not an option of router '
+            "'top_k' (its options: num_selected, capacity_factor)")
+    assert condense_union_error(UNION_ERROR) == line
+    assert error_message(ArgumentError(None, UNION_ERROR)) == line
+    # a Union error without a 'Not of type' entry, and any other message: unchanged
+    plain = UNION_ERROR.replace("Not of type MoeifyConfig: ", "Expected a dict: ")
+    assert condense_union_error(plain) == plain
+    assert condense_union_error('Parser key "x": bad value') == 'Parser key "x": bad value'
+
+
+def test_a_real_jsonargparse_union_error_is_one_line():
+    from typing import Dict, Optional, Union
+
+    from jsonargparse import ArgumentParser
+    from jsonargparse.typing import register_type
+
+    from vmoe.cli.errors import error_message
+
+    class Strict(dict):
+        pass
+
+    def parse(value):
+        raise ValueError(f"model.moe.foo: not an option (got {sorted(value)})")
+
+    register_type(Strict, serializer=dict, deserializer=parse)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model.moe", type=Optional[Strict])
+    parser.add_argument("--other", type=Union[int, Dict[str, int]])
+    with pytest.raises(Exception) as info:
+        parser.parse_args(["--model.moe", "{foo: 1}"])
+    assert error_message(info.value) == "Parser key \"model.moe\": model.moe.foo: not an option (got ['foo'])"
+    with pytest.raises(Exception) as info:  # no 'Not of type' entry: kept, on one line
+        parser.parse_args(["--other", "{a: b}"])
+    message = error_message(info.value)
+    assert message.startswith('Parser key "other": Does not validate against any of the Union subtypes')

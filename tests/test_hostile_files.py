@@ -74,10 +74,10 @@ def test_size_entries_are_checked_against_the_header_before_any_build(saved, no_
 
 def test_moeify_recipe_is_checked_against_the_header(moeified, no_build_at_all):
     directory, _ = moeified
-    _edit(directory, lambda c: c["moeify"]["moe_kwargs"].__setitem__("num_experts", 10**9))
-    with pytest.raises(ValueError, match=r"moeify.moe_kwargs.num_experts=1000000000 does not match"):
+    _edit(directory, lambda c: c["moeify"]["layer"].__setitem__("num_experts", 10**9))
+    with pytest.raises(ValueError, match=r"moeify.layer.num_experts=1000000000 does not match"):
         vm.from_pretrained(directory)
-    _edit(directory, lambda c: c["moeify"].update(blocks=[0, 1], moe_kwargs={"num_experts": 4}))
+    _edit(directory, lambda c: c["moeify"].update(blocks=[0, 1], layer={"num_experts": 4}))
     with pytest.raises(ValueError, match=r"moeify.blocks=\[0, 1\] does not match .*MoE routers only "
                                          r"in \['blocks.1.mlp'\]"):
         vm.from_pretrained(directory)
@@ -136,28 +136,37 @@ def test_resampled_position_embeddings_equal_timms_resampling(saved):
      r"entry 'model_args' must be a JSON object of timm model arguments, got \[\['depth', 2\]\]"),
     (lambda c: c.__setitem__("architecture", 7), r"entry 'architecture' must be a timm model name"),
     (lambda c: c.__setitem__("architecture", "no_such_net"), r"'no_such_net', which is not a registered timm model"),
-    (lambda c: c.__setitem__("version", 99), r"entry 'version' must be an int <= 1"),
+    (lambda c: c.__setitem__("version", 99), r"entry 'version' must be an int in \[1, 2\] \(a newer vmoe"),
+    (lambda c: c.__setitem__("version", 3), r"config.json: entry 'version' must be an int in \[1, 2\]"),
     (lambda c: c.__setitem__("moeify", [1]), r"entry 'moeify' must be null or"),
     (lambda c: c.__setitem__("moeify", {"blocks": "1"}), r"entry 'moeify' -> 'blocks' must be a non-empty list"),
-    (lambda c: c.__setitem__("moeify", {"blocks": [1], "moe_kwargs": 4}), r"'moeify' -> 'moe_kwargs' must be"),
+    (lambda c: c.__setitem__("moeify", {"blocks": [1], "layer": 4}), r"'moeify' -> 'layer' must be"),
+    (lambda c: c.__setitem__("moeify", {"blocks": [1], "moe_kwargs": {}}),
+     r"'moeify' -> 'moe_kwargs' must be absent in a version-2 file"),
+    (lambda c: c.__setitem__("moeify", {"blocks": [1], "layer": {"router": {"name": "top_k", "num_selcted": 2}}}),
+     r"config.json: entry moeify.layer.router.num_selcted: not an option of router 'top_k'"),
+    (lambda c: c["model_args"]["moe"]["router"].__setitem__("num_selcted", 2),
+     r"config.json: entry model_args.moe.router.num_selcted: not an option of router 'top_k'"),
+    (lambda c: c["model_args"].__setitem__("moe", {"router": {"name": "top_k", "capacity_factor": -1}}),
+     r"config.json: entry model_args.moe.router.capacity_factor=-1 must be a finite number > 0"),
     (lambda c: c.__setitem__("routing", [1]), r"entry 'routing' must be null or an object"),
     (lambda c: c["routing"]["blocks.1.mlp"].pop("capacity"),
      r"entry 'routing' -> 'blocks.1.mlp' must be an object with keys capacity_factor, capacity, batch_priority"),
     (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=0),
-     r"'routing' -> 'blocks.1.mlp' -> 'capacity' must be an int >= 1 or null, got 0"),
-    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=-3), r"'capacity' must be an int >= 1 or null, got -3"),
-    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=2.5), r"'capacity' must be an int >= 1 or null, got 2.5"),
+     r"'routing' -> 'blocks.1.mlp' -> 'capacity': capacity=0 must be None or an integer >= 1"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=-3), r"'capacity': capacity=-3 must be None or an integer >= 1"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity=2.5), r"'capacity': capacity=2.5 must be None or an integer >= 1"),
     (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=0),
-     r"'capacity_factor' must be a finite number > 0 or null, got 0"),
-    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=math.nan), r"'capacity_factor' must be .*got nan"),
+     r"'capacity_factor': capacity_factor=0 must be a finite number > 0 or None"),
+    (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=math.nan), r"'capacity_factor': capacity_factor=nan must be"),
     (lambda c: c["routing"]["blocks.1.mlp"].update(capacity_factor=None),
      r"'blocks.1.mlp' must be settings with a capacity_factor or a capacity"),
     (lambda c: c["routing"]["blocks.1.mlp"].update(batch_priority="yes"),
-     r"'batch_priority' must be true or false, got 'yes'"),
+     r"'batch_priority': batch_priority='yes' must be a bool"),
     (lambda c: c["routing"].__setitem__("blocks.0.mlp", c["routing"]["blocks.1.mlp"]),
      r"entry 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers .*\['blocks.1.mlp'\]"),
     (lambda c: c["model_args"]["routing"]["blocks.1.mlp"].update(capacity=0),
-     r"'model_args' -> 'routing' -> 'blocks.1.mlp' -> 'capacity' must be an int >= 1 or null, got 0"),
+     r"'model_args' -> 'routing' -> 'blocks.1.mlp' -> 'capacity': capacity=0 must be None or an integer >= 1"),
     (lambda c: c["model_args"]["routing"].__setitem__("blocks.0.mlp", c["routing"]["blocks.1.mlp"]),
      r"entry 'model_args' -> 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers"),
 ])

@@ -111,11 +111,11 @@ def test_moeified_soft_model_round_trip_and_config_checks(tmp_path):
     assert tuned.blocks[3].mlp.num_slots == 4 and tuned(torch.randn(1, 3, 32, 32)).shape == (1, 3)
     # A config that disagrees with the weights' Soft MoE routers is refused before building.
     config = json.loads((out / "config.json").read_text())
-    config["moeify"]["moe_kwargs"]["num_experts"] = 8
+    config["moeify"]["layer"]["num_experts"] = 8
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"num_experts=8 does not match .* routers with \[4\] experts"):
         vm.from_pretrained(out)
-    config["moeify"]["moe_kwargs"]["num_experts"] = 4
+    config["moeify"]["layer"]["num_experts"] = 4
     config["routing"]["blocks.3.mlp"]["capacity"] = 3
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="capacity=3 does not apply to a Soft MoE layer"):

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Callable, Optional
 
-__all__ = ["run_command", "error_message", "TrainingInterrupted"]
+__all__ = ["run_command", "error_message", "condense_union_error", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -26,6 +26,41 @@ USER_OS_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EF
                   errno.EACCES}
 MAX_MESSAGE = 400
 _WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+_UNION_HEADER = re.compile(r'^(Parser key "[^"]*":)\s*\n\s*Does not validate against any of the Union subtypes')
+_NOT_OF_TYPE = re.compile(r"^(\s*)- Not of type [^:]+: ?(.*)$")
+
+
+def condense_union_error(text: str) -> str:
+    """jsonargparse's error for a value that fits no member of a ``Union`` (``Optional[X]``
+    included) lists every member's error over several lines::
+
+        Parser key "model.moe":
+          Does not validate against any of the Union subtypes
+          Subtypes: [<class 'MoeifyConfig'>, <class 'NoneType'>]
+          Errors:
+            - Not of type MoeifyConfig: model.moe.router.num_selcted: not an option ...
+            - Expected a <class 'NoneType'>
+          Given value type: <class 'dict'> ...
+
+    Returns ``Parser key "model.moe": <the first 'Not of type' message>`` (what the type's own
+    parser said, the useful part) on one line; any other text unchanged."""
+    header = _UNION_HEADER.match(text)
+    if not header:
+        return text
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        found = _NOT_OF_TYPE.match(line)
+        if not found:
+            continue
+        indent = len(found.group(1))
+        # the message, with its continuation lines (indented deeper than the "- " bullet)
+        body = [found.group(2)]
+        for more in lines[i + 1:]:
+            if len(more) - len(more.lstrip()) <= indent:
+                break
+            body.append(more)
+        return f"{header.group(1)} {' '.join(' '.join(body).split())}"
+    return text
 
 
 def _user_errors() -> tuple:
@@ -51,7 +86,7 @@ def error_message(err: BaseException) -> Optional[str]:
     is_user = isinstance(err, _user_errors()) or (isinstance(err, OSError) and err.errno in USER_OS_ERRNOS)
     if not is_user:
         return None
-    text = str(err)
+    text = condense_union_error(str(err))
     if _WORKER_PREFIX.match(text):
         lines = [line for line in text.strip().splitlines() if line.strip()]
         text = re.sub(r"^[\w.]+(Error|Exception|Warning)?: ", "", lines[-1].strip()) if lines else text

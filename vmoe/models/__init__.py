@@ -8,7 +8,8 @@ Importing this package registers the ``vmoe_*`` models in timm's registry.
 from ..moe import (moe_layers, restore_routing, routing_settings, set_aux_loss_mode,
                    set_aux_loss_scale, set_routing)
 from . import variants  # noqa: F401  (registers the timm factories)
-from .moeify import aux_loss, aux_losses, moe_block_indices, moeify, routing_plans, routing_stats
+from .moeify import (MoeifyConfig, aux_loss, aux_losses, moe_block_indices, moeify, routing_plans,
+                     routing_stats)
 from .variants import PAPER_MOE_DEFAULTS, SOFT_MOE_PAPER_DEFAULTS, SOFT_VARIANTS, VARIANTS
 from .vit_moe import VisionTransformerMoe
 from .pretrained import from_pretrained, load_state_dict_checked, push_to_hub, save_pretrained, upcycle
@@ -16,7 +17,7 @@ from .export import check_export, export_model, export_onnx, export_program, inf
 from .official import (convert_vmoe_checkpoint, from_vmoe_checkpoint, from_vmoe_params,
                        infer_vmoe_architecture)
 
-__all__ = ["moeify", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
+__all__ = ["moeify", "MoeifyConfig", "moe_block_indices", "moe_layers", "aux_loss", "aux_losses", "routing_plans",
            "routing_stats", "set_routing", "restore_routing", "routing_settings",
            "set_aux_loss_mode", "set_aux_loss_scale",
            "VisionTransformerMoe", "VARIANTS", "PAPER_MOE_DEFAULTS", "SOFT_VARIANTS",

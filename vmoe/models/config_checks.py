@@ -10,7 +10,6 @@ of the model (built on the meta device: no memory) with the header.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -18,11 +17,14 @@ from typing import Iterable, Mapping, Optional
 from vmoe.checkpoints import TensorEntry
 
 from ..moe import RoutingSettings
-from .moeify import MOEIFIED_ARCHITECTURE
+from .moeify import MOEIFIED_ARCHITECTURE, check_moe_options, recipe_layer
 
 __all__ = ["validate_config", "check_config_against_header", "check_shapes"]
 
-FORMAT_VERSION = 1
+#: 2: MoE options nested (router options under ``router``): ``moeify: {"blocks": [...],
+#: "layer": {...}}`` and ``model_args.moe``. 1: flat (``moeify: {"blocks", "moe_kwargs"}``);
+#: still read.
+FORMAT_VERSION = 2
 ROUTING_KEYS = tuple(f.name for f in dataclasses.fields(RoutingSettings))  # a 'routing' entry
 
 
@@ -32,8 +34,10 @@ def _is_int(value) -> bool:
 
 def validate_config(config, path: Path) -> None:
     """Raises ValueError naming ``path`` and the entry when ``config`` (parsed JSON) is not a
-    vmoe model config: ``architecture`` a name, ``model_args`` an object, ``moeify`` null or
-    ``{"blocks": [ints], "moe_kwargs": {...}}``, ``routing`` (and its copy ``model_args.routing``,
+    vmoe model config (format version 1 or 2): ``architecture`` a name, ``model_args`` an
+    object, ``moeify`` null or ``{"blocks": [ints], "layer": {MoE layer options}}`` (version
+    1: ``"moe_kwargs"``, flat; both validated as ``MoeLayerConfig``), ``model_args.moe`` valid
+    MoE options (flat or nested), ``routing`` (and its copy ``model_args.routing``,
     which timm's ``local-dir:``/``hf-hub:`` loader passes to the factory) null or ``{layer:
     {capacity_factor: number > 0 or null, capacity: int >= 1 or null (not both null),
     batch_priority: bool}}``."""
@@ -45,33 +49,48 @@ def validate_config(config, path: Path) -> None:
     for key in ("architecture", "model_args"):
         if key not in config:
             raise ValueError(f"{path} has no '{key}' entry: not a vmoe config")
-    version = config.get("version", FORMAT_VERSION)
-    if not _is_int(version) or version > FORMAT_VERSION:
-        raise bad("'version'", f"an int <= {FORMAT_VERSION} (a newer vmoe wrote this file?)", version)
+    version = config.get("version", 1)  # files of the first vmoe releases had no version
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise bad("'version'", f"an int in [1, {FORMAT_VERSION}] (a newer vmoe wrote this file?)", version)
     if not isinstance(config["architecture"], str) or not config["architecture"]:
         raise bad("'architecture'", "a timm model name", config["architecture"])
     if not isinstance(config["model_args"], dict):
         raise bad("'model_args'", "a JSON object of timm model arguments", config["model_args"])
     moe = config.get("moeify")
+    options_key = "layer" if version >= 2 else "moe_kwargs"
     if moe is not None:
         if not isinstance(moe, dict):
-            raise bad("'moeify'", 'null or {"blocks": [...], "moe_kwargs": {...}}', moe)
+            raise bad("'moeify'", f'null or {{"blocks": [...], "{options_key}": {{...}}}}', moe)
         blocks = moe.get("blocks")
         if not isinstance(blocks, list) or not blocks or not all(_is_int(b) for b in blocks):
             raise bad("'moeify' -> 'blocks'", "a non-empty list of block indices (ints)", blocks)
-        if not isinstance(moe.get("moe_kwargs", {}), dict):
-            raise bad("'moeify' -> 'moe_kwargs'", "a JSON object of MoE options", moe["moe_kwargs"])
+        other = "moe_kwargs" if version >= 2 else "layer"
+        if other in moe:
+            raise bad(f"'moeify' -> '{other}'", f"absent in a version-{version} file (it stores "
+                      f"the MoE options in '{options_key}')", moe[other])
+        if not isinstance(moe.get(options_key, {}), dict):
+            raise bad(f"'moeify' -> '{options_key}'", "a JSON object of MoE options", moe[options_key])
+        try:
+            recipe_layer({"blocks": blocks, options_key: moe.get(options_key, {}),
+                          **({"drop": moe["drop"]} if "drop" in moe else {})}, where="moeify")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: entry {err}") from None
+    if config["model_args"].get("moe") is not None:
+        try:
+            check_moe_options(config["model_args"]["moe"], where="model_args.moe")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: entry {err}") from None
     if config["architecture"] == MOEIFIED_ARCHITECTURE:
         if moe is None:
             raise bad("'moeify'", f"the MoE recipe (architecture {MOEIFIED_ARCHITECTURE!r} replays it)", moe)
         base = config["model_args"].get("base_architecture")
         if not isinstance(base, str) or not base or base == MOEIFIED_ARCHITECTURE:
             raise bad("'model_args' -> 'base_architecture'", "the dense timm model name", base)
-    _validate_routing(config.get("routing"), "'routing'", bad)
-    _validate_routing(config["model_args"].get("routing"), "'model_args' -> 'routing'", bad)
+    _validate_routing(config.get("routing"), "'routing'", bad, path)
+    _validate_routing(config["model_args"].get("routing"), "'model_args' -> 'routing'", bad, path)
 
 
-def _validate_routing(routing, where: str, bad) -> None:
+def _validate_routing(routing, where: str, bad, path: Path) -> None:
     """A routing entry (``where`` names it): null or ``{layer: settings}``."""
     if routing is None:
         return
@@ -81,17 +100,15 @@ def _validate_routing(routing, where: str, bad) -> None:
         entry = f"{where} -> {name!r}"
         if not isinstance(settings, dict) or set(ROUTING_KEYS) - set(settings):
             raise bad(entry, "an object with keys " + ", ".join(ROUTING_KEYS), settings)
-        cf, capacity, bpr = (settings[k] for k in ROUTING_KEYS)
-        if cf is not None and (not isinstance(cf, (int, float)) or isinstance(cf, bool)
-                               or not math.isfinite(cf) or cf <= 0):
-            raise bad(f"{entry} -> 'capacity_factor'", "a finite number > 0 or null", cf)
-        if capacity is not None and (not _is_int(capacity) or capacity < 1):
-            raise bad(f"{entry} -> 'capacity'", "an int >= 1 or null", capacity)
-        if cf is None and capacity is None:
+        if settings["capacity_factor"] is None and settings["capacity"] is None:
             raise bad(f"{entry}", "settings with a capacity_factor or a capacity (both are null)",
                       settings)
-        if not isinstance(bpr, bool):
-            raise bad(f"{entry} -> 'batch_priority'", "true or false", bpr)
+        try:
+            RoutingSettings.from_dict(settings)  # each value checked once, by RoutingSettings
+        except (ValueError, TypeError) as err:
+            key = re.match(r"(\w+)=", str(err))
+            named = f" -> '{key.group(1)}'" if key and key.group(1) in ROUTING_KEYS else ""
+            raise ValueError(f"{path}: entry {entry}{named}: {err}") from None
 
 
 def _block_indices(header: Mapping[str, TensorEntry]) -> set:
@@ -127,7 +144,8 @@ def check_config_against_header(config: dict, args: dict, header: Mapping[str, T
                 if isinstance(args.get("moe"), dict) else None)]
     moe = config.get("moeify")
     if moe:
-        experts.append(("moeify.moe_kwargs.num_experts", moe.get("moe_kwargs", {}).get("num_experts")))
+        key = "layer" if "layer" in moe else "moe_kwargs"
+        experts.append((f"moeify.{key}.num_experts", (moe.get(key) or {}).get("num_experts")))
         missing = [i for i in moe["blocks"] if f"blocks.{i % max(len(blocks), 1)}.mlp" not in routers]
         if missing:
             raise mismatch("moeify.blocks", moe["blocks"],

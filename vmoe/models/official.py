@@ -5,7 +5,8 @@ the key mapping of the official parameter tree (the file format is read by
 The architecture is read from the checkpoint's index (hidden size, depth, heads, MLP size,
 patch size, MoE blocks and experts, class token or global pooling, representation size,
 classes). What a checkpoint does not store (K, capacity factor, group size, BPR, loss weights)
-comes from arguments with the paper's defaults (``PAPER_MOE_DEFAULTS``, K=2).
+comes from arguments with the paper's defaults (``PAPER_MOE_DEFAULTS``, the defaults of
+``TopKRouterConfig``, with K=2).
 
 The imported model computes what the official one does: tanh-approximate GELU, LayerNorm eps
 1e-6, the NHWC-trained HWIO patch kernel turned into a conv OIHW kernel (feed NCHW images as
@@ -43,7 +44,8 @@ from vmoe.checkpoints import (CheckpointFormatError, SafetensorsStreamWriter, it
                               read_checkpoint_index)
 
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, check_target_dir, staged_save_dir, write_config
-from .variants import PAPER_MOE_DEFAULTS
+from ..moe.config import ROUTER_CONFIGS, MoeLayerConfig
+from .moeify import MOEIFY_KEYS, merge_moe_options
 
 __all__ = ["infer_vmoe_architecture", "architecture_from_shapes", "from_vmoe_checkpoint",
            "from_vmoe_params", "convert_vmoe_checkpoint", "iter_converted_tensors"]
@@ -171,8 +173,8 @@ def _timm_kwargs(arch: dict, moe_options: dict) -> dict:
     if arch.get("qk_norm"):
         kwargs.update(qk_norm=True, qk_norm_bias=False)  # official normalize_qk: LayerNorm, no bias
     if arch["moe_blocks"]:
-        kwargs["moe"] = dict(blocks=list(arch["moe_blocks"]), num_experts=arch["num_experts"],
-                             **moe_options)
+        kwargs["moe"] = dict(blocks=list(arch["moe_blocks"]),
+                             **{**moe_options, "num_experts": arch["num_experts"]})
     return kwargs
 
 
@@ -242,19 +244,34 @@ def _convert(arrays: Iterator[tuple[str, np.ndarray]], by_source: dict) -> Itera
             yield key, torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(np.shape(out)))
 
 
-#: What a Soft MoE checkpoint does not store, from the official configs: one image per group,
-#: no router noise. (P, the slots per expert, is the shape of Router/mu.)
-SOFT_MOE_DEFAULTS = dict(group_size_images=1, noise_std=0.0)
+def _checkpoint_layer_options(arch: dict, moe_options: dict) -> dict:
+    """The MoE layer options (nested form) of the model ``arch`` describes: what the checkpoint
+    stores (E; P of a Soft MoE) under the user's ``moe_options`` (flat or nested), over the
+    router's defaults (the paper's: ``TopKRouterConfig`` with K=2; ``SoftRouterConfig``: one
+    image per group, no router noise), every value written out (``config.json`` keeps them)."""
+    soft = arch.get("router") == "soft"
+    name, router = ("soft", dict(num_slots=arch["num_slots"])) if soft else ("top_k", dict(num_selected=2))
+    if isinstance(moe_options.get("router"), Mapping):  # nested
+        options = merge_moe_options(dict(num_experts=arch["num_experts"], router=dict(name=name, **router)),
+                                    moe_options, where="moe")
+        name = options["router"].get("name", "top_k")
+    else:  # flat: read as such (a sparse option given to a Soft MoE is named so)
+        given = moe_options.get("router", name)
+        options = {**(router if given == name else {}), **moe_options, "router": given,
+                   "num_experts": arch["num_experts"]}
+        name = given
+    if name in ROUTER_CONFIGS and ROUTER_CONFIGS[name].is_soft != soft:
+        raise ValueError(f"moe router={name!r} does not fit the checkpoint: its MoE layers are "
+                         f"{'Soft MoE' if soft else 'sparse'} layers (router parameters "
+                         f"{'Router/mu' if soft else 'Router/dense/kernel'})")
+    layer = {k: v for k, v in options.items() if k not in MOEIFY_KEYS}
+    return {**{k: v for k, v in options.items() if k in MOEIFY_KEYS},
+            **MoeLayerConfig.from_dict(layer, where="moe").to_dict()}
 
 
 def _build_empty(arch: dict, moe_options: dict) -> nn.Module:
     """The model on the meta device (no memory, no init time); filled from the checkpoint."""
-    if arch.get("router") == "soft":
-        options = {**SOFT_MOE_DEFAULTS, "router": "soft", "num_slots": arch["num_slots"], **moe_options}
-    else:
-        options = {**PAPER_MOE_DEFAULTS, "num_selected": 2, **moe_options}
-    if "group_size" in moe_options and "group_size_images" not in moe_options:
-        options.pop("group_size_images")  # a group size in tokens replaces the default in images
+    options = _checkpoint_layer_options(arch, moe_options)
     with torch.device("meta"):
         return timm.create_model("vmoe_vit", **_timm_kwargs(arch, options))
 
@@ -267,8 +284,9 @@ def from_vmoe_checkpoint(prefix: str, *, num_classes: Optional[int] = None, img_
         prefix: checkpoint path without ``.index``, e.g. ``~/vmoe/vmoe_s32_last2_ilsvrc2012``.
         num_classes: a new, freshly initialized head with this many classes (fine-tuning).
         img_size: a new input size; position embeddings are resampled (timm).
-        **moe_options: MoE options the checkpoint does not store, passed to ``MoeMlp``:
-            num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
+        **moe_options: MoE options the checkpoint does not store, flat as ``MoeMlp``'s keyword
+            options or nested (``router=dict(name="top_k", num_selected=1)``; see
+            ``vmoe.moe.config``): num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
             group_size (tokens), batch_priority (False), capacity_multiple_of (4), ...
             A Soft MoE checkpoint (``Router/mu``) builds ``router='soft'`` layers with P from
             ``mu``'s shape, one image per group and no noise; ``bf16_dispatch=True``

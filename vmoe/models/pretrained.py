@@ -27,7 +27,7 @@ from ..moe.parallel import expert_parallel_layers
 from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
                             shape_mismatches, validate_config)
 from .model_card import VMOE_FACTORY_PREFIXES, model_card as make_model_card
-from .moeify import MOEIFIED_ARCHITECTURE, MOEIFIED_ARGS, moeify
+from .moeify import MOEIFIED_ARCHITECTURE, MOEIFIED_ARGS, moeify, nested_moe_options, recipe_layer
 
 __all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
            "check_saved_dir", "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
@@ -46,6 +46,8 @@ def model_config(model: nn.Module) -> dict:
         raise ValueError(f"cannot save {type(model).__name__}: it was not built by "
                          "timm.create_model (no registered architecture name)")
     args = dict(getattr(model, "_model_args", {}) or {})
+    if args.get("moe") is not None:  # a vmoe factory's MoE options, as given: stored nested
+        args["moe"] = nested_moe_options(args["moe"])
     args["num_classes"] = getattr(model, "num_classes", args.get("num_classes"))
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
@@ -57,6 +59,10 @@ def model_config(model: nn.Module) -> dict:
                         "arguments (names instead of classes)") from None
     built_moe = architecture.startswith(VMOE_FACTORY_PREFIXES)
     moe = None if built_moe else getattr(model, "vmoe_moe", None)
+    if moe and moe.get("mixed"):
+        raise ValueError(f"cannot save {type(model).__name__}: moeify was called more than once "
+                         f"with different MoE options (blocks {moe['mixed']} and others), and "
+                         "config.json replays one layer config; moeify once with one config")
     routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
     for key in MOEIFIED_ARGS:  # a model rebuilt by vmoe_moeified: its args are regenerated
         args.pop(key, None)
@@ -250,8 +256,8 @@ def _build(config: dict, args: dict) -> nn.Module:
         return timm.create_model(MOEIFIED_ARCHITECTURE, pretrained=False, **args)
     model = timm.create_model(config["architecture"], pretrained=False, **args)
     if config.get("moeify"):
-        recipe = config["moeify"]
-        moeify(model, blocks=recipe["blocks"], **recipe.get("moe_kwargs", {}))
+        blocks, layer, drop = recipe_layer(config["moeify"])
+        moeify(model, blocks=blocks, config=layer, drop=drop)
     return model
 
 
@@ -333,7 +339,7 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
 def upcycle(model: Union[str, nn.Module], checkpoint_path: Optional[Union[str, os.PathLike]] = None,
             pretrained: bool = False, num_classes: Optional[int] = None,
             img_size: Optional[Union[int, Sequence[int]]] = None, *, every: Optional[int] = None,
-            last: Optional[int] = None, blocks: Optional[Sequence[int]] = None, **moe_kwargs) -> nn.Module:
+            last: Optional[int] = None, blocks: Optional[Sequence[int]] = None, **moe_options) -> nn.Module:
     """Sparse upcycling: a dense timm ViT (with its pretrained weights) -> V-MoE.
 
     Args:
@@ -342,7 +348,8 @@ def upcycle(model: Union[str, nn.Module], checkpoint_path: Optional[Union[str, o
             in timm's layout, or Google's ViT ``.npz`` (read by timm's own loader).
         pretrained: load timm's hub weights by name (needs internet).
         num_classes, img_size: new head / resolution (timm resamples position embeddings).
-        every/last/blocks, **moe_kwargs: see ``moeify``. Experts start as copies of the dense
+        every/last/blocks, **moe_options: see ``moeify`` (``config=`` a ``MoeLayerConfig``,
+            ``router_init_std``, ``drop``, or the flat keyword options). Experts start as copies of the dense
             MLPs. With ``renormalize=True`` and a capacity that drops nothing, the upcycled model
             computes exactly what the dense model does.
     """
@@ -368,4 +375,4 @@ def upcycle(model: Union[str, nn.Module], checkpoint_path: Optional[Union[str, o
                     f"could not download pretrained weights for {model!r} ({type(err).__name__}: {err}). "
                     "Offline? Download the weights file elsewhere and pass checkpoint_path=...") from err
             raise
-    return moeify(model, every=every, last=last, blocks=blocks, from_dense=True, **moe_kwargs)
+    return moeify(model, every=every, last=last, blocks=blocks, from_dense=True, **moe_options)

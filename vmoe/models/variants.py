@@ -29,7 +29,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretra
 
 from ..moe import moe_layers, restore_routing
 from .config_checks import shape_mismatches
-from .moeify import MOEIFIED_ARCHITECTURE, moe_block_indices, moeify as apply_moeify
+from .moeify import (MOEIFIED_ARCHITECTURE, merge_moe_options, moe_block_indices, moeify as apply_moeify,
+                     recipe_layer)
 from .pretrained import adapt_for_fine_tuning, check_saved_dir
 from .timm_args import (VIT_DEFAULT_DEPTH, check_factory_args, input_cfg, source_in_chans,
                         source_num_classes, wrap_features)
@@ -175,7 +176,8 @@ def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
     if pretrained:
         _check_weight_source(name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     routing = kwargs.pop("routing", None)
-    user_moe = kwargs.pop("moe", None) or {}
+    # the user's MoE options over the variant's (flat or nested; nested from here on)
+    moe = merge_moe_options(moe, kwargs.pop("moe", None) or {})
     options = {**arch, **kwargs}
     check_factory_args(name, options, options.get("depth", VIT_DEFAULT_DEPTH))
     cfg, overlay = kwargs.get("pretrained_cfg"), options.pop("pretrained_cfg_overlay", None) or {}
@@ -183,7 +185,7 @@ def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
     num_classes = options.setdefault("num_classes", source_num_classes(cfg, overlay))
     if pretrained and _local_dir(cfg) is not None:
         check_saved_dir(_local_dir(cfg), {**{k: v for k, v in options.items() if k != "pretrained_cfg"},
-                                          "moe": {**moe, **user_moe}, "routing": routing})
+                                          "moe": moe, "routing": routing})
     if options.get("head_bias_init", 0.0) == "paper":
         options["head_bias_init"] = -math.log(max(num_classes, 1))
     # The filter fits the head by shape: keep timm from dropping a head of the same size. The
@@ -200,7 +202,7 @@ def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
         overlay["input_size"] = (source_in_chans(cfg, kwargs.get("pretrained_cfg_overlay")),
                                  *own_input["input_size"][1:])
     model = build_model_with_cfg(
-        VisionTransformerMoe, name, pretrained, moe={**moe, **user_moe},
+        VisionTransformerMoe, name, pretrained, moe=moe or None,
         pretrained_cfg_overlay=overlay, pretrained_filter_fn=partial(checkpoint_filter_fn, new_head=new_head),
         feature_cfg=dict(out_indices=options.pop("out_indices", 3), feature_cls="getter"), **options)
     model.pretrained_cfg.update(own_input)  # the weights now take in_chans channels
@@ -292,7 +294,7 @@ def vmoe_moeified(pretrained: bool = False, *, base_architecture: str = MOEIFIED
                   features_only: bool = False, feature_cls="getter", out_indices=3, **base_args):
     """A timm model made MoE by ``vmoe.models.moeify`` (or ``upcycle``), rebuilt: the dense
     ``base_architecture`` with ``base_args``, then the ``moeify`` recipe (``{"blocks": [...],
-    "moe_kwargs": {...}}``), then ``routing`` (``{layer: settings}``), then, with ``pretrained``,
+    "layer": {...}}``, or config.json version 1's ``{"blocks": [...], "moe_kwargs": {...}}``), then ``routing`` (``{layer: settings}``), then, with ``pretrained``,
     the weights named by ``pretrained_cfg`` (a file, ``local-dir:``, ``hf-hub:``; through
     ``checkpoint_filter_fn``, so another ``num_classes``/``img_size`` gets a new head and resampled
     position embeddings). ``save_pretrained`` names this architecture for moeified models, which
@@ -318,12 +320,9 @@ def vmoe_moeified(pretrained: bool = False, *, base_architecture: str = MOEIFIED
     if moeify is None:
         depth = len(getattr(model, "blocks", ()))
         moeify = dict(blocks=moe_block_indices(depth, last=min(2, depth // 2)) if depth > 1 else [0],
-                      moe_kwargs=dict(MOEIFIED_DEFAULT_MOE))
-    blocks = moeify.get("blocks") if isinstance(moeify, dict) else None
-    if not isinstance(blocks, list) or not blocks:
-        raise ValueError(f"{name}: moeify={moeify!r:.200} must be "
-                         '{"blocks": [block indices], "moe_kwargs": {...}}')
-    apply_moeify(model, blocks=blocks, **moeify.get("moe_kwargs", {}))
+                      layer=dict(MOEIFIED_DEFAULT_MOE))
+    blocks, layer, drop = recipe_layer(moeify, where=f"{name}: moeify")
+    apply_moeify(model, blocks=blocks, config=layer, drop=drop)
     if routing:
         restore_routing(moe_layers(model), routing)
     if pretrained:

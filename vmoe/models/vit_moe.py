@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from timm.layers import register_notrace_module
 from timm.models.vision_transformer import VisionTransformer
 
 from ..moe import MoeMlp
-from .moeify import moeify
+from .moeify import MoeifyConfig, moeify
 
 __all__ = ["VisionTransformerMoe"]
 
@@ -36,9 +36,10 @@ class VisionTransformerMoe(VisionTransformer):
         representation_size: size r of the tanh pre-logits layer (None: no such layer).
         head_bias_init: initial value of every head bias (the paper: ``-log(num_classes)``;
             None keeps timm's zero init).
-        moe: placement and MoE options passed to ``moeify`` (e.g. ``dict(every=2,
+        moe: placement and MoE options passed to ``moeify``, flat (e.g. ``dict(every=2,
             num_experts=8, num_selected=2)``, or ``dict(last=..., router='soft', num_slots=1)``
-            for Soft MoE); None builds a dense ViT.
+            for Soft MoE) or nested (``dict(every=2, num_experts=8, router=dict(name='top_k',
+            num_selected=2))``), or a ``MoeifyConfig``; None builds a dense ViT.
         qk_norm_bias: with timm's ``qk_norm=True``, whether the q/k LayerNorms have a bias
             (timm: yes; the official Soft MoE ViTs' ``normalize_qk``: no, a scale only).
         **vit_kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim,
@@ -46,7 +47,8 @@ class VisionTransformerMoe(VisionTransformer):
     """
 
     def __init__(self, representation_size: Optional[int] = None,
-                 head_bias_init: Optional[float] = None, moe: Optional[dict] = None,
+                 head_bias_init: Optional[float] = None,
+                 moe: Optional[Union[dict, MoeifyConfig]] = None,
                  qk_norm_bias: bool = True, **vit_kwargs):
         super().__init__(**vit_kwargs)
         if not qk_norm_bias:
@@ -60,7 +62,9 @@ class VisionTransformerMoe(VisionTransformer):
             self.pre_logits = nn.Identity()
         self.head_bias_init = head_bias_init
         self._reset_head()
-        if moe:
+        if isinstance(moe, MoeifyConfig):
+            moe.apply(self)
+        elif moe:
             moeify(self, **moe)
 
     def _drop_qk_norm_bias(self) -> None:

@@ -8,7 +8,7 @@ optimizer and schedule, and the evaluation-time routing (the paper trains with c
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import lightning as L
 import timm
@@ -16,30 +16,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
+from jsonargparse.typing import register_type
 from lightning.pytorch.trainer.states import TrainerFn
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy
 
 import vmoe.models as vm
 from vmoe.models.config_checks import shape_mismatches
+from vmoe.models.moeify import MoeifyConfig, check_moe_options, nested_moe_options
 from vmoe.moe import moe_layers, restore_routing, set_routing
 from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
 
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
 from .optim import SCHEDULES, check_optimizer_name, create_optimizer, lr_factor, param_groups
 
-__all__ = ["VmoeClassifier", "build_model", "state_dict_differences"]
+__all__ = ["VmoeClassifier", "build_model", "state_dict_differences", "parse_moe_option"]
 
 LOSSES = ("softmax", "sigmoid")
 # Hyper-parameters that decide the network's shape: a checkpoint made with other values does not fit.
 ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "upcycle_from", "moe", "img_size")
 
 
+def parse_moe_option(value) -> MoeifyConfig:
+    """YAML/command-line ``model.moe`` -> ``MoeifyConfig`` (nested or flat router options);
+    ValueError naming ``model.moe.<key>`` for an unknown or mistyped key, so jsonargparse refuses
+    it when the config is parsed."""
+    return MoeifyConfig.from_dict(value, where="model.moe")
+
+
+# LightningCLI (jsonargparse) parses model.moe with MoeifyConfig's own reader, and writes it
+# (--print_config, the run's config.yaml) in the nested form.
+register_type(MoeifyConfig, serializer=MoeifyConfig.to_dict, deserializer=parse_moe_option)
+
+
 def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
                 pretrained_dir: Optional[str] = None, upcycle_from: Optional[str] = None,
                 checkpoint_path: Optional[str] = None, upcycle_pretrained: bool = True,
-                moe: Optional[Dict[str, Any]] = None, num_classes: Optional[int] = None,
-                img_size: Optional[int] = None, moe_dropout: Optional[float] = None) -> nn.Module:
+                moe: Optional[Union[MoeifyConfig, Mapping[str, Any]]] = None,
+                num_classes: Optional[int] = None, img_size: Optional[int] = None,
+                moe_dropout: Optional[float] = None) -> nn.Module:
     """Build the network from exactly one source.
 
     - ``model_name``: ``timm.create_model(model_name, num_classes, img_size, **model_kwargs)``
@@ -50,8 +65,10 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
     - ``upcycle_from``: a dense timm ViT name whose weights (``checkpoint_path``, or timm's hub
       when ``upcycle_pretrained``) start every expert (``vmoe.models.upcycle``; ``moe`` gives
       the placement ``every``/``last``/``blocks`` and the MoE options).
+    ``moe``: a ``MoeifyConfig`` or its dict (nested or flat router options).
     ``moe_dropout`` sets the experts' dropout (the paper's "MoE dropout").
     """
+    moe = None if moe is None else MoeifyConfig.from_dict(moe, where="model.moe")
     if model_name and model_name.startswith(("local-dir:", "hf-hub:")) and not pretrained_dir:
         # timm's names of saved models: load them with their weights, checked (from_pretrained)
         model_name, pretrained_dir = None, model_name
@@ -72,7 +89,7 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
             if vm.moe_layers(model):
                 raise ValueError(f"{model_name} already has MoE layers; change their options with "
                                  "model.model_kwargs.moe instead of model.moe")
-            vm.moeify(model, **moe)
+            moe.apply(model)
     elif pretrained_dir:
         if moe:
             raise ValueError("model.moe applies to model_name/upcycle_from, not to pretrained_dir")
@@ -80,12 +97,14 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
     else:
         if not moe:
             raise ValueError("model.upcycle_from needs model.moe with a placement, e.g. "
-                             "{last: 2, num_experts: 8, num_selected: 2}")
+                             "{last: 2, num_experts: 8, router: {name: top_k, num_selected: 2}}")
         if model_kwargs:
             raise ValueError(f"model.model_kwargs={model_kwargs} is not used with upcycle_from")
         model = vm.upcycle(upcycle_from, checkpoint_path=checkpoint_path,
                            pretrained=upcycle_pretrained and checkpoint_path is None,
-                           num_classes=num_classes, img_size=img_size, **moe)
+                           num_classes=num_classes, img_size=img_size, every=moe.every,
+                           last=moe.last, blocks=None if moe.blocks is None else list(moe.blocks),
+                           router_init_std=moe.router_init_std, drop=moe.drop, config=moe.layer)
     if moe_dropout is not None:
         if not 0.0 <= moe_dropout < 1.0:
             raise ValueError(f"model.moe_dropout={moe_dropout} must be in [0, 1)")
@@ -100,6 +119,12 @@ class VmoeClassifier(L.LightningModule):
     Model source (exactly one): ``model_name`` (+ ``model_kwargs``, ``moe``), ``pretrained_dir``
     or ``upcycle_from`` (+ ``checkpoint_path``/``upcycle_pretrained``, ``moe``); see
     ``build_model``. ``num_classes`` comes from the data module under the CLI.
+
+    ``moe`` is a ``vmoe.models.MoeifyConfig`` (YAML: placement and layer options, the router's
+    under ``router: {name: top_k, num_selected: 2, ...}``; the flat form of earlier vmoe
+    versions is read too): a misspelt or mistyped option is refused when the config is parsed,
+    naming ``model.moe.<key>``. ``model_kwargs.moe`` (the options a vmoe timm factory takes over
+    its own) is checked here, before the model is built, naming ``model.model_kwargs.moe.<key>``.
 
     Loss: ``loss='softmax'`` (cross-entropy) or ``'sigmoid'`` (per-class binary cross-entropy
     summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
@@ -136,7 +161,7 @@ class VmoeClassifier(L.LightningModule):
         upcycle_from: Optional[str] = None,
         checkpoint_path: Optional[str] = None,
         upcycle_pretrained: bool = True,
-        moe: Optional[Dict[str, Any]] = None,
+        moe: Optional[MoeifyConfig] = None,
         num_classes: Optional[int] = None,
         img_size: Optional[int] = None,
         moe_dropout: Optional[float] = None,
@@ -175,11 +200,19 @@ class VmoeClassifier(L.LightningModule):
         if lr <= 0 or warmup_steps < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
                              f"warmup_steps={warmup_steps}, weight_decay={weight_decay})")
+        # MoE options checked before anything is built, each mistake naming its key: model.moe
+        # (also when given as a dict from Python) and the free dict model.model_kwargs.moe
+        # that the vmoe timm factories read
+        moe_config = None if moe is None else MoeifyConfig.from_dict(moe, where="model.moe")
+        if isinstance(model_kwargs, Mapping) and model_kwargs.get("moe") is not None:
+            check_moe_options(model_kwargs["moe"], where="model.model_kwargs.moe")
+        # the hyper-parameters hold plain values (checkpoints load with weights_only=True)
+        moe = None if moe_config is None else moe_config.to_dict()
         self.save_hyperparameters()
         self.model = build_model(model_name=model_name, model_kwargs=model_kwargs,
                                  pretrained_dir=pretrained_dir, upcycle_from=upcycle_from,
                                  checkpoint_path=checkpoint_path, upcycle_pretrained=upcycle_pretrained,
-                                 moe=moe, num_classes=num_classes, img_size=img_size,
+                                 moe=moe_config, num_classes=num_classes, img_size=img_size,
                                  moe_dropout=moe_dropout)
         if vm.moe_layers(self.model):
             # training_step adds aux_loss_weight x the aux losses to the loss itself, so that
@@ -368,7 +401,8 @@ class VmoeClassifier(L.LightningModule):
         source = self._checkpoint_name()
         saved = checkpoint.get("hyper_parameters") or {}
         changed = [f"model.{d}" for key in ARCHITECTURE_HPARAMS if key in saved
-                   for d in _differences(key, saved[key], self.hparams.get(key))]
+                   for d in _differences(key, _comparable(key, saved[key]),
+                                         _comparable(key, self.hparams.get(key)))]
         if changed:
             raise ValueError(f"checkpoint {source} does not fit the model: its architecture differs "
                              f"({'; '.join(changed)}); resume with the checkpoint's settings or "
@@ -422,6 +456,19 @@ class VmoeClassifier(L.LightningModule):
 
 def _pair(size) -> Tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A hyper-parameter in the form two runs compare in: MoE options nested (a checkpoint of
+    an earlier vmoe holds them flat), ``model.moe`` with every default written out."""
+    try:
+        if key == "moe" and value is not None:
+            return MoeifyConfig.from_dict(value).to_dict()
+        if key == "model_kwargs" and isinstance(value, Mapping) and value.get("moe") is not None:
+            return {**value, "moe": nested_moe_options(value["moe"])}
+    except (ValueError, TypeError):
+        pass  # not readable as MoE options: compared as it is
+    return value
 
 
 def _differences(key: str, saved: Any, now: Any) -> list:
