@@ -404,22 +404,17 @@ def check_bias_balancing_over_ranks(rank, world):
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(world * IMAGES_PER_RANK, 3, 16, 16, generator=g) for _ in range(2)]
     part = slice(rank * IMAGES_PER_RANK, (rank + 1) * IMAGES_PER_RANK)
-    for i, x in enumerate(batches):
-        if i == 0:
-            with ddp.no_sync():
-                ddp(x[part]).sum().backward()
-        else:
-            ddp(x[part]).sum().backward()
+    for x in batches:  # (without no_sync: DDP broadcasts the buffers before every forward)
+        ddp(x[part]).sum().backward()
         for name, layer in layers.items():
             counts[name] += torch.bincount(layer.last_plan.expert_index.flatten(), minlength=4).float()
     mine = {name: layer.router.expert_load.clone() for name, layer in layers.items()}
-    for name in layers:
-        assert torch.equal(mine[name], counts[name]), f"{name}: counts {mine[name]} vs {counts[name]}"
-    update_expert_biases(model)
+    update_expert_biases(model)          # every rank joins every collective before any assert
     gathered = [None] * world
     dist.all_gather_object(gathered, {n: (counts[n].tolist(), l.router.expert_bias.tolist())
                                       for n, l in layers.items()})
     for name in layers:
+        assert torch.equal(mine[name], counts[name]), f"{name}: counts {mine[name]} vs {counts[name]}"
         total = sum(torch.tensor(g[name][0]) for g in gathered)
         assert gathered[0][name][0] != gathered[1][name][0], "the ranks routed the same tokens"
         assert all(g[name][1] == gathered[0][name][1] for g in gathered), "biases differ over ranks"
