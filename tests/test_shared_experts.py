@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 import vmoe.models as vm
+from vmoe.models.model_card import _routing_rows
 from vmoe.moe import MoeMlp, moe_layers, update_expert_biases
 from vmoe.train import build_model
+from vmoe.viz.report import _model_info
 
 
 def routed_copy(layer):
@@ -116,6 +118,11 @@ def test_timm_variant_merges_the_options_and_saves_and_loads(tmp_path):
     biases = [m.router.expert_bias.clone() for m in moe_layers(model).values()]
     assert all(b.abs().sum() > 0 for b in biases)
     vm.save_pretrained(model, tmp_path / "m")
+    card = "\n".join(_routing_rows(model))  # the model card's routing table
+    assert "sigmoid scores, bias balancing (rate 0.01), shared experts (width 128, gated)" in card
+    info = _model_info(model, moe_layers(model))["moe_layers"]["blocks.1.mlp"]  # the routing report's
+    assert info["score_func"] == "sigmoid" and info["shared_hidden_features"] == 128
+    assert info["expert_bias"] == pytest.approx(biases[0].tolist(), abs=1e-6)
     loaded = vm.from_pretrained(tmp_path / "m").eval()
     check_new_options(loaded)
     for b, m in zip(biases, moe_layers(loaded).values()):
