@@ -12,7 +12,8 @@ import timm
 import torch
 
 import vmoe.models as vm
-from vmoe.moe import MoeMlp, TopKRouter, attach_bias_updates, moe_layers, update_expert_biases
+from vmoe.moe import (MoeLayerConfig, MoeMlp, TopKRouter, TopKRouterConfig, attach_bias_updates,
+                      moe_layers, update_expert_biases)
 from vmoe.moe.bias_balancing import bias_update, expert_load_buffer_names
 from vmoe.train import RoutingStatsLogger, VmoeClassifier
 
@@ -280,8 +281,33 @@ def test_bad_bias_update_rate_is_refused(rate):
 @pytest.mark.parametrize("router", ["expert_choice", "soft"])
 def test_bias_and_sigmoid_only_apply_to_top_k(router):
     for option in (dict(bias_update_rate=1e-3), dict(score_func="sigmoid")):
-        with pytest.raises(ValueError, match=f"{next(iter(option))}=.*only applies to router='top_k'"):
+        with pytest.raises(ValueError, match=f"{next(iter(option))}=.*only applies to router 'top_k'"):
             MoeMlp(16, 32, num_experts=4, router=router, **option)
+        # the nested form: not an option of that router
+        with pytest.raises(ValueError, match=f"moe.router.{next(iter(option))}: not an option of router"):
+            MoeLayerConfig.from_dict({"router": {"name": router, **option}})
+
+
+def test_typed_configs_hold_and_check_the_new_options():
+    config = MoeLayerConfig(num_experts=4, router=TopKRouterConfig(score_func="sigmoid", bias_update_rate=1e-3),
+                            shared_experts=1, shared_gate=True)
+    layer_ = MoeMlp(16, 32, config=config)
+    assert layer_.config == config.replace(group_size_images=8) and layer_.router.expert_bias is not None and layer_.shared.gate is not None
+    nested = config.to_dict()
+    assert nested["router"]["score_func"] == "sigmoid" and nested["router"]["bias_update_rate"] == 1e-3
+    assert nested["shared_experts"] == 1 and nested["shared_gate"] is True
+    assert MoeLayerConfig.from_dict(nested) == config
+    flat = dict(num_experts=4, score_func="sigmoid", bias_update_rate=1e-3, shared_experts=1, shared_gate=True)
+    assert MoeLayerConfig.from_dict(flat) == config
+    with pytest.raises(ValueError, match="bias_update_rate=0 must be None"):
+        TopKRouterConfig(bias_update_rate=0)
+    with pytest.raises(ValueError, match="moe.router.score_func='tanh' must be one of"):
+        MoeLayerConfig.from_dict({"router": {"name": "top_k", "score_func": "tanh"}})
+    with pytest.raises(ValueError, match="moe.shared_hidden_features=8 needs shared_experts >= 1"):
+        MoeLayerConfig.from_dict({"shared_hidden_features": 8})
+    # evaluation settings keep the new options
+    layer_.capacity_factor = 4.0
+    assert layer_.config.router.score_func == "sigmoid" and layer_.config.router.bias_update_rate == 1e-3
 
 
 # (the counts summed over processes, under expert parallelism + DDP: tests/test_expert_parallel.py,

@@ -243,9 +243,11 @@ def test_capacity_factor_none_needs_an_explicit_capacity():
     with pytest.raises(ValueError, match="capacity_factor=None must be a finite number > 0"):
         MoeMlp(16, num_experts=4).capacity_factor = None
     router = TopKRouter(dim=4, num_experts=4, capacity=8, capacity_factor=None)
-    router.capacity = None  # allowed while the settings are being replaced one by one ...
-    with pytest.raises(ValueError, match="neither capacity nor capacity_factor"):
-        router.capacity_for(16)  # ... but routing needs one of them
+    # The settings are replaced all at once (RoutingSettings), so the router's config refuses a
+    # state without either and keeps the one it has.
+    with pytest.raises(ValueError, match="give capacity_factor or capacity, got neither"):
+        router.capacity = None
+    assert router.capacity == 8 and router.capacity_for(16) == 8
 
 
 @pytest.mark.parametrize("value", BAD_BPR)

@@ -81,5 +81,5 @@ def test_sigmoid_trains_with_noise_and_every_loss():
 def test_unknown_score_func_is_refused():
     with pytest.raises(ValueError, match="score_func='tanh' must be one of"):
         MoeMlp(8, 16, num_experts=4, score_func="tanh")
-    with pytest.raises(ValueError, match="score_func='sigmoid' only applies to router='top_k'"):
+    with pytest.raises(ValueError, match="score_func='sigmoid' only applies to router 'top_k'"):
         MoeMlp(8, 16, num_experts=4, router="expert_choice", score_func="sigmoid")

@@ -1,6 +1,8 @@
 """vmoe.moe: the Mixture-of-Experts layer, sparse or soft (plain PyTorch: no Lightning, no timm).
 
-Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter``,
+Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``) and its typed options ``MoeLayerConfig``
+with one config per router (``TopKRouterConfig``, ``ExpertChoiceRouterConfig``,
+``SoftRouterConfig``; ``router_config``, ``ROUTER_CONFIGS``), the routers ``TopKRouter``,
 ``ExpertChoiceRouter`` and ``SoftRouter`` (Soft MoE), ``RoutingPlan``, ``SoftRoutingPlan``,
 ``Experts``, ``compute_capacity``, the dispatchers and the auxiliary losses,
 ``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE layers of a model) and
@@ -13,6 +15,8 @@ the routing settings (``RoutingSettings``, ``routing_settings``,
 from .bias_balancing import attach_bias_updates, expert_bias_values, update_expert_biases
 from .balancing import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale
 from .capacity import compute_capacity
+from .config import (ROUTER_CONFIGS, ExpertChoiceRouterConfig, MoeLayerConfig, RouterConfig,
+                     SoftRouterConfig, TopKRouterConfig, router_config)
 from .dispatch import combine, dispatch, einsum_combine, einsum_dispatch
 from .experts import Experts
 from .layer import MoeMlp, moe_layers, require_moe_layers
@@ -25,6 +29,8 @@ from .settings import RoutingSettings, read_routing, restore_routing, routing_se
 from .stats import SOFT_TRAIN_STATS, expert_choice_metrics, routing_statistics, soft_routing_statistics
 
 __all__ = [
+    "MoeLayerConfig", "TopKRouterConfig", "ExpertChoiceRouterConfig", "SoftRouterConfig",
+    "RouterConfig", "ROUTER_CONFIGS", "router_config",
     "MoeMlp", "TopKRouter", "ExpertChoiceRouter", "SoftRouter", "RoutingPlan", "SoftRoutingPlan",
     "Experts", "compute_capacity",
     "dispatch", "combine", "einsum_dispatch", "einsum_combine", "importance_loss", "load_loss",

@@ -22,26 +22,16 @@ last micro-batch of a gradient-accumulation window).
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections import OrderedDict
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from .checks import check_bias_update_rate  # noqa: F401  (the rule; re-exported)
+
 __all__ = ["check_bias_update_rate", "bias_update", "update_expert_biases", "attach_bias_updates",
            "bias_balanced_routers", "expert_load_buffer_names", "expert_bias_values"]
-
-
-def check_bias_update_rate(value) -> None:
-    """None (bias balancing off) or a finite number > 0."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"bias_update_rate={value!r} must be None (off) or a finite number > 0 "
-                         "(DeepSeek-V3 / torchtitan / Megatron-Core use 1e-3)")
 
 
 @torch.no_grad()

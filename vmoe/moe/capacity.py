@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from .checks import check_capacity_factor, check_capacity_multiple_of
+
 __all__ = ["compute_capacity"]
 
 
@@ -26,8 +28,8 @@ def compute_capacity(
     """
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got num_experts={num_experts}")
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got capacity_factor={capacity_factor}")
+    check_capacity_factor(capacity_factor, allow_none=False)
+    check_capacity_multiple_of(multiple_of)
     raw = num_tokens * capacity_factor / num_experts
     if ceil_or_round == "ceil":
         capacity = int(math.ceil(raw))
@@ -41,8 +43,6 @@ def compute_capacity(
             f"num_experts={num_experts}, capacity_factor={capacity_factor}, "
             f"ceil_or_round={ceil_or_round!r}: use a larger capacity_factor or group size"
         )
-    if multiple_of is not None and multiple_of < 0:
-        raise ValueError(f"capacity_multiple_of must be >= 0 or None, got {multiple_of}")
     if multiple_of:
         capacity += (-capacity) % multiple_of
     return capacity

@@ -1,9 +1,10 @@
 """MoeMlp: a sparse Mixture-of-Experts drop-in replacement for timm's ``Mlp``."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -11,55 +12,16 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .balancing import AttachAuxLoss, check_aux_loss_mode, check_aux_loss_scale
-from .dispatch import check_dispatcher, combine, dispatch
+from .checks import check_capacity_factor, check_positive_int
+from .config import ROUTER_CONFIGS, MoeLayerConfig
+from .dispatch import combine, dispatch
 from .experts import Experts
 from .plan import RoutingPlan, SoftRoutingPlan
-from .checks import check_capacity_factor, check_positive_int
-from .routing import ExpertChoiceRouter, TopKRouter
-from .shared import SharedExperts, check_shared_options, shared_width
-from .soft_routing import SoftRouter
+from .shared import SharedExperts, shared_width
 
 __all__ = ["MoeMlp", "moe_layers", "require_moe_layers", "ROUTERS"]
 
-ROUTERS = ("top_k", "expert_choice", "soft")
-
-
-class _Default:
-    """A constructor default that depends on the router type (``repr``: what it resolves to)."""
-
-    def __init__(self, sparse, soft):
-        self.sparse, self.soft = sparse, soft
-
-    def resolve(self, router: str):
-        return self.soft if router == "soft" else self.sparse
-
-    def __repr__(self) -> str:
-        return f"{self.sparse!r} (soft: {self.soft!r})"
-
-
-_CAPACITY_FACTOR = _Default(1.05, 1.0)
-_NOISE_STD = _Default(1.0, 0.0)
-
-
-class _SparseDefault(_Default):
-    """The default of a sparse-only option: a Soft MoE layer refuses the option when it is
-    given (whatever its value), not when it differs from the default."""
-
-    def __init__(self, value):
-        super().__init__(value, value)
-
-    def __repr__(self) -> str:
-        return repr(self.sparse)
-
-
-# Sparse-only options and their defaults (marked: a Soft MoE layer refuses any that is given).
-_SPARSE_ONLY = {k: _SparseDefault(v) for k, v in dict(
-    num_selected=2, capacity=None, capacity_multiple_of=4, capacity_rounding="ceil",
-    batch_priority=False, renormalize=False, importance_weight=0.005, load_weight=0.005,
-    gshard_weight=0.0, zloss_weight=0.0, dispatcher="auto").items()}
-
-# Options of the top-K router only: expert-choice and Soft MoE layers refuse them when given.
-_TOP_K_ONLY = {k: _SparseDefault(v) for k, v in dict(score_func="softmax", bias_update_rate=None).items()}
+ROUTERS = tuple(ROUTER_CONFIGS)  # ("top_k", "expert_choice", "soft")
 
 
 def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -69,66 +31,33 @@ def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 class MoeMlp(nn.Module):
-    """Sparse MoE MLP: ``forward(x: [B, N, d]) -> [B, N, d']``, like timm's ``Mlp``.
+    """Sparse (or Soft) MoE MLP: ``forward(x: [B, N, d]) -> [B, N, d']``, like timm's ``Mlp``.
 
     Tokens are flattened in row-major order and cut into routing groups of S tokens (a group
-    spans consecutive images, as in the official code). With ``router='soft'`` it is a Soft MoE
-    layer (Puigcerver et al. 2023): every slot mixes all tokens of its group, every token mixes
-    all slots (``SoftRouter``, ``SoftRoutingPlan``); nothing is dropped and there is no
-    auxiliary loss (``aux_loss`` is 0). The last group is padded when B*N is
-    not a multiple of S; padding tokens never take a buffer place and never reach the output.
-    Buffer capacity is computed from S, so a short batch routes as a full group would.
+    spans consecutive images, as in the official code); the last group is padded when B*N is
+    not a multiple of S (padding never takes a buffer place nor reaches the output). Buffer
+    capacity is computed from S, so a short batch routes as a full group would. With a
+    ``SoftRouterConfig`` it is a Soft MoE layer (Puigcerver et al. 2023): nothing is dropped,
+    no auxiliary loss. An empty batch (B = 0) gives an empty output and zero losses.
 
-    After each forward the layer keeps, for the loss, metrics and plots:
-        ``aux_loss``: scalar tensor, the weighted sum of the auxiliary losses, averaged over
-            groups;
-        ``aux_losses``: dict name -> scalar tensor, each loss averaged over groups (unweighted);
-        ``last_plan``: the RoutingPlan (detached); a SoftRoutingPlan for a Soft MoE layer.
-    Balancing losses (``vmoe.moe.balancing``): with ``aux_loss_mode='backward'`` (the default) the
-    aux loss reaches the gradients through the backward pass of the layer output, times
-    ``aux_loss_scale`` (default 1.0), in any training loop; ``aux_loss``/``aux_losses`` are then
-    detached (for logging: adding them to a loss changes nothing). With ``'manual'`` they keep
-    their graph and the loop adds ``aux_loss`` to its loss (``vmoe fit`` does).
-    An empty batch (B = 0) returns an empty [0, N, d'] output, as timm's ``Mlp`` does: every
-    auxiliary loss is 0 and ``last_plan`` is a plan of 0 groups.
+    Args (timm ``Mlp`` ones): in_features (d), hidden_features, out_features (d'), act_layer,
+        norm_layer (must be None), bias, drop (expert dropout).
+    config: a ``MoeLayerConfig`` (or its dict, nested or flat); or ``**options``, the flat
+        keyword form (``num_experts=4, num_selected=2, router='soft', num_slots=1, ...``: the
+        fields of ``MoeLayerConfig`` and of the router's config, see ``vmoe.moe.config``).
+        Not both. A bad option raises ValueError/TypeError naming it.
 
-    Args (timm ``Mlp`` ones first): in_features, hidden_features, out_features, act_layer,
-        norm_layer (must be None), bias, drop.
-    MoE args:
-        num_experts: E.
-        num_selected: K (top-K router).
-        router: 'top_k', 'expert_choice' or 'soft'.
-        group_size: tokens per routing group S; or ``group_size_images`` images per group
-            (S = images * N). Default: 8 images per group, as the paper (soft: 1 image per
-            group, as the Soft MoE paper).
-        capacity_factor / capacity / capacity_multiple_of / capacity_rounding / batch_priority /
-        noise_std / renormalize / *_weight: see ``TopKRouter``. ``capacity_factor`` defaults
-            to 1.05 (soft: 1.0) and ``noise_std`` to 1.0 (soft: 0.0, not divided by E).
-    Soft MoE args (``router='soft'``):
-        num_slots: P, slots per expert (the paper: 1). If None, P = round(S * capacity_factor /
-            E) (half to even, as the official code), which needs ``group_size`` in tokens.
-        bf16_dispatch: round the tokens before dispatch and the expert outputs before combine
-            to bfloat16, as the official ``Bfloat16Dispatcher`` does (the official Soft MoE
-            router always uses it; it works for any router here; default False: float32
-            throughout). Use it to reproduce the official logits of imported Soft MoE
-            checkpoints to ~3e-4; without it they agree with the official model run without
-            its bf16 casts to 1e-5.
-        The sparse-only options (num_selected, capacity, capacity_multiple_of,
-        capacity_rounding, batch_priority, renormalize, the loss weights, dispatcher) must stay
-        at their defaults: any other value raises ValueError naming it.
-        dispatcher: 'auto' (default: Triton kernels on CUDA, portable gathers elsewhere),
-            'torch' / 'triton' (force a backend), or 'einsum' (the one-hot oracle; slow, for
-            tests). See ``vmoe.moe.dispatch``.
-        same_init: every expert starts from the same values (paper default).
-        expert_gemm: 'bmm' (default) or 'grouped_mm' for the expert GEMMs (see ``Experts``;
-            'grouped_mm' needs bf16 autocast and widths that are multiples of 8).
-    Top-K only (any other router refuses them): ``score_func`` ('softmax' or 'sigmoid') and
-        ``bias_update_rate`` (auxiliary-loss-free balancing), see ``TopKRouter``.
-    Shared experts (any router; ``vmoe.moe.shared``):
-        shared_experts: n >= 0 dense experts every token passes through (DeepSeek-MoE); the
-            output is ``routed(x) + shared(x)``, ``self.shared`` a ``SharedExperts`` (None if 0).
-        shared_hidden_features: the shared MLP's width (default n x hidden_features).
-        shared_gate: scale the shared output by ``sigmoid(x @ w)`` per token (Qwen-MoE).
+    After each forward: ``aux_loss`` (scalar, weighted sum of the auxiliary losses averaged
+    over groups), ``aux_losses`` ({name: scalar}, unweighted) and ``last_plan`` (the detached
+    ``RoutingPlan`` or ``SoftRoutingPlan``). ``aux_loss_mode='backward'`` (default) attaches the
+    aux loss (times ``aux_loss_scale``) to the output's backward and detaches the logged values;
+    ``'manual'`` keeps their graph for the loop to add (see ``vmoe.moe.balancing``).
+    ``config``: the ``MoeLayerConfig`` the layer routes with now (evaluation settings included).
+
+    Shared experts (``config.shared_experts`` = n >= 1, ``vmoe.moe.shared``): the output is
+    ``routed(x) + shared(x)``, ``self.shared`` a ``SharedExperts`` (a dense MLP of width
+    ``shared_hidden_features``, default n x hidden_features, times a per-token sigmoid gate
+    with ``shared_gate``); ``self.shared`` is None without them.
     """
 
     def __init__(
@@ -141,117 +70,56 @@ class MoeMlp(nn.Module):
         bias: bool = True,
         drop: Union[float, Tuple[float, float]] = 0.0,
         *,
-        num_experts: int = 8,
-        num_selected: int = _SPARSE_ONLY["num_selected"],
-        router: str = "top_k",
-        group_size: Optional[int] = None,
-        group_size_images: Optional[int] = None,
-        capacity_factor: Optional[float] = _CAPACITY_FACTOR,
-        capacity: Optional[int] = _SPARSE_ONLY["capacity"],
-        capacity_multiple_of: Optional[int] = _SPARSE_ONLY["capacity_multiple_of"],
-        capacity_rounding: str = _SPARSE_ONLY["capacity_rounding"],
-        batch_priority: bool = _SPARSE_ONLY["batch_priority"],
-        noise_std: float = _NOISE_STD,
-        renormalize: bool = _SPARSE_ONLY["renormalize"],
-        importance_weight: float = _SPARSE_ONLY["importance_weight"],
-        load_weight: float = _SPARSE_ONLY["load_weight"],
-        gshard_weight: float = _SPARSE_ONLY["gshard_weight"],
-        zloss_weight: float = _SPARSE_ONLY["zloss_weight"],
-        dispatcher: str = _SPARSE_ONLY["dispatcher"],
-        same_init: bool = True,
-        expert_gemm: str = "bmm",
-        num_slots: Optional[int] = None,
-        bf16_dispatch: bool = False,
-        score_func: str = _TOP_K_ONLY["score_func"],
-        bias_update_rate: Optional[float] = _TOP_K_ONLY["bias_update_rate"],
-        shared_experts: int = 0,
-        shared_hidden_features: Optional[int] = None,
-        shared_gate: bool = False,
+        config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
+        **options,
     ):
         super().__init__()
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got router={router!r}")
-        top_k_options = dict(score_func=score_func, bias_update_rate=bias_update_rate)
-        if router != "top_k":
-            given = [f"{k}={v!r}" for k, v in top_k_options.items() if not isinstance(v, _SparseDefault)]
-            if given:
-                verb = "applies" if len(given) == 1 else "apply"
-                raise ValueError(f"{', '.join(given)} only {verb} to router='top_k', not to "
-                                 f"router={router!r}")
-        score_func, bias_update_rate = (v.resolve(router) if isinstance(v, _Default) else v
-                                        for v in top_k_options.values())
-        check_shared_options(shared_experts, shared_hidden_features, shared_gate)
-        if isinstance(capacity_factor, _Default):
-            capacity_factor = capacity_factor.resolve(router)
-        if isinstance(noise_std, _Default):
-            noise_std = noise_std.resolve(router)
-        sparse_options = dict(zip(_SPARSE_ONLY, (
-            num_selected, capacity, capacity_multiple_of, capacity_rounding, batch_priority, renormalize,
-            importance_weight, load_weight, gshard_weight, zloss_weight, dispatcher)))
-        (num_selected, capacity, capacity_multiple_of, capacity_rounding, batch_priority, renormalize,
-         importance_weight, load_weight, gshard_weight, zloss_weight, dispatcher) = (
-            v.resolve(router) if isinstance(v, _Default) else v for v in sparse_options.values())
-        if router == "soft":
-            sparse = [f"{k}={v!r}" for k, v in sparse_options.items() if not isinstance(v, _SparseDefault)]
-            if sparse:
-                verb = "applies" if len(sparse) == 1 else "apply"
-                raise ValueError(f"{', '.join(sparse)} only {verb} to sparse routers (top_k, "
-                                 "expert_choice), not to router='soft'")
-        elif num_slots is not None:
-            raise ValueError(f"num_slots={num_slots!r} only applies to router='soft' "
-                             f"(got router={router!r}; sparse routers use capacity)")
-        if not isinstance(bf16_dispatch, bool):
-            raise ValueError(f"bf16_dispatch={bf16_dispatch!r} must be a bool")
+        if config is not None and options:
+            raise ValueError(f"give config or the flat options, not both (got config and "
+                             f"{', '.join(options)})")
+        config = MoeLayerConfig.from_dict(options if config is None else config)
         if norm_layer is not None:
             raise ValueError("MoeMlp does not support norm_layer inside the MLP (got "
                              f"norm_layer={norm_layer!r}); use a ViT without scale_mlp_norm")
         check_positive_int("in_features", in_features)
-        if group_size is not None and group_size_images is not None:
-            raise ValueError("give group_size (tokens) or group_size_images, not both: "
-                             f"got group_size={group_size}, group_size_images={group_size_images}")
-        if group_size is not None:
-            check_positive_int("group_size", group_size)
-        if group_size_images is not None:
-            check_positive_int("group_size_images", group_size_images)
-        if group_size is None and group_size_images is None:
-            group_size_images = 1 if router == "soft" else 8
         self.in_features = in_features
         self.out_features = out_features or in_features
-        self.group_size = group_size
-        self.group_size_images = group_size_images
-        self.dispatcher = check_dispatcher(dispatcher)
-        self.bf16_dispatch = bf16_dispatch
-        if router == "soft":
-            self.router = SoftRouter(in_features, num_experts, num_slots=num_slots,
-                                     capacity_factor=capacity_factor, group_size=group_size,
-                                     noise_std=noise_std)
-        elif router == "top_k":
-            self.router = TopKRouter(
-                in_features, num_experts, num_selected, capacity_factor=capacity_factor,
-                capacity=capacity, capacity_multiple_of=capacity_multiple_of,
-                capacity_rounding=capacity_rounding, batch_priority=batch_priority,
-                noise_std=noise_std, renormalize=renormalize,
-                importance_weight=importance_weight, load_weight=load_weight,
-                gshard_weight=gshard_weight, zloss_weight=zloss_weight, score_func=score_func,
-                bias_update_rate=bias_update_rate)
-        elif router == "expert_choice":
-            self.router = ExpertChoiceRouter(
-                in_features, num_experts, capacity_factor=capacity_factor, capacity=capacity,
-                capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
-                noise_std=noise_std, zloss_weight=zloss_weight)
-        self.experts = Experts(num_experts, in_features, hidden_features, out_features,
-                               act_layer=act_layer, bias=bias, drop=drop, same_init=same_init,
-                               gemm=expert_gemm)
+        self.group_size = config.group_size
+        self.group_size_images = config.resolved_group_size_images
+        self.dispatcher = getattr(config.router, "dispatcher", "auto")
+        self.bf16_dispatch = config.bf16_dispatch
+        self.router = config.router.build(in_features, config.num_experts, config.group_size)
+        self.experts = Experts(config.num_experts, in_features, hidden_features, out_features,
+                               act_layer=act_layer, bias=bias, drop=drop,
+                               same_init=config.same_init, gemm=config.expert_gemm)
+        self._same_init = config.same_init
         self.shared: Optional[SharedExperts] = None
-        if shared_experts:
+        if config.shared_experts:
             self.shared = SharedExperts(
-                in_features, shared_width(shared_experts, shared_hidden_features,
+                in_features, shared_width(config.shared_experts, config.shared_hidden_features,
                                           self.experts.hidden_features),
-                out_features, act_layer=act_layer, bias=bias, drop=drop, gate=shared_gate)
+                out_features, act_layer=act_layer, bias=bias, drop=drop, gate=config.shared_gate)
+        self._shared_options = (config.shared_experts, config.shared_hidden_features)
         self.aux_loss: Optional[torch.Tensor] = None
         self._aux_loss_mode, self._aux_loss_scale = "backward", 1.0
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.last_plan: Optional[Union[RoutingPlan, SoftRoutingPlan]] = None
+
+    @property
+    def config(self) -> MoeLayerConfig:
+        """The ``MoeLayerConfig`` this layer routes with now: its router's config (evaluation
+        settings included, a Soft MoE router's derived ``num_slots`` too), group size, dispatcher
+        and expert GEMM as they are set on the layer."""
+        router = self.router.config
+        if getattr(router, "dispatcher", self.dispatcher) != self.dispatcher:
+            router = router.replace(dispatcher=self.dispatcher)
+        return MoeLayerConfig(
+            num_experts=self.router.num_experts, router=router, group_size=self.group_size,
+            group_size_images=self.group_size_images if self.group_size is None else None,
+            same_init=self._same_init, expert_gemm=self.experts.gemm,
+            bf16_dispatch=self.bf16_dispatch, shared_experts=self._shared_options[0],
+            shared_hidden_features=self._shared_options[1],
+            shared_gate=self.shared is not None and self.shared.gate is not None)
 
     # --- routing options that evaluation/inference commonly changes -------------------------
     @property
@@ -266,8 +134,8 @@ class MoeMlp(nn.Module):
     def capacity_factor(self, value: float) -> None:
         """Routes with this factor from now on (clears an explicit ``capacity``)."""
         check_capacity_factor(value, allow_none=False)
-        self.router.capacity_factor = value
-        self.router.capacity = None
+        settings = self.router.config.routing_settings()
+        self.router.apply_routing(dataclasses.replace(settings, capacity_factor=value, capacity=None))
 
     @property
     def num_slots(self) -> Optional[int]:
@@ -277,7 +145,7 @@ class MoeMlp(nn.Module):
     @property
     def is_soft(self) -> bool:
         """Whether this is a Soft MoE layer (its plans are ``SoftRoutingPlan``)."""
-        return isinstance(self.router, SoftRouter)
+        return self.router.config.is_soft
 
     @property
     def batch_priority(self) -> bool:
@@ -285,7 +153,7 @@ class MoeMlp(nn.Module):
 
     @batch_priority.setter
     def batch_priority(self, value: bool) -> None:
-        self.router.batch_priority = value  # validated there (a bool; False for expert-choice)
+        self.router.batch_priority = value  # validated by its config (a bool; False for expert-choice)
 
     @property
     def noise_std(self) -> float:

@@ -6,6 +6,7 @@ under ``torch.compile(fullgraph=True)`` and without host syncs on CUDA.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Optional, Tuple
 
@@ -13,26 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bias_balancing import check_bias_update_rate
 from .capacity import compute_capacity
-from .checks import (check_batch_priority, check_capacity, check_capacity_factor, check_noise_std,
-                     check_positive_int)
+from .checks import check_num_selected_fits, check_positive_int
+from .config import SCORE_FUNCS, ExpertChoiceRouterConfig, RoutingSettings, TopKRouterConfig
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
 from .plan import RoutingPlan
 
 __all__ = ["TopKRouter", "ExpertChoiceRouter", "assign_buffer_slots", "SCORE_FUNCS", "scores_from_logits"]
 
 Losses = Dict[str, torch.Tensor]
-
-#: How a top-K router turns its float32 logits into scores: 'softmax' over the E experts (the
-#: V-MoE paper's) or an independent 'sigmoid' per expert (DeepSeek-V3, torchtitan's default).
-SCORE_FUNCS = ("softmax", "sigmoid")
-
-
-def check_score_func(value) -> str:
-    if value not in SCORE_FUNCS:
-        raise ValueError(f"score_func={value!r} must be one of {SCORE_FUNCS}")
-    return value
 
 
 def scores_from_logits(logits: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -117,82 +107,87 @@ def assign_buffer_slots(
 
 
 class _GatingRouter(nn.Module):
-    """Shared part of the routers: float32 gating logits without bias, training noise, and the
-    capacity settings.
+    """Shared part of the sparse routers: float32 gating logits without bias, training noise,
+    and the capacity settings.
 
-    ``noise_std``, ``capacity_factor``, ``capacity`` and ``batch_priority`` are validated
-    properties: a bad value raises ValueError naming the setting, whether it comes from the
-    constructor or is assigned later (evaluation settings, ``config.json`` routing entries).
+    The options live in ``self.config`` (a frozen, validated ``TopKRouterConfig`` or
+    ``ExpertChoiceRouterConfig``). ``noise_std``, ``capacity_factor``, ``capacity`` and
+    ``batch_priority`` may be assigned (evaluation settings, ``config.json`` routing entries):
+    each assignment replaces ``self.config`` by a validated copy, so a bad value raises
+    ValueError naming the setting and changes nothing.
     """
 
-    #: Whether Batch Priority Routing means anything for this router.
-    supports_batch_priority = True
-
-    def __init__(self, dim: int, num_experts: int, *, capacity_factor: Optional[float],
-                 capacity: Optional[int], capacity_multiple_of: Optional[int],
-                 capacity_rounding: str, batch_priority: bool, noise_std: float,
-                 noisy_at_eval: bool):
+    def __init__(self, dim: int, num_experts: int, config):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("num_experts", num_experts)
-        if capacity is None and capacity_factor is None:
-            raise ValueError("give capacity_factor or capacity, got neither")
-        if capacity_multiple_of is not None:
-            check_positive_int("capacity_multiple_of", capacity_multiple_of, minimum=0)
-        if capacity_rounding not in ("ceil", "round"):
-            raise ValueError(f"capacity_rounding must be 'ceil' or 'round', got {capacity_rounding!r}")
         self.dim = dim
         self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
-        self.capacity = capacity
-        self.capacity_multiple_of = capacity_multiple_of
-        self.capacity_rounding = capacity_rounding
-        self.batch_priority = batch_priority
-        self.noise_std = noise_std
-        self.noisy_at_eval = noisy_at_eval
+        self.config = config
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.reset_parameters()
 
-    # --- validated settings --------------------------------------------------------------------
+    @property
+    def supports_batch_priority(self) -> bool:
+        """Whether Batch Priority Routing means anything for this router."""
+        return self.config.supports_batch_priority
+
+    # --- settings (read from the config; assignments write a validated copy) -------------------
+    def apply_routing(self, settings: RoutingSettings) -> None:
+        """Route with ``settings`` from now on (validated by the config: all or nothing)."""
+        self.config = self.config.with_routing(settings)
+
+    def _set_routing(self, **change) -> None:
+        self.apply_routing(dataclasses.replace(self.config.routing_settings(), **change))
+
     @property
     def noise_std(self) -> float:
-        return self._noise_std
+        return self.config.noise_std
 
     @noise_std.setter
     def noise_std(self, value: float) -> None:
-        check_noise_std(value)
-        self._noise_std = value
+        self.config = self.config.replace(noise_std=value)
 
     @property
     def capacity_factor(self) -> Optional[float]:
-        return self._capacity_factor
+        return self.config.capacity_factor
 
     @capacity_factor.setter
     def capacity_factor(self, value: Optional[float]) -> None:
-        check_capacity_factor(value)
-        self._capacity_factor = value
+        self._set_routing(capacity_factor=value)
 
     @property
     def capacity(self) -> Optional[int]:
         """Explicit buffer size per expert and group (None: from ``capacity_factor``)."""
-        return self._capacity
+        return self.config.capacity
 
     @capacity.setter
     def capacity(self, value: Optional[int]) -> None:
-        check_capacity(value)
-        self._capacity = value
+        self._set_routing(capacity=value)
 
     @property
     def batch_priority(self) -> bool:
-        return self._batch_priority
+        return getattr(self.config, "batch_priority", False)  # expert choice: none
 
     @batch_priority.setter
     def batch_priority(self, value: bool) -> None:
-        check_batch_priority(value)
-        if value and not self.supports_batch_priority:
-            raise ValueError(f"batch_priority=True does not apply to the expert-choice router "
-                             f"({type(self).__name__}): it has no token priority")
-        self._batch_priority = value
+        self._set_routing(batch_priority=value)
+
+    @property
+    def capacity_multiple_of(self) -> Optional[int]:
+        return self.config.capacity_multiple_of
+
+    @property
+    def capacity_rounding(self) -> str:
+        return self.config.capacity_rounding
+
+    @property
+    def noisy_at_eval(self) -> bool:
+        return self.config.noisy_at_eval
+
+    @property
+    def zloss_weight(self) -> float:
+        return self.config.zloss_weight
 
     # --- capacity ------------------------------------------------------------------------------
     def _choices_per_token(self) -> int:
@@ -208,14 +203,15 @@ class _GatingRouter(nn.Module):
         ``capacity_factor=1e9`` ("never drop") allocates S rows per expert and group, not
         S*K*1e9/E.
         """
-        if self.capacity is not None:
-            capacity = self.capacity
-        elif self.capacity_factor is None:
+        config = self.config
+        if config.capacity is not None:
+            capacity = config.capacity
+        elif config.capacity_factor is None:
             raise ValueError(f"{type(self).__name__} has neither capacity nor capacity_factor set")
         else:
             capacity = compute_capacity(group_size * self._choices_per_token(), self.num_experts,
-                                        self.capacity_factor, self.capacity_rounding,
-                                        self.capacity_multiple_of)
+                                        config.capacity_factor, config.capacity_rounding,
+                                        config.capacity_multiple_of)
         return min(capacity, group_size)
 
     # --- gating --------------------------------------------------------------------------------
@@ -225,7 +221,8 @@ class _GatingRouter(nn.Module):
 
     @property
     def adds_noise(self) -> bool:
-        return self.noise_std > 0 and (self.training or self.noisy_at_eval)
+        config = self.config
+        return config.noise_std > 0 and (self.training or config.noisy_at_eval)
 
     def gating_logits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x: [G, S, d] -> (clean logits, logits used for routing), both [G, S, E] float32.
@@ -275,10 +272,13 @@ class TopKRouter(_GatingRouter):
             (DeepSeek-V3; 1e-3 there): a per-expert ``expert_bias`` [E] (float32 buffer, in the
             state dict) is added to the scores to choose the experts only, and is updated once
             per optimizer step from ``expert_load`` [E] (assignments chosen in training
-            forwards since the last update) by ``vmoe.moe.update_expert_biases``
-            (``vmoe.moe.bias_balancing``). Usually with the loss weights at 0.
+            forwards since the last update, also in the state dict) by
+            ``vmoe.moe.update_expert_biases`` (``vmoe.moe.bias_balancing``). Usually with the
+            loss weights at 0.
+        config: a ``TopKRouterConfig`` holding all of the options above (then they are not
+            read); ``TopKRouterConfig.build`` passes it.
 
-    The routing options may be changed after construction, e.g. a larger ``capacity_factor``
+    The options are held in ``self.config``. The routing options may be changed after construction, e.g. a larger ``capacity_factor``
     for evaluation or BPR with a capacity below 1.0 at inference; assignments are validated.
     """
 
@@ -301,31 +301,56 @@ class TopKRouter(_GatingRouter):
         zloss_weight: float = 0.0,
         score_func: str = "softmax",
         bias_update_rate: Optional[float] = None,
+        *,
+        config: Optional[TopKRouterConfig] = None,
     ):
-        super().__init__(dim, num_experts, capacity_factor=capacity_factor, capacity=capacity,
-                         capacity_multiple_of=capacity_multiple_of,
-                         capacity_rounding=capacity_rounding, batch_priority=batch_priority,
-                         noise_std=noise_std, noisy_at_eval=noisy_at_eval)
-        self.score_func = check_score_func(score_func)
-        check_bias_update_rate(bias_update_rate)
-        self.bias_update_rate = bias_update_rate
-        if bias_update_rate is not None:
+        if config is None:
+            config = TopKRouterConfig(
+                num_selected=num_selected, capacity_factor=capacity_factor, capacity=capacity,
+                capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
+                batch_priority=batch_priority, noise_std=noise_std, noisy_at_eval=noisy_at_eval,
+                renormalize=renormalize, importance_weight=importance_weight,
+                load_weight=load_weight, gshard_weight=gshard_weight, zloss_weight=zloss_weight,
+                score_func=score_func, bias_update_rate=bias_update_rate)
+        elif not isinstance(config, TopKRouterConfig):
+            raise TypeError(f"config must be a TopKRouterConfig, got {type(config).__name__}")
+        super().__init__(dim, num_experts, config)
+        check_num_selected_fits(config.num_selected, num_experts)
+        if config.bias_update_rate is not None:
             # Only with balancing on: the state dict of every other router stays as it was.
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
             self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.register_buffer("expert_bias", None)  # None buffers are not in the state dict
             self.register_buffer("expert_load", None)
-        check_positive_int("num_selected", num_selected)
-        if num_selected > num_experts:
-            raise ValueError(f"num_selected (K) must be <= num_experts={num_experts}, "
-                             f"got num_selected={num_selected}")
-        self.num_selected = num_selected
-        self.renormalize = renormalize
-        self.importance_weight = importance_weight
-        self.load_weight = load_weight
-        self.gshard_weight = gshard_weight
-        self.zloss_weight = zloss_weight
+
+    @property
+    def score_func(self) -> str:
+        return self.config.score_func
+
+    @property
+    def bias_update_rate(self) -> Optional[float]:
+        return self.config.bias_update_rate
+
+    @property
+    def num_selected(self) -> int:
+        return self.config.num_selected
+
+    @property
+    def renormalize(self) -> bool:
+        return self.config.renormalize
+
+    @property
+    def importance_weight(self) -> float:
+        return self.config.importance_weight
+
+    @property
+    def load_weight(self) -> float:
+        return self.config.load_weight
+
+    @property
+    def gshard_weight(self) -> float:
+        return self.config.gshard_weight
 
     def _choices_per_token(self) -> int:
         return self.num_selected
@@ -345,7 +370,8 @@ class TopKRouter(_GatingRouter):
         priorities do not all become 1, and BPR routes exactly as before for softmax).
         """
         G, S, E = gates.shape
-        K = self.num_selected
+        config = self.config
+        K = config.num_selected
         capacity = self.capacity_for(S)
         # Top-K experts per token, best first (ties -> lower expert index, as lax.top_k;
         # non-finite gates last); by the biased scores under bias balancing.
@@ -353,7 +379,7 @@ class TopKRouter(_GatingRouter):
         expert_index = _descending_order(selection, dim=-1)[..., :K]
         top_gates = gates.gather(-1, expert_index)  # [G, S, K], unbiased
         priority_order = deferred = None
-        if self.batch_priority:
+        if config.batch_priority:
             # [G, S]: a token with any non-finite gate has the lowest priority, and with K > 1
             # its assignments also wait for every healthy second choice.
             unhealthy = ~torch.isfinite(gates.sum(-1))  # NaN/inf anywhere (gates are <= 1)
@@ -363,7 +389,7 @@ class TopKRouter(_GatingRouter):
         position = assign_buffer_slots(expert_index, E, priority_order, valid, deferred)
         kept = (position >= 0) & (position < capacity)
         slot = torch.where(kept, position, torch.full_like(position, -1))
-        weight = top_gates / top_gates.sum(-1, keepdim=True) if self.renormalize else top_gates
+        weight = top_gates / top_gates.sum(-1, keepdim=True) if config.renormalize else top_gates
         combine_weight = torch.where(kept, weight, torch.zeros_like(weight))
         return RoutingPlan(expert_index=expert_index, slot=slot, combine_weight=combine_weight,
                            gates=gates, capacity=capacity, valid=valid)
@@ -373,8 +399,9 @@ class TopKRouter(_GatingRouter):
         """x: [G, S, d] -> (RoutingPlan, losses). ``losses`` maps each auxiliary loss to its
         per-group values [G]; 'load' is present only when noise was added (training)."""
         logits, routing_logits = self.gating_logits(x)
-        gates = scores_from_logits(logits, self.score_func)
-        routing_gates = scores_from_logits(routing_logits, self.score_func) if self.adds_noise else gates
+        score_func = self.config.score_func
+        gates = scores_from_logits(logits, score_func)
+        routing_gates = scores_from_logits(routing_logits, score_func) if self.adds_noise else gates
         losses: Losses = {
             "importance": importance_loss(gates, valid),
             "gshard": gshard_loss(routing_gates, valid),
@@ -401,8 +428,9 @@ class TopKRouter(_GatingRouter):
         self.expert_load.index_add_(0, expert_index.reshape(-1), weight.reshape(-1))
 
     def loss_weights(self) -> Dict[str, float]:
-        return {"importance": self.importance_weight, "load": self.load_weight,
-                "gshard": self.gshard_weight, "z": self.zloss_weight}
+        config = self.config
+        return {"importance": config.importance_weight, "load": config.load_weight,
+                "gshard": config.gshard_weight, "z": config.zloss_weight}
 
     def extra_repr(self) -> str:
         extra = "" if self.score_func == "softmax" else f", score_func={self.score_func!r}"
@@ -420,20 +448,24 @@ class ExpertChoiceRouter(_GatingRouter):
     the same as for top-K routing. C = ceil(S*cf/E) (no K factor), rounded as for top-K and
     capped at S (an expert then takes every token). Tokens with non-finite gates are picked
     last. The official router has no auxiliary loss (perfect balance by construction); z-loss
-    is available. ``batch_priority`` is always False (assigning True raises).
+    is available. ``batch_priority`` is always False (assigning True raises). The options
+    (the capacity ones as for top-K, ``noise_std``, ``noisy_at_eval``, ``zloss_weight``) are
+    held in ``self.config`` (an ``ExpertChoiceRouterConfig``; pass ``config=`` to give them so).
     """
-
-    supports_batch_priority = False
 
     def __init__(self, dim: int, num_experts: int, capacity_factor: Optional[float] = 1.0,
                  capacity: Optional[int] = None, capacity_multiple_of: Optional[int] = 4,
                  capacity_rounding: str = "ceil", noise_std: float = 1.0,
-                 noisy_at_eval: bool = False, zloss_weight: float = 0.0):
-        super().__init__(dim, num_experts, capacity_factor=capacity_factor, capacity=capacity,
-                         capacity_multiple_of=capacity_multiple_of,
-                         capacity_rounding=capacity_rounding, batch_priority=False,
-                         noise_std=noise_std, noisy_at_eval=noisy_at_eval)
-        self.zloss_weight = zloss_weight
+                 noisy_at_eval: bool = False, zloss_weight: float = 0.0, *,
+                 config: Optional[ExpertChoiceRouterConfig] = None):
+        if config is None:
+            config = ExpertChoiceRouterConfig(
+                capacity_factor=capacity_factor, capacity=capacity,
+                capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
+                noise_std=noise_std, noisy_at_eval=noisy_at_eval, zloss_weight=zloss_weight)
+        elif not isinstance(config, ExpertChoiceRouterConfig):
+            raise TypeError(f"config must be an ExpertChoiceRouterConfig, got {type(config).__name__}")
+        super().__init__(dim, num_experts, config)
 
     def _choices_per_token(self) -> int:
         return 1

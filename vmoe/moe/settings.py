@@ -10,8 +10,10 @@ capacity sweep, the routing pictures and save/load all go through this module:
     restore_routing(model, previous)
 
 ``target`` is a model (it must hold at least one ``MoeMlp``) or a mapping ``{name: MoeMlp}``
-(e.g. a subset of ``moe_layers(model)``). Values are validated by the routers' and ``MoeMlp``'s
-setters (``vmoe.moe.checks``); a bad value raises and leaves every layer as it was.
+(e.g. a subset of ``moe_layers(model)``). One writer: every change goes through
+``RoutingSettings`` (validated at construction) and ``router.apply_routing``, which replaces the
+router's config by ``config.with_routing(settings)`` (the router type decides what it accepts: a
+Soft MoE router none but its own); a bad value raises and leaves every layer as it was.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Dict, Iterable, Iterator, Mapping, Optional, Union
 
 import torch.nn as nn
 
+from .checks import check_capacity_factor
+from .config import RoutingSettings
 from .layer import MoeMlp, require_moe_layers
 
 __all__ = ["EVAL_CAPACITY_FACTOR", "RoutingSettings", "read_routing", "set_routing", "restore_routing", "routing_settings"]
@@ -30,40 +34,6 @@ Layers = Union[nn.Module, Mapping[str, MoeMlp]]
 #: The capacity factor sparse layers evaluate with in ``vmoe fit`` (validation, test, predict;
 #: the paper's 4.0) and that ``vmoe.models.export_program`` bakes into an exported model.
 EVAL_CAPACITY_FACTOR = 4.0
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingSettings:
-    """What a router's evaluation-time options are: ``capacity_factor`` (None when an explicit
-    ``capacity`` is set), ``capacity`` (buffer rows per expert and group, or None) and
-    ``batch_priority`` (BPR). ``to_dict``/``from_dict``: the ``config.json`` entry. A Soft MoE
-    layer reads ``(None, P, False)`` and accepts only those values: its slots are fixed."""
-
-    capacity_factor: Optional[float]
-    capacity: Optional[int]
-    batch_priority: bool
-
-    @classmethod
-    def of(cls, layer: MoeMlp) -> "RoutingSettings":
-        """The settings ``layer``'s router routes with now."""
-        router = layer.router
-        return cls(router.capacity_factor, router.capacity, router.batch_priority)
-
-    @classmethod
-    def from_dict(cls, entry: Mapping[str, object]) -> "RoutingSettings":
-        """From ``{"capacity_factor", "capacity", "batch_priority"}`` (other keys ignored)."""
-        return cls(*(entry[f.name] for f in dataclasses.fields(cls)))
-
-    def to_dict(self) -> Dict[str, object]:
-        return dataclasses.asdict(self)
-
-    def apply(self, layer: MoeMlp) -> None:
-        """Make ``layer``'s router route with exactly these settings (each validated by the
-        router's setter: ValueError for e.g. ``capacity=0``)."""
-        router = layer.router
-        router.capacity_factor = self.capacity_factor
-        router.capacity = self.capacity
-        router.batch_priority = self.batch_priority
 
 
 def _layers(target: Layers, names: Optional[Iterable[str]] = None) -> Dict[str, MoeMlp]:
@@ -93,14 +63,10 @@ def restore_routing(target: Layers,
     layers = _layers(target, settings)
     wanted = {name: s if isinstance(s, RoutingSettings) else RoutingSettings.from_dict(s)
               for name, s in settings.items()}
-    previous = read_routing(layers)
-    try:
-        for name, s in wanted.items():
-            s.apply(layers[name])
-    except Exception:
-        for name, s in previous.items():
-            s.apply(layers[name])
-        raise
+    for name, s in wanted.items():  # every router checks its settings before any changes
+        layers[name].router.config.with_routing(s)
+    for name, s in wanted.items():
+        s.apply(layers[name])
 
 
 def set_routing(target: Layers, capacity_factor: Optional[float] = None,
@@ -116,23 +82,22 @@ def set_routing(target: Layers, capacity_factor: Optional[float] = None,
     """
     selected = _layers(target, layers)
     if batch_priority is True:
-        no_priority = [n for n, m in selected.items() if not m.router.supports_batch_priority]
+        no_priority = [n for n, m in selected.items() if not m.router.config.supports_batch_priority]
         if no_priority:
             soft = [n for n in no_priority if selected[n].is_soft]
             kinds = [f"{kind} layers {names}" for kind, names in
                      (("expert-choice", [n for n in no_priority if n not in soft]), ("soft", soft))
                      if names]
             raise ValueError(f"batch_priority=True does not apply to the {' and the '.join(kinds)}")
+    change = {}
+    if capacity_factor is not None:
+        check_capacity_factor(capacity_factor, allow_none=False)
+        change.update(capacity_factor=capacity_factor, capacity=None)
+    if batch_priority is not None:
+        change.update(batch_priority=batch_priority)
     previous = read_routing(selected)
-    try:
-        for layer in selected.values():
-            if capacity_factor is not None:
-                layer.capacity_factor = capacity_factor
-            if batch_priority is not None:
-                layer.batch_priority = batch_priority
-    except Exception:
-        restore_routing(selected, previous)
-        raise
+    wanted = {name: dataclasses.replace(settings, **change) for name, settings in previous.items()}
+    restore_routing(selected, wanted)
     return previous
 
 

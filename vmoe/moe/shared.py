@@ -4,6 +4,7 @@ DeepSeek-MoE isolates ``shared_experts`` always-active experts (of the routed ex
 so one MLP of width ``shared_experts x h``); Qwen-MoE scales its shared expert by a per-token
 sigmoid gate ``sigmoid(x @ w_gate)``. ``MoeMlp(..., shared_experts=n)`` computes
 ``routed(x) + shared(x)`` (``shared_gate=True``: ``routed(x) + sigmoid(x @ w_gate) * shared(x)``).
+The options are validated by ``MoeLayerConfig`` (``vmoe.moe.checks.check_shared_experts``).
 """
 from __future__ import annotations
 
@@ -12,24 +13,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checks import check_positive_int
 
-__all__ = ["SharedExperts", "check_shared_options", "shared_width", "shared_flops_per_token"]
-
-
-def check_shared_options(shared_experts, shared_hidden_features, shared_gate) -> None:
-    """``shared_experts``: an int >= 0; ``shared_hidden_features``: None or an int >= 1, only
-    with ``shared_experts`` >= 1; ``shared_gate``: a bool, True only with shared experts."""
-    check_positive_int("shared_experts", shared_experts, minimum=0)
-    if shared_hidden_features is not None:
-        if shared_experts == 0:
-            raise ValueError(f"shared_hidden_features={shared_hidden_features!r} needs "
-                             "shared_experts >= 1 (got shared_experts=0)")
-        check_positive_int("shared_hidden_features", shared_hidden_features)
-    if not isinstance(shared_gate, bool):
-        raise ValueError(f"shared_gate={shared_gate!r} must be a bool (True or False)")
-    if shared_gate and shared_experts == 0:
-        raise ValueError("shared_gate=True needs shared_experts >= 1 (got shared_experts=0)")
+__all__ = ["SharedExperts", "shared_width", "shared_flops_per_token"]
 
 
 def shared_width(shared_experts: int, shared_hidden_features: Optional[int], expert_width: int) -> int:

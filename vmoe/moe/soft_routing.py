@@ -19,6 +19,7 @@ Everything is static-shape, so the router runs under ``torch.compile(fullgraph=T
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Optional, Tuple
 
@@ -26,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from .capacity import compute_capacity
-from .checks import check_capacity_factor, check_noise_std, check_positive_int
+from .checks import check_capacity_factor, check_positive_int
+from .config import RoutingSettings, SoftRouterConfig
 from .plan import SoftRoutingPlan
 
 __all__ = ["SoftRouter", "soft_slots_per_expert", "unit_normalize", "normalized_logits"]
@@ -109,55 +111,64 @@ class SoftRouter(nn.Module):
     Parameters: ``mu`` [d, E, P] (the official layout; normalized over d at every forward, so
     its init scale does not matter) and the scalar ``scale`` (init 1).
 
-    The routing settings are fixed: P is the shape of ``mu``. ``capacity`` (= P: the slot
-    buffers are [E, G*P, d], so P is the per-group capacity C), ``capacity_factor`` (always
-    None) and ``batch_priority`` (always False) exist so that ``vmoe.moe.settings`` and
-    ``config.json`` read a soft layer like a sparse one; assigning another value raises
-    ValueError.
+    The options are held in ``self.config`` (a ``SoftRouterConfig`` with ``num_slots`` = P, derived
+    or given; pass ``config=`` to give them so). The routing settings are fixed: P is the shape
+    of ``mu``. ``capacity_factor`` (always None), ``capacity`` (= P: the slot buffers are
+    [E, G*P, d], so P is the per-group capacity C) and ``batch_priority`` (always False) read
+    as ``SoftRouterConfig.routing_settings`` gives them; assigning another value raises
+    ValueError (``SoftRouterConfig.with_routing``).
     """
-
-    #: Soft routing has no token priority (nothing is dropped).
-    supports_batch_priority = False
 
     def __init__(self, dim: int, num_experts: int, num_slots: Optional[int] = None,
                  capacity_factor: Optional[float] = 1.0, group_size: Optional[int] = None,
-                 noise_std: float = 0.0):
+                 noise_std: float = 0.0, *, config: Optional[SoftRouterConfig] = None):
         super().__init__()
+        if config is None:
+            config = SoftRouterConfig(num_slots=num_slots, capacity_factor=capacity_factor,
+                                      noise_std=noise_std)
+        elif not isinstance(config, SoftRouterConfig):
+            raise TypeError(f"config must be a SoftRouterConfig, got {type(config).__name__}")
         check_positive_int("dim", dim)
         check_positive_int("num_experts", num_experts)
-        if num_slots is not None:
-            check_positive_int("num_slots", num_slots)  # capacity_factor is ignored, as officially
-        else:
-            if capacity_factor is None:
-                raise ValueError("Soft MoE router: give num_slots or capacity_factor, got neither")
+        if config.num_slots is None:  # (a given num_slots ignores capacity_factor, as officially)
             if group_size is None:
                 raise ValueError("Soft MoE router: num_slots=None derives the slots per expert "
-                                 f"from capacity_factor={capacity_factor} and the group size in "
-                                 "tokens; give group_size (tokens) or num_slots")
-            num_slots = soft_slots_per_expert(group_size, num_experts, capacity_factor)
+                                 f"from capacity_factor={config.capacity_factor} and the group "
+                                 "size in tokens; give group_size (tokens) or num_slots")
+            config = config.replace(num_slots=soft_slots_per_expert(
+                group_size, num_experts, config.capacity_factor))
         self.dim = dim
         self.num_experts = num_experts
-        self.num_slots = num_slots
-        self.noise_std = noise_std
-        self.mu = nn.Parameter(torch.empty(dim, num_experts, num_slots))
+        self.config = config
+        self.mu = nn.Parameter(torch.empty(dim, num_experts, config.num_slots))
         self.scale = nn.Parameter(torch.ones(()))
         self.reset_parameters()
 
-    # --- fixed settings, readable like the sparse routers' -------------------------------------
+    # --- settings (read from the config; the routing ones are fixed) ---------------------------
+    @property
+    def supports_batch_priority(self) -> bool:
+        """Soft routing has no token priority (nothing is dropped)."""
+        return self.config.supports_batch_priority
+
+    @property
+    def num_slots(self) -> int:
+        """P, slots per expert."""
+        return self.config.num_slots
+
     @property
     def noise_std(self) -> float:
-        return self._noise_std
+        return self.config.noise_std
 
     @noise_std.setter
     def noise_std(self, value: float) -> None:
-        check_noise_std(value)
-        self._noise_std = value
+        self.config = self.config.replace(noise_std=value)
 
-    def _fixed(self, name: str, value, current) -> None:
-        if value != current:
-            raise ValueError(f"{name}={value!r} does not apply to a Soft MoE layer: its "
-                             f"{self.num_slots} slot(s) per expert are fixed by the shape of mu "
-                             f"[d, E, P] ({name} stays {current!r})")
+    def apply_routing(self, settings: RoutingSettings) -> None:
+        """Accepts only the settings it has, ``(None, P, False)``; ValueError otherwise."""
+        self.config = self.config.with_routing(settings)
+
+    def _set_routing(self, **change) -> None:
+        self.apply_routing(dataclasses.replace(self.config.routing_settings(), **change))
 
     @property
     def capacity_factor(self) -> None:
@@ -166,16 +177,16 @@ class SoftRouter(nn.Module):
 
     @capacity_factor.setter
     def capacity_factor(self, value) -> None:
-        self._fixed("capacity_factor", value, None)
+        self._set_routing(capacity_factor=value)
 
     @property
     def capacity(self) -> int:
         """P: each expert's slots per group (its buffer rows per group)."""
-        return self.num_slots
+        return self.config.num_slots
 
     @capacity.setter
     def capacity(self, value) -> None:
-        self._fixed("capacity", value, self.num_slots)
+        self._set_routing(capacity=value)
 
     @property
     def batch_priority(self) -> bool:
@@ -183,9 +194,7 @@ class SoftRouter(nn.Module):
 
     @batch_priority.setter
     def batch_priority(self, value) -> None:
-        if value is not False:
-            raise ValueError(f"batch_priority={value!r} does not apply to a Soft MoE layer: "
-                             "soft routing drops no token, so it has no priority")
+        self._set_routing(batch_priority=value)
 
     # --- routing -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,7 +207,7 @@ class SoftRouter(nn.Module):
 
     @property
     def adds_noise(self) -> bool:
-        return self.noise_std > 0 and self.training
+        return self.config.noise_std > 0 and self.training
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: [G, S, d] -> clean logits [G, S, E, P], float32 even under autocast."""
@@ -207,7 +216,7 @@ class SoftRouter(nn.Module):
             mu_unit = unit_normalize(self.mu.float(), dim=0).reshape(d, -1)  # [d, E*P]
             logits = normalized_logits(x.reshape(G * S, d).float(), mu_unit,
                                        self.scale.float())                   # [G*S, E*P]
-        return logits.view(G, S, self.num_experts, self.num_slots)
+        return logits.view(G, S, self.num_experts, self.config.num_slots)
 
     @staticmethod
     def route(logits: torch.Tensor, valid: Optional[torch.Tensor] = None) -> SoftRoutingPlan:
@@ -230,7 +239,7 @@ class SoftRouter(nn.Module):
             raise ValueError(f"SoftRouter input width d={x.shape[-1]} differs from dim={self.dim}")
         logits = self.logits(x)
         if self.adds_noise:
-            logits = logits + self.noise_std * torch.randn_like(logits)
+            logits = logits + self.config.noise_std * torch.randn_like(logits)
         return self.route(logits, valid), {}
 
     def loss_weights(self) -> Dict[str, float]:
