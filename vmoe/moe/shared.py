@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 
-__all__ = ["SharedExperts", "shared_width", "shared_flops_per_token"]
+__all__ = ["SharedExperts", "shared_width"]
 
 
 def shared_width(shared_experts: int, shared_hidden_features: Optional[int], expert_width: int) -> int:
@@ -99,9 +99,4 @@ class SharedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gate={self.gate is not None}"
-
-
-def shared_flops_per_token(in_features: int, hidden_features: int, out_features: int, gate: bool) -> int:
-    """Multiply-adds x 2 of one token through the shared MLP (and its gate)."""
-    return 2 * (in_features * hidden_features + hidden_features * out_features + (in_features if gate else 0))
 
