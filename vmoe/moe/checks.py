@@ -11,7 +11,8 @@ from typing import Iterable
 __all__ = ["check_positive_int", "check_optional_positive_int", "check_capacity",
            "check_capacity_factor", "check_capacity_multiple_of", "check_capacity_rounding",
            "check_batch_priority", "check_bool", "check_noise_std", "check_loss_weight",
-           "check_choice", "check_num_selected_fits", "CAPACITY_ROUNDINGS"]
+           "check_choice", "check_num_selected_fits", "check_bias_update_rate",
+           "check_shared_experts", "CAPACITY_ROUNDINGS"]
 
 #: How ``compute_capacity`` rounds S*K*cf/E: the official 'ceil' or 'round'.
 CAPACITY_ROUNDINGS = ("ceil", "round")
@@ -100,3 +101,26 @@ def check_num_selected_fits(num_selected: int, num_experts: int) -> None:
     if num_selected > num_experts:
         raise ValueError(f"num_selected (K) must be <= num_experts={num_experts}, "
                          f"got num_selected={num_selected}")
+
+
+def check_bias_update_rate(value) -> None:
+    """Auxiliary-loss-free balancing's rate: None (off) or a finite number > 0."""
+    if value is None:
+        return
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"bias_update_rate={value!r} must be None (off) or a finite number > 0 "
+                         "(DeepSeek-V3 / torchtitan / Megatron-Core use 1e-3)")
+
+
+def check_shared_experts(shared_experts, shared_hidden_features, shared_gate) -> None:
+    """``shared_experts``: an int >= 0; ``shared_hidden_features``: None or an int >= 1, only
+    with ``shared_experts`` >= 1; ``shared_gate``: a bool, True only with shared experts."""
+    check_positive_int("shared_experts", shared_experts, minimum=0)
+    if shared_hidden_features is not None:
+        if shared_experts == 0:
+            raise ValueError(f"shared_hidden_features={shared_hidden_features!r} needs "
+                             "shared_experts >= 1 (got shared_experts=0)")
+        check_positive_int("shared_hidden_features", shared_hidden_features)
+    check_bool("shared_gate", shared_gate)
+    if shared_gate and shared_experts == 0:
+        raise ValueError("shared_gate=True needs shared_experts >= 1 (got shared_experts=0)")

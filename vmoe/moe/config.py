@@ -20,17 +20,21 @@ import dataclasses
 import re
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 
-from .checks import (check_batch_priority, check_bool, check_capacity, check_capacity_factor,
-                     check_capacity_multiple_of, check_capacity_rounding, check_choice,
+from .checks import (check_batch_priority, check_bias_update_rate, check_bool, check_capacity,
+                     check_capacity_factor, check_capacity_multiple_of, check_capacity_rounding, check_choice,
                      check_loss_weight, check_noise_std, check_num_selected_fits,
-                     check_optional_positive_int, check_positive_int)
+                     check_optional_positive_int, check_positive_int, check_shared_experts)
 from .dispatch import check_dispatcher
 from .experts import EXPERT_GEMMS
 
-__all__ = ["TopKRouterConfig", "ExpertChoiceRouterConfig", "SoftRouterConfig", "RouterConfig",
+__all__ = ["SCORE_FUNCS", "TopKRouterConfig", "ExpertChoiceRouterConfig", "SoftRouterConfig", "RouterConfig",
            "MoeLayerConfig", "RoutingSettings", "ROUTER_CONFIGS", "router_config"]
 
 _T = TypeVar("_T")
+
+#: How a top-K router turns its float32 logits into scores: 'softmax' over the E experts (the
+#: V-MoE paper's) or an independent 'sigmoid' per expert (DeepSeek-V3, torchtitan's default).
+SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 def _named(where: str, options, build: Callable[[], _T]) -> _T:
@@ -148,7 +152,11 @@ class TopKRouterConfig(_RouterConfig):
     capacity_rounding: 'ceil' | 'round'. batch_priority: BPR. noise_std: training noise std
     before division by E; noisy_at_eval: also at evaluation. renormalize: combine weights sum
     to 1 over the K choices. *_weight: auxiliary loss weights. dispatcher: see
-    ``vmoe.moe.dispatch`` ('auto', 'torch', 'triton', 'einsum').
+    ``vmoe.moe.dispatch`` ('auto', 'torch', 'triton', 'einsum'). score_func: 'softmax' | 'sigmoid'
+    (float32 scores; with ``renormalize`` the K chosen sum to 1, as DeepSeek-V3).
+    bias_update_rate: None, or the rate of auxiliary-loss-free balancing (DeepSeek-V3: 1e-3;
+    see ``vmoe.moe.bias_balancing``): a per-expert bias chooses the experts, updated once per
+    optimizer step from the load.
     """
 
     name: ClassVar[str] = "top_k"
@@ -168,12 +176,16 @@ class TopKRouterConfig(_RouterConfig):
     gshard_weight: float = 0.0
     zloss_weight: float = 0.0
     dispatcher: str = "auto"
+    score_func: str = "softmax"
+    bias_update_rate: Optional[float] = None
 
     def __post_init__(self):
         check_positive_int("num_selected", self.num_selected)
         _check_capacity_options(self)
         check_batch_priority(self.batch_priority)
         check_bool("renormalize", self.renormalize)
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
+        check_bias_update_rate(self.bias_update_rate)
         for name in ("importance_weight", "load_weight", "gshard_weight"):
             check_loss_weight(name, getattr(self, name))
 
@@ -280,6 +292,10 @@ _IGNORED_BY_FLAT_EXPERT_CHOICE = ("num_selected", "batch_priority", "renormalize
                                   "importance_weight", "load_weight", "gshard_weight")
 
 
+#: Top-K options that no other router has (a Soft MoE layer names 'top_k' when refusing them).
+_TOP_K_ONLY_OPTIONS = ("score_func", "bias_update_rate")
+
+
 def _router_class(name, where: str) -> Type[_RouterConfig]:
     if not isinstance(name, str) or name not in ROUTER_CONFIGS:
         raise ValueError(f"{where}={name!r}: unknown router (routers: {', '.join(ROUTER_CONFIGS)})")
@@ -326,8 +342,11 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
         verb = "applies" if len(others) == 1 else "apply"
         head = f"{where}.{given}" if len(others) == 1 else f"{where}: {given}"
         if cls.is_soft:
-            raise ValueError(f"{head} only {verb} to sparse routers "
-                             f"({', '.join(_SPARSE_ROUTERS)}), not to router='soft' "
+            # (the newer top-K-only options name their one router; the older ones, as before,
+            # the sparse routers)
+            targets = (f"router {' or '.join(map(repr, owners))}" if others[0] in _TOP_K_ONLY_OPTIONS
+                       else f"sparse routers ({', '.join(_SPARSE_ROUTERS)})")
+            raise ValueError(f"{head} only {verb} to {targets}, not to router='soft' "
                              f"(router 'soft' has no such option; its options: "
                              f"{', '.join(cls.options())})")
         if owners == ["soft"]:
@@ -347,7 +366,9 @@ class MoeLayerConfig:
     ``router.default_group_size_images`` (8 sparse, 1 soft). same_init: every expert starts
     from the same values. expert_gemm: 'bmm' | 'grouped_mm' (see ``Experts``). bf16_dispatch:
     round the dispatched tokens and the expert outputs to bfloat16, as the official
-    ``Bfloat16Dispatcher``.
+    ``Bfloat16Dispatcher``. shared_experts: n dense experts every token passes through
+    (DeepSeek-MoE; ``vmoe.moe.shared``), of width ``shared_hidden_features`` (default n x the
+    experts' width); shared_gate: a per-token sigmoid gate on their output (Qwen-MoE).
     """
 
     num_experts: int = 8
@@ -357,6 +378,9 @@ class MoeLayerConfig:
     same_init: bool = True
     expert_gemm: str = "bmm"
     bf16_dispatch: bool = False
+    shared_experts: int = 0
+    shared_hidden_features: Optional[int] = None
+    shared_gate: bool = False
 
     def __post_init__(self):
         check_positive_int("num_experts", self.num_experts)
@@ -378,6 +402,7 @@ class MoeLayerConfig:
         check_bool("same_init", self.same_init)
         check_choice("expert_gemm", self.expert_gemm, EXPERT_GEMMS)
         check_bool("bf16_dispatch", self.bf16_dispatch)
+        check_shared_experts(self.shared_experts, self.shared_hidden_features, self.shared_gate)
 
     @classmethod
     def options(cls) -> Tuple[str, ...]:

@@ -17,6 +17,7 @@ from .config import ROUTER_CONFIGS, MoeLayerConfig
 from .dispatch import combine, dispatch
 from .experts import Experts
 from .plan import RoutingPlan, SoftRoutingPlan
+from .shared import SharedExperts, shared_width
 
 __all__ = ["MoeMlp", "moe_layers", "require_moe_layers", "ROUTERS"]
 
@@ -52,6 +53,11 @@ class MoeMlp(nn.Module):
     aux loss (times ``aux_loss_scale``) to the output's backward and detaches the logged values;
     ``'manual'`` keeps their graph for the loop to add (see ``vmoe.moe.balancing``).
     ``config``: the ``MoeLayerConfig`` the layer routes with now (evaluation settings included).
+
+    Shared experts (``config.shared_experts`` = n >= 1, ``vmoe.moe.shared``): the output is
+    ``routed(x) + shared(x)``, ``self.shared`` a ``SharedExperts`` (a dense MLP of width
+    ``shared_hidden_features``, default n x hidden_features, times a per-token sigmoid gate
+    with ``shared_gate``); ``self.shared`` is None without them.
     """
 
     def __init__(
@@ -87,6 +93,13 @@ class MoeMlp(nn.Module):
                                act_layer=act_layer, bias=bias, drop=drop,
                                same_init=config.same_init, gemm=config.expert_gemm)
         self._same_init = config.same_init
+        self.shared: Optional[SharedExperts] = None
+        if config.shared_experts:
+            self.shared = SharedExperts(
+                in_features, shared_width(config.shared_experts, config.shared_hidden_features,
+                                          self.experts.hidden_features),
+                out_features, act_layer=act_layer, bias=bias, drop=drop, gate=config.shared_gate)
+        self._shared_options = (config.shared_experts, config.shared_hidden_features)
         self.aux_loss: Optional[torch.Tensor] = None
         self._aux_loss_mode, self._aux_loss_scale = "backward", 1.0
         self.aux_losses: Dict[str, torch.Tensor] = {}
@@ -104,7 +117,9 @@ class MoeMlp(nn.Module):
             num_experts=self.router.num_experts, router=router, group_size=self.group_size,
             group_size_images=self.group_size_images if self.group_size is None else None,
             same_init=self._same_init, expert_gemm=self.experts.gemm,
-            bf16_dispatch=self.bf16_dispatch)
+            bf16_dispatch=self.bf16_dispatch, shared_experts=self._shared_options[0],
+            shared_hidden_features=self._shared_options[1],
+            shared_gate=self.shared is not None and self.shared.gate is not None)
 
     # --- routing options that evaluation/inference commonly changes -------------------------
     @property
@@ -217,6 +232,8 @@ class MoeMlp(nn.Module):
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
         out = out.view(B, N, out.shape[-1]).to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x).to(out.dtype)            # [B, N, d']
 
         if self._aux_loss_mode == "backward":  # already in the backward pass: for logging only
             aux_losses = {name: value.detach() for name, value in aux_losses.items()}
