@@ -33,8 +33,16 @@ in the same repeat: the router logits ([G*S, d] @ [d, E*P]), the dispatch mix
 ([G, E*P, S] @ [G, S, d]), the experts on ready [E, G*P, d] slots, and the combine mix
 ([G, S, E*P] @ [G, E*P, d]), forward and backward each. Target: layer / sum <= 1.10.
 
+New routing methods (issue 24; ``--no-methods`` skips them): the same layer with
+``score_func='sigmoid'`` (``moe_sigmoid``), with auxiliary-loss-free bias balancing
+(``moe_bias``: selection by scores + bias, demand counted in training forwards; the once-per-step
+bias update is not part of the layer) and with one shared expert of the experts' width
+(``moe_shared``: a dense MLP on every token on top of the routed experts). Targets (S/32):
+sigmoid and bias layers fwd+bwd <= 1.08x the floor (as ``moe``); the shared-expert layer
+<= 1.08x (floor + dense), the two things it must run.
+
 Usage: python benchmarks/moe_layer.py [--repeats 7] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-                                     [--shapes NAME ...] [--no-memory] [--soft]
+                                     [--shapes NAME ...] [--no-memory] [--soft] [--no-methods]
 """
 from __future__ import annotations
 
@@ -92,10 +100,10 @@ class DenseMlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def make_layer(shape: Shape, dispatcher: str, identity: bool = False) -> MoeMlp:
+def make_layer(shape: Shape, dispatcher: str, identity: bool = False, **options) -> MoeMlp:
     layer = MoeMlp(shape.d, shape.h, num_experts=shape.E, num_selected=shape.K,
                    capacity_factor=shape.cf, group_size_images=shape.group_images,
-                   dispatcher=dispatcher)
+                   dispatcher=dispatcher, **options)
     if identity:
         layer.experts = nn.Identity()
     return layer
@@ -183,6 +191,54 @@ def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: tor
 def paired_ratio(times, a, b, bwd) -> float:
     """Median over repeats of time(a)/time(b) within the same repeat."""
     return statistics.median(x / y for x, y in zip(times[(a, bwd)], times[(b, bwd)]))
+
+
+# --- the new routing methods -----------------------------------------------------------------
+METHODS = {"moe_sigmoid": dict(score_func="sigmoid", renormalize=True),
+           "moe_bias": dict(bias_update_rate=1e-3),
+           "moe_shared": dict(shared_experts=1)}
+
+
+def methods_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int):
+    """Prints the table of the new routing options; returns the checks [(text, ratio, ok)]."""
+    print("\nNew routing methods (issue 24), vs the floor (shared expert: vs floor + dense):")
+    names = ["floor", "dense", "moe", *METHODS]
+    print("| shape | pass | " + " | ".join(f"{n} ms" for n in names)
+          + " | moe_sigmoid/floor | moe_bias/floor | moe_shared/(floor+dense) | moe_shared/moe |")
+    print("|" + "---|" * (len(names) + 6))
+    checks = []
+    for name in shapes:
+        shape = SHAPES[name]
+        layers, inputs, grads, _ = build(shape, device, dtype)
+        for method, options in METHODS.items():
+            torch.manual_seed(0)
+            layers[method] = make_layer(shape, "auto", **options).to(device)
+            layers[method].load_state_dict(layers["moe"].state_dict(), strict=False)
+            inputs[method], grads[method] = inputs["moe"], grads["moe"]
+        times = {(v, bwd): [] for v in names for bwd in (False, True)}
+        for bwd in (False, True):
+            for _ in range(warmup):
+                for v in names:
+                    run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner)
+        for _ in range(repeats):
+            for bwd in (False, True):
+                for v in names:
+                    times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner))
+        for bwd in (False, True):
+            med = {v: 1e3 * statistics.median(times[(v, bwd)]) for v in names}
+            ratios = {v: paired_ratio(times, v, "floor", bwd) for v in ("moe_sigmoid", "moe_bias")}
+            both = [f + d for f, d in zip(times[("floor", bwd)], times[("dense", bwd)])]
+            shared = statistics.median(t / b for t, b in zip(times[("moe_shared", bwd)], both))
+            print(f"| {name} | {'fwd+bwd' if bwd else 'fwd'} | " + " | ".join(f"{med[v]:.1f}" for v in names)
+                  + f" | {ratios['moe_sigmoid']:.3f} | {ratios['moe_bias']:.3f} | {shared:.3f}"
+                  f" | {paired_ratio(times, 'moe_shared', 'moe', bwd):.3f} |", flush=True)
+            if bwd and name.startswith(("S/32", "B/16")):
+                target = 1.08 if device == "cpu" else 1.10
+                for v in ("moe_sigmoid", "moe_bias"):
+                    checks.append((f"{name}: {v} fwd+bwd / floor <= {target:.2f}", ratios[v], ratios[v] <= target))
+                checks.append((f"{name}: moe_shared fwd+bwd / (floor + dense) <= {target:.2f}", shared,
+                               shared <= target))
+    return checks
 
 
 # --- peak memory ------------------------------------------------------------------------------
@@ -333,6 +389,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory check")
     p.add_argument("--soft", action="store_true", help="the Soft MoE table only (see above)")
+    p.add_argument("--no-methods", action="store_true", help="skip the table of the new routing methods")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
@@ -384,6 +441,9 @@ def main(argv=None) -> int:
                 if args.device == "cpu" or "E=32" in name:
                     checks.append((f"{name}: overhead moe_id / einsum_id <= {overhead_target:.3f}",
                                    r_over, r_over <= overhead_target))
+    if not args.no_methods:
+        checks += methods_table(shapes, args.repeats, args.warmup, args.device, dtype,
+                                args.inner or (10 if args.device == "cuda" else 1))
     print("\nTargets:")
     for text, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {value:.3f}")

@@ -383,6 +383,49 @@ def test_routing_statistics_count_every_ranks_tokens(two_ranks):
     assert all(r == "ok" for r in results), "\n".join(results)
 
 
+def check_bias_balancing_over_ranks(rank, world):
+    """Bias balancing under expert parallelism + DDP (the strategy's recipe): each rank counts
+    its own tokens over 2 micro-batches (DDP must not broadcast rank 0's counts over them), one
+    update sums the counts of every rank, and every rank ends with the same bias:
+    bias_update(sum over ranks and micro-batches of the chosen assignments)."""
+    from torch.nn.parallel import DistributedDataParallel
+    from vmoe.moe import update_expert_biases
+    from vmoe.moe.bias_balancing import bias_update
+
+    torch.manual_seed(0)
+    model = timm.create_model("vmoe_tiny_e4_k2", num_classes=10, moe=dict(
+        bias_update_rate=0.1, noise_std=0.0, group_size_images=2, score_func="sigmoid"))
+    shard_experts(model, expert_parallel_mesh(world))
+    exclude_experts_from_ddp(model)
+    assert "blocks.1.mlp.router.expert_load" in model._ddp_params_and_buffers_to_ignore
+    ddp = DistributedDataParallel(model)  # broadcast_buffers=True
+    layers = moe_layers(model)
+    counts = {name: torch.zeros(4) for name in layers}
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(world * IMAGES_PER_RANK, 3, 16, 16, generator=g) for _ in range(2)]
+    part = slice(rank * IMAGES_PER_RANK, (rank + 1) * IMAGES_PER_RANK)
+    for x in batches:  # (without no_sync: DDP broadcasts the buffers before every forward)
+        ddp(x[part]).sum().backward()
+        for name, layer in layers.items():
+            counts[name] += torch.bincount(layer.last_plan.expert_index.flatten(), minlength=4).float()
+    mine = {name: layer.router.expert_load.clone() for name, layer in layers.items()}
+    update_expert_biases(model)          # every rank joins every collective before any assert
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {n: (counts[n].tolist(), l.router.expert_bias.tolist())
+                                      for n, l in layers.items()})
+    for name in layers:
+        assert torch.equal(mine[name], counts[name]), f"{name}: counts {mine[name]} vs {counts[name]}"
+        total = sum(torch.tensor(g[name][0]) for g in gathered)
+        assert gathered[0][name][0] != gathered[1][name][0], "the ranks routed the same tokens"
+        assert all(g[name][1] == gathered[0][name][1] for g in gathered), "biases differ over ranks"
+        assert torch.allclose(torch.tensor(gathered[0][name][1]), bias_update(total, 0.1)), name
+
+
+def test_bias_balancing_sums_the_counts_of_every_rank(two_ranks):
+    results = two_ranks["bias_balancing"]
+    assert all(r == "ok" for r in results), "\n".join(results)
+
+
 BAD_CASES = ("world", "ep_disagrees", "E", "model_disagrees", "checkpoint_E")
 
 
@@ -391,7 +434,8 @@ def two_ranks(tmp_path_factory):
     """One start of 2 processes for every 2-process check (starting processes dominates)."""
     checks = [("equal_ep2", check_equal_to_one_process, (2,)),
               ("gathered_stats", check_gathered_routing_statistics, ()),
-              ("soft_moe", check_soft_moe_equal_to_one_process, ())]
+              ("soft_moe", check_soft_moe_equal_to_one_process, ()),
+              ("bias_balancing", check_bias_balancing_over_ranks, ())]
     # the bad configurations go last: each raises on every rank and leaves the group usable
     checks += [(f"bad_{case}", bad_configuration, (case,)) for case in BAD_CASES]
     return launch(checks, 2, tmp_path_factory.mktemp("two_ranks"))

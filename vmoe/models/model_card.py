@@ -28,15 +28,31 @@ def parameter_counts(model: nn.Module) -> dict:
 
 
 def _routing_rows(model: nn.Module) -> list:
-    rows = ["| layer | router | experts | K | capacity factor | capacity | BPR | group |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name, layer in moe_layers(model).items():
+    layers = moe_layers(model)
+    methods = {name: _methods(layer) for name, layer in layers.items()}
+    extra = any(methods.values())  # the column only for models that use the issue-24 methods
+    rows = ["| layer | router | experts | K | capacity factor | capacity | BPR | group |"
+            + (" methods |" if extra else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    for name, layer in layers.items():
         router = layer.router
         group = (f"{layer.group_size} tokens" if layer.group_size else f"{layer.group_size_images} images")
         rows.append(f"| `{name}` | {type(router).__name__} | {router.num_experts} | "
                     f"{getattr(router, 'num_selected', '-')} | {router.capacity_factor} | {router.capacity} | "
-                    f"{router.batch_priority} | {group} |")
+                    f"{router.batch_priority} | {group} |" + (f" {methods[name] or '-'} |" if extra else ""))
     return rows
+
+
+def _methods(layer) -> str:
+    """'sigmoid scores, bias balancing (rate r), shared experts (width h, gated)' or ''."""
+    router, parts = layer.router, []
+    if getattr(router, "score_func", "softmax") != "softmax":
+        parts.append(f"{router.score_func} scores")
+    if getattr(router, "bias_update_rate", None) is not None:
+        parts.append(f"bias balancing (rate {router.bias_update_rate})")
+    if getattr(layer, "shared", None) is not None:
+        parts.append(f"shared experts (width {layer.shared.hidden_features}"
+                     + (", gated)" if layer.shared.gate is not None else ")"))
+    return ", ".join(parts)
 
 
 def _input_size(model: nn.Module, cfg: Mapping) -> tuple:

@@ -78,10 +78,13 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
             DeiT, ViTs with registers, with or without class token, ``global_pool='avg'``).
         every / last / blocks: placement, see ``moe_block_indices``.
         from_dense: sparse upcycling. Every expert starts as a copy of the dense MLP it replaces
-            and the router starts small (std 1e-3 unless ``router_init_std``). Otherwise experts
+            (shared experts too: n copies with fc2 / n, computing the dense MLP exactly; a
+            ``shared_hidden_features`` that is not a multiple of the dense width is a
+            ValueError) and the router starts small (std 1e-3 unless ``router_init_std``). Otherwise experts
             get timm's ViT init (truncated normal, std 0.02) and the router LeCun-normal.
         **moe_kwargs: passed to ``MoeMlp`` (num_experts, num_selected, capacity_factor,
             batch_priority, group_size_images, router, noise_std, renormalize, loss weights,
+            score_func, bias_update_rate, shared_experts, shared_hidden_features, shared_gate,
             ``drop`` for expert dropout: default the replaced MLP's). Soft MoE:
             ``router='soft'`` with ``num_slots=P``, or without it P = round(S * capacity_factor
             / E) for the model's group size S in tokens (default one image per group).
@@ -103,9 +106,13 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
         layer.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
         if from_dense:
             layer.experts.load_from_mlp(mlp)
+            if layer.shared is not None:  # the shared experts start as the dense MLP too
+                layer.shared.load_from_mlp(mlp)
             layer.router.reset_parameters(std=1e-3 if router_init_std is None else router_init_std)
         else:
             layer.experts.reset_parameters(std=0.02)
+            if layer.shared is not None:
+                layer.shared.reset_parameters(std=0.02)
             if router_init_std is not None:
                 layer.router.reset_parameters(std=router_init_std)
         vit_blocks[i].mlp = layer

@@ -6,8 +6,11 @@ Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``), the routers ``TopKRouter``,
 ``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE layers of a model) and
 the routing settings (``RoutingSettings``, ``routing_settings``,
 ``set_routing``, ``restore_routing``, ``read_routing``); ``set_aux_loss_mode`` /
-``set_aux_loss_scale`` (how the balancing losses reach the gradients, ``vmoe.moe.balancing``).
+``set_aux_loss_scale`` (how the balancing losses reach the gradients, ``vmoe.moe.balancing``);
+``update_expert_biases`` / ``attach_bias_updates`` (auxiliary-loss-free balancing,
+``vmoe.moe.bias_balancing``); ``SharedExperts`` (``vmoe.moe.shared``).
 """
+from .bias_balancing import attach_bias_updates, expert_bias_values, update_expert_biases
 from .balancing import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale
 from .capacity import compute_capacity
 from .dispatch import combine, dispatch, einsum_combine, einsum_dispatch
@@ -15,7 +18,8 @@ from .experts import Experts
 from .layer import MoeMlp, moe_layers, require_moe_layers
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
 from .plan import RoutingPlan, SoftRoutingPlan
-from .routing import ExpertChoiceRouter, TopKRouter
+from .routing import SCORE_FUNCS, ExpertChoiceRouter, TopKRouter
+from .shared import SharedExperts
 from .soft_routing import SoftRouter
 from .settings import RoutingSettings, read_routing, restore_routing, routing_settings, set_routing
 from .stats import SOFT_TRAIN_STATS, expert_choice_metrics, routing_statistics, soft_routing_statistics
@@ -29,4 +33,5 @@ __all__ = [
     "restore_routing", "read_routing",
     "soft_routing_statistics", "SOFT_TRAIN_STATS",
     "set_aux_loss_mode", "set_aux_loss_scale", "AttachAuxLoss", "AUX_LOSS_MODES",
+    "update_expert_biases", "attach_bias_updates", "expert_bias_values", "SharedExperts", "SCORE_FUNCS",
 ]

@@ -16,6 +16,7 @@ from .experts import Experts
 from .plan import RoutingPlan, SoftRoutingPlan
 from .checks import check_capacity_factor, check_positive_int
 from .routing import ExpertChoiceRouter, TopKRouter
+from .shared import SharedExperts, check_shared_options, shared_width
 from .soft_routing import SoftRouter
 
 __all__ = ["MoeMlp", "moe_layers", "require_moe_layers", "ROUTERS"]
@@ -56,6 +57,9 @@ _SPARSE_ONLY = {k: _SparseDefault(v) for k, v in dict(
     num_selected=2, capacity=None, capacity_multiple_of=4, capacity_rounding="ceil",
     batch_priority=False, renormalize=False, importance_weight=0.005, load_weight=0.005,
     gshard_weight=0.0, zloss_weight=0.0, dispatcher="auto").items()}
+
+# Options of the top-K router only: expert-choice and Soft MoE layers refuse them when given.
+_TOP_K_ONLY = {k: _SparseDefault(v) for k, v in dict(score_func="softmax", bias_update_rate=None).items()}
 
 
 def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -118,6 +122,13 @@ class MoeMlp(nn.Module):
         same_init: every expert starts from the same values (paper default).
         expert_gemm: 'bmm' (default) or 'grouped_mm' for the expert GEMMs (see ``Experts``;
             'grouped_mm' needs bf16 autocast and widths that are multiples of 8).
+    Top-K only (any other router refuses them): ``score_func`` ('softmax' or 'sigmoid') and
+        ``bias_update_rate`` (auxiliary-loss-free balancing), see ``TopKRouter``.
+    Shared experts (any router; ``vmoe.moe.shared``):
+        shared_experts: n >= 0 dense experts every token passes through (DeepSeek-MoE); the
+            output is ``routed(x) + shared(x)``, ``self.shared`` a ``SharedExperts`` (None if 0).
+        shared_hidden_features: the shared MLP's width (default n x hidden_features).
+        shared_gate: scale the shared output by ``sigmoid(x @ w)`` per token (Qwen-MoE).
     """
 
     def __init__(
@@ -151,10 +162,25 @@ class MoeMlp(nn.Module):
         expert_gemm: str = "bmm",
         num_slots: Optional[int] = None,
         bf16_dispatch: bool = False,
+        score_func: str = _TOP_K_ONLY["score_func"],
+        bias_update_rate: Optional[float] = _TOP_K_ONLY["bias_update_rate"],
+        shared_experts: int = 0,
+        shared_hidden_features: Optional[int] = None,
+        shared_gate: bool = False,
     ):
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got router={router!r}")
+        top_k_options = dict(score_func=score_func, bias_update_rate=bias_update_rate)
+        if router != "top_k":
+            given = [f"{k}={v!r}" for k, v in top_k_options.items() if not isinstance(v, _SparseDefault)]
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(f"{', '.join(given)} only {verb} to router='top_k', not to "
+                                 f"router={router!r}")
+        score_func, bias_update_rate = (v.resolve(router) if isinstance(v, _Default) else v
+                                        for v in top_k_options.values())
+        check_shared_options(shared_experts, shared_hidden_features, shared_gate)
         if isinstance(capacity_factor, _Default):
             capacity_factor = capacity_factor.resolve(router)
         if isinstance(noise_std, _Default):
@@ -206,7 +232,8 @@ class MoeMlp(nn.Module):
                 capacity_rounding=capacity_rounding, batch_priority=batch_priority,
                 noise_std=noise_std, renormalize=renormalize,
                 importance_weight=importance_weight, load_weight=load_weight,
-                gshard_weight=gshard_weight, zloss_weight=zloss_weight)
+                gshard_weight=gshard_weight, zloss_weight=zloss_weight, score_func=score_func,
+                bias_update_rate=bias_update_rate)
         elif router == "expert_choice":
             self.router = ExpertChoiceRouter(
                 in_features, num_experts, capacity_factor=capacity_factor, capacity=capacity,
@@ -215,6 +242,12 @@ class MoeMlp(nn.Module):
         self.experts = Experts(num_experts, in_features, hidden_features, out_features,
                                act_layer=act_layer, bias=bias, drop=drop, same_init=same_init,
                                gemm=expert_gemm)
+        self.shared: Optional[SharedExperts] = None
+        if shared_experts:
+            self.shared = SharedExperts(
+                in_features, shared_width(shared_experts, shared_hidden_features,
+                                          self.experts.hidden_features),
+                out_features, act_layer=act_layer, bias=bias, drop=drop, gate=shared_gate)
         self.aux_loss: Optional[torch.Tensor] = None
         self._aux_loss_mode, self._aux_loss_scale = "backward", 1.0
         self.aux_losses: Dict[str, torch.Tensor] = {}
@@ -331,6 +364,8 @@ class MoeMlp(nn.Module):
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
         out = out.view(B, N, out.shape[-1]).to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x).to(out.dtype)            # [B, N, d']
 
         if self._aux_loss_mode == "backward":  # already in the backward pass: for logging only
             aux_losses = {name: value.detach() for name, value in aux_losses.items()}

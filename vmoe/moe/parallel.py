@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .bias_balancing import expert_load_buffer_names
 from .experts import Experts
 from .layer import moe_layers
 
@@ -265,7 +266,10 @@ def exclude_experts_from_ddp(model: nn.Module) -> None:
     """Make ``DistributedDataParallel(model)`` neither broadcast nor average the sharded expert
     parameters (they differ from rank to rank; ``reduce_expert_gradients`` reduces them): DDP's
     list of parameters to ignore. Call before wrapping; ``model`` is the module DDP wraps."""
-    model._ddp_params_and_buffers_to_ignore = [name for name, _ in expert_parameters(model)]
+    # (and each rank's own expert_load counts of bias-balanced routers, which
+    # update_expert_biases sums over the ranks: DDP must not broadcast rank 0's over them)
+    model._ddp_params_and_buffers_to_ignore = ([name for name, _ in expert_parameters(model)]
+                                               + expert_load_buffer_names(model))
 
 
 def unshard_experts(model: nn.Module) -> nn.Module:

@@ -13,15 +13,40 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bias_balancing import check_bias_update_rate
 from .capacity import compute_capacity
 from .checks import (check_batch_priority, check_capacity, check_capacity_factor, check_noise_std,
                      check_positive_int)
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
 from .plan import RoutingPlan
 
-__all__ = ["TopKRouter", "ExpertChoiceRouter", "assign_buffer_slots"]
+__all__ = ["TopKRouter", "ExpertChoiceRouter", "assign_buffer_slots", "SCORE_FUNCS", "scores_from_logits"]
 
 Losses = Dict[str, torch.Tensor]
+
+#: How a top-K router turns its float32 logits into scores: 'softmax' over the E experts (the
+#: V-MoE paper's) or an independent 'sigmoid' per expert (DeepSeek-V3, torchtitan's default).
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def check_score_func(value) -> str:
+    if value not in SCORE_FUNCS:
+        raise ValueError(f"score_func={value!r} must be one of {SCORE_FUNCS}")
+    return value
+
+
+def scores_from_logits(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """logits: [G, S, E] float32 -> scores [G, S, E] float32 (softmax over E, or sigmoid)."""
+    return logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+
+
+def _in_backward() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputes
+    the forward there, and that recomputation must not count the tokens a second time."""
+    if torch.compiler.is_compiling():
+        return False
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _descending_order(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -235,12 +260,23 @@ class TopKRouter(_GatingRouter):
         capacity_rounding: 'ceil' (official default) or 'round'.
         batch_priority: BPR. Tokens with the largest top-1 gate take places first; otherwise
             earlier tokens in the group do. Under BPR a token whose gates are not all finite
-            (NaN/inf input) queues after every healthy assignment of its group.
+            (NaN/inf input) queues after every healthy assignment of its group. The priority
+            is the unbiased score of the token's first choice (the gate its output is mixed
+            with; before renormalization, see ``route``).
         noise_std: training noise std before division by E (paper: 1.0, i.e. std 1/E).
         noisy_at_eval: also add noise in eval mode.
         renormalize: combine weights are the gates renormalized over the K choices (sum 1)
             instead of the raw softmax gates (paper default: raw).
         importance_weight, load_weight, gshard_weight, zloss_weight: auxiliary loss weights.
+        score_func: 'softmax' (default, the paper's) or 'sigmoid' (an independent sigmoid per
+            expert, in float32; with ``renormalize`` the K chosen sum to 1, as DeepSeek-V3).
+            The auxiliary losses and statistics take these scores as the gates.
+        bias_update_rate: None (default) or the rate of auxiliary-loss-free balancing
+            (DeepSeek-V3; 1e-3 there): a per-expert ``expert_bias`` [E] (float32 buffer, in the
+            state dict) is added to the scores to choose the experts only, and is updated once
+            per optimizer step from ``expert_load`` [E] (assignments chosen in training
+            forwards since the last update) by ``vmoe.moe.update_expert_biases``
+            (``vmoe.moe.bias_balancing``). Usually with the loss weights at 0.
 
     The routing options may be changed after construction, e.g. a larger ``capacity_factor``
     for evaluation or BPR with a capacity below 1.0 at inference; assignments are validated.
@@ -263,11 +299,23 @@ class TopKRouter(_GatingRouter):
         load_weight: float = 0.005,
         gshard_weight: float = 0.0,
         zloss_weight: float = 0.0,
+        score_func: str = "softmax",
+        bias_update_rate: Optional[float] = None,
     ):
         super().__init__(dim, num_experts, capacity_factor=capacity_factor, capacity=capacity,
                          capacity_multiple_of=capacity_multiple_of,
                          capacity_rounding=capacity_rounding, batch_priority=batch_priority,
                          noise_std=noise_std, noisy_at_eval=noisy_at_eval)
+        self.score_func = check_score_func(score_func)
+        check_bias_update_rate(bias_update_rate)
+        self.bias_update_rate = bias_update_rate
+        if bias_update_rate is not None:
+            # Only with balancing on: the state dict of every other router stays as it was.
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+            self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.register_buffer("expert_bias", None)  # None buffers are not in the state dict
+            self.register_buffer("expert_load", None)
         check_positive_int("num_selected", num_selected)
         if num_selected > num_experts:
             raise ValueError(f"num_selected (K) must be <= num_experts={num_experts}, "
@@ -283,14 +331,27 @@ class TopKRouter(_GatingRouter):
         return self.num_selected
 
     def route(self, gates: torch.Tensor, valid: Optional[torch.Tensor] = None) -> RoutingPlan:
-        """gates: [G, S, E] softmax -> RoutingPlan. Pure function of the gates (no noise)."""
+        """gates: [G, S, E] scores (softmax or sigmoid) -> RoutingPlan. Pure function of the
+        gates and ``expert_bias`` (no noise).
+
+        With bias balancing the experts are chosen by ``gates + expert_bias`` and everything
+        else uses the unbiased ``gates``: the combine weights, and the BPR priority, which is
+        the unbiased gate of the token's first choice. That gate is what the token's output is
+        mixed with (exactly the combine weight without ``renormalize``): when an expert
+        overflows, the tokens dropped are those whose output loses least. The biased score is
+        not a token's affinity but a balancing offset, the same for every token of an expert,
+        and would rank tokens by how crowded their first expert is. With ``renormalize`` the
+        priority stays the gate before renormalization (as without it, so a K=1 router's
+        priorities do not all become 1, and BPR routes exactly as before for softmax).
+        """
         G, S, E = gates.shape
         K = self.num_selected
         capacity = self.capacity_for(S)
         # Top-K experts per token, best first (ties -> lower expert index, as lax.top_k;
-        # non-finite gates last).
-        expert_index = _descending_order(gates, dim=-1)[..., :K]
-        top_gates = gates.gather(-1, expert_index)  # [G, S, K]
+        # non-finite gates last); by the biased scores under bias balancing.
+        selection = gates if self.expert_bias is None else gates + self.expert_bias
+        expert_index = _descending_order(selection, dim=-1)[..., :K]
+        top_gates = gates.gather(-1, expert_index)  # [G, S, K], unbiased
         priority_order = deferred = None
         if self.batch_priority:
             # [G, S]: a token with any non-finite gate has the lowest priority, and with K > 1
@@ -312,8 +373,8 @@ class TopKRouter(_GatingRouter):
         """x: [G, S, d] -> (RoutingPlan, losses). ``losses`` maps each auxiliary loss to its
         per-group values [G]; 'load' is present only when noise was added (training)."""
         logits, routing_logits = self.gating_logits(x)
-        gates = logits.softmax(-1)
-        routing_gates = routing_logits.softmax(-1) if self.adds_noise else gates
+        gates = scores_from_logits(logits, self.score_func)
+        routing_gates = scores_from_logits(routing_logits, self.score_func) if self.adds_noise else gates
         losses: Losses = {
             "importance": importance_loss(gates, valid),
             "gshard": gshard_loss(routing_gates, valid),
@@ -323,15 +384,32 @@ class TopKRouter(_GatingRouter):
                                        self.num_selected, valid)
         if self.zloss_weight > 0:
             losses["z"] = router_z_loss(logits, valid)
-        return self.route(routing_gates, valid), losses
+        plan = self.route(routing_gates, valid)
+        if self.expert_load is not None and self.training and not _in_backward():
+            self.count_load(plan.expert_index, valid)
+        return plan, losses
+
+    @torch.no_grad()
+    def count_load(self, expert_index: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Add the chosen assignments of the valid tokens (expert_index: [G, S, K], valid:
+        [G, S] or None) to ``expert_load`` [E]. Counted before the capacity cut: the bias must
+        answer the router's demand; what fit is capped at C per group, so an overloaded expert
+        would look less overloaded the more it overflows, and dropped demand would be invisible."""
+        G, S, K = expert_index.shape
+        weight = (torch.ones(G, S, K, device=expert_index.device) if valid is None
+                  else valid.unsqueeze(-1).expand(G, S, K).float())
+        self.expert_load.index_add_(0, expert_index.reshape(-1), weight.reshape(-1))
 
     def loss_weights(self) -> Dict[str, float]:
         return {"importance": self.importance_weight, "load": self.load_weight,
                 "gshard": self.gshard_weight, "z": self.zloss_weight}
 
     def extra_repr(self) -> str:
+        extra = "" if self.score_func == "softmax" else f", score_func={self.score_func!r}"
+        if self.bias_update_rate is not None:
+            extra += f", bias_update_rate={self.bias_update_rate}"
         return (f"{super().extra_repr()}, num_selected={self.num_selected}, "
-                f"batch_priority={self.batch_priority}")
+                f"batch_priority={self.batch_priority}{extra}")
 
 
 class ExpertChoiceRouter(_GatingRouter):

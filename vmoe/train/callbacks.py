@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 import vmoe.models as vm
 import vmoe.viz as viz
-from vmoe.moe import SOFT_TRAIN_STATS, SoftRoutingPlan, routing_statistics
+from vmoe.moe import SOFT_TRAIN_STATS, SoftRoutingPlan, expert_bias_values, routing_statistics
 from vmoe.moe.parallel import expert_parallel_layers, gather_plan
 from vmoe.writes import save_figure
 
@@ -40,7 +40,8 @@ class RoutingStatsLogger(L.Callback):
 
     Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each auxiliary loss (unweighted), the
     fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
-    router entropy (Soft MoE layers: ``vmoe.moe.SOFT_TRAIN_STATS`` instead). During validation
+    router entropy (Soft MoE layers: ``vmoe.moe.SOFT_TRAIN_STATS`` instead); with bias
+    balancing, each expert's bias (``routing/<layer>/expert_bias_<e>``, after this step's update). During validation
     (at the evaluation capacity) the dropped fraction is averaged over the epoch. At validation
     end (rank 0): the expert load of the whole validation (``vmoe.viz.expert_load_chart``; sparse
     layers only) and the patch map of the first validation image (``vmoe.viz.routing_figure``;
@@ -81,6 +82,9 @@ class RoutingStatsLogger(L.Callback):
                 values[f"routing/{short}/{name}"] = stats[layer][name]
             for name, value in losses.items():
                 values[f"routing/{short}/{name}_loss"] = value.detach()
+        for layer, bias in expert_bias_values(pl_module.model).items():  # bias balancing
+            for e, value in enumerate(bias):
+                values[f"routing/{_short(layer)}/expert_bias_{e}"] = value
         # Straight to the loggers (not self.log, which would repeat the value every step until
         # the next update); one host sync every N steps.
         stacked = _mean_over_ranks(torch.stack([v.float() for v in values.values()]))  # the losses

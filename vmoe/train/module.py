@@ -22,7 +22,8 @@ from timm.loss import BinaryCrossEntropy
 
 import vmoe.models as vm
 from vmoe.models.config_checks import shape_mismatches
-from vmoe.moe import moe_layers, restore_routing, set_routing
+from vmoe.moe import moe_layers, restore_routing, set_routing, update_expert_biases
+from vmoe.moe.bias_balancing import expert_load_buffer_names
 from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
 
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
@@ -126,6 +127,11 @@ class VmoeClassifier(L.LightningModule):
 
     Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
     and, if set, ``eval_batch_priority``; training settings are restored afterwards.
+
+    Auxiliary-loss-free balancing (``moe.bias_update_rate``): the routers' biases are updated
+    once per optimizer step, in ``on_before_optimizer_step`` (after the backward of the last
+    micro-batch: the counts of every micro-batch of a gradient-accumulation window), with the
+    counts summed over all ranks (DDP, expert parallelism), so every rank keeps the same bias.
     """
 
     def __init__(
@@ -381,7 +387,16 @@ class VmoeClassifier(L.LightningModule):
         path = self.trainer.ckpt_path if self._trainer is not None else None
         return str(path) if path else "(being loaded)"
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        update_expert_biases(self.model)  # a no-op without bias-balanced routers
+
     def setup(self, stage: str) -> None:
+        # Each rank counts its own tokens in the routers' expert_load buffers; DDP would
+        # overwrite them with rank 0's before every forward (broadcast_buffers)
+        counts = expert_load_buffer_names(self)
+        if counts:
+            ignored = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
+            self._ddp_params_and_buffers_to_ignore = ignored + [n for n in counts if n not in ignored]
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_classes = getattr(dm, "num_classes", None)
         if data_classes is not None and int(data_classes) != self.num_classes:

@@ -87,6 +87,22 @@ def _save(fig, out_dir: Path, name: str, dpi: int) -> str:
     return name
 
 
+def _method_info(layer) -> dict:
+    """The routing methods of issue 24 a layer uses (only those it uses): sigmoid scores, the
+    bias per expert of auxiliary-loss-free balancing, the shared experts' width."""
+    router, info = layer.router, {}
+    if getattr(router, "score_func", "softmax") != "softmax":
+        info["score_func"] = router.score_func
+    if getattr(router, "expert_bias", None) is not None:
+        info["bias_update_rate"] = router.bias_update_rate
+        info["expert_bias"] = [round(float(b), 6) for b in router.expert_bias]
+    shared = getattr(layer, "shared", None)
+    if shared is not None:
+        info["shared_hidden_features"] = shared.hidden_features
+        info["shared_gate"] = shared.gate is not None
+    return info
+
+
 def _model_info(model: nn.Module, layers) -> dict:
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return {
@@ -97,7 +113,8 @@ def _model_info(model: nn.Module, layers) -> dict:
                               "num_selected": getattr(m.router, "num_selected", None),
                               "capacity_factor": getattr(m.router, "capacity_factor", None),
                               "capacity": getattr(m.router, "capacity", None),
-                              "batch_priority": bool(getattr(m.router, "batch_priority", False))}
+                              "batch_priority": bool(getattr(m.router, "batch_priority", False)),
+                              **_method_info(m)}
                        for name, m in layers.items()},
     }
 
