@@ -259,15 +259,60 @@ def _expert_bias(layer) -> Optional[list]:
     return None
 
 
+# --- same-load step times (--time-steps): every arm's final model, interleaved -----------------
+def time_steps(run_dirs: Dict[str, Path], rounds: int = 5, steps: int = 20) -> Dict[str, float]:
+    """Median ms of one training step (train mode, capacity factor 1.05, batch 48: forward, task +
+    aux loss, backward, clipping at 1.0, AdamW, then the bias update) per arm, from each arm's
+    final model (``last.ckpt``), the arms taking turns (``steps`` steps each, ``rounds`` rounds),
+    so that a busy phase of the shared machine hits every arm alike. One torch thread."""
+    import torch
+    import torch.nn.functional as F
+
+    import vmoe.models as vm
+    from vmoe.data.digits import ArrayDataset, DigitsDataModule, load_digits_uint8
+    from vmoe.moe import update_expert_biases
+    from vmoe.train import VmoeClassifier
+
+    torch.set_num_threads(1)
+    dm = DigitsDataModule(img_size=16, batch_size=MEASURE_BATCH, num_workers=0)
+    images, labels = load_digits_uint8(dm.channels)
+    train_idx, _, _ = dm.split_indices(labels)
+    data = ArrayDataset(images[train_idx], labels[train_idx], dm.build_eval_transform())
+    x, y = next(iter(torch.utils.data.DataLoader(data, batch_size=MEASURE_BATCH)))
+    setups = {}
+    for arm, run_dir in run_dirs.items():
+        model = VmoeClassifier.load_from_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"),
+                                                    map_location="cpu", weights_only=False).model
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+        setups[arm] = (model, optimizer)
+    times: Dict[str, List[float]] = {arm: [] for arm in run_dirs}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for arm, (model, optimizer) in setups.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                loss = F.cross_entropy(model(x), y.long(), label_smoothing=0.1) + vm.aux_loss(model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                update_expert_biases(model)
+                optimizer.step()
+                if round_:
+                    times[arm].append(time.perf_counter() - start)
+    return {arm: 1e3 * statistics.median(t) for arm, t in times.items()}
+
+
 # --- the table --------------------------------------------------------------------------------
 def _mean_std(values: List[float]) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: List[dict], arms: List[str]) -> str:
+def table(results: List[dict], arms: List[str], same_load_ms: Optional[Dict[str, float]] = None) -> str:
+    same_load_ms = same_load_ms or {}
     rows = ["| arm | test top-1 %, mean ± std (min-max) | per seed | train MFLOPs/img (fwd+bwd, cf 1.05) "
-            "| inference MFLOPs/img (cf 4.0) | dropped % (cf 1.05) | load CV | ms/step (median) | params |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| inference MFLOPs/img (cf 4.0) | dropped % (cf 1.05) | load CV | ms/step in the runs, median (range over seeds) "
+            "| ms/step, same load | params |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         rs = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
         if not rs:
@@ -280,9 +325,11 @@ def table(results: List[dict], arms: List[str]) -> str:
         cv = (lambda v: f"{v[0]:.3f} ± {v[1]:.3f}")(_mean_std([r["load_cv"] for r in rs])) if moe else "-"
         step = statistics.median(r["step_ms_median"] for r in rs)
         steps = [r["step_ms_median"] for r in rs]
+        same = f"{same_load_ms[arm]:.1f}" if arm in same_load_ms else "-"
         rows.append(f"| {ARMS[arm][0]} | {m:.2f} ± {s:.2f} ({min(acc):.2f}-{max(acc):.2f}) | {per_seed} "
                     f"| {rs[0]['train_flops_per_image'] / 1e6:.2f} | {rs[0]['infer_flops_per_image'] / 1e6:.2f} "
-                    f"| {dropped} | {cv} | {step:.1f} ({min(steps):.1f}-{max(steps):.1f}) | {rs[0]['params']:,} |")
+                    f"| {dropped} | {cv} | {step:.1f} ({min(steps):.1f}-{max(steps):.1f}) "
+                    f"| {same} | {rs[0]['params']:,} |")
     return "\n".join(rows)
 
 
@@ -294,6 +341,8 @@ def main(argv=None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 or 2 on a shared 2-core CPU)")
     parser.add_argument("--root", default="/tmp/vmoe_routing_methods", help="run directories (not in the repo)")
     parser.add_argument("--out", default=None, help="write the markdown table to this file too")
+    parser.add_argument("--time-steps", action="store_true",
+                        help="also time training steps of every arm's seed-0 final model, interleaved (same load)")
     parser.add_argument("--measure-run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_run:
@@ -322,7 +371,12 @@ def main(argv=None) -> None:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = [r for r in pool.map(job, tasks) if r is not None]
-    text = (f"{table(results, args.arms)}\n\nseeds {args.seeds}, {args.epochs} epochs; "
+    same_load = None
+    if args.time_steps:
+        done = {r["arm"]: Path(r["run_dir"]) for r in sorted(results, key=lambda r: -r["seed"])}
+        same_load = time_steps(done)
+        print("same-load ms/step:", json.dumps({k: round(v, 1) for k, v in same_load.items()}), flush=True)
+    text = (f"{table(results, args.arms, same_load)}\n\nseeds {args.seeds}, {args.epochs} epochs; "
             f"runs under {root}")
     print(text)
     if args.out:
