@@ -29,7 +29,9 @@ final weights too):
 
 Usage:
     PYTHONPATH=. python benchmarks/routing_methods.py [--arms dense losses ...] [--seeds 0 1 2 3 4]
-        [--epochs 30] [--jobs 1] [--root /tmp/vmoe_routing_methods] [--out table.md]
+        [--epochs 30] [--jobs 1] [--root /tmp/vmoe_routing_methods] [--out table.md] [--time-steps]
+``--time-steps`` adds a same-load step time: every arm's seed-0 final model timed in turns in
+one process (``time_steps``), comparable across arms where the in-run times are not.
 """
 from __future__ import annotations
 
@@ -37,7 +39,6 @@ import argparse
 import csv
 import glob
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -78,7 +79,7 @@ ARMS: Dict[str, tuple] = {
     "sigmoid": ("sigmoid scores + losses", _moe(score_func="sigmoid")),
     "shared": ("1 shared expert + losses", _moe(shared_experts=1)),
 }
-DEFAULT_ARMS = ["dense", "losses", "bias", "losses_bias", "sigmoid", "shared"]
+DEFAULT_ARMS = ["dense", "losses", "bias", "bias_1e-2", "losses_bias", "sigmoid", "shared"]
 
 
 class StepTimer(L.Callback):
@@ -245,9 +246,9 @@ def measure_run(run_dir: Path) -> dict:
 
 
 def layer_num_experts(layer) -> int:
-    for attr in ("num_experts",):
-        if hasattr(layer, attr):
-            return int(getattr(layer, attr))
+    """E of a MoeMlp (``num_experts`` today, ``config.num_experts`` with the typed configs)."""
+    if hasattr(layer, "num_experts"):
+        return int(layer.num_experts)
     return int(layer.config.num_experts)
 
 
