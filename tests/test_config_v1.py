@@ -11,16 +11,19 @@ import vmoe.models as vm
 
 V1 = Path(__file__).parent / "fixtures" / "config_v1"
 NAMES = ["vmoe_tiny_topk", "soft_moe_tiny", "moeified_vit", "moeified_soft"]
+# The logits were recorded on one CPU; another CPU's kernels may round differently (~1e-7).
+# A wrongly read option (capacity, BPR, slots, router) changes them by far more.
+TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_version_1_directory_loads_with_identical_logits(name):
+def test_a_version_1_directory_loads_with_the_saved_logits(name):
     assert json.loads((V1 / name / "config.json").read_text())["version"] == 1
     x = torch.load(V1 / "input.pt", weights_only=True)
     expected = torch.load(V1 / name / "logits.pt", weights_only=True)
     model = vm.from_pretrained(V1 / name).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected, **TOL)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -29,7 +32,7 @@ def test_a_version_1_directory_loads_through_timm_local_dir(name):
     expected = torch.load(V1 / name / "logits.pt", weights_only=True)
     model = timm.create_model(f"local-dir:{V1 / name}", pretrained=True).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), expected, **TOL)
 
 
 def test_the_version_1_routing_options_are_the_saved_ones():
