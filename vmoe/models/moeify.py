@@ -266,8 +266,9 @@ def check_moe_options(options, where: str) -> None:
         raise ValueError(f"{where}.from_dense={nested['from_dense']!r} must be true or false")
     layer = {k: v for k, v in nested.items() if k not in MOEIFY_KEYS}
     router = dict(layer.pop("router", None) or {})
-    flat = not isinstance(options, (Mapping, MoeLayerConfig, MoeifyConfig)) or not isinstance(
-        options.get("router") if isinstance(options, Mapping) else None, (Mapping, *_ROUTER_TYPES))
+    # flat unless a mapping nests its router (config instances are read back from their dicts)
+    flat = not (isinstance(options, Mapping)
+                and isinstance(options.get("router"), (Mapping, *_ROUTER_TYPES)))
 
     def check(name: str) -> None:
         options_of_router = {k: v for k, v in router.items() if k != "name"}
