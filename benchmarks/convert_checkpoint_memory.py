@@ -20,6 +20,7 @@ every name and shape, and a few tensors against regenerated data.
 
     python3 benchmarks/convert_checkpoint_memory.py [--size-gb 1.0] [--num-shards 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # (name, hidden, mlp, depth, heads, patch) of the paper's variants, smallest first
-VARIANTS = [("Ti/16", 192, 768, 12, 3, 16), ("S/32", 512, 2048, 8, 8, 32),
-            ("B/16", 768, 3072, 12, 12, 16), ("L/16", 1024, 4096, 24, 16, 16)]
+VARIANTS = [
+    ("Ti/16", 192, 768, 12, 3, 16),
+    ("S/32", 512, 2048, 8, 8, 32),
+    ("B/16", 768, 3072, 12, 12, 16),
+    ("L/16", 1024, 4096, 24, 16, 16),
+]
 
 
 def vmoe_shapes(hidden, mlp, depth, heads, patch, experts, classes=1000, image=224):
     """Flattened official V-MoE param names -> shapes (MoE in every odd block)."""
     hd, tokens = hidden // heads, (image // patch) ** 2 + 1
-    s = {"cls": (1, 1, hidden), "embedding/kernel": (patch, patch, 3, hidden),
-         "embedding/bias": (hidden,), "Encoder/posembed_input/pos_embedding": (1, tokens, hidden),
-         "Encoder/encoder_norm/scale": (hidden,), "Encoder/encoder_norm/bias": (hidden,),
-         "pre_logits/kernel": (hidden, hidden), "pre_logits/bias": (hidden,),
-         "head/kernel": (hidden, classes), "head/bias": (classes,)}
+    s = {
+        "cls": (1, 1, hidden),
+        "embedding/kernel": (patch, patch, 3, hidden),
+        "embedding/bias": (hidden,),
+        "Encoder/posembed_input/pos_embedding": (1, tokens, hidden),
+        "Encoder/encoder_norm/scale": (hidden,),
+        "Encoder/encoder_norm/bias": (hidden,),
+        "pre_logits/kernel": (hidden, hidden),
+        "pre_logits/bias": (hidden,),
+        "head/kernel": (hidden, classes),
+        "head/bias": (classes,),
+    }
     for i in range(depth):
         b = f"Encoder/encoderblock_{i}"
         for ln in ("LayerNorm_0", "LayerNorm_1"):
@@ -97,26 +109,39 @@ class LazyArray:
 
 def _write(job):
     """Child job: writes the synthetic checkpoint; returns its description."""
-    from tests.official_writer import write_checkpoint
+    from tests.checkpoints.official_writer import write_checkpoint
     from vmoe.checkpoints import read_checkpoint_index
+
     label, shapes = pick_shapes(int(job["size_gb"] * 1e9))
     params = {n: LazyArray(s, seed) for seed, (n, s) in enumerate(shapes.items())}
     t0 = time.perf_counter()
-    write_checkpoint(job["prefix"], params, num_shards=job["num_shards"],
-                     max_chunk_bytes=int(job["max_chunk_mb"] * 2**20))
+    write_checkpoint(
+        job["prefix"],
+        params,
+        num_shards=job["num_shards"],
+        max_chunk_bytes=int(job["max_chunk_mb"] * 2**20),
+    )
     folder, base = os.path.split(job["prefix"])
     index = read_checkpoint_index(job["prefix"])
-    return {"label": label, "write_s": time.perf_counter() - t0, "arrays": len(index),
-            "size": sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-                        if f.startswith(base + ".")),
-            "chunks": sum(len(i.chunks) for i in index.values()),
-            "largest": max(i.stored_nbytes for i in index.values()),
-            "array_bytes": sum(i.stored_nbytes for i in index.values())}
+    return {
+        "label": label,
+        "write_s": time.perf_counter() - t0,
+        "arrays": len(index),
+        "size": sum(
+            os.path.getsize(os.path.join(folder, f))
+            for f in os.listdir(folder)
+            if f.startswith(base + ".")
+        ),
+        "chunks": sum(len(i.chunks) for i in index.values()),
+        "largest": max(i.stored_nbytes for i in index.values()),
+        "array_bytes": sum(i.stored_nbytes for i in index.values()),
+    }
 
 
 def _verify(job):
     """Child job: the streamed safetensors file and the converted model hold the right data."""
     from safetensors import safe_open
+
     _, shapes = pick_shapes(int(job["size_gb"] * 1e9))
     source = {n: LazyArray(s, seed) for seed, (n, s) in enumerate(shapes.items())}
     with safe_open(job["out"], framework="np") as f:
@@ -129,7 +154,9 @@ def _verify(job):
     with safe_open(os.path.join(job["converted"], "model.safetensors"), framework="np") as f:
         moe = max(int(n.split("_")[1].split("/")[0]) for n in shapes if "/Moe/Router/" in n)
         src = f"Encoder/encoderblock_{moe}/Moe/Mlp/Dense_0/kernel"
-        assert np.array_equal(f.get_tensor(f"blocks.{moe}.mlp.experts.fc1_weight"), np.asarray(source[src]))
+        assert np.array_equal(
+            f.get_tensor(f"blocks.{moe}.mlp.experts.fc1_weight"), np.asarray(source[src])
+        )
         assert np.array_equal(f.get_tensor("head.weight"), np.asarray(source["head/kernel"]).T)
     return {"ok": True}
 
@@ -141,10 +168,17 @@ def child(mode, job):
     if mode == "verify":
         return print(json.dumps(_verify(job)))
     import resource
+
     import torch  # noqa: F401  (imported by every measured mode so the baseline matches)
+
     import vmoe.models  # noqa: F401  (timm and our model code)
-    from vmoe.checkpoints import SafetensorsStreamWriter, iter_checkpoint_arrays, read_checkpoint_index
+    from vmoe.checkpoints import (
+        SafetensorsStreamWriter,
+        iter_checkpoint_arrays,
+        read_checkpoint_index,
+    )
     from vmoe.models.official import convert_vmoe_checkpoint, from_vmoe_checkpoint
+
     with open("/proc/self/statm") as f:  # resident pages after the imports, before any work
         rss_start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     prefix = job["prefix"]
@@ -155,7 +189,9 @@ def child(mode, job):
             total += a.nbytes
     elif mode == "convert":
         specs = {n: (torch.float32, i.shape) for n, i in read_checkpoint_index(prefix).items()}
-        with SafetensorsStreamWriter(job["out"], specs, metadata={"source": "vmoe checkpoint"}) as w:
+        with SafetensorsStreamWriter(
+            job["out"], specs, metadata={"source": "vmoe checkpoint"}
+        ) as w:
             for name, a in iter_checkpoint_arrays(prefix):
                 w.write(name, torch.from_numpy(a))
                 total += a.nbytes
@@ -165,7 +201,8 @@ def child(mode, job):
         else:
             model = from_vmoe_checkpoint(prefix)
             assert sum(p.numel() for p in model.parameters()) * 4 == sum(
-                i.stored_nbytes for i in read_checkpoint_index(prefix).values())
+                i.stored_nbytes for i in read_checkpoint_index(prefix).values()
+            )
         total = sum(i.stored_nbytes for i in read_checkpoint_index(prefix).values())
     seconds = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -195,33 +232,50 @@ def main():
     # This parent stays small (numpy only) and does everything in children: Linux carries a
     # parent's resident size into a spawned child's ru_maxrss, which would pollute the figures.
     tmp = tempfile.mkdtemp(prefix="vmoe_ckpt_bench_", dir=args.workdir)
-    job = dict(size_gb=args.size_gb, num_shards=args.num_shards, max_chunk_mb=args.max_chunk_mb,
-               prefix=os.path.join(tmp, "ckpt"), out=os.path.join(tmp, "model.safetensors"),
-               converted=os.path.join(tmp, "converted"))
+    job = dict(
+        size_gb=args.size_gb,
+        num_shards=args.num_shards,
+        max_chunk_mb=args.max_chunk_mb,
+        prefix=os.path.join(tmp, "ckpt"),
+        out=os.path.join(tmp, "model.safetensors"),
+        converted=os.path.join(tmp, "converted"),
+    )
     try:
         info = run_child("write", job)
         runs = {m: run_child(m, job) for m in ("baseline", "read", "convert", "import", "load")}
         run_child("verify", job)
         mb, base, size = 1e6, runs["baseline"]["peak_rss"], info["size"]
-        print(f"checkpoint: {info['label']}, {info['arrays']} float32 arrays, {size / mb:.1f} MB "
-              f"in {args.num_shards} shards, {info['chunks']} chunks of <= {args.max_chunk_mb:g} "
-              f"MiB, largest array {info['largest'] / mb:.1f} MB; written in "
-              f"{info['write_s']:.1f} s ({size / mb / info['write_s']:.0f} MB/s)")
-        print(f"baseline child (imports numpy, msgpack, torch, timm, vmoe.models): peak RSS "
-              f"{base / mb:.1f} MB; reads come from a warm page cache")
-        print("| stage | peak RSS - baseline peak (MB) | peak RSS - own RSS after imports (MB) "
-              "| larger / checkpoint size | seconds | MB/s |")
+        print(
+            f"checkpoint: {info['label']}, {info['arrays']} float32 arrays, {size / mb:.1f} MB "
+            f"in {args.num_shards} shards, {info['chunks']} chunks of <= {args.max_chunk_mb:g} "
+            f"MiB, largest array {info['largest'] / mb:.1f} MB; written in "
+            f"{info['write_s']:.1f} s ({size / mb / info['write_s']:.0f} MB/s)"
+        )
+        print(
+            f"baseline child (imports numpy, msgpack, torch, timm, vmoe.models): peak RSS "
+            f"{base / mb:.1f} MB; reads come from a warm page cache"
+        )
+        print(
+            "| stage | peak RSS - baseline peak (MB) | peak RSS - own RSS after imports (MB) "
+            "| larger / checkpoint size | seconds | MB/s |"
+        )
         print("|---|---|---|---|---|---|")
-        for m, what in (("read", "read: iter_checkpoint_arrays"),
-                        ("convert", "convert: read -> torch -> safetensors (streamed)"),
-                        ("import", "import: convert_vmoe_checkpoint -> save_pretrained dir"),
-                        ("load", "load: from_vmoe_checkpoint (whole model in memory)")):
+        for m, what in (
+            ("read", "read: iter_checkpoint_arrays"),
+            ("convert", "convert: read -> torch -> safetensors (streamed)"),
+            ("import", "import: convert_vmoe_checkpoint -> save_pretrained dir"),
+            ("load", "load: from_vmoe_checkpoint (whole model in memory)"),
+        ):
             r = runs[m]
             assert r["bytes"] == info["array_bytes"], m
             extra, own = r["peak_rss"] - base, r["peak_rss"] - r["rss_start"]
-            print(f"| {what} | {extra / mb:.1f} | {own / mb:.1f} | {max(extra, own) / size:.3f}x | "
-                  f"{r['seconds']:.2f} | {r['bytes'] / mb / r['seconds']:.0f} |")
-        print("checked: safetensors names/shapes + 3 tensors, converted model's expert and head weights")
+            print(
+                f"| {what} | {extra / mb:.1f} | {own / mb:.1f} | {max(extra, own) / size:.3f}x | "
+                f"{r['seconds']:.2f} | {r['bytes'] / mb / r['seconds']:.0f} |"
+            )
+        print(
+            "checked: safetensors names/shapes + 3 tensors, converted model's expert and head weights"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

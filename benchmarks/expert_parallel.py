@@ -21,6 +21,7 @@ rank takes GPU ``rank`` (needs W GPUs on the machine; a single GPU cannot run W 
 Usage: python benchmarks/expert_parallel.py [--world 4] [--ep 1 2 4] [--backend gloo|nccl]
            [--steps 10] [--experts 8] [--dim 256] [--hidden 1024] [--images 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vmoe.moe import MoeMlp  # noqa: E402
-from vmoe.moe.parallel import (ExpertParallelExperts, average_gradients,  # noqa: E402
-                               expert_parallel_mesh, shard_experts)
+from vmoe.moe.parallel import (
+    ExpertParallelExperts,
+    average_gradients,  # noqa: E402
+    expert_parallel_mesh,
+    shard_experts,
+)
 
 
 def free_port() -> int:
@@ -58,15 +63,25 @@ def run_rank(rank, args, port, queue):
     try:
         for ep in args.ep:
             torch.manual_seed(0)
-            layer = MoeMlp(args.dim, args.hidden, num_experts=args.experts, num_selected=2,
-                           group_size_images=args.group_images, noise_std=0.0).to(device)
+            layer = MoeMlp(
+                args.dim,
+                args.hidden,
+                num_experts=args.experts,
+                num_selected=2,
+                group_size_images=args.group_images,
+                noise_std=0.0,
+            ).to(device)
             mesh = expert_parallel_mesh(ep, device.type)
             shard_experts(layer, mesh)
             experts = [m for m in layer.modules() if isinstance(m, ExpertParallelExperts)][0]
             g = torch.Generator(device="cpu").manual_seed(1 + rank)
             # the input needs a gradient, as inside a network: else the backward has no buffer
             # gradients to send back
-            x = torch.randn(args.images, args.tokens, args.dim, generator=g).to(device).requires_grad_()
+            x = (
+                torch.randn(args.images, args.tokens, args.dim, generator=g)
+                .to(device)
+                .requires_grad_()
+            )
             grad_out = torch.randn(args.images, args.tokens, args.dim, generator=g).to(device)
             times = []
             for step in range(args.warmup + args.steps):
@@ -93,9 +108,18 @@ def run_rank(rank, args, port, queue):
             minimum = 2 * (ep - 1) * E * T * (d + d_out) * x.element_size() // ep
             expert_bytes = sum(p.numel() * p.element_size() for p in experts.parameters())
             if rank == 0:
-                queue.put(dict(ep=ep, dp=args.world // ep, C=plan.capacity, G=plan.num_groups,
-                               sent=sent, minimum=minimum, expert_bytes=expert_bytes,
-                               ms=1e3 * statistics.median(times)))
+                queue.put(
+                    dict(
+                        ep=ep,
+                        dp=args.world // ep,
+                        C=plan.capacity,
+                        G=plan.num_groups,
+                        sent=sent,
+                        minimum=minimum,
+                        expert_bytes=expert_bytes,
+                        ms=1e3 * statistics.median(times),
+                    )
+                )
     finally:
         dist.destroy_process_group()
 
@@ -117,26 +141,43 @@ def main(argv=None):
     args = p.parse_args(argv)
     bad = [ep for ep in args.ep if args.world % ep or args.experts % ep]
     if bad:
-        p.error(f"--ep {bad}: each ep must divide --world {args.world} and --experts {args.experts}")
+        p.error(
+            f"--ep {bad}: each ep must divide --world {args.world} and --experts {args.experts}"
+        )
     if args.backend == "nccl" and torch.cuda.device_count() < args.world:
-        p.error(f"--backend nccl needs {args.world} GPUs (one per rank), found {torch.cuda.device_count()}")
+        p.error(
+            f"--backend nccl needs {args.world} GPUs (one per rank), found {torch.cuda.device_count()}"
+        )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(run_rank, args=(args, free_port(), queue), nprocs=args.world, start_method="spawn")
+    mp.start_processes(
+        run_rank, args=(args, free_port(), queue), nprocs=args.world, start_method="spawn"
+    )
     rows = [queue.get() for _ in args.ep]
     base = next((r["ms"] for r in rows if r["ep"] == 1), None)
-    print(f"{args.backend}, world {args.world}, E={args.experts}, d={args.dim}, h={args.hidden}, "
-          f"{args.images} images x {args.tokens} tokens per rank, groups of {args.group_images} images, "
-          f"fp32, {args.threads} thread(s) per process, torch {torch.__version__}")
-    print("| ep | dp | G | C | experts/rank MB | sent/layer/step bytes (measured) | minimum bytes | "
-          "measured/minimum | step ms | step / ep=1 |")
+    print(
+        f"{args.backend}, world {args.world}, E={args.experts}, d={args.dim}, h={args.hidden}, "
+        f"{args.images} images x {args.tokens} tokens per rank, groups of {args.group_images} images, "
+        f"fp32, {args.threads} thread(s) per process, torch {torch.__version__}"
+    )
+    print(
+        "| ep | dp | G | C | experts/rank MB | sent/layer/step bytes (measured) | minimum bytes | "
+        "measured/minimum | step ms | step / ep=1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = "n/a (nothing to send)" if r["minimum"] == 0 and r["sent"] == 0 else \
-            f"{r['sent'] / r['minimum']:.3f}" if r["minimum"] else "inf"
+        ratio = (
+            "n/a (nothing to send)"
+            if r["minimum"] == 0 and r["sent"] == 0
+            else f"{r['sent'] / r['minimum']:.3f}"
+            if r["minimum"]
+            else "inf"
+        )
         rel = f"{r['ms'] / base:.2f}" if base else "n/a"
-        print(f"| {r['ep']} | {r['dp']} | {r['G']} | {r['C']} | {r['expert_bytes'] / 2**20:.2f} | "
-              f"{r['sent']} | {r['minimum']} | {ratio} | {r['ms']:.1f} | {rel} |")
+        print(
+            f"| {r['ep']} | {r['dp']} | {r['G']} | {r['C']} | {r['expert_bytes'] / 2**20:.2f} | "
+            f"{r['sent']} | {r['minimum']} | {ratio} | {r['ms']:.1f} | {rel} |"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ grouping (8 images), at capacity factors 1.05 and 4.0, for 64 images.
 Usage: python benchmarks/export_inference.py [--models tiny soft s32] [--batches 1 8 64]
                                              [--repeats 7] [--threads 1] [--no-flops]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,11 @@ def bench_model(key, batches, repeats, threads):
     rows = []
     with ex.inference_routing(model), torch.no_grad():
         compiled = torch.compile(model, dynamic=True)
-        runtimes = {"eager": model, "compile": compiled,
-                    "onnxruntime": lambda x: session.run(None, {name: x.numpy()})[0]}
+        runtimes = {
+            "eager": model,
+            "compile": compiled,
+            "onnxruntime": lambda x: session.run(None, {name: x.numpy()})[0],
+        }
         for b in batches:
             x = torch.randn(b, *shape)
             for fn in runtimes.values():  # warm up (compiles)
@@ -72,18 +76,34 @@ def bench_model(key, batches, repeats, threads):
                 for k, fn in runtimes.items():
                     times[k].append(_time(fn, x, inner))
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-            ratio = {k: statistics.median(e / t for e, t in zip(times["eager"], times[k]))
-                     for k in ("compile", "onnxruntime")}
-            rows.append((key, b, med["eager"], med["compile"], med["onnxruntime"],
-                         ratio["compile"], ratio["onnxruntime"], diff))
-            print(f"| {key} | {b} | {med['eager']:.2f} | {med['compile']:.2f} | "
-                  f"{med['onnxruntime']:.2f} | {ratio['compile']:.2f} | {ratio['onnxruntime']:.2f} | "
-                  f"{diff:.1e} |", flush=True)
+            ratio = {
+                k: statistics.median(e / t for e, t in zip(times["eager"], times[k]))
+                for k in ("compile", "onnxruntime")
+            }
+            rows.append(
+                (
+                    key,
+                    b,
+                    med["eager"],
+                    med["compile"],
+                    med["onnxruntime"],
+                    ratio["compile"],
+                    ratio["onnxruntime"],
+                    diff,
+                )
+            )
+            print(
+                f"| {key} | {b} | {med['eager']:.2f} | {med['compile']:.2f} | "
+                f"{med['onnxruntime']:.2f} | {ratio['compile']:.2f} | {ratio['onnxruntime']:.2f} | "
+                f"{diff:.1e} |",
+                flush=True,
+            )
     return rows
 
 
 def flops(model, x):
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops()
@@ -102,7 +122,9 @@ def flops_table(keys):
                 grouped = flops(model, x)
             with ex.inference_routing(model, capacity_factor=cf, batch_independent=True):
                 alone = flops(model, x)
-            print(f"| {key} | {cf} | {grouped / 1e9:.3f} | {alone / 1e9:.3f} | {alone / grouped:.3f} |")
+            print(
+                f"| {key} | {cf} | {grouped / 1e9:.3f} | {alone / 1e9:.3f} | {alone / grouped:.3f} |"
+            )
 
 
 def main():
@@ -115,8 +137,10 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads={args.threads}, repeats={args.repeats}")
-    print("| model | batch | eager ms | compile ms | onnxruntime ms | eager/compile | "
-          "eager/onnxruntime | max diff ORT |")
+    print(
+        "| model | batch | eager ms | compile ms | onnxruntime ms | eager/compile | "
+        "eager/onnxruntime | max diff ORT |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for key in args.models:
         bench_model(key, args.batches, args.repeats, args.threads)

@@ -21,7 +21,7 @@ mkdir -p "$out"
 export WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if (( smoke )); then
-  tests=(-k cuda tests/test_fused_dispatch.py tests/test_cuda_layer.py tests/test_soft_moe_layer.py)
+  tests=(-k cuda tests/moe/test_dispatch_fused.py tests/moe/test_layer_cuda.py tests/moe/test_soft_layer.py)
   layer=(--device cpu --repeats 1 --shapes "tiny E=4" --no-memory)
   train=(--device cpu --steps 1 --rounds 1 --warmup 0 --pairs s32)
   soft=(--soft --device cpu --repeats 1 --shapes "S/32 E=32")
@@ -31,8 +31,8 @@ import torch, triton
 assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
 print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 ' || { echo "gpu_check: no usable CUDA device (try --cpu-smoke)"; exit 2; }
-  tests=(-m cuda tests/test_fused_dispatch.py tests/test_autograd_dispatch.py tests/test_cuda_layer.py
-         tests/test_soft_moe_layer.py)
+  tests=(-m cuda tests/moe/test_dispatch_fused.py tests/moe/test_dispatch_autograd.py tests/moe/test_layer_cuda.py
+         tests/moe/test_soft_layer.py)
   layer=(--device cuda --dtype bf16 --repeats 15)
   train=(--device cuda --steps 5 --rounds 3)
   soft=(--soft --device cuda --dtype bf16 --repeats 15)

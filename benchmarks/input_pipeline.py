@@ -17,10 +17,10 @@ TFLOP/s.
 
     PYTHONPATH=. python benchmarks/input_pipeline.py --images 256
 """
+
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import tempfile
 import time
@@ -38,7 +38,9 @@ def make_jpegs(root: Path, n: int, classes: int = 4, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
     for i in range(n):
-        arr = np.asarray(Image.fromarray(np.roll(base, i, axis=1)).resize((500, 375), Image.BILINEAR))
+        arr = np.asarray(
+            Image.fromarray(np.roll(base, i, axis=1)).resize((500, 375), Image.BILINEAR)
+        )
         arr = np.clip(arr.astype(int) + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
         folder = root / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,7 @@ def vmoe_loaders(folder: Path, tmp: Path, batch: int):
     dm.setup("fit")
     yield "vmoe image folder", dm.train_dataloader()
     import datasets
+
     datasets.load_dataset("imagefolder", data_dir=str(folder)).save_to_disk(str(tmp / "hf"))
     dm = HFDataModule(str(tmp / "hf"), val_fraction=0, **common)
     dm.setup("fit")
@@ -79,9 +82,20 @@ def timm_loader(folder: Path, batch: int):
     from timm.data import create_dataset, create_loader
 
     ds = create_dataset("", root=str(folder), is_training=True)
-    return create_loader(ds, input_size=(3, 224, 224), batch_size=batch, is_training=True, use_prefetcher=False,
-                         scale=(0.08, 1.0), hflip=0.5, auto_augment="rand-m9-n2", interpolation="bilinear",
-                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_workers=0)
+    return create_loader(
+        ds,
+        input_size=(3, 224, 224),
+        batch_size=batch,
+        is_training=True,
+        use_prefetcher=False,
+        scale=(0.08, 1.0),
+        hflip=0.5,
+        auto_augment="rand-m9-n2",
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        num_workers=0,
+    )
 
 
 def decoders(folder: Path, repeats: int = 3) -> dict:
@@ -97,10 +111,18 @@ def decoders(folder: Path, repeats: int = 3) -> dict:
     t_pil = (time.perf_counter() - start) / (repeats * len(blobs))
     start = time.perf_counter()
     for _ in range(repeats):
-        tv = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)).permute(1, 2, 0).numpy() for b in blobs]
+        tv = [
+            decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)).permute(1, 2, 0).numpy()
+            for b in blobs
+        ]
     t_tv = (time.perf_counter() - start) / (repeats * len(blobs))
     diff = np.concatenate([np.abs(a.astype(int) - b.astype(int)).ravel() for a, b in zip(pil, tv)])
-    return dict(pil_ms=1e3 * t_pil, torchvision_ms=1e3 * t_tv, max_abs=int(diff.max()), mean_abs=float(diff.mean()))
+    return dict(
+        pil_ms=1e3 * t_pil,
+        torchvision_ms=1e3 * t_tv,
+        max_abs=int(diff.max()),
+        mean_abs=float(diff.mean()),
+    )
 
 
 def train_flops(name: str) -> float:
@@ -124,6 +146,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     import cv2
+
     cv2.setNumThreads(1)  # one worker = one core
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -134,20 +157,28 @@ def main() -> None:
             rows.append((name, rate(loader)))
         rows.append(("timm create_loader (rand-m9-n2)", rate(timm_loader(folder, args.batch))))
         dec = decoders(folder)
-    print(f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, one worker (num_workers=0, 1 thread)\n")
+    print(
+        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, one worker (num_workers=0, 1 thread)\n"
+    )
     print("| source | img/s per worker |\n|---|---|")
     for name, r in rows:
         print(f"| {name} | {r:.0f} |")
-    print(f"\ndecode one 500x375 JPEG: PIL {dec['pil_ms']:.2f} ms, torchvision.io.decode_jpeg "
-          f"{dec['torchvision_ms']:.2f} ms; pixels differ by max {dec['max_abs']}, mean {dec['mean_abs']:.3f} (0-255)")
+    print(
+        f"\ndecode one 500x375 JPEG: PIL {dec['pil_ms']:.2f} ms, torchvision.io.decode_jpeg "
+        f"{dec['torchvision_ms']:.2f} ms; pixels differ by max {dec['max_abs']}, mean {dec['mean_abs']:.3f} (0-255)"
+    )
     slowest = min(r for _, r in rows[:3])
-    print(f"\nworkers for one H200 (FLOPs estimate, {MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
-          "not a measured GPU step):")
+    print(
+        f"\nworkers for one H200 (FLOPs estimate, {MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
+        "not a measured GPU step):"
+    )
     for name in ("vmoe_s32_e8_k2_last2", "vmoe_b16_e8_k2_last2"):
         flops = train_flops(name)
         ips = MFU * H200_BF16_FLOPS / flops
-        print(f"  {name}: {flops / 1e9:.1f} GFLOPs/img per train step -> {ips:,.0f} img/s -> "
-              f"{ips / slowest:.0f} workers at {slowest:.0f} img/s/worker")
+        print(
+            f"  {name}: {flops / 1e9:.1f} GFLOPs/img per train step -> {ips:,.0f} img/s -> "
+            f"{ips / slowest:.0f} workers at {slowest:.0f} img/s/worker"
+        )
 
 
 if __name__ == "__main__":

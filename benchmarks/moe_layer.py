@@ -46,6 +46,7 @@ sigmoid and bias layers fwd+bwd <= 1.08x the floor (as ``moe``); the shared-expe
 Usage: python benchmarks/moe_layer.py [--repeats 7] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
                                      [--shapes NAME ...] [--no-memory] [--soft] [--no-methods]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,8 +86,10 @@ SHAPES = {
     "B/16 E=8": Shape("B/16 E=8", 768, 3072, 8, images=64, tokens=197),
     "B/16 E=32": Shape("B/16 E=32", 768, 3072, 32, images=64, tokens=197),
 }
-DEFAULT_SHAPES = {"cpu": ["S/32 E=8", "S/32 E=32", "tiny E=4"],
-                  "cuda": ["S/32 E=8", "S/32 E=32", "B/16 E=8", "B/16 E=32", "tiny E=4"]}
+DEFAULT_SHAPES = {
+    "cpu": ["S/32 E=8", "S/32 E=32", "tiny E=4"],
+    "cuda": ["S/32 E=8", "S/32 E=32", "B/16 E=8", "B/16 E=32", "tiny E=4"],
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ["dense", "floor", "einsum", "moe", "einsum_id", "moe_id"]
 
@@ -103,9 +106,16 @@ class DenseMlp(nn.Module):
 
 
 def make_layer(shape: Shape, dispatcher: str, identity: bool = False, **options) -> MoeMlp:
-    layer = MoeMlp(shape.d, shape.h, num_experts=shape.E, num_selected=shape.K,
-                   capacity_factor=shape.cf, group_size_images=shape.group_images,
-                   dispatcher=dispatcher, **options)
+    layer = MoeMlp(
+        shape.d,
+        shape.h,
+        num_experts=shape.E,
+        num_selected=shape.K,
+        capacity_factor=shape.cf,
+        group_size_images=shape.group_images,
+        dispatcher=dispatcher,
+        **options,
+    )
     if identity:
         layer.experts = nn.Identity()
     return layer
@@ -136,8 +146,12 @@ def build(shape: Shape, device: str, dtype: torch.dtype, dispatcher: str = "auto
     buffers = torch.randn(shape.E, G * C, shape.d, device=device, dtype=dtype)
     buffer_grad = torch.randn(shape.E, G * C, shape.d, device=device)
     inputs = {name: buffers if name in floors else x for name in layers}
-    grads = {name: buffer_grad if name in floors
-             else torch.randn(shape.images, shape.tokens, shape.d, device=device) for name in layers}
+    grads = {
+        name: buffer_grad
+        if name in floors
+        else torch.randn(shape.images, shape.tokens, shape.d, device=device)
+        for name in layers
+    }
     return layers, inputs, grads, C
 
 
@@ -146,7 +160,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(layer, x, grad, backward: bool, device: str, dtype: torch.dtype, inner: int = 1) -> float:
+def run_once(
+    layer, x, grad, backward: bool, device: str, dtype: torch.dtype, inner: int = 1
+) -> float:
     """Seconds per call, averaged over ``inner`` calls, of a forward (eval, no_grad) or a
     forward+backward (train)."""
     layer.train(backward)
@@ -165,7 +181,11 @@ def _call(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) -> No
         with autocast:
             out = layer(xi)
         tensors, grad_tensors = [out], [grad.to(out.dtype)]
-        if isinstance(layer, MoeMlp) and layer.aux_loss is not None and layer.aux_loss.requires_grad:
+        if (
+            isinstance(layer, MoeMlp)
+            and layer.aux_loss is not None
+            and layer.aux_loss.requires_grad
+        ):
             tensors.append(layer.aux_loss)
             grad_tensors.append(torch.ones_like(layer.aux_loss))
         torch.autograd.backward(tensors, grad_tensors)
@@ -175,7 +195,9 @@ def _call(layer, x, grad, backward: bool, device: str, dtype: torch.dtype) -> No
             layer(x)
 
 
-def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int = 1):
+def bench_shape(
+    shape: Shape, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int = 1
+):
     layers, inputs, grads, C = build(shape, device, dtype)
     variants = list(layers)
     times = {(v, bwd): [] for v in variants for bwd in (False, True)}
@@ -186,7 +208,9 @@ def bench_shape(shape: Shape, repeats: int, warmup: int, device: str, dtype: tor
     for _ in range(repeats):  # interleaved: every repeat times every variant once
         for bwd in (False, True):
             for v in variants:
-                times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner))
+                times[(v, bwd)].append(
+                    run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner)
+                )
     return times, C
 
 
@@ -196,18 +220,23 @@ def paired_ratio(times, a, b, bwd) -> float:
 
 
 # --- the new routing methods -----------------------------------------------------------------
-METHODS = {"moe_sigmoid": dict(score_func="sigmoid", renormalize=True),
-           "moe_bias": dict(bias_update_rate=1e-3),
-           "moe_shared": dict(shared_experts=1)}
+METHODS = {
+    "moe_sigmoid": dict(score_func="sigmoid", renormalize=True),
+    "moe_bias": dict(bias_update_rate=1e-3),
+    "moe_shared": dict(shared_experts=1),
+}
 
 
 def methods_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int):
     """Prints the table of the new routing options; returns the checks [(text, ratio, ok)]."""
     print("\nNew routing methods (issue 24), vs the floor (shared expert: vs floor + dense):")
     names = ["floor", "dense", "moe", *METHODS]
-    print("| shape | pass | " + " | ".join(f"{n} ms" for n in names)
-          + " | moe/floor | moe_sigmoid/floor | moe_bias/floor | moe_shared/(floor+dense) | moe_sigmoid/moe"
-          " | moe_bias/moe | (moe_shared-moe)/dense |")
+    print(
+        "| shape | pass | "
+        + " | ".join(f"{n} ms" for n in names)
+        + " | moe/floor | moe_sigmoid/floor | moe_bias/floor | moe_shared/(floor+dense) | moe_sigmoid/moe"
+        " | moe_bias/moe | (moe_shared-moe)/dense |"
+    )
     print("|" + "---|" * (len(names) + 9))
     checks = []
     for name in shapes:
@@ -226,25 +255,46 @@ def methods_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.d
         for _ in range(repeats):
             for bwd in (False, True):
                 for v in names:
-                    times[(v, bwd)].append(run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner))
+                    times[(v, bwd)].append(
+                        run_once(layers[v], inputs[v], grads[v], bwd, device, dtype, inner)
+                    )
         for bwd in (False, True):
             med = {v: 1e3 * statistics.median(times[(v, bwd)]) for v in names}
             ratios = {v: paired_ratio(times, v, "floor", bwd) for v in ("moe_sigmoid", "moe_bias")}
             both = [f + d for f, d in zip(times[("floor", bwd)], times[("dense", bwd)])]
             shared = statistics.median(t / b for t, b in zip(times[("moe_shared", bwd)], both))
-            extra = statistics.median((a - b) / c for a, b, c in zip(
-                times[("moe_shared", bwd)], times[("moe", bwd)], times[("dense", bwd)]))
-            print(f"| {name} | {'fwd+bwd' if bwd else 'fwd'} | " + " | ".join(f"{med[v]:.1f}" for v in names)
-                  + f" | {paired_ratio(times, 'moe', 'floor', bwd):.3f} | {ratios['moe_sigmoid']:.3f}"
-                  f" | {ratios['moe_bias']:.3f} | {shared:.3f}"
-                  f" | {paired_ratio(times, 'moe_sigmoid', 'moe', bwd):.3f}"
-                  f" | {paired_ratio(times, 'moe_bias', 'moe', bwd):.3f} | {extra:.3f} |", flush=True)
+            extra = statistics.median(
+                (a - b) / c
+                for a, b, c in zip(
+                    times[("moe_shared", bwd)], times[("moe", bwd)], times[("dense", bwd)]
+                )
+            )
+            print(
+                f"| {name} | {'fwd+bwd' if bwd else 'fwd'} | "
+                + " | ".join(f"{med[v]:.1f}" for v in names)
+                + f" | {paired_ratio(times, 'moe', 'floor', bwd):.3f} | {ratios['moe_sigmoid']:.3f}"
+                f" | {ratios['moe_bias']:.3f} | {shared:.3f}"
+                f" | {paired_ratio(times, 'moe_sigmoid', 'moe', bwd):.3f}"
+                f" | {paired_ratio(times, 'moe_bias', 'moe', bwd):.3f} | {extra:.3f} |",
+                flush=True,
+            )
             if bwd and name.startswith(("S/32", "B/16")):
                 target = 1.08 if device == "cpu" else 1.10
                 for v in ("moe_sigmoid", "moe_bias"):
-                    checks.append((f"{name}: {v} fwd+bwd / floor <= {target:.2f}", ratios[v], ratios[v] <= target))
-                checks.append((f"{name}: moe_shared fwd+bwd / (floor + dense) <= {target:.2f}", shared,
-                               shared <= target))
+                    checks.append(
+                        (
+                            f"{name}: {v} fwd+bwd / floor <= {target:.2f}",
+                            ratios[v],
+                            ratios[v] <= target,
+                        )
+                    )
+                checks.append(
+                    (
+                        f"{name}: moe_shared fwd+bwd / (floor + dense) <= {target:.2f}",
+                        shared,
+                        shared <= target,
+                    )
+                )
     return checks
 
 
@@ -261,6 +311,7 @@ def peak_alloc_bytes(fn, device: str = "cpu") -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Allocations inside an op count as that op's self memory; frees of tensors outliving their
@@ -290,6 +341,7 @@ def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dty
                     out = layer(xi)
                 (out.float().square().mean() + layer.aux_loss).backward()
                 layer.zero_grad(set_to_none=True)
+
             step()  # warm-up (lazy init), then measure
             row[path] = peak_alloc_bytes(step, device)
             S = gi * shape.tokens
@@ -299,8 +351,10 @@ def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dty
 
 
 # --- Soft MoE ---------------------------------------------------------------------------------
-SOFT_SHAPES = {"S/32 E=8": Shape("S/32 E=8", 512, 2048, 8, cf=1.0, group_images=1),
-               "S/32 E=32": Shape("S/32 E=32", 512, 2048, 32, cf=1.0, group_images=1)}
+SOFT_SHAPES = {
+    "S/32 E=8": Shape("S/32 E=8", 512, 2048, 8, cf=1.0, group_images=1),
+    "S/32 E=32": Shape("S/32 E=32", 512, 2048, 32, cf=1.0, group_images=1),
+}
 SOFT_PARTS = ["logits", "dispatch_mix", "experts", "combine_mix"]
 
 
@@ -308,14 +362,23 @@ class _Matmul(nn.Module):
     """One essential matmul of the soft layer on ready inputs: ``a @ b`` (batched if 3-d), with
     gradients for both operands. ``fp32=True`` keeps it in float32 under autocast (the router)."""
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, fp32: bool = False, transpose_a: bool = False):
+    def __init__(
+        self, a: torch.Tensor, b: torch.Tensor, fp32: bool = False, transpose_a: bool = False
+    ):
         super().__init__()
-        self.a, self.b, self.fp32, self.transpose_a = nn.Parameter(a), nn.Parameter(b), fp32, transpose_a
+        self.a, self.b, self.fp32, self.transpose_a = (
+            nn.Parameter(a),
+            nn.Parameter(b),
+            fp32,
+            transpose_a,
+        )
 
     def forward(self, _x):
         a = self.a.transpose(-1, -2) if self.transpose_a else self.a  # the layer's layout
-        with torch.autocast(device_type=self.a.device.type, enabled=not self.fp32
-                            and torch.is_autocast_enabled(self.a.device.type)):
+        with torch.autocast(
+            device_type=self.a.device.type,
+            enabled=not self.fp32 and torch.is_autocast_enabled(self.a.device.type),
+        ):
             return a @ self.b
 
 
@@ -323,8 +386,9 @@ def build_soft(shape: Shape, device: str, dtype: torch.dtype):
     """name -> (module, input, output gradient) for the soft layer and each essential matmul."""
     torch.manual_seed(0)
     S, G = shape.tokens * shape.group_images, shape.images // shape.group_images
-    layer = MoeMlp(shape.d, shape.h, num_experts=shape.E, router="soft",
-                   capacity_factor=shape.cf, group_size=S).to(device)
+    layer = MoeMlp(
+        shape.d, shape.h, num_experts=shape.E, router="soft", capacity_factor=shape.cf, group_size=S
+    ).to(device)
     P, E, d = layer.num_slots, shape.E, shape.d
     x = torch.randn(shape.images, shape.tokens, d, device=device)
     rand = lambda *size: torch.randn(*size, device=device)  # noqa: E731
@@ -332,10 +396,17 @@ def build_soft(shape: Shape, device: str, dtype: torch.dtype):
     parts = {
         "layer": (layer, x, rand(shape.images, shape.tokens, d)),
         "logits": (_Matmul(rand(G * S, d), rand(d, E * P), fp32=True), None, rand(G * S, E * P)),
-        "dispatch_mix": (_Matmul(rand(G, S, E * P).softmax(1), rand(G, S, d), transpose_a=True), None,
-                         rand(G, E * P, d)),
+        "dispatch_mix": (
+            _Matmul(rand(G, S, E * P).softmax(1), rand(G, S, d), transpose_a=True),
+            None,
+            rand(G, E * P, d),
+        ),
         "experts": (layer.experts, slots, rand(E, G * P, d)),
-        "combine_mix": (_Matmul(rand(G, S, E * P).softmax(-1), rand(G, E * P, d)), None, rand(G, S, d)),
+        "combine_mix": (
+            _Matmul(rand(G, S, E * P).softmax(-1), rand(G, E * P, d)),
+            None,
+            rand(G, S, d),
+        ),
     }
     return parts, P
 
@@ -351,9 +422,14 @@ def _soft_call(module, x, grad, device, dtype) -> None:
 
 def soft_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.dtype, inner: int):
     """Prints the Soft MoE table; returns the checks [(text, ratio, ok)]."""
-    print("\nSoft MoE layer, forward+backward, vs its essential matmuls timed alone on ready inputs:")
-    print("| shape | P | layer ms | " + " | ".join(f"{p} ms" for p in SOFT_PARTS)
-          + " | layer/sum | layer/sum (min) |")
+    print(
+        "\nSoft MoE layer, forward+backward, vs its essential matmuls timed alone on ready inputs:"
+    )
+    print(
+        "| shape | P | layer ms | "
+        + " | ".join(f"{p} ms" for p in SOFT_PARTS)
+        + " | layer/sum | layer/sum (min) |"
+    )
     print("|" + "---|" * (len(SOFT_PARTS) + 5))
     checks = []
     for name in shapes:
@@ -379,9 +455,15 @@ def soft_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.dtyp
         sums = [sum(times[p][i] for p in SOFT_PARTS) for i in range(repeats)]
         ratio = statistics.median(t / s for t, s in zip(times["layer"], sums))
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-        print(f"| {name} | {P} | {med['layer']:.2f} | " + " | ".join(f"{med[p]:.2f}" for p in SOFT_PARTS)
-              + f" | {ratio:.3f} | {min(times['layer']) / min(sums):.3f} |", flush=True)
-        checks.append((f"soft {name}: layer fwd+bwd / essential matmuls <= 1.10", ratio, ratio <= 1.10))
+        print(
+            f"| {name} | {P} | {med['layer']:.2f} | "
+            + " | ".join(f"{med[p]:.2f}" for p in SOFT_PARTS)
+            + f" | {ratio:.3f} | {min(times['layer']) / min(sums):.3f} |",
+            flush=True,
+        )
+        checks.append(
+            (f"soft {name}: layer fwd+bwd / essential matmuls <= 1.10", ratio, ratio <= 1.10)
+        )
     return checks
 
 
@@ -389,14 +471,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--inner", type=int, default=None, help="calls per timed sample (default: 1 on cpu, 10 on cuda)")
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=None,
+        help="calls per timed sample (default: 1 on cpu, 10 on cuda)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SHAPES)}")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory check")
     p.add_argument("--soft", action="store_true", help="the Soft MoE table only (see above)")
-    p.add_argument("--no-methods", action="store_true", help="skip the table of the new routing methods")
+    p.add_argument(
+        "--no-methods", action="store_true", help="skip the table of the new routing methods"
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device available")
@@ -408,8 +497,10 @@ def main(argv=None) -> int:
         if name not in known:
             raise SystemExit(f"--shapes: unknown shape {name!r}; choose from {list(known)}")
     alloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
-    print(f"torch {torch.__version__}, device={args.device}, dtype={args.dtype}, "
-          f"threads={torch.get_num_threads()}, repeats={args.repeats}, allocator env={alloc or 'glibc default'}")
+    print(
+        f"torch {torch.__version__}, device={args.device}, dtype={args.dtype}, "
+        f"threads={torch.get_num_threads()}, repeats={args.repeats}, allocator env={alloc or 'glibc default'}"
+    )
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
     if args.soft:
@@ -421,9 +512,11 @@ def main(argv=None) -> int:
         return 0 if all(ok for _, _, ok in checks) else 1
 
     gmm = dtype == torch.bfloat16  # the grouped_mm floor runs in bfloat16 only
-    print("\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms | moe_id ms "
-          "| moe/floor | einsum/floor | moe/dense | moe_id/einsum_id | moe/floor (min) |"
-          + (" floor_gmm/floor |" if gmm else ""))
+    print(
+        "\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms | moe_id ms "
+        "| moe/floor | einsum/floor | moe/dense | moe_id/einsum_id | moe/floor (min) |"
+        + (" floor_gmm/floor |" if gmm else "")
+    )
     print("|" + "---|" * (15 if gmm else 14))
     checks = []
     floor_target = 1.08 if args.device == "cpu" else 1.10
@@ -436,21 +529,40 @@ def main(argv=None) -> int:
             med = {v: 1e3 * statistics.median(times[(v, bwd)]) for v in VARIANTS}
             r_floor = paired_ratio(times, "moe", "floor", bwd)
             r_over = paired_ratio(times, "moe_id", "einsum_id", bwd)
-            print(f"| {name} | {C} | {'fwd+bwd' if bwd else 'fwd'} | "
-                  + " | ".join(f"{med[v]:.1f}" for v in VARIANTS)
-                  + f" | {r_floor:.3f} | {paired_ratio(times, 'einsum', 'floor', bwd):.3f}"
-                  f" | {paired_ratio(times, 'moe', 'dense', bwd):.2f} | {r_over:.3f}"
-                  f" | {min(times[('moe', bwd)]) / min(times[('floor', bwd)]):.3f} |"
-                  + (f" {paired_ratio(times, 'floor_gmm', 'floor', bwd):.3f} |" if gmm else ""),
-                  flush=True)
+            print(
+                f"| {name} | {C} | {'fwd+bwd' if bwd else 'fwd'} | "
+                + " | ".join(f"{med[v]:.1f}" for v in VARIANTS)
+                + f" | {r_floor:.3f} | {paired_ratio(times, 'einsum', 'floor', bwd):.3f}"
+                f" | {paired_ratio(times, 'moe', 'dense', bwd):.2f} | {r_over:.3f}"
+                f" | {min(times[('moe', bwd)]) / min(times[('floor', bwd)]):.3f} |"
+                + (f" {paired_ratio(times, 'floor_gmm', 'floor', bwd):.3f} |" if gmm else ""),
+                flush=True,
+            )
             if bwd and name.startswith(("S/32", "B/16")):
-                checks.append((f"{name}: moe fwd+bwd / floor <= {floor_target:.2f}", r_floor, r_floor <= floor_target))
+                checks.append(
+                    (
+                        f"{name}: moe fwd+bwd / floor <= {floor_target:.2f}",
+                        r_floor,
+                        r_floor <= floor_target,
+                    )
+                )
                 if args.device == "cpu" or "E=32" in name:
-                    checks.append((f"{name}: overhead moe_id / einsum_id <= {overhead_target:.3f}",
-                                   r_over, r_over <= overhead_target))
+                    checks.append(
+                        (
+                            f"{name}: overhead moe_id / einsum_id <= {overhead_target:.3f}",
+                            r_over,
+                            r_over <= overhead_target,
+                        )
+                    )
     if not args.no_methods:
-        checks += methods_table(shapes, args.repeats, args.warmup, args.device, dtype,
-                                args.inner or (10 if args.device == "cuda" else 1))
+        checks += methods_table(
+            shapes,
+            args.repeats,
+            args.warmup,
+            args.device,
+            dtype,
+            args.inner or (10 if args.device == "cuda" else 1),
+        )
     print("\nTargets:")
     for text, value, ok in checks:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {value:.3f}")
@@ -458,17 +570,23 @@ def main(argv=None) -> int:
     if not args.no_memory:
         shape = SHAPES["S/32 E=8"]
         rows = memory_table(shape, device=args.device, dtype=dtype)
-        print(f"\nPeak allocated bytes during one fwd+bwd ({shape.name}, {shape.images}x{shape.tokens} tokens), "
-              "by group size (E*C per token grows with it):")
+        print(
+            f"\nPeak allocated bytes during one fwd+bwd ({shape.name}, {shape.images}x{shape.tokens} tokens), "
+            "by group size (E*C per token grows with it):"
+        )
         print("| images/group | E*C | index MiB | einsum MiB |\n|---|---|---|---|")
         for r in rows:
-            print(f"| {r['group_images']} | {r['EC']} | {r['index'] / 2**20:.1f} | {r['einsum'] / 2**20:.1f} |")
+            print(
+                f"| {r['group_images']} | {r['EC']} | {r['index'] / 2**20:.1f} | {r['einsum'] / 2**20:.1f} |"
+            )
         idx = [r["index"] for r in rows]
         growth = max(idx) / min(idx)
         ec_growth = rows[-1]["EC"] / rows[0]["EC"]
         ok = growth <= 1.10
-        print(f"  [{'PASS' if ok else 'FAIL'}] index peak max/min = {growth:.3f} (<= 1.10) while E*C grows "
-              f"{ec_growth:.1f}x; einsum peak grows {rows[-1]['einsum'] / rows[0]['einsum']:.2f}x")
+        print(
+            f"  [{'PASS' if ok else 'FAIL'}] index peak max/min = {growth:.3f} (<= 1.10) while E*C grows "
+            f"{ec_growth:.1f}x; einsum peak grows {rows[-1]['einsum'] / rows[0]['einsum']:.2f}x"
+        )
         checks.append(("memory", growth, ok))
     return 0 if all(ok for _, _, ok in checks) else 1
 

@@ -33,6 +33,7 @@ Usage:
 ``--time-steps`` adds a same-load step time: every arm's seed-0 final model timed in turns in
 one process (``time_steps``), comparable across arms where the in-run times are not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,13 +69,19 @@ def _moe(**options) -> List[str]:
 
 # name -> (description, extra `vmoe fit` arguments on top of configs/quickstart.yaml)
 ARMS: Dict[str, tuple] = {
-    "dense": ("dense ViT (same backbone, plain MLPs)",
-              ["--model.model_name", "vmoe_vit", "--model.model_kwargs", json.dumps(TINY_ARCH)]),
+    "dense": (
+        "dense ViT (same backbone, plain MLPs)",
+        ["--model.model_name", "vmoe_vit", "--model.model_kwargs", json.dumps(TINY_ARCH)],
+    ),
     "losses": ("importance + load losses (softmax; default)", []),
-    "bias": ("bias balancing only (rate 1e-3, loss weights 0)",
-             _moe(importance_weight=0.0, load_weight=0.0, bias_update_rate=1e-3)),
-    "bias_1e-2": ("bias balancing only (rate 1e-2, loss weights 0)",
-                  _moe(importance_weight=0.0, load_weight=0.0, bias_update_rate=1e-2)),
+    "bias": (
+        "bias balancing only (rate 1e-3, loss weights 0)",
+        _moe(importance_weight=0.0, load_weight=0.0, bias_update_rate=1e-3),
+    ),
+    "bias_1e-2": (
+        "bias balancing only (rate 1e-2, loss weights 0)",
+        _moe(importance_weight=0.0, load_weight=0.0, bias_update_rate=1e-2),
+    ),
     "losses_bias": ("losses + bias (rate 1e-3)", _moe(bias_update_rate=1e-3)),
     "sigmoid": ("sigmoid scores + losses", _moe(score_func="sigmoid")),
     "shared": ("1 shared expert + losses", _moe(shared_experts=1)),
@@ -106,20 +113,44 @@ class StepTimer(L.Callback):
 
 # --- one run ----------------------------------------------------------------------------------
 def fit_command(arm: str, seed: int, epochs: int, run_dir: Path) -> List[str]:
-    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
-              "init_args": {"save_dir": str(run_dir), "name": "csv", "version": "0"}}
-    timer = [{"class_path": "benchmarks.routing_methods.StepTimer",
-              "init_args": {"path": str(run_dir / "step_times.json")}}]
-    return [sys.executable, "-m", "vmoe.cli", "fit", "--config", str(CONFIG),
-            "--seed_everything", str(seed), "--trainer.max_epochs", str(epochs),
-            "--trainer.default_root_dir", str(run_dir), "--trainer.logger", json.dumps(logger),
-            "--trainer.callbacks", json.dumps(timer), "--trainer.enable_progress_bar", "false",
-            *ARMS[arm][1]]
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "csv", "version": "0"},
+    }
+    timer = [
+        {
+            "class_path": "benchmarks.routing_methods.StepTimer",
+            "init_args": {"path": str(run_dir / "step_times.json")},
+        }
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "vmoe.cli",
+        "fit",
+        "--config",
+        str(CONFIG),
+        "--seed_everything",
+        str(seed),
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger",
+        json.dumps(logger),
+        "--trainer.callbacks",
+        json.dumps(timer),
+        "--trainer.enable_progress_bar",
+        "false",
+        *ARMS[arm][1],
+    ]
 
 
 def run_env() -> Dict[str, str]:
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    )
     return env
 
 
@@ -146,16 +177,31 @@ def run_one(arm: str, seed: int, epochs: int, root: Path) -> dict:
         proc = subprocess.run(cmd, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
     wall = time.time() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"{arm} seed {seed}: vmoe fit failed (rc {proc.returncode}); see {run_dir / 'fit.log'}")
-    measure = subprocess.run([sys.executable, __file__, "--measure-run", str(run_dir)], cwd=REPO,
-                             env=run_env(), capture_output=True, text=True)
+        raise RuntimeError(
+            f"{arm} seed {seed}: vmoe fit failed (rc {proc.returncode}); see {run_dir / 'fit.log'}"
+        )
+    measure = subprocess.run(
+        [sys.executable, __file__, "--measure-run", str(run_dir)],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+    )
     if measure.returncode != 0:
         raise RuntimeError(f"{arm} seed {seed}: measuring failed:\n{measure.stderr[-3000:]}")
     steps = json.loads((run_dir / "step_times.json").read_text())["step_s"]
-    result = {"arm": arm, "seed": seed, "epochs": epochs, "run_dir": str(run_dir),
-              "test_acc1": test_accuracy(run_dir), "fit_wall_s": wall,
-              "step_ms_median": 1e3 * statistics.median(steps[SKIP_STEPS:] or steps),
-              "num_steps": len(steps), "command": cmd, **json.loads(measure.stdout.strip().splitlines()[-1])}
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "epochs": epochs,
+        "run_dir": str(run_dir),
+        "test_acc1": test_accuracy(run_dir),
+        "fit_wall_s": wall,
+        "step_ms_median": 1e3 * statistics.median(steps[SKIP_STEPS:] or steps),
+        "num_steps": len(steps),
+        "command": cmd,
+        **json.loads(measure.stdout.strip().splitlines()[-1]),
+    }
     result_path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -171,8 +217,9 @@ def measure_run(run_dir: Path) -> dict:
     from vmoe.train import VmoeClassifier
 
     torch.set_num_threads(1)
-    module = VmoeClassifier.load_from_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"),
-                                                 map_location="cpu", weights_only=False)
+    module = VmoeClassifier.load_from_checkpoint(
+        str(run_dir / "checkpoints" / "last.ckpt"), map_location="cpu", weights_only=False
+    )
     model = module.model
     for m in model.modules():  # attention as plain matmuls, so that the counter sees them
         if hasattr(m, "fused_attn"):
@@ -227,15 +274,19 @@ def measure_run(run_dir: Path) -> dict:
                 G, S, K = plan.expert_index.shape
                 valid = plan.valid if plan.valid is not None else torch.ones(G, S, dtype=torch.bool)
                 index = plan.expert_index[valid]  # [T, K]
-                chosen[name] += torch.bincount(index.reshape(-1), minlength=chosen[name].numel()).float()
+                chosen[name] += torch.bincount(
+                    index.reshape(-1), minlength=chosen[name].numel()
+                ).float()
                 kept[name] += float((plan.kept & valid.unsqueeze(-1)).sum())
                 total[name] += float(index.numel())
     per_layer = {}
     for name in layers:
         load = chosen[name]
-        per_layer[name] = {"dropped_fraction": 1.0 - kept[name] / total[name],
-                           "load_cv": float(load.std(unbiased=False) / load.mean()),
-                           "load_share": (load / load.sum()).tolist()}
+        per_layer[name] = {
+            "dropped_fraction": 1.0 - kept[name] / total[name],
+            "load_cv": float(load.std(unbiased=False) / load.mean()),
+            "load_share": (load / load.sum()).tolist(),
+        }
         bias = _expert_bias(layers[name])
         if bias is not None:
             per_layer[name]["expert_bias"] = bias
@@ -282,8 +333,9 @@ def time_steps(run_dirs: Dict[str, Path], rounds: int = 5, steps: int = 20) -> D
     x, y = next(iter(torch.utils.data.DataLoader(data, batch_size=MEASURE_BATCH)))
     setups = {}
     for arm, run_dir in run_dirs.items():
-        model = VmoeClassifier.load_from_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"),
-                                                    map_location="cpu", weights_only=False).model
+        model = VmoeClassifier.load_from_checkpoint(
+            str(run_dir / "checkpoints" / "last.ckpt"), map_location="cpu", weights_only=False
+        ).model
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
         setups[arm] = (model, optimizer)
@@ -308,12 +360,16 @@ def _mean_std(values: List[float]) -> tuple:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def table(results: List[dict], arms: List[str], same_load_ms: Optional[Dict[str, float]] = None) -> str:
+def table(
+    results: List[dict], arms: List[str], same_load_ms: Optional[Dict[str, float]] = None
+) -> str:
     same_load_ms = same_load_ms or {}
-    rows = ["| arm | test top-1 %, mean ± std (min-max) | per seed | train MFLOPs/img (fwd+bwd, cf 1.05) "
-            "| inference MFLOPs/img (cf 4.0) | dropped % (cf 1.05) | load CV | ms/step in the runs, median (range over seeds) "
-            "| ms/step, same load | params |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arm | test top-1 %, mean ± std (min-max) | per seed | train MFLOPs/img (fwd+bwd, cf 1.05) "
+        "| inference MFLOPs/img (cf 4.0) | dropped % (cf 1.05) | load CV | ms/step in the runs, median (range over seeds) "
+        "| ms/step, same load | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for arm in arms:
         rs = sorted((r for r in results if r["arm"] == arm), key=lambda r: r["seed"])
         if not rs:
@@ -322,15 +378,27 @@ def table(results: List[dict], arms: List[str], same_load_ms: Optional[Dict[str,
         m, s = _mean_std(acc)
         per_seed = " / ".join(f"{a:.2f}" for a in acc)
         moe = "dropped_fraction" in rs[0]
-        dropped = (lambda v: f"{v[0]:.2f} ± {v[1]:.2f}")(_mean_std([100 * r["dropped_fraction"] for r in rs])) if moe else "-"
-        cv = (lambda v: f"{v[0]:.3f} ± {v[1]:.3f}")(_mean_std([r["load_cv"] for r in rs])) if moe else "-"
+        dropped = (
+            (lambda v: f"{v[0]:.2f} ± {v[1]:.2f}")(
+                _mean_std([100 * r["dropped_fraction"] for r in rs])
+            )
+            if moe
+            else "-"
+        )
+        cv = (
+            (lambda v: f"{v[0]:.3f} ± {v[1]:.3f}")(_mean_std([r["load_cv"] for r in rs]))
+            if moe
+            else "-"
+        )
         step = statistics.median(r["step_ms_median"] for r in rs)
         steps = [r["step_ms_median"] for r in rs]
         same = f"{same_load_ms[arm]:.1f}" if arm in same_load_ms else "-"
-        rows.append(f"| {ARMS[arm][0]} | {m:.2f} ± {s:.2f} ({min(acc):.2f}-{max(acc):.2f}) | {per_seed} "
-                    f"| {rs[0]['train_flops_per_image'] / 1e6:.2f} | {rs[0]['infer_flops_per_image'] / 1e6:.2f} "
-                    f"| {dropped} | {cv} | {step:.1f} ({min(steps):.1f}-{max(steps):.1f}) "
-                    f"| {same} | {rs[0]['params']:,} |")
+        rows.append(
+            f"| {ARMS[arm][0]} | {m:.2f} ± {s:.2f} ({min(acc):.2f}-{max(acc):.2f}) | {per_seed} "
+            f"| {rs[0]['train_flops_per_image'] / 1e6:.2f} | {rs[0]['infer_flops_per_image'] / 1e6:.2f} "
+            f"| {dropped} | {cv} | {step:.1f} ({min(steps):.1f}-{max(steps):.1f}) "
+            f"| {same} | {rs[0]['params']:,} |"
+        )
     return "\n".join(rows)
 
 
@@ -339,11 +407,18 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=sorted(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 or 2 on a shared 2-core CPU)")
-    parser.add_argument("--root", default="/tmp/vmoe_routing_methods", help="run directories (not in the repo)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (1 or 2 on a shared 2-core CPU)"
+    )
+    parser.add_argument(
+        "--root", default="/tmp/vmoe_routing_methods", help="run directories (not in the repo)"
+    )
     parser.add_argument("--out", default=None, help="write the markdown table to this file too")
-    parser.add_argument("--time-steps", action="store_true",
-                        help="also time training steps of every arm's seed-0 final model, interleaved (same load)")
+    parser.add_argument(
+        "--time-steps",
+        action="store_true",
+        help="also time training steps of every arm's seed-0 final model, interleaved (same load)",
+    )
     parser.add_argument("--measure-run", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure_run:
@@ -354,7 +429,9 @@ def main(argv=None) -> None:
     if args.epochs < 1:
         raise ValueError(f"--epochs={args.epochs} must be >= 1")
     root = Path(args.root)
-    tasks = [(arm, seed) for seed in args.seeds for arm in args.arms]  # interleaved: load hits all arms
+    tasks = [
+        (arm, seed) for seed in args.seeds for arm in args.arms
+    ]  # interleaved: load hits all arms
     results, failures = [], []
 
     def job(task):
@@ -366,8 +443,11 @@ def main(argv=None) -> None:
             failures.append(f"{arm} seed {seed}: {err}")
             print(f"FAILED {arm} seed {seed}: {err}", flush=True)
             return None
-        print(f"{arm:12s} seed {seed}: test {100 * r['test_acc1']:.2f}%  "
-              f"step {r['step_ms_median']:.1f} ms  ({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"{arm:12s} seed {seed}: test {100 * r['test_acc1']:.2f}%  "
+            f"step {r['step_ms_median']:.1f} ms  ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
         return r
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -376,9 +456,15 @@ def main(argv=None) -> None:
     if args.time_steps:
         done = {r["arm"]: Path(r["run_dir"]) for r in sorted(results, key=lambda r: -r["seed"])}
         same_load = time_steps(done)
-        print("same-load ms/step:", json.dumps({k: round(v, 1) for k, v in same_load.items()}), flush=True)
-    text = (f"{table(results, args.arms, same_load)}\n\nseeds {args.seeds}, {args.epochs} epochs; "
-            f"runs under {root}")
+        print(
+            "same-load ms/step:",
+            json.dumps({k: round(v, 1) for k, v in same_load.items()}),
+            flush=True,
+        )
+    text = (
+        f"{table(results, args.arms, same_load)}\n\nseeds {args.seeds}, {args.epochs} epochs; "
+        f"runs under {root}"
+    )
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -12,6 +12,7 @@ step costs no more than 1.10x what its extra FLOPs explain.
 Repeats are interleaved (dense, moe, dense, moe, ...) and the ratio is taken per repeat, then the
 median, because this machine is noisy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,17 @@ def build(moe: bool, num_classes: int) -> torch.nn.Module:
     if moe:
         return timm.create_model("vmoe_s32_e8_k2_last2", num_classes=num_classes)
     # The same architecture with every block dense.
-    return timm.create_model("vmoe_vit", num_classes=num_classes, img_size=224, patch_size=32,
-                             embed_dim=512, depth=8, num_heads=8, mlp_ratio=4.0,
-                             representation_size=512)
+    return timm.create_model(
+        "vmoe_vit",
+        num_classes=num_classes,
+        img_size=224,
+        patch_size=32,
+        embed_dim=512,
+        depth=8,
+        num_heads=8,
+        mlp_ratio=4.0,
+        representation_size=512,
+    )
 
 
 def step(model, images, labels):
@@ -51,7 +60,9 @@ def count_flops(model, images, labels) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
@@ -75,8 +86,10 @@ def main() -> None:
     flops_ratio = flops["vmoe"] / flops["dense"]
     layer = vmoe.models.moe_layers(models["vmoe"])["blocks.5.mlp"]
     plan = layer.last_plan
-    print(f"torch {torch.__version__}, threads={args.threads}, fp32, batch {args.batch_size}, "
-          f"{plan.num_groups} routing groups of {plan.group_size} tokens, C={plan.capacity} per expert")
+    print(
+        f"torch {torch.__version__}, threads={args.threads}, fp32, batch {args.batch_size}, "
+        f"{plan.num_groups} routing groups of {plan.group_size} tokens, C={plan.capacity} per expert"
+    )
     print("| model | fwd+bwd time median (s) | GFLOPs fwd+bwd |")
     print("|---|---|---|")
     for k in models:
@@ -84,7 +97,9 @@ def main() -> None:
     print(f"\nstep-time ratio vmoe/dense (median of paired repeats): {time_ratio:.3f}")
     print(f"FLOPs ratio vmoe/dense (capacity buffers incl. padding rows): {flops_ratio:.3f}")
     quotient = time_ratio / flops_ratio
-    print(f"time ratio / FLOPs ratio: {quotient:.3f}  (target <= 1.10: {'PASS' if quotient <= 1.10 else 'FAIL'})")
+    print(
+        f"time ratio / FLOPs ratio: {quotient:.3f}  (target <= 1.10: {'PASS' if quotient <= 1.10 else 'FAIL'})"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Steps are timed in interleaved rounds (dense, vmoe, dense, vmoe, ...), each roun
 training steps (AdamW, cross-entropy + auxiliary loss); the median of the per-round ratios is
 reported. ``--compile`` wraps both models in torch.compile.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,32 @@ import vmoe.models  # noqa: E402  (registers the vmoe_* models)
 
 # name -> (V-MoE factory, dense architecture, default GPU batch)
 PAIRS = {
-    "b16": ("vmoe_b16_e8_k2_every2",
-            dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 representation_size=768), 256),
-    "s32": ("vmoe_s32_e8_k2_last2",
-            dict(img_size=224, patch_size=32, embed_dim=512, depth=8, num_heads=8, mlp_ratio=4.0,
-                 representation_size=512), 1024),
+    "b16": (
+        "vmoe_b16_e8_k2_every2",
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            mlp_ratio=4.0,
+            representation_size=768,
+        ),
+        256,
+    ),
+    "s32": (
+        "vmoe_s32_e8_k2_last2",
+        dict(
+            img_size=224,
+            patch_size=32,
+            embed_dim=512,
+            depth=8,
+            num_heads=8,
+            mlp_ratio=4.0,
+            representation_size=512,
+        ),
+        1024,
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +81,9 @@ class Trainer:
         self.forward = torch.compile(model) if compile_model else model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.images, self.labels = images, labels
-        self.autocast = torch.autocast(images.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.autocast = torch.autocast(
+            images.device.type, dtype=dtype, enabled=dtype != torch.float32
+        )
         self.has_moe = bool(vmoe.models.moe_layers(model))
 
     def loss(self):
@@ -93,8 +116,12 @@ def run_pair(pair: str, args, dtype) -> dict:
     torch.manual_seed(0)
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    trainers = {k: Trainer(build(pair, k == "vmoe", 1000).to(device).train(), images, labels, dtype,
-                           args.compile) for k in ("dense", "vmoe")}
+    trainers = {
+        k: Trainer(
+            build(pair, k == "vmoe", 1000).to(device).train(), images, labels, dtype, args.compile
+        )
+        for k in ("dense", "vmoe")
+    }
     flops = {k: t.flops() for k, t in trainers.items()}  # eager: the FLOPs actually computed
     for t in trainers.values():
         t.steps(args.warmup)
@@ -108,16 +135,32 @@ def run_pair(pair: str, args, dtype) -> dict:
     del trainers
     if device == "cuda":
         torch.cuda.empty_cache()
-    return dict(pair=pair, batch=batch, ips=ips, flops=flops, throughput_ratio=throughput_ratio,
-                predicted=predicted, quotient=throughput_ratio / predicted)
+    return dict(
+        pair=pair,
+        batch=batch,
+        ips=ips,
+        flops=flops,
+        throughput_ratio=throughput_ratio,
+        predicted=predicted,
+        quotient=throughput_ratio / predicted,
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    p.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu"
+    )
     p.add_argument("--pairs", nargs="*", default=list(PAIRS), choices=list(PAIRS))
-    p.add_argument("--batch-size", type=int, default=None, help="default: 256 (B/16), 1024 (S/32) on cuda; 2 on cpu")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: 256 (B/16), 1024 (S/32) on cuda; 2 on cpu",
+    )
     p.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -136,22 +179,31 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"GPU: {torch.cuda.get_device_name()}")
-    print(f"torch {torch.__version__}, device={args.device}, dtype={dtype}, compile={args.compile}, "
-          f"{args.rounds} rounds x {args.steps} steps")
-    print("\n| pair | batch | dense img/s | vmoe img/s | dense GFLOPs/img | vmoe GFLOPs/img "
-          "| throughput ratio | FLOPs-predicted | quotient |")
+    print(
+        f"torch {torch.__version__}, device={args.device}, dtype={dtype}, compile={args.compile}, "
+        f"{args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        "\n| pair | batch | dense img/s | vmoe img/s | dense GFLOPs/img | vmoe GFLOPs/img "
+        "| throughput ratio | FLOPs-predicted | quotient |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for pair in args.pairs:
         r = run_pair(pair, args, dtype)
         f = {k: v / r["batch"] / 1e9 for k, v in r["flops"].items()}
-        print(f"| {pair} | {r['batch']} | {r['ips']['dense']:.1f} | {r['ips']['vmoe']:.1f} | {f['dense']:.2f} "
-              f"| {f['vmoe']:.2f} | {r['throughput_ratio']:.3f} | {r['predicted']:.3f} | {r['quotient']:.3f} |",
-              flush=True)
+        print(
+            f"| {pair} | {r['batch']} | {r['ips']['dense']:.1f} | {r['ips']['vmoe']:.1f} | {f['dense']:.2f} "
+            f"| {f['vmoe']:.2f} | {r['throughput_ratio']:.3f} | {r['predicted']:.3f} | {r['quotient']:.3f} |",
+            flush=True,
+        )
         passed = r["quotient"] >= 0.9
         ok &= passed
-        print(f"  [{'PASS' if passed else 'FAIL'}] {pair}: vmoe throughput >= 0.9x FLOPs-predicted: "
-              f"{r['quotient']:.3f}", flush=True)
+        print(
+            f"  [{'PASS' if passed else 'FAIL'}] {pair}: vmoe throughput >= 0.9x FLOPs-predicted: "
+            f"{r['quotient']:.3f}",
+            flush=True,
+        )
     return 0 if ok else 1
 
 

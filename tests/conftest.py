@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-FIXTURES = Path(__file__).parent / "fixtures" / "vmoe_reference"
+from tests.helpers import VMOE_REFERENCE as FIXTURES
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """The notebooks run top to bottom (small settings: VMOE_NOTEBOOK_SMALL=1) without error and show
 what they promise. Committed notebooks carry no outputs."""
+
 import json
 import os
 import re
@@ -24,10 +25,13 @@ def run_notebook(name: str, artifacts: Path, monkeypatch) -> nbformat.NotebookNo
     # conftest sets MPLBACKEND=Agg for the tests; the kernel must pick its inline backend itself
     # to show figures (vmoe.viz keeps a Jupyter backend).
     monkeypatch.delenv("MPLBACKEND", raising=False)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(nb, timeout=240, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     return nb
 
 
@@ -35,13 +39,18 @@ def text_outputs(nb) -> str:
     parts = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") + out.get("data", {}).get("text/plain", "")
-                         + out.get("data", {}).get("text/markdown", ""))
+            parts.append(
+                out.get("text", "")
+                + out.get("data", {}).get("text/plain", "")
+                + out.get("data", {}).get("text/markdown", "")
+            )
     return "\n".join(parts)
 
 
 def count_images(nb) -> int:
-    return sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    return sum(
+        "image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", [])
+    )
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
@@ -67,16 +76,22 @@ def test_01_trains_evaluates_and_saves(artifacts, monkeypatch):
 
 def test_02_draws_the_model_saved_by_01(artifacts, monkeypatch):
     if not (artifacts / "vmoe_tiny_digits" / "config.json").is_file():
-        run_notebook("01_train_quickstart.ipynb", artifacts, monkeypatch)  # run alone: make the model
+        run_notebook(
+            "01_train_quickstart.ipynb", artifacts, monkeypatch
+        )  # run alone: make the model
     nb = run_notebook("02_visualize_routing.ipynb", artifacts, monkeypatch)
     text = text_outputs(nb)
     assert "loaded" in text and "| capacity factor |" in text
     assert count_images(nb) >= 6  # 2 patch maps, priority map, load, class x expert, sweep
     # Soft MoE section: dispatch map, combine entropy, slot similarity, class x expert
-    assert count_images(nb) >= 10 and re.search(r"blocks\.3\.mlp: the slots mix on average [0-9.]+ of 17", text)
+    assert count_images(nb) >= 10 and re.search(
+        r"blocks\.3\.mlp: the slots mix on average [0-9.]+ of 17", text
+    )
     assert "I(class; expert) through the combine weights" in text
     report = json.loads((artifacts / "routing_report" / "report.json").read_text())
-    assert (artifacts / "routing_report" / "index.html").is_file() and report["data"]["num_images"] == 60
+    assert (artifacts / "routing_report" / "index.html").is_file() and report["data"][
+        "num_images"
+    ] == 60
 
 
 def test_02_trains_a_model_when_01_was_not_run(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The README's Python examples work when pasted (run in order, in a temporary folder)."""
+
 import re
 from pathlib import Path
 

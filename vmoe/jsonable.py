@@ -1,4 +1,5 @@
 """Values -> plain JSON types, for config.json (model arguments, MoE options) and report.json."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,13 +24,17 @@ def to_jsonable(value, strict: bool = False):
     if isinstance(value, _SCALARS):
         return value.item() if isinstance(value, np.generic) else value  # np.float64 is a float
     if isinstance(value, dict):
-        return {("@".join(map(str, k)) if isinstance(k, tuple) else str(k)): to_jsonable(v, strict)
-                for k, v in value.items()}
+        return {
+            ("@".join(map(str, k)) if isinstance(k, tuple) else str(k)): to_jsonable(v, strict)
+            for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v, strict) for v in value]
     if strict:
-        raise TypeError(f"{value!r} ({type(value).__name__}) is not a plain JSON value "
-                        "(None, bool, int, float, str, or lists and dicts of them)")
+        raise TypeError(
+            f"{value!r} ({type(value).__name__}) is not a plain JSON value "
+            "(None, bool, int, float, str, or lists and dicts of them)"
+        )
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()
     if isinstance(value, np.ndarray):

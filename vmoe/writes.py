@@ -11,6 +11,7 @@ them into one :class:`WriteError` "could not write X: disk full (...); nothing w
 Ctrl-C inside ``torch.save`` is wrapped the same way (a RuntimeError whose ``__context__`` is
 the KeyboardInterrupt): :func:`failed_write` raises it as ``KeyboardInterrupt`` again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,11 +23,19 @@ from typing import Iterator, Optional, Union
 __all__ = ["WriteError", "WRITE_ERRNOS", "write_errno", "failed_write", "save_figure"]
 
 # errno -> what the user is told; EIO also stands for "the write failed, cause unknown"
-WRITE_ERRNOS = {errno.ENOSPC: "disk full", getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded",
-                errno.EFBIG: "file too large for the file system or the file-size limit",
-                errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
+WRITE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system or the file-size limit",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error",
+}
 # how torch's zip writer (PytorchStreamWriter) reports a failed write of its file object
-_TORCH_WRITE_FAILED = ("[enforce fail at inline_container.cc", "unexpected pos", "PytorchStreamWriter failed")
+_TORCH_WRITE_FAILED = (
+    "[enforce fail at inline_container.cc",
+    "unexpected pos",
+    "PytorchStreamWriter failed",
+)
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
 
 
@@ -55,11 +64,15 @@ def write_errno(err: BaseException) -> Optional[int]:
     """The errno of a failed write (see the module docstring), or None when ``err`` is not one."""
     if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
         return err.errno
-    if type(err).__name__ == "SafetensorError":  # "I/O error: No space left on device (os error 28)"
+    if (
+        type(err).__name__ == "SafetensorError"
+    ):  # "I/O error: No space left on device (os error 28)"
         code = _OS_ERROR_CODE.search(str(err))
         return int(code.group(1)) if code and int(code.group(1)) in WRITE_ERRNOS else None
     if _torch_write_failure(err):
-        causes = [e.errno for e in _chain(err) if isinstance(e, OSError) and e.errno in WRITE_ERRNOS]
+        causes = [
+            e.errno for e in _chain(err) if isinstance(e, OSError) and e.errno in WRITE_ERRNOS
+        ]
         return causes[0] if causes else errno.EIO
     return None
 
@@ -98,10 +111,17 @@ def failed_write(target: Union[str, os.PathLike], what: str = "") -> Iterator[No
             raise
         name = f"{what} {os.fspath(target)}" if what else os.fspath(target)
         reason = WRITE_ERRNOS[code]
-        if code == errno.EIO and _torch_write_failure(err) and not any(isinstance(e, OSError) for e in _chain(err)):
-            reason = "the write failed part-way (disk full or file too large?)"  # torch did not say why
-        raise WriteError(code, f"could not write {name}: {reason} ({_detail(err, code)}); "
-                               "nothing was changed") from err
+        if (
+            code == errno.EIO
+            and _torch_write_failure(err)
+            and not any(isinstance(e, OSError) for e in _chain(err))
+        ):
+            reason = (
+                "the write failed part-way (disk full or file too large?)"  # torch did not say why
+            )
+        raise WriteError(
+            code, f"could not write {name}: {reason} ({_detail(err, code)}); nothing was changed"
+        ) from err
 
 
 def save_figure(fig, path: Union[str, os.PathLike], **savefig_kwargs) -> None:

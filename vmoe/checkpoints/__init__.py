@@ -8,10 +8,19 @@
 
 The mapping of official parameter names onto vmoe's model is in :mod:`vmoe.models.official`.
 """
+
 from .official_format import ArrayInfo, CheckpointFormatError, Chunk
 from .official_reader import iter_checkpoint_arrays, read_checkpoint, read_checkpoint_index
 from .safetensors_stream import SafetensorsStreamWriter, TensorEntry, read_safetensors_header
 
-__all__ = ["CheckpointFormatError", "ArrayInfo", "Chunk", "read_checkpoint_index",
-           "iter_checkpoint_arrays", "read_checkpoint", "SafetensorsStreamWriter", "TensorEntry",
-           "read_safetensors_header"]
+__all__ = [
+    "CheckpointFormatError",
+    "ArrayInfo",
+    "Chunk",
+    "read_checkpoint_index",
+    "iter_checkpoint_arrays",
+    "read_checkpoint",
+    "SafetensorsStreamWriter",
+    "TensorEntry",
+    "read_safetensors_header",
+]

@@ -1,7 +1,7 @@
 """Building blocks of Google's V-MoE checkpoint format (``vmoe.checkpoints.partitioned``).
 
 Shared by the reader (:mod:`vmoe.checkpoints.official_reader`) and the writer the tests use
-(``tests/official_writer.py``): the error type, the array/chunk descriptions, the dtype
+(``tests/checkpoints/official_writer.py``): the error type, the array/chunk descriptions, the dtype
 whitelist and a tiny *streaming* MessagePack header reader.
 
 Why a hand-written header reader: a data shard is one MessagePack map whose values hold the
@@ -10,6 +10,7 @@ them into its buffer and again into a ``bytes`` object. Reading only the headers
 reader record *where* each chunk's bytes are and later ``readinto`` them straight into the
 destination array, so nothing but the output array is ever held in memory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,13 +33,35 @@ __all__ = [
 VERSION = "20220622"
 MARKER_KEY = "__msgpack_array_chunk_a87ca2__"
 EXT_NDARRAY, EXT_SLICE_ND, EXT_INDEX_INFO = 1, 6, 8
-KNOWN_EXT_CODES = {1: "ndarray", 2: "complex", 3: "numpy scalar", 4: "ShapedArray", 5: "Slice",
-                   6: "SliceNd", 7: "SliceNdArray", 8: "IndexInfo"}
+KNOWN_EXT_CODES = {
+    1: "ndarray",
+    2: "complex",
+    3: "numpy scalar",
+    4: "ShapedArray",
+    5: "Slice",
+    6: "SliceNd",
+    7: "SliceNdArray",
+    8: "IndexInfo",
+}
 
 # Only plain numeric dtypes are accepted: never object/str/void (nothing in a file may make
 # numpy build Python objects). Stored little-endian ("native" on every machine vmoe ran on).
-_NUMERIC = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-            "float16", "float32", "float64", "complex64", "complex128"]
+_NUMERIC = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+]
 _STORAGE = {name: np.dtype(name).newbyteorder("<") for name in _NUMERIC}
 _STORAGE["bfloat16"] = np.dtype("<u2")  # upper 16 bits of a float32
 
@@ -56,7 +79,8 @@ def storage_dtype(name: str, where: str) -> np.dtype:
     """The numpy dtype of the stored bytes for a checkpoint dtype name (bfloat16 -> <u2)."""
     if not isinstance(name, str) or name not in _STORAGE:
         raise CheckpointFormatError(
-            f"{where}: unknown dtype {name!r}; expected one of {sorted(_STORAGE)}")
+            f"{where}: unknown dtype {name!r}; expected one of {sorted(_STORAGE)}"
+        )
     return _STORAGE[name]
 
 
@@ -125,8 +149,9 @@ class MsgpackStream:
     def read(self, n: int) -> bytes:
         start = self.f.tell()
         if start + n > self.size:  # check first: a corrupted length must not allocate GiBs
-            raise self.fail(f"file is truncated: needed {n} more bytes, found "
-                            f"{self.size - start}", start)
+            raise self.fail(
+                f"file is truncated: needed {n} more bytes, found {self.size - start}", start
+            )
         data = self.f.read(n)
         if len(data) != n:
             raise self.fail(f"file is truncated: needed {n} more bytes, found {len(data)}", start)
@@ -136,8 +161,11 @@ class MsgpackStream:
         """Seeks over ``n`` payload bytes (checking that the file is long enough)."""
         start = self.f.tell()
         if start + n > self.size:
-            raise self.fail(f"file is truncated: a {n}-byte payload at byte {start} needs bytes "
-                            f"{start}..{start + n}, but the file ends at byte {self.size}", start)
+            raise self.fail(
+                f"file is truncated: a {n}-byte payload at byte {start} needs bytes "
+                f"{start}..{start + n}, but the file ends at byte {self.size}",
+                start,
+            )
         self.f.seek(start + n)
 
     def _uint(self, n: int) -> int:
@@ -160,9 +188,18 @@ class MsgpackStream:
         simple = {0xC0: ("nil", None), 0xC2: ("bool", False), 0xC3: ("bool", True)}
         if b in simple:
             return simple[b]
-        sized = {0xC4: ("bin", 1), 0xC5: ("bin", 2), 0xC6: ("bin", 4), 0xD9: ("str", 1),
-                 0xDA: ("str", 2), 0xDB: ("str", 4), 0xDC: ("array", 2), 0xDD: ("array", 4),
-                 0xDE: ("map", 2), 0xDF: ("map", 4)}
+        sized = {
+            0xC4: ("bin", 1),
+            0xC5: ("bin", 2),
+            0xC6: ("bin", 4),
+            0xD9: ("str", 1),
+            0xDA: ("str", 2),
+            0xDB: ("str", 4),
+            0xDC: ("array", 2),
+            0xDD: ("array", 4),
+            0xDE: ("map", 2),
+            0xDF: ("map", 4),
+        }
         if b in sized:
             kind, n = sized[b]
             return kind, self._uint(n)
@@ -177,9 +214,12 @@ class MsgpackStream:
             n = 1 << (b - 0xD0)
             return "int", int.from_bytes(self.read(n), "big", signed=True)
         if b in (0xCA, 0xCB):
-            return "float", struct.unpack(">f" if b == 0xCA else ">d", self.read(4 if b == 0xCA else 8))[0]
-        raise self.fail(f"byte 0x{b:02x} is not a valid MessagePack type (corrupted file?)",
-                        self.f.tell() - 1)
+            return "float", struct.unpack(
+                ">f" if b == 0xCA else ">d", self.read(4 if b == 0xCA else 8)
+            )[0]
+        raise self.fail(
+            f"byte 0x{b:02x} is not a valid MessagePack type (corrupted file?)", self.f.tell() - 1
+        )
 
     def expect(self, kind: str, what: str) -> object:
         """Reads a header and checks its kind; returns its value (a length for containers)."""

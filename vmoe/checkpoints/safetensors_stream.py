@@ -14,6 +14,7 @@ Example::
         for name, array in iter_checkpoint_arrays(prefix):
             w.write(name, torch.from_numpy(array))
 """
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,40 @@ import torch
 
 __all__ = ["SafetensorsStreamWriter", "TensorEntry", "read_safetensors_header"]
 
-_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-           torch.int32: "I32", torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.float32: "F32", torch.float64: "F64", torch.uint16: "U16", torch.uint32: "U32",
-           torch.uint64: "U64"}
+_DTYPES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
 
 
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 class TensorEntry(NamedTuple):
@@ -59,8 +86,9 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     size = os.path.getsize(path)
 
     def bad(what: str) -> ValueError:
-        return ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): "
-                          f"{what}")
+        return ValueError(
+            f"{path} is not a readable safetensors file (corrupted or truncated?): {what}"
+        )
 
     with open(path, "rb") as f:
         head = f.read(8)
@@ -81,20 +109,28 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     for name, spec in header.items():
         if name == "__metadata__":
             continue
-        ok = (isinstance(spec, dict) and spec.get("dtype") in _ITEMSIZE
-              and isinstance(spec.get("shape"), list)
-              and all(type(d) is int and d >= 0 for d in spec["shape"])
-              and isinstance(spec.get("data_offsets"), list) and len(spec["data_offsets"]) == 2
-              and all(type(o) is int for o in spec["data_offsets"]))
+        ok = (
+            isinstance(spec, dict)
+            and spec.get("dtype") in _ITEMSIZE
+            and isinstance(spec.get("shape"), list)
+            and all(type(d) is int and d >= 0 for d in spec["shape"])
+            and isinstance(spec.get("data_offsets"), list)
+            and len(spec["data_offsets"]) == 2
+            and all(type(o) is int for o in spec["data_offsets"])
+        )
         if not ok:
-            raise bad(f"entry {name!r} is not {{dtype, shape, data_offsets}} with a known dtype "
-                      f"and int sizes: {str(spec)[:200]}")
+            raise bad(
+                f"entry {name!r} is not {{dtype, shape, data_offsets}} with a known dtype "
+                f"and int sizes: {str(spec)[:200]}"
+            )
         begin, end = spec["data_offsets"]
         nbytes = math.prod(spec["shape"]) * _ITEMSIZE[spec["dtype"]]
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
-            raise bad(f"tensor {name!r} ({spec['dtype']} {spec['shape']}, {nbytes} bytes) has "
-                      f"byte offsets {[begin, end]}, which do not fit the {data_size} bytes of "
-                      "data in the file")
+            raise bad(
+                f"tensor {name!r} ({spec['dtype']} {spec['shape']}, {nbytes} bytes) has "
+                f"byte offsets {[begin, end]}, which do not fit the {data_size} bytes of "
+                "data in the file"
+            )
         entries[name] = TensorEntry(spec["dtype"], tuple(spec["shape"]), begin, end)
     return entries
 
@@ -105,8 +141,12 @@ class SafetensorsStreamWriter:
     when every tensor was written (it is built under ``path + ".tmp"``); on an error or an
     incomplete set the temporary file is removed."""
 
-    def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
-                 metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+    ):
         self.path = os.fspath(path)
         header: dict = {}
         if metadata:
@@ -119,12 +159,17 @@ class SafetensorsStreamWriter:
             if name == "__metadata__" or not isinstance(name, str):
                 raise ValueError(f"specs: invalid tensor name {name!r}")
             if dtype not in _DTYPES:
-                raise TypeError(f"specs[{name!r}]: dtype {dtype} is not supported by "
-                                f"safetensors here; use one of {sorted(map(str, _DTYPES))}")
+                raise TypeError(
+                    f"specs[{name!r}]: dtype {dtype} is not supported by "
+                    f"safetensors here; use one of {sorted(map(str, _DTYPES))}"
+                )
             shape = tuple(int(n) for n in shape)
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._layout[name] = (dtype, shape, offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -146,8 +191,9 @@ class SafetensorsStreamWriter:
             tensor = torch.from_numpy(tensor)  # shares memory: no copy
         dtype, shape, offset, nbytes = self._layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ValueError(f"{name!r}: expected {dtype} {list(shape)}, got {tensor.dtype} "
-                             f"{list(tensor.shape)}")
+            raise ValueError(
+                f"{name!r}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
         # Raw bytes without a copy when the tensor is already contiguous on the CPU (bytes are
         # little-endian on every platform torch supports).
         flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
@@ -167,8 +213,10 @@ class SafetensorsStreamWriter:
         missing = [n for n in self._layout if n not in self._written]
         if missing:
             os.remove(self._tmp)
-            raise ValueError(f"{self.path}: {len(missing)} tensors were never written, e.g. "
-                             f"{missing[:3]}; no file was created")
+            raise ValueError(
+                f"{self.path}: {len(missing)} tensors were never written, e.g. "
+                f"{missing[:3]}; no file was created"
+            )
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

@@ -24,6 +24,7 @@ img_size mismatch, an unreadable checkpoint, a diverged run, a full disk, ...) e
 one-line ``vmoe <command>: error: ...`` and exit code 2 (:func:`run_command`); ``VMOE_DEBUG=1``
 shows the traceback.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,8 +33,16 @@ from typing import List, Optional, Sequence
 from .commands import COMMANDS, Command
 from .errors import TrainingInterrupted, error_message, run_command
 
-__all__ = ["main", "console_main", "COMMANDS", "Command", "LIGHTNING_COMMANDS", "run_command",
-           "error_message", "TrainingInterrupted"]
+__all__ = [
+    "main",
+    "console_main",
+    "COMMANDS",
+    "Command",
+    "LIGHTNING_COMMANDS",
+    "run_command",
+    "error_message",
+    "TrainingInterrupted",
+]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -20,6 +20,7 @@ pipeline (resize, center crop, normalize) at the model's input size. This is whe
 and ``vmoe.viz`` meet: neither imports the other. A Soft MoE model gets its own pictures in the
 routing report (no capacity sweep); ``capacity-sweep`` refuses it with a message naming the layer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,14 +49,23 @@ class Command:
 
 def _convert_arguments(p) -> None:
     p.add_argument("prefix", help="checkpoint path without '.index'")
-    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument(
+        "--out", required=True, help="output directory (config.json + model.safetensors)"
+    )
     p.add_argument("--num-selected", type=int, default=None, help="K experts per token (default 2)")
     p.add_argument("--capacity-factor", type=float, default=None, help="default 1.05")
-    p.add_argument("--group-size-images", type=int, default=None,
-                   help="images per routing group (default 8; Soft MoE checkpoints: 1)")
+    p.add_argument(
+        "--group-size-images",
+        type=int,
+        default=None,
+        help="images per routing group (default 8; Soft MoE checkpoints: 1)",
+    )
     p.add_argument("--batch-priority", action="store_true")
-    p.add_argument("--bf16-dispatch", action="store_true",
-                   help="Soft MoE: round the mixed data to bfloat16 as the official code does")
+    p.add_argument(
+        "--bf16-dispatch",
+        action="store_true",
+        help="Soft MoE: round the mixed data to bfloat16 as the official code does",
+    )
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -63,15 +73,27 @@ def _convert(args) -> int:
     from vmoe.models import official
 
     out_dir = Path(args.out)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:  # before reading anything
-        raise FileExistsError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace "
-                              "its files, or choose a new directory")
+    if (
+        out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite
+    ):  # before reading anything
+        raise FileExistsError(
+            f"--out {out_dir} exists and is not empty; pass --overwrite to replace "
+            "its files, or choose a new directory"
+        )
     # Only the options given: the importer fills in the defaults of the checkpoint's router type.
-    given = dict(num_selected=args.num_selected, capacity_factor=args.capacity_factor,
-                 group_size_images=args.group_size_images,
-                 batch_priority=args.batch_priority or None, bf16_dispatch=args.bf16_dispatch or None)
-    out = official.convert_vmoe_checkpoint(args.prefix, out_dir, overwrite=args.overwrite,
-                                           **{k: v for k, v in given.items() if v is not None})
+    given = dict(
+        num_selected=args.num_selected,
+        capacity_factor=args.capacity_factor,
+        group_size_images=args.group_size_images,
+        batch_priority=args.batch_priority or None,
+        bf16_dispatch=args.bf16_dispatch or None,
+    )
+    out = official.convert_vmoe_checkpoint(
+        args.prefix,
+        out_dir,
+        overwrite=args.overwrite,
+        **{k: v for k, v in given.items() if v is not None},
+    )
     print(f"wrote {out}")
     return 0
 
@@ -83,36 +105,49 @@ def load_model(directory: str):
     """``vmoe.models.from_pretrained(directory)`` with a clear error for a wrong path or an
     architecture that timm does not know."""
     import vmoe.models as vm
+
     path = Path(directory)
     if directory.startswith("hf-hub:"):
         path = directory  # from_pretrained downloads it (a one-line ConnectionError offline)
     elif directory.startswith("local-dir:"):
-        path = Path(directory[len("local-dir:"):])
+        path = Path(directory[len("local-dir:") :])
     if isinstance(path, Path) and not path.is_dir():
-        raise FileNotFoundError(f"--model {directory}: not a directory (expected a folder written by "
-                                "vmoe.models.save_pretrained, holding config.json and model.safetensors)")
+        raise FileNotFoundError(
+            f"--model {directory}: not a directory (expected a folder written by "
+            "vmoe.models.save_pretrained, holding config.json and model.safetensors)"
+        )
     try:
         return vm.from_pretrained(path)
     except RuntimeError as err:  # timm.create_model: "Unknown model (name)"
         if not str(err).startswith("Unknown model"):
             raise
-        raise ValueError(f"--model {directory}: config.json names an architecture that is not a "
-                         f"registered timm model ({err}); vmoe's are timm.list_models('vmoe_*')") from None
+        raise ValueError(
+            f"--model {directory}: config.json names an architecture that is not a "
+            f"registered timm model ({err}); vmoe's are timm.list_models('vmoe_*')"
+        ) from None
 
 
 def _model_img_size(model) -> int:
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is None:
-        raise ValueError("the model has no patch_embed.img_size: cannot tell which image size it expects")
+        raise ValueError(
+            "the model has no patch_embed.img_size: cannot tell which image size it expects"
+        )
     h, w = size
     if h != w:
         raise ValueError(f"the model expects {h}x{w} images; only square inputs are supported here")
     return int(h)
 
 
-def eval_loader(data: str, img_size: int, batch_size: int, split: str = "test",
-                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                num_workers: int = 0) -> Tuple[object, List[str]]:
+def eval_loader(
+    data: str,
+    img_size: int,
+    batch_size: int,
+    split: str = "test",
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    num_workers: int = 0,
+) -> Tuple[object, List[str]]:
     """A DataLoader of (images [B,C,img_size,img_size], labels [B]) in order, and the class names.
 
     ``data``: 'digits' (``split`` of ``DigitsDataModule``) or a folder ``<data>/<class>/<image>``
@@ -123,20 +158,25 @@ def eval_loader(data: str, img_size: int, batch_size: int, split: str = "test",
 
     from vmoe.data import DigitsDataModule, ImageFolderDataModule
 
-    common = dict(img_size=img_size, batch_size=batch_size, mean=mean, std=std, num_workers=num_workers)
+    common = dict(
+        img_size=img_size, batch_size=batch_size, mean=mean, std=std, num_workers=num_workers
+    )
     if data == "digits":
         dm = DigitsDataModule(**common)
     else:
         root = Path(data).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"--data {data}: neither 'digits' nor an existing folder of class "
-                                    "sub-folders (<dir>/<class>/<image>)")
+            raise FileNotFoundError(
+                f"--data {data}: neither 'digits' nor an existing folder of class "
+                "sub-folders (<dir>/<class>/<image>)"
+            )
         for name, values in (("mean", mean), ("std", std)):
             if values is not None and len(values) != 3:
                 raise ValueError(f"--{name} needs 3 values for RGB images, got {list(values)}")
         # The folder is the only split: it defines the classes and holds the images.
-        dm = ImageFolderDataModule(data_dir=str(root), train_split=".", val_split=None,
-                                   test_split=".", **common)
+        dm = ImageFolderDataModule(
+            data_dir=str(root), train_split=".", val_split=None, test_split=".", **common
+        )
         split = "test"
     dm.setup("test" if split == "test" else "fit")
     dataset = getattr(dm, f"{split}_set")
@@ -148,15 +188,27 @@ def eval_loader(data: str, img_size: int, batch_size: int, split: str = "test",
 def _prepare(args):
     """Model on its device (eval mode) and the loader at the model's image size."""
     import torch
+
     os.environ.setdefault("WANDB_MODE", "offline")  # a report never logs to wandb
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     model = load_model(args.model).to(device).eval()
-    loader, classes = eval_loader(args.data, _model_img_size(model), args.batch_size, args.split,
-                                  args.mean, args.std, args.num_workers)
+    loader, classes = eval_loader(
+        args.data,
+        _model_img_size(model),
+        args.batch_size,
+        args.split,
+        args.mean,
+        args.std,
+        args.num_workers,
+    )
     num_classes = getattr(model, "num_classes", None)
     if num_classes and len(classes) > num_classes:
-        raise ValueError(f"--data {args.data} has {len(classes)} classes but the model has "
-                         f"num_classes={num_classes}")
+        raise ValueError(
+            f"--data {args.data} has {len(classes)} classes but the model has "
+            f"num_classes={num_classes}"
+        )
     return model, loader, classes, device
 
 
@@ -165,8 +217,10 @@ def _refuse_non_empty(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace "
-                              "the report's files in it, or choose a new directory")
+        raise FileExistsError(
+            f"--out {out} exists and is not empty; pass --overwrite to replace "
+            "the report's files in it, or choose a new directory"
+        )
 
 
 def _report_arguments(p) -> None:
@@ -174,20 +228,42 @@ def _report_arguments(p) -> None:
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
     from vmoe.viz.report import DEFAULT_CAPACITY_FACTORS
-    p.add_argument("--model", required=True, help="directory written by vmoe.models.save_pretrained "
-                   "(config.json + model.safetensors), e.g. a training run's export/ folder")
-    p.add_argument("--data", required=True, help="'digits' or a folder of class sub-folders of images")
+
+    p.add_argument(
+        "--model",
+        required=True,
+        help="directory written by vmoe.models.save_pretrained "
+        "(config.json + model.safetensors), e.g. a training run's export/ folder",
+    )
+    p.add_argument(
+        "--data", required=True, help="'digits' or a folder of class sub-folders of images"
+    )
     p.add_argument("--split", choices=_SPLITS, default="test", help="digits: which split")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--max-images", type=PositiveInt, default=512, help="use the first N images")
     p.add_argument("--batch-size", type=PositiveInt, default=64, help="images per forward")
-    p.add_argument("--capacity-factors", type=PositiveFloat, nargs="+", default=list(DEFAULT_CAPACITY_FACTORS),
-                   metavar="CF", help="inference capacity factors of the sweep")
-    p.add_argument("--mean", type=float, nargs="+", default=None,
-                   help="per-channel normalization mean on the [0, 1] scale (default 0.5, as vmoe.data)")
-    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std (default 0.5)")
+    p.add_argument(
+        "--capacity-factors",
+        type=PositiveFloat,
+        nargs="+",
+        default=list(DEFAULT_CAPACITY_FACTORS),
+        metavar="CF",
+        help="inference capacity factors of the sweep",
+    )
+    p.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="per-channel normalization mean on the [0, 1] scale (default 0.5, as vmoe.data)",
+    )
+    p.add_argument(
+        "--std", type=float, nargs="+", default=None, help="per-channel std (default 0.5)"
+    )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ...; auto: cuda if available")
+    p.add_argument(
+        "--device", default="auto", help="'cpu', 'cuda', 'cuda:1', ...; auto: cuda if available"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -196,11 +272,15 @@ def _report_arguments(p) -> None:
 
 def _routing_report_arguments(p) -> None:
     from jsonargparse.typing import PositiveInt
+
     _report_arguments(p)
     p.add_argument("--examples", type=PositiveInt, default=4, help="patch maps drawn")
     p.add_argument("--no-sweep", action="store_true", help="skip the capacity sweep")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --out (replacing the report's files there)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out (replacing the report's files there)",
+    )
 
 
 def _routing_report(args) -> int:
@@ -213,10 +293,17 @@ def _routing_report(args) -> int:
     # Written into a temporary folder beside --out, moved into place when complete.
     with staged_save_dir(out, overwrite=True) as tmp:
         report = write_routing_report(
-            model, loader, tmp, max_images=args.max_images, num_examples=args.examples,
-            capacity_factors=None if args.no_sweep else args.capacity_factors, class_names=classes,
-            device=device, progress=not args.no_progress,
-            title=f"Routing report: {Path(args.model).name} on {args.data}")
+            model,
+            loader,
+            tmp,
+            max_images=args.max_images,
+            num_examples=args.examples,
+            capacity_factors=None if args.no_sweep else args.capacity_factors,
+            class_names=classes,
+            device=device,
+            progress=not args.no_progress,
+            title=f"Routing report: {Path(args.model).name} on {args.data}",
+        )
     print(f"accuracy {100 * report['accuracy']:.1f}% over {report['data']['num_images']} images")
     print(f"wrote {len(report['files'])} files to {out}/; open {out / 'index.html'}")
     return 0
@@ -242,10 +329,19 @@ def _capacity_sweep(args) -> int:
     top_k = not any(isinstance(m.router, ExpertChoiceRouter) for m in layers.values())
     modes = ("vanilla", "bpr") if top_k else ("vanilla",)
     batches = -(-min(len(loader.dataset), args.max_images) // args.batch_size)
-    with tqdm(total=batches * (1 + len(args.capacity_factors) * len(modes)), desc="capacity sweep",
-              unit="batch", disable=args.no_progress) as bar:
-        fig, numbers = capacity_sweep(model, FirstImages(loader, args.max_images, lambda: bar.update(1)),
-                                      capacity_factors=args.capacity_factors, modes=modes, device=device)
+    with tqdm(
+        total=batches * (1 + len(args.capacity_factors) * len(modes)),
+        desc="capacity sweep",
+        unit="batch",
+        disable=args.no_progress,
+    ) as bar:
+        fig, numbers = capacity_sweep(
+            model,
+            FirstImages(loader, args.max_images, lambda: bar.update(1)),
+            capacity_factors=args.capacity_factors,
+            modes=modes,
+            device=device,
+        )
     out = Path(args.out)
     numbers = to_jsonable(numbers)
     with staged_save_dir(out, overwrite=True) as tmp:  # moved into --out when both are written
@@ -266,42 +362,84 @@ def _export_arguments(p) -> None:
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
     from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
-    p.add_argument("--model", required=True, help="directory written by vmoe.models.save_pretrained, "
-                   "local-dir:DIR or hf-hub:ORG/NAME")
-    p.add_argument("--format", default="onnx", help="'onnx' (ONNX Runtime; needs the export extra: "
-                   'pip install -e ".[export]") or \'pt2\' (torch.export.save)')
+
+    p.add_argument(
+        "--model",
+        required=True,
+        help="directory written by vmoe.models.save_pretrained, local-dir:DIR or hf-hub:ORG/NAME",
+    )
+    p.add_argument(
+        "--format",
+        default="onnx",
+        help="'onnx' (ONNX Runtime; needs the export extra: "
+        "pip install -e \".[export]\") or 'pt2' (torch.export.save)",
+    )
     p.add_argument("--out", required=True, help="output file (e.g. model.onnx, model.pt2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--capacity-factor", type=PositiveFloat, default=EVAL_CAPACITY_FACTOR,
-                   help="inference capacity factor of the sparse MoE layers (default: what vmoe fit "
-                   "evaluates with)")
-    p.add_argument("--batch-priority", type=Optional[bool], default=None,
-                   help="true/false: Batch Priority Routing at inference (default: the model's)")
-    p.add_argument("--batch-independent", action="store_true",
-                   help="one image per routing group: an image's logits do not depend on its batch")
-    p.add_argument("--max-batch", type=Optional[PositiveInt], default=None,
-                   help="largest batch the artifact accepts (default: unbounded)")
-    p.add_argument("--check-batch-sizes", type=PositiveInt, nargs=2, default=[1, 5], metavar="B",
-                   help="the two batch sizes the artifact is checked at against the eager model")
+    p.add_argument(
+        "--capacity-factor",
+        type=PositiveFloat,
+        default=EVAL_CAPACITY_FACTOR,
+        help="inference capacity factor of the sparse MoE layers (default: what vmoe fit "
+        "evaluates with)",
+    )
+    p.add_argument(
+        "--batch-priority",
+        type=Optional[bool],
+        default=None,
+        help="true/false: Batch Priority Routing at inference (default: the model's)",
+    )
+    p.add_argument(
+        "--batch-independent",
+        action="store_true",
+        help="one image per routing group: an image's logits do not depend on its batch",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=Optional[PositiveInt],
+        default=None,
+        help="largest batch the artifact accepts (default: unbounded)",
+    )
+    p.add_argument(
+        "--check-batch-sizes",
+        type=PositiveInt,
+        nargs=2,
+        default=[1, 5],
+        metavar="B",
+        help="the two batch sizes the artifact is checked at against the eager model",
+    )
 
 
 def _export(args) -> int:
-    from vmoe.models.export import EXPORT_FORMATS, MissingExtraError, check_export, export_model, require_onnx
+    from vmoe.models.export import (
+        EXPORT_FORMATS,
+        MissingExtraError,
+        check_export,
+        export_model,
+        require_onnx,
+    )
 
     out = Path(args.out)
     if args.format not in EXPORT_FORMATS:
         raise ValueError(f"--format {args.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     if out.exists() and not args.overwrite:  # before loading anything
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose a new file")
+        raise FileExistsError(
+            f"--out {out} exists; pass --overwrite to replace it, or choose a new file"
+        )
     try:
         if args.format == "onnx":
             require_onnx()
     except MissingExtraError as err:
         raise ValueError(str(err)) from None
     model = load_model(args.model).eval()
-    routing = dict(capacity_factor=args.capacity_factor, batch_priority=args.batch_priority,
-                   batch_independent=args.batch_independent)
-    export_model(model, out, args.format, overwrite=args.overwrite, max_batch=args.max_batch, **routing)
+    routing = dict(
+        capacity_factor=args.capacity_factor,
+        batch_priority=args.batch_priority,
+        batch_independent=args.batch_independent,
+    )
+    export_model(
+        model, out, args.format, overwrite=args.overwrite, max_batch=args.max_batch, **routing
+    )
     diffs = check_export(out, model, args.check_batch_sizes, **routing)
     shown = ", ".join(f"batch {b}: {d:.2e}" for b, d in diffs.items())
     print(f"wrote {out} ({args.format}); max |exported - eager| {shown}")
@@ -312,14 +450,22 @@ def _export(args) -> int:
 
 
 def _make_shards_arguments(p) -> None:
-    p.add_argument("--source", required=True, help="a folder of class sub-folders (<dir>/<class>/<image>, or "
-                   "<dir>/<split>/<class>/<image>), or a Hugging Face dataset (save_to_disk/Parquet/"
-                   "imagefolder folder or hub name)")
-    p.add_argument("--out", required=True, help="output folder of litdata chunks + vmoe_shards.json")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="a folder of class sub-folders (<dir>/<class>/<image>, or "
+        "<dir>/<split>/<class>/<image>), or a Hugging Face dataset (save_to_disk/Parquet/"
+        "imagefolder folder or hub name)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder of litdata chunks + vmoe_shards.json"
+    )
     p.add_argument("--split", default="train", help="the split to write (default train)")
     p.add_argument("--image-column", default="image", help="Hugging Face source: the image column")
     p.add_argument("--label-column", default="label", help="Hugging Face source: the label column")
-    p.add_argument("--chunk-bytes", default="64MB", help="target size of one chunk (litdata), e.g. 64MB")
+    p.add_argument(
+        "--chunk-bytes", default="64MB", help="target size of one chunk (litdata), e.g. 64MB"
+    )
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -328,28 +474,47 @@ def _make_shards(args) -> int:
     from vmoe.data.shards import write_shards
 
     out = Path(args.out)  # a non-empty --out is refused before any work
-    manifest = write_shards(args.source, out, overwrite=args.overwrite, chunk_bytes=args.chunk_bytes,
-                            split=args.split, image_column=args.image_column,
-                            label_column=args.label_column, progress=not args.no_progress)
-    print(f"wrote {manifest['num_images']} images of {manifest['num_classes']} classes to {out}/; "
-          f"train with --data vmoe.data.ShardDataModule --data.path {out}")
+    manifest = write_shards(
+        args.source,
+        out,
+        overwrite=args.overwrite,
+        chunk_bytes=args.chunk_bytes,
+        split=args.split,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {manifest['num_images']} images of {manifest['num_classes']} classes to {out}/; "
+        f"train with --data vmoe.data.ShardDataModule --data.path {out}"
+    )
     return 0
 
 
 COMMANDS = {
     "convert": Command(
         "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
-        _convert_arguments, _convert),
+        _convert_arguments,
+        _convert,
+    ),
     "routing-report": Command(
         "write routing plots, index.html and report.json for a model on a dataset",
-        _routing_report_arguments, _routing_report),
+        _routing_report_arguments,
+        _routing_report,
+    ),
     "capacity-sweep": Command(
         "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR (sparse MoE layers only)",
-        _report_arguments, _capacity_sweep),
+        _report_arguments,
+        _capacity_sweep,
+    ),
     "export": Command(
         "export a model to ONNX or torch.export (.pt2) with a dynamic batch, checked against eager",
-        _export_arguments, _export),
+        _export_arguments,
+        _export,
+    ),
     "make-shards": Command(
         "write litdata streaming shards from an image folder or a Hugging Face dataset",
-        _make_shards_arguments, _make_shards),
+        _make_shards_arguments,
+        _make_shards,
+    ),
 }

@@ -1,6 +1,7 @@
 """The one error path of every ``vmoe`` subcommand: a user's mistake is one line
 ``vmoe <command>: error: ...`` on stderr and exit code 2, Ctrl-C exit code 130, a bug a
 traceback (``VMOE_DEBUG=1`` shows the traceback of a user error too)."""
+
 from __future__ import annotations
 
 import errno
@@ -22,11 +23,18 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 # OSErrors that are the user's to fix rather than bugs: a full disk or quota, a file-size
 # limit, a read-only place (vmoe's writers raise them as vmoe.writes.WriteError).
-USER_OS_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS,
-                  errno.EACCES}
+USER_OS_ERRNOS = {
+    errno.ENOSPC,
+    getattr(errno, "EDQUOT", errno.ENOSPC),
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+}
 MAX_MESSAGE = 400
 _WORKER_PREFIX = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
-_UNION_HEADER = re.compile(r'^(Parser key "[^"]*":)\s*\n\s*Does not validate against any of the Union subtypes')
+_UNION_HEADER = re.compile(
+    r'^(Parser key "[^"]*":)\s*\n\s*Does not validate against any of the Union subtypes'
+)
 _NOT_OF_TYPE = re.compile(r"^(\s*)- Not of type [^:]+: ?(.*)$")
 
 
@@ -55,7 +63,7 @@ def condense_union_error(text: str) -> str:
         indent = len(found.group(1))
         # the message, with its continuation lines (indented deeper than the "- " bullet)
         body = [found.group(2)]
-        for more in lines[i + 1:]:
+        for more in lines[i + 1 :]:
             if len(more) - len(more.lstrip()) <= indent:
                 break
             body.append(more)
@@ -69,11 +77,23 @@ def _user_errors() -> tuple:
     from ..writes import WriteError
 
     # ConnectionError: a download that failed (offline, no such hub repository): the user's to fix
-    errors = [ArgumentError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
-              NotADirectoryError, IsADirectoryError, PermissionError, FloatingPointError,
-              ConnectionError, WriteError]
+    errors = [
+        ArgumentError,
+        ValueError,
+        TypeError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        FloatingPointError,
+        ConnectionError,
+        WriteError,
+    ]
     if "lightning" in sys.modules:  # vmoe convert etc. do not import Lightning
         from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         errors.append(MisconfigurationException)
     return tuple(errors)
 
@@ -83,13 +103,17 @@ def error_message(err: BaseException) -> Optional[str]:
 
     An exception re-raised from a DataLoader worker carries the worker's whole traceback as its
     message; the line shown is the original exception's (e.g. the unreadable image's path)."""
-    is_user = isinstance(err, _user_errors()) or (isinstance(err, OSError) and err.errno in USER_OS_ERRNOS)
+    is_user = isinstance(err, _user_errors()) or (
+        isinstance(err, OSError) and err.errno in USER_OS_ERRNOS
+    )
     if not is_user:
         return None
     text = condense_union_error(str(err))
     if _WORKER_PREFIX.match(text):
         lines = [line for line in text.strip().splitlines() if line.strip()]
-        text = re.sub(r"^[\w.]+(Error|Exception|Warning)?: ", "", lines[-1].strip()) if lines else text
+        text = (
+            re.sub(r"^[\w.]+(Error|Exception|Warning)?: ", "", lines[-1].strip()) if lines else text
+        )
     message = " ".join(text.split()) or type(err).__name__
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + " ..."
@@ -114,6 +138,10 @@ def run_command(command: str, fn: Callable[[], Optional[int]]) -> int:
         message = error_message(err)
         if message is None or os.environ.get("VMOE_DEBUG"):
             raise
-        print(f"vmoe {command}: error: {message}  [{type(err).__name__}; VMOE_DEBUG=1 for the "
-              "traceback]", file=sys.stderr, flush=True)
+        print(
+            f"vmoe {command}: error: {message}  [{type(err).__name__}; VMOE_DEBUG=1 for the "
+            "traceback]",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2

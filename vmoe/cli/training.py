@@ -4,6 +4,7 @@ The model is ``vmoe.train.VmoeClassifier``; the data any LightningDataModule wit
 ``num_classes`` attribute (e.g. ``vmoe.data.DigitsDataModule``). This module imports Lightning,
 so ``vmoe.cli`` imports it only for these four subcommands.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,12 @@ from typing import Literal, Optional, Sequence
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import (
+    EMAWeightAveraging,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    WeightAveraging,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -40,14 +46,18 @@ def _refuse_lightning_optimizer(config) -> None:
     """LightningCLI's ``--optimizer`` / ``--lr_scheduler`` would replace ``configure_optimizers``
     (one parameter group: weight decay on biases and norms too; no warmup, no schedule) while the
     hyper-parameters still record ``model.optimizer``: refused, naming vmoe's options instead."""
-    given = [f"--{key} {_class_name(config.get(key))}" for key in ("optimizer", "lr_scheduler")
-             if config.get(key) is not None]
+    given = [
+        f"--{key} {_class_name(config.get(key))}"
+        for key in ("optimizer", "lr_scheduler")
+        if config.get(key) is not None
+    ]
     if given:
         raise ValueError(
             f"{' and '.join(given)}: not supported; vmoe builds the optimizer and schedule itself "
             "(no weight decay on biases, norms and embeddings; warmup then decay): use "
             "--model.optimizer (adamw, sgd or a timm.optim name), --model.lr, --model.weight_decay, "
-            "--model.momentum/--model.betas, --model.schedule, --model.warmup_steps, --model.end_lr")
+            "--model.momentum/--model.betas, --model.schedule, --model.warmup_steps, --model.end_lr"
+        )
 
 
 def _class_name(value) -> str:
@@ -63,37 +73,71 @@ class VmoeCLI(LightningCLI):
         # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
         # turns them into one line.
         quiet = {"exit_on_error": False}
-        kwargs.setdefault("parser_kwargs", {**quiet, "prog": "vmoe",
-                                            **{c: dict(quiet) for c in self.subcommands()}})
-        super().__init__(VmoeClassifier, L.LightningDataModule, subclass_mode_data=True,
-                         args=args, run=run, **kwargs)
+        kwargs.setdefault(
+            "parser_kwargs",
+            {**quiet, "prog": "vmoe", **{c: dict(quiet) for c in self.subcommands()}},
+        )
+        super().__init__(
+            VmoeClassifier,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         # Two checkpoint callbacks: the best one (by val/acc1), and "last" (LastCheckpoint:
         # every N steps, every epoch end, on Ctrl-C/crash); --ckpt_path last finds it.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc1", "checkpoint.mode": "max",
-                             "checkpoint.save_last": False, "checkpoint.save_top_k": 1,
-                             "checkpoint.filename": "best-epoch{epoch}-step{step}",
-                             "checkpoint.auto_insert_metric_name": False})
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": False,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-epoch{epoch}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(PredictionCsvWriter, "predictions")
         parser.add_lightning_class_args(RoutingStatsLogger, "routing_stats")
         parser.add_lightning_class_args(ExportPretrained, "export")
         parser.add_lightning_class_args(ResumableTraining, "resume")
-        parser.add_argument("--ema.decay", type=Optional[float], default=None,
-                            help="keep an exponential moving average of the weights with this "
-                                 "decay (e.g. 0.9998; Lightning's EMAWeightAveraging): validation, "
-                                 "checkpoints, testing after fit and the export use the EMA weights")
-        parser.add_argument("--ema.update_starting_at_step", type=Optional[int], default=None,
-                            help="first optimizer step (0-based) averaged into the EMA")
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="after fit, test and print where things are")
-        parser.add_argument("--test_weights", type=Literal["best", "final"], default="best",
-                            help="weights tested after fit: the best checkpoint (by the "
-                                 "checkpoint monitor) or the final weights of the run")
-        parser.add_argument("--torch_num_threads", type=Optional[int], default=None,
-                            help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
+        parser.add_argument(
+            "--ema.decay",
+            type=Optional[float],
+            default=None,
+            help="keep an exponential moving average of the weights with this "
+            "decay (e.g. 0.9998; Lightning's EMAWeightAveraging): validation, "
+            "checkpoints, testing after fit and the export use the EMA weights",
+        )
+        parser.add_argument(
+            "--ema.update_starting_at_step",
+            type=Optional[int],
+            default=None,
+            help="first optimizer step (0-based) averaged into the EMA",
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="after fit, test and print where things are",
+        )
+        parser.add_argument(
+            "--test_weights",
+            type=Literal["best", "final"],
+            default="best",
+            help="weights tested after fit: the best checkpoint (by the "
+            "checkpoint monitor) or the final weights of the run",
+        )
+        parser.add_argument(
+            "--torch_num_threads",
+            type=Optional[int],
+            default=None,
+            help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
@@ -114,22 +158,32 @@ class VmoeCLI(LightningCLI):
         else:
             for entry in logger if isinstance(logger, list) else [logger]:
                 args = getattr(entry, "init_args", None)
-                if args is not None and "Wandb" in str(entry.class_path) and args.get("save_dir") in (None, "."):
+                if (
+                    args is not None
+                    and "Wandb" in str(entry.class_path)
+                    and args.get("save_dir") in (None, ".")
+                ):
                     args["save_dir"] = root
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if trainer.loggers and not any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
+        if trainer.loggers and not any(
+            isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks
+        ):
             # logs each parameter group's learning rate every step as train/lr/pg<i>
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         ema = self.config[self.subcommand].get("ema") if self.subcommand == "fit" else None
         if ema is not None and ema.decay is not None:
             if not 0.0 < ema.decay < 1.0:
                 raise ValueError(f"ema.decay={ema.decay} must be in (0, 1)")
-            trainer.callbacks.insert(0, EMAWeightAveraging(
-                decay=ema.decay, update_starting_at_step=ema.update_starting_at_step))
+            trainer.callbacks.insert(
+                0,
+                EMAWeightAveraging(
+                    decay=ema.decay, update_starting_at_step=ema.update_starting_at_step
+                ),
+            )
         if isinstance(trainer.strategy, ExpertParallelStrategy):  # one line, before ranks start
             try:
                 trainer.strategy.check_supported(TrainerFn(self.subcommand), trainer.callbacks)
@@ -149,8 +203,11 @@ class VmoeCLI(LightningCLI):
         hparams = dict(read_checkpoint(ckpt_path, mmap=True).get("hyper_parameters") or {})
         config = self.config[subcommand].model
         defaults = self._parser(subcommand).get_defaults().model
-        taken = {k: v for k, v in hparams.items()
-                 if not k.startswith("_") and k in defaults and config.get(k) == defaults.get(k)}
+        taken = {
+            k: v
+            for k, v in hparams.items()
+            if not k.startswith("_") and k in defaults and config.get(k) == defaults.get(k)
+        }
         if taken:
             self.config = self.parser.parse_object({subcommand: {"model": taken}}, self.config)
 
@@ -172,9 +229,11 @@ class VmoeCLI(LightningCLI):
     def after_fit(self) -> None:
         # read before testing: restoring the best checkpoint resets the callbacks' state
         ckpts = self.trainer.checkpoint_callbacks
-        self._paths = {"dir": ckpts[0].dirpath if ckpts else None,
-                       "best": ckpts[0].best_model_path if ckpts else "",
-                       "last": next((c.last_model_path for c in ckpts if c.last_model_path), "")}
+        self._paths = {
+            "dir": ckpts[0].dirpath if ckpts else None,
+            "best": ckpts[0].best_model_path if ckpts else "",
+            "last": next((c.last_model_path for c in ckpts if c.last_model_path), ""),
+        }
         results = None
         if self.config.fit.test_after_fit and self._has_test_data():
             best = self._paths["best"] if self.config.fit.test_weights == "best" else ""
@@ -185,8 +244,9 @@ class VmoeCLI(LightningCLI):
             averaging = [cb for cb in self.trainer.callbacks if isinstance(cb, WeightAveraging)]
             self.trainer.callbacks = [cb for cb in self.trainer.callbacks if cb not in averaging]
             try:
-                results = self.trainer.test(self.model, datamodule=self.datamodule,
-                                            ckpt_path=best or None, verbose=False)
+                results = self.trainer.test(
+                    self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False
+                )
             finally:
                 self.trainer.callbacks = averaging + self.trainer.callbacks
         self._summary(results)
@@ -207,22 +267,31 @@ class VmoeCLI(LightningCLI):
         trainer, lines = self.trainer, []
         if results:
             r = results[0]
-            acc = "  ".join(f"{k.split('/')[1]} {100 * v:.2f}%" for k, v in r.items()
-                            if k.startswith("test/acc"))
-            lines.append(f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f}; "
-                         f"{self._paths['tested']})")
+            acc = "  ".join(
+                f"{k.split('/')[1]} {100 * v:.2f}%"
+                for k, v in r.items()
+                if k.startswith("test/acc")
+            )
+            lines.append(
+                f"test accuracy: {acc}  (test loss {r.get('test/loss', float('nan')):.4f}; "
+                f"{self._paths['tested']})"
+            )
         paths = self._paths
         if paths["dir"]:
             best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
-            lines.append(f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
-                         "resume with --ckpt_path last)")
+            lines.append(
+                f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
+                "resume with --ckpt_path last)"
+            )
         for logger in trainer.loggers:
             where = getattr(logger, "log_dir", None) or logger.save_dir
             lines.append(f"logs:          {where}  ({type(logger).__name__})")
         for cb in trainer.callbacks:
             if isinstance(cb, ExportPretrained) and cb.export_path is not None:
-                lines.append(f"exported:      {cb.export_path}  (vmoe.models.from_pretrained, or "
-                             "timm.create_model('local-dir:DIR', pretrained=True))")
+                lines.append(
+                    f"exported:      {cb.export_path}  (vmoe.models.from_pretrained, or "
+                    "timm.create_model('local-dir:DIR', pretrained=True))"
+                )
             if isinstance(cb, RoutingStatsLogger):
                 for name, path in cb.last_figures.items():
                     lines.append(f"{name + ':':<14} {path}")

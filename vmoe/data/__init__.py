@@ -3,18 +3,25 @@
 LightningCLI instantiates the classes directly, e.g. ``data: {class_path: vmoe.data.DigitsDataModule,
 init_args: {img_size: 16}}``; ``build_datamodule("digits", img_size=16)`` does the same from code.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from vmoe.data.base import VisionDataModule
 from vmoe.data.cifar import CIFAR10DataModule, CIFAR100DataModule, read_cifar_binary
-from vmoe.data.datasets import ArrayDataset, CorruptImageError, ImageFileDataset, load_image, stratified_split
+from vmoe.data.datasets import (
+    ArrayDataset,
+    CorruptImageError,
+    ImageFileDataset,
+    load_image,
+    stratified_split,
+)
 from vmoe.data.digits import DigitsDataModule, load_digits_uint8
 from vmoe.data.hf import HFDataModule
 from vmoe.data.imagefolder import IMAGE_EXTENSIONS, ImageFolderDataModule
-from vmoe.data.shards import ShardDataModule, write_shards
 from vmoe.data.randaugment import DEFAULT_OPS, GEOMETRIC_OPS, OPS, RandAugment
+from vmoe.data.shards import ShardDataModule, write_shards
 from vmoe.data.transforms import (
     DEFAULT_EVAL,
     DEFAULT_TRAIN,
@@ -46,9 +53,32 @@ def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
 
 
 __all__ = [
-    "ArrayDataset", "CIFAR10DataModule", "DEFAULT_EVAL", "DEFAULT_TRAIN", "CIFAR100DataModule", "CorruptImageError", "DATAMODULES",
-    "DEFAULT_OPS", "DigitsDataModule", "EvalTransformConfig", "GEOMETRIC_OPS", "HFDataModule", "IMAGE_EXTENSIONS",
-    "ImageFileDataset", "ImageFolderDataModule", "OPS", "RandAugment", "ShardDataModule", "TrainTransformConfig",
-    "VisionDataModule", "build_datamodule", "build_eval_transform", "build_train_transform",
-    "load_digits_uint8", "load_image", "read_cifar_binary", "stratified_split", "write_shards",
+    "ArrayDataset",
+    "CIFAR10DataModule",
+    "DEFAULT_EVAL",
+    "DEFAULT_TRAIN",
+    "CIFAR100DataModule",
+    "CorruptImageError",
+    "DATAMODULES",
+    "DEFAULT_OPS",
+    "DigitsDataModule",
+    "EvalTransformConfig",
+    "GEOMETRIC_OPS",
+    "HFDataModule",
+    "IMAGE_EXTENSIONS",
+    "ImageFileDataset",
+    "ImageFolderDataModule",
+    "OPS",
+    "RandAugment",
+    "ShardDataModule",
+    "TrainTransformConfig",
+    "VisionDataModule",
+    "build_datamodule",
+    "build_eval_transform",
+    "build_train_transform",
+    "load_digits_uint8",
+    "load_image",
+    "read_cifar_binary",
+    "stratified_split",
+    "write_shards",
 ]

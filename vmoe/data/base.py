@@ -6,6 +6,7 @@ fills ``train_set`` / ``val_set`` / ``test_set`` using ``build_train_transform()
 ``build_eval_transform()``. ``predict`` uses ``predict_set`` when a subclass sets it (e.g.
 unlabeled images), else the test set.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -64,7 +65,9 @@ class VisionDataModule(L.LightningDataModule):
         for name, value in (("img_size", img_size), ("batch_size", batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
-        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+        if eval_batch_size is not None and (
+            not isinstance(eval_batch_size, int) or eval_batch_size < 1
+        ):
             raise ValueError(f"eval_batch_size={eval_batch_size!r} must be a positive int or None")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers={num_workers!r} must be an int >= 0")
@@ -77,19 +80,25 @@ class VisionDataModule(L.LightningDataModule):
         self.mean = tuple(DEFAULT_MEAN if mean is None else mean)
         self.std = tuple(DEFAULT_STD if std is None else std)
         if len(self.mean) != len(self.std):
-            raise ValueError(f"mean={self.mean} and std={self.std} must have the same length (channels)")
+            raise ValueError(
+                f"mean={self.mean} and std={self.std} must have the same length (channels)"
+            )
         for name, value, kind in (
             ("train_transform", train_transform, TrainTransformConfig),
             ("eval_transform", eval_transform, EvalTransformConfig),
         ):
             if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__} or None, got {type(value).__name__}")
+                raise TypeError(
+                    f"{name} must be a {kind.__name__} or None, got {type(value).__name__}"
+                )
         # Resolved configs (no None left): the user's fields over this data module's defaults
         # over the generic ones, so a partial YAML keeps e.g. the digits' "no flip".
         self.train_transform = (train_transform or TrainTransformConfig()).merged_over(
-            self.default_train_transform().merged_over(DEFAULT_TRAIN))
+            self.default_train_transform().merged_over(DEFAULT_TRAIN)
+        )
         self.eval_transform = (eval_transform or EvalTransformConfig()).merged_over(
-            self.default_eval_transform().merged_over(DEFAULT_EVAL))
+            self.default_eval_transform().merged_over(DEFAULT_EVAL)
+        )
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
@@ -113,7 +122,9 @@ class VisionDataModule(L.LightningDataModule):
         """Training pipeline; by default seeded from torch's RNG so ``seed_everything`` fixes it."""
         if seed is None:
             seed = (int(torch.randint(0, 2**31 - 1, ()).item()) + 1_000_003 * self._rank()) % 2**32
-        return build_train_transform(self.img_size, self.train_transform, self.mean, self.std, seed=seed)
+        return build_train_transform(
+            self.img_size, self.train_transform, self.mean, self.std, seed=seed
+        )
 
     def _rank(self) -> int:
         """Global rank under a Trainer (0 otherwise): DDP processes share the seed but should
@@ -145,7 +156,9 @@ class VisionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=partial(seed_worker, rank=self._rank()) if self.num_workers > 0 else None,
+            worker_init_fn=partial(seed_worker, rank=self._rank())
+            if self.num_workers > 0
+            else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -163,7 +176,11 @@ class VisionDataModule(L.LightningDataModule):
         return self._loader(self.test_set, "test (used for predict)", train=False)
 
     def __repr__(self) -> str:
-        sizes = {k: (len(v) if v is not None else None) for k, v in
-                 (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))}
-        return (f"{type(self).__name__}(num_classes={self.num_classes}, img_size={self.img_size}, "
-                f"batch_size={self.batch_size}, sizes={sizes})")
+        sizes = {
+            k: (len(v) if v is not None else None)
+            for k, v in (("train", self.train_set), ("val", self.val_set), ("test", self.test_set))
+        }
+        return (
+            f"{type(self).__name__}(num_classes={self.num_classes}, img_size={self.img_size}, "
+            f"batch_size={self.batch_size}, sizes={sizes})"
+        )

@@ -7,6 +7,7 @@ pickle, and unpickling a file can run arbitrary code; the binary version is plai
 Validation is a stratified ``val_fraction`` of the official train set (fixed by ``split_seed``);
 test is the official test set.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,28 +42,47 @@ class CifarSpec:
 
 
 CIFAR10_SPEC = CifarSpec(
-    name="CIFAR-10", folder="cifar-10-batches-bin",
-    url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", md5="c32a1d4ab5d03f1284b67883e8d87530",
-    train_files=tuple(f"data_batch_{i}.bin" for i in range(1, 6)), test_files=("test_batch.bin",),
-    label_bytes=1, label_index=0, num_classes=10, records_per_train_file=10000, records_per_test_file=10000,
-    names_file="batches.meta.txt", python_folder="cifar-10-batches-py",
+    name="CIFAR-10",
+    folder="cifar-10-batches-bin",
+    url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    md5="c32a1d4ab5d03f1284b67883e8d87530",
+    train_files=tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    test_files=("test_batch.bin",),
+    label_bytes=1,
+    label_index=0,
+    num_classes=10,
+    records_per_train_file=10000,
+    records_per_test_file=10000,
+    names_file="batches.meta.txt",
+    python_folder="cifar-10-batches-py",
 )
 CIFAR100_SPEC = CifarSpec(
-    name="CIFAR-100", folder="cifar-100-binary",
-    url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", md5="03b5dce01913d631647c71ecec9e9cb8",
-    train_files=("train.bin",), test_files=("test.bin",),
-    label_bytes=2, label_index=1,  # <coarse label><fine label>: the 100 fine classes
-    num_classes=100, records_per_train_file=50000, records_per_test_file=10000,
-    names_file="fine_label_names.txt", python_folder="cifar-100-python",
+    name="CIFAR-100",
+    folder="cifar-100-binary",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    md5="03b5dce01913d631647c71ecec9e9cb8",
+    train_files=("train.bin",),
+    test_files=("test.bin",),
+    label_bytes=2,
+    label_index=1,  # <coarse label><fine label>: the 100 fine classes
+    num_classes=100,
+    records_per_train_file=50000,
+    records_per_test_file=10000,
+    names_file="fine_label_names.txt",
+    python_folder="cifar-100-python",
 )
 
 
-def read_cifar_binary(path: Path, label_bytes: int, label_index: int) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_binary(
+    path: Path, label_bytes: int, label_index: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One binary file -> images uint8 [N, 32, 32, 3], labels int64 [N]."""
     raw = np.fromfile(path, dtype=np.uint8)
     record = label_bytes + _PIXELS
     if raw.size == 0 or raw.size % record:
-        raise ValueError(f"'{path}' is not a CIFAR binary file: {raw.size} bytes is not a multiple of {record}")
+        raise ValueError(
+            f"'{path}' is not a CIFAR binary file: {raw.size} bytes is not a multiple of {record}"
+        )
     raw = raw.reshape(-1, record)
     images = raw[:, label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), raw[:, label_index].astype(np.int64)
@@ -94,7 +114,9 @@ class CIFAR10DataModule(VisionDataModule):
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
         if self.channels != 3:
-            raise ValueError(f"{self.spec.name} is RGB: mean/std need 3 entries, got mean={self.mean}")
+            raise ValueError(
+                f"{self.spec.name} is RGB: mean/std need 3 entries, got mean={self.mean}"
+            )
         self.data_dir = Path(data_dir).expanduser()
         self.download = download
         self.val_fraction = val_fraction
@@ -104,7 +126,11 @@ class CIFAR10DataModule(VisionDataModule):
 
     def default_train_transform(self) -> TrainTransformConfig:
         # A mild crop at CIFAR's native size; upscaled inputs (e.g. 224) can use the ImageNet default.
-        return TrainTransformConfig(scale=(0.35, 1.0)) if self.img_size <= 64 else TrainTransformConfig()
+        return (
+            TrainTransformConfig(scale=(0.35, 1.0))
+            if self.img_size <= 64
+            else TrainTransformConfig()
+        )
 
     @property
     def folder(self) -> Path:
@@ -122,12 +148,17 @@ class CIFAR10DataModule(VisionDataModule):
             f"{', '.join(s.train_files + s.test_files)} under data_dir='{self.data_dir}' -> {self.folder}. "
             f"Download {s.url} (md5 {s.md5}) and extract it there: "
             f"tar xzf {archive} -C {self.data_dir}"
-            + (" (prepare_data(), which the Trainer calls before setup, downloads it)" if self.download
-               else " (or set download=True on a machine that is online)")
+            + (
+                " (prepare_data(), which the Trainer calls before setup, downloads it)"
+                if self.download
+                else " (or set download=True on a machine that is online)"
+            )
         )
         if (self.data_dir / s.python_folder).is_dir():
-            msg += (f". Note: '{self.data_dir / s.python_folder}' (the pickled Python version) is not read, "
-                    "because unpickling a file can run arbitrary code")
+            msg += (
+                f". Note: '{self.data_dir / s.python_folder}' (the pickled Python version) is not read, "
+                "because unpickling a file can run arbitrary code"
+            )
         return msg
 
     def prepare_data(self) -> None:
@@ -135,21 +166,31 @@ class CIFAR10DataModule(VisionDataModule):
         if not self._missing_files() or not self.download:
             return
         try:
-            download_and_extract_archive(self.spec.url, download_root=str(self.data_dir), md5=self.spec.md5)
+            download_and_extract_archive(
+                self.spec.url, download_root=str(self.data_dir), md5=self.spec.md5
+            )
         except Exception as err:  # offline: URLError/socket errors; a bad mirror: md5 mismatch
             raise FileNotFoundError(
-                self._not_found_message(f"the download failed ({type(err).__name__}: {err}); offline?")
+                self._not_found_message(
+                    f"the download failed ({type(err).__name__}: {err}); offline?"
+                )
             ) from err
 
     def _read(self, files: Sequence[str], records: int) -> tuple[np.ndarray, np.ndarray]:
         images, labels = [], []
         for name in files:
-            x, y = read_cifar_binary(self.folder / name, self.spec.label_bytes, self.spec.label_index)
+            x, y = read_cifar_binary(
+                self.folder / name, self.spec.label_bytes, self.spec.label_index
+            )
             if len(y) != records:
-                raise ValueError(f"'{self.folder / name}' holds {len(y)} images, expected {records}: "
-                                 f"incomplete? Re-extract {self.spec.url}")
+                raise ValueError(
+                    f"'{self.folder / name}' holds {len(y)} images, expected {records}: "
+                    f"incomplete? Re-extract {self.spec.url}"
+                )
             if y.max() >= self.num_classes:
-                raise ValueError(f"'{self.folder / name}' has label {y.max()} >= {self.num_classes}: not {self.spec.name}?")
+                raise ValueError(
+                    f"'{self.folder / name}' has label {y.max()} >= {self.num_classes}: not {self.spec.name}?"
+                )
             images.append(x)
             labels.append(y)
         return np.concatenate(images), np.concatenate(labels)
@@ -162,7 +203,9 @@ class CIFAR10DataModule(VisionDataModule):
             raise FileNotFoundError(self._not_found_message(f"missing {', '.join(missing)}"))
         names = self.folder / self.spec.names_file
         if names.is_file():
-            self.classes = [n for n in names.read_text().splitlines() if n.strip()][: self.num_classes]
+            self.classes = [n for n in names.read_text().splitlines() if n.strip()][
+                : self.num_classes
+            ]
         train_x, train_y = self._read(self.spec.train_files, self.spec.records_per_train_file)
         test_x, test_y = self._read(self.spec.test_files, self.spec.records_per_test_file)
         train, val, _ = stratified_split(train_y, self.val_fraction, 0.0, self.split_seed)

@@ -4,6 +4,7 @@ Each item is ``(image, label)``: image a float32 tensor [C, H, W] after the tran
 raw uint8 array [H, W, C] without one), label a Python int; the default collate makes batches
 ``x [B, C, H, W]`` float32 and ``y [B]`` int64.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,7 +49,9 @@ def load_image(path: str | os.PathLike, data: Optional[bytes] = None) -> np.ndar
     except UnidentifiedImageError as err:
         pil_error: Exception = err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise CorruptImageError(f"cannot read image file '{path}': {type(err).__name__}: {err}") from err
+        raise CorruptImageError(
+            f"cannot read image file '{path}': {type(err).__name__}: {err}"
+        ) from err
     if data is None:
         arr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     else:
@@ -76,12 +79,16 @@ class _TransformDataset(Dataset):
 class ArrayDataset(_TransformDataset):
     """In-memory images uint8 [N, H, W, C] with integer labels [N]."""
 
-    def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray, transform: Transform = None):
+    def __init__(
+        self, images: np.ndarray, labels: Sequence[int] | np.ndarray, transform: Transform = None
+    ):
         super().__init__(transform)
         images = np.asarray(images)
         labels = np.asarray(labels)
         if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}"
+            )
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels shape {labels.shape} does not match {images.shape[0]} images")
         self.images = images
@@ -101,8 +108,12 @@ class ImageFileDataset(_TransformDataset):
     Any failure to read or transform an image raises CorruptImageError (a ValueError) whose
     message starts with the file's path, so that it survives a DataLoader worker's re-raise."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], labels: Optional[Sequence[int]] = None,
-                 transform: Transform = None):
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        labels: Optional[Sequence[int]] = None,
+        transform: Transform = None,
+    ):
         super().__init__(transform)
         if labels is not None and len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
@@ -119,7 +130,9 @@ class ImageFileDataset(_TransformDataset):
         except CorruptImageError:
             raise
         except Exception as err:  # e.g. a transform failing on an odd image
-            raise CorruptImageError(f"cannot use image file '{path}': {type(err).__name__}: {err}") from err
+            raise CorruptImageError(
+                f"cannot use image file '{path}': {type(err).__name__}: {err}"
+            ) from err
         return image if self.labels is None else (image, int(self.labels[index]))
 
 
@@ -148,8 +161,14 @@ def stratified_split(
     n_test = int(round(test_fraction * n))
     n_val = int(round(val_fraction * n))
     index = np.arange(n)
-    rest, test = (index, index[:0]) if n_test == 0 else train_test_split(
-        index, test_size=n_test, stratify=labels, random_state=seed)
-    train, val = (rest, rest[:0]) if n_val == 0 else train_test_split(
-        rest, test_size=n_val, stratify=labels[rest], random_state=seed + 1)
+    rest, test = (
+        (index, index[:0])
+        if n_test == 0
+        else train_test_split(index, test_size=n_test, stratify=labels, random_state=seed)
+    )
+    train, val = (
+        (rest, rest[:0])
+        if n_val == 0
+        else train_test_split(rest, test_size=n_val, stratify=labels[rest], random_state=seed + 1)
+    )
     return np.sort(train), np.sort(val), np.sort(test)

@@ -4,6 +4,7 @@ The images ship inside scikit-learn. They are kept at 8x8 (uint8, 0..16 scaled t
 the pipelines upscale them to ``img_size``. The train/val/test split is stratified and fixed by
 ``split_seed``, independent of the training seed, so every run evaluates on the same images.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -55,11 +56,15 @@ class DigitsDataModule(VisionDataModule):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}={value} must be in [0, 1)")
         if val_fraction + test_fraction >= 0.9:
-            raise ValueError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves too little to train on")
+            raise ValueError(
+                f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves too little to train on"
+            )
         mean = (0.5,) * channels if mean is None else mean
         std = (0.5,) * channels if std is None else std
         if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} need {channels} entries (channels={channels})")
+            raise ValueError(
+                f"mean={tuple(mean)} and std={tuple(std)} need {channels} entries (channels={channels})"
+            )
         super().__init__(img_size=img_size, batch_size=batch_size, mean=mean, std=std, **kwargs)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -68,11 +73,18 @@ class DigitsDataModule(VisionDataModule):
 
     def default_train_transform(self) -> TrainTransformConfig:
         return TrainTransformConfig(
-            scale=(0.75, 1.0), ratio=(0.85, 1.18), hflip_prob=0.0,
-            randaugment_num_ops=1, randaugment_magnitude=5.0, randaugment_ops=list(GEOMETRIC_OPS), fill=0,
+            scale=(0.75, 1.0),
+            ratio=(0.85, 1.18),
+            hflip_prob=0.0,
+            randaugment_num_ops=1,
+            randaugment_magnitude=5.0,
+            randaugment_ops=list(GEOMETRIC_OPS),
+            fill=0,
         )
 
-    def split_indices(self, labels: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def split_indices(
+        self, labels: Optional[np.ndarray] = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(train, val, test) indices into ``load_digits()``: the split ``setup`` uses."""
         if labels is None:
             _, labels = load_digits_uint8(channels=1)

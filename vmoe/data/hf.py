@@ -11,6 +11,7 @@ Problems name what is at fault: a label column not among the columns (listed), a
 warning with ``skip_corrupt=True``), and a hub name that is neither cached nor reachable
 (one line saying what to download and where ``HF_DATASETS_CACHE`` should point).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,13 @@ from torch.utils.data import IterableDataset
 from vmoe.data.base import VisionDataModule
 from vmoe.data.datasets import CorruptImageError, _TransformDataset, load_image, stratified_split
 
-__all__ = ["HFDataModule", "HFImageDataset", "HFIterableImageDataset", "load_hf_dataset", "image_bytes"]
+__all__ = [
+    "HFDataModule",
+    "HFImageDataset",
+    "HFIterableImageDataset",
+    "load_hf_dataset",
+    "image_bytes",
+]
 
 # the names datasets uses for the three roles, first match wins
 SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev"), "test": ("test",)}
@@ -34,11 +41,16 @@ SPLIT_NAMES = {"train": ("train",), "val": ("validation", "val", "valid", "dev")
 
 def _offline_message(path: str, err: BaseException) -> str:
     cache = os.environ.get("HF_DATASETS_CACHE") or "~/.cache/huggingface/datasets"
-    why = "offline" if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1" \
+    why = (
+        "offline"
+        if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         else type(err).__name__
-    return (f"Hugging Face dataset {path!r} is neither a local folder nor in the cache {cache} ({why}): "
-            f"run datasets.load_dataset({path!r}) once online and set HF_DATASETS_CACHE to that cache, "
-            "or pass a save_to_disk/Parquet/imagefolder folder")
+    )
+    return (
+        f"Hugging Face dataset {path!r} is neither a local folder nor in the cache {cache} ({why}): "
+        f"run datasets.load_dataset({path!r}) once online and set HF_DATASETS_CACHE to that cache, "
+        "or pass a save_to_disk/Parquet/imagefolder folder"
+    )
 
 
 def load_hf_dataset(path: str, name: Optional[str] = None, streaming: bool = False):
@@ -52,19 +64,33 @@ def load_hf_dataset(path: str, name: Optional[str] = None, streaming: bool = Fal
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             ds = datasets.load_from_disk(str(local))
             if streaming:
-                ds = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in _as_dict(ds).items()}) \
-                    if isinstance(ds, datasets.DatasetDict) else ds.to_iterable_dataset()
+                ds = (
+                    datasets.IterableDatasetDict(
+                        {k: v.to_iterable_dataset() for k, v in _as_dict(ds).items()}
+                    )
+                    if isinstance(ds, datasets.DatasetDict)
+                    else ds.to_iterable_dataset()
+                )
             return _as_dict(ds)
         if local.is_file() and local.suffix == ".parquet":
-            return _as_dict(datasets.load_dataset("parquet", data_files={"train": str(local)}, streaming=streaming))
+            return _as_dict(
+                datasets.load_dataset(
+                    "parquet", data_files={"train": str(local)}, streaming=streaming
+                )
+            )
         return _as_dict(datasets.load_dataset(str(local), name, streaming=streaming))
     try:
         return _as_dict(datasets.load_dataset(path, name, streaming=streaming))
     except (ConnectionError, FileNotFoundError, OSError) as err:
         raise FileNotFoundError(_offline_message(path, err)) from err
     except Exception as err:  # DatasetNotFoundError etc. (not all are OSErrors)
-        if type(err).__name__ in ("DatasetNotFoundError", "HFValidationError", "LocalEntryNotFoundError",
-                                  "OfflineModeIsEnabled", "EmptyDatasetError"):
+        if type(err).__name__ in (
+            "DatasetNotFoundError",
+            "HFValidationError",
+            "LocalEntryNotFoundError",
+            "OfflineModeIsEnabled",
+            "EmptyDatasetError",
+        ):
             raise FileNotFoundError(_offline_message(path, err)) from err
         raise
 
@@ -89,7 +115,9 @@ def image_bytes(value: Any, where: str) -> tuple[str, Optional[bytes]]:
         return where, bytes(value)
     if isinstance(value, str):
         return value, None
-    raise CorruptImageError(f"{where}: the image column holds a {type(value).__name__}, not an encoded image")
+    raise CorruptImageError(
+        f"{where}: the image column holds a {type(value).__name__}, not an encoded image"
+    )
 
 
 def decode_row(value: Any, where: str) -> np.ndarray:
@@ -113,8 +141,15 @@ class HFImageDataset(_TransformDataset):
     """Rows ``indices`` of a map-style ``datasets.Dataset`` whose ``image_column`` is undecoded;
     ``labels`` [len(indices)] int64 (checked by the data module)."""
 
-    def __init__(self, table, indices: np.ndarray, labels: np.ndarray, image_column: str, name: str,
-                 transform=None):
+    def __init__(
+        self,
+        table,
+        indices: np.ndarray,
+        labels: np.ndarray,
+        image_column: str,
+        name: str,
+        transform=None,
+    ):
         super().__init__(transform)
         self.table, self.image_column, self.name = table, image_column, name
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -134,7 +169,9 @@ class HFImageDataset(_TransformDataset):
         except CorruptImageError:
             raise
         except Exception as err:
-            raise CorruptImageError(f"{where}: cannot use the image: {type(err).__name__}: {err}") from err
+            raise CorruptImageError(
+                f"{where}: cannot use the image: {type(err).__name__}: {err}"
+            ) from err
         return image, int(self.labels[i])
 
 
@@ -143,8 +180,18 @@ class HFIterableImageDataset(IterableDataset):
     and, by its shards, over loader workers (as ``datasets`` does); items as the map-style one.
     ``shuffle_buffer`` > 0 shuffles with ``seed`` (re-drawn each epoch via ``set_epoch``)."""
 
-    def __init__(self, table, image_column: str, label_column: str, num_classes: int, name: str,
-                 transform=None, skip_corrupt: bool = False, seed: int = 0, shuffle_buffer: int = 0):
+    def __init__(
+        self,
+        table,
+        image_column: str,
+        label_column: str,
+        num_classes: int,
+        name: str,
+        transform=None,
+        skip_corrupt: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+    ):
         self.table, self.image_column, self.label_column = table, image_column, label_column
         self.num_classes, self.name, self.transform = num_classes, name, transform
         self.skip_corrupt, self.seed, self.shuffle_buffer = skip_corrupt, seed, shuffle_buffer
@@ -162,14 +209,17 @@ class HFIterableImageDataset(IterableDataset):
             table = split_dataset_by_node(table, rank=self.rank, world_size=self.world_size)
         info = torch.utils.data.get_worker_info()
         if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(self.seed + 7919 * self.epoch + 1_000_003 * self.rank
-                                           + (info.id + 1 if info else 0))
+            self.transform.set_random_seed(
+                self.seed + 7919 * self.epoch + 1_000_003 * self.rank + (info.id + 1 if info else 0)
+            )
         for n, row in enumerate(table):
             where = f"streamed row {n} (rank {self.rank}) of {self.name}"
             label = row[self.label_column]
             if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < self.num_classes:
-                raise ValueError(f"{where}: label {label!r} is not in [0, {self.num_classes}) "
-                                 f"(column {self.label_column!r})")
+                raise ValueError(
+                    f"{where}: label {label!r} is not in [0, {self.num_classes}) "
+                    f"(column {self.label_column!r})"
+                )
             try:
                 image = decode_row(row[self.image_column], where)
                 if self.transform is not None:
@@ -178,8 +228,11 @@ class HFIterableImageDataset(IterableDataset):
                 if not self.skip_corrupt:
                     raise
                 self.skipped += 1
-                warnings.warn(f"HFDataModule skipped an unreadable image (skip_corrupt=True, "
-                              f"{self.skipped} so far in this process): {err}", stacklevel=2)
+                warnings.warn(
+                    f"HFDataModule skipped an unreadable image (skip_corrupt=True, "
+                    f"{self.skipped} so far in this process): {err}",
+                    stacklevel=2,
+                )
                 continue
             yield image, int(label)
 
@@ -248,19 +301,28 @@ class HFDataModule(VisionDataModule):
         splits: dict[str, Optional[str]] = {}
         for role, given in self.split_args.items():
             if given is not None and given not in tables:
-                raise ValueError(f"{role}_split={given!r} is not a split of {self.path!r}: {sorted(tables)}")
+                raise ValueError(
+                    f"{role}_split={given!r} is not a split of {self.path!r}: {sorted(tables)}"
+                )
             splits[role] = given or next((n for n in SPLIT_NAMES[role] if n in tables), None)
         if splits["train"] is None:
-            raise ValueError(f"{self.path!r} has no train split (splits: {sorted(tables)}); "
-                             "name one with train_split")
+            raise ValueError(
+                f"{self.path!r} has no train split (splits: {sorted(tables)}); "
+                "name one with train_split"
+            )
         for split in {s for s in splits.values() if s is not None}:
             table = tables[split]
             features = table.features
             columns = list(features) if features is not None else None
-            for role, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+            for role, column in (
+                ("image_column", self.image_column),
+                ("label_column", self.label_column),
+            ):
                 if columns is not None and column not in columns:
-                    raise ValueError(f"{role}={column!r} is not a column of split {split!r} of "
-                                     f"{self.path!r}; its columns: {columns}")
+                    raise ValueError(
+                        f"{role}={column!r} is not a column of split {split!r} of "
+                        f"{self.path!r}; its columns: {columns}"
+                    )
             if columns is not None and isinstance(features[self.image_column], datasets.Image):
                 tables[split] = table.cast_column(self.image_column, datasets.Image(decode=False))
         train = tables[splits["train"]]
@@ -273,13 +335,21 @@ class HFDataModule(VisionDataModule):
         else:
             found = int(np.max(np.asarray(train[self.label_column]))) + 1
         if self._num_classes_arg is not None:
-            if feature is not None and isinstance(feature, datasets.ClassLabel) and found != self._num_classes_arg:
-                raise ValueError(f"num_classes={self._num_classes_arg} but the label column "
-                                 f"{self.label_column!r} of {self.path!r} has {found} classes: {self.classes}")
+            if (
+                feature is not None
+                and isinstance(feature, datasets.ClassLabel)
+                and found != self._num_classes_arg
+            ):
+                raise ValueError(
+                    f"num_classes={self._num_classes_arg} but the label column "
+                    f"{self.label_column!r} of {self.path!r} has {found} classes: {self.classes}"
+                )
             found = self._num_classes_arg
         if found is None:
-            raise ValueError(f"the label column {self.label_column!r} of streamed {self.path!r} is not a "
-                             "ClassLabel: pass num_classes")
+            raise ValueError(
+                f"the label column {self.label_column!r} of streamed {self.path!r} is not a "
+                "ClassLabel: pass num_classes"
+            )
         self._tables, self._splits, self._num_classes = tables, splits, found
 
     @property
@@ -290,13 +360,17 @@ class HFDataModule(VisionDataModule):
     def _labels(self, split: str) -> np.ndarray:
         labels = np.asarray(self._tables[split][self.label_column])
         if labels.dtype.kind not in "iu":
-            raise ValueError(f"label column {self.label_column!r} of split {split!r} of {self.path!r} holds "
-                             f"{labels.dtype} values, not integer class indices")
+            raise ValueError(
+                f"label column {self.label_column!r} of split {split!r} of {self.path!r} holds "
+                f"{labels.dtype} values, not integer class indices"
+            )
         bad = np.flatnonzero((labels < 0) | (labels >= self._num_classes))
         if len(bad):
-            raise ValueError(f"row {int(bad[0])} of split {split!r} of {self.path!r}: label {int(labels[bad[0]])} "
-                             f"is not in [0, {self._num_classes}) (column {self.label_column!r}; "
-                             f"{len(bad)} such row(s))")
+            raise ValueError(
+                f"row {int(bad[0])} of split {split!r} of {self.path!r}: label {int(labels[bad[0]])} "
+                f"is not in [0, {self._num_classes}) (column {self.label_column!r}; "
+                f"{len(bad)} such row(s))"
+            )
         return labels.astype(np.int64)
 
     def _map_sets(self) -> dict[str, Optional[HFImageDataset]]:
@@ -320,9 +394,17 @@ class HFDataModule(VisionDataModule):
             split, index = parts[role]
             labels = train_labels if split == train_name else self._labels(split)
             index = np.arange(len(labels)) if index is None else index
-            transform = self.build_train_transform() if role == "train" else self.build_eval_transform()
-            out[role] = HFImageDataset(self._tables[split], index, labels[index], self.image_column,
-                                       f"split {split!r} of {self.path!r}", transform)
+            transform = (
+                self.build_train_transform() if role == "train" else self.build_eval_transform()
+            )
+            out[role] = HFImageDataset(
+                self._tables[split],
+                index,
+                labels[index],
+                self.image_column,
+                f"split {split!r} of {self.path!r}",
+                transform,
+            )
         return out
 
     def _setup_datasets(self, stage: Optional[str]) -> None:
@@ -336,10 +418,18 @@ class HFDataModule(VisionDataModule):
                 if split is None:
                     continue
                 ds = HFIterableImageDataset(
-                    self._tables[split], self.image_column, self.label_column, self._num_classes,
+                    self._tables[split],
+                    self.image_column,
+                    self.label_column,
+                    self._num_classes,
                     f"split {split!r} of {self.path!r}",
-                    self.build_train_transform() if role == "train" else self.build_eval_transform(),
-                    self.skip_corrupt, self.seed, self.shuffle_buffer if role == "train" else 0)
+                    self.build_train_transform()
+                    if role == "train"
+                    else self.build_eval_transform(),
+                    self.skip_corrupt,
+                    self.seed,
+                    self.shuffle_buffer if role == "train" else 0,
+                )
                 if trainer is not None:
                     ds.rank, ds.world_size = int(trainer.global_rank), int(trainer.world_size)
                 setattr(self, f"{role}_set", ds)
@@ -363,17 +453,25 @@ class HFDataModule(VisionDataModule):
         if bad:
             self.skipped += bad
             shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
-            warnings.warn(f"HFDataModule skipped {len(bad)} unreadable image(s) of {total} "
-                          f"(skip_corrupt=True): {shown}", stacklevel=2)
+            warnings.warn(
+                f"HFDataModule skipped {len(bad)} unreadable image(s) of {total} "
+                f"(skip_corrupt=True): {shown}",
+                stacklevel=2,
+            )
 
     def _loader(self, dataset, split: str, train: bool):
         if isinstance(dataset, IterableDataset):
             from torch.utils.data import DataLoader
+
             if train and self.trainer is not None:
                 dataset.epoch = int(self.trainer.current_epoch)
-            return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-                              drop_last=train and self.drop_last, num_workers=self.num_workers,
-                              pin_memory=self.pin_memory)
+            return DataLoader(
+                dataset,
+                batch_size=self.batch_size if train else self.eval_batch_size,
+                drop_last=train and self.drop_last,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+            )
         return super()._loader(dataset, split, train)
 
     def val_dataloader(self):

@@ -6,6 +6,7 @@ folder, a class folder without images, a val/test class unknown to train, ``num_
 matching the folders, or an unreadable image (at load time, or skipped and counted once in a
 warning at setup when ``skip_corrupt=True``).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,32 @@ from vmoe.data.datasets import CorruptImageError, ImageFileDataset, load_image
 
 # Extensions that PIL or OpenCV decode.
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".jp2", ".j2k", ".tga", ".ico", ".sr", ".ras",
-    ".hdr", ".pic", ".exr", ".avif",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".bmp",
+    ".dib",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".pfm",
+    ".jp2",
+    ".j2k",
+    ".tga",
+    ".ico",
+    ".sr",
+    ".ras",
+    ".hdr",
+    ".pic",
+    ".exr",
+    ".avif",
 )
 
 
@@ -29,13 +53,19 @@ def list_class_folders(split_dir: Path) -> list[str]:
     """Sorted names of the class sub-folders of ``split_dir`` (hidden ones ignored)."""
     if not split_dir.is_dir():
         raise FileNotFoundError(f"image folder '{split_dir}' does not exist or is not a directory")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(
+        e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")
+    )
     if not classes:
-        raise ValueError(f"image folder '{split_dir}' has no class sub-folders (expected {split_dir}/<class>/<image>)")
+        raise ValueError(
+            f"image folder '{split_dir}' has no class sub-folders (expected {split_dir}/<class>/<image>)"
+        )
     return classes
 
 
-def scan_split(split_dir: Path, classes: Sequence[str], extensions: Sequence[str]) -> tuple[list[Path], list[int]]:
+def scan_split(
+    split_dir: Path, classes: Sequence[str], extensions: Sequence[str]
+) -> tuple[list[Path], list[int]]:
     """Image paths (sorted within each class) and labels; ``classes`` gives the label order.
 
     Every class folder of the split must be one of ``classes`` and hold at least one image.
@@ -43,7 +73,9 @@ def scan_split(split_dir: Path, classes: Sequence[str], extensions: Sequence[str
     present = list_class_folders(split_dir)
     unknown = [c for c in present if c not in classes]
     if unknown:
-        raise ValueError(f"'{split_dir}' has class folder(s) {unknown} that the train split does not have: {list(classes)}")
+        raise ValueError(
+            f"'{split_dir}' has class folder(s) {unknown} that the train split does not have: {list(classes)}"
+        )
     exts = {e.lower() for e in extensions}
     paths: list[Path] = []
     labels: list[int] = []
@@ -71,8 +103,12 @@ def list_images(folder: Path, extensions: Sequence[str]) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder '{folder}' does not exist or is not a directory")
     exts = {e.lower() for e in extensions}
-    found = sorted(Path(root) / f for root, dirs, files in os.walk(folder, followlinks=True)
-                   for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts)
+    found = sorted(
+        Path(root) / f
+        for root, dirs, files in os.walk(folder, followlinks=True)
+        for f in files
+        if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
+    )
     if not found:
         raise ValueError(f"image folder '{folder}' holds no image file ({', '.join(sorted(exts))})")
     return found
@@ -131,7 +167,9 @@ class ImageFolderDataModule(VisionDataModule):
 
     def _split_dir(self, split: str) -> Path:
         if not self.data_dir.is_dir():
-            raise FileNotFoundError(f"ImageFolderDataModule data_dir '{self.data_dir}' does not exist")
+            raise FileNotFoundError(
+                f"ImageFolderDataModule data_dir '{self.data_dir}' does not exist"
+            )
         return self.data_dir / self.splits[split]
 
     @property
@@ -164,19 +202,31 @@ class ImageFolderDataModule(VisionDataModule):
     def _setup_datasets(self, stage: Optional[str]) -> None:
         if stage == "predict" and self.predict_dir is not None:
             if self.predict_set is None:
-                self.predict_set = ImageFileDataset(list_images(self.predict_dir, self.extensions), None,
-                                                    self.build_eval_transform())
+                self.predict_set = ImageFileDataset(
+                    list_images(self.predict_dir, self.extensions),
+                    None,
+                    self.build_eval_transform(),
+                )
             if self.skip_corrupt:
                 self._drop_unreadable([self.predict_set])
             return
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
         splits = wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test")
         for split in splits:
             if self.splits[split] is None and split in ("train", "test") and stage is not None:
-                raise ValueError(f"stage '{stage}' needs the {split} split but {split}_split is None")
+                raise ValueError(
+                    f"stage '{stage}' needs the {split} split but {split}_split is None"
+                )
             if getattr(self, f"{split}_set") is not None:
                 continue
-            transform = self.build_train_transform() if split == "train" else self.build_eval_transform()
+            transform = (
+                self.build_train_transform() if split == "train" else self.build_eval_transform()
+            )
             setattr(self, f"{split}_set", self._dataset(split, transform))
         if self.skip_corrupt:
             self._drop_unreadable([getattr(self, f"{s}_set") for s in splits])
@@ -186,7 +236,9 @@ class ImageFolderDataModule(VisionDataModule):
         datasets = [d for d in datasets if d is not None and not getattr(d, "checked", False)]
         total = sum(len(d) for d in datasets)
         bad: list[Path] = []
-        with ThreadPoolExecutor(max_workers=max(1, self.num_workers, min(8, os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(
+            max_workers=max(1, self.num_workers, min(8, os.cpu_count() or 1))
+        ) as pool:
             for d in datasets:
                 ok = list(pool.map(_is_readable, d.paths))
                 bad += [p for p, good in zip(d.paths, ok) if not good]

@@ -11,6 +11,7 @@ All ops work on uint8 images [H, W] or [H, W, C] (C = 1 or 3) with OpenCV/numpy,
 no PIL round trip. Randomness comes only from the transform's own ``py_random``, which
 ``A.Compose(seed=...)`` or ``set_random_seed`` seeds: the same seed gives the same ops.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -51,9 +52,12 @@ def _warp(img: np.ndarray, matrix: np.ndarray, fill: int) -> np.ndarray:
     """Affine warp with ``matrix`` mapping output pixel coords to input coords."""
     h, w = img.shape[:2]
     out = cv2.warpAffine(
-        img, matrix.astype(np.float64), (w, h),
+        img,
+        matrix.astype(np.float64),
+        (w, h),
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=(fill,) * 4,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(fill,) * 4,
     )
     return out.reshape(img.shape)  # OpenCV drops a trailing channel axis of size 1
 
@@ -75,7 +79,9 @@ def auto_contrast(img: np.ndarray, arg: float, fill: int) -> np.ndarray:
 
 def equalize(img: np.ndarray, arg: float, fill: int) -> np.ndarray:
     x = img.reshape(img.shape[0], img.shape[1], -1)
-    out = np.stack([cv2.equalizeHist(np.ascontiguousarray(x[..., c])) for c in range(x.shape[2])], -1)
+    out = np.stack(
+        [cv2.equalizeHist(np.ascontiguousarray(x[..., c])) for c in range(x.shape[2])], -1
+    )
     return out.reshape(img.shape)
 
 
@@ -173,11 +179,31 @@ _ENHANCE_OPS = frozenset({"Color", "Contrast", "Brightness", "Sharpness"})  # st
 
 # The list of the original RandAugment (TF EfficientNet autoaugment.py) without Cutout.
 DEFAULT_OPS: tuple[str, ...] = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
-    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
 )
 # Ops that keep a digit a digit: no inversion/solarization, which change the ink/paper contrast.
-GEOMETRIC_OPS: tuple[str, ...] = ("Identity", "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
+GEOMETRIC_OPS: tuple[str, ...] = (
+    "Identity",
+    "Rotate",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+)
 
 
 class RandAugment(A.ImageOnlyTransform):
@@ -204,13 +230,21 @@ class RandAugment(A.ImageOnlyTransform):
         ops = tuple(DEFAULT_OPS if ops is None else ops)
         unknown = [name for name in ops if name not in OPS]
         if unknown:
-            raise ValueError(f"RandAugment ops={list(ops)}: unknown op(s) {unknown}; known: {sorted(OPS)}")
+            raise ValueError(
+                f"RandAugment ops={list(ops)}: unknown op(s) {unknown}; known: {sorted(OPS)}"
+            )
         if len(set(ops)) != len(ops) or not ops:
-            raise ValueError(f"RandAugment ops={list(ops)} must be a non-empty list without repeats")
+            raise ValueError(
+                f"RandAugment ops={list(ops)} must be a non-empty list without repeats"
+            )
         if not isinstance(num_ops, int) or not 0 <= num_ops <= len(ops):
-            raise ValueError(f"RandAugment num_ops={num_ops!r} must be an int in [0, {len(ops)}] (len(ops))")
+            raise ValueError(
+                f"RandAugment num_ops={num_ops!r} must be an int in [0, {len(ops)}] (len(ops))"
+            )
         if not 0.0 <= float(magnitude) <= MAX_MAGNITUDE:
-            raise ValueError(f"RandAugment magnitude={magnitude!r} must be in [0, {MAX_MAGNITUDE:g}]")
+            raise ValueError(
+                f"RandAugment magnitude={magnitude!r} must be in [0, {MAX_MAGNITUDE:g}]"
+            )
         if not 0 <= int(fill) <= 255:
             raise ValueError(f"RandAugment fill={fill!r} must be in [0, 255]")
         self.num_ops = num_ops
@@ -235,9 +269,13 @@ class RandAugment(A.ImageOnlyTransform):
             chosen.append((name, strength))
         return {"ops": chosen}
 
-    def apply(self, img: np.ndarray, ops: Sequence[tuple[str, float]] = (), **params: Any) -> np.ndarray:
+    def apply(
+        self, img: np.ndarray, ops: Sequence[tuple[str, float]] = (), **params: Any
+    ) -> np.ndarray:
         if img.dtype != np.uint8:
-            raise TypeError(f"RandAugment expects a uint8 image, got dtype {img.dtype}; put it before Normalize")
+            raise TypeError(
+                f"RandAugment expects a uint8 image, got dtype {img.dtype}; put it before Normalize"
+            )
         for name, strength in ops:
             img = OPS[name][0](img, strength, self.fill)
         return img

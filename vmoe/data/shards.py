@@ -19,9 +19,10 @@ Resume: litdata's ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``
 the data module's ``state_dict``/``load_state_dict`` put in every Lightning checkpoint and
 restore with ``--ckpt_path`` before the loader is made. With the same
 shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed epoch yields exactly
-the items the uninterrupted epoch had left (tests/test_data_shards.py asserts it); litdata
+the items the uninterrupted epoch had left (tests/data/test_shards.py asserts it); litdata
 refuses (or re-plans, see ``num_canonical_nodes``) a changed topology.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,14 @@ import torch
 from vmoe.data.base import VisionDataModule
 from vmoe.data.datasets import CorruptImageError, load_image
 
-__all__ = ["MANIFEST", "FORMAT", "FORMAT_VERSION", "ShardDataModule", "write_shards", "read_manifest"]
+__all__ = [
+    "MANIFEST",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ShardDataModule",
+    "write_shards",
+    "read_manifest",
+]
 
 MANIFEST = "vmoe_shards.json"
 FORMAT = "vmoe-shards"
@@ -47,6 +55,7 @@ FORMAT_VERSION = 1
 
 def _vmoe_version() -> str:
     from vmoe import __version__
+
     return __version__
 
 
@@ -57,7 +66,9 @@ def _is_url(path: str) -> bool:
 # ----------------------------------------------------------------------------- writing
 
 
-def _folder_items(source: Path, extensions) -> tuple[list[str], Iterator[tuple[str, bytes, int]], int]:
+def _folder_items(
+    source: Path, extensions
+) -> tuple[list[str], Iterator[tuple[str, bytes, int]], int]:
     from vmoe.data.imagefolder import IMAGE_EXTENSIONS, list_class_folders, scan_split
 
     classes = list_class_folders(source)
@@ -66,6 +77,7 @@ def _folder_items(source: Path, extensions) -> tuple[list[str], Iterator[tuple[s
     def items():
         for path, label in zip(paths, labels):
             yield str(path.relative_to(source)), path.read_bytes(), int(label)
+
     return classes, items(), len(paths)
 
 
@@ -80,8 +92,10 @@ def _hf_items(source: str, split: str, image_column: str, label_column: str):
     table = tables[split]
     for role, column in (("--image-column", image_column), ("--label-column", label_column)):
         if column not in table.column_names:
-            raise ValueError(f"{role} {column!r} is not a column of split {split!r} of {source!r}; "
-                             f"its columns: {table.column_names}")
+            raise ValueError(
+                f"{role} {column!r} is not a column of split {split!r} of {source!r}; "
+                f"its columns: {table.column_names}"
+            )
     feature = table.features[label_column]
     labels = np.asarray(table[label_column])
     if isinstance(feature, datasets.ClassLabel):
@@ -99,12 +113,21 @@ def _hf_items(source: str, split: str, image_column: str, label_column: str):
                 raise ValueError(f"{where}: label {label} is not in [0, {len(classes)})")
             name, data = image_bytes(table[i][image_column], where)
             yield f"{split}/{i}", (Path(name).read_bytes() if data is None else data), label
+
     return classes, items(), len(table)
 
 
-def write_shards(source: str, out: str, overwrite: bool = False, chunk_bytes: str = "64MB",
-                 split: str = "train", image_column: str = "image", label_column: str = "label",
-                 progress: bool = True, extensions: Optional[list[str]] = None) -> dict:
+def write_shards(
+    source: str,
+    out: str,
+    overwrite: bool = False,
+    chunk_bytes: str = "64MB",
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    progress: bool = True,
+    extensions: Optional[list[str]] = None,
+) -> dict:
     """Write ``source`` (a folder of class sub-folders ``<dir>/<class>/<image>``, or a Hugging
     Face dataset as :class:`vmoe.data.HFDataModule` reads it, its ``split``) as litdata chunks
     into ``out``; returns the manifest. Written into a temporary folder beside ``out`` and moved
@@ -118,8 +141,12 @@ def write_shards(source: str, out: str, overwrite: bool = False, chunk_bytes: st
     out_dir = Path(out)
     check_target_dir(out_dir, overwrite)  # before reading anything
     src = Path(source).expanduser()
-    is_folder = src.is_dir() and not any((src / f).exists() for f in ("dataset_dict.json", "state.json")) \
-        and not any(src.glob("*.parquet")) and not any(src.glob("**/*.parquet"))
+    is_folder = (
+        src.is_dir()
+        and not any((src / f).exists() for f in ("dataset_dict.json", "state.json"))
+        and not any(src.glob("*.parquet"))
+        and not any(src.glob("**/*.parquet"))
+    )
     if is_folder and (src / split).is_dir() and not any(f.is_file() for f in src.iterdir()):
         src_folder = src / split if (src / split).is_dir() else src
     else:
@@ -138,9 +165,16 @@ def write_shards(source: str, out: str, overwrite: bool = False, chunk_bytes: st
                 bar.update(1)
         writer.done()
         writer.merge()
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vmoe_version": _vmoe_version(),
-                    "num_images": total, "num_classes": len(classes), "classes": classes,
-                    "source": str(source), "item": {"image": "encoded bytes", "label": "int", "key": "str"}}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "vmoe_version": _vmoe_version(),
+            "num_images": total,
+            "num_classes": len(classes),
+            "classes": classes,
+            "source": str(source),
+            "item": {"image": "encoded bytes", "label": "int", "key": "str"},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -152,13 +186,19 @@ def _check_manifest(manifest: Any, where: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{where} is not a vmoe shard manifest (format {FORMAT!r} expected)")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{where} was written by vmoe {manifest.get('vmoe_version')} in shard format version "
-                         f"{manifest.get('format_version')}; this vmoe ({_vmoe_version()}) reads version "
-                         f"{FORMAT_VERSION}: rewrite the shards with this version's `vmoe make-shards`")
+        raise ValueError(
+            f"{where} was written by vmoe {manifest.get('vmoe_version')} in shard format version "
+            f"{manifest.get('format_version')}; this vmoe ({_vmoe_version()}) reads version "
+            f"{FORMAT_VERSION}: rewrite the shards with this version's `vmoe make-shards`"
+        )
     if not isinstance(manifest.get("num_classes"), int) or manifest["num_classes"] < 1:
-        raise ValueError(f"{where}: num_classes={manifest.get('num_classes')!r} must be a positive int")
+        raise ValueError(
+            f"{where}: num_classes={manifest.get('num_classes')!r} must be a positive int"
+        )
     if not manifest.get("num_images"):
-        raise ValueError(f"{where}: the shard folder holds no image (num_images={manifest.get('num_images')!r})")
+        raise ValueError(
+            f"{where}: the shard folder holds no image (num_images={manifest.get('num_images')!r})"
+        )
     return manifest
 
 
@@ -166,10 +206,13 @@ def _fetch_remote(url: str, storage_options: Optional[dict], local: str) -> None
     from litdata.streaming.downloader import get_downloader
 
     get_downloader(url, os.path.dirname(local), [], storage_options).download_file(
-        url.rstrip("/") + "/" + MANIFEST, local)
+        url.rstrip("/") + "/" + MANIFEST, local
+    )
 
 
-def read_manifest(path: str, storage_options: Optional[dict] = None, timeout_s: float = 30.0) -> dict:
+def read_manifest(
+    path: str, storage_options: Optional[dict] = None, timeout_s: float = 30.0
+) -> dict:
     """The checked manifest of a shard folder or URL; a URL that does not answer within
     ``timeout_s`` is a ConnectionError naming it."""
     if not _is_url(path):
@@ -179,10 +222,14 @@ def read_manifest(path: str, storage_options: Optional[dict] = None, timeout_s: 
         file = folder / MANIFEST
         if not file.is_file():
             if not any(folder.iterdir()):
-                raise ValueError(f"shard folder '{folder}' is empty: write shards with `vmoe make-shards "
-                                 f"--source DIR --out {folder}`")
-            raise ValueError(f"shard folder '{folder}' has no {MANIFEST}: not written by `vmoe make-shards`, "
-                             "or its writing did not finish")
+                raise ValueError(
+                    f"shard folder '{folder}' is empty: write shards with `vmoe make-shards "
+                    f"--source DIR --out {folder}`"
+                )
+            raise ValueError(
+                f"shard folder '{folder}' has no {MANIFEST}: not written by `vmoe make-shards`, "
+                "or its writing did not finish"
+            )
         try:
             manifest = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -198,11 +245,15 @@ def read_manifest(path: str, storage_options: Optional[dict] = None, timeout_s: 
     try:
         future.result(timeout=timeout_s)
     except FutureTimeout:
-        raise ConnectionError(f"shard URL {path} did not answer within {timeout_s:g} s (reading "
-                              f"{MANIFEST}); check the URL, the network and the credentials") from None
+        raise ConnectionError(
+            f"shard URL {path} did not answer within {timeout_s:g} s (reading "
+            f"{MANIFEST}); check the URL, the network and the credentials"
+        ) from None
     except Exception as err:
-        raise ConnectionError(f"cannot read {path.rstrip('/')}/{MANIFEST}: {type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:200]}") from err
+        raise ConnectionError(
+            f"cannot read {path.rstrip('/')}/{MANIFEST}: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:200]}"
+        ) from err
     finally:
         pool.shutdown(wait=False)
     with open(local) as f:
@@ -214,7 +265,9 @@ class DecodeItem:
     unreadable image with ``skip_corrupt`` (the collate drops it and counts it). The pipeline is
     reseeded once per worker process from ``seed``, the rank and the worker id."""
 
-    def __init__(self, pipeline, where: str, num_classes: int, skip_corrupt: bool, seed: int, rank: int = 0):
+    def __init__(
+        self, pipeline, where: str, num_classes: int, skip_corrupt: bool, seed: int, rank: int = 0
+    ):
         self.pipeline, self.where, self.num_classes = pipeline, where, num_classes
         self.skip_corrupt, self.seed, self.rank = skip_corrupt, seed, rank
         self._seeded_pid: Optional[int] = None
@@ -224,7 +277,9 @@ class DecodeItem:
             info = torch.utils.data.get_worker_info()
             if hasattr(self.pipeline, "set_random_seed"):
                 self.pipeline.set_random_seed(
-                    (self.seed + 1_000_003 * self.rank + 7919 * (info.id + 1 if info else 0)) % 2**32)
+                    (self.seed + 1_000_003 * self.rank + 7919 * (info.id + 1 if info else 0))
+                    % 2**32
+                )
             self._seeded_pid = os.getpid()
         key = f"{self.where} item {item.get('key')!r}"
         label = int(item["label"])
@@ -234,7 +289,9 @@ class DecodeItem:
             image = self.pipeline(image=load_image(key, bytes(item["image"])))["image"]
         except CorruptImageError as err:
             if self.skip_corrupt:
-                warnings.warn(f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}")
+                warnings.warn(
+                    f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}"
+                )
                 return None
             raise
         return image, label
@@ -246,7 +303,9 @@ def collate_skipping(batch: list):
 
     kept = [b for b in batch if b is not None]
     if not kept:
-        raise CorruptImageError(f"every image of a batch of {len(batch)} was unreadable (skip_corrupt=True)")
+        raise CorruptImageError(
+            f"every image of a batch of {len(batch)} was unreadable (skip_corrupt=True)"
+        )
     return default_collate(kept)
 
 
@@ -267,11 +326,22 @@ class ShardDataModule(VisionDataModule):
             the same number of batches; False: every image exactly once, ranks may differ by one).
     """
 
-    def __init__(self, path: str, val_path: Optional[str] = None, test_path: Optional[str] = None,
-                 num_classes: Optional[int] = None, img_size: int = 224, shuffle: bool = True, seed: int = 0,
-                 skip_corrupt: bool = False, cache_dir: Optional[str] = None,
-                 storage_options: Optional[dict] = None, timeout_s: float = 30.0,
-                 stream_drop_last: Optional[bool] = None, **kwargs):
+    def __init__(
+        self,
+        path: str,
+        val_path: Optional[str] = None,
+        test_path: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        img_size: int = 224,
+        shuffle: bool = True,
+        seed: int = 0,
+        skip_corrupt: bool = False,
+        cache_dir: Optional[str] = None,
+        storage_options: Optional[dict] = None,
+        timeout_s: float = 30.0,
+        stream_drop_last: Optional[bool] = None,
+        **kwargs,
+    ):
         super().__init__(img_size=img_size, **kwargs)
         self.paths = {"train": path, "val": val_path, "test": test_path}
         self.shuffle, self.seed, self.skip_corrupt = shuffle, seed, skip_corrupt
@@ -279,8 +349,10 @@ class ShardDataModule(VisionDataModule):
         self.stream_drop_last = stream_drop_last
         self.manifest = read_manifest(path, storage_options, timeout_s)
         if num_classes is not None and num_classes != self.manifest["num_classes"]:
-            raise ValueError(f"num_classes={num_classes} but the shards at {path} have "
-                             f"{self.manifest['num_classes']} classes")
+            raise ValueError(
+                f"num_classes={num_classes} but the shards at {path} have "
+                f"{self.manifest['num_classes']} classes"
+            )
         self.classes = self.manifest.get("classes")
         self._loaders: dict[str, Any] = {}
         self._pending_state: Optional[dict] = None
@@ -296,16 +368,29 @@ class ShardDataModule(VisionDataModule):
         if role != "train":
             other = read_manifest(path, self.storage_options, self.timeout_s)
             if other["num_classes"] != self.num_classes:
-                raise ValueError(f"{role} shards {path} have {other['num_classes']} classes, the train "
-                                 f"shards {self.paths['train']} have {self.num_classes}")
+                raise ValueError(
+                    f"{role} shards {path} have {other['num_classes']} classes, the train "
+                    f"shards {self.paths['train']} have {self.num_classes}"
+                )
         train = role == "train"
         pipeline = self.build_train_transform() if train else self.build_eval_transform()
         kwargs = {} if self.cache_dir is None else {"cache_dir": self.cache_dir}
         return StreamingDataset(
-            str(path), shuffle=self.shuffle and train, seed=self.seed,
-            drop_last=self.stream_drop_last if train else False, storage_options=self.storage_options,
-            transform=DecodeItem(pipeline, f"shards {path}", self.num_classes, self.skip_corrupt,
-                                 self.seed, self._rank()), **kwargs)
+            str(path),
+            shuffle=self.shuffle and train,
+            seed=self.seed,
+            drop_last=self.stream_drop_last if train else False,
+            storage_options=self.storage_options,
+            transform=DecodeItem(
+                pipeline,
+                f"shards {path}",
+                self.num_classes,
+                self.skip_corrupt,
+                self.seed,
+                self._rank(),
+            ),
+            **kwargs,
+        )
 
     def _setup_datasets(self, stage: Optional[str]) -> None:
         for role in ("train", "val", "test"):
@@ -320,9 +405,14 @@ class ShardDataModule(VisionDataModule):
         if split in self._loaders:  # one loader per split: its state_dict is the epoch's progress
             return self._loaders[split]
         loader = StreamingDataLoader(
-            dataset, batch_size=self.batch_size if train else self.eval_batch_size,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=collate_skipping,
-            drop_last=train and self.drop_last, persistent_workers=False)
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=collate_skipping,
+            drop_last=train and self.drop_last,
+            persistent_workers=False,
+        )
         if train and self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -349,8 +439,10 @@ class ShardDataModule(VisionDataModule):
             self._pending_state = state
 
     def __repr__(self) -> str:
-        return (f"ShardDataModule(path={self.paths['train']!r}, num_classes={self.num_classes}, "
-                f"num_images={self.manifest['num_images']}, img_size={self.img_size})")
+        return (
+            f"ShardDataModule(path={self.paths['train']!r}, num_classes={self.num_classes}, "
+            f"num_images={self.manifest['num_images']}, img_size={self.img_size})"
+        )
 
 
 def iter_keys(loader: Iterable) -> list:

@@ -14,6 +14,7 @@ Normalization (mean/std) and the output size belong to the data module, since tr
 must agree on them. Both pipelines take a uint8 image [H, W, C] (any size) and return a float32
 tensor [C, img_size, img_size].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -46,7 +47,11 @@ def _check_interpolation(value: str) -> None:
 
 
 def _given(config) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) is not None}
+    return {
+        f.name: getattr(config, f.name)
+        for f in fields(config)
+        if getattr(config, f.name) is not None
+    }
 
 
 @dataclass
@@ -89,8 +94,13 @@ class TrainTransformConfig:
             unknown = [op for op in self.randaugment_ops if op not in OPS]
             if unknown:
                 raise ValueError(f"randaugment_ops: unknown op(s) {unknown}; known: {sorted(OPS)}")
-        if self.randaugment_magnitude is not None and not 0.0 <= self.randaugment_magnitude <= MAX_MAGNITUDE:
-            raise ValueError(f"randaugment_magnitude={self.randaugment_magnitude} must be in [0, 10]")
+        if (
+            self.randaugment_magnitude is not None
+            and not 0.0 <= self.randaugment_magnitude <= MAX_MAGNITUDE
+        ):
+            raise ValueError(
+                f"randaugment_magnitude={self.randaugment_magnitude} must be in [0, 10]"
+            )
         if self.randaugment_num_ops is not None and self.randaugment_num_ops < 0:
             raise ValueError(f"randaugment_num_ops={self.randaugment_num_ops} must be >= 0")
         if self.fill is not None and not 0 <= self.fill <= 255:
@@ -128,15 +138,23 @@ class EvalTransformConfig:
 
 # ImageNet-style defaults (timm/big_vision): Inception crop, flip, RandAugment(2, 9).
 DEFAULT_TRAIN = TrainTransformConfig(
-    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip_prob=0.5, randaugment_num_ops=2,
-    randaugment_magnitude=9.0, randaugment_ops=list(DEFAULT_OPS), fill=128, interpolation="bilinear",
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    hflip_prob=0.5,
+    randaugment_num_ops=2,
+    randaugment_magnitude=9.0,
+    randaugment_ops=list(DEFAULT_OPS),
+    fill=128,
+    interpolation="bilinear",
 )
 DEFAULT_EVAL = EvalTransformConfig(crop_pct=1.0, interpolation="bilinear")
 
 
 def _normalize_to_tensor(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
     if len(mean) != len(std) or any(s <= 0 for s in std):
-        raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have one entry per channel, std > 0")
+        raise ValueError(
+            f"mean={tuple(mean)} and std={tuple(std)} must have one entry per channel, std > 0"
+        )
     # max_pixel_value=255: mean/std are given on the [0, 1] scale, as timm's configs are.
     return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
 
@@ -159,17 +177,23 @@ def build_train_transform(
     config = config.merged_over(DEFAULT_TRAIN)
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
-            size=(img_size, img_size), scale=config.scale, ratio=config.ratio,
+            size=(img_size, img_size),
+            scale=config.scale,
+            ratio=config.ratio,
             interpolation=INTERPOLATIONS[config.interpolation],
         )
     ]
     if config.hflip_prob > 0:
         steps.append(A.HorizontalFlip(p=config.hflip_prob))
     if config.randaugment_num_ops > 0:
-        steps.append(RandAugment(
-            num_ops=config.randaugment_num_ops, magnitude=config.randaugment_magnitude,
-            ops=config.randaugment_ops, fill=config.fill,
-        ))
+        steps.append(
+            RandAugment(
+                num_ops=config.randaugment_num_ops,
+                magnitude=config.randaugment_magnitude,
+                ops=config.randaugment_ops,
+                fill=config.fill,
+            )
+        )
     return A.Compose(steps + _normalize_to_tensor(mean, std), seed=seed)
 
 

@@ -23,6 +23,7 @@ through the padding of the last group. ``batch_independent=True`` routes one ima
 (``group_size_images=1``): the output of an image then depends on that image alone. Soft MoE
 layers with one image per group (the default) are batch-independent already.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,13 +35,22 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..moe import moe_layers, require_moe_layers, set_routing, restore_routing
+from ..moe import require_moe_layers, restore_routing, set_routing
 from ..moe.parallel import expert_parallel_layers
 from ..moe.settings import EVAL_CAPACITY_FACTOR, read_routing
 from ..writes import failed_write
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_EXTRA", "MissingExtraError", "inference_routing",
-           "export_program", "save_program", "export_onnx", "export_model", "check_export"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "EXPORT_EXTRA",
+    "MissingExtraError",
+    "inference_routing",
+    "export_program",
+    "save_program",
+    "export_onnx",
+    "export_model",
+    "check_export",
+]
 
 EXPORT_FORMATS = ("onnx", "pt2")
 EXPORT_EXTRA = 'pip install -e ".[export]"'
@@ -60,8 +70,10 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise MissingExtraError(f"ONNX export needs {', '.join(missing)} (not installed): "
-                                f"install the export extra, {EXPORT_EXTRA}")
+        raise MissingExtraError(
+            f"ONNX export needs {', '.join(missing)} (not installed): "
+            f"install the export extra, {EXPORT_EXTRA}"
+        )
 
 
 def _check_model(model: nn.Module) -> None:
@@ -69,9 +81,11 @@ def _check_model(model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     sharded = list(expert_parallel_layers(model))
     if sharded:
-        raise ValueError(f"cannot export a model whose experts are sharded over processes "
-                         f"(expert-parallel layers {sharded}): gather them first with "
-                         "vmoe.moe.parallel.unshard_experts(model)")
+        raise ValueError(
+            f"cannot export a model whose experts are sharded over processes "
+            f"(expert-parallel layers {sharded}): gather them first with "
+            "vmoe.moe.parallel.unshard_experts(model)"
+        )
 
 
 def _input_shape(model: nn.Module) -> Tuple[int, int, int]:
@@ -85,9 +99,12 @@ def _input_shape(model: nn.Module) -> Tuple[int, int, int]:
 
 
 @contextlib.contextmanager
-def inference_routing(model: nn.Module, capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
-                      batch_priority: Optional[bool] = None, batch_independent: bool = False
-                      ) -> Iterator[Dict[str, dict]]:
+def inference_routing(
+    model: nn.Module,
+    capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+    batch_priority: Optional[bool] = None,
+    batch_independent: bool = False,
+) -> Iterator[Dict[str, dict]]:
     """Route the ``with`` body as an exported model will: ``capacity_factor`` (None: keep) and
     ``batch_priority`` (None: keep) on the sparse layers (Soft MoE layers have fixed slots) and,
     with ``batch_independent``, one image per routing group in every layer. Yields
@@ -97,17 +114,24 @@ def inference_routing(model: nn.Module, capacity_factor: Optional[float] = EVAL_
     if batch_independent:
         grouped = [n for n, m in layers.items() if m.is_soft and m.group_size_images != 1]
         if grouped:
-            raise ValueError(f"batch_independent=True: Soft MoE layers {grouped} have slots sized "
-                             "for groups of several images; their group size cannot change")
+            raise ValueError(
+                f"batch_independent=True: Soft MoE layers {grouped} have slots sized "
+                "for groups of several images; their group size cannot change"
+            )
     groups = {name: (m.group_size, m.group_size_images) for name, m in layers.items()}
     previous = set_routing(model, capacity_factor, batch_priority, layers=sparse) if sparse else {}
     try:
         if batch_independent:
             for m in layers.values():
                 m.group_size, m.group_size_images = None, 1
-        used = {name: {**s.to_dict(), "group_size": layers[name].group_size,
-                       "group_size_images": layers[name].group_size_images}
-                for name, s in read_routing(layers).items()}
+        used = {
+            name: {
+                **s.to_dict(),
+                "group_size": layers[name].group_size,
+                "group_size_images": layers[name].group_size_images,
+            }
+            for name, s in read_routing(layers).items()
+        }
         yield used
     finally:
         for name, (size, images) in groups.items():
@@ -135,8 +159,10 @@ def _export(model: nn.Module, example: Optional[torch.Tensor], max_batch: Option
     if example is None:
         example = torch.randn(3, *_input_shape(model))
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
-        raise ValueError(f"example must be an image batch [B, C, H, W], got "
-                         f"{getattr(example, 'shape', type(example).__name__)}")
+        raise ValueError(
+            f"example must be an image batch [B, C, H, W], got "
+            f"{getattr(example, 'shape', type(example).__name__)}"
+        )
     if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
         raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
     batch = Dim("batch", min=1, max=max_batch) if max_batch else Dim("batch", min=1)
@@ -147,10 +173,15 @@ def _export(model: nn.Module, example: Optional[torch.Tensor], max_batch: Option
         return torch.export.export(model, (example.to(device),), dynamic_shapes=({0: batch},))
 
 
-def export_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
-                   capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
-                   batch_priority: Optional[bool] = None, batch_independent: bool = False,
-                   max_batch: Optional[int] = None) -> torch.export.ExportedProgram:
+def export_program(
+    model: nn.Module,
+    example: Optional[torch.Tensor] = None,
+    *,
+    capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+    batch_priority: Optional[bool] = None,
+    batch_independent: bool = False,
+    max_batch: Optional[int] = None,
+) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model`` (eval mode) with a dynamic batch dimension (1 .. max_batch,
     None: unbounded). ``example``: an image batch [B, C, H, W] (default: 3 random images at the
     model's input size); the program runs at every batch size. Routing: see
@@ -172,8 +203,10 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name for the exported model")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (vmoe export: --overwrite) to "
-                              "replace it, or choose a new file name")
+        raise FileExistsError(
+            f"{path} exists; pass overwrite=True (vmoe export: --overwrite) to "
+            "replace it, or choose a new file name"
+        )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
 
@@ -193,8 +226,9 @@ def _atomic(path: Path, what: str) -> Iterator[Path]:
             raise
 
 
-def save_program(program: torch.export.ExportedProgram, path: Union[str, os.PathLike], *,
-                 overwrite: bool = False) -> Path:
+def save_program(
+    program: torch.export.ExportedProgram, path: Union[str, os.PathLike], *, overwrite: bool = False
+) -> Path:
     """``torch.export.save`` to ``path`` (refused when it exists, unless ``overwrite``), with the
     routing settings as ``extra_files["vmoe_routing.json"]``; load with ``torch.export.load``."""
     path = Path(path)
@@ -205,8 +239,14 @@ def save_program(program: torch.export.ExportedProgram, path: Union[str, os.Path
     return path
 
 
-def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example: Optional[torch.Tensor] = None,
-                *, overwrite: bool = False, **routing) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    example: Optional[torch.Tensor] = None,
+    *,
+    overwrite: bool = False,
+    **routing,
+) -> Path:
     """ONNX (``torch.onnx.export(..., dynamo=True)``) of ``export_program(model, example,
     **routing)`` to ``path``: input ``images`` [batch, C, H, W], output ``logits``, the batch
     axis dynamic; standard ONNX operators only. The routing settings are the model's
@@ -215,18 +255,30 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example: Option
     path = Path(path)
     _refuse_existing(path, overwrite)
     program = export_program(model, example, **routing)
-    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, input_names=["images"],
-                                     output_names=["logits"],
-                                     custom_translation_table=_sort_stable_to_onnx())
+    onnx_program = torch.onnx.export(
+        program,
+        dynamo=True,
+        verbose=False,
+        input_names=["images"],
+        output_names=["logits"],
+        custom_translation_table=_sort_stable_to_onnx(),
+    )
     onnx_program.model.metadata_props["vmoe.routing"] = json.dumps(
-        program.graph_module.meta["vmoe_routing"])
+        program.graph_module.meta["vmoe_routing"]
+    )
     with _atomic(path, "ONNX model") as tmp:
         onnx_program.save(tmp, external_data=False)
     return path
 
 
-def export_model(model: nn.Module, path: Union[str, os.PathLike], format: str = "onnx", *,
-                 overwrite: bool = False, **routing) -> Path:
+def export_model(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    format: str = "onnx",
+    *,
+    overwrite: bool = False,
+    **routing,
+) -> Path:
     """``export_onnx`` or ``export_program`` + ``save_program`` by ``format`` ('onnx', 'pt2')."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}: choose one of {EXPORT_FORMATS}")
@@ -246,6 +298,7 @@ def _runner(artifact):
     if path.suffix == ".onnx":
         require_onnx()
         import onnxruntime as ort
+
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
@@ -253,8 +306,9 @@ def _runner(artifact):
     return lambda x: module(x)
 
 
-def check_export(artifact, model: nn.Module, batch_sizes: Sequence[int] = (1, 5), *,
-                 seed: int = 0, **routing) -> Dict[int, float]:
+def check_export(
+    artifact, model: nn.Module, batch_sizes: Sequence[int] = (1, 5), *, seed: int = 0, **routing
+) -> Dict[int, float]:
     """``{batch size: max |artifact(x) - model(x)|}`` on random image batches, the eager model
     routing as ``export_program(**routing)`` does (use the same options as for the export)."""
     run = _runner(artifact)

@@ -1,5 +1,6 @@
 """The model card (``README.md``) of a saved V-MoE: architecture, routing settings, parameter
 counts, and the training data and metrics when the caller knows them."""
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -31,14 +32,23 @@ def _routing_rows(model: nn.Module) -> list:
     layers = moe_layers(model)
     methods = {name: _methods(layer) for name, layer in layers.items()}
     extra = any(methods.values())  # the column only for models that use the issue-24 methods
-    rows = ["| layer | router | experts | K | capacity factor | capacity | BPR | group |"
-            + (" methods |" if extra else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
+    rows = [
+        "| layer | router | experts | K | capacity factor | capacity | BPR | group |"
+        + (" methods |" if extra else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""),
+    ]
     for name, layer in layers.items():
         router = layer.router
-        group = (f"{layer.group_size} tokens" if layer.group_size else f"{layer.group_size_images} images")
-        rows.append(f"| `{name}` | {type(router).__name__} | {router.num_experts} | "
-                    f"{getattr(router, 'num_selected', '-')} | {router.capacity_factor} | {router.capacity} | "
-                    f"{router.batch_priority} | {group} |" + (f" {methods[name] or '-'} |" if extra else ""))
+        group = (
+            f"{layer.group_size} tokens"
+            if layer.group_size
+            else f"{layer.group_size_images} images"
+        )
+        rows.append(
+            f"| `{name}` | {type(router).__name__} | {router.num_experts} | "
+            f"{getattr(router, 'num_selected', '-')} | {router.capacity_factor} | {router.capacity} | "
+            f"{router.batch_priority} | {group} |" + (f" {methods[name] or '-'} |" if extra else "")
+        )
     return rows
 
 
@@ -50,8 +60,10 @@ def _methods(layer) -> str:
     if getattr(router, "bias_update_rate", None) is not None:
         parts.append(f"bias balancing (rate {router.bias_update_rate})")
     if getattr(layer, "shared", None) is not None:
-        parts.append(f"shared experts (width {layer.shared.hidden_features}"
-                     + (", gated)" if layer.shared.gate is not None else ")"))
+        parts.append(
+            f"shared experts (width {layer.shared.hidden_features}"
+            + (", gated)" if layer.shared.gate is not None else ")")
+        )
     return ", ".join(parts)
 
 
@@ -80,25 +92,48 @@ def model_card(model: nn.Module, config: Mapping, info: Optional[Mapping] = None
     title = f"{base} made MoE" if base else architecture
     cfg = getattr(model, "pretrained_cfg", None) or {}
     counts = parameter_counts(model)
-    lines = ["---", "library_name: timm", "tags: [image-classification, timm, vmoe, mixture-of-experts]",
-             f"license: {cfg.get('license', 'apache-2.0')}", "---", "",
-             f"# {title} ({_kind(model)})", "",
-             f"A Vision Mixture-of-Experts ({type(model).__name__}, {len(model.blocks)} blocks, "
-             f"hidden {getattr(model, 'embed_dim', '?')}, {model.num_classes} classes, input "
-             f"{_input_size(model, cfg)}).", "",
-             "## Parameters", "",
-             f"- total: {counts['total']:,}", f"- in experts: {counts['experts']:,}",
-             f"- active per token: {counts['active']:,}", "",
-             "## Routing", "", *_routing_rows(model), ""]
+    lines = [
+        "---",
+        "library_name: timm",
+        "tags: [image-classification, timm, vmoe, mixture-of-experts]",
+        f"license: {cfg.get('license', 'apache-2.0')}",
+        "---",
+        "",
+        f"# {title} ({_kind(model)})",
+        "",
+        f"A Vision Mixture-of-Experts ({type(model).__name__}, {len(model.blocks)} blocks, "
+        f"hidden {getattr(model, 'embed_dim', '?')}, {model.num_classes} classes, input "
+        f"{_input_size(model, cfg)}).",
+        "",
+        "## Parameters",
+        "",
+        f"- total: {counts['total']:,}",
+        f"- in experts: {counts['experts']:,}",
+        f"- active per token: {counts['active']:,}",
+        "",
+        "## Routing",
+        "",
+        *_routing_rows(model),
+        "",
+    ]
     if info.get("dataset"):
         lines += ["## Training data", "", str(info["dataset"]), ""]
     if info.get("metrics"):
-        lines += ["## Metrics", "", "| metric | value |", "|---|---|",
-                  *(f"| {k} | {v} |" for k, v in dict(info["metrics"]).items()), ""]
+        lines += [
+            "## Metrics",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in dict(info["metrics"]).items()),
+            "",
+        ]
     if info.get("notes"):
         lines += ["## Notes", "", str(info["notes"]), ""]
-    usage = ["import timm", "import vmoe.models  # registers vmoe_* and soft_moe_*",
-             'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"',
-             '# or, checking the files before building: vmoe.models.from_pretrained("DIR")']
+    usage = [
+        "import timm",
+        "import vmoe.models  # registers vmoe_* and soft_moe_*",
+        'model = timm.create_model("local-dir:DIR", pretrained=True)  # or "hf-hub:ORG/NAME"',
+        '# or, checking the files before building: vmoe.models.from_pretrained("DIR")',
+    ]
     lines += ["## Usage", "", "```python", *usage, "```", ""]
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Turn a timm Vision Transformer into a V-MoE, and read its MoE layers' losses and plans."""
+
 from __future__ import annotations
 
 import copy
@@ -14,9 +15,21 @@ from ..moe import MoeMlp, RoutingPlan, moe_layers, require_moe_layers, routing_s
 from ..moe.config import ROUTER_CONFIGS, MoeLayerConfig
 from ..moe.soft_routing import soft_slots_per_expert
 
-__all__ = ["moe_block_indices", "moeify", "MoeifyConfig", "nested_moe_options", "merge_moe_options",
-           "check_moe_options", "recipe_layer", "aux_loss", "aux_losses", "routing_plans",
-           "routing_stats", "MOEIFIED_ARCHITECTURE", "MOEIFIED_ARGS"]
+__all__ = [
+    "moe_block_indices",
+    "moeify",
+    "MoeifyConfig",
+    "nested_moe_options",
+    "merge_moe_options",
+    "check_moe_options",
+    "recipe_layer",
+    "aux_loss",
+    "aux_losses",
+    "routing_plans",
+    "routing_stats",
+    "MOEIFIED_ARCHITECTURE",
+    "MOEIFIED_ARGS",
+]
 
 # The timm name that rebuilds a moeified timm model (``vmoe.models.variants.vmoe_moeified``):
 # saved directories of such models name it as their architecture, so that timm's ``local-dir:``
@@ -26,15 +39,21 @@ MOEIFIED_ARCHITECTURE = "vmoe_moeified"
 MOEIFIED_ARGS = ("base_architecture", "moeify", "routing")
 
 
-def moe_block_indices(depth: int, every: Optional[int] = None, last: Optional[int] = None,
-                      blocks: Optional[Sequence[int]] = None) -> List[int]:
+def moe_block_indices(
+    depth: int,
+    every: Optional[int] = None,
+    last: Optional[int] = None,
+    blocks: Optional[Sequence[int]] = None,
+) -> List[int]:
     """Indices of the blocks that become MoE, from exactly one placement rule.
 
     ``every=N``: blocks N-1, 2N-1, ... (the paper's "Every 2" is blocks 1, 3, 5, ...).
     ``last=N``: the last N odd blocks (the paper's "Last 2": blocks depth-3 and depth-1 for an
     even depth). ``blocks``: an explicit list (negative indices count from the end).
     """
-    given = [name for name, v in (("every", every), ("last", last), ("blocks", blocks)) if v is not None]
+    given = [
+        name for name, v in (("every", every), ("last", last), ("blocks", blocks)) if v is not None
+    ]
     if len(given) != 1:
         raise ValueError(f"give exactly one of every=, last=, blocks= (got {given or 'none'})")
     if every is not None:
@@ -44,14 +63,18 @@ def moe_block_indices(depth: int, every: Optional[int] = None, last: Optional[in
     if last is not None:
         odd = list(range(1, depth, 2))
         if not isinstance(last, int) or not 1 <= last <= len(odd):
-            raise ValueError(f"last={last!r} must be an int in [1, {len(odd)}] (the model has depth "
-                             f"{depth}, i.e. {len(odd)} odd blocks)")
+            raise ValueError(
+                f"last={last!r} must be an int in [1, {len(odd)}] (the model has depth "
+                f"{depth}, i.e. {len(odd)} odd blocks)"
+            )
         return odd[-last:]
     indices = []
     for i in blocks:
         if not isinstance(i, int) or not -depth <= i < depth:
-            raise ValueError(f"block index {i!r} is out of range for a model of depth {depth} "
-                             f"(valid: 0..{depth - 1} or negative)")
+            raise ValueError(
+                f"block index {i!r} is out of range for a model of depth {depth} "
+                f"(valid: 0..{depth - 1} or negative)"
+            )
         indices.append(i % depth)
     if len(set(indices)) != len(indices):
         raise ValueError(f"blocks={list(blocks)} lists a block twice")
@@ -77,28 +100,44 @@ def _check_placement(every, last, blocks, where: str, required: bool = True) -> 
     ``moe_block_indices``); ``required``: exactly one is given."""
     given = [k for k, v in (("every", every), ("last", last), ("blocks", blocks)) if v is not None]
     if required and len(given) != 1:
-        raise ValueError(f"{where}: give exactly one of {where}.every, {where}.last, "
-                         f"{where}.blocks (got {', '.join(given) or 'none'})")
+        raise ValueError(
+            f"{where}: give exactly one of {where}.every, {where}.last, "
+            f"{where}.blocks (got {', '.join(given) or 'none'})"
+        )
     for key, value in (("every", every), ("last", last)):
         if value is not None and (not _is_int(value) or value < 1):
             raise ValueError(f"{where}.{key}={value!r} must be an int >= 1")
-    if blocks is not None and (isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence)
-                               or not blocks or not all(_is_int(b) for b in blocks)):
-        raise ValueError(f"{where}.blocks={blocks!r} must be a non-empty list of block indices (ints)")
+    if blocks is not None and (
+        isinstance(blocks, (str, bytes))
+        or not isinstance(blocks, Sequence)
+        or not blocks
+        or not all(_is_int(b) for b in blocks)
+    ):
+        raise ValueError(
+            f"{where}.blocks={blocks!r} must be a non-empty list of block indices (ints)"
+        )
 
 
 def _check_moeify_options(router_init_std, drop, where: str) -> None:
-    if router_init_std is not None and (isinstance(router_init_std, bool)
-                                        or not isinstance(router_init_std, (int, float))
-                                        or not math.isfinite(router_init_std) or router_init_std <= 0):
-        raise ValueError(f"{where}.router_init_std={router_init_std!r} must be a finite number > 0 "
-                         "or null")
+    if router_init_std is not None and (
+        isinstance(router_init_std, bool)
+        or not isinstance(router_init_std, (int, float))
+        or not math.isfinite(router_init_std)
+        or router_init_std <= 0
+    ):
+        raise ValueError(
+            f"{where}.router_init_std={router_init_std!r} must be a finite number > 0 or null"
+        )
     if drop is not None:
         values = list(drop) if isinstance(drop, (list, tuple)) else [drop]
         if len(values) not in (1, 2) or not all(
-                isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0 for p in values):
-            raise ValueError(f"{where}.drop={drop!r} must be a dropout probability in [0, 1) or a "
-                             "pair of them (after fc1, after fc2)")
+            isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0
+            for p in values
+        ):
+            raise ValueError(
+                f"{where}.drop={drop!r} must be a dropout probability in [0, 1) or a "
+                "pair of them (after fc1, after fc2)"
+            )
 
 
 def _drop_value(drop) -> Optional[Dropout]:
@@ -136,23 +175,30 @@ class MoeifyConfig:
             raise TypeError(f"moe.layer={self.layer!r} must be a MoeLayerConfig")
 
     @classmethod
-    def from_dict(cls, options: Union["MoeifyConfig", Mapping[str, Any]],
-                  where: str = "model.moe") -> "MoeifyConfig":
+    def from_dict(
+        cls, options: Union["MoeifyConfig", Mapping[str, Any]], where: str = "model.moe"
+    ) -> "MoeifyConfig":
         """The config of ``options`` (a mapping; a ``MoeifyConfig`` is returned as is).
         ValueError/TypeError naming ``{where}.{key}`` for a bad key or value."""
         if isinstance(options, MoeifyConfig):
             return options
         if not isinstance(options, Mapping):
-            raise TypeError(f"{where} must be a mapping of MoE placement and layer options "
-                            f"(e.g. {{last: 2, num_experts: 8, router: {{name: top_k, num_selected: 2}}}}), "
-                            f"got {type(options).__name__} {options!r:.100}")
+            raise TypeError(
+                f"{where} must be a mapping of MoE placement and layer options "
+                f"(e.g. {{last: 2, num_experts: 8, router: {{name: top_k, num_selected: 2}}}}), "
+                f"got {type(options).__name__} {options!r:.100}"
+            )
         rest = dict(options)
         if "from_dense" in rest:
-            raise ValueError(f"{where}.from_dense: not an option here (model.upcycle_from "
-                             "upcycles: every expert starts as the dense MLP)")
+            raise ValueError(
+                f"{where}.from_dense: not an option here (model.upcycle_from "
+                "upcycles: every expert starts as the dense MLP)"
+            )
         placement = {k: rest.pop(k) for k in PLACEMENT_KEYS if k in rest}
         extra = {k: rest.pop(k) for k in ("router_init_std", "drop") if k in rest}
-        _check_placement(placement.get("every"), placement.get("last"), placement.get("blocks"), where)
+        _check_placement(
+            placement.get("every"), placement.get("last"), placement.get("blocks"), where
+        )
         _check_moeify_options(extra.get("router_init_std"), extra.get("drop"), where)
         layer = MoeLayerConfig.from_dict(rest, where=where)
         return cls(**placement, **extra, layer=layer)
@@ -168,17 +214,26 @@ class MoeifyConfig:
         """A validated copy with ``changes`` (giving one placement key replaces the other)."""
         unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
         if unknown:
-            raise ValueError(f"{unknown[0]}: not an option of MoeifyConfig (its options: "
-                             f"{', '.join(f.name for f in dataclasses.fields(self))})")
+            raise ValueError(
+                f"{unknown[0]}: not an option of MoeifyConfig (its options: "
+                f"{', '.join(f.name for f in dataclasses.fields(self))})"
+            )
         if any(k in changes for k in PLACEMENT_KEYS):
             changes = {**{k: None for k in PLACEMENT_KEYS}, **changes}
         return dataclasses.replace(self, **changes)
 
     def apply(self, model: nn.Module, from_dense: bool = False) -> nn.Module:
         """``moeify(model, ...)`` with this config (in place; returns ``model``)."""
-        return moeify(model, every=self.every, last=self.last,
-                      blocks=None if self.blocks is None else list(self.blocks), from_dense=from_dense,
-                      router_init_std=self.router_init_std, drop=self.drop, config=self.layer)
+        return moeify(
+            model,
+            every=self.every,
+            last=self.last,
+            blocks=None if self.blocks is None else list(self.blocks),
+            from_dense=from_dense,
+            router_init_std=self.router_init_std,
+            drop=self.drop,
+            config=self.layer,
+        )
 
 
 def nested_moe_options(options, where: str = "moe") -> Dict[str, Any]:
@@ -201,12 +256,16 @@ def nested_moe_options(options, where: str = "moe") -> Dict[str, Any]:
         router = router.to_dict()
     if isinstance(router, Mapping):
         if flat_router:
-            raise ValueError(f"{where}.{next(iter(flat_router))}: give the router options inside "
-                             f"{where}.router when it is a mapping, not next to it")
+            raise ValueError(
+                f"{where}.{next(iter(flat_router))}: give the router options inside "
+                f"{where}.router when it is a mapping, not next to it"
+            )
         out["router"] = dict(router)
     elif router is not None or flat_router:
-        out["router"] = {**({} if router is None else {"name": router}),
-                         **_without_ignored(router, flat_router)}
+        out["router"] = {
+            **({} if router is None else {"name": router}),
+            **_without_ignored(router, flat_router),
+        }
     return out
 
 
@@ -217,8 +276,11 @@ def _without_ignored(name, flat_router: Dict[str, Any]) -> Dict[str, Any]:
     cls = ROUTER_CONFIGS.get(name) if isinstance(name, str) else None
     if cls is None:
         return flat_router
-    foreign = {k: v for k, v in flat_router.items() if k not in cls.options()
-               and any(k in c.options() for c in _ROUTER_TYPES)}
+    foreign = {
+        k: v
+        for k, v in flat_router.items()
+        if k not in cls.options() and any(k in c.options() for c in _ROUTER_TYPES)
+    }
     if not foreign:
         return flat_router
     try:
@@ -259,23 +321,28 @@ def check_moe_options(options, where: str) -> None:
     if options is None:
         return
     nested = nested_moe_options(options, where)
-    _check_placement(nested.get("every"), nested.get("last"), nested.get("blocks"), where,
-                     required=False)
+    _check_placement(
+        nested.get("every"), nested.get("last"), nested.get("blocks"), where, required=False
+    )
     _check_moeify_options(nested.get("router_init_std"), nested.get("drop"), where)
     if "from_dense" in nested and not isinstance(nested["from_dense"], bool):
         raise ValueError(f"{where}.from_dense={nested['from_dense']!r} must be true or false")
     layer = {k: v for k, v in nested.items() if k not in MOEIFY_KEYS}
     router = dict(layer.pop("router", None) or {})
     # flat unless a mapping nests its router (config instances are read back from their dicts)
-    flat = not (isinstance(options, Mapping)
-                and isinstance(options.get("router"), (Mapping, *_ROUTER_TYPES)))
+    flat = not (
+        isinstance(options, Mapping)
+        and isinstance(options.get("router"), (Mapping, *_ROUTER_TYPES))
+    )
 
     def check(name: str) -> None:
         options_of_router = {k: v for k, v in router.items() if k != "name"}
         if flat:  # as written: a misspelt key is named where it stands
             MoeLayerConfig.from_dict({**layer, "router": name, **options_of_router}, where=where)
         else:
-            MoeLayerConfig.from_dict({**layer, "router": {"name": name, **options_of_router}}, where=where)
+            MoeLayerConfig.from_dict(
+                {**layer, "router": {"name": name, **options_of_router}}, where=where
+            )
 
     if "name" in router:
         check(router["name"])
@@ -291,18 +358,27 @@ def check_moe_options(options, where: str) -> None:
     check(fitting[-1] if fitting else "top_k")
 
 
-def recipe_layer(recipe: Mapping[str, Any], where: str = "moeify"
-                 ) -> Tuple[List[int], MoeLayerConfig, Optional[Dropout]]:
+def recipe_layer(
+    recipe: Mapping[str, Any], where: str = "moeify"
+) -> Tuple[List[int], MoeLayerConfig, Optional[Dropout]]:
     """``(blocks, layer config, expert dropout)`` of a stored ``moeify`` recipe: the nested
     form of config.json format 2 (``{"blocks": [...], "layer": {...}, "drop": ...}``) or the
     flat one of format 1 (``{"blocks": [...], "moe_kwargs": {...}}``). ValueError naming
     ``where`` and the key when it is neither or an option is bad."""
-    if not isinstance(recipe, Mapping) or not isinstance(recipe.get("blocks"), list) or not recipe["blocks"]:
-        raise ValueError(f"{where}={recipe!r:.200} must be "
-                         '{"blocks": [block indices], "layer": {MoE layer options}}')
+    if (
+        not isinstance(recipe, Mapping)
+        or not isinstance(recipe.get("blocks"), list)
+        or not recipe["blocks"]
+    ):
+        raise ValueError(
+            f"{where}={recipe!r:.200} must be "
+            '{"blocks": [block indices], "layer": {MoE layer options}}'
+        )
     if "layer" in recipe and "moe_kwargs" in recipe:
-        raise ValueError(f"{where}: give 'layer' (nested options) or 'moe_kwargs' (the flat ones "
-                         "of config.json version 1), not both")
+        raise ValueError(
+            f"{where}: give 'layer' (nested options) or 'moe_kwargs' (the flat ones "
+            "of config.json version 1), not both"
+        )
     if "layer" in recipe:
         layer, drop = recipe["layer"], recipe.get("drop")
         layer = MoeLayerConfig.from_dict(layer, where=f"{where}.layer")
@@ -317,22 +393,34 @@ def recipe_layer(recipe: Mapping[str, Any], where: str = "moeify"
 def _vit_blocks(model: nn.Module) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
-        raise TypeError(f"{type(model).__name__} is not a timm Vision Transformer: it has no "
-                        "`blocks` list of transformer blocks")
+        raise TypeError(
+            f"{type(model).__name__} is not a timm Vision Transformer: it has no "
+            "`blocks` list of transformer blocks"
+        )
     for i, block in enumerate(blocks):
         mlp = getattr(block, "mlp", None)
-        if not isinstance(mlp, MoeMlp) and not (hasattr(mlp, "fc1") and hasattr(mlp, "fc2")
-                                                 and isinstance(mlp.fc1, nn.Linear)):
-            raise TypeError(f"block {i} of {type(model).__name__} has no timm `Mlp` "
-                            f"(`mlp.fc1`/`mlp.fc2` Linear layers); got {type(mlp).__name__}")
+        if not isinstance(mlp, MoeMlp) and not (
+            hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and isinstance(mlp.fc1, nn.Linear)
+        ):
+            raise TypeError(
+                f"block {i} of {type(model).__name__} has no timm `Mlp` "
+                f"(`mlp.fc1`/`mlp.fc2` Linear layers); got {type(mlp).__name__}"
+            )
     return blocks
 
 
-def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int] = None,
-           blocks: Optional[Sequence[int]] = None, from_dense: bool = False,
-           router_init_std: Optional[float] = None,
-           config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
-           drop: Optional[Dropout] = None, **options) -> nn.Module:
+def moeify(
+    model: nn.Module,
+    *,
+    every: Optional[int] = None,
+    last: Optional[int] = None,
+    blocks: Optional[Sequence[int]] = None,
+    from_dense: bool = False,
+    router_init_std: Optional[float] = None,
+    config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
+    drop: Optional[Dropout] = None,
+    **options,
+) -> nn.Module:
     """Replace the ``mlp`` of chosen blocks of a timm ViT by ``MoeMlp`` (in place; returns model).
 
     Args:
@@ -359,8 +447,9 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
     _check_moeify_options(router_init_std, drop, "moeify")
     if config is not None and options:
         config = merge_moe_options(config, options)
-    layer_config = _with_slots(model, MoeLayerConfig.from_dict(
-        options if config is None else config, where="moe"))
+    layer_config = _with_slots(
+        model, MoeLayerConfig.from_dict(options if config is None else config, where="moe")
+    )
     drop = _drop_value(drop)
     for i in indices:
         mlp = vit_blocks[i].mlp
@@ -368,11 +457,20 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
             raise ValueError(f"block {i} is already a MoE block")
         act = mlp.act
         # Expert dropout: the dense MLP's unless given (the paper's recipes use MoE dropout 0.2).
-        layer_drop = drop if drop is not None else (getattr(mlp.drop1, "p", 0.0), getattr(mlp.drop2, "p", 0.0))
+        layer_drop = (
+            drop
+            if drop is not None
+            else (getattr(mlp.drop1, "p", 0.0), getattr(mlp.drop2, "p", 0.0))
+        )
         layer = MoeMlp(
-            mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features,
-            act_layer=lambda act=act: copy.deepcopy(act), bias=mlp.fc1.bias is not None,
-            drop=layer_drop, config=layer_config)
+            mlp.fc1.in_features,
+            mlp.fc1.out_features,
+            mlp.fc2.out_features,
+            act_layer=lambda act=act: copy.deepcopy(act),
+            bias=mlp.fc1.bias is not None,
+            drop=layer_drop,
+            config=layer_config,
+        )
         layer.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
         if from_dense:
             layer.experts.load_from_mlp(mlp)
@@ -390,8 +488,12 @@ def moeify(model: nn.Module, *, every: Optional[int] = None, last: Optional[int]
     return model
 
 
-def _recipe(previous: Optional[dict], indices: List[int], layer_config: MoeLayerConfig,
-            drop: Optional[Dropout]) -> dict:
+def _recipe(
+    previous: Optional[dict],
+    indices: List[int],
+    layer_config: MoeLayerConfig,
+    drop: Optional[Dropout],
+) -> dict:
     """The ``model.vmoe_moe`` recipe (config.json's ``moeify`` entry, nested form):
     ``{"blocks": [...], "layer": {...}}`` (+ ``"drop"`` when given; the derived ``num_slots``
     of a Soft MoE included, so that a rebuild at another image size keeps P). A second
@@ -419,9 +521,11 @@ def _with_slots(model: nn.Module, config: MoeLayerConfig) -> MoeLayerConfig:
         patch_embed = getattr(model, "patch_embed", None)
         num_patches = getattr(patch_embed, "num_patches", None)
         if num_patches is None:
-            raise ValueError("router='soft' without num_slots derives the slots per expert from "
-                             "the tokens per group, but the model has no patch_embed.num_patches: "
-                             "give num_slots or group_size (tokens)")
+            raise ValueError(
+                "router='soft' without num_slots derives the slots per expert from "
+                "the tokens per group, but the model has no patch_embed.num_patches: "
+                "give num_slots or group_size (tokens)"
+            )
         tokens = num_patches + getattr(model, "num_prefix_tokens", 0)
         group_size = config.resolved_group_size_images * tokens
     slots = soft_slots_per_expert(group_size, config.num_experts, router.capacity_factor)
@@ -434,9 +538,11 @@ def _storable(name: str, value):
     try:
         return to_jsonable(value, strict=True)
     except TypeError:
-        raise TypeError(f"MoE option {name}={value!r} is not a plain value (None, bool, int, float, "
-                        "str, or lists/dicts of them); "
-                        "pass a name instead so the model can be saved and rebuilt") from None
+        raise TypeError(
+            f"MoE option {name}={value!r} is not a plain value (None, bool, int, float, "
+            "str, or lists/dicts of them); "
+            "pass a name instead so the model can be saved and rebuilt"
+        ) from None
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

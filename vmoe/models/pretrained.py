@@ -1,5 +1,6 @@
 """Save and load V-MoE models (config.json + model.safetensors), and sparse upcycling of dense
 timm ViTs from pretrained weights. Nothing here unpickles a file."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,16 +22,33 @@ from timm.models._hub import save_config_for_hf  # the config half of timm.model
 from vmoe.checkpoints import read_safetensors_header
 
 from ..jsonable import to_jsonable
-from ..writes import failed_write
 from ..moe import moe_layers, read_routing, restore_routing
 from ..moe.parallel import expert_parallel_layers
-from .config_checks import (FORMAT_VERSION, check_config_against_header, check_shapes,
-                            shape_mismatches, validate_config)
-from .model_card import VMOE_FACTORY_PREFIXES, model_card as make_model_card
+from ..writes import failed_write
+from .config_checks import (
+    FORMAT_VERSION,
+    check_config_against_header,
+    check_shapes,
+    shape_mismatches,
+    validate_config,
+)
+from .model_card import VMOE_FACTORY_PREFIXES
+from .model_card import model_card as make_model_card
 from .moeify import MOEIFIED_ARCHITECTURE, MOEIFIED_ARGS, moeify, nested_moe_options, recipe_layer
 
-__all__ = ["save_pretrained", "from_pretrained", "load_state_dict_checked", "adapt_for_fine_tuning", "upcycle",
-           "check_saved_dir", "check_target_dir", "model_config", "write_config", "resolve_model_dir", "push_to_hub"]
+__all__ = [
+    "save_pretrained",
+    "from_pretrained",
+    "load_state_dict_checked",
+    "adapt_for_fine_tuning",
+    "upcycle",
+    "check_saved_dir",
+    "check_target_dir",
+    "model_config",
+    "write_config",
+    "resolve_model_dir",
+    "push_to_hub",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -43,8 +61,10 @@ def model_config(model: nn.Module) -> dict:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     architecture = cfg.get("architecture")
     if not architecture or architecture not in timm.list_models():
-        raise ValueError(f"cannot save {type(model).__name__}: it was not built by "
-                         "timm.create_model (no registered architecture name)")
+        raise ValueError(
+            f"cannot save {type(model).__name__}: it was not built by "
+            "timm.create_model (no registered architecture name)"
+        )
     args = dict(getattr(model, "_model_args", {}) or {})
     if args.get("moe") is not None:  # a vmoe factory's MoE options, as given: stored nested
         args["moe"] = nested_moe_options(args["moe"])
@@ -55,14 +75,18 @@ def model_config(model: nn.Module) -> dict:
     try:
         args = to_jsonable(args, strict=True)
     except TypeError as err:
-        raise TypeError(f"model argument not storable: {err}; build the model with plain "
-                        "arguments (names instead of classes)") from None
+        raise TypeError(
+            f"model argument not storable: {err}; build the model with plain "
+            "arguments (names instead of classes)"
+        ) from None
     built_moe = architecture.startswith(VMOE_FACTORY_PREFIXES)
     moe = None if built_moe else getattr(model, "vmoe_moe", None)
     if moe and moe.get("mixed"):
-        raise ValueError(f"cannot save {type(model).__name__}: moeify was called more than once "
-                         f"with different MoE options (blocks {moe['mixed']} and others), and "
-                         "config.json replays one layer config; moeify once with one config")
+        raise ValueError(
+            f"cannot save {type(model).__name__}: moeify was called more than once "
+            f"with different MoE options (blocks {moe['mixed']} and others), and "
+            "config.json replays one layer config; moeify once with one config"
+        )
     routing = {name: s.to_dict() for name, s in read_routing(moe_layers(model)).items()}
     for key in MOEIFIED_ARGS:  # a model rebuilt by vmoe_moeified: its args are regenerated
         args.pop(key, None)
@@ -74,8 +98,14 @@ def model_config(model: nn.Module) -> dict:
         architecture = MOEIFIED_ARCHITECTURE
     elif built_moe:
         args["routing"] = routing  # the vmoe factories apply it: timm's local-dir/hf-hub loaders
-    return {"format": "vmoe", "version": FORMAT_VERSION, "architecture": architecture,
-            "model_args": args, "moeify": moe, "routing": routing}
+    return {
+        "format": "vmoe",
+        "version": FORMAT_VERSION,
+        "architecture": architecture,
+        "model_args": args,
+        "moeify": moe,
+        "routing": routing,
+    }
 
 
 def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -88,15 +118,21 @@ def write_config(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     ``num_labels``) next to ``model_args`` ("got multiple values for keyword argument"), and
     timm's loaders read it from the pretrained cfg. ``from_pretrained`` reads it from either."""
     config = model_config(model)
-    vmoe_entries = {k: config[k] for k in ("format", "version", "architecture", "moeify", "routing")}
+    vmoe_entries = {
+        k: config[k] for k in ("format", "version", "architecture", "moeify", "routing")
+    }
     save_config_for_hf(model, path, model_config=vmoe_entries, model_args=config["model_args"])
     written = json.loads(Path(path).read_text())
     written["model_args"].pop("num_classes", None)  # timm's get_model_args puts it back
     Path(path).write_text(json.dumps(written, indent=2))
 
 
-def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwrite: bool = False,
-                    model_card: Union[bool, Mapping] = False) -> Path:
+def save_pretrained(
+    model: nn.Module,
+    directory: Union[str, os.PathLike],
+    overwrite: bool = False,
+    model_card: Union[bool, Mapping] = False,
+) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into ``directory`` (timm's ``save_for_hf``
     layout, loadable with ``timm.create_model("local-dir:DIR", pretrained=True)``), and with
     ``model_card`` a ``README.md`` (architecture, routing, parameter counts; pass a dict with
@@ -108,9 +144,11 @@ def save_pretrained(model: nn.Module, directory: Union[str, os.PathLike], overwr
     """
     model_config(model)  # refuses an unsaveable model before anything is written
     if expert_parallel_layers(model):
-        raise ValueError("cannot save an expert-parallel model (it holds E/ep experts per layer): "
-                         "call vmoe.moe.parallel.unshard_experts(model) on every rank first, "
-                         "then save on one")
+        raise ValueError(
+            "cannot save an expert-parallel model (it holds E/ep experts per layer): "
+            "call vmoe.moe.parallel.unshard_experts(model) on every rank first, "
+            "then save on one"
+        )
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with staged_save_dir(directory, overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -127,9 +165,15 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def push_to_hub(model: nn.Module, repo_id: str, *, model_card: Union[bool, Mapping] = True,
-                private: bool = False, token: Optional[str] = None,
-                commit_message: str = "Add V-MoE model") -> str:
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    model_card: Union[bool, Mapping] = True,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: str = "Add V-MoE model",
+) -> str:
     """Upload ``model`` as a ``save_pretrained`` directory (config.json, model.safetensors and,
     by default, the model card) to the Hugging Face Hub repository ``repo_id`` (created when
     missing). Returns the commit URL. Loading back: ``timm.create_model("hf-hub:" + repo_id,
@@ -142,12 +186,15 @@ def push_to_hub(model: nn.Module, repo_id: str, *, model_card: Union[bool, Mappi
         api = HfApi(token=token)
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message
+            )
         except (OSError, ValueError) as err:  # huggingface_hub: offline, auth, network, refused
             raise RuntimeError(
                 f"could not push to the Hugging Face Hub repository {repo_id!r} ({_first_line(err)}). "
                 "Offline or not logged in? Save with save_pretrained(model, DIR) and upload DIR "
-                "later (huggingface-cli upload)") from err
+                "later (huggingface-cli upload)"
+            ) from err
     return str(getattr(info, "commit_url", info))
 
 
@@ -155,8 +202,10 @@ def check_target_dir(directory: Union[str, os.PathLike], overwrite: bool) -> Non
     """FileExistsError when ``directory`` exists, is not empty, and ``overwrite`` is false."""
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{directory} exists and is not empty; pass overwrite=True "
-                              "(--overwrite on the command line) to replace it")
+        raise FileExistsError(
+            f"{directory} exists and is not empty; pass overwrite=True "
+            "(--overwrite on the command line) to replace it"
+        )
 
 
 @contextlib.contextmanager
@@ -182,15 +231,19 @@ def staged_save_dir(directory: Union[str, os.PathLike], overwrite: bool = False)
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_pretrained?")
+        raise FileNotFoundError(
+            f"{path} not found: is {directory} a directory written by save_pretrained?"
+        )
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     validate_config(config, path)
     if not timm.is_model(config["architecture"]):
-        raise ValueError(f"{path}: entry 'architecture' names {config['architecture']!r}, which is "
-                         "not a registered timm model (import the package that registers it)")
+        raise ValueError(
+            f"{path}: entry 'architecture' names {config['architecture']!r}, which is "
+            "not a registered timm model (import the package that registers it)"
+        )
     return config
 
 
@@ -206,8 +259,9 @@ def check_saved_dir(directory: Union[str, os.PathLike], args: Mapping) -> None:
     weights_path = directory / WEIGHTS_NAME
     if weights_path.is_file():
         header = read_safetensors_header(weights_path)
-        check_config_against_header(config, {**config["model_args"], **args}, header,
-                                    directory / CONFIG_NAME, weights_path)
+        check_config_against_header(
+            config, {**config["model_args"], **args}, header, directory / CONFIG_NAME, weights_path
+        )
 
 
 def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
@@ -216,21 +270,31 @@ def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupted or truncated?): {err}") from None
+        raise ValueError(
+            f"{path} is not a readable safetensors file (corrupted or truncated?): {err}"
+        ) from None
 
 
-def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_checked(
+    model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """``load_state_dict`` that lists every missing key, unexpected key and shape mismatch."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = shape_mismatches(own, {k: tuple(v.shape) for k, v in state_dict.items()},
-                                expected_as="model", found_as="checkpoint", limit=None)
+    problems = shape_mismatches(
+        own,
+        {k: tuple(v.shape) for k, v in state_dict.items()},
+        expected_as="model",
+        found_as="checkpoint",
+        limit=None,
+    )
     if problems:
         raise ValueError(f"{source} does not fit {type(model).__name__}: {problems}")
     model.load_state_dict(state_dict)
 
 
-def adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool,
-                          new_size: bool) -> Dict[str, torch.Tensor]:
+def adapt_for_fine_tuning(
+    model: nn.Module, state: Dict[str, torch.Tensor], new_head: bool, new_size: bool
+) -> Dict[str, torch.Tensor]:
     """A new head (``new_head``: freshly initialized, or none for ``num_classes=0``); position
     embeddings resampled to the new grid (``new_size``)."""
     own = model.state_dict()
@@ -240,10 +304,18 @@ def adapt_for_fine_tuning(model: nn.Module, state: Dict[str, torch.Tensor], new_
                 state[key] = own[key]  # new head, freshly initialized
             else:
                 del state[key]  # num_classes=0: no head
-    if new_size and "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    if (
+        new_size
+        and "pos_embed" in state
+        and "pos_embed" in own
+        and state["pos_embed"].shape != own["pos_embed"].shape
+    ):
+        prefix = (
+            0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        )
         state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+            state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
+        )
     return state
 
 
@@ -268,11 +340,20 @@ def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.M
     try:
         with torch.device("meta"):
             return _build(config, args)
-    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError, NotImplementedError) as err:
+    except (
+        TypeError,
+        ValueError,
+        AssertionError,
+        RuntimeError,
+        KeyError,
+        NotImplementedError,
+    ) as err:
         if isinstance(err, NotImplementedError) or "meta" in str(err):
             return None
-        raise ValueError(f"{config_path}: cannot build {config['architecture']!r} from its "
-                         f"model_args/moeify entries ({type(err).__name__}: {err})") from None
+        raise ValueError(
+            f"{config_path}: cannot build {config['architecture']!r} from its "
+            f"model_args/moeify entries ({type(err).__name__}: {err})"
+        ) from None
 
 
 def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
@@ -281,24 +362,33 @@ def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
     saying what to do when that fails: offline, no such repository, no access)."""
     text = os.fspath(source)
     if text.startswith("local-dir:"):
-        return Path(text[len("local-dir:"):])
+        return Path(text[len("local-dir:") :])
     if not text.startswith("hf-hub:"):
         return Path(text)
-    repo_id, _, revision = text[len("hf-hub:"):].partition("@")
+    repo_id, _, revision = text[len("hf-hub:") :].partition("@")
     from huggingface_hub import snapshot_download  # only needed for hub names
+
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None,
-                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision or None, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]
+            )
+        )
     except (OSError, ValueError) as err:  # huggingface_hub: offline, not found, auth, network
         raise ConnectionError(
             f"could not download {text!r} from the Hugging Face Hub ({_first_line(err)}). "
             "Offline? Download the repository "
             "elsewhere and load its directory: from_pretrained(DIR) or "
-            "timm.create_model('local-dir:DIR', pretrained=True)") from err
+            "timm.create_model('local-dir:DIR', pretrained=True)"
+        ) from err
 
 
-def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[int] = None,
-                    img_size: Optional[Union[int, Sequence[int]]] = None, **model_overrides) -> nn.Module:
+def from_pretrained(
+    directory: Union[str, os.PathLike],
+    num_classes: Optional[int] = None,
+    img_size: Optional[Union[int, Sequence[int]]] = None,
+    **model_overrides,
+) -> nn.Module:
     """Rebuild a model written by ``save_pretrained`` (same logits). ``directory``: a path,
     ``local-dir:PATH`` or ``hf-hub:ORG/NAME`` (see ``resolve_model_dir``).
 
@@ -325,21 +415,32 @@ def from_pretrained(directory: Union[str, os.PathLike], num_classes: Optional[in
     meta = _build_on_meta(config, args, config_path)
     if meta is not None:
         expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-        may_differ = (["head.weight", "head.bias"] if num_classes is not None else []) + \
-            (["pos_embed"] if img_size is not None else [])
+        may_differ = (["head.weight", "head.bias"] if num_classes is not None else []) + (
+            ["pos_embed"] if img_size is not None else []
+        )
         check_shapes(expected, header, config_path, weights_path, may_differ)
     model = _build(config, args)
     state = _read_weights(weights_path)
     state = adapt_for_fine_tuning(model, state, num_classes is not None, img_size is not None)
     load_state_dict_checked(model, state, source=str(weights_path))
-    restore_routing(moe_layers(model), config.get("routing") or {})  # names checked with the weights
+    restore_routing(
+        moe_layers(model), config.get("routing") or {}
+    )  # names checked with the weights
     return model
 
 
-def upcycle(model: Union[str, nn.Module], checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-            pretrained: bool = False, num_classes: Optional[int] = None,
-            img_size: Optional[Union[int, Sequence[int]]] = None, *, every: Optional[int] = None,
-            last: Optional[int] = None, blocks: Optional[Sequence[int]] = None, **moe_options) -> nn.Module:
+def upcycle(
+    model: Union[str, nn.Module],
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+    img_size: Optional[Union[int, Sequence[int]]] = None,
+    *,
+    every: Optional[int] = None,
+    last: Optional[int] = None,
+    blocks: Optional[Sequence[int]] = None,
+    **moe_options,
+) -> nn.Module:
     """Sparse upcycling: a dense timm ViT (with its pretrained weights) -> V-MoE.
 
     Args:
@@ -373,6 +474,7 @@ def upcycle(model: Union[str, nn.Module], checkpoint_path: Optional[Union[str, o
             if kwargs.get("pretrained") and checkpoint_path is None:
                 raise RuntimeError(
                     f"could not download pretrained weights for {model!r} ({type(err).__name__}: {err}). "
-                    "Offline? Download the weights file elsewhere and pass checkpoint_path=...") from err
+                    "Offline? Download the weights file elsewhere and pass checkpoint_path=..."
+                ) from err
             raise
     return moeify(model, every=every, last=last, blocks=blocks, from_dense=True, **moe_options)

@@ -2,24 +2,42 @@
 factory shares (``in_chans``, ``features_only``/``feature_cls``/``out_indices``, ``num_classes``
 from the pretrained cfg, the input channels of the pretrained cfg), and the feature wrapper of
 ``vmoe_moeified`` (which builds its model outside ``build_model_with_cfg``)."""
+
 from __future__ import annotations
 
 import inspect
 from typing import Optional
 
 import torch.nn as nn
-from timm.models._features import (FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet,
-                                   feature_take_indices)
 from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import (
+    FeatureDictNet,
+    FeatureGetterNet,
+    FeatureHookNet,
+    FeatureListNet,
+    feature_take_indices,
+)
 from timm.models._features_fx import FeatureGraphNet
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["FEATURE_CLASSES", "check_factory_args", "source_num_classes", "source_in_chans",
-           "input_cfg", "wrap_features", "VIT_DEFAULT_DEPTH"]
+__all__ = [
+    "FEATURE_CLASSES",
+    "check_factory_args",
+    "source_num_classes",
+    "source_in_chans",
+    "input_cfg",
+    "wrap_features",
+    "VIT_DEFAULT_DEPTH",
+]
 
 # timm's names for its feature extractors (build_model_with_cfg's feature_cls).
-FEATURE_CLASSES = {"getter": FeatureGetterNet, "fx": FeatureGraphNet, "hook": FeatureHookNet,
-                   "list": FeatureListNet, "dict": FeatureDictNet}
+FEATURE_CLASSES = {
+    "getter": FeatureGetterNet,
+    "fx": FeatureGraphNet,
+    "hook": FeatureHookNet,
+    "list": FeatureListNet,
+    "dict": FeatureDictNet,
+}
 VIT_DEFAULT_DEPTH = inspect.signature(VisionTransformer).parameters["depth"].default
 
 
@@ -30,8 +48,10 @@ def _feature_class(name: str, feature_cls):
     if key is not None and "hook" in key:  # timm accepts any name containing 'hook'
         key = "hook"
     if key not in FEATURE_CLASSES:
-        raise ValueError(f"{name}: feature_cls={feature_cls!r} is not a timm feature extractor; use "
-                         f"one of {sorted(FEATURE_CLASSES)} (default 'getter')")
+        raise ValueError(
+            f"{name}: feature_cls={feature_cls!r} is not a timm feature extractor; use "
+            f"one of {sorted(FEATURE_CLASSES)} (default 'getter')"
+        )
     return FEATURE_CLASSES[key]
 
 
@@ -42,7 +62,9 @@ def check_factory_args(name: str, options: dict, depth: Optional[int]) -> None:
     1 <= n <= depth; a list: indices in [-depth, depth))."""
     in_chans = options.get("in_chans", 3)
     if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
-        raise ValueError(f"{name}: in_chans={in_chans!r} must be an int >= 1 (channels of the input images)")
+        raise ValueError(
+            f"{name}: in_chans={in_chans!r} must be an int >= 1 (channels of the input images)"
+        )
     if not options.get("features_only"):
         return
     _feature_class(name, options.get("feature_cls", "getter"))
@@ -52,9 +74,11 @@ def check_factory_args(name: str, options: dict, depth: Optional[int]) -> None:
     try:
         feature_take_indices(depth, out_indices)
     except (AssertionError, TypeError) as err:
-        raise ValueError(f"{name}: out_indices={out_indices!r} does not fit a model of {depth} blocks "
-                         f"({err}); give n (the last n blocks, 1..{depth}) or block indices "
-                         f"in [-{depth}, {depth - 1}]") from None
+        raise ValueError(
+            f"{name}: out_indices={out_indices!r} does not fit a model of {depth} blocks "
+            f"({err}); give n (the last n blocks, 1..{depth}) or block indices "
+            f"in [-{depth}, {depth - 1}]"
+        ) from None
 
 
 def _cfg_value(cfg, key: str):

@@ -6,6 +6,7 @@ that can start at ``-log(num_classes)`` (the paper trains with sigmoid cross-ent
 else (patch embedding, class token, learned position embedding, pre-LN blocks with LayerNorm
 eps 1e-6, final norm, token pooling) is timm's ``VisionTransformer``.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,18 +47,25 @@ class VisionTransformerMoe(VisionTransformer):
             depth, num_heads, mlp_ratio, num_classes, global_pool, class_token, act_layer, ...).
     """
 
-    def __init__(self, representation_size: Optional[int] = None,
-                 head_bias_init: Optional[float] = None,
-                 moe: Optional[Union[dict, MoeifyConfig]] = None,
-                 qk_norm_bias: bool = True, **vit_kwargs):
+    def __init__(
+        self,
+        representation_size: Optional[int] = None,
+        head_bias_init: Optional[float] = None,
+        moe: Optional[Union[dict, MoeifyConfig]] = None,
+        qk_norm_bias: bool = True,
+        **vit_kwargs,
+    ):
         super().__init__(**vit_kwargs)
         if not qk_norm_bias:
             self._drop_qk_norm_bias()
         self.representation_size = representation_size
-        self.head_hidden_size = representation_size or self.embed_dim  # forward_head(pre_logits=True)
+        self.head_hidden_size = (
+            representation_size or self.embed_dim
+        )  # forward_head(pre_logits=True)
         if representation_size:
-            self.pre_logits = nn.Sequential(OrderedDict(
-                fc=nn.Linear(self.embed_dim, representation_size), act=nn.Tanh()))
+            self.pre_logits = nn.Sequential(
+                OrderedDict(fc=nn.Linear(self.embed_dim, representation_size), act=nn.Tanh())
+            )
         else:
             self.pre_logits = nn.Identity()
         self.head_bias_init = head_bias_init
@@ -74,16 +82,26 @@ class VisionTransformerMoe(VisionTransformer):
                 norm = getattr(block.attn, name)
                 if not isinstance(norm, nn.LayerNorm):
                     raise ValueError("qk_norm_bias=False needs qk_norm=True (LayerNorm q/k norms)")
-                setattr(block.attn, name, nn.LayerNorm(
-                    norm.normalized_shape, eps=norm.eps, bias=False, device=norm.weight.device,
-                    dtype=norm.weight.dtype))
+                setattr(
+                    block.attn,
+                    name,
+                    nn.LayerNorm(
+                        norm.normalized_shape,
+                        eps=norm.eps,
+                        bias=False,
+                        device=norm.weight.device,
+                        dtype=norm.weight.dtype,
+                    ),
+                )
 
     def _reset_head(self) -> None:
         width = self.representation_size or self.embed_dim
         if self.num_classes > 0:
             self.head = nn.Linear(width, self.num_classes)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.constant_(self.head.bias, 0.0 if self.head_bias_init is None else self.head_bias_init)
+            nn.init.constant_(
+                self.head.bias, 0.0 if self.head_bias_init is None else self.head_bias_init
+            )
         else:
             self.head = nn.Identity()
 

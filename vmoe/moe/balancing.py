@@ -23,6 +23,7 @@ N accumulation steps, times ``scaler.get_scale()`` under a float16 ``GradScaler`
 (``set_aux_loss_scale(model, scaler.get_scale() / N)`` before each backward; bfloat16 needs no
 scaler). The attached gradient is added once per backward pass through the layer's output.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,11 +32,16 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-
 AUX_LOSS_MODES = ("backward", "manual")
 
-__all__ = ["AttachAuxLoss", "AUX_LOSS_MODES", "set_aux_loss_mode", "set_aux_loss_scale",
-           "check_aux_loss_mode", "check_aux_loss_scale"]
+__all__ = [
+    "AttachAuxLoss",
+    "AUX_LOSS_MODES",
+    "set_aux_loss_mode",
+    "set_aux_loss_scale",
+    "check_aux_loss_mode",
+    "check_aux_loss_scale",
+]
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -61,9 +67,11 @@ class AttachAuxLoss(torch.autograd.Function):
 
 def check_aux_loss_mode(mode) -> str:
     if mode not in AUX_LOSS_MODES:
-        raise ValueError(f"aux_loss_mode={mode!r} must be one of {AUX_LOSS_MODES} ('backward': "
-                         "the aux losses reach the gradients by themselves; 'manual': the training "
-                         "loop adds vmoe.models.aux_loss(model) to its loss)")
+        raise ValueError(
+            f"aux_loss_mode={mode!r} must be one of {AUX_LOSS_MODES} ('backward': "
+            "the aux losses reach the gradients by themselves; 'manual': the training "
+            "loop adds vmoe.models.aux_loss(model) to its loss)"
+        )
     return mode
 
 
@@ -71,11 +79,17 @@ def check_aux_loss_scale(scale) -> float:
     """A finite float >= 0 (a 0-dim tensor, e.g. a GradScaler's scale, is read once)."""
     if torch.is_tensor(scale) and scale.numel() == 1:
         scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale < 0:
-        raise ValueError(f"aux_loss_scale={scale!r} must be a finite number >= 0 (the factor the "
-                         "aux loss enters the backpropagated loss with: 1 / accumulation steps, "
-                         "times the GradScaler's scale under float16)")
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, (int, float))
+        or not math.isfinite(scale)
+        or scale < 0
+    ):
+        raise ValueError(
+            f"aux_loss_scale={scale!r} must be a finite number >= 0 (the factor the "
+            "aux loss enters the backpropagated loss with: 1 / accumulation steps, "
+            "times the GradScaler's scale under float16)"
+        )
     return float(scale)
 
 

@@ -20,18 +20,26 @@ after) ``optimizer.step()``, or ``attach_bias_updates(optimizer, model)`` once. 
 does it in ``VmoeClassifier.on_before_optimizer_step`` (once per real optimizer step, after the
 last micro-batch of a gradient-accumulation window).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
 from .checks import check_bias_update_rate  # noqa: F401  (the rule; re-exported)
 
-__all__ = ["check_bias_update_rate", "bias_update", "update_expert_biases", "attach_bias_updates",
-           "bias_balanced_routers", "expert_load_buffer_names", "expert_bias_values"]
+__all__ = [
+    "check_bias_update_rate",
+    "bias_update",
+    "update_expert_biases",
+    "attach_bias_updates",
+    "bias_balanced_routers",
+    "expert_load_buffer_names",
+    "expert_bias_values",
+]
 
 
 @torch.no_grad()
@@ -46,15 +54,20 @@ def bias_update(load: torch.Tensor, rate: float) -> torch.Tensor:
 def bias_balanced_routers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     """The routers of ``model`` that balance by bias (``bias_update_rate`` set), by module name
     (e.g. ``"blocks.1.mlp.router"``), in module order."""
-    return OrderedDict((name, m) for name, m in model.named_modules()
-                       if getattr(m, "bias_update_rate", None) is not None
-                       and isinstance(getattr(m, "expert_load", None), torch.Tensor))
+    return OrderedDict(
+        (name, m)
+        for name, m in model.named_modules()
+        if getattr(m, "bias_update_rate", None) is not None
+        and isinstance(getattr(m, "expert_load", None), torch.Tensor)
+    )
 
 
 def expert_load_buffer_names(model: nn.Module) -> list:
     """The state-dict names of every ``expert_load`` buffer (each rank's own counts: DDP must not
     broadcast them from rank 0, see ``VmoeClassifier.setup``)."""
-    return [f"{name}.expert_load" if name else "expert_load" for name in bias_balanced_routers(model)]
+    return [
+        f"{name}.expert_load" if name else "expert_load" for name in bias_balanced_routers(model)
+    ]
 
 
 def _distributed(process_group) -> bool:
@@ -79,13 +92,13 @@ def update_expert_biases(model: nn.Module, process_group=None) -> Dict[str, torc
     if not routers:
         return {}
     loads = [router.expert_load for router in routers.values()]
-    flat = torch.cat([load.reshape(-1).float() for load in loads])           # [sum of E]
+    flat = torch.cat([load.reshape(-1).float() for load in loads])  # [sum of E]
     if _distributed(process_group):
         torch.distributed.all_reduce(flat, group=process_group)
     out, offset = {}, 0
     for (name, router), load in zip(routers.items(), loads):
         size = load.numel()
-        total = flat[offset:offset + size]
+        total = flat[offset : offset + size]
         offset += size
         router.expert_bias.add_(bias_update(total, router.bias_update_rate).to(router.expert_bias))
         load.zero_()
@@ -102,8 +115,10 @@ def attach_bias_updates(optimizer: torch.optim.Optimizer, model: nn.Module, proc
     runs the forward (Lightning's automatic optimization, LBFGS): the pre-hook would run before
     that forward; ``vmoe fit`` updates in ``on_before_optimizer_step`` instead.
     """
+
     def hook(opt, args, kwargs):
         update_expert_biases(model, process_group)
+
     return optimizer.register_step_pre_hook(hook)
 
 

@@ -1,4 +1,5 @@
 """Expert buffer capacity, computed exactly as the official V-MoE code does."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ def compute_capacity(
     elif ceil_or_round == "round":
         capacity = int(round(raw))
     else:
-        raise ValueError(f"ceil_or_round must be 'ceil' or 'round', got ceil_or_round={ceil_or_round!r}")
+        raise ValueError(
+            f"ceil_or_round must be 'ceil' or 'round', got ceil_or_round={ceil_or_round!r}"
+        )
     if capacity < 1:
         raise ValueError(
             f"capacity rounds to {capacity} (< 1) for num_tokens={num_tokens}, "

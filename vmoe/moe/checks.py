@@ -2,17 +2,30 @@
 (``vmoe.moe.config``), the routers and ``RoutingSettings``: each raises one clear error naming
 the option, its value and what is expected (e.g. ``capacity=0 must be None or an integer >= 1``).
 Messages start with the option's name, so a config can prefix its path (``moe.router.``)."""
+
 from __future__ import annotations
 
 import math
 import numbers
 from typing import Iterable
 
-__all__ = ["check_positive_int", "check_optional_positive_int", "check_capacity",
-           "check_capacity_factor", "check_capacity_multiple_of", "check_capacity_rounding",
-           "check_batch_priority", "check_bool", "check_noise_std", "check_loss_weight",
-           "check_choice", "check_num_selected_fits", "check_bias_update_rate",
-           "check_shared_experts", "CAPACITY_ROUNDINGS"]
+__all__ = [
+    "check_positive_int",
+    "check_optional_positive_int",
+    "check_capacity",
+    "check_capacity_factor",
+    "check_capacity_multiple_of",
+    "check_capacity_rounding",
+    "check_batch_priority",
+    "check_bool",
+    "check_noise_std",
+    "check_loss_weight",
+    "check_choice",
+    "check_num_selected_fits",
+    "check_bias_update_rate",
+    "check_shared_experts",
+    "CAPACITY_ROUNDINGS",
+]
 
 #: How ``compute_capacity`` rounds S*K*cf/E: the official 'ceil' or 'round'.
 CAPACITY_ROUNDINGS = ("ceil", "round")
@@ -51,8 +64,10 @@ def check_capacity_factor(value, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if not (_is_real(value) and math.isfinite(value) and value > 0):
-        raise ValueError(f"capacity_factor={value!r} must be a finite number > 0"
-                         + (" or None" if allow_none else ""))
+        raise ValueError(
+            f"capacity_factor={value!r} must be a finite number > 0"
+            + (" or None" if allow_none else "")
+        )
 
 
 def check_capacity_multiple_of(value) -> None:
@@ -99,8 +114,10 @@ def check_choice(name: str, value, choices: Iterable[str]) -> None:
 def check_num_selected_fits(num_selected: int, num_experts: int) -> None:
     """K experts per token out of E: K <= E."""
     if num_selected > num_experts:
-        raise ValueError(f"num_selected (K) must be <= num_experts={num_experts}, "
-                         f"got num_selected={num_selected}")
+        raise ValueError(
+            f"num_selected (K) must be <= num_experts={num_experts}, "
+            f"got num_selected={num_selected}"
+        )
 
 
 def check_bias_update_rate(value) -> None:
@@ -108,8 +125,10 @@ def check_bias_update_rate(value) -> None:
     if value is None:
         return
     if not (_is_real(value) and math.isfinite(value) and value > 0):
-        raise ValueError(f"bias_update_rate={value!r} must be None (off) or a finite number > 0 "
-                         "(DeepSeek-V3 / torchtitan / Megatron-Core use 1e-3)")
+        raise ValueError(
+            f"bias_update_rate={value!r} must be None (off) or a finite number > 0 "
+            "(DeepSeek-V3 / torchtitan / Megatron-Core use 1e-3)"
+        )
 
 
 def check_shared_experts(shared_experts, shared_hidden_features, shared_gate) -> None:
@@ -118,8 +137,10 @@ def check_shared_experts(shared_experts, shared_hidden_features, shared_gate) ->
     check_positive_int("shared_experts", shared_experts, minimum=0)
     if shared_hidden_features is not None:
         if shared_experts == 0:
-            raise ValueError(f"shared_hidden_features={shared_hidden_features!r} needs "
-                             "shared_experts >= 1 (got shared_experts=0)")
+            raise ValueError(
+                f"shared_hidden_features={shared_hidden_features!r} needs "
+                "shared_experts >= 1 (got shared_experts=0)"
+            )
         check_positive_int("shared_hidden_features", shared_hidden_features)
     check_bool("shared_gate", shared_gate)
     if shared_gate and shared_experts == 0:

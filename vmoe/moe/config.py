@@ -14,21 +14,43 @@ gives a router's ``RoutingSettings`` (capacity factor, capacity, BPR) and ``with
 returns the config routing with other ones (a Soft MoE router refuses any change: its slots are
 fixed by the shape of its parameters).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
 
-from .checks import (check_batch_priority, check_bias_update_rate, check_bool, check_capacity,
-                     check_capacity_factor, check_capacity_multiple_of, check_capacity_rounding, check_choice,
-                     check_loss_weight, check_noise_std, check_num_selected_fits,
-                     check_optional_positive_int, check_positive_int, check_shared_experts)
+from .checks import (
+    check_batch_priority,
+    check_bias_update_rate,
+    check_bool,
+    check_capacity,
+    check_capacity_factor,
+    check_capacity_multiple_of,
+    check_capacity_rounding,
+    check_choice,
+    check_loss_weight,
+    check_noise_std,
+    check_num_selected_fits,
+    check_optional_positive_int,
+    check_positive_int,
+    check_shared_experts,
+)
 from .dispatch import check_dispatcher
 from .experts import EXPERT_GEMMS
 
-__all__ = ["SCORE_FUNCS", "TopKRouterConfig", "ExpertChoiceRouterConfig", "SoftRouterConfig", "RouterConfig",
-           "MoeLayerConfig", "RoutingSettings", "ROUTER_CONFIGS", "router_config"]
+__all__ = [
+    "SCORE_FUNCS",
+    "TopKRouterConfig",
+    "ExpertChoiceRouterConfig",
+    "SoftRouterConfig",
+    "RouterConfig",
+    "MoeLayerConfig",
+    "RoutingSettings",
+    "ROUTER_CONFIGS",
+    "router_config",
+]
 
 _T = TypeVar("_T")
 
@@ -106,8 +128,10 @@ class _RouterConfig:
         """A validated copy with ``changes`` (ValueError for a key that is not an option)."""
         unknown = [k for k in changes if k not in self.options()]
         if unknown:
-            raise ValueError(f"{unknown[0]}: not an option of router {self.name!r} (its options: "
-                             f"{', '.join(self.options())})")
+            raise ValueError(
+                f"{unknown[0]}: not an option of router {self.name!r} (its options: "
+                f"{', '.join(self.options())})"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -191,14 +215,18 @@ class TopKRouterConfig(_RouterConfig):
 
     def build(self, dim: int, num_experts: int, group_size: Optional[int] = None):
         from .routing import TopKRouter
+
         return TopKRouter(dim, num_experts, config=self)
 
     def routing_settings(self) -> RoutingSettings:
         return RoutingSettings(self.capacity_factor, self.capacity, self.batch_priority)
 
     def with_routing(self, settings: RoutingSettings) -> "TopKRouterConfig":
-        return self.replace(capacity_factor=settings.capacity_factor, capacity=settings.capacity,
-                            batch_priority=settings.batch_priority)
+        return self.replace(
+            capacity_factor=settings.capacity_factor,
+            capacity=settings.capacity,
+            batch_priority=settings.batch_priority,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +250,7 @@ class ExpertChoiceRouterConfig(_RouterConfig):
 
     def build(self, dim: int, num_experts: int, group_size: Optional[int] = None):
         from .routing import ExpertChoiceRouter
+
         return ExpertChoiceRouter(dim, num_experts, config=self)
 
     def routing_settings(self) -> RoutingSettings:
@@ -229,8 +258,10 @@ class ExpertChoiceRouterConfig(_RouterConfig):
 
     def with_routing(self, settings: RoutingSettings) -> "ExpertChoiceRouterConfig":
         if settings.batch_priority:
-            raise ValueError("batch_priority=True does not apply to the expert-choice router "
-                             "(ExpertChoiceRouter): it has no token priority")
+            raise ValueError(
+                "batch_priority=True does not apply to the expert-choice router "
+                "(ExpertChoiceRouter): it has no token priority"
+            )
         return self.replace(capacity_factor=settings.capacity_factor, capacity=settings.capacity)
 
 
@@ -261,6 +292,7 @@ class SoftRouterConfig(_RouterConfig):
 
     def build(self, dim: int, num_experts: int, group_size: Optional[int] = None):
         from .soft_routing import SoftRouter
+
         return SoftRouter(dim, num_experts, group_size=group_size, config=self)
 
     def routing_settings(self) -> RoutingSettings:
@@ -270,26 +302,37 @@ class SoftRouterConfig(_RouterConfig):
 
     def with_routing(self, settings: RoutingSettings) -> "SoftRouterConfig":
         if settings.batch_priority:
-            raise ValueError(f"batch_priority={settings.batch_priority!r} does not apply to a Soft "
-                             "MoE layer: soft routing drops no token, so it has no priority")
+            raise ValueError(
+                f"batch_priority={settings.batch_priority!r} does not apply to a Soft "
+                "MoE layer: soft routing drops no token, so it has no priority"
+            )
         current = self.routing_settings()
         for name in ("capacity_factor", "capacity"):
             value, now = getattr(settings, name), getattr(current, name)
             if value != now:
-                raise ValueError(f"{name}={value!r} does not apply to a Soft MoE layer: its "
-                                 f"{self.num_slots} slot(s) per expert are fixed by the shape of "
-                                 f"mu [d, E, P] ({name} stays {now!r})")
+                raise ValueError(
+                    f"{name}={value!r} does not apply to a Soft MoE layer: its "
+                    f"{self.num_slots} slot(s) per expert are fixed by the shape of "
+                    f"mu [d, E, P] ({name} stays {now!r})"
+                )
         return self
 
 
 RouterConfig = Union[TopKRouterConfig, ExpertChoiceRouterConfig, SoftRouterConfig]
 ROUTER_CONFIGS: Dict[str, Type[_RouterConfig]] = {
-    cls.name: cls for cls in (TopKRouterConfig, ExpertChoiceRouterConfig, SoftRouterConfig)}
+    cls.name: cls for cls in (TopKRouterConfig, ExpertChoiceRouterConfig, SoftRouterConfig)
+}
 _ROUTER_TYPES = tuple(ROUTER_CONFIGS.values())
 _SPARSE_ROUTERS = tuple(n for n, c in ROUTER_CONFIGS.items() if not c.is_soft)
 #: The top-K options a flat ``router='expert_choice'`` configuration ignores (for compatibility).
-_IGNORED_BY_FLAT_EXPERT_CHOICE = ("num_selected", "batch_priority", "renormalize",
-                                  "importance_weight", "load_weight", "gshard_weight")
+_IGNORED_BY_FLAT_EXPERT_CHOICE = (
+    "num_selected",
+    "batch_priority",
+    "renormalize",
+    "importance_weight",
+    "load_weight",
+    "gshard_weight",
+)
 
 
 #: Top-K options that no other router has (a Soft MoE layer names 'top_k' when refusing them).
@@ -311,8 +354,10 @@ def router_config(name: str = "top_k", *, where: str = "moe.router", **options) 
     cls = _router_class(name, f"{where}.name")
     unknown = [k for k in options if k not in cls.options()]
     if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: not an option of router {name!r} (its options: "
-                         f"{', '.join(cls.options())})")
+        raise ValueError(
+            f"{where}.{unknown[0]}: not an option of router {name!r} (its options: "
+            f"{', '.join(cls.options())})"
+        )
     return _named(where, cls.options(), lambda: cls(**options))
 
 
@@ -327,8 +372,10 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
         # with them keep loading; BPR on is refused (it has no priority). The nested form, and
         # any newer top-K option, are strict.
         if options.get("batch_priority") is True:
-            raise ValueError(f"{where}.batch_priority=True does not apply to router='expert_choice':"
-                             " it has no token priority")
+            raise ValueError(
+                f"{where}.batch_priority=True does not apply to router='expert_choice':"
+                " it has no token priority"
+            )
         options = {k: v for k, v in options.items() if k not in _IGNORED_BY_FLAT_EXPERT_CHOICE}
     others = [k for k in options if k not in cls.options()]
     if others:
@@ -336,24 +383,35 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
         owners = [n for n, c in ROUTER_CONFIGS.items() if others[0] in c.options()]
         layer_options = ", ".join(f.name for f in dataclasses.fields(MoeLayerConfig))
         if not owners:
-            raise ValueError(f"{where}.{others[0]}: not an option of the MoE layer nor of router "
-                             f"{name!r} (layer options: {layer_options}; router options: "
-                             f"{', '.join(cls.options())})")
+            raise ValueError(
+                f"{where}.{others[0]}: not an option of the MoE layer nor of router "
+                f"{name!r} (layer options: {layer_options}; router options: "
+                f"{', '.join(cls.options())})"
+            )
         verb = "applies" if len(others) == 1 else "apply"
         head = f"{where}.{given}" if len(others) == 1 else f"{where}: {given}"
         if cls.is_soft:
             # (the newer top-K-only options name their one router; the older ones, as before,
             # the sparse routers)
-            targets = (f"router {' or '.join(map(repr, owners))}" if others[0] in _TOP_K_ONLY_OPTIONS
-                       else f"sparse routers ({', '.join(_SPARSE_ROUTERS)})")
-            raise ValueError(f"{head} only {verb} to {targets}, not to router='soft' "
-                             f"(router 'soft' has no such option; its options: "
-                             f"{', '.join(cls.options())})")
+            targets = (
+                f"router {' or '.join(map(repr, owners))}"
+                if others[0] in _TOP_K_ONLY_OPTIONS
+                else f"sparse routers ({', '.join(_SPARSE_ROUTERS)})"
+            )
+            raise ValueError(
+                f"{head} only {verb} to {targets}, not to router='soft' "
+                f"(router 'soft' has no such option; its options: "
+                f"{', '.join(cls.options())})"
+            )
         if owners == ["soft"]:
-            raise ValueError(f"{head} only {verb} to router='soft' (got router={name!r}; "
-                             "sparse routers use capacity)")
-        raise ValueError(f"{head} only {verb} to router {' or '.join(map(repr, owners))}, "
-                         f"not to router={name!r} (its options: {', '.join(cls.options())})")
+            raise ValueError(
+                f"{head} only {verb} to router='soft' (got router={name!r}; "
+                "sparse routers use capacity)"
+            )
+        raise ValueError(
+            f"{head} only {verb} to router {' or '.join(map(repr, owners))}, "
+            f"not to router={name!r} (its options: {', '.join(cls.options())})"
+        )
     return _named(where, cls.options(), lambda: cls(**options))
 
 
@@ -385,20 +443,26 @@ class MoeLayerConfig:
     def __post_init__(self):
         check_positive_int("num_experts", self.num_experts)
         if not isinstance(self.router, _ROUTER_TYPES):
-            raise TypeError(f"router={self.router!r} must be a router config "
-                            f"({', '.join(c.__name__ for c in _ROUTER_TYPES)})")
+            raise TypeError(
+                f"router={self.router!r} must be a router config "
+                f"({', '.join(c.__name__ for c in _ROUTER_TYPES)})"
+            )
         if isinstance(self.router, TopKRouterConfig):
             try:
                 check_num_selected_fits(self.router.num_selected, self.num_experts)
             except ValueError:
-                raise ValueError(f"router.num_selected={self.router.num_selected} must be <= "
-                                 f"num_experts={self.num_experts} (K experts per token out of "
-                                 "E)") from None
+                raise ValueError(
+                    f"router.num_selected={self.router.num_selected} must be <= "
+                    f"num_experts={self.num_experts} (K experts per token out of "
+                    "E)"
+                ) from None
         check_optional_positive_int("group_size", self.group_size)
         check_optional_positive_int("group_size_images", self.group_size_images)
         if self.group_size is not None and self.group_size_images is not None:
-            raise ValueError("give group_size (tokens) or group_size_images, not both: got "
-                             f"group_size={self.group_size}, group_size_images={self.group_size_images}")
+            raise ValueError(
+                "give group_size (tokens) or group_size_images, not both: got "
+                f"group_size={self.group_size}, group_size_images={self.group_size_images}"
+            )
         check_bool("same_init", self.same_init)
         check_choice("expert_gemm", self.expert_gemm, EXPERT_GEMMS)
         check_bool("bf16_dispatch", self.bf16_dispatch)
@@ -427,14 +491,17 @@ class MoeLayerConfig:
         if isinstance(options, MoeLayerConfig):
             return options
         if not isinstance(options, Mapping):
-            raise TypeError(f"{where} must be a mapping of MoE layer options, got "
-                            f"{type(options).__name__}")
+            raise TypeError(
+                f"{where} must be a mapping of MoE layer options, got {type(options).__name__}"
+            )
         rest = dict(options)
         router = rest.pop("router", "top_k")
         layer = {k: rest.pop(k) for k in cls.options() if k in rest}
         if isinstance(router, (Mapping, *_ROUTER_TYPES)) and rest:
-            raise ValueError(f"{where}.{next(iter(rest))}: give the router options inside "
-                             f"{where}.router when it is a mapping, not next to it")
+            raise ValueError(
+                f"{where}.{next(iter(rest))}: give the router options inside "
+                f"{where}.router when it is a mapping, not next to it"
+            )
         if isinstance(router, _ROUTER_TYPES):
             config = router
         elif isinstance(router, Mapping):
@@ -443,8 +510,10 @@ class MoeLayerConfig:
         elif isinstance(router, str):
             config = _flat_router_config(router, rest, where)
         else:
-            raise TypeError(f"{where}.router={router!r} must be a router name "
-                            f"({', '.join(ROUTER_CONFIGS)}), a mapping with a 'name' or a router config")
+            raise TypeError(
+                f"{where}.router={router!r} must be a router name "
+                f"({', '.join(ROUTER_CONFIGS)}), a mapping with a 'name' or a router config"
+            )
         return _named(where, cls.options(), lambda: cls(router=config, **layer))
 
     def to_dict(self) -> Dict[str, Any]:
@@ -457,6 +526,8 @@ class MoeLayerConfig:
         """A validated copy with ``changes`` (ValueError for a key that is not an option)."""
         unknown = [k for k in changes if k not in self.options()]
         if unknown:
-            raise ValueError(f"{unknown[0]}: not an option of the MoE layer (its options: "
-                             f"{', '.join(self.options())})")
+            raise ValueError(
+                f"{unknown[0]}: not an option of the MoE layer (its options: "
+                f"{', '.join(self.options())})"
+            )
         return dataclasses.replace(self, **changes)

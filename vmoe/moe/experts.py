@@ -1,4 +1,5 @@
 """Batched expert MLPs: one weight slab per expert, applied to fixed-capacity buffers."""
+
 from __future__ import annotations
 
 import math
@@ -46,26 +47,41 @@ class Experts(nn.Module):
             against bmm (column ``floor_gmm/floor``).
     """
 
-    def __init__(self, num_experts: int, in_features: int, hidden_features: Optional[int] = None,
-                 out_features: Optional[int] = None, act_layer: Callable[[], nn.Module] = nn.GELU,
-                 bias: bool = True, drop: Union[float, Tuple[float, float]] = 0.0,
-                 same_init: bool = True, gemm: str = "bmm"):
+    def __init__(
+        self,
+        num_experts: int,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
+        same_init: bool = True,
+        gemm: str = "bmm",
+    ):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.num_experts = num_experts
-        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.in_features, self.hidden_features, self.out_features = (
+            in_features,
+            hidden_features,
+            out_features,
+        )
         self.same_init = same_init
         if gemm not in EXPERT_GEMMS:
             raise ValueError(f"gemm must be one of {EXPERT_GEMMS}, got gemm={gemm!r}")
         if gemm == "grouped_mm":
-            widths = dict(in_features=in_features, hidden_features=hidden_features,
-                          out_features=out_features)
+            widths = dict(
+                in_features=in_features, hidden_features=hidden_features, out_features=out_features
+            )
             bad = {k: v for k, v in widths.items() if v % _GROUPED_MM_ALIGN}
             if bad:
-                raise ValueError(f"gemm='grouped_mm' needs widths that are multiples of "
-                                 f"{_GROUPED_MM_ALIGN} (16-byte rows in bfloat16); got {bad}. "
-                                 "Use gemm='bmm' for these widths.")
+                raise ValueError(
+                    f"gemm='grouped_mm' needs widths that are multiples of "
+                    f"{_GROUPED_MM_ALIGN} (16-byte rows in bfloat16); got {bad}. "
+                    "Use gemm='bmm' for these widths."
+                )
         self.gemm = gemm
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, in_features, hidden_features))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_features, out_features))
@@ -107,9 +123,11 @@ class Experts(nn.Module):
             linear = getattr(mlp, name)
             weight = getattr(self, f"{name}_weight")
             if tuple(linear.weight.t().shape) != tuple(weight.shape[1:]):
-                raise ValueError(f"{name}: dense weight {tuple(linear.weight.shape)} does not fit "
-                                 f"experts {tuple(weight.shape)} (expected [out, in] = "
-                                 f"{tuple(weight.shape[1:][::-1])})")
+                raise ValueError(
+                    f"{name}: dense weight {tuple(linear.weight.shape)} does not fit "
+                    f"experts {tuple(weight.shape)} (expected [out, in] = "
+                    f"{tuple(weight.shape[1:][::-1])})"
+                )
             weight.copy_(linear.weight.t().unsqueeze(0).expand_as(weight))
             bias = getattr(self, f"{name}_bias")
             if bias is not None:
@@ -129,21 +147,27 @@ class Experts(nn.Module):
         return self.drop2(linear(h, self.fc2_weight, self.fc2_bias))
 
     @staticmethod
-    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def _linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         if bias is None:
             return torch.bmm(x, weight)
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
 
     @staticmethod
-    def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def _grouped_linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """x [E, T, k] bf16 @ weight [E, k, n] (cast to bf16, as autocast would for bmm)."""
         out = F.grouped_mm(x, weight.to(x.dtype))
         return out if bias is None else out + bias.to(out.dtype).unsqueeze(1)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, in_features={self.in_features}, "
-                f"hidden_features={self.hidden_features}, out_features={self.out_features}"
-                + (f", gemm={self.gemm!r}" if self.gemm != "bmm" else ""))
+        return (
+            f"num_experts={self.num_experts}, in_features={self.in_features}, "
+            f"hidden_features={self.hidden_features}, out_features={self.out_features}"
+            + (f", gemm={self.gemm!r}" if self.gemm != "bmm" else "")
+        )
 
 
 def _check_grouped_mm(x: torch.Tensor) -> None:
@@ -152,10 +176,15 @@ def _check_grouped_mm(x: torch.Tensor) -> None:
         raise RuntimeError(
             f"Experts(gemm='grouped_mm') needs bfloat16 expert buffers, got {x.dtype}: run the "
             "model under torch.autocast(device_type, dtype=torch.bfloat16) (or "
-            "Trainer(precision='bf16-mixed')), or use gemm='bmm' / expert_gemm='bmm'")
-    if (x.device.type == "cuda" and not torch.compiler.is_compiling()
-            and torch.cuda.get_device_capability(x.device) < (8, 0)):
+            "Trainer(precision='bf16-mixed')), or use gemm='bmm' / expert_gemm='bmm'"
+        )
+    if (
+        x.device.type == "cuda"
+        and not torch.compiler.is_compiling()
+        and torch.cuda.get_device_capability(x.device) < (8, 0)
+    ):
         raise RuntimeError(
             f"Experts(gemm='grouped_mm') needs a CUDA device of compute capability >= 8.0, got "
             f"{torch.cuda.get_device_name(x.device)} "
-            f"{torch.cuda.get_device_capability(x.device)}; use gemm='bmm'")
+            f"{torch.cuda.get_device_capability(x.device)}; use gemm='bmm'"
+        )

@@ -1,4 +1,5 @@
 """MoeMlp: a sparse Mixture-of-Experts drop-in replacement for timm's ``Mlp``."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,12 +76,15 @@ class MoeMlp(nn.Module):
     ):
         super().__init__()
         if config is not None and options:
-            raise ValueError(f"give config or the flat options, not both (got config and "
-                             f"{', '.join(options)})")
+            raise ValueError(
+                f"give config or the flat options, not both (got config and {', '.join(options)})"
+            )
         config = MoeLayerConfig.from_dict(options if config is None else config)
         if norm_layer is not None:
-            raise ValueError("MoeMlp does not support norm_layer inside the MLP (got "
-                             f"norm_layer={norm_layer!r}); use a ViT without scale_mlp_norm")
+            raise ValueError(
+                "MoeMlp does not support norm_layer inside the MLP (got "
+                f"norm_layer={norm_layer!r}); use a ViT without scale_mlp_norm"
+            )
         check_positive_int("in_features", in_features)
         self.in_features = in_features
         self.out_features = out_features or in_features
@@ -89,16 +93,33 @@ class MoeMlp(nn.Module):
         self.dispatcher = getattr(config.router, "dispatcher", "auto")
         self.bf16_dispatch = config.bf16_dispatch
         self.router = config.router.build(in_features, config.num_experts, config.group_size)
-        self.experts = Experts(config.num_experts, in_features, hidden_features, out_features,
-                               act_layer=act_layer, bias=bias, drop=drop,
-                               same_init=config.same_init, gemm=config.expert_gemm)
+        self.experts = Experts(
+            config.num_experts,
+            in_features,
+            hidden_features,
+            out_features,
+            act_layer=act_layer,
+            bias=bias,
+            drop=drop,
+            same_init=config.same_init,
+            gemm=config.expert_gemm,
+        )
         self._same_init = config.same_init
         self.shared: Optional[SharedExperts] = None
         if config.shared_experts:
             self.shared = SharedExperts(
-                in_features, shared_width(config.shared_experts, config.shared_hidden_features,
-                                          self.experts.hidden_features),
-                out_features, act_layer=act_layer, bias=bias, drop=drop, gate=config.shared_gate)
+                in_features,
+                shared_width(
+                    config.shared_experts,
+                    config.shared_hidden_features,
+                    self.experts.hidden_features,
+                ),
+                out_features,
+                act_layer=act_layer,
+                bias=bias,
+                drop=drop,
+                gate=config.shared_gate,
+            )
         self._shared_options = (config.shared_experts, config.shared_hidden_features)
         self.aux_loss: Optional[torch.Tensor] = None
         self._aux_loss_mode, self._aux_loss_scale = "backward", 1.0
@@ -114,12 +135,17 @@ class MoeMlp(nn.Module):
         if getattr(router, "dispatcher", self.dispatcher) != self.dispatcher:
             router = router.replace(dispatcher=self.dispatcher)
         return MoeLayerConfig(
-            num_experts=self.router.num_experts, router=router, group_size=self.group_size,
+            num_experts=self.router.num_experts,
+            router=router,
+            group_size=self.group_size,
             group_size_images=self.group_size_images if self.group_size is None else None,
-            same_init=self._same_init, expert_gemm=self.experts.gemm,
-            bf16_dispatch=self.bf16_dispatch, shared_experts=self._shared_options[0],
+            same_init=self._same_init,
+            expert_gemm=self.experts.gemm,
+            bf16_dispatch=self.bf16_dispatch,
+            shared_experts=self._shared_options[0],
             shared_hidden_features=self._shared_options[1],
-            shared_gate=self.shared is not None and self.shared.gate is not None)
+            shared_gate=self.shared is not None and self.shared.gate is not None,
+        )
 
     # --- routing options that evaluation/inference commonly changes -------------------------
     @property
@@ -135,7 +161,9 @@ class MoeMlp(nn.Module):
         """Routes with this factor from now on (clears an explicit ``capacity``)."""
         check_capacity_factor(value, allow_none=False)
         settings = self.router.config.routing_settings()
-        self.router.apply_routing(dataclasses.replace(settings, capacity_factor=value, capacity=None))
+        self.router.apply_routing(
+            dataclasses.replace(settings, capacity_factor=value, capacity=None)
+        )
 
     @property
     def num_slots(self) -> Optional[int]:
@@ -153,7 +181,9 @@ class MoeMlp(nn.Module):
 
     @batch_priority.setter
     def batch_priority(self, value: bool) -> None:
-        self.router.batch_priority = value  # validated by its config (a bool; False for expert-choice)
+        self.router.batch_priority = (
+            value  # validated by its config (a bool; False for expert-choice)
+        )
 
     @property
     def noise_std(self) -> float:
@@ -195,10 +225,12 @@ class MoeMlp(nn.Module):
             raise ValueError(f"MoeMlp expects input of shape [B, N, d], got shape {tuple(x.shape)}")
         B, N, d = x.shape
         if d != self.in_features:
-            raise ValueError(f"MoeMlp input width d={d} differs from in_features={self.in_features}")
+            raise ValueError(
+                f"MoeMlp input width d={d} differs from in_features={self.in_features}"
+            )
         S = self.group_size_for(N)
         T = B * N
-        pad = (-T) % S                                   # in [0, S): fills the last group
+        pad = (-T) % S  # in [0, S): fills the last group
         G = (T + pad) // S
         tokens = x.reshape(T, d)
         valid = None
@@ -216,24 +248,24 @@ class MoeMlp(nn.Module):
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
             if self.bf16_dispatch:
                 tokens = _round_to_bf16(tokens)
-            buffers = dispatch(tokens, plan, dispatcher=self.dispatcher)       # [E, G*C, d]
-            expert_out = self.experts(buffers)                                 # [E, G*C, d']
+            buffers = dispatch(tokens, plan, dispatcher=self.dispatcher)  # [E, G*C, d]
+            expert_out = self.experts(buffers)  # [E, G*C, d']
             if self.bf16_dispatch:
                 expert_out = _round_to_bf16(expert_out)
             if self._aux_loss_mode == "backward" and aux_loss.requires_grad:
                 # the aux loss's gradient joins the backward pass here (before combine, a real
                 # op: its output may be modified in place, e.g. by timm's LayerScale)
                 expert_out = AttachAuxLoss.apply(expert_out, aux_loss, self._aux_loss_scale)
-            out = combine(expert_out, plan, dispatcher=self.dispatcher)        # [G, S, d']
-            out = out.reshape(G * S, -1)                     # [G*S, d']
+            out = combine(expert_out, plan, dispatcher=self.dispatcher)  # [G, S, d']
+            out = out.reshape(G * S, -1)  # [G*S, d']
             if valid is not None:  # drop the padding rows (split: sizes T and pad, no Min(T, G*S))
-                out = out.split([T, pad])[0]                 # [T, d']
+                out = out.split([T, pad])[0]  # [T, d']
         else:
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
         out = out.view(B, N, out.shape[-1]).to(x.dtype)
         if self.shared is not None:
-            out = out + self.shared(x).to(out.dtype)            # [B, N, d']
+            out = out + self.shared(x).to(out.dtype)  # [B, N, d']
 
         if self._aux_loss_mode == "backward":  # already in the backward pass: for logging only
             aux_losses = {name: value.detach() for name, value in aux_losses.items()}
@@ -242,19 +274,22 @@ class MoeMlp(nn.Module):
         self.last_plan = plan.detach()
         return out
 
-    def _aux_losses(self, losses: Dict[str, torch.Tensor], G: int, x: torch.Tensor
-                    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def _aux_losses(
+        self, losses: Dict[str, torch.Tensor], G: int, x: torch.Tensor
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """Per-group losses {name: [G]} -> ({name: scalar}, the weighted sum: float32 scalar).
         No group at all (B = 0) gives 0, not the NaN of an empty mean."""
         weights = self.router.loss_weights()
         means = {name: value.mean() if G > 0 else value.sum() for name, value in losses.items()}
-        total = sum((means[name] * weights[name] for name in means if weights.get(name, 0.0) > 0),
-                    x.new_zeros((), dtype=torch.float32))
+        total = sum(
+            (means[name] * weights[name] for name in means if weights.get(name, 0.0) > 0),
+            x.new_zeros((), dtype=torch.float32),
+        )
         return means, total
 
-    def _route_no_tokens(self, tokens: torch.Tensor
-                         ) -> Tuple[Union[RoutingPlan, SoftRoutingPlan], Dict[str, torch.Tensor],
-                                    torch.Tensor]:
+    def _route_no_tokens(
+        self, tokens: torch.Tensor
+    ) -> Tuple[Union[RoutingPlan, SoftRoutingPlan], Dict[str, torch.Tensor], torch.Tensor]:
         """tokens: [0, S, d] (an empty batch) -> (plan of 0 groups, per-group losses [0], output
         [0, d']). The experts run on zero buffer rows, so the output depends on the input and
         the expert weights and backward works (all gradients zero), as with timm's ``Mlp``.
@@ -263,7 +298,7 @@ class MoeMlp(nn.Module):
             warnings.simplefilter("ignore", UserWarning)  # var() over 0 groups; the sum is 0
             plan, losses = self.router(tokens)
         E, d = self.num_experts, tokens.shape[-1]
-        rows = tokens.reshape(1, 0, d).expand(E, 0, d)       # [E, 0, d]
+        rows = tokens.reshape(1, 0, d).expand(E, 0, d)  # [E, 0, d]
         return plan, losses, self.experts(rows)[0]
 
     def __prepare_scriptable__(self):
@@ -273,11 +308,15 @@ class MoeMlp(nn.Module):
             "that TorchScript does not support (and TorchScript is deprecated in PyTorch). "
             "Export with torch.export instead (vmoe.models.export_program(model) for a dynamic "
             "batch), which is also the route to ONNX (vmoe.models.export_onnx, or `vmoe export "
-            "--format onnx`); use torch.compile(model) for speed.")
+            "--format onnx`); use torch.compile(model) for speed."
+        )
 
     def extra_repr(self) -> str:
-        groups = (f"group_size={self.group_size}" if self.group_size is not None
-                  else f"group_size_images={self.group_size_images}")
+        groups = (
+            f"group_size={self.group_size}"
+            if self.group_size is not None
+            else f"group_size_images={self.group_size_images}"
+        )
         if self.is_soft:
             return f"{groups}, bf16_dispatch={self.bf16_dispatch}"
         return f"{groups}, dispatcher={self.dispatcher!r}"
@@ -296,6 +335,8 @@ def require_moe_layers(model: nn.Module) -> "OrderedDict[str, MoeMlp]":
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = moe_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers (no vmoe.moe.MoeMlp module): "
-                         "replace some MLPs by MoeMlp first (vmoe.models.moeify)")
+        raise ValueError(
+            f"{type(model).__name__} has no MoE layers (no vmoe.moe.MoeMlp module): "
+            "replace some MLPs by MoeMlp first (vmoe.models.moeify)"
+        )
     return layers

@@ -4,6 +4,7 @@ Every function takes tensors with a leading group axis G and returns one value p
 shape [G]; the layer averages over groups, as the official trainer does. ``valid`` ([G, S]
 bool, optional) excludes padding tokens. Standard deviations are population (ddof=0) ones.
 """
+
 from __future__ import annotations
 
 from typing import Optional

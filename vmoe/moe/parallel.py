@@ -25,6 +25,7 @@ loading a full-E state dict into a sharded model slices it (a load hook on the w
 Configuration errors (E % ep, W % ep, ranks that disagree) raise on every rank, never hang: the
 configuration is compared with one small ``all_gather_object`` before any other collective.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,11 +42,24 @@ from .bias_balancing import expert_load_buffer_names
 from .experts import Experts
 from .layer import moe_layers
 
-__all__ = ["MESH_DIM_NAMES", "ExpertParallelExperts", "expert_parallel_mesh", "shard_experts",
-           "unshard_experts", "expert_parallel_layers", "expert_parameters", "full_state_dict",
-           "reduce_expert_gradients", "average_gradients", "clip_grad_norm_",
-           "check_same_configuration", "gather_plan", "gather_optimizer_state",
-           "shard_optimizer_state", "exclude_experts_from_ddp"]
+__all__ = [
+    "MESH_DIM_NAMES",
+    "ExpertParallelExperts",
+    "expert_parallel_mesh",
+    "shard_experts",
+    "unshard_experts",
+    "expert_parallel_layers",
+    "expert_parameters",
+    "full_state_dict",
+    "reduce_expert_gradients",
+    "average_gradients",
+    "clip_grad_norm_",
+    "check_same_configuration",
+    "gather_plan",
+    "gather_optimizer_state",
+    "shard_optimizer_state",
+    "exclude_experts_from_ddp",
+]
 
 MESH_DIM_NAMES = ("dp", "ep")
 _EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -53,12 +67,17 @@ _EXPERT_PARAMS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 def _require_distributed(what: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{what} needs torch.distributed initialized (init_process_group, "
-                           "torchrun, or Lightning's ExpertParallelStrategy)")
+        raise RuntimeError(
+            f"{what} needs torch.distributed initialized (init_process_group, "
+            "torchrun, or Lightning's ExpertParallelStrategy)"
+        )
 
 
-def check_same_configuration(config: dict, what: str = "expert-parallel configuration",
-                             group: Optional[dist.ProcessGroup] = None) -> None:
+def check_same_configuration(
+    config: dict,
+    what: str = "expert-parallel configuration",
+    group: Optional[dist.ProcessGroup] = None,
+) -> None:
     """All ranks of ``group`` (default: the world) must hold equal ``config`` dicts (small,
     picklable). One ``all_gather_object``; on a mismatch every rank raises the same ValueError
     naming the differing entries and the ranks' values, so no rank goes on to a collective
@@ -70,13 +89,19 @@ def check_same_configuration(config: dict, what: str = "expert-parallel configur
     keys = sorted({k for c in configs for k in c}, key=str)
     differ = [k for k in keys if any(c.get(k) != configs[0].get(k) for c in configs)]
     if differ:
-        lines = "; ".join(f"{k}: " + ", ".join(f"rank {i}={c.get(k)!r}" for i, c in enumerate(configs))
-                          for k in differ)
-        raise ValueError(f"the ranks disagree on the {what} ({lines}); start every process with "
-                         "the same configuration")
+        lines = "; ".join(
+            f"{k}: " + ", ".join(f"rank {i}={c.get(k)!r}" for i, c in enumerate(configs))
+            for k in differ
+        )
+        raise ValueError(
+            f"the ranks disagree on the {what} ({lines}); start every process with "
+            "the same configuration"
+        )
 
 
-def expert_parallel_mesh(expert_parallel_size: int, device_type: Optional[str] = None) -> DeviceMesh:
+def expert_parallel_mesh(
+    expert_parallel_size: int, device_type: Optional[str] = None
+) -> DeviceMesh:
     """The ``(dp, ep)`` DeviceMesh of the world with ``ep = expert_parallel_size`` and
     ``dp = world_size // ep``. ``device_type``: 'cpu' (gloo) or 'cuda' (NCCL); default from the
     default process group's backend. ValueError on every rank when the world size is not a
@@ -85,22 +110,33 @@ def expert_parallel_mesh(expert_parallel_size: int, device_type: Optional[str] =
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     # compared before anything depends on it: a rank with another ep would build another mesh
-    check_same_configuration({"expert_parallel_size": expert_parallel_size, "device_type": device_type})
-    if not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool) \
-            or expert_parallel_size < 1:
+    check_same_configuration(
+        {"expert_parallel_size": expert_parallel_size, "device_type": device_type}
+    )
+    if (
+        not isinstance(expert_parallel_size, int)
+        or isinstance(expert_parallel_size, bool)
+        or expert_parallel_size < 1
+    ):
         raise ValueError(f"expert_parallel_size={expert_parallel_size!r} must be an int >= 1")
     world = dist.get_world_size()
     if world % expert_parallel_size:
-        raise ValueError(f"the world size {world} is not a multiple of expert_parallel_size="
-                         f"{expert_parallel_size}: every data-parallel replica needs all "
-                         f"{expert_parallel_size} expert-parallel ranks")
-    return init_device_mesh(device_type, (world // expert_parallel_size, expert_parallel_size),
-                            mesh_dim_names=MESH_DIM_NAMES)
+        raise ValueError(
+            f"the world size {world} is not a multiple of expert_parallel_size="
+            f"{expert_parallel_size}: every data-parallel replica needs all "
+            f"{expert_parallel_size} expert-parallel ranks"
+        )
+    return init_device_mesh(
+        device_type,
+        (world // expert_parallel_size, expert_parallel_size),
+        mesh_dim_names=MESH_DIM_NAMES,
+    )
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Equal-split all-to-all along dim 0 with autograd (the backward is the same exchange)."""
     from torch.distributed import _functional_collectives as fc
+
     return fc.wait_tensor(fc.all_to_all_single_autograd(x.contiguous(), None, None, group))
 
 
@@ -123,12 +159,20 @@ class ExpertParallelExperts(Experts):
         E = experts.num_experts
         ep, rank = dist.get_world_size(group), dist.get_rank(group)
         if E % ep:
-            raise ValueError(f"{E} experts cannot be split over expert_parallel_size={ep} ranks "
-                             "(E must be a multiple of ep)")
+            raise ValueError(
+                f"{E} experts cannot be split over expert_parallel_size={ep} ranks "
+                "(E must be a multiple of ep)"
+            )
         local = E // ep
-        super().__init__(local, experts.in_features, experts.hidden_features, experts.out_features,
-                         bias=experts.fc1_bias is not None, drop=(experts.drop1.p, experts.drop2.p),
-                         gemm=experts.gemm)
+        super().__init__(
+            local,
+            experts.in_features,
+            experts.hidden_features,
+            experts.out_features,
+            bias=experts.fc1_bias is not None,
+            drop=(experts.drop1.p, experts.drop2.p),
+            gemm=experts.gemm,
+        )
         self.act = copy.deepcopy(experts.act)
         self.num_experts, self.num_local_experts = E, local
         self.group, self.ep_size, self.ep_rank = group, ep, rank
@@ -137,7 +181,7 @@ class ExpertParallelExperts(Experts):
             for name in _EXPERT_PARAMS:
                 full, mine = getattr(experts, name), getattr(self, name)
                 if full is not None:
-                    mine.data = full.detach()[rank * local:(rank + 1) * local].clone()
+                    mine.data = full.detach()[rank * local : (rank + 1) * local].clone()
                     mine.requires_grad_(full.requires_grad)  # frozen experts stay frozen
         self.register_load_state_dict_pre_hook(self._slice_full_state)
 
@@ -157,11 +201,11 @@ class ExpertParallelExperts(Experts):
             raise ValueError(f"expert buffers hold {E} experts, the layer has {self.num_experts}")
         ep, local = self.ep_size, self.num_local_experts
         # [E, T, d] = [ep (owner), E/ep, T, d]: chunk j goes to rank j
-        received = self._exchange(x)                                    # [ep (source), E/ep, T, d]
+        received = self._exchange(x)  # [ep (source), E/ep, T, d]
         rows = received.view(ep, local, T, d).transpose(0, 1).reshape(local, ep * T, d)
-        out = super().forward(rows)                                     # [E/ep, ep*T, d']
-        back = out.view(local, ep, T, -1).transpose(0, 1)               # [ep (source), E/ep, T, d']
-        return self._exchange(back).view(E, T, -1)                      # [E, T, d']
+        out = super().forward(rows)  # [E/ep, ep*T, d']
+        back = out.view(local, ep, T, -1).transpose(0, 1)  # [ep (source), E/ep, T, d']
+        return self._exchange(back).view(E, T, -1)  # [E, T, d']
 
     def _exchange(self, x: torch.Tensor) -> torch.Tensor:
         out = _all_to_all(x, self.group)
@@ -181,11 +225,13 @@ class ExpertParallelExperts(Experts):
         """value [E, ...] (a full-E weight or optimizer state) -> this rank's [E/ep, ...] rows (a
         view); ValueError naming ``what`` when the value holds another number of experts."""
         if value.shape[0] != self.num_experts:
-            raise ValueError(f"{what}: the checkpoint has {value.shape[0]} experts, the model "
-                             f"{self.num_experts} (state dicts of expert-parallel models "
-                             "always hold all E experts)")
+            raise ValueError(
+                f"{what}: the checkpoint has {value.shape[0]} experts, the model "
+                f"{self.num_experts} (state dicts of expert-parallel models "
+                "always hold all E experts)"
+            )
         start = self.ep_rank * self.num_local_experts
-        return value[start:start + self.num_local_experts]
+        return value[start : start + self.num_local_experts]
 
     def _slice_full_state(self, module, state_dict, prefix, *args) -> None:
         """Loading a full-E state dict keeps this rank's slabs; any other E is an error."""
@@ -208,16 +254,30 @@ class ExpertParallelExperts(Experts):
         return out
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", num_local_experts={self.num_local_experts}, "
-                f"expert_parallel={self.ep_rank}/{self.ep_size}")
+        return (
+            super().extra_repr() + f", num_local_experts={self.num_local_experts}, "
+            f"expert_parallel={self.ep_rank}/{self.ep_size}"
+        )
 
 
 def _layer_fingerprint(model: nn.Module, ep: int, mesh: DeviceMesh) -> dict:
-    layers = {name: [m.num_experts, m.experts.in_features, m.experts.hidden_features,
-                     m.experts.out_features, m.experts.gemm] for name, m in moe_layers(model).items()}
+    layers = {
+        name: [
+            m.num_experts,
+            m.experts.in_features,
+            m.experts.hidden_features,
+            m.experts.out_features,
+            m.experts.gemm,
+        ]
+        for name, m in moe_layers(model).items()
+    }
     shapes = sorted((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
-    return {"expert_parallel_size": ep, "mesh": tuple(mesh.mesh.shape), "moe_layers": layers,
-            "parameters": hashlib.sha1(repr(shapes).encode()).hexdigest()[:16]}
+    return {
+        "expert_parallel_size": ep,
+        "mesh": tuple(mesh.mesh.shape),
+        "moe_layers": layers,
+        "parameters": hashlib.sha1(repr(shapes).encode()).hexdigest()[:16],
+    }
 
 
 def shard_experts(model: nn.Module, mesh: DeviceMesh, sync_from_rank0: bool = True) -> nn.Module:
@@ -231,15 +291,19 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, sync_from_rank0: bool = Tr
     """
     _require_distributed("shard_experts")
     if tuple(mesh.mesh_dim_names or ()) != MESH_DIM_NAMES:
-        raise ValueError(f"mesh must have dimensions {MESH_DIM_NAMES} (expert_parallel_mesh), "
-                         f"got {mesh.mesh_dim_names}")
+        raise ValueError(
+            f"mesh must have dimensions {MESH_DIM_NAMES} (expert_parallel_mesh), "
+            f"got {mesh.mesh_dim_names}"
+        )
     ep = mesh.size(1)
     check_same_configuration(_layer_fingerprint(model, ep, mesh), "model to shard")
     layers = moe_layers(model)
     bad = {name: m.num_experts for name, m in layers.items() if m.num_experts % ep}
     if bad:
-        raise ValueError(f"expert_parallel_size={ep} must divide every MoE layer's number of "
-                         f"experts; these do not: {bad}")
+        raise ValueError(
+            f"expert_parallel_size={ep} must divide every MoE layer's number of "
+            f"experts; these do not: {bad}"
+        )
     group = mesh.get_group("ep")
     for name, layer in layers.items():
         if isinstance(layer.experts, ExpertParallelExperts):
@@ -247,7 +311,9 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, sync_from_rank0: bool = Tr
         if sync_from_rank0 and dist.get_world_size() > 1:
             for p in layer.experts.parameters():
                 dist.broadcast(p.data, src=0)
-        layer.experts = ExpertParallelExperts(layer.experts, group).to(layer.experts.fc1_weight.device)
+        layer.experts = ExpertParallelExperts(layer.experts, group).to(
+            layer.experts.fc1_weight.device
+        )
     return model
 
 
@@ -258,8 +324,11 @@ def expert_parallel_layers(model: nn.Module) -> Dict[str, ExpertParallelExperts]
 
 def expert_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     """(qualified name, parameter) of every sharded expert parameter of ``model``."""
-    return [(f"{n}.{pn}", p) for n, m in expert_parallel_layers(model).items()
-            for pn, p in m.named_parameters(recurse=False)]
+    return [
+        (f"{n}.{pn}", p)
+        for n, m in expert_parallel_layers(model).items()
+        for pn, p in m.named_parameters(recurse=False)
+    ]
 
 
 def exclude_experts_from_ddp(model: nn.Module) -> None:
@@ -268,8 +337,9 @@ def exclude_experts_from_ddp(model: nn.Module) -> None:
     list of parameters to ignore. Call before wrapping; ``model`` is the module DDP wraps."""
     # (and each rank's own expert_load counts of bias-balanced routers, which
     # update_expert_biases sums over the ranks: DDP must not broadcast rank 0's over them)
-    model._ddp_params_and_buffers_to_ignore = ([name for name, _ in expert_parameters(model)]
-                                               + expert_load_buffer_names(model))
+    model._ddp_params_and_buffers_to_ignore = [
+        name for name, _ in expert_parameters(model)
+    ] + expert_load_buffer_names(model)
 
 
 def unshard_experts(model: nn.Module) -> nn.Module:
@@ -280,9 +350,15 @@ def unshard_experts(model: nn.Module) -> nn.Module:
         if not isinstance(experts, ExpertParallelExperts):
             continue
         full = experts.gathered()
-        plain = Experts(experts.num_experts, experts.in_features, experts.hidden_features,
-                        experts.out_features, bias=experts.fc1_bias is not None,
-                        drop=(experts.drop1.p, experts.drop2.p), gemm=experts.gemm)
+        plain = Experts(
+            experts.num_experts,
+            experts.in_features,
+            experts.hidden_features,
+            experts.out_features,
+            bias=experts.fc1_bias is not None,
+            drop=(experts.drop1.p, experts.drop2.p),
+            gemm=experts.gemm,
+        )
         plain.act = experts.act
         with torch.no_grad():
             for pn, value in full.items():
@@ -304,9 +380,13 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _expert_param_slots(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[int, ExpertParallelExperts]:
+def _expert_param_slots(
+    optimizer: torch.optim.Optimizer, model: nn.Module
+) -> Dict[int, ExpertParallelExperts]:
     """{index of the parameter in ``optimizer.state_dict()``: its expert-parallel layer}."""
-    owner = {id(p): layer for layer in expert_parallel_layers(model).values() for p in layer.parameters()}
+    owner = {
+        id(p): layer for layer in expert_parallel_layers(model).values() for p in layer.parameters()
+    }
     slots, index = {}, 0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -328,7 +408,11 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -
         entry = dict(state["state"].get(index, {}))
         for key in sorted(entry):
             value = entry[key]
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == layer.num_local_experts:
+            if (
+                torch.is_tensor(value)
+                and value.dim() > 0
+                and value.shape[0] == layer.num_local_experts
+            ):
                 parts = [torch.empty_like(value) for _ in range(layer.ep_size)]
                 dist.all_gather(parts, value.contiguous(), group=layer.group)
                 entry[key] = torch.cat(parts)
@@ -337,8 +421,9 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -
     return state
 
 
-def shard_optimizer_state(state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                          model: nn.Module) -> Dict[str, Any]:
+def shard_optimizer_state(
+    state: Mapping[str, Any], optimizer: torch.optim.Optimizer, model: nn.Module
+) -> Dict[str, Any]:
     """The inverse of ``gather_optimizer_state``: keep this rank's experts of every per-expert
     state tensor. ValueError when the state was saved with another number of experts."""
     slots = _expert_param_slots(optimizer, model)
@@ -398,15 +483,18 @@ def _squared_norm(params: List[torch.Tensor], device_type: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, model: nn.Module,
-                    mesh: DeviceMesh) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, model: nn.Module, mesh: DeviceMesh
+) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (2-norm) for an expert-parallel model: the norm counts
     every expert once (the local slabs' squared norms summed over the ep group), so every rank
     computes the same global norm and scales by the same factor. Returns the total norm."""
     params = [p for p in parameters if p.grad is not None]
     experts = {id(p) for _, p in expert_parameters(model)}
     shared = _squared_norm([p for p in params if id(p) not in experts], mesh.device_type)
-    local = _squared_norm([p for p in params if id(p) in experts], mesh.device_type).to(shared.device)
+    local = _squared_norm([p for p in params if id(p) in experts], mesh.device_type).to(
+        shared.device
+    )
     dist.all_reduce(local, group=mesh.get_group("ep"))
     total = (shared + local).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -423,17 +511,24 @@ def gather_plan(plan, group: Optional[dist.ProcessGroup] = None):
     (no padding) becomes all-True first, so the ranks always exchange the same fields. Every
     rank calls, with plans of the same shapes (the same local batch)."""
     if not dataclasses.is_dataclass(plan):
-        raise TypeError(f"gather_plan needs a dataclass plan (RoutingPlan), got {type(plan).__name__}")
+        raise TypeError(
+            f"gather_plan needs a dataclass plan (RoutingPlan), got {type(plan).__name__}"
+        )
     world = dist.get_world_size(group)
-    tensors = [getattr(plan, f.name) for f in dataclasses.fields(plan)
-               if torch.is_tensor(getattr(plan, f.name))]
+    tensors = [
+        getattr(plan, f.name)
+        for f in dataclasses.fields(plan)
+        if torch.is_tensor(getattr(plan, f.name))
+    ]
     changes = {}
     for field in dataclasses.fields(plan):
         value = getattr(plan, field.name)
         if value is None and field.name == "valid":  # every plan's fields start with [G, S]
             value = torch.ones(tensors[0].shape[:2], dtype=torch.bool, device=tensors[0].device)
         if torch.is_tensor(value):
-            sent = value.to(torch.uint8) if value.dtype == torch.bool else value.contiguous()  # gloo: no bool
+            sent = (
+                value.to(torch.uint8) if value.dtype == torch.bool else value.contiguous()
+            )  # gloo: no bool
             parts = [torch.empty_like(sent) for _ in range(world)]
             dist.all_gather(parts, sent, group=group)
             changes[field.name] = torch.cat(parts).to(value.dtype)

@@ -3,6 +3,7 @@
 Axis letters (as in the official V-MoE code): G routing groups, S tokens per group, E experts,
 K choices per token, C buffer capacity per expert and group, d model width.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -71,8 +72,9 @@ class RoutingPlan:
             G, C, E = self.num_groups, self.capacity, self.num_experts
             group_offset = torch.arange(G, device=self.slot.device).view(G, 1, 1) * C
             position = self.expert_index * (G * C) + group_offset + self.slot
-            self._index_maps["position"] = torch.where(self.kept, position,
-                                                       torch.full_like(position, E * G * C))
+            self._index_maps["position"] = torch.where(
+                self.kept, position, torch.full_like(position, E * G * C)
+            )
         return self._index_maps["position"]
 
     def buffer_assignment(self) -> torch.Tensor:
@@ -86,10 +88,15 @@ class RoutingPlan:
         if "assignment" not in self._index_maps:
             G, S, K = self.expert_index.shape
             num_rows = self.num_experts * G * self.capacity
-            table = torch.full((num_rows + 1,), G * S * K, dtype=torch.long, device=self.slot.device)
+            table = torch.full(
+                (num_rows + 1,), G * S * K, dtype=torch.long, device=self.slot.device
+            )
             # Dropped assignments all write the scratch row ``num_rows``, which is cut off.
-            table.scatter_(0, self.buffer_position().reshape(-1),
-                           torch.arange(G * S * K, device=self.slot.device))
+            table.scatter_(
+                0,
+                self.buffer_position().reshape(-1),
+                torch.arange(G * S * K, device=self.slot.device),
+            )
             self._index_maps["assignment"] = table[:num_rows]
         return self._index_maps["assignment"]
 
@@ -156,8 +163,12 @@ class SoftRoutingPlan:
         return self.dispatch_weight.shape[3]
 
     def _map_tensors(self, fn) -> "SoftRoutingPlan":
-        return SoftRoutingPlan(*(None if v is None else fn(v) for v in
-                                 (self.dispatch_weight, self.combine_weight, self.valid)))
+        return SoftRoutingPlan(
+            *(
+                None if v is None else fn(v)
+                for v in (self.dispatch_weight, self.combine_weight, self.valid)
+            )
+        )
 
     def detach(self) -> "SoftRoutingPlan":
         """A copy whose tensors are cut from the autograd graph (cheap: views)."""

@@ -4,6 +4,7 @@ Axis letters: G groups, S tokens per group, E experts, K choices per token, C ca
 Everything is static-shape (no ``nonzero``, ``.item()`` or boolean masking), so the routers run
 under ``torch.compile(fullgraph=True)`` and without host syncs on CUDA.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,13 @@ from .config import SCORE_FUNCS, ExpertChoiceRouterConfig, RoutingSettings, TopK
 from .losses import gshard_loss, importance_loss, load_loss, router_z_loss
 from .plan import RoutingPlan
 
-__all__ = ["TopKRouter", "ExpertChoiceRouter", "assign_buffer_slots", "SCORE_FUNCS", "scores_from_logits"]
+__all__ = [
+    "TopKRouter",
+    "ExpertChoiceRouter",
+    "assign_buffer_slots",
+    "SCORE_FUNCS",
+    "scores_from_logits",
+]
 
 Losses = Dict[str, torch.Tensor]
 
@@ -102,7 +109,8 @@ def assign_buffer_slots(
     position = position.view(G, K, S).transpose(1, 2)  # [G, S, K], in priority order
     if priority_order is not None:
         position = torch.empty_like(position).scatter_(
-            1, priority_order.unsqueeze(-1).expand(G, S, K), position)
+            1, priority_order.unsqueeze(-1).expand(G, S, K), position
+        )
     return position
 
 
@@ -209,9 +217,13 @@ class _GatingRouter(nn.Module):
         elif config.capacity_factor is None:
             raise ValueError(f"{type(self).__name__} has neither capacity nor capacity_factor set")
         else:
-            capacity = compute_capacity(group_size * self._choices_per_token(), self.num_experts,
-                                        config.capacity_factor, config.capacity_rounding,
-                                        config.capacity_multiple_of)
+            capacity = compute_capacity(
+                group_size * self._choices_per_token(),
+                self.num_experts,
+                config.capacity_factor,
+                config.capacity_rounding,
+                config.capacity_multiple_of,
+            )
         return min(capacity, group_size)
 
     # --- gating --------------------------------------------------------------------------------
@@ -238,8 +250,11 @@ class _GatingRouter(nn.Module):
         return logits, logits
 
     def extra_repr(self) -> str:
-        cap = (f"capacity={self.capacity}" if self.capacity is not None
-               else f"capacity_factor={self.capacity_factor}")
+        cap = (
+            f"capacity={self.capacity}"
+            if self.capacity is not None
+            else f"capacity_factor={self.capacity_factor}"
+        )
         return f"dim={self.dim}, num_experts={self.num_experts}, {cap}, noise_std={self.noise_std}"
 
 
@@ -306,12 +321,22 @@ class TopKRouter(_GatingRouter):
     ):
         if config is None:
             config = TopKRouterConfig(
-                num_selected=num_selected, capacity_factor=capacity_factor, capacity=capacity,
-                capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
-                batch_priority=batch_priority, noise_std=noise_std, noisy_at_eval=noisy_at_eval,
-                renormalize=renormalize, importance_weight=importance_weight,
-                load_weight=load_weight, gshard_weight=gshard_weight, zloss_weight=zloss_weight,
-                score_func=score_func, bias_update_rate=bias_update_rate)
+                num_selected=num_selected,
+                capacity_factor=capacity_factor,
+                capacity=capacity,
+                capacity_multiple_of=capacity_multiple_of,
+                capacity_rounding=capacity_rounding,
+                batch_priority=batch_priority,
+                noise_std=noise_std,
+                noisy_at_eval=noisy_at_eval,
+                renormalize=renormalize,
+                importance_weight=importance_weight,
+                load_weight=load_weight,
+                gshard_weight=gshard_weight,
+                zloss_weight=zloss_weight,
+                score_func=score_func,
+                bias_update_rate=bias_update_rate,
+            )
         elif not isinstance(config, TopKRouterConfig):
             raise TypeError(f"config must be a TopKRouterConfig, got {type(config).__name__}")
         super().__init__(dim, num_experts, config)
@@ -391,11 +416,18 @@ class TopKRouter(_GatingRouter):
         slot = torch.where(kept, position, torch.full_like(position, -1))
         weight = top_gates / top_gates.sum(-1, keepdim=True) if config.renormalize else top_gates
         combine_weight = torch.where(kept, weight, torch.zeros_like(weight))
-        return RoutingPlan(expert_index=expert_index, slot=slot, combine_weight=combine_weight,
-                           gates=gates, capacity=capacity, valid=valid)
+        return RoutingPlan(
+            expert_index=expert_index,
+            slot=slot,
+            combine_weight=combine_weight,
+            gates=gates,
+            capacity=capacity,
+            valid=valid,
+        )
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
-                ) -> Tuple[RoutingPlan, Losses]:
+    def forward(
+        self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> Tuple[RoutingPlan, Losses]:
         """x: [G, S, d] -> (RoutingPlan, losses). ``losses`` maps each auxiliary loss to its
         per-group values [G]; 'load' is present only when noise was added (training)."""
         logits, routing_logits = self.gating_logits(x)
@@ -407,8 +439,9 @@ class TopKRouter(_GatingRouter):
             "gshard": gshard_loss(routing_gates, valid),
         }
         if self.adds_noise:
-            losses["load"] = load_loss(logits, routing_logits, self.noise_std / self.num_experts,
-                                       self.num_selected, valid)
+            losses["load"] = load_loss(
+                logits, routing_logits, self.noise_std / self.num_experts, self.num_selected, valid
+            )
         if self.zloss_weight > 0:
             losses["z"] = router_z_loss(logits, valid)
         plan = self.route(routing_gates, valid)
@@ -423,21 +456,30 @@ class TopKRouter(_GatingRouter):
         answer the router's demand; what fit is capped at C per group, so an overloaded expert
         would look less overloaded the more it overflows, and dropped demand would be invisible."""
         G, S, K = expert_index.shape
-        weight = (torch.ones(G, S, K, device=expert_index.device) if valid is None
-                  else valid.unsqueeze(-1).expand(G, S, K).float())
+        weight = (
+            torch.ones(G, S, K, device=expert_index.device)
+            if valid is None
+            else valid.unsqueeze(-1).expand(G, S, K).float()
+        )
         self.expert_load.index_add_(0, expert_index.reshape(-1), weight.reshape(-1))
 
     def loss_weights(self) -> Dict[str, float]:
         config = self.config
-        return {"importance": config.importance_weight, "load": config.load_weight,
-                "gshard": config.gshard_weight, "z": config.zloss_weight}
+        return {
+            "importance": config.importance_weight,
+            "load": config.load_weight,
+            "gshard": config.gshard_weight,
+            "z": config.zloss_weight,
+        }
 
     def extra_repr(self) -> str:
         extra = "" if self.score_func == "softmax" else f", score_func={self.score_func!r}"
         if self.bias_update_rate is not None:
             extra += f", bias_update_rate={self.bias_update_rate}"
-        return (f"{super().extra_repr()}, num_selected={self.num_selected}, "
-                f"batch_priority={self.batch_priority}{extra}")
+        return (
+            f"{super().extra_repr()}, num_selected={self.num_selected}, "
+            f"batch_priority={self.batch_priority}{extra}"
+        )
 
 
 class ExpertChoiceRouter(_GatingRouter):
@@ -453,18 +495,34 @@ class ExpertChoiceRouter(_GatingRouter):
     held in ``self.config`` (an ``ExpertChoiceRouterConfig``; pass ``config=`` to give them so).
     """
 
-    def __init__(self, dim: int, num_experts: int, capacity_factor: Optional[float] = 1.0,
-                 capacity: Optional[int] = None, capacity_multiple_of: Optional[int] = 4,
-                 capacity_rounding: str = "ceil", noise_std: float = 1.0,
-                 noisy_at_eval: bool = False, zloss_weight: float = 0.0, *,
-                 config: Optional[ExpertChoiceRouterConfig] = None):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        capacity_factor: Optional[float] = 1.0,
+        capacity: Optional[int] = None,
+        capacity_multiple_of: Optional[int] = 4,
+        capacity_rounding: str = "ceil",
+        noise_std: float = 1.0,
+        noisy_at_eval: bool = False,
+        zloss_weight: float = 0.0,
+        *,
+        config: Optional[ExpertChoiceRouterConfig] = None,
+    ):
         if config is None:
             config = ExpertChoiceRouterConfig(
-                capacity_factor=capacity_factor, capacity=capacity,
-                capacity_multiple_of=capacity_multiple_of, capacity_rounding=capacity_rounding,
-                noise_std=noise_std, noisy_at_eval=noisy_at_eval, zloss_weight=zloss_weight)
+                capacity_factor=capacity_factor,
+                capacity=capacity,
+                capacity_multiple_of=capacity_multiple_of,
+                capacity_rounding=capacity_rounding,
+                noise_std=noise_std,
+                noisy_at_eval=noisy_at_eval,
+                zloss_weight=zloss_weight,
+            )
         elif not isinstance(config, ExpertChoiceRouterConfig):
-            raise TypeError(f"config must be an ExpertChoiceRouterConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be an ExpertChoiceRouterConfig, got {type(config).__name__}"
+            )
         super().__init__(dim, num_experts, config)
 
     def _choices_per_token(self) -> int:
@@ -473,7 +531,11 @@ class ExpertChoiceRouter(_GatingRouter):
     def route(self, gates: torch.Tensor, valid: Optional[torch.Tensor] = None) -> RoutingPlan:
         G, S, E = gates.shape
         capacity = self.capacity_for(S)
-        scores = gates if valid is None else torch.where(valid.unsqueeze(-1), gates, torch.full_like(gates, -1.0))
+        scores = (
+            gates
+            if valid is None
+            else torch.where(valid.unsqueeze(-1), gates, torch.full_like(gates, -1.0))
+        )
         # [G, E, C]: each expert's C best tokens, ties -> lower token index, non-finite last.
         token_index = _descending_order(scores.transpose(1, 2), dim=-1)[..., :capacity]
         position = torch.arange(capacity, device=gates.device).expand(G, E, capacity)
@@ -483,11 +545,18 @@ class ExpertChoiceRouter(_GatingRouter):
             slot = torch.where(valid.unsqueeze(-1), slot, torch.full_like(slot, -1))
         expert_index = torch.arange(E, device=gates.device).expand(G, S, E).contiguous()
         combine_weight = torch.where(slot >= 0, gates, torch.zeros_like(gates))
-        return RoutingPlan(expert_index=expert_index, slot=slot, combine_weight=combine_weight,
-                           gates=gates, capacity=capacity, valid=valid)
+        return RoutingPlan(
+            expert_index=expert_index,
+            slot=slot,
+            combine_weight=combine_weight,
+            gates=gates,
+            capacity=capacity,
+            valid=valid,
+        )
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
-                ) -> Tuple[RoutingPlan, Losses]:
+    def forward(
+        self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> Tuple[RoutingPlan, Losses]:
         logits, routing_logits = self.gating_logits(x)
         losses: Losses = {}
         if self.zloss_weight > 0:

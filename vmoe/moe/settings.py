@@ -15,6 +15,7 @@ capacity sweep, the routing pictures and save/load all go through this module:
 router's config by ``config.with_routing(settings)`` (the router type decides what it accepts: a
 Soft MoE router none but its own); a bad value raises and leaves every layer as it was.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,14 @@ from .checks import check_capacity_factor
 from .config import RoutingSettings
 from .layer import MoeMlp, require_moe_layers
 
-__all__ = ["EVAL_CAPACITY_FACTOR", "RoutingSettings", "read_routing", "set_routing", "restore_routing", "routing_settings"]
+__all__ = [
+    "EVAL_CAPACITY_FACTOR",
+    "RoutingSettings",
+    "read_routing",
+    "set_routing",
+    "restore_routing",
+    "routing_settings",
+]
 
 Layers = Union[nn.Module, Mapping[str, MoeMlp]]
 
@@ -54,24 +62,30 @@ def read_routing(target: Layers) -> Dict[str, RoutingSettings]:
     return {name: RoutingSettings.of(layer) for name, layer in _layers(target).items()}
 
 
-def restore_routing(target: Layers,
-                    settings: Mapping[str, Union[RoutingSettings, Mapping[str, object]]]) -> None:
+def restore_routing(
+    target: Layers, settings: Mapping[str, Union[RoutingSettings, Mapping[str, object]]]
+) -> None:
     """Apply ``{layer: settings}`` (``RoutingSettings`` or their dicts, as ``read_routing``,
     ``set_routing`` and ``config.json`` give them) to the named MoE layers of ``target``, all or
     none: a value the router refuses, or an unknown layer name, raises ValueError and changes
     nothing."""
     layers = _layers(target, settings)
-    wanted = {name: s if isinstance(s, RoutingSettings) else RoutingSettings.from_dict(s)
-              for name, s in settings.items()}
+    wanted = {
+        name: s if isinstance(s, RoutingSettings) else RoutingSettings.from_dict(s)
+        for name, s in settings.items()
+    }
     for name, s in wanted.items():  # every router checks its settings before any changes
         layers[name].router.config.with_routing(s)
     for name, s in wanted.items():
         s.apply(layers[name])
 
 
-def set_routing(target: Layers, capacity_factor: Optional[float] = None,
-                batch_priority: Optional[bool] = None,
-                layers: Optional[Iterable[str]] = None) -> Dict[str, RoutingSettings]:
+def set_routing(
+    target: Layers,
+    capacity_factor: Optional[float] = None,
+    batch_priority: Optional[bool] = None,
+    layers: Optional[Iterable[str]] = None,
+) -> Dict[str, RoutingSettings]:
     """Set ``capacity_factor`` (a finite number > 0; clears an explicit ``capacity``) and/or
     ``batch_priority`` on every MoE layer of ``target`` (or the ``layers`` named); None keeps
     a setting. All or none: a bad value raises ValueError and changes nothing
@@ -82,12 +96,19 @@ def set_routing(target: Layers, capacity_factor: Optional[float] = None,
     """
     selected = _layers(target, layers)
     if batch_priority is True:
-        no_priority = [n for n, m in selected.items() if not m.router.config.supports_batch_priority]
+        no_priority = [
+            n for n, m in selected.items() if not m.router.config.supports_batch_priority
+        ]
         if no_priority:
             soft = [n for n in no_priority if selected[n].is_soft]
-            kinds = [f"{kind} layers {names}" for kind, names in
-                     (("expert-choice", [n for n in no_priority if n not in soft]), ("soft", soft))
-                     if names]
+            kinds = [
+                f"{kind} layers {names}"
+                for kind, names in (
+                    ("expert-choice", [n for n in no_priority if n not in soft]),
+                    ("soft", soft),
+                )
+                if names
+            ]
             raise ValueError(f"batch_priority=True does not apply to the {' and the '.join(kinds)}")
     change = {}
     if capacity_factor is not None:
@@ -102,8 +123,9 @@ def set_routing(target: Layers, capacity_factor: Optional[float] = None,
 
 
 @contextlib.contextmanager
-def routing_settings(target: Layers, capacity_factor: Optional[float] = None,
-                     batch_priority: Optional[bool] = None) -> Iterator[Dict[str, RoutingSettings]]:
+def routing_settings(
+    target: Layers, capacity_factor: Optional[float] = None, batch_priority: Optional[bool] = None
+) -> Iterator[Dict[str, RoutingSettings]]:
     """``set_routing`` for the ``with`` body; yields the previous settings and puts them back
     exactly (factor, explicit capacity, BPR) on exit, error or not."""
     previous = set_routing(target, capacity_factor, batch_priority)

@@ -6,6 +6,7 @@ sigmoid gate ``sigmoid(x @ w_gate)``. ``MoeMlp(..., shared_experts=n)`` computes
 ``routed(x) + shared(x)`` (``shared_gate=True``: ``routed(x) + sigmoid(x @ w_gate) * shared(x)``).
 The options are validated by ``MoeLayerConfig`` (``vmoe.moe.checks.check_shared_experts``).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple, Union
@@ -13,14 +14,19 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-
 __all__ = ["SharedExperts", "shared_width"]
 
 
-def shared_width(shared_experts: int, shared_hidden_features: Optional[int], expert_width: int) -> int:
+def shared_width(
+    shared_experts: int, shared_hidden_features: Optional[int], expert_width: int
+) -> int:
     """The hidden width of the shared MLP: ``shared_hidden_features``, else
     ``shared_experts x expert_width`` (DeepSeek-MoE: n experts of the routed width)."""
-    return shared_hidden_features if shared_hidden_features is not None else shared_experts * expert_width
+    return (
+        shared_hidden_features
+        if shared_hidden_features is not None
+        else shared_experts * expert_width
+    )
 
 
 def _pair(value) -> Tuple[float, float]:
@@ -39,12 +45,23 @@ class SharedExperts(nn.Module):
         gate: Qwen-MoE's sigmoid gate on the shared output.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None,
-                 act_layer: Callable[[], nn.Module] = nn.GELU, bias: bool = True,
-                 drop: Union[float, Tuple[float, float]] = 0.0, gate: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: Optional[int] = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        bias: bool = True,
+        drop: Union[float, Tuple[float, float]] = 0.0,
+        gate: bool = False,
+    ):
         super().__init__()
         out_features = out_features or in_features
-        self.in_features, self.hidden_features, self.out_features = in_features, hidden_features, out_features
+        self.in_features, self.hidden_features, self.out_features = (
+            in_features,
+            hidden_features,
+            out_features,
+        )
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer()
         drop1, drop2 = _pair(drop)
@@ -77,16 +94,23 @@ class SharedExperts(nn.Module):
         ValueError naming ``shared_hidden_features`` when h_s is not a multiple of h."""
         dense_in, dense_hidden = mlp.fc1.in_features, mlp.fc1.out_features
         if (dense_in, mlp.fc2.out_features) != (self.in_features, self.out_features):
-            raise ValueError(f"the dense MLP maps {dense_in} -> {mlp.fc2.out_features} features, the "
-                             f"shared experts {self.in_features} -> {self.out_features}")
+            raise ValueError(
+                f"the dense MLP maps {dense_in} -> {mlp.fc2.out_features} features, the "
+                f"shared experts {self.in_features} -> {self.out_features}"
+            )
         if self.hidden_features % dense_hidden:
-            raise ValueError(f"shared_hidden_features={self.hidden_features} must be a multiple of the "
-                             f"dense MLP's width {dense_hidden} to start from it (upcycling): give "
-                             f"shared_hidden_features=n*{dense_hidden} or shared_experts=n alone")
+            raise ValueError(
+                f"shared_hidden_features={self.hidden_features} must be a multiple of the "
+                f"dense MLP's width {dense_hidden} to start from it (upcycling): give "
+                f"shared_hidden_features=n*{dense_hidden} or shared_experts=n alone"
+            )
         n = self.hidden_features // dense_hidden
-        self.fc1.weight.copy_(mlp.fc1.weight.repeat(n, 1))                   # [n*h, d]
-        self.fc2.weight.copy_(mlp.fc2.weight.repeat(1, n) / n)               # [d', n*h]
-        for mine, theirs, repeat in ((self.fc1.bias, mlp.fc1.bias, n), (self.fc2.bias, mlp.fc2.bias, 1)):
+        self.fc1.weight.copy_(mlp.fc1.weight.repeat(n, 1))  # [n*h, d]
+        self.fc2.weight.copy_(mlp.fc2.weight.repeat(1, n) / n)  # [d', n*h]
+        for mine, theirs, repeat in (
+            (self.fc1.bias, mlp.fc1.bias, n),
+            (self.fc2.bias, mlp.fc2.bias, 1),
+        ):
             if mine is not None:
                 mine.copy_(theirs.repeat(repeat) if theirs is not None else torch.zeros_like(mine))
 
@@ -99,4 +123,3 @@ class SharedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gate={self.gate is not None}"
-

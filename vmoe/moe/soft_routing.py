@@ -17,6 +17,7 @@ check against recorded outputs:
 
 Everything is static-shape, so the router runs under ``torch.compile(fullgraph=True)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,11 +50,13 @@ def soft_slots_per_expert(group_size: int, num_experts: int, capacity_factor: fl
     check_positive_int("group_size", group_size)
     check_capacity_factor(capacity_factor, allow_none=False)
     try:
-        return compute_capacity(group_size, num_experts, capacity_factor, ceil_or_round="round",
-                                multiple_of=None)
+        return compute_capacity(
+            group_size, num_experts, capacity_factor, ceil_or_round="round", multiple_of=None
+        )
     except ValueError as error:
-        raise ValueError(f"Soft MoE slots per expert: {error} "
-                         "(give num_slots >= 1 instead)") from None
+        raise ValueError(
+            f"Soft MoE slots per expert: {error} (give num_slots >= 1 instead)"
+        ) from None
 
 
 class _NormalizedLogits(torch.autograd.Function):
@@ -69,18 +72,18 @@ class _NormalizedLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu_unit, scale):
         r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + NORM_EPS)
-        raw = x @ mu_unit                                                    # [T, E*P]
+        raw = x @ mu_unit  # [T, E*P]
         ctx.save_for_backward(x, mu_unit, scale, r, raw)
         return raw * (r * scale)
 
     @staticmethod
     def backward(ctx, grad):
         x, mu_unit, scale, r, raw = ctx.saved_tensors
-        grad_raw = grad * (r * scale)                                        # [T, E*P]
-        dot = (grad * raw).sum(-1, keepdim=True)                   # [T, 1]: sum_j g_j raw_j
+        grad_raw = grad * (r * scale)  # [T, E*P]
+        dot = (grad * raw).sum(-1, keepdim=True)  # [T, 1]: sum_j g_j raw_j
         grad_x = grad_mu = grad_scale = None
         if ctx.needs_input_grad[0]:
-            coef = -(r * r * r) * scale * dot                      # through r = rsqrt(|x|^2 + eps)
+            coef = -(r * r * r) * scale * dot  # through r = rsqrt(|x|^2 + eps)
             grad_x = torch.addmm(x * coef, grad_raw, mu_unit.t())
         if ctx.needs_input_grad[1]:
             grad_mu = x.t() @ grad_raw
@@ -119,24 +122,36 @@ class SoftRouter(nn.Module):
     ValueError (``SoftRouterConfig.with_routing``).
     """
 
-    def __init__(self, dim: int, num_experts: int, num_slots: Optional[int] = None,
-                 capacity_factor: Optional[float] = 1.0, group_size: Optional[int] = None,
-                 noise_std: float = 0.0, *, config: Optional[SoftRouterConfig] = None):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        num_slots: Optional[int] = None,
+        capacity_factor: Optional[float] = 1.0,
+        group_size: Optional[int] = None,
+        noise_std: float = 0.0,
+        *,
+        config: Optional[SoftRouterConfig] = None,
+    ):
         super().__init__()
         if config is None:
-            config = SoftRouterConfig(num_slots=num_slots, capacity_factor=capacity_factor,
-                                      noise_std=noise_std)
+            config = SoftRouterConfig(
+                num_slots=num_slots, capacity_factor=capacity_factor, noise_std=noise_std
+            )
         elif not isinstance(config, SoftRouterConfig):
             raise TypeError(f"config must be a SoftRouterConfig, got {type(config).__name__}")
         check_positive_int("dim", dim)
         check_positive_int("num_experts", num_experts)
         if config.num_slots is None:  # (a given num_slots ignores capacity_factor, as officially)
             if group_size is None:
-                raise ValueError("Soft MoE router: num_slots=None derives the slots per expert "
-                                 f"from capacity_factor={config.capacity_factor} and the group "
-                                 "size in tokens; give group_size (tokens) or num_slots")
-            config = config.replace(num_slots=soft_slots_per_expert(
-                group_size, num_experts, config.capacity_factor))
+                raise ValueError(
+                    "Soft MoE router: num_slots=None derives the slots per expert "
+                    f"from capacity_factor={config.capacity_factor} and the group "
+                    "size in tokens; give group_size (tokens) or num_slots"
+                )
+            config = config.replace(
+                num_slots=soft_slots_per_expert(group_size, num_experts, config.capacity_factor)
+            )
         self.dim = dim
         self.num_experts = num_experts
         self.config = config
@@ -214,8 +229,9 @@ class SoftRouter(nn.Module):
         G, S, d = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
             mu_unit = unit_normalize(self.mu.float(), dim=0).reshape(d, -1)  # [d, E*P]
-            logits = normalized_logits(x.reshape(G * S, d).float(), mu_unit,
-                                       self.scale.float())                   # [G*S, E*P]
+            logits = normalized_logits(
+                x.reshape(G * S, d).float(), mu_unit, self.scale.float()
+            )  # [G*S, E*P]
         return logits.view(G, S, self.num_experts, self.config.num_slots)
 
     @staticmethod
@@ -228,12 +244,13 @@ class SoftRouter(nn.Module):
         masked = logits
         if valid is not None:
             masked = logits.masked_fill(~valid.view(G, S, 1, 1), -math.inf)
-        dispatch_weight = masked.softmax(dim=1)                              # over S
+        dispatch_weight = masked.softmax(dim=1)  # over S
         combine_weight = logits.reshape(G, S, E * P).softmax(-1).view(G, S, E, P)  # over (E, P)
         return SoftRoutingPlan(dispatch_weight, combine_weight, valid)
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
-                ) -> Tuple[SoftRoutingPlan, Dict[str, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, valid: Optional[torch.Tensor] = None
+    ) -> Tuple[SoftRoutingPlan, Dict[str, torch.Tensor]]:
         """x: [G, S, d] -> (SoftRoutingPlan, {}): no auxiliary loss."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"SoftRouter input width d={x.shape[-1]} differs from dim={self.dim}")
@@ -246,5 +263,7 @@ class SoftRouter(nn.Module):
         return {}
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, num_slots={self.num_slots}, "
-                f"noise_std={self.noise_std}")
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, num_slots={self.num_slots}, "
+            f"noise_std={self.noise_std}"
+        )

@@ -1,6 +1,7 @@
 """Routing statistics read from a plan (never re-deriving the routing): ``routing_statistics``
 for the sparse routers' RoutingPlan, ``soft_routing_statistics`` for Soft MoE's SoftRoutingPlan.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,13 @@ import torch
 
 from .plan import RoutingPlan, SoftRoutingPlan
 
-__all__ = ["routing_statistics", "expert_choice_metrics", "soft_routing_statistics", "SOFT_TRAIN_STATS",
-           "image_expert_usage"]
+__all__ = [
+    "routing_statistics",
+    "expert_choice_metrics",
+    "soft_routing_statistics",
+    "SOFT_TRAIN_STATS",
+    "image_expert_usage",
+]
 
 
 @torch.no_grad()
@@ -36,11 +42,16 @@ def routing_statistics(plan: Union[RoutingPlan, SoftRoutingPlan]) -> Dict[str, t
         return soft_routing_statistics(plan)
     G, S, K = plan.expert_index.shape
     E = plan.num_experts
-    valid = plan.valid if plan.valid is not None else torch.ones(G, S, dtype=torch.bool, device=plan.slot.device)
+    valid = (
+        plan.valid
+        if plan.valid is not None
+        else torch.ones(G, S, dtype=torch.bool, device=plan.slot.device)
+    )
     kept = plan.kept & valid.unsqueeze(-1)
     num_valid = valid.sum().float()  # >= 1 for a layer's plan; 0 only for an empty batch
     counts = torch.zeros(E, device=kept.device).index_add_(
-        0, plan.expert_index.reshape(-1), kept.reshape(-1).float())
+        0, plan.expert_index.reshape(-1), kept.reshape(-1).float()
+    )
     total_kept = counts.sum().clamp_min(1.0)
     load = counts / total_kept
     gates = plan.gates.float() * valid.unsqueeze(-1)
@@ -72,8 +83,14 @@ def expert_choice_metrics(plan: RoutingPlan) -> Dict[str, torch.Tensor]:
     metrics = {
         "num_experts_per_item_min": per_item.min(1).values,
         "num_experts_per_item_max": per_item.max(1).values,
-        "min_selected_gate": torch.where(kept, selected, torch.full_like(selected, math.inf)).flatten(1).min(1).values,
-        "max_selected_gate": torch.where(kept, selected, torch.full_like(selected, -math.inf)).flatten(1).max(1).values,
+        "min_selected_gate": torch.where(kept, selected, torch.full_like(selected, math.inf))
+        .flatten(1)
+        .min(1)
+        .values,
+        "max_selected_gate": torch.where(kept, selected, torch.full_like(selected, -math.inf))
+        .flatten(1)
+        .max(1)
+        .values,
     }
     thresholds = sorted({2**i for i in range(int(math.log2(E)) + 1)} | {E})
     for t in thresholds:
@@ -83,8 +100,13 @@ def expert_choice_metrics(plan: RoutingPlan) -> Dict[str, torch.Tensor]:
 
 # The scalars of ``soft_routing_statistics`` a training logger follows (all finite for a layer's
 # plan): how balanced the combine mass is over experts, and how spread the two softmaxes are.
-SOFT_TRAIN_STATS = ("importance_min", "importance_max", "importance_cv", "combine_entropy",
-                    "dispatch_effective_tokens")
+SOFT_TRAIN_STATS = (
+    "importance_min",
+    "importance_max",
+    "importance_cv",
+    "combine_entropy",
+    "dispatch_effective_tokens",
+)
 
 # Cosine similarity as the official Soft MoE metrics compute it: rsqrt(sum x^2 + eps).
 _COSINE_EPS = 1e-9
@@ -95,7 +117,9 @@ def _entropy(p: torch.Tensor, dim) -> torch.Tensor:
     return -torch.where(p > 0, p * p.clamp_min(1e-30).log(), torch.zeros_like(p)).sum(dim)
 
 
-def _pairwise_cosine(vectors: torch.Tensor, valid: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _pairwise_cosine(
+    vectors: torch.Tensor, valid: Optional[torch.Tensor]
+) -> Dict[str, torch.Tensor]:
     """vectors [G, V, n] -> cosine similarity [G, V, V] of the V vectors of each group, and the
     official summary over the off-diagonal pairs of every group: ``min``; ``max`` = max(0, the
     largest) as the official masking does; ``mean`` = (sum - diagonal count) / off-diagonal count,
@@ -103,7 +127,7 @@ def _pairwise_cosine(vectors: torch.Tensor, valid: Optional[torch.Tensor]) -> Di
     leaves padding vectors out of the summary."""
     G, V, _ = vectors.shape
     unit = vectors * torch.rsqrt((vectors * vectors).sum(-1, keepdim=True) + _COSINE_EPS)
-    sim = unit @ unit.transpose(1, 2)                                            # [G, V, V]
+    sim = unit @ unit.transpose(1, 2)  # [G, V, V]
     eye = torch.eye(V, dtype=torch.bool, device=sim.device).expand(G, V, V)
     both = (valid.unsqueeze(1) & valid.unsqueeze(2)) if valid is not None else torch.ones_like(eye)
     pair, diag = ~eye & both, eye & both
@@ -154,23 +178,28 @@ def soft_routing_statistics(plan: SoftRoutingPlan) -> Dict[str, torch.Tensor]:
     A plan without tokens (an empty batch) has nothing to measure: its means are NaN.
     """
     if not isinstance(plan, SoftRoutingPlan):
-        raise TypeError(f"soft_routing_statistics needs a SoftRoutingPlan (a Soft MoE layer's "
-                        f"last_plan), got {type(plan).__name__}; use routing_statistics")
+        raise TypeError(
+            f"soft_routing_statistics needs a SoftRoutingPlan (a Soft MoE layer's "
+            f"last_plan), got {type(plan).__name__}; use routing_statistics"
+        )
     G, S, E, P = plan.dispatch_weight.shape
     dispatch = plan.dispatch_weight.float()
     combine = plan.combine_weight.float()
-    valid = (plan.valid if plan.valid is not None
-             else torch.ones(G, S, dtype=torch.bool, device=dispatch.device))
+    valid = (
+        plan.valid
+        if plan.valid is not None
+        else torch.ones(G, S, dtype=torch.bool, device=dispatch.device)
+    )
     num_valid = valid.sum().float()
-    combine = combine * valid.view(G, S, 1, 1)            # padding tokens carry no combine mass
+    combine = combine * valid.view(G, S, 1, 1)  # padding tokens carry no combine mass
 
-    slot_mass = combine.sum((0, 1))                        # [E, P]
+    slot_mass = combine.sum((0, 1))  # [E, P]
     slot_importance = slot_mass / slot_mass.sum().clamp_min(1e-12)
-    importance = slot_importance.sum(-1)                   # [E]
+    importance = slot_importance.sum(-1)  # [E]
 
     flat_combine = combine.reshape(G, S, E * P)
     combine_entropy = (_entropy(flat_combine, -1) * valid).sum() / num_valid
-    dispatch_entropy = _entropy(dispatch, 1)               # [G, E, P]
+    dispatch_entropy = _entropy(dispatch, 1)  # [G, E, P]
     effective = dispatch_entropy.exp()
 
     dispatch_valid = valid.view(G, S, 1, 1)
@@ -209,8 +238,10 @@ def image_expert_usage(plan: Union[RoutingPlan, SoftRoutingPlan], batch_size: in
     G, S = plan.num_groups, plan.group_size
     tokens = G * S if plan.valid is None else int(plan.valid.sum())
     if batch_size < 1 or tokens % batch_size:
-        raise ValueError(f"the plan holds {tokens} tokens, not a whole number of tokens for "
-                         f"each of {batch_size} images")
+        raise ValueError(
+            f"the plan holds {tokens} tokens, not a whole number of tokens for "
+            f"each of {batch_size} images"
+        )
     if isinstance(plan, SoftRoutingPlan):
         combine = plan.combine_weight.float().sum(-1).reshape(G * S, -1)[:tokens]  # [T, E]
         return combine.reshape(batch_size, tokens // batch_size, -1).mean(1)

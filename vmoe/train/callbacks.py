@@ -4,6 +4,7 @@
 auxiliary losses) through ``vmoe.models.routing_stats``/``aux_losses``; it never re-routes. Its
 pictures are drawn by ``vmoe.viz`` (``expert_load_chart``, ``routing_figure``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,11 +54,18 @@ class RoutingStatsLogger(L.Callback):
         figures_every_n_val: draw the figures at every n-th validation (and at the last epoch).
     """
 
-    def __init__(self, every_n_steps: int = 50, figures: bool = True, num_images: int = 4,
-                 figures_every_n_val: int = 1):
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        figures: bool = True,
+        num_images: int = 4,
+        figures_every_n_val: int = 1,
+    ):
         if every_n_steps < 1 or figures_every_n_val < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} and figures_every_n_val="
-                             f"{figures_every_n_val} must be >= 1")
+            raise ValueError(
+                f"every_n_steps={every_n_steps} and figures_every_n_val="
+                f"{figures_every_n_val} must be >= 1"
+            )
         self.figures_every_n_val = figures_every_n_val
         self._val_count = 0
         self.every_n_steps, self.figures, self.num_images = every_n_steps, figures, num_images
@@ -96,7 +104,9 @@ class RoutingStatsLogger(L.Callback):
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._load, self._batches, self._images = {}, 0, None
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         layers = vm.moe_layers(pl_module.model)
         if not layers:
             return
@@ -104,8 +114,13 @@ class RoutingStatsLogger(L.Callback):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         for layer, s in stats.items():
             if "dropped_fraction" in s:  # Soft MoE layers drop nothing
-                pl_module.log(f"val_routing/{_short(layer)}/dropped_fraction", s["dropped_fraction"].float(),
-                              on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+                pl_module.log(
+                    f"val_routing/{_short(layer)}/dropped_fraction",
+                    s["dropped_fraction"].float(),
+                    on_epoch=True,
+                    sync_dist=True,
+                    batch_size=x.shape[0],
+                )
         self._batches += 1
         if not self.figures:  # every rank counts: the chart shows every rank's tokens
             return
@@ -114,9 +129,11 @@ class RoutingStatsLogger(L.Callback):
                 continue  # a Soft MoE layer has no load to count (nothing is dropped)
             counts = viz.expert_load_counts(layer.last_plan, layer.router)
             total = self._load.get(name)
-            self._load[name] = list(counts) if total is None else [t + c for t, c in zip(total, counts)]
+            self._load[name] = (
+                list(counts) if total is None else [t + c for t, c in zip(total, counts)]
+            )
         if self._images is None:
-            self._images = x[:self.num_images].detach().cpu()
+            self._images = x[: self.num_images].detach().cpu()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -144,11 +161,16 @@ class RoutingStatsLogger(L.Callback):
         names = list(self._load)
         figs = {}
         if names:  # sparse layers only: a Soft MoE layer has no load to count
-            routed = torch.stack([self._load[n][0] for n in names]).cpu().numpy()    # [L, K, E]
-            kept = torch.stack([self._load[n][1] for n in names]).cpu().numpy()      # [L, K, E]
-            capacity = [self._load[n][2] for n in names]                              # [L]
-            figs["expert_load"] = viz.expert_load_chart([_short(n) for n in names], routed, kept, capacity,
-                                                        f"validation expert load, step {step}")[0]
+            routed = torch.stack([self._load[n][0] for n in names]).cpu().numpy()  # [L, K, E]
+            kept = torch.stack([self._load[n][1] for n in names]).cpu().numpy()  # [L, K, E]
+            capacity = [self._load[n][2] for n in names]  # [L]
+            figs["expert_load"] = viz.expert_load_chart(
+                [_short(n) for n in names],
+                routed,
+                kept,
+                capacity,
+                f"validation expert load, step {step}",
+            )[0]
         figs["routing_map"] = routing_map
         self._emit(trainer, figs, step, out_dir)
 
@@ -163,15 +185,22 @@ class RoutingStatsLogger(L.Callback):
                     if isinstance(logger, WandbLogger):
                         logger.log_image(key=f"routing/{name}", images=[fig], step=step)
                     elif isinstance(logger, TensorBoardLogger):
-                        logger.experiment.add_figure(f"routing/{name}", fig, global_step=step, close=False)
-                except Exception as err:  # a logger failing to take a picture must not stop training
+                        logger.experiment.add_figure(
+                            f"routing/{name}", fig, global_step=step, close=False
+                        )
+                except (
+                    Exception
+                ) as err:  # a logger failing to take a picture must not stop training
                     log.warning("could not log %s to %s: %s", name, type(logger).__name__, err)
             plt.close(fig)  # pyplot keeps every open figure: one set per validation would pile up
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
+    )
 
 
 def _routing_stats_over_ranks(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -196,15 +225,28 @@ def _sum_over_ranks(load: Dict[str, List]) -> Dict[str, List]:
     if not _distributed() or not load:
         return load
     names = list(load)
-    flat = torch.cat([torch.cat([load[n][0].reshape(-1), load[n][1].reshape(-1),
-                                 torch.tensor([load[n][2]], device=load[n][0].device)]) for n in names])
+    flat = torch.cat(
+        [
+            torch.cat(
+                [
+                    load[n][0].reshape(-1),
+                    load[n][1].reshape(-1),
+                    torch.tensor([load[n][2]], device=load[n][0].device),
+                ]
+            )
+            for n in names
+        ]
+    )
     torch.distributed.all_reduce(flat)
     out, offset = {}, 0
     for n in names:
         routed, kept, _ = load[n]
         size = routed.numel()
-        out[n] = [flat[offset:offset + size].view_as(routed), flat[offset + size:offset + 2 * size].view_as(kept),
-                  int(flat[offset + 2 * size])]
+        out[n] = [
+            flat[offset : offset + size].view_as(routed),
+            flat[offset + size : offset + 2 * size].view_as(kept),
+            int(flat[offset + 2 * size]),
+        ]
         offset += 2 * size + 1
     return out
 
@@ -240,7 +282,9 @@ class ExportPretrained(L.Callback):
         self.source = "final weights"
         if ckpt:
             state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-            model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+            model.load_state_dict(
+                {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+            )
             self.source = ckpt
         out = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "export"
         self.export_path = vm.save_pretrained(model, out, overwrite=True)

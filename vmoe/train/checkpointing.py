@@ -13,6 +13,7 @@
 - ``read_checkpoint``: ``torch.load(weights_only=True)`` whose failures (corrupt, truncated,
   pickled objects) become ``CheckpointError`` "X is not a readable vmoe/Lightning checkpoint".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,15 +45,24 @@ class CheckpointError(ValueError):
 def _reason(err: BaseException) -> str:
     """A short reason for a failed safe load, without torch's advice to load unsafely."""
     text = str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()
-             and "weights_only" not in line and not line.strip().startswith("Check the documentation")]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip()
+        and "weights_only" not in line
+        and not line.strip().startswith("Check the documentation")
+    ]
     if "Weights only load failed" in text or "WeightsUnpickler error" in text:
         detail = lines[0].replace("WeightsUnpickler error:", "").strip() if lines else ""
         return f"it holds Python objects that a safe load refuses ({detail or type(err).__name__})"
-    return f"corrupt or truncated? ({type(err).__name__}: {lines[0] if lines else type(err).__name__})"
+    return (
+        f"corrupt or truncated? ({type(err).__name__}: {lines[0] if lines else type(err).__name__})"
+    )
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+def read_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False
+) -> Dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a Lightning checkpoint (a dict with a
     ``state_dict``); nothing in the file is executed. Raises FileNotFoundError or
     CheckpointError naming ``path``."""
@@ -61,12 +71,26 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile,
-            AttributeError, ImportError, IndexError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path} is not a readable vmoe/Lightning checkpoint: {_reason(err)}") from None
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        zipfile.BadZipFile,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        TypeError,
+    ) as err:
+        raise CheckpointError(
+            f"{path} is not a readable vmoe/Lightning checkpoint: {_reason(err)}"
+        ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a readable vmoe/Lightning checkpoint: no 'state_dict' entry "
-                              f"(a {type(ckpt).__name__})")
+        raise CheckpointError(
+            f"{path} is not a readable vmoe/Lightning checkpoint: no 'state_dict' entry "
+            f"(a {type(ckpt).__name__})"
+        )
     return ckpt
 
 
@@ -78,7 +102,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO with a same-directory temp file + fsync + ``os.replace`` for local
     paths (remote URLs go to Lightning's writer), and ``read_checkpoint``'s clear errors."""
 
-    def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None
+    ) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(str(path).removeprefix("file://"))
@@ -99,10 +125,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     os.unlink(tmp)
                 raise
 
-    def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
-                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
+    def load_checkpoint(
+        self,
+        path,
+        map_location: Optional[Callable] = lambda storage, loc: storage,
+        weights_only: Optional[bool] = None,
+    ) -> Dict[str, Any]:
         if not _is_local(path) or weights_only is False:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            return super().load_checkpoint(
+                path, map_location=map_location, weights_only=weights_only
+            )
         return read_checkpoint(str(path).removeprefix("file://"), map_location=map_location)
 
 
@@ -119,13 +151,25 @@ class LastCheckpoint(ModelCheckpoint):
         saved_on_exception: the step of the checkpoint written on an exception, else None.
     """
 
-    def __init__(self, dirpath: Optional[str] = None, every_n_train_steps: int = 500,
-                 every_epoch: bool = True, on_exception: bool = True):
+    def __init__(
+        self,
+        dirpath: Optional[str] = None,
+        every_n_train_steps: int = 500,
+        every_epoch: bool = True,
+        on_exception: bool = True,
+    ):
         if not isinstance(every_n_train_steps, int) or every_n_train_steps < 0:
-            raise ValueError(f"last_checkpoint.every_n_train_steps={every_n_train_steps!r} must be an "
-                             "int >= 0 (0: only at epoch ends)")
-        super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True,
-                         every_n_train_steps=every_n_train_steps or None)
+            raise ValueError(
+                f"last_checkpoint.every_n_train_steps={every_n_train_steps!r} must be an "
+                "int >= 0 (0: only at epoch ends)"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            monitor=None,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_train_steps or None,
+        )
         self.every_epoch, self.save_last_on_exception = every_epoch, on_exception
         self.saved_on_exception: Optional[int] = None
 
@@ -134,10 +178,14 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if (not self.save_last_on_exception or isinstance(exception, DivergenceError)
-                or trainer.world_size > 1 or trainer.sanity_checking
-                or trainer.state.fn != TrainerFn.FITTING
-                or self._last_global_step_saved == trainer.global_step):
+        if (
+            not self.save_last_on_exception
+            or isinstance(exception, DivergenceError)
+            or trainer.world_size > 1
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or self._last_global_step_saved == trainer.global_step
+        ):
             return
         if first_nonfinite_parameter(pl_module) is not None:
             return  # never save a diverged model
@@ -145,4 +193,6 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self.saved_on_exception = trainer.global_step
         except Exception as err:  # e.g. a full disk: keep the original exception
-            log.warning("could not write the last checkpoint after %s: %s", type(exception).__name__, err)
+            log.warning(
+                "could not write the last checkpoint after %s: %s", type(exception).__name__, err
+            )

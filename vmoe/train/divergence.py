@@ -1,5 +1,6 @@
 """Divergence: a training run whose loss or weights became non-finite stops with one line that
 says what diverged, at which step, and what to try; such weights are never saved."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -9,8 +10,10 @@ import torch.nn as nn
 
 __all__ = ["DivergenceError", "first_nonfinite_parameter", "DIVERGENCE_HINT"]
 
-DIVERGENCE_HINT = ("try a lower model.lr (or more model.warmup_steps), gradient clipping "
-                   "(trainer.gradient_clip_val: 1.0), or trainer.precision: bf16-mixed instead of 16-mixed")
+DIVERGENCE_HINT = (
+    "try a lower model.lr (or more model.warmup_steps), gradient clipping "
+    "(trainer.gradient_clip_val: 1.0), or trainer.precision: bf16-mixed instead of 16-mixed"
+)
 
 
 class DivergenceError(FloatingPointError):

@@ -4,6 +4,7 @@
 (what ``wandb login`` writes), or an explicit ``WANDB_MODE``. Otherwise the run is logged
 offline under the run directory (``wandb sync`` uploads it later); nothing ever prompts.
 """
+
 from __future__ import annotations
 
 import netrc
@@ -32,5 +33,7 @@ def default_logger_config(save_dir: str, name: Optional[str] = None, project: st
         # Belt and braces: wandb itself must not try to log in or prompt.
         os.environ.setdefault("WANDB_MODE", "offline")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return {"class_path": "lightning.pytorch.loggers.WandbLogger",
-            "init_args": {"save_dir": save_dir, "name": name, "project": project, "offline": offline}}
+    return {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"save_dir": save_dir, "name": name, "project": project, "offline": offline},
+    }

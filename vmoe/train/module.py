@@ -5,6 +5,7 @@ Lightning; this class adds the loss (task loss + the MoE auxiliary losses), metr
 optimizer and schedule, and the evaluation-time routing (the paper trains with capacity factor
 1.05 and evaluates with 4.0).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,12 +51,19 @@ def parse_moe_option(value) -> MoeifyConfig:
 register_type(MoeifyConfig, serializer=MoeifyConfig.to_dict, deserializer=parse_moe_option)
 
 
-def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict[str, Any]] = None,
-                pretrained_dir: Optional[str] = None, upcycle_from: Optional[str] = None,
-                checkpoint_path: Optional[str] = None, upcycle_pretrained: bool = True,
-                moe: Optional[Union[MoeifyConfig, Mapping[str, Any]]] = None,
-                num_classes: Optional[int] = None, img_size: Optional[int] = None,
-                moe_dropout: Optional[float] = None) -> nn.Module:
+def build_model(
+    *,
+    model_name: Optional[str] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    pretrained_dir: Optional[str] = None,
+    upcycle_from: Optional[str] = None,
+    checkpoint_path: Optional[str] = None,
+    upcycle_pretrained: bool = True,
+    moe: Optional[Union[MoeifyConfig, Mapping[str, Any]]] = None,
+    num_classes: Optional[int] = None,
+    img_size: Optional[int] = None,
+    moe_dropout: Optional[float] = None,
+) -> nn.Module:
     """Build the network from exactly one source.
 
     - ``model_name``: ``timm.create_model(model_name, num_classes, img_size, **model_kwargs)``
@@ -73,23 +81,36 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
     if model_name and model_name.startswith(("local-dir:", "hf-hub:")) and not pretrained_dir:
         # timm's names of saved models: load them with their weights, checked (from_pretrained)
         model_name, pretrained_dir = None, model_name
-    sources = [n for n, v in (("model_name", model_name), ("pretrained_dir", pretrained_dir),
-                              ("upcycle_from", upcycle_from)) if v]
+    sources = [
+        n
+        for n, v in (
+            ("model_name", model_name),
+            ("pretrained_dir", pretrained_dir),
+            ("upcycle_from", upcycle_from),
+        )
+        if v
+    ]
     if len(sources) != 1:
-        raise ValueError("give exactly one of model.model_name, model.pretrained_dir, "
-                         f"model.upcycle_from (got {sources or 'none'})")
+        raise ValueError(
+            "give exactly one of model.model_name, model.pretrained_dir, "
+            f"model.upcycle_from (got {sources or 'none'})"
+        )
     model_kwargs = dict(model_kwargs or {})
     size = {} if img_size is None else {"img_size": img_size}
     if model_name:
         if model_name not in timm.list_models():
-            raise ValueError(f"model.model_name={model_name!r} is not a registered timm model "
-                             "(vmoe variants: timm.list_models('vmoe_*'))")
+            raise ValueError(
+                f"model.model_name={model_name!r} is not a registered timm model "
+                "(vmoe variants: timm.list_models('vmoe_*'))"
+            )
         classes = {} if num_classes is None else {"num_classes": num_classes}
         model = timm.create_model(model_name, pretrained=False, **classes, **size, **model_kwargs)
         if moe:
             if vm.moe_layers(model):
-                raise ValueError(f"{model_name} already has MoE layers; change their options with "
-                                 "model.model_kwargs.moe instead of model.moe")
+                raise ValueError(
+                    f"{model_name} already has MoE layers; change their options with "
+                    "model.model_kwargs.moe instead of model.moe"
+                )
             moe.apply(model)
     elif pretrained_dir:
         if moe:
@@ -97,15 +118,25 @@ def build_model(*, model_name: Optional[str] = None, model_kwargs: Optional[Dict
         model = vm.from_pretrained(pretrained_dir, num_classes=num_classes, **size, **model_kwargs)
     else:
         if not moe:
-            raise ValueError("model.upcycle_from needs model.moe with a placement, e.g. "
-                             "{last: 2, num_experts: 8, router: {name: top_k, num_selected: 2}}")
+            raise ValueError(
+                "model.upcycle_from needs model.moe with a placement, e.g. "
+                "{last: 2, num_experts: 8, router: {name: top_k, num_selected: 2}}"
+            )
         if model_kwargs:
             raise ValueError(f"model.model_kwargs={model_kwargs} is not used with upcycle_from")
-        model = vm.upcycle(upcycle_from, checkpoint_path=checkpoint_path,
-                           pretrained=upcycle_pretrained and checkpoint_path is None,
-                           num_classes=num_classes, img_size=img_size, every=moe.every,
-                           last=moe.last, blocks=None if moe.blocks is None else list(moe.blocks),
-                           router_init_std=moe.router_init_std, drop=moe.drop, config=moe.layer)
+        model = vm.upcycle(
+            upcycle_from,
+            checkpoint_path=checkpoint_path,
+            pretrained=upcycle_pretrained and checkpoint_path is None,
+            num_classes=num_classes,
+            img_size=img_size,
+            every=moe.every,
+            last=moe.last,
+            blocks=None if moe.blocks is None else list(moe.blocks),
+            router_init_std=moe.router_init_std,
+            drop=moe.drop,
+            config=moe.layer,
+        )
     if moe_dropout is not None:
         if not 0.0 <= moe_dropout < 1.0:
             raise ValueError(f"model.moe_dropout={moe_dropout} must be in [0, 1)")
@@ -201,11 +232,15 @@ class VmoeClassifier(L.LightningModule):
             raise ValueError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
         check_optimizer_name(optimizer)
         if end_lr > lr:
-            raise ValueError(f"model.end_lr={end_lr} is above model.lr={lr}: the schedule would "
-                             "rise to end_lr; set end_lr <= lr")
+            raise ValueError(
+                f"model.end_lr={end_lr} is above model.lr={lr}: the schedule would "
+                "rise to end_lr; set end_lr <= lr"
+            )
         if lr <= 0 or warmup_steps < 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
-                             f"warmup_steps={warmup_steps}, weight_decay={weight_decay})")
+            raise ValueError(
+                f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
+                f"warmup_steps={warmup_steps}, weight_decay={weight_decay})"
+            )
         # MoE options checked before anything is built, each mistake naming its key: model.moe
         # (also when given as a dict from Python) and the free dict model.model_kwargs.moe
         # that the vmoe timm factories read
@@ -215,11 +250,18 @@ class VmoeClassifier(L.LightningModule):
         # the hyper-parameters hold plain values (checkpoints load with weights_only=True)
         moe = None if moe_config is None else moe_config.to_dict()
         self.save_hyperparameters()
-        self.model = build_model(model_name=model_name, model_kwargs=model_kwargs,
-                                 pretrained_dir=pretrained_dir, upcycle_from=upcycle_from,
-                                 checkpoint_path=checkpoint_path, upcycle_pretrained=upcycle_pretrained,
-                                 moe=moe_config, num_classes=num_classes, img_size=img_size,
-                                 moe_dropout=moe_dropout)
+        self.model = build_model(
+            model_name=model_name,
+            model_kwargs=model_kwargs,
+            pretrained_dir=pretrained_dir,
+            upcycle_from=upcycle_from,
+            checkpoint_path=checkpoint_path,
+            upcycle_pretrained=upcycle_pretrained,
+            moe=moe_config,
+            num_classes=num_classes,
+            img_size=img_size,
+            moe_dropout=moe_dropout,
+        )
         if vm.moe_layers(self.model):
             # training_step adds aux_loss_weight x the aux losses to the loss itself, so that
             # Lightning's gradient accumulation and AMP loss scaling apply to both terms: the
@@ -227,8 +269,10 @@ class VmoeClassifier(L.LightningModule):
             vm.set_aux_loss_mode(self.model, "manual")
         if grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
-                raise ValueError(f"model.grad_checkpointing: {type(self.model).__name__} has no "
-                                 "set_grad_checkpointing (a timm model has)")
+                raise ValueError(
+                    f"model.grad_checkpointing: {type(self.model).__name__} has no "
+                    "set_grad_checkpointing (a timm model has)"
+                )
             self.model.set_grad_checkpointing(True)
         if compile:
             _check_compile_backend((compile_kwargs or {}).get("backend"))
@@ -239,19 +283,31 @@ class VmoeClassifier(L.LightningModule):
             raise ValueError("model.compile_kwargs is given but model.compile is false")
         self.num_classes = int(self.model.num_classes)
         if self.num_classes < 1:
-            raise ValueError("the model has no classifier head (num_classes=0); set model.num_classes")
+            raise ValueError(
+                "the model has no classifier head (num_classes=0); set model.num_classes"
+            )
         self.mixup = None
         if mixup_alpha > 0 or cutmix_alpha > 0:
             # Mixed soft targets already include label smoothing.
-            self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob,
-                               label_smoothing=label_smoothing, num_classes=self.num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                label_smoothing=label_smoothing,
+                num_classes=self.num_classes,
+            )
         # per-class BCE summed over classes (the paper's); smoothing only for integer labels
         self.sigmoid_loss = BinaryCrossEntropy(smoothing=label_smoothing, sum_classes=True)
         top5 = min(5, self.num_classes)
-        self.metrics = nn.ModuleDict({
-            f"{split}_acc{k}": torchmetrics.classification.MulticlassAccuracy(
-                num_classes=self.num_classes, top_k=kk, average="micro")
-            for split in ("train", "val", "test") for k, kk in (("1", 1), ("5", top5))})
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_acc{k}": torchmetrics.classification.MulticlassAccuracy(
+                    num_classes=self.num_classes, top_k=kk, average="micro"
+                )
+                for split in ("train", "val", "test")
+                for k, kk in (("1", 1), ("5", top5))
+            }
+        )
         self._training_routing = None  # {layer: RoutingSettings} while evaluation routing is on
         self._checked_labels = False
 
@@ -272,9 +328,11 @@ class VmoeClassifier(L.LightningModule):
         self._checked_labels = True  # once per run: it syncs with the device
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= self.num_classes:
-            raise ValueError(f"the data has label {high if high >= self.num_classes else low} but the "
-                             f"model has num_classes={self.num_classes} (labels must be in "
-                             f"[0, {self.num_classes - 1}])")
+            raise ValueError(
+                f"the data has label {high if high >= self.num_classes else low} but the "
+                f"model has num_classes={self.num_classes} (labels must be in "
+                f"[0, {self.num_classes - 1}])"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, 3, H, W] -> logits [B, C]."""
@@ -293,11 +351,15 @@ class VmoeClassifier(L.LightningModule):
         aux = vm.aux_loss(self.model).to(task.device)
         loss = task + self.hparams.aux_loss_weight * aux
         if not torch.isfinite(loss):  # before the optimizer step: this update is never applied
-            self._raise_divergence(f"the training loss is {loss.item()} (task {task.item()}, "
-                                   f"aux {aux.item()})")
+            self._raise_divergence(
+                f"the training loss is {loss.item()} (task {task.item()}, aux {aux.item()})"
+            )
         bs = x.shape[0]
-        self.log_dict({"train/loss": loss, "train/task_loss": task, "train/aux_loss": aux},
-                      prog_bar=False, batch_size=bs)
+        self.log_dict(
+            {"train/loss": loss, "train/task_loss": task, "train/aux_loss": aux},
+            prog_bar=False,
+            batch_size=bs,
+        )
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=bs)
         for k in ("1", "5"):
             metric = self.metrics[f"train_acc{k}"]
@@ -344,8 +406,9 @@ class VmoeClassifier(L.LightningModule):
         sparse = [name for name, layer in moe_layers(self.model).items() if not layer.is_soft]
         if (cf is None and bpr is None) or not sparse or self._training_routing is not None:
             return
-        self._training_routing = set_routing(self.model, capacity_factor=cf, batch_priority=bpr,
-                                             layers=sparse)
+        self._training_routing = set_routing(
+            self.model, capacity_factor=cf, batch_priority=bpr, layers=sparse
+        )
 
     def _train_routing(self) -> None:
         """Put back exactly the training settings ``_eval_routing`` replaced."""
@@ -359,20 +422,31 @@ class VmoeClassifier(L.LightningModule):
         step = self.global_step
         bad = first_nonfinite_parameter(self.model)
         if bad is not None:
-            where = (f"parameter model.{bad} became non-finite in the optimizer update of step "
-                     f"{step - 1}" if step else f"parameter model.{bad} is non-finite before training")
+            where = (
+                f"parameter model.{bad} became non-finite in the optimizer update of step "
+                f"{step - 1}"
+                if step
+                else f"parameter model.{bad} is non-finite before training"
+            )
             what = f"{where} ({what})" if what else where
-        raise DivergenceError(f"training diverged at step {step}: {what}; nothing non-finite was "
-                              f"saved; {DIVERGENCE_HINT}")
+        raise DivergenceError(
+            f"training diverged at step {step}: {what}; nothing non-finite was "
+            f"saved; {DIVERGENCE_HINT}"
+        )
 
     def _check_finite_weights(self, before: str) -> None:
         if first_nonfinite_parameter(self.model) is not None:
             self._raise_divergence(f"stopped before {before}")
 
     def on_validation_start(self) -> None:
-        if (self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-                and not self.trainer.sanity_checking):
-            self._check_finite_weights("validating")  # argmax of NaN logits would look like accuracy
+        if (
+            self._trainer is not None
+            and self.trainer.state.fn == TrainerFn.FITTING
+            and not self.trainer.sanity_checking
+        ):
+            self._check_finite_weights(
+                "validating"
+            )  # argmax of NaN logits would look like accuracy
         self._eval_routing()
 
     def on_validation_end(self) -> None:
@@ -402,18 +476,29 @@ class VmoeClassifier(L.LightningModule):
         head = checkpoint.get("state_dict", {}).get("model.head.weight")
         theirs = checkpoint.get("vmoe_num_classes", None if head is None else head.shape[0])
         if theirs is not None and int(theirs) != self.num_classes:
-            raise ValueError(f"the checkpoint was trained with num_classes={int(theirs)} but this "
-                             f"model/data has num_classes={self.num_classes}")
+            raise ValueError(
+                f"the checkpoint was trained with num_classes={int(theirs)} but this "
+                f"model/data has num_classes={self.num_classes}"
+            )
         source = self._checkpoint_name()
         saved = checkpoint.get("hyper_parameters") or {}
-        changed = [f"model.{d}" for key in ARCHITECTURE_HPARAMS if key in saved
-                   for d in _differences(key, _comparable(key, saved[key]),
-                                         _comparable(key, self.hparams.get(key)))]
+        changed = [
+            f"model.{d}"
+            for key in ARCHITECTURE_HPARAMS
+            if key in saved
+            for d in _differences(
+                key, _comparable(key, saved[key]), _comparable(key, self.hparams.get(key))
+            )
+        ]
         if changed:
-            raise ValueError(f"checkpoint {source} does not fit the model: its architecture differs "
-                             f"({'; '.join(changed)}); resume with the checkpoint's settings or "
-                             "start a new run")
-        problems = self.strict_loading and state_dict_differences(checkpoint.get("state_dict", {}), self.state_dict())
+            raise ValueError(
+                f"checkpoint {source} does not fit the model: its architecture differs "
+                f"({'; '.join(changed)}); resume with the checkpoint's settings or "
+                "start a new run"
+            )
+        problems = self.strict_loading and state_dict_differences(
+            checkpoint.get("state_dict", {}), self.state_dict()
+        )
         if problems:
             raise ValueError(f"checkpoint {source} does not fit the model: {problems}")
 
@@ -430,21 +515,30 @@ class VmoeClassifier(L.LightningModule):
         counts = expert_load_buffer_names(self)
         if counts:
             ignored = list(getattr(self, "_ddp_params_and_buffers_to_ignore", []))
-            self._ddp_params_and_buffers_to_ignore = ignored + [n for n in counts if n not in ignored]
+            self._ddp_params_and_buffers_to_ignore = ignored + [
+                n for n in counts if n not in ignored
+            ]
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_classes = getattr(dm, "num_classes", None)
         if data_classes is not None and int(data_classes) != self.num_classes:
-            raise ValueError(f"num_classes mismatch: the model has {self.num_classes} outputs but "
-                             f"the data module {type(dm).__name__} has {data_classes} classes")
+            raise ValueError(
+                f"num_classes mismatch: the model has {self.num_classes} outputs but "
+                f"the data module {type(dm).__name__} has {data_classes} classes"
+            )
         data_size = getattr(dm, "img_size", None)
         model_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
-        if (data_size is not None and model_size is not None
-                and not getattr(self.model, "dynamic_img_size", False)
-                and tuple(model_size) != _pair(data_size)):
-            raise ValueError(f"img_size mismatch: the data module {type(dm).__name__} makes "
-                             f"{data_size}x{data_size} images but the model expects "
-                             f"{model_size[0]}x{model_size[1]}; set data.init_args.img_size or "
-                             "model.img_size so that they agree")
+        if (
+            data_size is not None
+            and model_size is not None
+            and not getattr(self.model, "dynamic_img_size", False)
+            and tuple(model_size) != _pair(data_size)
+        ):
+            raise ValueError(
+                f"img_size mismatch: the data module {type(dm).__name__} makes "
+                f"{data_size}x{data_size} images but the model expects "
+                f"{model_size[0]}x{model_size[1]}; set data.init_args.img_size or "
+                "model.img_size so that they agree"
+            )
 
     # --- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -452,21 +546,34 @@ class VmoeClassifier(L.LightningModule):
         groups = param_groups(self.model, hp.weight_decay, layer_decay=hp.layer_decay)
         for group in groups:  # the schedule multiplies each group's own initial lr
             group["lr"] = hp.lr * group.get("lr_scale", 1.0)
-        optimizer = create_optimizer(groups, hp.optimizer, lr=hp.lr, momentum=hp.momentum,
-                                     betas=hp.betas)
+        optimizer = create_optimizer(
+            groups, hp.optimizer, lr=hp.lr, momentum=hp.momentum, betas=hp.betas
+        )
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             if hp.schedule != "constant":
-                raise ValueError("the decay schedule needs a known number of steps: set "
-                                 "trainer.max_steps or trainer.max_epochs with a sized dataset")
+                raise ValueError(
+                    "the decay schedule needs a known number of steps: set "
+                    "trainer.max_steps or trainer.max_epochs with a sized dataset"
+                )
             total = hp.warmup_steps + 1
         total = int(total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, total_steps=total, warmup_steps=hp.warmup_steps, schedule=hp.schedule,
-            peak_lr=hp.lr, end_lr=hp.end_lr))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(
+                step,
+                total_steps=total,
+                warmup_steps=hp.warmup_steps,
+                schedule=hp.schedule,
+                peak_lr=hp.lr,
+                end_lr=hp.end_lr,
+            ),
+        )
         # the name is the key Lightning's LearningRateMonitor logs: train/lr/pg1, train/lr/pg2, ...
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
 
 def _pair(size) -> Tuple[int, int]:
@@ -492,21 +599,29 @@ def _differences(key: str, saved: Any, now: Any) -> list:
         saved = {} if saved is None else saved
         now = {} if now is None else now
     if isinstance(saved, dict) and isinstance(now, dict):
-        return [d for k in sorted(set(saved) | set(now), key=str)
-                for d in _differences(f"{key}.{k}", saved.get(k), now.get(k))]
+        return [
+            d
+            for k in sorted(set(saved) | set(now), key=str)
+            for d in _differences(f"{key}.{k}", saved.get(k), now.get(k))
+        ]
     if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)):
         saved, now = list(saved), list(now)
     return [] if saved == now else [f"{key}: checkpoint {saved!r}, now {now!r}"]
 
 
-def state_dict_differences(saved: Dict[str, Any], own: Dict[str, torch.Tensor], limit: int = 5) -> str:
+def state_dict_differences(
+    saved: Dict[str, Any], own: Dict[str, torch.Tensor], limit: int = 5
+) -> str:
     """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if nothing)."""
     own_shapes = {k: tuple(v.shape) for k, v in own.items()}
     # entries without a shape (not tensors) are not compared
-    saved_shapes = {k: tuple(v.shape) if hasattr(v, "shape") else own_shapes.get(k, ())
-                    for k, v in saved.items()}
-    return shape_mismatches(own_shapes, saved_shapes, expected_as="model", found_as="checkpoint",
-                            limit=limit)
+    saved_shapes = {
+        k: tuple(v.shape) if hasattr(v, "shape") else own_shapes.get(k, ())
+        for k, v in saved.items()
+    }
+    return shape_mismatches(
+        own_shapes, saved_shapes, expected_as="model", found_as="checkpoint", limit=limit
+    )
 
 
 def _check_compile_backend(backend) -> None:
@@ -518,5 +633,7 @@ def _check_compile_backend(backend) -> None:
 
     known = [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING_ONLY" not in b]
     if backend not in known:
-        raise ValueError(f"model.compile_kwargs.backend={backend!r} is not a torch.compile backend; "
-                         f"torch {torch.__version__} has {', '.join(known)}")
+        raise ValueError(
+            f"model.compile_kwargs.backend={backend!r} is not a torch.compile backend; "
+            f"torch {torch.__version__} has {', '.join(known)}"
+        )

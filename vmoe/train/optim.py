@@ -6,6 +6,7 @@ convention). Fine-tuning can scale each layer's learning rate by ``layer_decay *
 (timm's layer-wise decay). The schedule is a linear warmup from 0 to the peak, then cosine or linear decay to
 ``end_lr``; it is stepped every optimizer step.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,10 +14,21 @@ from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
-from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, param_groups_layer_decay
+from timm.optim import (
+    create_optimizer_v2,
+    get_optimizer_info,
+    list_optimizers,
+    param_groups_layer_decay,
+)
 
-__all__ = ["param_groups", "no_weight_decay_names", "lr_factor", "SCHEDULES", "create_optimizer",
-           "check_optimizer_name"]
+__all__ = [
+    "param_groups",
+    "no_weight_decay_names",
+    "lr_factor",
+    "SCHEDULES",
+    "create_optimizer",
+    "check_optimizer_name",
+]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -29,14 +41,16 @@ def no_weight_decay_names(model: nn.Module) -> Set[str]:
     names = set()
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        if param.requires_grad and (param.ndim <= 1 or leaf.endswith("bias") or name in skip
-                                    or leaf in skip):
+        if param.requires_grad and (
+            param.ndim <= 1 or leaf.endswith("bias") or name in skip or leaf in skip
+        ):
             names.add(name)
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float,
-                 layer_decay: Optional[float] = None) -> List[Dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None
+) -> List[Dict]:
     """Optimizer parameter groups: kernels get ``weight_decay``, ``no_weight_decay_names`` 0.
 
     Without ``layer_decay``: two groups (decayed, not decayed). With it: timm's
@@ -49,8 +63,12 @@ def param_groups(model: nn.Module, weight_decay: float,
     if layer_decay is not None:
         if not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
-        return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                        no_weight_decay_list=sorted(no_decay_names))
+        return param_groups_layer_decay(
+            model,
+            weight_decay=weight_decay,
+            layer_decay=layer_decay,
+            no_weight_decay_list=sorted(no_decay_names),
+        )
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -70,12 +88,15 @@ def check_optimizer_name(name: str) -> None:
     """ValueError unless ``name`` is ``"sgd"`` (classical momentum) or one of timm's optimizers
     (``timm.optim.list_optimizers()``: adamw, adam, lamb, lion, adafactor, nadamw, ...)."""
     if name not in _TIMM_NAMES and name not in list_optimizers():
-        raise ValueError(f"model.optimizer={name!r} is not an optimizer: use 'adamw', 'sgd' "
-                         "(classical momentum) or a name from timm.optim.list_optimizers()")
+        raise ValueError(
+            f"model.optimizer={name!r} is not an optimizer: use 'adamw', 'sgd' "
+            "(classical momentum) or a name from timm.optim.list_optimizers()"
+        )
 
 
-def create_optimizer(groups: List[Dict], name: str, *, lr: float, momentum: float = 0.9,
-                     betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+def create_optimizer(
+    groups: List[Dict], name: str, *, lr: float, momentum: float = 0.9, betas=(0.9, 0.999)
+) -> torch.optim.Optimizer:
     """timm's optimizer factory on vmoe's parameter groups (``param_groups``: each group's own
     ``weight_decay``/``lr``). ``momentum`` goes to optimizers that have one, ``betas`` to those
     with betas (timm's ``OptimInfo``); ``foreach`` where supported (one kernel per group: on a
@@ -84,11 +105,14 @@ def create_optimizer(groups: List[Dict], name: str, *, lr: float, momentum: floa
     timm_name = _TIMM_NAMES.get(name, name)
     info = get_optimizer_info(timm_name)
     kwargs = {"betas": tuple(betas)[: info.num_betas]} if info.has_betas else {}
-    return create_optimizer_v2(groups, opt=timm_name, lr=lr, momentum=momentum, foreach=True, **kwargs)
+    return create_optimizer_v2(
+        groups, opt=timm_name, lr=lr, momentum=momentum, foreach=True, **kwargs
+    )
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
-              peak_lr: float, end_lr: float) -> float:
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: str, peak_lr: float, end_lr: float
+) -> float:
     """Multiplier of ``peak_lr`` at optimizer step ``step`` (0-based).
 
     Warmup: linear from ``peak_lr / (warmup_steps + 1)`` up to the peak (never exactly 0, so the
@@ -108,4 +132,3 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
     else:
         shape = 1.0 - progress
     return end + (1.0 - end) * shape
-

@@ -9,6 +9,7 @@ their probabilities (softmax, or per-class sigmoid for ``model.loss=sigmoid``) f
 processed, and ``<layer>/dropped``: the fraction dropped (the row's expert fractions sum to
 1 minus it), read from the layer's routing plan of that batch (``image_expert_usage``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,14 @@ class PredictionCsvWriter(BasePredictionWriter):
         written: the CSV's path once written, else None; ``rows``: the number of rows.
     """
 
-    def __init__(self, path: Optional[str] = None, top_k: int = 5, enabled: bool = True,
-                 expert_usage: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        top_k: int = 5,
+        enabled: bool = True,
+        expert_usage: bool = False,
+        overwrite: bool = False,
+    ):
         super().__init__(write_interval="batch")
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"predictions.top_k={top_k!r} must be a positive int")
@@ -61,22 +68,36 @@ class PredictionCsvWriter(BasePredictionWriter):
             raise ValueError("predictions.path is not set (where to write the predictions CSV)")
         target = Path(self.path)
         if target.is_dir():
-            raise IsADirectoryError(f"predictions.path {target} is a directory; give the CSV file's path, "
-                                    f"e.g. {target / 'predictions.csv'}")
+            raise IsADirectoryError(
+                f"predictions.path {target} is a directory; give the CSV file's path, "
+                f"e.g. {target / 'predictions.csv'}"
+            )
         if target.exists() and not self.overwrite:
-            raise FileExistsError(f"predictions.path {target} exists; pass --predictions.overwrite true "
-                                  "(overwrite=True) to replace it, or choose another path")
+            raise FileExistsError(
+                f"predictions.path {target} exists; pass --predictions.overwrite true "
+                "(overwrite=True) to replace it, or choose another path"
+            )
         with failed_write(target, "predictions"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            fd, self._tmp = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+            )
         self._file = os.fdopen(fd, "w", newline="")
         self._writer = csv.writer(self._file)
         k = min(self.top_k, int(getattr(pl_module, "num_classes", self.top_k)))
-        self._layers = moe_layers(getattr(pl_module, "model", pl_module)) if self.expert_usage else {}
-        usage = [f"{name}/{column}" for name, layer in self._layers.items()
-                 for column in [f"e{e}" for e in range(layer.num_experts)] + ["dropped"]]
-        self._writer.writerow(["image", "label"] + [c for i in range(1, k + 1) for c in (f"top{i}", f"prob{i}")]
-                              + usage)
+        self._layers = (
+            moe_layers(getattr(pl_module, "model", pl_module)) if self.expert_usage else {}
+        )
+        usage = [
+            f"{name}/{column}"
+            for name, layer in self._layers.items()
+            for column in [f"e{e}" for e in range(layer.num_experts)] + ["dropped"]
+        ]
+        self._writer.writerow(
+            ["image", "label"]
+            + [c for i in range(1, k + 1) for c in (f"top{i}", f"prob{i}")]
+            + usage
+        )
         dm = trainer.datamodule
         self._classes = getattr(dm, "classes", None) if dm is not None else None
         loaders = trainer.predict_dataloaders
@@ -85,10 +106,20 @@ class PredictionCsvWriter(BasePredictionWriter):
 
     def _name(self, index: int) -> str:
         classes = self._classes
-        return str(classes[index]) if classes is not None and 0 <= index < len(classes) else str(index)
+        return (
+            str(classes[index]) if classes is not None and 0 <= index < len(classes) else str(index)
+        )
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices: Optional[List[int]],
-                           batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer,
+        pl_module,
+        prediction,
+        batch_indices: Optional[List[int]],
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self._writer is None:
             return
         probs = prediction["probs"].float().cpu()  # [B, C]

@@ -14,6 +14,7 @@ Lightning resumes the model, optimizer, schedule and loop counters, but two thin
 Augmentation randomness lives in the dataset's transform (the data module's business) and is
 not restored: exact resume holds for deterministic transforms.
 """
+
 from __future__ import annotations
 
 import random
@@ -60,7 +61,7 @@ class EpochSampler(Sampler[int]):
         return order[rank::world]
 
     def __iter__(self) -> Iterator[int]:
-        indices = self.epoch_indices()[self.skip:]
+        indices = self.epoch_indices()[self.skip :]
         self.skip = 0
         return iter(indices)
 
@@ -78,9 +79,13 @@ class ResumableLoader:
 
     def __init__(self, loader: DataLoader, seed: int = 0):
         if not isinstance(loader, DataLoader):
-            raise TypeError(f"ResumableLoader wraps a torch DataLoader, got {type(loader).__name__}")
+            raise TypeError(
+                f"ResumableLoader wraps a torch DataLoader, got {type(loader).__name__}"
+            )
         if loader.batch_size is None:
-            raise ValueError("ResumableLoader needs a DataLoader with batch_size (not a batch_sampler)")
+            raise ValueError(
+                "ResumableLoader needs a DataLoader with batch_size (not a batch_sampler)"
+            )
         try:
             size = len(loader.dataset)
         except TypeError:
@@ -93,12 +98,18 @@ class ResumableLoader:
         # draw from the global RNG (that would shift the router noise of the resumed run).
         self._generator = torch.Generator()
         self.loader = DataLoader(
-            loader.dataset, batch_size=loader.batch_size, sampler=self.sampler,
-            num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-            worker_init_fn=loader.worker_init_fn, generator=self._generator,
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=self.sampler,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            drop_last=loader.drop_last,
+            worker_init_fn=loader.worker_init_fn,
+            generator=self._generator,
             persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None)
+            prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+        )
 
     @property
     def dataset(self):
@@ -129,11 +140,15 @@ def get_rng_state() -> Dict[str, Any]:
     """torch (CPU and CUDA), numpy and python RNG states as tensors/ints (weights_only-loadable)."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-             "python": torch.tensor(py_internal, dtype=torch.int64), "python_version": py_version,
-             "python_gauss": py_gauss}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "python": torch.tensor(py_internal, dtype=torch.int64),
+        "python_version": py_version,
+        "python_gauss": py_gauss,
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -142,9 +157,12 @@ def get_rng_state() -> Dict[str, Any]:
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     has_gauss, gauss = state["numpy_gauss"]
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         has_gauss, gauss))
-    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss)
+    )
+    random.setstate(
+        (state["python_version"], tuple(state["python"].tolist()), state["python_gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -175,12 +193,15 @@ class ResumableTraining(L.Callback):
         seed = self.seed
         if seed is None:
             import os
+
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
 
         def train_dataloader():
             loader = original()
             # a stream (IterableDataset: HF streaming, litdata shards) orders and resumes itself
-            wrap = isinstance(loader, DataLoader) and not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+            wrap = isinstance(loader, DataLoader) and not isinstance(
+                loader.dataset, torch.utils.data.IterableDataset
+            )
             self.loader = ResumableLoader(loader, seed=seed) if wrap else loader
             if self._pending_loader is not None and isinstance(self.loader, ResumableLoader):
                 # Lightning reloads loader states only when restarting mid-epoch, and it creates

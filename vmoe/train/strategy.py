@@ -29,6 +29,7 @@ is refused (Lightning's predict sampler gives ranks unequal batch counts, and ev
 join every all-to-all): predict with the exported model; expert dropout draws on the rank that
 runs the expert.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -40,10 +41,18 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
-from vmoe.moe.parallel import (clip_grad_norm_, exclude_experts_from_ddp, expert_parallel_layers,
-                               expert_parallel_mesh, full_state_dict, gather_optimizer_state,
-                               reduce_expert_gradients, shard_experts, shard_optimizer_state,
-                               unshard_experts)
+from vmoe.moe.parallel import (
+    clip_grad_norm_,
+    exclude_experts_from_ddp,
+    expert_parallel_layers,
+    expert_parallel_mesh,
+    full_state_dict,
+    gather_optimizer_state,
+    reduce_expert_gradients,
+    shard_experts,
+    shard_optimizer_state,
+    unshard_experts,
+)
 
 __all__ = ["ExpertParallelStrategy"]
 
@@ -61,8 +70,11 @@ class ExpertParallelStrategy(DDPStrategy):
     strategy_name = "expert_parallel"
 
     def __init__(self, expert_parallel_size: int = 1, **kwargs: Any):
-        if not isinstance(expert_parallel_size, int) or isinstance(expert_parallel_size, bool) \
-                or expert_parallel_size < 1:
+        if (
+            not isinstance(expert_parallel_size, int)
+            or isinstance(expert_parallel_size, bool)
+            or expert_parallel_size < 1
+        ):
             raise ValueError(f"expert_parallel_size={expert_parallel_size!r} must be an int >= 1")
         super().__init__(**kwargs)
         self.expert_parallel_size = expert_parallel_size
@@ -80,12 +92,14 @@ class ExpertParallelStrategy(DDPStrategy):
             raise NotImplementedError(
                 "predict with ExpertParallelStrategy is not supported (ranks get unequal numbers of "
                 "batches, and every rank must join every all-to-all); predict with the exported "
-                "model (vmoe predict) in one process or with strategy ddp")
+                "model (vmoe predict) in one process or with strategy ddp"
+            )
         if any(isinstance(cb, WeightAveraging) for cb in callbacks):
             raise NotImplementedError(
                 "weight averaging (ema.decay, Lightning's EMAWeightAveraging) is not supported with "
                 "ExpertParallelStrategy: its averaged copy would hold this rank's experts only and "
-                "be saved that way; train without it, or with strategy ddp")
+                "be saved that way; train without it, or with strategy ddp"
+            )
 
     def setup(self, trainer) -> None:
         self.check_supported(trainer.state.fn, trainer.callbacks)
@@ -99,14 +113,20 @@ class ExpertParallelStrategy(DDPStrategy):
         params = self.precision_plugin.main_params(optimizer)
         clip_grad_norm_(params, clip_val, self.lightning_module, self.mesh)
 
-    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
-                       model: Optional[torch.nn.Module] = None, **kwargs: Any) -> Any:
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
+    ) -> Any:
         def closure_then_reduce():
             # the closure runs the last (or only) backward of this step; Lightning's
             # on_before_optimizer_step hooks and clipping come after it
             result = closure()
             reduce_expert_gradients(self.lightning_module, self.mesh)
             return result
+
         return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
 
     def lightning_module_state_dict(self) -> Dict[str, Any]:
@@ -118,8 +138,10 @@ class ExpertParallelStrategy(DDPStrategy):
         return gather_optimizer_state(optimizer, self.lightning_module)
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        states = [shard_optimizer_state(state, optimizer, self.lightning_module)
-                  for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"])]
+        states = [
+            shard_optimizer_state(state, optimizer, self.lightning_module)
+            for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"])
+        ]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
 
     def on_exception(self, exception: BaseException) -> None:
@@ -136,6 +158,9 @@ class ExpertParallelStrategy(DDPStrategy):
 
 for _ep in (2, 4, 8):
     if f"expert_parallel_{_ep}" not in StrategyRegistry:
-        StrategyRegistry.register(f"expert_parallel_{_ep}", ExpertParallelStrategy,
-                                  description=f"DDP with the MoE experts sharded over {_ep} ranks",
-                                  expert_parallel_size=_ep)
+        StrategyRegistry.register(
+            f"expert_parallel_{_ep}",
+            ExpertParallelStrategy,
+            description=f"DDP with the MoE experts sharded over {_ep} ranks",
+            expert_parallel_size=_ep,
+        )

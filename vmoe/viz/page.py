@@ -6,6 +6,7 @@ here beyond formatting (and the small summaries the captions quote). The page is
 template ``templates/report.html`` (autoescaped); the sweep's table cells are made once, by
 ``sweep_table``, from the sweep's rows and written out as markdown or as HTML.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,25 +38,34 @@ def _max_over_mean(per_expert: np.ndarray) -> float:
 
 def caption_numbers(report: dict) -> Dict[str, object]:
     """The key numbers quoted in the captions (also handy in tests and notebooks)."""
-    load = report["expert_load"]["layers"] if "expert_load" in report else {}  # none: all layers Soft MoE
+    load = (
+        report["expert_load"]["layers"] if "expert_load" in report else {}
+    )  # none: all layers Soft MoE
     out: Dict[str, object] = {
         "dropped_fraction": {n: v["dropped_fraction"] for n, v in load.items()},
         # busiest expert's assignments over the mean per expert: 1.0 is perfectly balanced
-        "max_over_mean_load": {n: _max_over_mean(np.sum(v["routed"], axis=0)) for n, v in load.items()},
-        "mutual_information_bits": {n: v["mutual_information_bits"]
-                                    for n, v in report["class_expert"]["layers"].items()},
+        "max_over_mean_load": {
+            n: _max_over_mean(np.sum(v["routed"], axis=0)) for n, v in load.items()
+        },
+        "mutual_information_bits": {
+            n: v["mutual_information_bits"] for n, v in report["class_expert"]["layers"].items()
+        },
     }
     sweep = report.get("capacity_sweep")
     if sweep:
         cf = _reference_cf([r["capacity_factor"] for r in sweep["rows"]])
-        out["sweep_at"] = {"capacity_factor": cf,
-                           "accuracy": {r["routing"]: r["accuracy"] for r in sweep["rows"]
-                                        if r["capacity_factor"] == cf}}
+        out["sweep_at"] = {
+            "capacity_factor": cf,
+            "accuracy": {
+                r["routing"]: r["accuracy"] for r in sweep["rows"] if r["capacity_factor"] == cf
+            },
+        }
     return out
 
 
 class SweepTable(NamedTuple):
     """The capacity sweep as text cells: ``head`` [columns], ``body`` [capacity factors][columns]."""
+
     head: List[str]
     body: List[List[str]]
 
@@ -70,11 +80,19 @@ def sweep_table(sweep: dict) -> SweepTable:
     modes = list(dict.fromkeys(r["routing"] for r in rows))
     factors = list(dict.fromkeys(r["capacity_factor"] for r in rows))
     at = {(r["routing"], r["capacity_factor"]): r for r in rows}
-    head = (["capacity factor"] + [f"accuracy {_ROUTING_LABEL[m]}" for m in modes]
-            + [f"dropped {_ROUTING_LABEL[m]}" for m in modes] + ["MoE MFLOPs/image"])
-    body = [[f"{cf:g}"] + [_pct(at[m, cf]["accuracy"]) for m in modes]
-            + [_pct(at[m, cf]["dropped_fraction"]) for m in modes]
-            + [f"{at[modes[0], cf]['moe_flops_per_image'] / 1e6:.3f}"] for cf in factors]
+    head = (
+        ["capacity factor"]
+        + [f"accuracy {_ROUTING_LABEL[m]}" for m in modes]
+        + [f"dropped {_ROUTING_LABEL[m]}" for m in modes]
+        + ["MoE MFLOPs/image"]
+    )
+    body = [
+        [f"{cf:g}"]
+        + [_pct(at[m, cf]["accuracy"]) for m in modes]
+        + [_pct(at[m, cf]["dropped_fraction"]) for m in modes]
+        + [f"{at[modes[0], cf]['moe_flops_per_image'] / 1e6:.3f}"]
+        for cf in factors
+    ]
     return SweepTable(head, body)
 
 
@@ -82,16 +100,25 @@ def sweep_markdown(sweep: dict) -> str:
     """The capacity sweep as a markdown table (``sweep_table``'s cells), then the model's own
     settings' accuracy when it was measured."""
     table = sweep_table(sweep)
-    lines = ["| " + " | ".join(table.head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(table.head) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(table.head) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(table.head) - 1)) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in table.body]
     if sweep.get("reference_accuracy") is not None:
-        lines.append(f"\nModel's own routing settings: accuracy {_pct(sweep['reference_accuracy'])} "
-                     f"over {sweep['num_images']} images.")
+        lines.append(
+            f"\nModel's own routing settings: accuracy {_pct(sweep['reference_accuracy'])} "
+            f"over {sweep['num_images']} images."
+        )
     return "\n".join(lines)
 
 
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("vmoe.viz", "templates"), autoescape=True,
-                          undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("vmoe.viz", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+)
 _ENV.filters.update(pct=_pct, g=lambda x: f"{x:g}")
 
 
@@ -103,14 +130,20 @@ def render_page(report: dict, out_dir: Path) -> str:
     num_experts = max(len(v["matrix"][0]) for v in ce["layers"].values())
 
     def data_uri(name: str) -> str:
-        return "data:image/png;base64," + base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
+        return "data:image/png;base64," + base64.b64encode((out_dir / name).read_bytes()).decode(
+            "ascii"
+        )
 
     def class_name(label: int) -> str:
         return class_names[label] if class_names and 0 <= label < len(class_names) else str(label)
 
     sweep = report.get("capacity_sweep")
     return _ENV.get_template("report.html").render(
-        report=report, keys=caption_numbers(report), data_uri=data_uri,
-        class_name=class_name, nan=float("nan"),
+        report=report,
+        keys=caption_numbers(report),
+        data_uri=data_uri,
+        class_name=class_name,
+        nan=float("nan"),
         mi_bound=math.log2(max(1, min(num_experts, len(ce["classes"])))),
-        sweep_table=sweep_table(sweep) if sweep else None)
+        sweep_table=sweep_table(sweep) if sweep else None,
+    )

@@ -13,6 +13,7 @@ A Soft MoE layer records a SoftRoutingPlan ([G, S, E, P] dispatch and combine we
 per expert): ``soft_tokens`` views it per image. The sparse views (``tokens``, ``reroute``) refuse
 such a layer with a message saying so: nothing is dropped and no token chooses an expert.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,10 +24,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vmoe.moe import ExpertChoiceRouter, MoeMlp, RoutingPlan, SoftRoutingPlan, require_moe_layers, routing_settings
+from vmoe.moe import (
+    ExpertChoiceRouter,
+    MoeMlp,
+    RoutingPlan,
+    SoftRoutingPlan,
+    require_moe_layers,
+    routing_settings,
+)
 
-__all__ = ["record_routing", "image_grid", "RoutingRecord", "TokenRouting", "SoftTokenRouting", "ungroup",
-           "refuse_soft_layer", "SOFT_LAYER_PICTURES"]
+__all__ = [
+    "record_routing",
+    "image_grid",
+    "RoutingRecord",
+    "TokenRouting",
+    "SoftTokenRouting",
+    "ungroup",
+    "refuse_soft_layer",
+    "SOFT_LAYER_PICTURES",
+]
 
 # What to draw instead, named in the message a sparse-only picture gives for a Soft MoE layer.
 SOFT_LAYER_PICTURES = "dispatch_map, combine_entropy_map, slot_similarity or class_expert_matrix"
@@ -34,9 +50,11 @@ SOFT_LAYER_PICTURES = "dispatch_map, combine_entropy_map, slot_similarity or cla
 
 def refuse_soft_layer(name: str, what: str) -> None:
     """The clear error for a sparse-only picture asked of the Soft MoE layer ``name``."""
-    raise ValueError(f"layer {name!r} is a Soft MoE layer: {what} applies to sparse (top-K or "
-                     "expert-choice) layers only; a Soft MoE layer mixes every token into every slot, "
-                     f"drops nothing and has no per-token expert choice. Use {SOFT_LAYER_PICTURES}")
+    raise ValueError(
+        f"layer {name!r} is a Soft MoE layer: {what} applies to sparse (top-K or "
+        "expert-choice) layers only; a Soft MoE layer mixes every token into every slot, "
+        f"drops nothing and has no per-token expert choice. Use {SOFT_LAYER_PICTURES}"
+    )
 
 
 def ungroup(values: torch.Tensor, batch_size: int, tokens_per_image: int) -> torch.Tensor:
@@ -44,13 +62,18 @@ def ungroup(values: torch.Tensor, batch_size: int, tokens_per_image: int) -> tor
     G, S = values.shape[:2]
     T = batch_size * tokens_per_image
     if T > G * S:
-        raise ValueError(f"plan holds {G}x{S} tokens, fewer than B*N = {batch_size}*{tokens_per_image}")
-    return values.reshape(G * S, *values.shape[2:])[:T].reshape(batch_size, tokens_per_image, *values.shape[2:])
+        raise ValueError(
+            f"plan holds {G}x{S} tokens, fewer than B*N = {batch_size}*{tokens_per_image}"
+        )
+    return values.reshape(G * S, *values.shape[2:])[:T].reshape(
+        batch_size, tokens_per_image, *values.shape[2:]
+    )
 
 
 @dataclass
 class _Forward:
     """One recorded forward of one layer: its plan (on CPU) and the input's B, N."""
+
     plan: RoutingPlan
     batch_size: int
     tokens_per_image: int
@@ -65,6 +88,7 @@ class TokenRouting:
         kept: [B, N, K] bool, the assignment got a buffer place (False: dropped).
         gates: [B, N, E] float32, the router's softmax.
     """
+
     expert: np.ndarray
     kept: np.ndarray
     gates: np.ndarray
@@ -91,6 +115,7 @@ class SoftTokenRouting:
         combine: [B, N, E, P] float32, the weight of each slot in each token's output (sums to 1
             over (E, P) for every token).
     """
+
     dispatch: np.ndarray
     combine: np.ndarray
 
@@ -114,16 +139,22 @@ class RoutingRecord:
         prefix_labels: P names ("cls", "reg1", ...).
     """
 
-    def __init__(self, layers: Dict[str, MoeMlp], patch_size: Optional[Tuple[int, int]],
-                 num_prefix_tokens: int, grid_size: Optional[Tuple[int, int]] = None):
+    def __init__(
+        self,
+        layers: Dict[str, MoeMlp],
+        patch_size: Optional[Tuple[int, int]],
+        num_prefix_tokens: int,
+        grid_size: Optional[Tuple[int, int]] = None,
+    ):
         self.layers = dict(layers)
         self.layer_names: List[str] = list(layers)
         self.patch_size = patch_size
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = grid_size
         # Names of the prefix tokens, drawn beside the patch grid (timm: class token first).
-        self.prefix_labels: List[str] = (["cls"] if num_prefix_tokens == 1 else
-                                         [f"tok{p}" for p in range(num_prefix_tokens)])
+        self.prefix_labels: List[str] = (
+            ["cls"] if num_prefix_tokens == 1 else [f"tok{p}" for p in range(num_prefix_tokens)]
+        )
         self.forwards: Dict[str, List[_Forward]] = {name: [] for name in layers}
         self._cache: Dict[str, TokenRouting] = {}
 
@@ -142,18 +173,24 @@ class RoutingRecord:
 
     def check_layer(self, layer: str) -> str:
         if layer not in self.forwards:
-            raise ValueError(f"layer {layer!r} was not recorded; recorded layers: {self.layer_names}")
+            raise ValueError(
+                f"layer {layer!r} was not recorded; recorded layers: {self.layer_names}"
+            )
         return layer
 
     def check_nonempty(self) -> None:
         if self.num_images == 0:
-            raise ValueError("no forward pass was recorded: call the model inside "
-                             "`with record_routing(model) as record:` (is the dataset empty?)")
+            raise ValueError(
+                "no forward pass was recorded: call the model inside "
+                "`with record_routing(model) as record:` (is the dataset empty?)"
+            )
 
     def is_top_k(self, layer: str) -> bool:
         """True for a top-K layer (False for expert-choice and Soft MoE layers)."""
-        return not (isinstance(self.layers[self.check_layer(layer)].router, ExpertChoiceRouter)
-                    or self.is_soft(layer))
+        return not (
+            isinstance(self.layers[self.check_layer(layer)].router, ExpertChoiceRouter)
+            or self.is_soft(layer)
+        )
 
     def is_soft(self, layer: str) -> bool:
         """True for a Soft MoE layer (its recorded plans are SoftRoutingPlans)."""
@@ -186,15 +223,18 @@ class RoutingRecord:
             self._cache[layer] = TokenRouting(
                 expert=self._cat(parts, lambda p: p.expert_index).numpy(),
                 kept=self._cat(parts, lambda p: p.slot >= 0).numpy(),
-                gates=self._cat(parts, lambda p: p.gates.float()).numpy())
+                gates=self._cat(parts, lambda p: p.gates.float()).numpy(),
+            )
         return self._cache[layer]
 
     def _parts(self, layer: str) -> List[_Forward]:
         parts = self.forwards[self.check_layer(layer)]
         lengths = sorted({f.tokens_per_image for f in parts})
         if len(lengths) > 1:
-            raise ValueError(f"layer {layer!r} saw images of different token counts {lengths}; "
-                             "record each image size in its own record_routing block")
+            raise ValueError(
+                f"layer {layer!r} saw images of different token counts {lengths}; "
+                "record each image size in its own record_routing block"
+            )
         return parts
 
     def soft_tokens(self, layer: str) -> SoftTokenRouting:
@@ -202,12 +242,15 @@ class RoutingRecord:
         forward. ValueError for a sparse layer (use ``tokens``)."""
         self.check_nonempty()
         if not self.is_soft(layer):
-            raise ValueError(f"layer {layer!r} is a sparse MoE layer, not a Soft MoE layer: use tokens()")
+            raise ValueError(
+                f"layer {layer!r} is a sparse MoE layer, not a Soft MoE layer: use tokens()"
+            )
         if layer not in self._cache:
             parts = self._parts(layer)
             self._cache[layer] = SoftTokenRouting(
                 dispatch=self._cat(parts, lambda p: p.dispatch_weight.float()).numpy(),
-                combine=self._cat(parts, lambda p: p.combine_weight.float()).numpy())
+                combine=self._cat(parts, lambda p: p.combine_weight.float()).numpy(),
+            )
         return self._cache[layer]
 
     def soft_image(self, index: int, layer: str) -> SoftTokenRouting:
@@ -218,7 +261,11 @@ class RoutingRecord:
 
     @staticmethod
     def _check_index(index, count: int) -> None:
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < count:
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, (int, np.integer))
+            or not 0 <= index < count
+        ):
             raise ValueError(f"image index must be an int in [0, {count}), got index={index!r}")
 
     @staticmethod
@@ -234,13 +281,17 @@ class RoutingRecord:
     def split_tokens(self, values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """[..., N] per-token values -> (prefix [..., P], patches [..., h, w])."""
         if self.grid_size is None:
-            raise ValueError("the patch grid is unknown: the model has no `patch_embed` and no "
-                             "grid_size was given to record_routing")
+            raise ValueError(
+                "the patch grid is unknown: the model has no `patch_embed` and no "
+                "grid_size was given to record_routing"
+            )
         h, w = self.grid_size
         P = self.num_prefix_tokens
         if values.shape[-1] != P + h * w:
-            raise ValueError(f"images have {values.shape[-1]} tokens but the grid {h}x{w} plus "
-                             f"{P} prefix tokens make {P + h * w}")
+            raise ValueError(
+                f"images have {values.shape[-1]} tokens but the grid {h}x{w} plus "
+                f"{P} prefix tokens make {P + h * w}"
+            )
         return values[..., :P], values[..., P:].reshape(*values.shape[:-1], h, w)
 
     def reroute(self, layer: str, capacity_factor: float, batch_priority: bool) -> np.ndarray:
@@ -250,16 +301,24 @@ class RoutingRecord:
         Uses the layer's own ``router.route`` on the recorded gates [G, S, E] and groups, so
         group membership and priorities are the recorded ones.
         """
-        moe = self.layers[self.check_sparse(layer, "re-routing at another capacity factor (BPR what-if)")]
+        moe = self.layers[
+            self.check_sparse(layer, "re-routing at another capacity factor (BPR what-if)")
+        ]
         if not self.is_top_k(layer):
-            raise ValueError(f"layer {layer!r} uses expert-choice routing: it has no per-token "
-                             "priority, re-routing with BPR does not apply")
+            raise ValueError(
+                f"layer {layer!r} uses expert-choice routing: it has no per-token "
+                "priority, re-routing with BPR does not apply"
+            )
         self.check_nonempty()
         kept = []
-        with routing_settings({layer: moe}, capacity_factor=capacity_factor, batch_priority=batch_priority):
+        with routing_settings(
+            {layer: moe}, capacity_factor=capacity_factor, batch_priority=batch_priority
+        ):
             for f in self.forwards[layer]:
-                plan = moe.router.route(f.plan.gates.to(moe.router.weight.device),
-                                        None if f.plan.valid is None else f.plan.valid.to(moe.router.weight.device))
+                plan = moe.router.route(
+                    f.plan.gates.to(moe.router.weight.device),
+                    None if f.plan.valid is None else f.plan.valid.to(moe.router.weight.device),
+                )
                 kept.append(ungroup(plan.slot.cpu() >= 0, f.batch_size, f.tokens_per_image))
         return torch.cat(kept).numpy()
 
@@ -282,13 +341,21 @@ def image_grid(model: nn.Module, images: torch.Tensor) -> Optional[Tuple[int, in
     if patch_embed is None:
         return None
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a tensor [B, C, H, W], got {type(images).__name__} "
-                         f"of shape {tuple(getattr(images, 'shape', ()))}")
+        raise ValueError(
+            f"images must be a tensor [B, C, H, W], got {type(images).__name__} "
+            f"of shape {tuple(getattr(images, 'shape', ()))}"
+        )
     H, W = images.shape[-2:]
     expected = getattr(patch_embed, "img_size", None)
-    if expected is not None and getattr(patch_embed, "strict_img_size", False) and (H, W) != tuple(expected):
-        raise ValueError(f"images are {H}x{W} pixels but the model expects {expected[0]}x{expected[1]} "
-                         "(model.patch_embed.img_size); resize them or build the model for this size")
+    if (
+        expected is not None
+        and getattr(patch_embed, "strict_img_size", False)
+        and (H, W) != tuple(expected)
+    ):
+        raise ValueError(
+            f"images are {H}x{W} pixels but the model expects {expected[0]}x{expected[1]} "
+            "(model.patch_embed.img_size); resize them or build the model for this size"
+        )
     ph, pw = patch_size
     if getattr(patch_embed, "dynamic_img_pad", False):
         return (-(-H // ph), -(-W // pw))
@@ -298,9 +365,12 @@ def image_grid(model: nn.Module, images: torch.Tensor) -> Optional[Tuple[int, in
 
 
 @contextlib.contextmanager
-def record_routing(model: nn.Module, layers: Optional[Sequence[str]] = None,
-                   grid_size: Optional[Tuple[int, int]] = None,
-                   num_prefix_tokens: Optional[int] = None) -> Iterator[RoutingRecord]:
+def record_routing(
+    model: nn.Module,
+    layers: Optional[Sequence[str]] = None,
+    grid_size: Optional[Tuple[int, int]] = None,
+    num_prefix_tokens: Optional[int] = None,
+) -> Iterator[RoutingRecord]:
     """Context manager: every forward of ``model`` inside it appends each MoE layer's plan.
 
     Example::
@@ -324,15 +394,27 @@ def record_routing(model: nn.Module, layers: Optional[Sequence[str]] = None,
     names = list(all_layers) if layers is None else list(layers)
     unknown = [n for n in names if n not in all_layers]
     if unknown or not names:
-        raise ValueError(f"layers must name MoE layers of the model, got {unknown or names}; "
-                         f"MoE layers: {list(all_layers)}")
+        raise ValueError(
+            f"layers must name MoE layers of the model, got {unknown or names}; "
+            f"MoE layers: {list(all_layers)}"
+        )
     patch_size, patch_embed = _patch_geometry(model)
-    prefix = num_prefix_tokens if num_prefix_tokens is not None else int(getattr(model, "num_prefix_tokens", 0))
-    record = RoutingRecord({n: all_layers[n] for n in names}, patch_size, prefix,
-                           tuple(grid_size) if grid_size is not None else None)
+    prefix = (
+        num_prefix_tokens
+        if num_prefix_tokens is not None
+        else int(getattr(model, "num_prefix_tokens", 0))
+    )
+    record = RoutingRecord(
+        {n: all_layers[n] for n in names},
+        patch_size,
+        prefix,
+        tuple(grid_size) if grid_size is not None else None,
+    )
     if getattr(model, "cls_token", None) is not None or prefix > 1:
         has_cls = getattr(model, "cls_token", None) is not None
-        record.prefix_labels = (["cls"] if has_cls else []) + [f"reg{i + 1}" for i in range(prefix - has_cls)]
+        record.prefix_labels = (["cls"] if has_cls else []) + [
+            f"reg{i + 1}" for i in range(prefix - has_cls)
+        ]
 
     def check_images(module, args):
         images = args[0] if args else None
@@ -340,14 +422,17 @@ def record_routing(model: nn.Module, layers: Optional[Sequence[str]] = None,
             return
         grid = image_grid(model, images)
         if record.grid_size is not None and record.num_images and grid != record.grid_size:
-            raise ValueError(f"images of grid {grid} after images of grid {record.grid_size}: record "
-                             "each image size in its own record_routing block")
+            raise ValueError(
+                f"images of grid {grid} after images of grid {record.grid_size}: record "
+                "each image size in its own record_routing block"
+            )
         record.grid_size = grid
 
     def make_hook(name: str):
         def hook(module: MoeMlp, args, output):
             B, N = args[0].shape[:2]
             record._add(name, module.last_plan, int(B), int(N))
+
         return hook
 
     handles = [model.register_forward_pre_hook(check_images)]

@@ -11,6 +11,7 @@ entropy, slot similarity; class x expert through the combine weights); the spars
 (patch maps, priority, expert load, capacity sweep) are left out for them with a one-line note.
 The numbers in ``report.json`` are the ones the library functions return (arrays as lists).
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -54,16 +55,22 @@ class FirstImages:
             if self.max_images is not None and seen >= self.max_images:
                 break
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError(f"data must yield (images, labels) batches; batch {i} is a "
-                                f"{type(batch).__name__}")
+                raise TypeError(
+                    f"data must yield (images, labels) batches; batch {i} is a "
+                    f"{type(batch).__name__}"
+                )
             images, labels = batch[0], torch.as_tensor(batch[1])
             if not isinstance(images, torch.Tensor) or images.dim() != 4:
-                raise ValueError(f"batch {i}: images must be a tensor [B, C, H, W], got "
-                                 f"{type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))}")
+                raise ValueError(
+                    f"batch {i}: images must be a tensor [B, C, H, W], got "
+                    f"{type(images).__name__} of shape {tuple(getattr(images, 'shape', ()))}"
+                )
             if labels.shape != images.shape[:1]:
-                raise ValueError(f"batch {i}: {len(images)} images but labels of shape {tuple(labels.shape)}")
+                raise ValueError(
+                    f"batch {i}: {len(images)} images but labels of shape {tuple(labels.shape)}"
+                )
             if self.max_images is not None and seen + len(images) > self.max_images:
-                images, labels = images[:self.max_images - seen], labels[:self.max_images - seen]
+                images, labels = images[: self.max_images - seen], labels[: self.max_images - seen]
             seen += len(images)
             yield images, labels
             if self.on_batch is not None:
@@ -106,16 +113,23 @@ def _method_info(layer) -> dict:
 def _model_info(model: nn.Module, layers) -> dict:
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     return {
-        "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__),
+        "architecture": (getattr(model, "pretrained_cfg", None) or {}).get(
+            "architecture", type(model).__name__
+        ),
         "num_classes": getattr(model, "num_classes", None),
         "img_size": list(img_size) if img_size is not None else None,
-        "moe_layers": {name: {"router": type(m.router).__name__, "num_experts": m.num_experts,
-                              "num_selected": getattr(m.router, "num_selected", None),
-                              "capacity_factor": getattr(m.router, "capacity_factor", None),
-                              "capacity": getattr(m.router, "capacity", None),
-                              "batch_priority": bool(getattr(m.router, "batch_priority", False)),
-                              **_method_info(m)}
-                       for name, m in layers.items()},
+        "moe_layers": {
+            name: {
+                "router": type(m.router).__name__,
+                "num_experts": m.num_experts,
+                "num_selected": getattr(m.router, "num_selected", None),
+                "capacity_factor": getattr(m.router, "capacity_factor", None),
+                "capacity": getattr(m.router, "capacity", None),
+                "batch_priority": bool(getattr(m.router, "batch_priority", False)),
+                **_method_info(m),
+            }
+            for name, m in layers.items()
+        },
     }
 
 
@@ -138,39 +152,66 @@ def _record(model, data, device, num_examples: int, bar) -> dict:
             seen += len(images)
             bar.update(1)
     if seen == 0:
-        raise ValueError("data yielded no images: the dataset is empty (or a generator that was "
-                         "already consumed)")
+        raise ValueError(
+            "data yielded no images: the dataset is empty (or a generator that was "
+            "already consumed)"
+        )
     chosen = sorted(examples.values(), key=lambda e: e[0])
-    chosen = sorted(chosen + spare[:max(0, num_examples - len(chosen))], key=lambda e: e[0])
-    return {"record": record, "labels": torch.cat(labels).numpy(), "predictions": torch.cat(predictions).numpy(),
-            "examples": chosen}
+    chosen = sorted(chosen + spare[: max(0, num_examples - len(chosen))], key=lambda e: e[0])
+    return {
+        "record": record,
+        "labels": torch.cat(labels).numpy(),
+        "predictions": torch.cat(predictions).numpy(),
+        "examples": chosen,
+    }
 
 
-def _example_figures(record: RoutingRecord, rec: dict, top_k: List[str], class_names, out_dir, dpi) -> list:
+def _example_figures(
+    record: RoutingRecord, rec: dict, top_k: List[str], class_names, out_dir, dpi
+) -> list:
     """Patch maps of the example images, with per-layer dropped-token counts."""
     entries = []
     for n, (index, image) in enumerate(rec["examples"]):
         fig, numbers = patch_map(record, index=index, image=image, layers=top_k)
         label, pred = int(rec["labels"][index]), int(rec["predictions"][index])
-        fig.suptitle(f"Expert chosen by each patch: image {index}, label {_name(label, class_names)}, "
-                     f"predicted {_name(pred, class_names)}", fontsize=11)
-        dropped = {name: int(numbers["dropped"][i].any(0).sum() + numbers["prefix_dropped"][i].any(0).sum())
-                   for i, name in enumerate(numbers["layers"])}
-        entries.append({"index": index, "label": label, "prediction": pred,
-                        "figure": _save(fig, out_dir, f"patch_map_{n}.png", dpi),
-                        "tokens_with_a_dropped_choice": dropped,
-                        "num_tokens": int(record.tokens(top_k[0]).expert.shape[1]),
-                        "expert": numbers["expert"], "dropped": numbers["dropped"]})
+        fig.suptitle(
+            f"Expert chosen by each patch: image {index}, label {_name(label, class_names)}, "
+            f"predicted {_name(pred, class_names)}",
+            fontsize=11,
+        )
+        dropped = {
+            name: int(
+                numbers["dropped"][i].any(0).sum() + numbers["prefix_dropped"][i].any(0).sum()
+            )
+            for i, name in enumerate(numbers["layers"])
+        }
+        entries.append(
+            {
+                "index": index,
+                "label": label,
+                "prediction": pred,
+                "figure": _save(fig, out_dir, f"patch_map_{n}.png", dpi),
+                "tokens_with_a_dropped_choice": dropped,
+                "num_tokens": int(record.tokens(top_k[0]).expert.shape[1]),
+                "expert": numbers["expert"],
+                "dropped": numbers["dropped"],
+            }
+        )
     return entries
 
 
 def _name(label: int, class_names) -> str:
-    return str(class_names[label]) if class_names is not None and 0 <= label < len(class_names) else str(label)
+    return (
+        str(class_names[label])
+        if class_names is not None and 0 <= label < len(class_names)
+        else str(label)
+    )
 
 
 def _priority(record, index, image, top_k, capacity_factors, out_dir, dpi) -> dict:
-    fig, numbers = priority_map(record, index=index, image=image, layers=top_k,
-                                capacity_factors=capacity_factors)
+    fig, numbers = priority_map(
+        record, index=index, image=image, layers=top_k, capacity_factors=capacity_factors
+    )
     h, w = numbers["grid_size"]
     # Per what-if routing: the patches of this image no expert would process, and over every
     # recorded image the share of such patches and their mean priority (BPR should skip the
@@ -180,18 +221,34 @@ def _priority(record, index, image, top_k, capacity_factors, out_dir, dpi) -> di
     for mode, cf in numbers["skipped"]:
         dataset = {}
         for name in top_k:
-            skip = ~record.reroute(name, cf, batch_priority=(mode == "bpr"))[:, P:].any(-1)   # [B, h*w]
+            skip = ~record.reroute(name, cf, batch_priority=(mode == "bpr"))[:, P:].any(
+                -1
+            )  # [B, h*w]
             prio = record.tokens(name).priority[:, P:]
-            dataset[name] = {"skipped_fraction": float(skip.mean()),
-                             "mean_priority_skipped": float(prio[skip].mean()) if skip.any() else None,
-                             "mean_priority_all": float(prio.mean())}
-        whatif.append({"routing": mode, "capacity_factor": float(cf),
-                       "skipped_patches": {name: int(numbers["skipped"][(mode, cf)][i].sum())
-                                           for i, name in enumerate(top_k)},
-                       "dataset": dataset})
-    return {"index": index, "figure": _save(fig, out_dir, "priority_map.png", dpi),
-            "capacity_factors": [float(c) for c in capacity_factors], "num_patches": h * w,
-            "whatif": whatif, "priority": numbers["priority"]}
+            dataset[name] = {
+                "skipped_fraction": float(skip.mean()),
+                "mean_priority_skipped": float(prio[skip].mean()) if skip.any() else None,
+                "mean_priority_all": float(prio.mean()),
+            }
+        whatif.append(
+            {
+                "routing": mode,
+                "capacity_factor": float(cf),
+                "skipped_patches": {
+                    name: int(numbers["skipped"][(mode, cf)][i].sum())
+                    for i, name in enumerate(top_k)
+                },
+                "dataset": dataset,
+            }
+        )
+    return {
+        "index": index,
+        "figure": _save(fig, out_dir, "priority_map.png", dpi),
+        "capacity_factors": [float(c) for c in capacity_factors],
+        "num_patches": h * w,
+        "whatif": whatif,
+        "priority": numbers["priority"],
+    }
 
 
 def _load(record: RoutingRecord, sparse: List[str], out_dir, dpi) -> dict:
@@ -199,28 +256,48 @@ def _load(record: RoutingRecord, sparse: List[str], out_dir, dpi) -> dict:
     groups: Dict[tuple, List[str]] = {}
     for name in sparse:
         plan = record.plans(name)[0]
-        groups.setdefault((plan.num_experts, plan.num_selected if record.is_top_k(name) else 1), []).append(name)
+        groups.setdefault(
+            (plan.num_experts, plan.num_selected if record.is_top_k(name) else 1), []
+        ).append(name)
     figures, layers = [], {}
     for g, names in enumerate(groups.values()):
         fig, numbers = expert_load(record, layers=names)
-        figures.append(_save(fig, out_dir, "expert_load.png" if len(groups) == 1 else f"expert_load_{g}.png", dpi))
+        figures.append(
+            _save(
+                fig, out_dir, "expert_load.png" if len(groups) == 1 else f"expert_load_{g}.png", dpi
+            )
+        )
         for i, name in enumerate(names):
-            layers[name] = {k: numbers[k][i] for k in ("routed", "kept", "capacity", "dropped_fraction")}
+            layers[name] = {
+                k: numbers[k][i] for k in ("routed", "kept", "capacity", "dropped_fraction")
+            }
     return {"figures": figures, "layers": layers}
 
 
-def _soft_sections(record: RoutingRecord, rec: dict, soft: List[str], class_names, out_dir, dpi) -> dict:
+def _soft_sections(
+    record: RoutingRecord, rec: dict, soft: List[str], class_names, out_dir, dpi
+) -> dict:
     """Soft MoE layers: dispatch maps of the example images, the combine-entropy map of the
     first one, the slot similarity, and per-layer statistics over every recorded group."""
     maps = []
     for n, (index, image) in enumerate(rec["examples"]):
         fig, numbers = dispatch_map(record, index=index, image=image, layers=soft)
         label, pred = int(rec["labels"][index]), int(rec["predictions"][index])
-        fig.suptitle(f"Which patches each slot mixes: image {index}, label {_name(label, class_names)}, "
-                     f"predicted {_name(pred, class_names)}", fontsize=11)
-        maps.append({"index": index, "label": label, "prediction": pred,
-                     "figure": _save(fig, out_dir, f"dispatch_map_{n}.png", dpi),
-                     "slots": numbers["slots"], "dispatch": numbers["dispatch"]})
+        fig.suptitle(
+            f"Which patches each slot mixes: image {index}, label {_name(label, class_names)}, "
+            f"predicted {_name(pred, class_names)}",
+            fontsize=11,
+        )
+        maps.append(
+            {
+                "index": index,
+                "label": label,
+                "prediction": pred,
+                "figure": _save(fig, out_dir, f"dispatch_map_{n}.png", dpi),
+                "slots": numbers["slots"],
+                "dispatch": numbers["dispatch"],
+            }
+        )
     index, image = rec["examples"][0]
     fig, entropy = combine_entropy_map(record, index=index, image=image, layers=soft)
     fig_sim, similarity = slot_similarity(record, layers=soft)
@@ -229,27 +306,52 @@ def _soft_sections(record: RoutingRecord, rec: dict, soft: List[str], class_name
         plans = record.plans(name)
         groups = sum(p.num_groups for p in plans)
         stats = [soft_routing_statistics(p) for p in plans]
-        mean = {k: sum(s[k].double() * p.num_groups for s, p in zip(stats, plans)) / groups
-                for k in ("importance", "combine_entropy", "dispatch_effective_tokens",
-                          "dispatch_weights_max_mean", "combine_weights_max_mean")}
-        layers[name] = {"num_experts": plans[0].num_experts, "slots_per_expert": plans[0].slots_per_expert,
-                        "group_size": plans[0].group_size, "max_entropy": float(entropy["max_entropy"][i]),
-                        "mean_off_diagonal_similarity": float(similarity["mean_off_diagonal"][i]),
-                        "slot_similarity": similarity["similarity"][i],
-                        **{k: v.float().numpy() if v.dim() else float(v) for k, v in mean.items()}}
-    return {"dispatch_maps": maps,
-            "combine_entropy": {"index": index, "figure": _save(fig, out_dir, "combine_entropy.png", dpi),
-                                "entropy": entropy["entropy"]},
-            "slot_similarity": {"figure": _save(fig_sim, out_dir, "slot_similarity.png", dpi)},
-            "layers": layers}
+        mean = {
+            k: sum(s[k].double() * p.num_groups for s, p in zip(stats, plans)) / groups
+            for k in (
+                "importance",
+                "combine_entropy",
+                "dispatch_effective_tokens",
+                "dispatch_weights_max_mean",
+                "combine_weights_max_mean",
+            )
+        }
+        layers[name] = {
+            "num_experts": plans[0].num_experts,
+            "slots_per_expert": plans[0].slots_per_expert,
+            "group_size": plans[0].group_size,
+            "max_entropy": float(entropy["max_entropy"][i]),
+            "mean_off_diagonal_similarity": float(similarity["mean_off_diagonal"][i]),
+            "slot_similarity": similarity["similarity"][i],
+            **{k: v.float().numpy() if v.dim() else float(v) for k, v in mean.items()},
+        }
+    return {
+        "dispatch_maps": maps,
+        "combine_entropy": {
+            "index": index,
+            "figure": _save(fig, out_dir, "combine_entropy.png", dpi),
+            "entropy": entropy["entropy"],
+        },
+        "slot_similarity": {"figure": _save(fig_sim, out_dir, "slot_similarity.png", dpi)},
+        "layers": layers,
+    }
 
 
-def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, Path], *,
-                         max_images: Optional[int] = 512, num_examples: int = 4,
-                         capacity_factors: Optional[Sequence[float]] = DEFAULT_CAPACITY_FACTORS,
-                         priority_capacity_factors: Sequence[float] = (0.5,),
-                         class_names: Optional[Sequence[str]] = None, device=None,
-                         progress: bool = True, title: Optional[str] = None, dpi: int = 110) -> dict:
+def write_routing_report(
+    model: nn.Module,
+    data: Iterable,
+    out_dir: Union[str, Path],
+    *,
+    max_images: Optional[int] = 512,
+    num_examples: int = 4,
+    capacity_factors: Optional[Sequence[float]] = DEFAULT_CAPACITY_FACTORS,
+    priority_capacity_factors: Sequence[float] = (0.5,),
+    class_names: Optional[Sequence[str]] = None,
+    device=None,
+    progress: bool = True,
+    title: Optional[str] = None,
+    dpi: int = 110,
+) -> dict:
     """Write the routing report of ``model`` over ``data`` into ``out_dir``.
 
     Args:
@@ -273,8 +375,12 @@ def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, P
         match the model's, bad arguments.
     """
     layers = require_moe_layers(model)  # ValueError naming the model when it has no MoE layer
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
-        raise ValueError(f"max_images must be a positive int or None, got max_images={max_images!r}")
+    if max_images is not None and (
+        isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1
+    ):
+        raise ValueError(
+            f"max_images must be a positive int or None, got max_images={max_images!r}"
+        )
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"num_examples must be a positive int, got num_examples={num_examples!r}")
     capacity_factors = tuple(capacity_factors or ())
@@ -295,8 +401,12 @@ def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, P
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=_expected_batches(data, max_images), desc="recording routing", unit="batch",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=_expected_batches(data, max_images),
+            desc="recording routing",
+            unit="batch",
+            disable=not progress,
+        ) as bar:
             batches = ((kept_batches.append(b) or b) if one_shot else b for b in view)
             rec = _record(model, batches, device, num_examples, bar)
     finally:
@@ -304,50 +414,91 @@ def write_routing_report(model: nn.Module, data: Iterable, out_dir: Union[str, P
     record: RoutingRecord = rec["record"]
     labels = rec["labels"]
     if class_names is not None and int(labels.max()) >= len(class_names):
-        raise ValueError(f"class_names has {len(class_names)} names but the data has label {int(labels.max())}")
+        raise ValueError(
+            f"class_names has {len(class_names)} names but the data has label {int(labels.max())}"
+        )
 
-    report: dict = {"format": REPORT_FORMAT, "version": 1, "title": title or "Routing report",
-                    "model": _model_info(model, layers),
-                    "data": {"num_images": int(len(labels)), "classes": np.unique(labels),
-                             "class_names": list(map(str, class_names)) if class_names is not None else None},
-                    "accuracy": float((rec["predictions"] == labels).mean())}
+    report: dict = {
+        "format": REPORT_FORMAT,
+        "version": 1,
+        "title": title or "Routing report",
+        "model": _model_info(model, layers),
+        "data": {
+            "num_images": int(len(labels)),
+            "classes": np.unique(labels),
+            "class_names": list(map(str, class_names)) if class_names is not None else None,
+        },
+        "accuracy": float((rec["predictions"] == labels).mean()),
+    }
     soft = [n for n in record.layer_names if record.is_soft(n)]
     sparse = [n for n in record.layer_names if n not in soft]
     top_k = [n for n in sparse if record.is_top_k(n)]
     if top_k:
         report["examples"] = _example_figures(record, rec, top_k, class_names, out_dir, dpi)
         index, image = rec["examples"][0]
-        report["priority_map"] = _priority(record, index, image, top_k, priority_capacity_factors, out_dir, dpi)
+        report["priority_map"] = _priority(
+            record, index, image, top_k, priority_capacity_factors, out_dir, dpi
+        )
     if sparse:
         report["expert_load"] = _load(record, sparse, out_dir, dpi)
     if soft:
         report["soft"] = _soft_sections(record, rec, soft, class_names, out_dir, dpi)
-        report["omitted"] = [f"Soft MoE layers ({', '.join(soft)}) drop no token and have no per-token "
-                             "expert choice: the patch maps, BPR priority map and expert load are drawn "
-                             + ("for the sparse layers only." if sparse else "for sparse layers only.")]
+        report["omitted"] = [
+            f"Soft MoE layers ({', '.join(soft)}) drop no token and have no per-token "
+            "expert choice: the patch maps, BPR priority map and expert load are drawn "
+            + ("for the sparse layers only." if sparse else "for sparse layers only.")
+        ]
         if capacity_factors:
-            report["omitted"].append("Capacity sweep omitted: a Soft MoE layer's slots are parameters, "
-                                     "there is no capacity factor to vary at inference.")
+            report["omitted"].append(
+                "Capacity sweep omitted: a Soft MoE layer's slots are parameters, "
+                "there is no capacity factor to vary at inference."
+            )
 
-    choice = 0 if top_k == sparse else None  # expert choice: every kept pick (soft layers: combine weights)
+    choice = (
+        0 if top_k == sparse else None
+    )  # expert choice: every kept pick (soft layers: combine weights)
     fig, numbers = class_expert_matrix(record, labels, choice=choice, class_names=class_names)
     report["class_expert"] = {
-        "figure": _save(fig, out_dir, "class_expert.png", dpi), "choice": choice if sparse else None,
-        "weighting": "combine" if not sparse else ("mixed" if soft else "count"), "classes": numbers["classes"],
-        "layers": {name: {k: numbers[k][i] for k in ("counts", "matrix", "mutual_information_bits",
-                                                      "class_order", "expert_order")}
-                   for i, name in enumerate(numbers["layers"])}}
+        "figure": _save(fig, out_dir, "class_expert.png", dpi),
+        "choice": choice if sparse else None,
+        "weighting": "combine" if not sparse else ("mixed" if soft else "count"),
+        "classes": numbers["classes"],
+        "layers": {
+            name: {
+                k: numbers[k][i]
+                for k in (
+                    "counts",
+                    "matrix",
+                    "mutual_information_bits",
+                    "class_order",
+                    "expert_order",
+                )
+            }
+            for i, name in enumerate(numbers["layers"])
+        },
+    }
 
     if capacity_factors and not soft:
         modes = ("vanilla", "bpr") if top_k == record.layer_names else ("vanilla",)
         sweep_data = kept_batches if one_shot else view
         num_batches = len(record.forwards[record.layer_names[0]])  # one forward per batch
-        with tqdm(total=num_batches * (1 + len(capacity_factors) * len(modes)), desc="capacity sweep",
-                  unit="batch", disable=not progress) as bar:
-            fig, numbers = capacity_sweep(model, FirstImages(sweep_data, max_images, lambda: bar.update(1)),
-                                          capacity_factors=capacity_factors, modes=modes, device=device)
-        report["capacity_sweep"] = {"figure": _save(fig, out_dir, "capacity_sweep.png", dpi),
-                                    **{k: numbers[k] for k in ("rows", "reference_accuracy", "num_images")}}
+        with tqdm(
+            total=num_batches * (1 + len(capacity_factors) * len(modes)),
+            desc="capacity sweep",
+            unit="batch",
+            disable=not progress,
+        ) as bar:
+            fig, numbers = capacity_sweep(
+                model,
+                FirstImages(sweep_data, max_images, lambda: bar.update(1)),
+                capacity_factors=capacity_factors,
+                modes=modes,
+                device=device,
+            )
+        report["capacity_sweep"] = {
+            "figure": _save(fig, out_dir, "capacity_sweep.png", dpi),
+            **{k: numbers[k] for k in ("rows", "reference_accuracy", "num_images")},
+        }
 
     report = to_jsonable(report)
     report["files"] = _figure_names(report) + ["index.html", "report.json"]
@@ -365,7 +516,10 @@ def _figure_names(report: dict) -> List[str]:
         names += report["expert_load"]["figures"]
     if "soft" in report:
         names += [m["figure"] for m in report["soft"]["dispatch_maps"]]
-        names += [report["soft"]["combine_entropy"]["figure"], report["soft"]["slot_similarity"]["figure"]]
+        names += [
+            report["soft"]["combine_entropy"]["figure"],
+            report["soft"]["slot_similarity"]["figure"],
+        ]
     names.append(report["class_expert"]["figure"])
     if "capacity_sweep" in report:
         names.append(report["capacity_sweep"]["figure"])

@@ -3,6 +3,7 @@
 Counts are read from the recorded plans (``expert_index``, ``slot``, ``valid``); padding tokens
 are never counted.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,13 @@ from vmoe.moe import ExpertChoiceRouter, RoutingPlan, SoftRoutingPlan
 from .record import RoutingRecord
 from .style import DROPPED_HATCH, expert_colors
 
-__all__ = ["expert_load", "expert_load_counts", "expert_load_chart", "class_expert_matrix", "mutual_information"]
+__all__ = [
+    "expert_load",
+    "expert_load_counts",
+    "expert_load_chart",
+    "class_expert_matrix",
+    "mutual_information",
+]
 
 
 def _names(record: RoutingRecord, layers: Optional[Sequence[str]]) -> List[str]:
@@ -33,8 +40,13 @@ def _names(record: RoutingRecord, layers: Optional[Sequence[str]]) -> List[str]:
 def _panel_grid(count: int, max_cols: int = 4, panel=(3.4, 3.0), extra=(0.0, 0.9)):
     cols = min(count, max_cols)
     rows = math.ceil(count / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols + extra[0], panel[1] * rows + extra[1]),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(panel[0] * cols + extra[0], panel[1] * rows + extra[1]),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax in axes.flat[count:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
@@ -54,17 +66,29 @@ def expert_load_counts(plan: RoutingPlan, router) -> Tuple[torch.Tensor, torch.T
         ``capacity`` the buffer slots per expert summed over the G groups.
     """
     if isinstance(plan, SoftRoutingPlan):
-        raise ValueError("expert_load_counts: a Soft MoE plan (SoftRoutingPlan) routes every token to "
-                         "every slot and drops nothing, there are no assignments to count; "
-                         "see vmoe.moe.soft_routing_statistics for its importance")
+        raise ValueError(
+            "expert_load_counts: a Soft MoE plan (SoftRoutingPlan) routes every token to "
+            "every slot and drops nothing, there are no assignments to count; "
+            "see vmoe.moe.soft_routing_statistics for its importance"
+        )
     G, S, K = plan.expert_index.shape
     E = plan.num_experts
-    valid = (torch.ones(G, S, dtype=torch.bool, device=plan.slot.device) if plan.valid is None
-             else plan.valid).unsqueeze(-1).expand(G, S, K)
+    valid = (
+        (
+            torch.ones(G, S, dtype=torch.bool, device=plan.slot.device)
+            if plan.valid is None
+            else plan.valid
+        )
+        .unsqueeze(-1)
+        .expand(G, S, K)
+    )
     kept = plan.kept & valid
     if isinstance(router, ExpertChoiceRouter):
-        picked = torch.zeros(E, dtype=torch.long, device=kept.device).scatter_add_(
-            0, plan.expert_index.reshape(-1), kept.reshape(-1).long()).view(1, E)
+        picked = (
+            torch.zeros(E, dtype=torch.long, device=kept.device)
+            .scatter_add_(0, plan.expert_index.reshape(-1), kept.reshape(-1).long())
+            .view(1, E)
+        )
         return picked, picked.clone(), plan.num_groups * plan.capacity
     # One bin per (choice, expert): row k of the [K, E] tables.
     bins = (plan.expert_index + torch.arange(K, device=kept.device) * E).reshape(-1)
@@ -85,18 +109,33 @@ def expert_load(record: RoutingRecord, layers: Optional[Sequence[str]] = None):
         record.check_sparse(name, "the expert load (tokens routed vs capacity)")
     totals = []
     for name in names:
-        counts = [expert_load_counts(plan, record.layers[name].router) for plan in record.plans(name)]
-        totals.append((sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts)))
+        counts = [
+            expert_load_counts(plan, record.layers[name].router) for plan in record.plans(name)
+        ]
+        totals.append(
+            (sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts))
+        )
     shapes = {tuple(routed.shape[::-1]) for routed, _, _ in totals}
     if len(shapes) > 1:
-        raise ValueError(f"layers differ in (experts, choices) {sorted(shapes)}: plot them separately")
-    return expert_load_chart(names, np.stack([t[0].numpy() for t in totals]),
-                             np.stack([t[1].numpy() for t in totals]), np.array([t[2] for t in totals]),
-                             f"Expert load over {record.num_images} images (bar colors: experts)")
+        raise ValueError(
+            f"layers differ in (experts, choices) {sorted(shapes)}: plot them separately"
+        )
+    return expert_load_chart(
+        names,
+        np.stack([t[0].numpy() for t in totals]),
+        np.stack([t[1].numpy() for t in totals]),
+        np.array([t[2] for t in totals]),
+        f"Expert load over {record.num_images} images (bar colors: experts)",
+    )
 
 
-def expert_load_chart(layers: Sequence[str], routed: np.ndarray, kept: np.ndarray, capacity: np.ndarray,
-                      title: str = "Expert load (bar colors: experts)"):
+def expert_load_chart(
+    layers: Sequence[str],
+    routed: np.ndarray,
+    kept: np.ndarray,
+    capacity: np.ndarray,
+    title: str = "Expert load (bar colors: experts)",
+):
     """Bars per expert and layer, stacked: kept 1st-choice assignments, kept later choices,
     dropped ones (hatched). The dashed line is the capacity.
 
@@ -121,11 +160,27 @@ def expert_load_chart(layers: Sequence[str], routed: np.ndarray, kept: np.ndarra
     for i, (ax, name) in enumerate(zip(axes, names)):
         bottom = np.zeros(E)
         for k in range(K):
-            ax.bar(x, kept[i, k], bottom=bottom, color=colors, alpha=1.0 if k == 0 else 0.45,
-                   edgecolor="black", linewidth=0.5, hatch=None if k == 0 else "///")
+            ax.bar(
+                x,
+                kept[i, k],
+                bottom=bottom,
+                color=colors,
+                alpha=1.0 if k == 0 else 0.45,
+                edgecolor="black",
+                linewidth=0.5,
+                hatch=None if k == 0 else "///",
+            )
             bottom += kept[i, k]
         drop = (routed[i] - kept[i]).sum(0)
-        ax.bar(x, drop, bottom=bottom, color="white", edgecolor="black", linewidth=0.5, hatch=DROPPED_HATCH)
+        ax.bar(
+            x,
+            drop,
+            bottom=bottom,
+            color="white",
+            edgecolor="black",
+            linewidth=0.5,
+            hatch=DROPPED_HATCH,
+        )
         ax.axhline(capacity[i], color="black", linestyle="--", linewidth=1)
         ax.set_xticks(x, [str(e) for e in x], fontsize=8)
         ax.set_xlabel("expert", fontsize=8)
@@ -135,14 +190,30 @@ def expert_load_chart(layers: Sequence[str], routed: np.ndarray, kept: np.ndarra
         ax.set_title(f"{name}\n{dropped_fraction[i]:.1%} of assignments dropped", fontsize=9)
     handles = [Patch(facecolor="#808080", edgecolor="black", label="kept, 1st choice")]
     if K > 1:
-        handles.append(Patch(facecolor="#808080", alpha=0.45, edgecolor="black", hatch="///",
-                             label="kept, 2nd choice" if K == 2 else "kept, later choices"))
-    handles += [Patch(facecolor="white", edgecolor="black", hatch=DROPPED_HATCH, label="dropped"),
-                Line2D([], [], color="black", linestyle="--", label="capacity (all groups)")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+        handles.append(
+            Patch(
+                facecolor="#808080",
+                alpha=0.45,
+                edgecolor="black",
+                hatch="///",
+                label="kept, 2nd choice" if K == 2 else "kept, later choices",
+            )
+        )
+    handles += [
+        Patch(facecolor="white", edgecolor="black", hatch=DROPPED_HATCH, label="dropped"),
+        Line2D([], [], color="black", linestyle="--", label="capacity (all groups)"),
+    ]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False
+    )
     fig.suptitle(title, fontsize=11)
-    return fig, {"layers": names, "routed": routed, "kept": kept, "capacity": capacity,
-                 "dropped_fraction": dropped_fraction}
+    return fig, {
+        "layers": names,
+        "routed": routed,
+        "kept": kept,
+        "capacity": capacity,
+        "dropped_fraction": dropped_fraction,
+    }
 
 
 def mutual_information(counts: np.ndarray) -> float:
@@ -158,9 +229,15 @@ def mutual_information(counts: np.ndarray) -> float:
     return float((joint[nz] * np.log2(joint[nz] / outer[nz])).sum())
 
 
-def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence[str]] = None,
-                        choice: Optional[int] = 0, kept_only: bool = False,
-                        include_prefix: bool = False, class_names: Optional[Sequence[str]] = None):
+def class_expert_matrix(
+    record: RoutingRecord,
+    labels,
+    layers: Optional[Sequence[str]] = None,
+    choice: Optional[int] = 0,
+    kept_only: bool = False,
+    include_prefix: bool = False,
+    class_names: Optional[Sequence[str]] = None,
+):
     """How each class's patches spread over the experts, per layer, over the recorded images.
 
     Args:
@@ -183,11 +260,17 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
     """
     names = _names(record, layers)
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels)
-    if labels.ndim != 1 or len(labels) != record.num_images or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {record.num_images} ints (one per recorded image), got "
-                         f"shape {labels.shape} dtype {labels.dtype}")
+    if (
+        labels.ndim != 1
+        or len(labels) != record.num_images
+        or not np.issubdtype(labels.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"labels must be {record.num_images} ints (one per recorded image), got "
+            f"shape {labels.shape} dtype {labels.dtype}"
+        )
     classes = np.unique(labels)
-    row_of = np.searchsorted(classes, labels)                                   # [B]
+    row_of = np.searchsorted(classes, labels)  # [B]
     counts_all = []
     for name in names:
         P = 0 if include_prefix else record.num_prefix_tokens
@@ -201,15 +284,17 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
             continue
         view = record.tokens(name)
         E = view.gates.shape[-1]
-        expert, kept = view.expert[:, P:], view.kept[:, P:]                      # [B, N', K]
+        expert, kept = view.expert[:, P:], view.kept[:, P:]  # [B, N', K]
         if choice is None:
             mask = kept
         else:
             if not record.is_top_k(name):
                 raise ValueError(f"layer {name!r} uses expert-choice routing: pass choice=None")
             if not 0 <= choice < expert.shape[-1]:
-                raise ValueError(f"choice must be None or in [0, {expert.shape[-1]}), got choice={choice}")
-            expert, kept = expert[..., choice:choice + 1], kept[..., choice:choice + 1]
+                raise ValueError(
+                    f"choice must be None or in [0, {expert.shape[-1]}), got choice={choice}"
+                )
+            expert, kept = expert[..., choice : choice + 1], kept[..., choice : choice + 1]
             mask = kept if kept_only else np.ones_like(kept)
         rows = np.broadcast_to(row_of[:, None, None], expert.shape)
         table = np.zeros((len(classes), E), dtype=np.int64)
@@ -220,33 +305,50 @@ def class_expert_matrix(record: RoutingRecord, labels, layers: Optional[Sequence
     if (totals == 0).any():
         raise ValueError("some class has no counted token (all dropped?): use kept_only=False")
     matrix = counts / totals
-    expert_order = np.argsort(-counts.sum(1), axis=-1, kind="stable")           # [L, E]
+    expert_order = np.argsort(-counts.sum(1), axis=-1, kind="stable")  # [L, E]
     class_order = []
     for i in range(len(names)):
-        rank = np.argsort(expert_order[i])                                      # expert -> display position
+        rank = np.argsort(expert_order[i])  # expert -> display position
         top = matrix[i].argmax(-1)
         class_order.append(np.lexsort((-matrix[i, np.arange(len(classes)), top], rank[top])))
     class_order = np.stack(class_order)
     mi = np.array([mutual_information(c) for c in counts])
 
     names_of = [str(class_names[c]) if class_names is not None else str(c) for c in classes]
-    fig, axes = _panel_grid(len(names), max_cols=3, panel=(3.6, max(2.6, 0.18 * len(classes) + 1.2)))
+    fig, axes = _panel_grid(
+        len(names), max_cols=3, panel=(3.6, max(2.6, 0.18 * len(classes) + 1.2))
+    )
     for i, (ax, name) in enumerate(zip(axes, names)):
         shown = matrix[i][class_order[i]][:, expert_order[i]]
-        im = ax.imshow(shown, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        im = ax.imshow(
+            shown, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest"
+        )
         ax.set_xticks(np.arange(shown.shape[1]), [str(e) for e in expert_order[i]], fontsize=7)
         if len(classes) <= 40:
-            ax.set_yticks(np.arange(len(classes)), [names_of[c] for c in class_order[i]], fontsize=7)
+            ax.set_yticks(
+                np.arange(len(classes)), [names_of[c] for c in class_order[i]], fontsize=7
+            )
         else:
             ax.set_yticks([])
         ax.set_xlabel("expert (by load)", fontsize=8)
         ax.set_ylabel("class", fontsize=8)
         ax.set_title(f"{name}\nI(class; expert) = {mi[i]:.3f} bits", fontsize=9)
-    fig.colorbar(im, ax=list(axes)[:len(names)], fraction=0.04, label="share of the class's tokens")
+    fig.colorbar(
+        im, ax=list(axes)[: len(names)], fraction=0.04, label="share of the class's tokens"
+    )
     what = "first-choice" if choice == 0 else ("kept" if choice is None else f"choice-{choice + 1}")
     if all(record.is_soft(n) for n in names):
         what = "combine-weighted"
-    fig.suptitle(f"Class x expert: {what} expert of each class's {'tokens' if include_prefix else 'patches'}",
-                 fontsize=11)
-    return fig, {"layers": names, "classes": classes, "counts": counts, "matrix": matrix,
-                 "class_order": class_order, "expert_order": expert_order, "mutual_information_bits": mi}
+    fig.suptitle(
+        f"Class x expert: {what} expert of each class's {'tokens' if include_prefix else 'patches'}",
+        fontsize=11,
+    )
+    return fig, {
+        "layers": names,
+        "classes": classes,
+        "counts": counts,
+        "matrix": matrix,
+        "class_order": class_order,
+        "expert_order": expert_order,
+        "mutual_information_bits": mi,
+    }

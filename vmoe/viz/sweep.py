@@ -1,6 +1,7 @@
 """Capacity sweep: accuracy and MoE-layer FLOPs against the inference capacity factor,
 vanilla routing vs Batch Priority Routing (the V-MoE paper's figure showing that BPR keeps
 accuracy at low capacity)."""
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence, TypedDict
@@ -16,18 +17,21 @@ from .record import image_grid, refuse_soft_layer
 
 __all__ = ["capacity_sweep", "evaluate", "SweepRow"]
 
-_STYLE = {"vanilla": dict(color="#0072B2", marker="o", label="vanilla (earlier tokens first)"),
-          "bpr": dict(color="#D55E00", marker="s", label="BPR (largest gate first)")}
+_STYLE = {
+    "vanilla": dict(color="#0072B2", marker="o", label="vanilla (earlier tokens first)"),
+    "bpr": dict(color="#D55E00", marker="s", label="BPR (largest gate first)"),
+}
 
 
 class SweepRow(TypedDict):
     """One evaluation of the capacity sweep: plain JSON-ready values, so the markdown table, the
     report's JSON and its page are all rendered from the same list of rows."""
-    routing: str                  # "vanilla" (earlier tokens first) or "bpr" (largest gate first)
-    capacity_factor: float        # inference capacity factor of every MoE layer
-    accuracy: float               # top-1 accuracy
-    dropped_fraction: float       # dropped token assignments, all MoE layers
-    moe_flops_per_image: float    # router + expert MLPs on the E*G*C buffer rows, all MoE layers
+
+    routing: str  # "vanilla" (earlier tokens first) or "bpr" (largest gate first)
+    capacity_factor: float  # inference capacity factor of every MoE layer
+    accuracy: float  # top-1 accuracy
+    dropped_fraction: float  # dropped token assignments, all MoE layers
+    moe_flops_per_image: float  # router + expert MLPs on the E*G*C buffer rows, all MoE layers
 
 
 def _moe_flops(layer: MoeMlp, plan, tokens_per_group: int) -> int:
@@ -36,7 +40,9 @@ def _moe_flops(layer: MoeMlp, plan, tokens_per_group: int) -> int:
     whether a slot is filled or not."""
     G, C, E = plan.num_groups, plan.capacity, plan.num_experts
     ex = layer.experts
-    expert = 2 * E * G * C * (ex.in_features * ex.hidden_features + ex.hidden_features * ex.out_features)
+    expert = (
+        2 * E * G * C * (ex.in_features * ex.hidden_features + ex.hidden_features * ex.out_features)
+    )
     router = 2 * G * tokens_per_group * layer.in_features * E
     return expert + router
 
@@ -73,7 +79,9 @@ def evaluate(model: nn.Module, data: Iterable, device=None) -> Dict[str, float]:
         model.eval()
         for i, batch in enumerate(data):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise TypeError(f"data must yield (images, labels) batches, batch {i} is {type(batch).__name__}")
+                raise TypeError(
+                    f"data must yield (images, labels) batches, batch {i} is {type(batch).__name__}"
+                )
             image_grid(model, batch[0])  # a clear ValueError for images of the wrong size
             images, labels = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
             logits = model(images)
@@ -84,17 +92,26 @@ def evaluate(model: nn.Module, data: Iterable, device=None) -> Dict[str, float]:
         for handle in handles:
             handle.remove()
     if count == 0:
-        raise ValueError("data yielded no images (empty dataset, or a generator already consumed: "
-                         "pass a list or a DataLoader, which can be iterated again)")
-    return {"accuracy": correct / count, "num_images": count,
-            "dropped_fraction": 1.0 - totals["kept"] / max(totals["assignments"], 1),
-            "moe_flops_per_image": totals["flops"] / count}
+        raise ValueError(
+            "data yielded no images (empty dataset, or a generator already consumed: "
+            "pass a list or a DataLoader, which can be iterated again)"
+        )
+    return {
+        "accuracy": correct / count,
+        "num_images": count,
+        "dropped_fraction": 1.0 - totals["kept"] / max(totals["assignments"], 1),
+        "moe_flops_per_image": totals["flops"] / count,
+    }
 
 
-def capacity_sweep(model: nn.Module, data: Iterable,
-                   capacity_factors: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0),
-                   modes: Sequence[str] = ("vanilla", "bpr"), device=None,
-                   reference: bool = True):
+def capacity_sweep(
+    model: nn.Module,
+    data: Iterable,
+    capacity_factors: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0),
+    modes: Sequence[str] = ("vanilla", "bpr"),
+    device=None,
+    reference: bool = True,
+):
     """Evaluate ``model`` at each inference capacity factor, with and without BPR.
 
     Every MoE layer's ``capacity_factor`` and ``batch_priority`` are set for each run and put back
@@ -117,29 +134,50 @@ def capacity_sweep(model: nn.Module, data: Iterable,
         if mode not in _STYLE:
             raise ValueError(f"modes must hold 'vanilla' and/or 'bpr', got {mode!r}")
     if not len(capacity_factors) or not len(modes):
-        raise ValueError(f"capacity_factors and modes must be non-empty, got {capacity_factors!r}, {modes!r}")
+        raise ValueError(
+            f"capacity_factors and modes must be non-empty, got {capacity_factors!r}, {modes!r}"
+        )
     cfs = np.array([float(c) for c in capacity_factors])
     ref: Optional[Dict[str, float]] = evaluate(model, data, device) if reference else None
     rows: List[SweepRow] = []
     for mode in modes:
         for cf in cfs:
-            with routing_settings(layers, capacity_factor=float(cf), batch_priority=(mode == "bpr")):
+            with routing_settings(
+                layers, capacity_factor=float(cf), batch_priority=(mode == "bpr")
+            ):
                 result = evaluate(model, data, device)
-            rows.append(SweepRow(routing=mode, capacity_factor=float(cf), accuracy=float(result["accuracy"]),
-                                 dropped_fraction=float(result["dropped_fraction"]),
-                                 moe_flops_per_image=float(result["moe_flops_per_image"])))
+            rows.append(
+                SweepRow(
+                    routing=mode,
+                    capacity_factor=float(cf),
+                    accuracy=float(result["accuracy"]),
+                    dropped_fraction=float(result["dropped_fraction"]),
+                    moe_flops_per_image=float(result["moe_flops_per_image"]),
+                )
+            )
     keys = ("accuracy", "dropped_fraction", "moe_flops_per_image")
     numbers: Dict[str, object] = {
-        "rows": rows, "capacity_factors": cfs,
-        **{k: {m: np.array([r[k] for r in rows if r["routing"] == m]) for m in modes} for k in keys},
-        "reference_accuracy": ref["accuracy"] if ref else None, "num_images": result["num_images"]}
+        "rows": rows,
+        "capacity_factors": cfs,
+        **{
+            k: {m: np.array([r[k] for r in rows if r["routing"] == m]) for m in modes} for k in keys
+        },
+        "reference_accuracy": ref["accuracy"] if ref else None,
+        "num_images": result["num_images"],
+    }
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), layout="constrained")
     peak = max(float(v.max()) for v in numbers["moe_flops_per_image"].values())
-    unit, flops_scale = next((u, s) for u, s in (("GFLOPs", 1e-9), ("MFLOPs", 1e-6), ("kFLOPs", 1e-3), ("FLOPs", 1.0))
-                             if peak * s >= 1 or s == 1.0)
-    panels = [("accuracy", "top-1 accuracy"), ("dropped_fraction", "dropped token assignments"),
-              ("moe_flops_per_image", f"MoE-layer {unit} per image")]
+    unit, flops_scale = next(
+        (u, s)
+        for u, s in (("GFLOPs", 1e-9), ("MFLOPs", 1e-6), ("kFLOPs", 1e-3), ("FLOPs", 1.0))
+        if peak * s >= 1 or s == 1.0
+    )
+    panels = [
+        ("accuracy", "top-1 accuracy"),
+        ("dropped_fraction", "dropped token assignments"),
+        ("moe_flops_per_image", f"MoE-layer {unit} per image"),
+    ]
     for ax, (key, ylabel) in zip(axes, panels):
         scale = flops_scale if key == "moe_flops_per_image" else 1.0
         for mode in modes:
@@ -152,11 +190,18 @@ def capacity_sweep(model: nn.Module, data: Iterable,
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
     if ref is not None:
-        axes[0].axhline(ref["accuracy"], color="#555555", linestyle="--", linewidth=1,
-                        label="model's own settings")
+        axes[0].axhline(
+            ref["accuracy"],
+            color="#555555",
+            linestyle="--",
+            linewidth=1,
+            label="model's own settings",
+        )
     if len(modes) > 1:
         axes[2].set_title("same buffers, so identical for every routing", fontsize=8)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.legend(
+        handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False
+    )
     fig.suptitle(f"Capacity sweep over {numbers['num_images']} images", fontsize=11)
     return fig, numbers

@@ -19,6 +19,7 @@ Both index backends plug into the same autograd Functions (``autograd.py``): for
 are gathers, with no atomics, so results are deterministic on every device, and no tensor of size
 tokens x experts x capacity exists on that path.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -34,9 +35,19 @@ from .soft import soft_combine, soft_dispatch
 from .torch_backend import TorchBackend
 from .triton_backend import TritonBackend
 
-__all__ = ["dispatch", "combine", "einsum_dispatch", "einsum_combine", "DISPATCHERS",
-           "check_dispatcher", "resolve_backend", "TorchBackend", "TritonBackend", "soft_dispatch",
-           "soft_combine"]
+__all__ = [
+    "dispatch",
+    "combine",
+    "einsum_dispatch",
+    "einsum_combine",
+    "DISPATCHERS",
+    "check_dispatcher",
+    "resolve_backend",
+    "TorchBackend",
+    "TritonBackend",
+    "soft_dispatch",
+    "soft_combine",
+]
 
 DISPATCHERS = ("auto", "torch", "triton", "einsum")
 # Names used before the dispatch package (saved configs may hold them).
@@ -48,8 +59,11 @@ def check_dispatcher(dispatcher: str) -> str:
     """``dispatcher`` as one of ``DISPATCHERS`` (the former 'index', 'index_torch',
     'index_triton' map to 'auto', 'torch', 'triton'); ValueError for anything else."""
     if dispatcher in _RENAMED:
-        warnings.warn(f"dispatcher={dispatcher!r} is now dispatcher={_RENAMED[dispatcher]!r}",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"dispatcher={dispatcher!r} is now dispatcher={_RENAMED[dispatcher]!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return _RENAMED[dispatcher]
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got dispatcher={dispatcher!r}")
@@ -66,8 +80,10 @@ def resolve_backend(dispatcher: str, *tensors: torch.Tensor):
     """The index backend (``TorchBackend`` or ``TritonBackend``) that ``dispatcher`` ('auto',
     'torch' or 'triton') selects for ``tensors``."""
     if dispatcher not in ("auto", "torch", "triton"):
-        raise ValueError(f"dispatcher must be 'auto', 'torch' or 'triton' to pick an index backend, "
-                         f"got dispatcher={dispatcher!r}")
+        raise ValueError(
+            f"dispatcher must be 'auto', 'torch' or 'triton' to pick an index backend, "
+            f"got dispatcher={dispatcher!r}"
+        )
     if dispatcher == "torch":
         return TorchBackend
     if dispatcher == "auto" and tensors[0].device.type != "cuda":
@@ -81,8 +97,10 @@ def _choose(dispatcher: str, reason: Optional[str]):
     if reason is None:
         return TritonBackend
     if dispatcher == "triton":
-        raise RuntimeError(f"dispatcher='triton' was requested but the Triton dispatch kernels "
-                           f"cannot run: {reason}")
+        raise RuntimeError(
+            f"dispatcher='triton' was requested but the Triton dispatch kernels "
+            f"cannot run: {reason}"
+        )
     _warn_once(f"vmoe dispatch: falling back to the portable torch path: {reason}")
     return TorchBackend
 
@@ -97,8 +115,13 @@ def _compute_dtype(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype
     return x.dtype
 
 
-def dispatch(x: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "auto",
-             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dispatch(
+    x: torch.Tensor,
+    plan: RoutingPlan,
+    *,
+    dispatcher: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
     """x: [G, S, d] -> expert buffers [E, G*C, d]. Empty buffer rows are zero.
 
     Args:
@@ -112,13 +135,17 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "auto",
         return out if dtype is None else out.to(dtype)
     G, S, d = x.shape
     backend = resolve_backend(dispatcher, x)
-    row_token = plan.buffer_token()                                    # [E*G*C]
-    token_rows = plan.buffer_position().reshape(G * S, -1)             # [G*S, K]
-    rows = index_dispatch(x.reshape(G * S, d), row_token, token_rows, _compute_dtype(x, dtype), backend)
+    row_token = plan.buffer_token()  # [E*G*C]
+    token_rows = plan.buffer_position().reshape(G * S, -1)  # [G*S, K]
+    rows = index_dispatch(
+        x.reshape(G * S, d), row_token, token_rows, _compute_dtype(x, dtype), backend
+    )
     return rows.view(plan.num_experts, G * plan.capacity, d)
 
 
-def combine(expert_out: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "auto") -> torch.Tensor:
+def combine(
+    expert_out: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "auto"
+) -> torch.Tensor:
     """expert_out: [E, G*C, d] -> [G, S, d], each token the weighted sum of its K outputs.
 
     A dropped assignment reads a zero row with weight 0, so a token whose every choice was
@@ -132,6 +159,11 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, *, dispatcher: str = "a
     G, S, K = plan.expert_index.shape
     weight = plan.combine_weight.reshape(G * S, K)
     backend = resolve_backend(dispatcher, expert_out, weight)
-    out = index_combine(expert_out.reshape(E * GC, d), weight,
-                        plan.buffer_position().reshape(G * S, K), plan.buffer_assignment(), backend)
+    out = index_combine(
+        expert_out.reshape(E * GC, d),
+        weight,
+        plan.buffer_position().reshape(G * S, K),
+        plan.buffer_assignment(),
+        backend,
+    )
     return out.view(G, S, d)

@@ -21,6 +21,7 @@ A *backend* implements those three kernels (``gather_rows``, ``gather_sum``, ``c
 ``TorchBackend`` (``torch_backend.py``, portable) or ``TritonBackend`` (``triton_backend.py``).
 Out-of-range indices (the sentinels above) read zero.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -58,15 +59,25 @@ class _IndexCombine(torch.autograd.Function):
     def backward(ctx, grad_out):
         expert_out, weight, token_rows, row_assignment = ctx.saved_tensors
         grad_eo, grad_w = ctx.backend.combine_backward(
-            grad_out.contiguous(), expert_out, weight, token_rows, row_assignment,
-            ctx.needs_input_grad[1])
+            grad_out.contiguous(),
+            expert_out,
+            weight,
+            token_rows,
+            row_assignment,
+            ctx.needs_input_grad[1],
+        )
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_eo, grad_w, None, None, None
 
 
-def index_dispatch(x: torch.Tensor, row_token: torch.Tensor, token_rows: torch.Tensor,
-                   out_dtype: Optional[torch.dtype] = None, backend=TorchBackend) -> torch.Tensor:
+def index_dispatch(
+    x: torch.Tensor,
+    row_token: torch.Tensor,
+    token_rows: torch.Tensor,
+    out_dtype: Optional[torch.dtype] = None,
+    backend=TorchBackend,
+) -> torch.Tensor:
     """x [T, d] -> buffer rows [R, d] (in ``out_dtype``, default x's). Empty rows are zero.
     Backward: each token gathers and sums the gradients of its K rows."""
     out_dtype = out_dtype or x.dtype
@@ -74,8 +85,13 @@ def index_dispatch(x: torch.Tensor, row_token: torch.Tensor, token_rows: torch.T
         return _IndexDispatch.apply(x, row_token, token_rows, out_dtype, backend)
 
 
-def index_combine(expert_out: torch.Tensor, weight: torch.Tensor, token_rows: torch.Tensor,
-                  row_assignment: torch.Tensor, backend=TorchBackend) -> torch.Tensor:
+def index_combine(
+    expert_out: torch.Tensor,
+    weight: torch.Tensor,
+    token_rows: torch.Tensor,
+    row_assignment: torch.Tensor,
+    backend=TorchBackend,
+) -> torch.Tensor:
     """expert_out [R, d], weight [T, K] -> [T, d] in expert_out's dtype:
     ``y[t] = sum_k weight[t, k] * expert_out[token_rows[t, k]]``. Backward: each buffer row
     gathers its token's output gradient; each weight the dot product with its row."""

@@ -3,6 +3,7 @@
 They build [G, S, E, C] tensors (tokens x experts x capacity), so they are slow and memory-hungry;
 kept as the reference the index backends are tested against (``dispatcher="einsum"``).
 """
+
 from __future__ import annotations
 
 import torch

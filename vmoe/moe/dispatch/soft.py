@@ -10,6 +10,7 @@ intermediates and expert parallelism line up with the JAX code): row ``g*P + p``
 ``G % E != 0``; when ``G % E == 0`` the groups are interleaved, group ``g = a*(G/E) + b`` going to
 row ``(b*E + a)*P + p``. The layer output does not depend on the order.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,7 +39,7 @@ def _row_order(num_groups, num_experts: int, device: torch.device) -> torch.Tens
     G, E = num_groups, num_experts
     r = torch.arange(G, device=device)
     interleaved = (r % E) * (G // E) + r // E
-    divisible = (r[-1:] + 1) % E == 0                                     # [1]: G % E == 0
+    divisible = (r[-1:] + 1) % E == 0  # [1]: G % E == 0
     return torch.where(divisible, interleaved, r)
 
 
@@ -60,11 +61,13 @@ def _groups_to_rows(slots: torch.Tensor, num_experts: int) -> torch.Tensor:
     P = EP // E
     divisible = _layout_known(G, E)
     if divisible:  # g = a*(G/E) + b -> row (b*E + a)*P + p
-        rows = slots.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)     # [E, b, a, P, d]
+        rows = slots.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)  # [E, b, a, P, d]
     elif divisible is False:
-        rows = slots.view(G, E, P, d).transpose(0, 1)                    # [E, G, P, d]
+        rows = slots.view(G, E, P, d).transpose(0, 1)  # [E, G, P, d]
     else:
-        rows = slots.view(G, E, P, d).transpose(0, 1).index_select(1, _row_order(G, E, slots.device))
+        rows = (
+            slots.view(G, E, P, d).transpose(0, 1).index_select(1, _row_order(G, E, slots.device))
+        )
     return rows.reshape(E, G * P, d)
 
 
@@ -75,9 +78,9 @@ def _rows_to_groups(rows: torch.Tensor, num_groups: int) -> torch.Tensor:
     P = GP // G
     divisible = _layout_known(G, E)
     if divisible:
-        groups = rows.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)    # [a, b, E, P, d]
+        groups = rows.view(E, G // E, E, P, d).permute(2, 1, 0, 3, 4)  # [a, b, E, P, d]
     elif divisible is False:
-        groups = rows.view(E, G, P, d).transpose(0, 1)                   # [G, E, P, d]
+        groups = rows.view(E, G, P, d).transpose(0, 1)  # [G, E, P, d]
     else:
         order = _row_order(G, E, rows.device)
         block = torch.empty_like(order).scatter_(0, order, torch.arange(G, device=rows.device))
@@ -85,8 +88,9 @@ def _rows_to_groups(rows: torch.Tensor, num_groups: int) -> torch.Tensor:
     return groups.reshape(G, E * P, d)
 
 
-def soft_dispatch(x: torch.Tensor, plan: SoftRoutingPlan, dtype: Optional[torch.dtype] = None
-                  ) -> torch.Tensor:
+def soft_dispatch(
+    x: torch.Tensor, plan: SoftRoutingPlan, dtype: Optional[torch.dtype] = None
+) -> torch.Tensor:
     """x: [G, S, d] -> slot buffers [E, G*P, d]: each slot the dispatch-weighted mix of its
     group's tokens. One batched matmul over the groups ([E*P, S] @ [S, d] per group).
 
@@ -96,7 +100,7 @@ def soft_dispatch(x: torch.Tensor, plan: SoftRoutingPlan, dtype: Optional[torch.
     E, P = plan.num_experts, plan.slots_per_expert
     dtype = _mixing_dtype(x, dtype)
     weight = plan.dispatch_weight.reshape(G, S, E * P).to(dtype)
-    slots = torch.bmm(weight.transpose(1, 2), x.to(dtype))                 # [G, E*P, d]
+    slots = torch.bmm(weight.transpose(1, 2), x.to(dtype))  # [G, E*P, d]
     return _groups_to_rows(slots, E)
 
 
@@ -105,6 +109,6 @@ def soft_combine(expert_out: torch.Tensor, plan: SoftRoutingPlan) -> torch.Tenso
     slot outputs of its group."""
     E, GP, d = expert_out.shape
     G, S = plan.num_groups, plan.group_size
-    slots = _rows_to_groups(expert_out, G)                                 # [G, E*P, d']
+    slots = _rows_to_groups(expert_out, G)  # [G, E*P, d']
     weight = plan.combine_weight.reshape(G, S, -1).to(expert_out.dtype)
-    return torch.bmm(weight, slots)                                        # [G, S, d']
+    return torch.bmm(weight, slots)  # [G, S, d']

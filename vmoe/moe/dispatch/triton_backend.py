@@ -10,6 +10,7 @@ Triton is imported lazily: ``vmoe`` imports without it. On CPU tensors the kerne
 Triton interpreter when ``TRITON_INTERPRET=1`` is set (slow; used by the tests). Note that the
 interpreter converts float32 -> bfloat16 by truncation, where the GPU rounds to nearest even.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ def _triton_import_error() -> Optional[str]:
         try:
             import triton  # noqa: F401
             import triton.language  # noqa: F401
+
             _IMPORT_STATE["error"] = None
         except Exception as exc:  # ImportError, or a broken install
             _IMPORT_STATE["error"] = f"triton is not importable ({type(exc).__name__}: {exc})"
@@ -68,6 +70,7 @@ def _kernels(interpret: bool):
     from triton.runtime.interpreter import InterpretedFunction
 
     from . import triton_kernels as k
+
     wrap = InterpretedFunction if interpret else triton.jit
     return wrap(k.gather_rows), wrap(k.gather_sum), wrap(k.combine_backward)
 
@@ -82,6 +85,7 @@ def _check(*tensors: torch.Tensor) -> bool:
 def _acc(*tensors: torch.Tensor):
     """Accumulation dtype (a triton dtype, passed as a constexpr): float64 if any tensor is."""
     import triton.language as tl
+
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
@@ -108,8 +112,9 @@ def _(src, index, out_dtype):
 
 
 @torch.library.custom_op("vmoe::triton_gather_sum", mutates_args=())
-def _gather_sum_op(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
-                   out_dtype: torch.dtype) -> torch.Tensor:
+def _gather_sum_op(
+    src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor], out_dtype: torch.dtype
+) -> torch.Tensor:
     interpret = _check(src) if weight is None else _check(src, weight)
     T, K = index.shape
     d = src.shape[1]
@@ -118,8 +123,17 @@ def _gather_sum_op(src: torch.Tensor, index: torch.Tensor, weight: Optional[torc
         block = _block(d)
         w = src if weight is None else weight
         _kernels(interpret)[1][(T, -(-d // block))](
-            src, index, w, out, src.shape[0], d, K=K, HAS_WEIGHT=weight is not None,
-            ACC=_acc(src, w, out), BLOCK=block)
+            src,
+            index,
+            w,
+            out,
+            src.shape[0],
+            d,
+            K=K,
+            HAS_WEIGHT=weight is not None,
+            ACC=_acc(src, w, out),
+            BLOCK=block,
+        )
     return out
 
 
@@ -129,9 +143,14 @@ def _(src, index, weight, out_dtype):
 
 
 @torch.library.custom_op("vmoe::triton_combine_backward", mutates_args=())
-def _combine_backward_op(grad_out: torch.Tensor, expert_out: torch.Tensor, weight: torch.Tensor,
-                         row_assignment: torch.Tensor, num_selected: int, need_weight_grad: bool
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _combine_backward_op(
+    grad_out: torch.Tensor,
+    expert_out: torch.Tensor,
+    weight: torch.Tensor,
+    row_assignment: torch.Tensor,
+    num_selected: int,
+    need_weight_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     interpret = _check(grad_out, expert_out, weight)
     R, d = expert_out.shape
     grad_eo = torch.empty_like(expert_out)
@@ -139,15 +158,27 @@ def _combine_backward_op(grad_out: torch.Tensor, expert_out: torch.Tensor, weigh
     grad_w = torch.zeros(weight.shape, dtype=_acc_torch(expert_out), device=expert_out.device)
     if R:
         _kernels(interpret)[2][(R,)](
-            grad_out, expert_out, weight, row_assignment, grad_eo, grad_w, weight.numel(), d,
-            K=num_selected, NEED_W=need_weight_grad, ACC=_acc(grad_out, expert_out, weight),
-            BLOCK=_block(d))
+            grad_out,
+            expert_out,
+            weight,
+            row_assignment,
+            grad_eo,
+            grad_w,
+            weight.numel(),
+            d,
+            K=num_selected,
+            NEED_W=need_weight_grad,
+            ACC=_acc(grad_out, expert_out, weight),
+            BLOCK=_block(d),
+        )
     return grad_eo, grad_w
 
 
 @_combine_backward_op.register_fake
 def _(grad_out, expert_out, weight, row_assignment, num_selected, need_weight_grad):
-    return torch.empty_like(expert_out), weight.new_empty(weight.shape, dtype=_acc_torch(expert_out))
+    return torch.empty_like(expert_out), weight.new_empty(
+        weight.shape, dtype=_acc_torch(expert_out)
+    )
 
 
 def _acc_torch(t: torch.Tensor) -> torch.dtype:
@@ -164,16 +195,30 @@ class TritonBackend:
         return _gather_rows_op(src.contiguous(), index.contiguous(), out_dtype)
 
     @staticmethod
-    def gather_sum(src: torch.Tensor, index: torch.Tensor, weight: Optional[torch.Tensor],
-                   out_dtype: torch.dtype) -> torch.Tensor:
+    def gather_sum(
+        src: torch.Tensor,
+        index: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
         weight = None if weight is None else weight.contiguous()
         return _gather_sum_op(src.contiguous(), index.contiguous(), weight, out_dtype)
 
     @staticmethod
-    def combine_backward(grad_out: torch.Tensor, expert_out: torch.Tensor, weight: torch.Tensor,
-                         token_rows: torch.Tensor, row_assignment: torch.Tensor, need_weight_grad: bool
-                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def combine_backward(
+        grad_out: torch.Tensor,
+        expert_out: torch.Tensor,
+        weight: torch.Tensor,
+        token_rows: torch.Tensor,
+        row_assignment: torch.Tensor,
+        need_weight_grad: bool,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         grad_eo, grad_w = _combine_backward_op(
-            grad_out.contiguous(), expert_out.contiguous(), weight.contiguous(),
-            row_assignment.contiguous(), token_rows.shape[1], need_weight_grad)
+            grad_out.contiguous(),
+            expert_out.contiguous(),
+            weight.contiguous(),
+            row_assignment.contiguous(),
+            token_rows.shape[1],
+            need_weight_grad,
+        )
         return grad_eo, grad_w if need_weight_grad else None

@@ -12,6 +12,7 @@ Only builtins are used (``tl.full``, ``tl.reduce``), not the ``@jit`` helpers of
 the interpreter cannot call them then. ``tl.reduce`` with ``_sum_combine`` is what ``tl.sum``
 does for floats, and the interpreter maps it to numpy's sum.
 """
+
 import triton.language as tl
 
 
@@ -26,8 +27,18 @@ def gather_rows(src, index, out, limit, d, BLOCK: tl.constexpr):
     tl.store(out + r * d + cols, v.to(out.dtype.element_ty), mask=cmask)
 
 
-def gather_sum(src, index, weight, out, n_src, d, K: tl.constexpr,
-               HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def gather_sum(
+    src,
+    index,
+    weight,
+    out,
+    n_src,
+    d,
+    K: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # out[t] = sum_k weight[t, k] * src[index[t, k]]; index >= n_src reads zero.
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -43,9 +54,20 @@ def gather_sum(src, index, weight, out, n_src, d, K: tl.constexpr,
     tl.store(out + t * d + cols, acc.to(out.dtype.element_ty), mask=cmask)
 
 
-def combine_backward(grad_out, expert_out, weight, row_assignment, grad_eo, grad_w,
-                     n_assign, d, K: tl.constexpr, NEED_W: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def combine_backward(
+    grad_out,
+    expert_out,
+    weight,
+    row_assignment,
+    grad_eo,
+    grad_w,
+    n_assign,
+    d,
+    K: tl.constexpr,
+    NEED_W: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # Row r holds assignment a = t*K + k: grad_eo[r] = w[a] * gy[t]; grad_w[a] = <gy[t], eo[r]>.
     # Each assignment owns at most one row, so the grad_w store never collides.
     r = tl.program_id(0).to(tl.int64)
