@@ -146,48 +146,48 @@ def build_model(
 
 
 class VmoeClassifier(L.LightningModule):
-    """Image classification with a (V-MoE) vision transformer.
+    """Image classification with a (V-MoE) vision transformer, the model of ``vmoe fit``.
 
-    Model source (exactly one): ``model_name`` (+ ``model_kwargs``, ``moe``), ``pretrained_dir``
-    or ``upcycle_from`` (+ ``checkpoint_path``/``upcycle_pretrained``, ``moe``); see
-    ``build_model``. ``num_classes`` comes from the data module under the CLI.
+    The network is ``self.model``, a plain ``nn.Module`` built by ``build_model``; this class
+    adds the loss (task loss + MoE auxiliary losses), metrics, optimizer, schedule and the
+    evaluation-time routing. The guide "The vmoe command" (``docs/guides/cli.md``) explains
+    the options in context.
 
-    ``moe`` is a ``vmoe.models.MoeifyConfig`` (YAML: placement and layer options, the router's
-    under ``router: {name: top_k, num_selected: 2, ...}``; the flat form of earlier vmoe
-    versions is read too): a misspelt or mistyped option is refused when the config is parsed,
-    naming ``model.moe.<key>``. ``model_kwargs.moe`` (the options a vmoe timm factory takes over
-    its own) is checked here, before the model is built, naming ``model.model_kwargs.moe.<key>``.
+    Args:
+        model_name: A timm model name (``vmoe_*`` variants, or a dense ViT made MoE by ``moe``).
+        model_kwargs: Passed on to ``timm.create_model`` (or ``from_pretrained``).
+        pretrained_dir: A ``save_pretrained`` directory, ``local-dir:DIR`` or ``hf-hub:ORG/NAME``.
+        upcycle_from: A dense timm ViT whose weights start every expert (needs ``moe``).
+        checkpoint_path: Weights of ``upcycle_from`` from this file instead of timm's hub.
+        upcycle_pretrained: Load the hub weights of ``upcycle_from`` (without checkpoint_path).
+        moe: A ``vmoe.models.MoeifyConfig`` or its dict: MoE placement and layer options.
+        num_classes: Classes of the head (set from the data module by the CLI).
+        img_size: Input resolution (None: the model's).
+        moe_dropout: Dropout inside the experts (the paper's "MoE dropout").
+        loss: 'softmax' (cross-entropy) or 'sigmoid' (per-class binary cross-entropy).
+        label_smoothing: Label smoothing, in [0, 1).
+        mixup_alpha: timm mixup alpha (0: off).
+        cutmix_alpha: timm cutmix alpha (0: off).
+        mixup_prob: Probability of applying mixup/cutmix to a batch.
+        aux_loss_weight: Weight of the MoE auxiliary losses in the training loss.
+        optimizer: 'adamw', 'sgd' or any name of ``timm.optim.list_optimizers()``.
+        lr: Peak learning rate.
+        momentum: SGD momentum.
+        betas: AdamW betas.
+        weight_decay: Weight decay, on kernels only.
+        warmup_steps: Steps of linear warmup.
+        schedule: 'cosine', 'linear' or 'constant' after the warmup.
+        end_lr: Learning rate at the end of the schedule (<= lr).
+        eval_capacity_factor: Capacity factor of validation/test/predict (paper: 4.0).
+        eval_batch_priority: Batch Priority Routing at evaluation (None: as in training).
+        layer_decay: Layer-wise learning-rate decay for fine-tuning (e.g. 0.75).
+        grad_checkpointing: Recompute each block's activations in the backward pass.
+        compile: Run the network through ``torch.compile``.
+        compile_kwargs: Passed on to ``torch.compile``.
 
-    Loss: ``loss='softmax'`` (cross-entropy) or ``'sigmoid'`` (per-class binary cross-entropy
-    summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
-    (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses
-    (added here: the model's MoE layers are put in ``aux_loss_mode='manual'``, so the aux losses
-    are counted once, and scaled with the task loss by gradient accumulation and AMP).
-
-    Optimizer: built by timm's optimizer factory: AdamW(``lr``, ``betas``) by default,
-    ``optimizer='sgd'`` (classical ``momentum``, the usual ViT fine-tuning choice) or any name of
-    ``timm.optim.list_optimizers()`` (lamb, lion, adafactor, ...); ``weight_decay`` on kernels only; ``warmup_steps`` of
-    linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``. The
-    learning rates are logged by Lightning's ``LearningRateMonitor`` (``vmoe fit`` adds it when
-    there is a logger) as ``train/lr/pg<i>``.
-
-    Fine-tuning: ``layer_decay`` (e.g. 0.75) scales block i's learning rate by
-    ``layer_decay ** (depth - i)`` (timm's ``param_groups_layer_decay``; the head at ``lr``, the
-    final norm with the last block, the embeddings at ``layer_decay ** (depth + 1)``).
-
-    Speed/memory: ``grad_checkpointing`` recomputes each block's activations in the backward pass
-    (timm's ``set_grad_checkpointing``; the recomputation redraws the same router noise, so the
-    loss, the aux losses and the gradients equal those without it); ``compile`` runs the network
-    through ``torch.compile`` (``compile_kwargs`` passed on, e.g. ``{backend: aot_eager}``;
-    ``dynamic`` defaults to False), in place, so state dicts and checkpoints keep their keys.
-
-    Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
-    and, if set, ``eval_batch_priority``; training settings are restored afterwards.
-
-    Auxiliary-loss-free balancing (``moe.bias_update_rate``): the routers' biases are updated
-    once per optimizer step, in ``on_before_optimizer_step`` (after the backward of the last
-    micro-batch: the counts of every micro-batch of a gradient-accumulation window), with the
-    counts summed over all ranks (DDP, expert parallelism), so every rank keeps the same bias.
+    Raises:
+        ValueError: A bad option (named as ``model.<key>``), not exactly one model source, or
+            MoE options that do not fit the model.
     """
 
     def __init__(
