@@ -40,7 +40,7 @@ def _exit_code(stop: SystemExit) -> int:
 
 def _run_command(name: str, argv: List[str]) -> int:
     """Parses ``argv`` with the command's jsonargparse parser (a mistake raises ArgumentError,
-    which :func:`run_command` turns into one line) and runs it."""
+    which ``run_command`` turns into one line) and runs it."""
     from jsonargparse import ArgumentParser
 
     command = COMMANDS[name]

@@ -1,7 +1,7 @@
 """``vmoe convert | routing-report | capacity-sweep | export | make-shards``: the subcommands that
 do not train.
 
-Each is a :class:`Command`: a one-line help, the jsonargparse arguments and the function that
+Each is a ``Command``: a one-line help, the jsonargparse arguments and the function that
 runs on the parsed namespace. Nothing heavy is imported before a command runs, and none of them
 imports Lightning's trainer machinery (``vmoe convert`` reads and writes files with torch and
 timm only).

@@ -2,7 +2,7 @@
 folder of Parquet files or an ``imagefolder`` tree, map-style or streaming.
 
 Images are read undecoded (``datasets.Image(decode=False)``: the encoded bytes or a file path)
-and decoded once by :func:`vmoe.data.load_image` (grey/RGBA/CMYK/16-bit, EXIF orientation),
+and decoded once by ``vmoe.data.load_image`` (grey/RGBA/CMYK/16-bit, EXIF orientation),
 then go through the same albumentations pipelines as every vmoe data module. Items are
 ``(image float32 [C, H, W], label int)``.
 

@@ -419,14 +419,16 @@ def moeify(
     router_init_std: Optional[float] = None,
     config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
     drop: Optional[Dropout] = None,
-    **options,
+    **options: Any,
 ) -> nn.Module:
     """Replace the ``mlp`` of chosen blocks of a timm ViT by ``MoeMlp`` (in place; returns model).
 
     Args:
         model: a timm ``VisionTransformer`` (or any model with ``blocks[i].mlp`` timm ``Mlp``s:
             DeiT, ViTs with registers, with or without class token, ``global_pool='avg'``).
-        every / last / blocks: placement, see ``moe_block_indices``.
+        every: a MoE block every this many blocks (see ``moe_block_indices``).
+        last: the last this many blocks.
+        blocks: explicit block indices.
         from_dense: sparse upcycling. Every expert starts as a copy of the dense MLP it replaces
             (shared experts too: n copies with fc2 / n, computing the dense MLP exactly; a
             ``shared_hidden_features`` that is not a multiple of the dense width is a

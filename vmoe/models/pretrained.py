@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -439,7 +439,7 @@ def upcycle(
     every: Optional[int] = None,
     last: Optional[int] = None,
     blocks: Optional[Sequence[int]] = None,
-    **moe_options,
+    **moe_options: Any,
 ) -> nn.Module:
     """Sparse upcycling: a dense timm ViT (with its pretrained weights) -> V-MoE.
 
@@ -448,9 +448,13 @@ def upcycle(
         checkpoint_path: a local weights file for that architecture: ``.safetensors``/``.pth``
             in timm's layout, or Google's ViT ``.npz`` (read by timm's own loader).
         pretrained: load timm's hub weights by name (needs internet).
-        num_classes, img_size: new head / resolution (timm resamples position embeddings).
-        every/last/blocks, **moe_options: see ``moeify`` (``config=`` a ``MoeLayerConfig``,
-            ``router_init_std``, ``drop``, or the flat keyword options). Experts start as copies of the dense
+        num_classes: a new head with this many classes.
+        img_size: a new resolution (timm resamples the position embeddings).
+        every: MoE placement, as in ``moeify``.
+        last: MoE placement, as in ``moeify``.
+        blocks: MoE placement, as in ``moeify``.
+        **moe_options: as in ``moeify`` (``config=`` a ``MoeLayerConfig``, ``router_init_std``,
+            ``drop``, or the flat keyword options). Experts start as copies of the dense
             MLPs. With ``renormalize=True`` and a capacity that drops nothing, the upcycled model
             computes exactly what the dense model does.
     """

@@ -31,7 +31,9 @@ class Experts(nn.Module):
 
     Args:
         num_experts: E.
-        in_features, hidden_features, out_features: d, h, d' (h and d' default to d).
+        in_features: d.
+        hidden_features: h (default d).
+        out_features: d' (default d).
         act_layer: activation module class (timm's default ``nn.GELU``; the official V-MoE uses
             the tanh approximation: ``functools.partial(nn.GELU, approximate='tanh')``).
         bias: use biases.

@@ -72,7 +72,7 @@ class MoeMlp(nn.Module):
         drop: Union[float, Tuple[float, float]] = 0.0,
         *,
         config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
-        **options,
+        **options: Any,
     ):
         super().__init__()
         if config is not None and options:

@@ -279,7 +279,10 @@ class TopKRouter(_GatingRouter):
         noisy_at_eval: also add noise in eval mode.
         renormalize: combine weights are the gates renormalized over the K choices (sum 1)
             instead of the raw softmax gates (paper default: raw).
-        importance_weight, load_weight, gshard_weight, zloss_weight: auxiliary loss weights.
+        importance_weight: weight of the importance loss.
+        load_weight: weight of the load loss.
+        gshard_weight: weight of the GShard loss.
+        zloss_weight: weight of the router z-loss.
         score_func: 'softmax' (default, the paper's) or 'sigmoid' (an independent sigmoid per
             expert, in float32; with ``renormalize`` the K chosen sum to 1, as DeepSeek-V3).
             The auxiliary losses and statistics take these scores as the gates.

@@ -347,7 +347,7 @@ def write_routing_report(
     capacity_factors: Optional[Sequence[float]] = DEFAULT_CAPACITY_FACTORS,
     priority_capacity_factors: Sequence[float] = (0.5,),
     class_names: Optional[Sequence[str]] = None,
-    device=None,
+    device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     title: Optional[str] = None,
     dpi: int = 110,
