@@ -503,7 +503,8 @@ COMMANDS = {
         _routing_report,
     ),
     "capacity-sweep": Command(
-        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR (sparse MoE layers only)",
+        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR "
+        "(sparse MoE layers only)",
         _report_arguments,
         _capacity_sweep,
     ),

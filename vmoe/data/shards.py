@@ -290,7 +290,8 @@ class DecodeItem:
         except CorruptImageError as err:
             if self.skip_corrupt:
                 warnings.warn(
-                    f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}"
+                    f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}",
+                    stacklevel=2,
                 )
                 return None
             raise

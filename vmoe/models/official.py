@@ -398,8 +398,9 @@ def from_vmoe_checkpoint(
         img_size: a new input size; position embeddings are resampled (timm).
         **moe_options: MoE options the checkpoint does not store, flat as ``MoeMlp``'s keyword
             options or nested (``router=dict(name="top_k", num_selected=1)``; see
-            ``vmoe.moe.config``): num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
-            group_size (tokens), batch_priority (False), capacity_multiple_of (4), ...
+            ``vmoe.moe.config``): num_selected (K, default 2), capacity_factor (1.05),
+            group_size_images (8) or group_size (tokens), batch_priority (False),
+            capacity_multiple_of (4), ...
             A Soft MoE checkpoint (``Router/mu``) builds ``router='soft'`` layers with P from
             ``mu``'s shape, one image per group and no noise; ``bf16_dispatch=True``
             reproduces the official bf16 rounding of the mixed data (see ``MoeMlp``).

@@ -191,7 +191,8 @@ def push_to_hub(
             )
         except (OSError, ValueError) as err:  # huggingface_hub: offline, auth, network, refused
             raise RuntimeError(
-                f"could not push to the Hugging Face Hub repository {repo_id!r} ({_first_line(err)}). "
+                f"could not push to the Hugging Face Hub repository {repo_id!r} "
+                f"({_first_line(err)}). "
                 "Offline or not logged in? Save with save_pretrained(model, DIR) and upload DIR "
                 "later (huggingface-cli upload)"
             ) from err
@@ -477,7 +478,8 @@ def upcycle(
         except (OSError, ConnectionError, RuntimeError) as err:
             if kwargs.get("pretrained") and checkpoint_path is None:
                 raise RuntimeError(
-                    f"could not download pretrained weights for {model!r} ({type(err).__name__}: {err}). "
+                    f"could not download pretrained weights for {model!r} ({type(err).__name__}: "
+                    f"{err}). "
                     "Offline? Download the weights file elsewhere and pass checkpoint_path=..."
                 ) from err
             raise

@@ -196,7 +196,8 @@ class MoeMlp(nn.Module):
 
     @property
     def aux_loss_mode(self) -> str:
-        """'backward' (aux loss attached to the output's backward) or 'manual' (see ``vmoe.moe.balancing``)."""
+        """'backward' (aux loss attached to the output's backward) or 'manual' (the training
+        loop adds it)."""
         return self._aux_loss_mode
 
     @aux_loss_mode.setter
@@ -205,7 +206,7 @@ class MoeMlp(nn.Module):
 
     @property
     def aux_loss_scale(self) -> float:
-        """The factor the attached aux loss enters the backpropagated loss with ('backward' mode)."""
+        """The factor the attached aux loss enters the backward with ('backward' mode)."""
         return self._aux_loss_scale
 
     @aux_loss_scale.setter

@@ -35,7 +35,8 @@ from .optim import SCHEDULES, check_optimizer_name, create_optimizer, lr_factor,
 __all__ = ["VmoeClassifier", "build_model", "state_dict_differences", "parse_moe_option"]
 
 LOSSES = ("softmax", "sigmoid")
-# Hyper-parameters that decide the network's shape: a checkpoint made with other values does not fit.
+# Hyper-parameters that decide the network's shape: a checkpoint made with other values does not
+# fit.
 ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "upcycle_from", "moe", "img_size")
 
 
@@ -612,7 +613,8 @@ def _differences(key: str, saved: Any, now: Any) -> list:
 def state_dict_differences(
     saved: Dict[str, Any], own: Dict[str, torch.Tensor], limit: int = 5
 ) -> str:
-    """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if nothing)."""
+    """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if
+    nothing)."""
     own_shapes = {k: tuple(v.shape) for k, v in own.items()}
     # entries without a shape (not tensors) are not compared
     saved_shapes = {

@@ -252,7 +252,8 @@ def _priority(record, index, image, top_k, capacity_factors, out_dir, dpi) -> di
 
 
 def _load(record: RoutingRecord, sparse: List[str], out_dir, dpi) -> dict:
-    """Expert load of the sparse layers; layers of different (E, K) are drawn in separate figures."""
+    """Expert load of the sparse layers; layers of different (E, K) are drawn in separate
+    figures."""
     groups: Dict[tuple, List[str]] = {}
     for name in sparse:
         plan = record.plans(name)[0]

@@ -344,7 +344,8 @@ def class_expert_matrix(
     if all(record.is_soft(n) for n in names):
         what = "combine-weighted"
     fig.suptitle(
-        f"Class x expert: {what} expert of each class's {'tokens' if include_prefix else 'patches'}",
+        f"Class x expert: {what} expert of each class's "
+        f"{'tokens' if include_prefix else 'patches'}",
         fontsize=11,
     )
     return fig, {
