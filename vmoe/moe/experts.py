@@ -40,13 +40,11 @@ class Experts(nn.Module):
         drop: dropout after the activation and after fc2 (a float or a pair).
         same_init: all experts start from the same values (the paper's default); False draws
             each expert independently.
-        gemm: 'bmm' (default) or 'grouped_mm'. Both compute the same products over the
-            fixed-capacity buffers; 'grouped_mm' uses ``torch.nn.functional.grouped_mm`` and needs
-            bfloat16 buffers (train under ``torch.autocast(dtype=torch.bfloat16)``; the weights
-            are cast on the way, gradients reach the float32 parameters) and widths that are
-            multiples of 8. It is an explicit choice: where it cannot run, forward raises instead
-            of quietly running something else. ``benchmarks/moe_layer.py --dtype bf16`` times it
-            against bmm (column ``floor_gmm/floor``).
+        gemm: 'bmm' (default) or 'grouped_mm' (``torch.nn.functional.grouped_mm``: needs
+            bfloat16 autocast and widths that are multiples of 8).
+
+    Raises:
+        ValueError: An unknown ``gemm``, or widths 'grouped_mm' cannot run with.
     """
 
     def __init__(
