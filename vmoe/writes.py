@@ -5,11 +5,11 @@ A write that fails part-way surfaces differently depending on the writer: ``OSEr
 from our own files, ``EFBIG`` under a file-size limit (or a 4 GB file on FAT32), ``EDQUOT``,
 ``EROFS``, safetensors' ``SafetensorError("... (os error 28)")``, and ``torch.save``'s
 ``RuntimeError: [enforce fail at inline_container.cc:...] . unexpected pos ...`` whose
-``__context__`` holds the OSError its file object raised. :func:`failed_write` turns all of
-them into one :class:`WriteError` "could not write X: disk full (...); nothing was changed".
+``__context__`` holds the OSError its file object raised. ``failed_write`` turns all of
+them into one ``WriteError`` "could not write X: disk full (...); nothing was changed".
 
 Ctrl-C inside ``torch.save`` is wrapped the same way (a RuntimeError whose ``__context__`` is
-the KeyboardInterrupt): :func:`failed_write` raises it as ``KeyboardInterrupt`` again.
+the KeyboardInterrupt): ``failed_write`` raises it as ``KeyboardInterrupt`` again.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def failed_write(target: Union[str, os.PathLike], what: str = "") -> Iterator[No
 
 def save_figure(fig, path: Union[str, os.PathLike], **savefig_kwargs) -> None:
     """``fig.savefig(path)`` atomically (a temporary file beside it, then ``os.replace``), its
-    failures as :class:`WriteError`: a picture is the old one or the new one, never half."""
+    failures as ``WriteError``: a picture is the old one or the new one, never half."""
     path = os.fspath(path)
     fmt = savefig_kwargs.pop("format", None) or os.path.splitext(path)[1].lstrip(".") or "png"
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")

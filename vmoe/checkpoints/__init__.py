@@ -1,12 +1,12 @@
 """vmoe.checkpoints: checkpoint file formats, knowing nothing of models.
 
-* :mod:`~vmoe.checkpoints.official_reader`: Google's official V-MoE checkpoints
+* ``vmoe.checkpoints.official_reader``: Google's official V-MoE checkpoints
   (``PREFIX.index`` + MessagePack data shards), read one array at a time with numpy + msgpack;
-  :mod:`~vmoe.checkpoints.official_format` holds the format's building blocks.
-* :mod:`~vmoe.checkpoints.safetensors_stream`: a ``.safetensors`` writer that takes one tensor
+  ``vmoe.checkpoints.official_format`` holds the format's building blocks.
+* ``vmoe.checkpoints.safetensors_stream``: a ``.safetensors`` writer that takes one tensor
   at a time, and a checked reader of a ``.safetensors`` header.
 
-The mapping of official parameter names onto vmoe's model is in :mod:`vmoe.models.official`.
+The mapping of official parameter names onto vmoe's model is in ``vmoe.models.official``.
 """
 
 from .official_format import ArrayInfo, CheckpointFormatError, Chunk

@@ -1,6 +1,6 @@
 """Building blocks of Google's V-MoE checkpoint format (``vmoe.checkpoints.partitioned``).
 
-Shared by the reader (:mod:`vmoe.checkpoints.official_reader`) and the writer the tests use
+Shared by the reader (``vmoe.checkpoints.official_reader``) and the writer the tests use
 (``tests/checkpoints/official_writer.py``): the error type, the array/chunk descriptions, the dtype
 whitelist and a tiny *streaming* MessagePack header reader.
 
@@ -114,7 +114,7 @@ class ArrayInfo:
     """What the ``.index`` file says about one array (leaf ``leaf`` in the data shards).
 
     ``dtype`` is the stored dtype name (e.g. ``"float32"``, ``"bfloat16"``); arrays are
-    returned with :attr:`numpy_dtype` (bfloat16 becomes float32).
+    returned with ``numpy_dtype`` (bfloat16 becomes float32).
     """
 
     name: str
@@ -135,7 +135,7 @@ class ArrayInfo:
 class MsgpackStream:
     """Reads MessagePack *headers* one at a time from a binary file, without reading payloads.
 
-    Every method raises :class:`CheckpointFormatError` naming the file and the offset when the
+    Every method raises ``CheckpointFormatError`` naming the file and the offset when the
     bytes are not what the checkpoint format puts there, or when the file ends early.
     """
 

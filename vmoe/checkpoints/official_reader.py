@@ -285,7 +285,7 @@ def _load_index(prefix: str) -> tuple[dict[str, ArrayInfo], int]:
 
 
 def read_checkpoint_index(prefix: str) -> dict[str, ArrayInfo]:
-    """Reads ``prefix.index``: name -> :class:`ArrayInfo` (shape, dtype, chunks), in leaf order."""
+    """Reads ``prefix.index``: name -> ``ArrayInfo`` (shape, dtype, chunks), in leaf order."""
     return _load_index(prefix)[0]
 
 

@@ -136,8 +136,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
 
 
 class SafetensorsStreamWriter:
-    """Writes ``path`` from ``specs`` = {name: (torch dtype, shape)}; call :meth:`write` once per
-    name (any order), then :meth:`close` (or use ``with``). The file appears at ``path`` only
+    """Writes ``path`` from ``specs`` = {name: (torch dtype, shape)}; call ``write`` once per
+    name (any order), then ``close`` (or use ``with``). The file appears at ``path`` only
     when every tensor was written (it is built under ``path + ".tmp"``); on an error or an
     incomplete set the temporary file is removed."""
 

@@ -1,28 +1,9 @@
-"""The ``vmoe`` command: one front end for every subcommand, all parsed with jsonargparse.
+"""The ``vmoe`` command: ``main`` dispatches to a LightningCLI subcommand or to a ``Command``.
 
-``vmoe fit | validate | test | predict --config configs/<name>.yaml`` are LightningCLI
-subcommands (:mod:`vmoe.cli.training`; model ``vmoe.train.VmoeClassifier``, data any
-LightningDataModule with a ``num_classes`` attribute, e.g. ``vmoe.data.DigitsDataModule``).
-``vmoe convert``, ``routing-report`` and ``capacity-sweep`` are the :data:`COMMANDS` of
-:mod:`vmoe.cli.commands`; they do not import Lightning's trainer.
-
-Run layout (``trainer.default_root_dir``, default ``runs/default``): ``checkpoints/`` (best and
-last; ``--ckpt_path last`` resumes), ``export/`` (``save_pretrained`` of the best model), the
-logger's files (wandb offline by default) and ``routing/*.png``.
-
-Interrupt-safe: ``last.ckpt`` is written every ``last_checkpoint.every_n_train_steps`` steps
-(default 500), at every epoch end and when training stops on Ctrl-C or a crash, atomically
-(temp file + ``os.replace``). Ctrl-C ends with exit code 130 and
-``vmoe fit: interrupted at step N; resume with --ckpt_path last``.
-
-With ``--ckpt_path FILE``, the checkpoint's model hyper-parameters fill in the model options
-left at their defaults; options given on the command line or in a config win. A checkpoint
-whose architecture differs from the configured model is refused, naming what differs.
-
-User mistakes in every subcommand (unknown key, missing data path, bad value, num_classes or
-img_size mismatch, an unreadable checkpoint, a diverged run, a full disk, ...) end with a
-one-line ``vmoe <command>: error: ...`` and exit code 2 (:func:`run_command`); ``VMOE_DEBUG=1``
-shows the traceback.
+``vmoe fit | validate | test | predict`` are LightningCLI subcommands (``vmoe.cli.training``);
+``vmoe convert | routing-report | capacity-sweep | export | make-shards`` are the ``COMMANDS``
+of ``vmoe.cli.commands``. User errors end with one line ``vmoe <command>: error: ...`` and exit
+code 2 (``run_command``). Usage: the guide "The vmoe command" (``docs/guides/cli.md``).
 """
 
 from __future__ import annotations
@@ -59,7 +40,7 @@ def _exit_code(stop: SystemExit) -> int:
 
 def _run_command(name: str, argv: List[str]) -> int:
     """Parses ``argv`` with the command's jsonargparse parser (a mistake raises ArgumentError,
-    which :func:`run_command` turns into one line) and runs it."""
+    which ``run_command`` turns into one line) and runs it."""
     from jsonargparse import ArgumentParser
 
     command = COMMANDS[name]

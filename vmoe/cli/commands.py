@@ -1,24 +1,9 @@
 """``vmoe convert | routing-report | capacity-sweep | export | make-shards``: the subcommands that
 do not train.
 
-Each is a :class:`Command`: a one-line help, the jsonargparse arguments and the function that
-runs on the parsed namespace. Nothing heavy is imported before a command runs, and none of them
-imports Lightning's trainer machinery (``vmoe convert`` reads and writes files with torch and
-timm only).
-
-    vmoe convert PREFIX --out DIR [--num-selected 2] [--capacity-factor 1.05] ...
-    vmoe routing-report --model runs/x/export --data digits --out report/
-    vmoe capacity-sweep --model runs/x/export --data path/to/val_images --out sweep/
-    vmoe export --model runs/x/export --format onnx --out model.onnx [--capacity-factor 4.0]
-    vmoe make-shards --source path/to/images --out shards/train
-
-``--model`` is a directory written by ``vmoe.models.save_pretrained`` (e.g. the ``export/``
-folder of a training run). ``--data`` is ``digits`` (a split of ``vmoe.data.DigitsDataModule``)
-or a folder of class sub-folders of images (``<dir>/<class>/<image>``; labels = sorted folder
-names, as ``vmoe.data.ImageFolderDataModule``). Images go through the data module's evaluation
-pipeline (resize, center crop, normalize) at the model's input size. This is where ``vmoe.data``
-and ``vmoe.viz`` meet: neither imports the other. A Soft MoE model gets its own pictures in the
-routing report (no capacity sweep); ``capacity-sweep`` refuses it with a message naming the layer.
+Each is a ``Command``: a one-line help, the jsonargparse arguments and the function that runs on
+the parsed namespace. Nothing heavy is imported before a command runs, and none of them imports
+Lightning's trainer. Usage of each: the guide "The vmoe command" (``docs/guides/cli.md``).
 """
 
 from __future__ import annotations
@@ -503,7 +488,8 @@ COMMANDS = {
         _routing_report,
     ),
     "capacity-sweep": Command(
-        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR (sparse MoE layers only)",
+        "accuracy and MoE FLOPs vs inference capacity factor, vanilla vs BPR "
+        "(sparse MoE layers only)",
         _report_arguments,
         _capacity_sweep,
     ),

@@ -55,8 +55,9 @@ def _refuse_lightning_optimizer(config) -> None:
         raise ValueError(
             f"{' and '.join(given)}: not supported; vmoe builds the optimizer and schedule itself "
             "(no weight decay on biases, norms and embeddings; warmup then decay): use "
-            "--model.optimizer (adamw, sgd or a timm.optim name), --model.lr, --model.weight_decay, "
-            "--model.momentum/--model.betas, --model.schedule, --model.warmup_steps, --model.end_lr"
+            "--model.optimizer (adamw, sgd or a timm.optim name), --model.lr, "
+            "--model.weight_decay, --model.momentum/--model.betas, --model.schedule, "
+            "--model.warmup_steps, --model.end_lr"
         )
 
 

@@ -1,7 +1,8 @@
 """vmoe.data: LightningDataModules and albumentations pipelines for image classification.
 
-LightningCLI instantiates the classes directly, e.g. ``data: {class_path: vmoe.data.DigitsDataModule,
-init_args: {img_size: 16}}``; ``build_datamodule("digits", img_size=16)`` does the same from code.
+LightningCLI instantiates the classes directly, e.g.
+``data: {class_path: vmoe.data.DigitsDataModule, init_args: {img_size: 16}}``;
+``build_datamodule("digits", img_size=16)`` does the same from code.
 """
 
 from __future__ import annotations

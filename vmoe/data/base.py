@@ -41,7 +41,8 @@ class VisionDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the main process).
         pin_memory: pin host memory (speeds up host->GPU copies).
         drop_last: drop the last incomplete training batch.
-        mean, std: per-channel normalization on the [0, 1] scale (default 0.5 -> inputs in [-1, 1]).
+        mean: per-channel normalization mean on the [0, 1] scale (default 0.5: inputs in [-1, 1]).
+        std: per-channel normalization std (default 0.5).
         train_transform: training augmentation (None: the data module's default).
         eval_transform: evaluation preprocessing (None: the data module's default).
     """

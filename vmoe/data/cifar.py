@@ -125,7 +125,8 @@ class CIFAR10DataModule(VisionDataModule):
         self.classes: Optional[list[str]] = None
 
     def default_train_transform(self) -> TrainTransformConfig:
-        # A mild crop at CIFAR's native size; upscaled inputs (e.g. 224) can use the ImageNet default.
+        # A mild crop at CIFAR's native size; upscaled inputs (e.g. 224) can use the ImageNet
+        # default.
         return (
             TrainTransformConfig(scale=(0.35, 1.0))
             if self.img_size <= 64
@@ -144,9 +145,9 @@ class CIFAR10DataModule(VisionDataModule):
         s = self.spec
         archive = s.url.rsplit("/", 1)[1]
         msg = (
-            f"{s.name} not found: {reason}. Expected the folder '{s.folder}' (the binary version) with "
-            f"{', '.join(s.train_files + s.test_files)} under data_dir='{self.data_dir}' -> {self.folder}. "
-            f"Download {s.url} (md5 {s.md5}) and extract it there: "
+            f"{s.name} not found: {reason}. Expected the folder '{s.folder}' (the binary version) "
+            f"with {', '.join(s.train_files + s.test_files)} under data_dir='{self.data_dir}' "
+            f"-> {self.folder}. Download {s.url} (md5 {s.md5}) and extract it there: "
             f"tar xzf {archive} -C {self.data_dir}"
             + (
                 " (prepare_data(), which the Trainer calls before setup, downloads it)"
@@ -156,8 +157,8 @@ class CIFAR10DataModule(VisionDataModule):
         )
         if (self.data_dir / s.python_folder).is_dir():
             msg += (
-                f". Note: '{self.data_dir / s.python_folder}' (the pickled Python version) is not read, "
-                "because unpickling a file can run arbitrary code"
+                f". Note: '{self.data_dir / s.python_folder}' (the pickled Python version) is not "
+                "read, because unpickling a file can run arbitrary code"
             )
         return msg
 
@@ -189,7 +190,8 @@ class CIFAR10DataModule(VisionDataModule):
                 )
             if y.max() >= self.num_classes:
                 raise ValueError(
-                    f"'{self.folder / name}' has label {y.max()} >= {self.num_classes}: not {self.spec.name}?"
+                    f"'{self.folder / name}' has label {y.max()} >= {self.num_classes}: not "
+                    f"{self.spec.name}?"
                 )
             images.append(x)
             labels.append(y)

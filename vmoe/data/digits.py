@@ -57,13 +57,15 @@ class DigitsDataModule(VisionDataModule):
                 raise ValueError(f"{name}={value} must be in [0, 1)")
         if val_fraction + test_fraction >= 0.9:
             raise ValueError(
-                f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves too little to train on"
+                f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves too little "
+                "to train on"
             )
         mean = (0.5,) * channels if mean is None else mean
         std = (0.5,) * channels if std is None else std
         if len(mean) != channels or len(std) != channels:
             raise ValueError(
-                f"mean={tuple(mean)} and std={tuple(std)} need {channels} entries (channels={channels})"
+                f"mean={tuple(mean)} and std={tuple(std)} need {channels} entries "
+                f"(channels={channels})"
             )
         super().__init__(img_size=img_size, batch_size=batch_size, mean=mean, std=std, **kwargs)
         self.val_fraction = val_fraction

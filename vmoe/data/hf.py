@@ -2,7 +2,7 @@
 folder of Parquet files or an ``imagefolder`` tree, map-style or streaming.
 
 Images are read undecoded (``datasets.Image(decode=False)``: the encoded bytes or a file path)
-and decoded once by :func:`vmoe.data.load_image` (grey/RGBA/CMYK/16-bit, EXIF orientation),
+and decoded once by ``vmoe.data.load_image`` (grey/RGBA/CMYK/16-bit, EXIF orientation),
 then go through the same albumentations pipelines as every vmoe data module. Items are
 ``(image float32 [C, H, W], label int)``.
 
@@ -47,7 +47,8 @@ def _offline_message(path: str, err: BaseException) -> str:
         else type(err).__name__
     )
     return (
-        f"Hugging Face dataset {path!r} is neither a local folder nor in the cache {cache} ({why}): "
+        f"Hugging Face dataset {path!r} is neither a local folder nor in the cache {cache} "
+        f"({why}): "
         f"run datasets.load_dataset({path!r}) once online and set HF_DATASETS_CACHE to that cache, "
         "or pass a save_to_disk/Parquet/imagefolder folder"
     )
@@ -367,7 +368,8 @@ class HFDataModule(VisionDataModule):
         bad = np.flatnonzero((labels < 0) | (labels >= self._num_classes))
         if len(bad):
             raise ValueError(
-                f"row {int(bad[0])} of split {split!r} of {self.path!r}: label {int(labels[bad[0]])} "
+                f"row {int(bad[0])} of split {split!r} of {self.path!r}: label "
+                f"{int(labels[bad[0]])} "
                 f"is not in [0, {self._num_classes}) (column {self.label_column!r}; "
                 f"{len(bad)} such row(s))"
             )

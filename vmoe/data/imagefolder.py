@@ -58,7 +58,8 @@ def list_class_folders(split_dir: Path) -> list[str]:
     )
     if not classes:
         raise ValueError(
-            f"image folder '{split_dir}' has no class sub-folders (expected {split_dir}/<class>/<image>)"
+            f"image folder '{split_dir}' has no class sub-folders (expected "
+            f"{split_dir}/<class>/<image>)"
         )
     return classes
 
@@ -74,7 +75,8 @@ def scan_split(
     unknown = [c for c in present if c not in classes]
     if unknown:
         raise ValueError(
-            f"'{split_dir}' has class folder(s) {unknown} that the train split does not have: {list(classes)}"
+            f"'{split_dir}' has class folder(s) {unknown} that the train split does not have: "
+            f"{list(classes)}"
         )
     exts = {e.lower() for e in extensions}
     paths: list[Path] = []
@@ -93,7 +95,8 @@ def scan_split(
         labels += [classes.index(name)] * len(found)
     if empty:
         raise ValueError(
-            f"class folder(s) without any image file ({', '.join(sorted(exts))}): {', '.join(empty)}"
+            f"class folder(s) without any image file ({', '.join(sorted(exts))}): "
+            f"{', '.join(empty)}"
         )
     return paths, labels
 
@@ -251,8 +254,9 @@ class ImageFolderDataModule(VisionDataModule):
                 emptied = sorted(self.classes[i] for i in before - set(d.labels.tolist()))
                 if emptied:
                     raise ValueError(
-                        f"class folder(s) {emptied} under '{self.data_dir}' have no readable image left "
-                        f"after skipping {len(bad)} unreadable file(s): {', '.join(map(str, bad[:5]))}"
+                        f"class folder(s) {emptied} under '{self.data_dir}' have no readable image "
+                        f"left after skipping {len(bad)} unreadable file(s): "
+                        f"{', '.join(map(str, bad[:5]))}"
                     )
         if bad:
             self.skipped += bad

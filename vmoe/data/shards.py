@@ -1,5 +1,5 @@
-"""Streaming shards on litdata: written by :func:`write_shards` (``vmoe make-shards``), read by
-:class:`ShardDataModule` from a local folder or a URL (``s3://``, ``gs://``, ...).
+"""Streaming shards on litdata: written by ``write_shards`` (``vmoe make-shards``), read by
+``ShardDataModule`` from a local folder or a URL (``s3://``, ``gs://``, ...).
 
 A shard folder holds litdata chunks (``chunk-*.bin`` + ``index.json``) of items
 ``{"image": encoded bytes (the source file's, not re-encoded), "label": int, "key": str}`` and
@@ -12,7 +12,7 @@ data- or expert-parallel run are data-parallel workers) and over the loader work
 rank, shuffled with ``seed`` (chunk order, then items within chunks; re-drawn every epoch).
 Under DDP litdata drops the remainder that would give ranks unequal counts (``drop_last``, its
 default in a distributed run): at most ``world_size * num_workers * batch_size - 1`` images an
-epoch, none seen twice. Images are decoded once (:func:`vmoe.data.load_image`) and go through
+epoch, none seen twice. Images are decoded once (``vmoe.data.load_image``) and go through
 the usual albumentations pipelines.
 
 Resume: litdata's ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``, which
@@ -129,7 +129,7 @@ def write_shards(
     extensions: Optional[list[str]] = None,
 ) -> dict:
     """Write ``source`` (a folder of class sub-folders ``<dir>/<class>/<image>``, or a Hugging
-    Face dataset as :class:`vmoe.data.HFDataModule` reads it, its ``split``) as litdata chunks
+    Face dataset as ``vmoe.data.HFDataModule`` reads it, its ``split``) as litdata chunks
     into ``out``; returns the manifest. Written into a temporary folder beside ``out`` and moved
     in when complete (a full disk: ``WriteError``, ``out`` unchanged); a non-empty ``out`` is
     refused unless ``overwrite``."""
@@ -290,7 +290,8 @@ class DecodeItem:
         except CorruptImageError as err:
             if self.skip_corrupt:
                 warnings.warn(
-                    f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}"
+                    f"ShardDataModule skipped an unreadable image (skip_corrupt=True): {err}",
+                    stacklevel=2,
                 )
                 return None
             raise

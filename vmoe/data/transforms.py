@@ -7,7 +7,8 @@ The knobs live in two dataclasses so that LightningCLI/jsonargparse can fill the
       class_path: vmoe.data.CIFAR10DataModule
       init_args:
         img_size: 224
-        train_transform: {scale: [0.08, 1.0], hflip_prob: 0.5, randaugment_num_ops: 2, randaugment_magnitude: 10}
+        train_transform: {scale: [0.08, 1.0], hflip_prob: 0.5,
+                          randaugment_num_ops: 2, randaugment_magnitude: 10}
         eval_transform: {crop_pct: 0.875}
 
 Normalization (mean/std) and the output size belong to the data module, since train and eval

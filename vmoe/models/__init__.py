@@ -1,5 +1,5 @@
-"""vmoe.models: timm ViT -> V-MoE or Soft MoE, the papers' variants, upcycling, save/load, the official
-checkpoints' key mapping.
+"""vmoe.models: timm ViT -> V-MoE or Soft MoE, the papers' variants, upcycling, save/load, the
+official checkpoints' key mapping, export.
 
 Importing this package registers the ``vmoe_*`` models in timm's registry.
 """

@@ -46,7 +46,8 @@ def _routing_rows(model: nn.Module) -> list:
         )
         rows.append(
             f"| `{name}` | {type(router).__name__} | {router.num_experts} | "
-            f"{getattr(router, 'num_selected', '-')} | {router.capacity_factor} | {router.capacity} | "
+            f"{getattr(router, 'num_selected', '-')} | {router.capacity_factor} | "
+            f"{router.capacity} | "
             f"{router.batch_priority} | {group} |" + (f" {methods[name] or '-'} |" if extra else "")
         )
     return rows

@@ -419,19 +419,23 @@ def moeify(
     router_init_std: Optional[float] = None,
     config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
     drop: Optional[Dropout] = None,
-    **options,
+    **options: Any,
 ) -> nn.Module:
     """Replace the ``mlp`` of chosen blocks of a timm ViT by ``MoeMlp`` (in place; returns model).
 
     Args:
         model: a timm ``VisionTransformer`` (or any model with ``blocks[i].mlp`` timm ``Mlp``s:
             DeiT, ViTs with registers, with or without class token, ``global_pool='avg'``).
-        every / last / blocks: placement, see ``moe_block_indices``.
+        every: N, blocks N-1, 2N-1, ... become MoE (placement: give one of every, last,
+            blocks; see ``moe_block_indices``).
+        last: N, the last N odd blocks become MoE.
+        blocks: explicit block indices (negative ones count from the end).
         from_dense: sparse upcycling. Every expert starts as a copy of the dense MLP it replaces
             (shared experts too: n copies with fc2 / n, computing the dense MLP exactly; a
             ``shared_hidden_features`` that is not a multiple of the dense width is a
             ValueError) and the router starts small (std 1e-3 unless ``router_init_std``).
-            Otherwise experts get timm's ViT init (truncated normal, std 0.02) and the router LeCun-normal.
+            Otherwise experts get timm's ViT init (truncated normal, std 0.02) and the router
+            LeCun-normal.
         config: the MoE layer's ``MoeLayerConfig`` (or its dict, nested or flat).
         drop: expert dropout (one probability or a pair); default the replaced MLP's.
         **options: the flat keyword form of the layer config (num_experts, num_selected,

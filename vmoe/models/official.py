@@ -1,6 +1,6 @@
 """Google's released V-MoE and Soft MoE checkpoints -> our timm-based ``VisionTransformerMoe``:
 the key mapping of the official parameter tree (the file format is read by
-:mod:`vmoe.checkpoints`).
+``vmoe.checkpoints``).
 
 The architecture is read from the checkpoint's index (hidden size, depth, heads, MLP size,
 patch size, MoE blocks and experts, class token or global pooling, representation size,
@@ -34,7 +34,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import timm
@@ -384,7 +384,11 @@ def _build_empty(arch: dict, moe_options: dict) -> nn.Module:
 
 
 def from_vmoe_checkpoint(
-    prefix: str, *, num_classes: Optional[int] = None, img_size=None, **moe_options
+    prefix: str,
+    *,
+    num_classes: Optional[int] = None,
+    img_size: Optional[int] = None,
+    **moe_options: Any,
 ) -> nn.Module:
     """Builds our V-MoE with the weights of an official checkpoint (``prefix.index`` + shards).
 
@@ -394,8 +398,9 @@ def from_vmoe_checkpoint(
         img_size: a new input size; position embeddings are resampled (timm).
         **moe_options: MoE options the checkpoint does not store, flat as ``MoeMlp``'s keyword
             options or nested (``router=dict(name="top_k", num_selected=1)``; see
-            ``vmoe.moe.config``): num_selected (K, default 2), capacity_factor (1.05), group_size_images (8) or
-            group_size (tokens), batch_priority (False), capacity_multiple_of (4), ...
+            ``vmoe.moe.config``): num_selected (K, default 2), capacity_factor (1.05),
+            group_size_images (8) or group_size (tokens), batch_priority (False),
+            capacity_multiple_of (4), ...
             A Soft MoE checkpoint (``Router/mu``) builds ``router='soft'`` layers with P from
             ``mu``'s shape, one image per group and no noise; ``bf16_dispatch=True``
             reproduces the official bf16 rounding of the mixed data (see ``MoeMlp``).

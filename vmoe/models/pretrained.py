@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import timm
 import torch
@@ -191,7 +191,8 @@ def push_to_hub(
             )
         except (OSError, ValueError) as err:  # huggingface_hub: offline, auth, network, refused
             raise RuntimeError(
-                f"could not push to the Hugging Face Hub repository {repo_id!r} ({_first_line(err)}). "
+                f"could not push to the Hugging Face Hub repository {repo_id!r} "
+                f"({_first_line(err)}). "
                 "Offline or not logged in? Save with save_pretrained(model, DIR) and upload DIR "
                 "later (huggingface-cli upload)"
             ) from err
@@ -439,7 +440,7 @@ def upcycle(
     every: Optional[int] = None,
     last: Optional[int] = None,
     blocks: Optional[Sequence[int]] = None,
-    **moe_options,
+    **moe_options: Any,
 ) -> nn.Module:
     """Sparse upcycling: a dense timm ViT (with its pretrained weights) -> V-MoE.
 
@@ -448,9 +449,13 @@ def upcycle(
         checkpoint_path: a local weights file for that architecture: ``.safetensors``/``.pth``
             in timm's layout, or Google's ViT ``.npz`` (read by timm's own loader).
         pretrained: load timm's hub weights by name (needs internet).
-        num_classes, img_size: new head / resolution (timm resamples position embeddings).
-        every/last/blocks, **moe_options: see ``moeify`` (``config=`` a ``MoeLayerConfig``,
-            ``router_init_std``, ``drop``, or the flat keyword options). Experts start as copies of the dense
+        num_classes: a new head with this many classes.
+        img_size: a new resolution (timm resamples the position embeddings).
+        every: MoE placement, as in ``moeify``.
+        last: MoE placement, as in ``moeify``.
+        blocks: MoE placement, as in ``moeify``.
+        **moe_options: as in ``moeify`` (``config=`` a ``MoeLayerConfig``, ``router_init_std``,
+            ``drop``, or the flat keyword options). Experts start as copies of the dense
             MLPs. With ``renormalize=True`` and a capacity that drops nothing, the upcycled model
             computes exactly what the dense model does.
     """
@@ -473,7 +478,8 @@ def upcycle(
         except (OSError, ConnectionError, RuntimeError) as err:
             if kwargs.get("pretrained") and checkpoint_path is None:
                 raise RuntimeError(
-                    f"could not download pretrained weights for {model!r} ({type(err).__name__}: {err}). "
+                    f"could not download pretrained weights for {model!r} ({type(err).__name__}: "
+                    f"{err}). "
                     "Offline? Download the weights file elsewhere and pass checkpoint_path=..."
                 ) from err
             raise

@@ -436,12 +436,13 @@ def vmoe_moeified(
 ):
     """A timm model made MoE by ``vmoe.models.moeify`` (or ``upcycle``), rebuilt: the dense
     ``base_architecture`` with ``base_args``, then the ``moeify`` recipe (``{"blocks": [...],
-    "layer": {...}}``, or config.json version 1's ``{"blocks": [...], "moe_kwargs": {...}}``), then ``routing`` (``{layer: settings}``), then, with ``pretrained``,
-    the weights named by ``pretrained_cfg`` (a file, ``local-dir:``, ``hf-hub:``; through
-    ``checkpoint_filter_fn``, so another ``num_classes``/``img_size`` gets a new head and resampled
-    position embeddings). ``save_pretrained`` names this architecture for moeified models, which
-    is how ``timm.create_model("local-dir:DIR", pretrained=True)`` loads them. The model keeps
-    the base model's ``pretrained_cfg`` (input size, normalization).
+    "layer": {...}}``, or config.json version 1's ``{"blocks": [...], "moe_kwargs": {...}}``), then
+    ``routing`` (``{layer: settings}``), then, with ``pretrained``, the weights named by
+    ``pretrained_cfg`` (a file, ``local-dir:``, ``hf-hub:``; through ``checkpoint_filter_fn``, so
+    another ``num_classes``/``img_size`` gets a new head and resampled position embeddings).
+    ``save_pretrained`` names this architecture for moeified models, which is how
+    ``timm.create_model("local-dir:DIR", pretrained=True)`` loads them. The model keeps the base
+    model's ``pretrained_cfg`` (input size, normalization).
 
     Without arguments: ``vit_tiny_patch16_224`` with the paper's "Last 2" placement (the last
     two odd blocks), E=8, K=2. ``features_only`` wraps the MoE model as timm wraps a ViT."""

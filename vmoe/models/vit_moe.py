@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ class VisionTransformerMoe(VisionTransformer):
         head_bias_init: Optional[float] = None,
         moe: Optional[Union[dict, MoeifyConfig]] = None,
         qk_norm_bias: bool = True,
-        **vit_kwargs,
+        **vit_kwargs: Any,
     ):
         super().__init__(**vit_kwargs)
         if not qk_norm_bias:

@@ -1,16 +1,8 @@
 """vmoe.moe: the Mixture-of-Experts layer, sparse or soft (plain PyTorch: no Lightning, no timm).
 
-Public API: ``MoeMlp`` (drop-in for timm's ``Mlp``) and its typed options ``MoeLayerConfig``
-with one config per router (``TopKRouterConfig``, ``ExpertChoiceRouterConfig``,
-``SoftRouterConfig``; ``router_config``, ``ROUTER_CONFIGS``), the routers ``TopKRouter``,
-``ExpertChoiceRouter`` and ``SoftRouter`` (Soft MoE), ``RoutingPlan``, ``SoftRoutingPlan``,
-``Experts``, ``compute_capacity``, the dispatchers and the auxiliary losses,
-``routing_statistics``; ``moe_layers`` / ``require_moe_layers`` (the MoE layers of a model) and
-the routing settings (``RoutingSettings``, ``routing_settings``,
-``set_routing``, ``restore_routing``, ``read_routing``); ``set_aux_loss_mode`` /
-``set_aux_loss_scale`` (how the balancing losses reach the gradients, ``vmoe.moe.balancing``);
-``update_expert_biases`` / ``attach_bias_updates`` (auxiliary-loss-free balancing,
-``vmoe.moe.bias_balancing``); ``SharedExperts`` (``vmoe.moe.shared``).
+``MoeMlp`` is the drop-in for timm's ``Mlp``, configured by ``MoeLayerConfig`` (one config per
+router); the routers, routing plans, experts, dispatch, auxiliary losses and balancing, routing
+settings and statistics it is built from are public too. Guide: ``docs/guides/moe-layer.md``.
 """
 
 from .balancing import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale

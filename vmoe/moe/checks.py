@@ -54,7 +54,8 @@ def check_optional_positive_int(name: str, value, minimum: int = 1) -> None:
 
 
 def check_capacity(value) -> None:
-    """An explicit buffer size per expert and group: None (use the capacity factor) or an int >= 1."""
+    """An explicit buffer size per expert and group: None (use the capacity factor) or an
+    int >= 1."""
     if value is not None and not (_is_int(value) and value >= 1):
         raise ValueError(f"capacity={value!r} must be None or an integer >= 1")
 

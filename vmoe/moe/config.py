@@ -61,7 +61,8 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 
 def _named(where: str, options, build: Callable[[], _T]) -> _T:
     """``build()``, with a ValueError/TypeError message prefixed by the path of the option it
-    names: ``where.option...`` when the message starts with one of ``options``, else ``where: ...``."""
+    names: ``where.option...`` when the message starts with one of ``options``, else
+    ``where: ...``."""
     try:
         return build()
     except (ValueError, TypeError) as error:

@@ -31,20 +31,20 @@ class Experts(nn.Module):
 
     Args:
         num_experts: E.
-        in_features, hidden_features, out_features: d, h, d' (h and d' default to d).
+        in_features: d.
+        hidden_features: h (default d).
+        out_features: d' (default d).
         act_layer: activation module class (timm's default ``nn.GELU``; the official V-MoE uses
             the tanh approximation: ``functools.partial(nn.GELU, approximate='tanh')``).
         bias: use biases.
         drop: dropout after the activation and after fc2 (a float or a pair).
         same_init: all experts start from the same values (the paper's default); False draws
             each expert independently.
-        gemm: 'bmm' (default) or 'grouped_mm'. Both compute the same products over the
-            fixed-capacity buffers; 'grouped_mm' uses ``torch.nn.functional.grouped_mm`` and needs
-            bfloat16 buffers (train under ``torch.autocast(dtype=torch.bfloat16)``; the weights
-            are cast on the way, gradients reach the float32 parameters) and widths that are
-            multiples of 8. It is an explicit choice: where it cannot run, forward raises instead
-            of quietly running something else. ``benchmarks/moe_layer.py --dtype bf16`` times it
-            against bmm (column ``floor_gmm/floor``).
+        gemm: 'bmm' (default) or 'grouped_mm' (``torch.nn.functional.grouped_mm``: needs
+            bfloat16 autocast and widths that are multiples of 8).
+
+    Raises:
+        ValueError: An unknown ``gemm``, or widths 'grouped_mm' cannot run with.
     """
 
     def __init__(

@@ -32,33 +32,33 @@ def _round_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 class MoeMlp(nn.Module):
-    """Sparse (or Soft) MoE MLP: ``forward(x: [B, N, d]) -> [B, N, d']``, like timm's ``Mlp``.
+    """Sparse (or Soft) MoE MLP, a drop-in for timm's ``Mlp``: ``[B, N, d] -> [B, N, d']``.
 
-    Tokens are flattened in row-major order and cut into routing groups of S tokens (a group
-    spans consecutive images, as in the official code); the last group is padded when B*N is
-    not a multiple of S (padding never takes a buffer place nor reaches the output). Buffer
-    capacity is computed from S, so a short batch routes as a full group would. With a
-    ``SoftRouterConfig`` it is a Soft MoE layer (Puigcerver et al. 2023): nothing is dropped,
-    no auxiliary loss. An empty batch (B = 0) gives an empty output and zero losses.
+    Args:
+        in_features: d, the token width.
+        hidden_features: Width of each expert's hidden layer (default ``in_features``).
+        out_features: d', the output width (default ``in_features``).
+        act_layer: The experts' activation.
+        norm_layer: Must be None (timm's ``scale_mlp_norm`` is not supported).
+        bias: Whether the expert layers have biases.
+        drop: Expert dropout: one rate, or (after the activation, after the output layer).
+        config: A ``MoeLayerConfig``, or its dict (nested or flat).
+        **options: The flat keyword form of ``config`` (``num_experts=8, num_selected=2,
+            router="soft", ...``: the fields of ``MoeLayerConfig`` and of the router's config).
 
-    Args (timm ``Mlp`` ones): in_features (d), hidden_features, out_features (d'), act_layer,
-        norm_layer (must be None), bias, drop (expert dropout).
-    config: a ``MoeLayerConfig`` (or its dict, nested or flat); or ``**options``, the flat
-        keyword form (``num_experts=4, num_selected=2, router='soft', num_slots=1, ...``: the
-        fields of ``MoeLayerConfig`` and of the router's config, see ``vmoe.moe.config``).
-        Not both. A bad option raises ValueError/TypeError naming it.
+    Attributes:
+        aux_loss: After a forward, the weighted sum of the auxiliary losses (scalar).
+        aux_losses: After a forward, ``{name: scalar}``, unweighted.
+        last_plan: After a forward, the detached ``RoutingPlan`` or ``SoftRoutingPlan``.
+        shared: The ``SharedExperts`` when ``config.shared_experts >= 1``, else None.
 
-    After each forward: ``aux_loss`` (scalar, weighted sum of the auxiliary losses averaged
-    over groups), ``aux_losses`` ({name: scalar}, unweighted) and ``last_plan`` (the detached
-    ``RoutingPlan`` or ``SoftRoutingPlan``). ``aux_loss_mode='backward'`` (default) attaches the
-    aux loss (times ``aux_loss_scale``) to the output's backward and detaches the logged values;
-    ``'manual'`` keeps their graph for the loop to add (see ``vmoe.moe.balancing``).
-    ``config``: the ``MoeLayerConfig`` the layer routes with now (evaluation settings included).
+    Raises:
+        ValueError: ``config`` and ``**options`` both given, a ``norm_layer``, or a bad option
+            (named in the message).
+        TypeError: An option of the wrong type.
 
-    Shared experts (``config.shared_experts`` = n >= 1, ``vmoe.moe.shared``): the output is
-    ``routed(x) + shared(x)``, ``self.shared`` a ``SharedExperts`` (a dense MLP of width
-    ``shared_hidden_features``, default n x hidden_features, times a per-token sigmoid gate
-    with ``shared_gate``); ``self.shared`` is None without them.
+    See the guide "The MoE layer" (``docs/guides/moe-layer.md``) for grouping, capacity,
+    auxiliary losses and Soft MoE.
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class MoeMlp(nn.Module):
         drop: Union[float, Tuple[float, float]] = 0.0,
         *,
         config: Optional[Union[MoeLayerConfig, Mapping[str, Any]]] = None,
-        **options,
+        **options: Any,
     ):
         super().__init__()
         if config is not None and options:
@@ -196,7 +196,8 @@ class MoeMlp(nn.Module):
 
     @property
     def aux_loss_mode(self) -> str:
-        """'backward' (aux loss attached to the output's backward) or 'manual' (see ``vmoe.moe.balancing``)."""
+        """'backward' (aux loss attached to the output's backward) or 'manual' (the training
+        loop adds it)."""
         return self._aux_loss_mode
 
     @aux_loss_mode.setter
@@ -205,7 +206,7 @@ class MoeMlp(nn.Module):
 
     @property
     def aux_loss_scale(self) -> float:
-        """The factor the attached aux loss enters the backpropagated loss with ('backward' mode)."""
+        """The factor the attached aux loss enters the backward with ('backward' mode)."""
         return self._aux_loss_scale
 
     @aux_loss_scale.setter

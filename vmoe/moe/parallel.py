@@ -305,7 +305,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh, sync_from_rank0: bool = Tr
             f"experts; these do not: {bad}"
         )
     group = mesh.get_group("ep")
-    for name, layer in layers.items():
+    for layer in layers.values():
         if isinstance(layer.experts, ExpertParallelExperts):
             continue
         if sync_from_rank0 and dist.get_world_size() > 1:
@@ -345,7 +345,7 @@ def exclude_experts_from_ddp(model: nn.Module) -> None:
 def unshard_experts(model: nn.Module) -> nn.Module:
     """Put plain ``Experts`` with all E experts back (all_gather over each ep group; every rank
     calls). The model is then a one-process model again, equal on every rank."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         experts = getattr(module, "experts", None)
         if not isinstance(experts, ExpertParallelExperts):
             continue
@@ -505,11 +505,11 @@ def clip_grad_norm_(
 
 @torch.no_grad()
 def gather_plan(plan, group: Optional[dist.ProcessGroup] = None):
-    """One plan of every rank's groups: each tensor field of the plan (a dataclass of
-    [G, S, ...] tensors: ``RoutingPlan``, Soft MoE's plan) all-gathered along G over ``group`` (default: the
-    world), so statistics read from it count every rank's tokens. A missing ``valid`` mask
-    (no padding) becomes all-True first, so the ranks always exchange the same fields. Every
-    rank calls, with plans of the same shapes (the same local batch)."""
+    """One plan of every rank's groups: each tensor field of the plan (a dataclass of [G, S, ...]
+    tensors: ``RoutingPlan``, Soft MoE's plan) all-gathered along G over ``group`` (default: the
+    world), so statistics read from it count every rank's tokens. A missing ``valid`` mask (no
+    padding) becomes all-True first, so the ranks always exchange the same fields. Every rank calls,
+    with plans of the same shapes (the same local batch)."""
     if not dataclasses.is_dataclass(plan):
         raise TypeError(
             f"gather_plan needs a dataclass plan (RoutingPlan), got {type(plan).__name__}"

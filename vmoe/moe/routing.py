@@ -270,31 +270,27 @@ class TopKRouter(_GatingRouter):
         capacity: explicit buffer size C per expert and group (capped at S).
         capacity_multiple_of: round C up to a multiple of this (None/0: no rounding).
         capacity_rounding: 'ceil' (official default) or 'round'.
-        batch_priority: BPR. Tokens with the largest top-1 gate take places first; otherwise
-            earlier tokens in the group do. Under BPR a token whose gates are not all finite
-            (NaN/inf input) queues after every healthy assignment of its group. The priority
-            is the unbiased score of the token's first choice (the gate its output is mixed
-            with; before renormalization, see ``route``).
+        batch_priority: Batch Priority Routing: tokens with the largest (unbiased) top-1 gate
+            take buffer places first; otherwise earlier tokens of the group do.
         noise_std: training noise std before division by E (paper: 1.0, i.e. std 1/E).
         noisy_at_eval: also add noise in eval mode.
         renormalize: combine weights are the gates renormalized over the K choices (sum 1)
             instead of the raw softmax gates (paper default: raw).
-        importance_weight, load_weight, gshard_weight, zloss_weight: auxiliary loss weights.
+        importance_weight: weight of the importance loss.
+        load_weight: weight of the load loss.
+        gshard_weight: weight of the GShard loss.
+        zloss_weight: weight of the router z-loss.
         score_func: 'softmax' (default, the paper's) or 'sigmoid' (an independent sigmoid per
-            expert, in float32; with ``renormalize`` the K chosen sum to 1, as DeepSeek-V3).
-            The auxiliary losses and statistics take these scores as the gates.
-        bias_update_rate: None (default) or the rate of auxiliary-loss-free balancing
-            (DeepSeek-V3; 1e-3 there): a per-expert ``expert_bias`` [E] (float32 buffer, in the
-            state dict) is added to the scores to choose the experts only, and is updated once
-            per optimizer step from ``expert_load`` [E] (assignments chosen in training
-            forwards since the last update, also in the state dict) by
-            ``vmoe.moe.update_expert_biases`` (``vmoe.moe.bias_balancing``). Usually with the
-            loss weights at 0.
+            expert, in float32).
+        bias_update_rate: None (default) or the rate of auxiliary-loss-free balancing: a
+            per-expert ``expert_bias`` [E] added to the scores to choose the experts only,
+            updated by ``vmoe.moe.update_expert_biases``.
         config: a ``TopKRouterConfig`` holding all of the options above (then they are not
             read); ``TopKRouterConfig.build`` passes it.
 
-    The options are held in ``self.config``. The routing options may be changed after construction, e.g. a larger ``capacity_factor``
-    for evaluation or BPR with a capacity below 1.0 at inference; assignments are validated.
+    The options are held in ``self.config``. The routing options may be changed after
+    construction (e.g. a larger ``capacity_factor`` for evaluation); assignments are validated.
+    See the guide "The MoE layer" (``docs/guides/moe-layer.md``).
     """
 
     def __init__(

@@ -40,8 +40,12 @@ class SharedExperts(nn.Module):
     the gate starts at 1/2 for every token) when ``gate=True``.
 
     Args:
-        in_features, hidden_features, out_features: d, h_s, d'.
-        act_layer, bias, drop: as the routed experts (timm ``Mlp``'s arguments).
+        in_features: d.
+        hidden_features: h_s.
+        out_features: d' (default d).
+        act_layer: the activation, as the routed experts'.
+        bias: whether the linear layers have biases.
+        drop: dropout after the activation and after fc2 (a float or a pair).
         gate: Qwen-MoE's sigmoid gate on the shared output.
     """
 

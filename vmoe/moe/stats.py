@@ -27,14 +27,16 @@ def routing_statistics(plan: Union[RoutingPlan, SoftRoutingPlan]) -> Dict[str, t
     A SoftRoutingPlan (Soft MoE) drops nothing and has no load: it gets
     ``soft_routing_statistics(plan)`` instead (no dropped-token fields).
 
-    Returns a dict of float tensors:
-        ``dropped_fraction`` (): fraction of token-choices (assignments) that got no buffer place;
-        ``unrouted_fraction`` (): fraction of tokens with no expert at all (output = residual);
-        ``load`` [E]: fraction of the kept assignments that each expert processed (sums to 1);
-        ``load_cv``, ``load_min``, ``load_max`` (): CV of ``load`` and min/max relative to 1/E;
-        ``importance`` [E]: each expert's share of the total gate mass (sums to 1);
-        ``buffer_fill`` (): kept assignments / (E * G * C), how full the buffers are;
-        ``router_entropy`` (): mean entropy (nats) of the tokens' gate distributions.
+    The result is a dict of float tensors:
+
+    - ``dropped_fraction`` (): fraction of token-choices (assignments) that got no buffer place;
+    - ``unrouted_fraction`` (): fraction of tokens with no expert at all (output = residual);
+    - ``load`` [E]: fraction of the kept assignments that each expert processed (sums to 1);
+    - ``load_cv``, ``load_min``, ``load_max`` (): CV of ``load`` and min/max relative to 1/E;
+    - ``importance`` [E]: each expert's share of the total gate mass (sums to 1);
+    - ``buffer_fill`` (): kept assignments / (E * G * C), how full the buffers are;
+    - ``router_entropy`` (): mean entropy (nats) of the tokens' gate distributions.
+
     A plan without tokens (an empty batch) has nothing to measure: its fractions and
     ``load_cv`` are NaN (not a misleading 0 or 1).
     """
@@ -152,29 +154,34 @@ def soft_routing_statistics(plan: SoftRoutingPlan) -> Dict[str, torch.Tensor]:
     Axis letters: G groups, S tokens per group, E experts, P slots per expert. A slot is one
     (e, p); flattened slot index ``e * P + p``.
 
-    Returns a dict of float32 tensors:
-        ``importance`` [E]: each expert's share of the combine mass (the combine weights of all
-            tokens summed over its P slots; sums to 1);
-        ``slot_importance`` [E, P]: the same per slot (sums to 1);
-        ``importance_cv``, ``importance_min``, ``importance_max`` (): CV of ``importance`` and
-            its min/max relative to 1/E (1 = balanced);
-        ``combine_entropy`` (): mean over tokens of the entropy (nats) of their combine weights
-            over the E*P slots (log(E*P): every slot equally; 0: a single slot);
-        ``dispatch_entropy`` (): mean over the G*E*P slots of the entropy (nats) of their dispatch
-            weights over the group's tokens; ``slot_dispatch_entropy`` [E, P] its mean over groups;
-        ``dispatch_effective_tokens`` (): mean over slots of exp(dispatch entropy), the number of
-            tokens a slot effectively mixes (1: one token; S: all equally);
-            ``slot_effective_tokens`` [E, P] its mean over groups;
-        ``slot_similarity`` [E*P, E*P]: cosine similarity of the slots' dispatch weight vectors
-            (over the group's tokens), averaged over groups (1 on the diagonal);
-        the official Soft MoE router metrics (vmoe/projects/soft_moe/router.py), over all groups:
-        ``combine_weights_min_mean`` / ``_max_mean``: mean over tokens of the smallest / largest
-            combine weight; ``dispatch_weights_min_mean`` / ``_max_mean``: mean over slots of the
-            smallest / largest dispatch weight (over the valid tokens);
-        ``combine_weights_similarity_{min,max,mean}``: cosine similarity of the combine weight
-            vectors of token pairs within a group; ``dispatch_weights_similarity_{min,max,mean}``:
-            of slot pairs within a group (official summary: ``max`` is at least 0, ``mean`` takes
-            the diagonal as 1).
+    The result is a dict of float32 tensors:
+
+    - ``importance`` [E]: each expert's share of the combine mass (the combine weights of all
+      tokens summed over its P slots; sums to 1);
+    - ``slot_importance`` [E, P]: the same per slot (sums to 1);
+    - ``importance_cv``, ``importance_min``, ``importance_max`` (): CV of ``importance`` and
+      its min/max relative to 1/E (1 = balanced);
+    - ``combine_entropy`` (): mean over tokens of the entropy (nats) of their combine weights
+      over the E*P slots (log(E*P): every slot equally; 0: a single slot);
+    - ``dispatch_entropy`` (): mean over the G*E*P slots of the entropy (nats) of their dispatch
+      weights over the group's tokens; ``slot_dispatch_entropy`` [E, P] its mean over groups;
+    - ``dispatch_effective_tokens`` (): mean over slots of exp(dispatch entropy), the number of
+      tokens a slot effectively mixes (1: one token; S: all equally);
+      ``slot_effective_tokens`` [E, P] its mean over groups;
+    - ``slot_similarity`` [E*P, E*P]: cosine similarity of the slots' dispatch weight vectors
+      (over the group's tokens), averaged over groups (1 on the diagonal);
+
+    and the official Soft MoE router metrics (``vmoe/projects/soft_moe/router.py``), over all
+    groups:
+
+    - ``combine_weights_min_mean`` / ``_max_mean``: mean over tokens of the smallest / largest
+      combine weight; ``dispatch_weights_min_mean`` / ``_max_mean``: mean over slots of the
+      smallest / largest dispatch weight (over the valid tokens);
+    - ``combine_weights_similarity_{min,max,mean}``: cosine similarity of the combine weight
+      vectors of token pairs within a group; ``dispatch_weights_similarity_{min,max,mean}``:
+      of slot pairs within a group (official summary: ``max`` is at least 0, ``mean`` takes
+      the diagonal as 1).
+
     A plan without tokens (an empty batch) has nothing to measure: its means are NaN.
     """
     if not isinstance(plan, SoftRoutingPlan):

@@ -39,17 +39,20 @@ def _short(layer: str) -> str:
 class RoutingStatsLogger(L.Callback):
     """Logs routing health per MoE layer, and routing pictures at validation.
 
-    Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each auxiliary loss (unweighted), the
-    fraction of token-choices dropped, expert load min/max (x E; 1 = balanced) and CV, and the
-    router entropy (Soft MoE layers: ``vmoe.moe.SOFT_TRAIN_STATS`` instead); with bias
-    balancing, each expert's bias (``routing/<layer>/expert_bias_<e>``, after this step's update). During validation
-    (at the evaluation capacity) the dropped fraction is averaged over the epoch. At validation
-    end (rank 0): the expert load of the whole validation (``vmoe.viz.expert_load_chart``; sparse
-    layers only) and the patch map of the first validation image (``vmoe.viz.routing_figure``;
-    for a Soft MoE model its dispatch map) go to the logger (wandb image, tensorboard figure) and
-    are saved as ``expert_load.png`` and ``routing_map.png`` in ``<log dir>/routing/``.
+    Every ``every_n_steps`` training steps (rank 0, straight to the loggers), per layer: each
+    auxiliary loss (unweighted), the fraction of token-choices dropped, expert load min/max
+    (times E: 1 is balanced) and CV, and the router entropy (Soft MoE layers:
+    ``vmoe.moe.SOFT_TRAIN_STATS`` instead); with bias balancing, each expert's bias
+    (``routing/<layer>/expert_bias_<e>``, after this step's update). During validation (at the
+    evaluation capacity) the dropped fraction is averaged over the epoch. At validation end (rank
+    0): the expert load of the whole validation (``vmoe.viz.expert_load_chart``; sparse layers
+    only) and the patch map of the first validation image (``vmoe.viz.routing_figure``; for a
+    Soft MoE model its dispatch map) go to the logger (wandb image, tensorboard figure) and are
+    saved as ``expert_load.png`` and ``routing_map.png`` in ``<log dir>/routing/``.
 
     Args:
+        every_n_steps: log the training statistics every this many steps.
+        figures: draw the routing figures at validation end.
         num_images: validation images kept for the routing map (one forward; the first is drawn).
         figures_every_n_val: draw the figures at every n-th validation (and at the last epoch).
     """

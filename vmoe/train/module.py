@@ -9,10 +9,9 @@ optimizer and schedule, and the evaluation-time routing (the paper trains with c
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import lightning as L
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,13 +28,15 @@ from vmoe.moe import moe_layers, restore_routing, set_routing, update_expert_bia
 from vmoe.moe.bias_balancing import expert_load_buffer_names
 from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
 
+from .build import build_model
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
 from .optim import SCHEDULES, check_optimizer_name, create_optimizer, lr_factor, param_groups
 
 __all__ = ["VmoeClassifier", "build_model", "state_dict_differences", "parse_moe_option"]
 
 LOSSES = ("softmax", "sigmoid")
-# Hyper-parameters that decide the network's shape: a checkpoint made with other values does not fit.
+# Hyper-parameters that decide the network's shape: a checkpoint made with other values does not
+# fit.
 ARCHITECTURE_HPARAMS = ("model_name", "model_kwargs", "upcycle_from", "moe", "img_size")
 
 
@@ -51,143 +52,49 @@ def parse_moe_option(value) -> MoeifyConfig:
 register_type(MoeifyConfig, serializer=MoeifyConfig.to_dict, deserializer=parse_moe_option)
 
 
-def build_model(
-    *,
-    model_name: Optional[str] = None,
-    model_kwargs: Optional[Dict[str, Any]] = None,
-    pretrained_dir: Optional[str] = None,
-    upcycle_from: Optional[str] = None,
-    checkpoint_path: Optional[str] = None,
-    upcycle_pretrained: bool = True,
-    moe: Optional[Union[MoeifyConfig, Mapping[str, Any]]] = None,
-    num_classes: Optional[int] = None,
-    img_size: Optional[int] = None,
-    moe_dropout: Optional[float] = None,
-) -> nn.Module:
-    """Build the network from exactly one source.
-
-    - ``model_name``: ``timm.create_model(model_name, num_classes, img_size, **model_kwargs)``
-      (the ``vmoe_*`` variants carry their MoE layers; a dense timm ViT becomes MoE with ``moe``);
-      a ``local-dir:DIR`` or ``hf-hub:ORG/NAME`` name is a ``pretrained_dir``;
-    - ``pretrained_dir``: ``vmoe.models.from_pretrained`` (a directory, ``local-dir:`` or
-      ``hf-hub:`` name; new head / resolution if given);
-    - ``upcycle_from``: a dense timm ViT name whose weights (``checkpoint_path``, or timm's hub
-      when ``upcycle_pretrained``) start every expert (``vmoe.models.upcycle``; ``moe`` gives
-      the placement ``every``/``last``/``blocks`` and the MoE options).
-    ``moe``: a ``MoeifyConfig`` or its dict (nested or flat router options).
-    ``moe_dropout`` sets the experts' dropout (the paper's "MoE dropout").
-    """
-    moe = None if moe is None else MoeifyConfig.from_dict(moe, where="model.moe")
-    if model_name and model_name.startswith(("local-dir:", "hf-hub:")) and not pretrained_dir:
-        # timm's names of saved models: load them with their weights, checked (from_pretrained)
-        model_name, pretrained_dir = None, model_name
-    sources = [
-        n
-        for n, v in (
-            ("model_name", model_name),
-            ("pretrained_dir", pretrained_dir),
-            ("upcycle_from", upcycle_from),
-        )
-        if v
-    ]
-    if len(sources) != 1:
-        raise ValueError(
-            "give exactly one of model.model_name, model.pretrained_dir, "
-            f"model.upcycle_from (got {sources or 'none'})"
-        )
-    model_kwargs = dict(model_kwargs or {})
-    size = {} if img_size is None else {"img_size": img_size}
-    if model_name:
-        if model_name not in timm.list_models():
-            raise ValueError(
-                f"model.model_name={model_name!r} is not a registered timm model "
-                "(vmoe variants: timm.list_models('vmoe_*'))"
-            )
-        classes = {} if num_classes is None else {"num_classes": num_classes}
-        model = timm.create_model(model_name, pretrained=False, **classes, **size, **model_kwargs)
-        if moe:
-            if vm.moe_layers(model):
-                raise ValueError(
-                    f"{model_name} already has MoE layers; change their options with "
-                    "model.model_kwargs.moe instead of model.moe"
-                )
-            moe.apply(model)
-    elif pretrained_dir:
-        if moe:
-            raise ValueError("model.moe applies to model_name/upcycle_from, not to pretrained_dir")
-        model = vm.from_pretrained(pretrained_dir, num_classes=num_classes, **size, **model_kwargs)
-    else:
-        if not moe:
-            raise ValueError(
-                "model.upcycle_from needs model.moe with a placement, e.g. "
-                "{last: 2, num_experts: 8, router: {name: top_k, num_selected: 2}}"
-            )
-        if model_kwargs:
-            raise ValueError(f"model.model_kwargs={model_kwargs} is not used with upcycle_from")
-        model = vm.upcycle(
-            upcycle_from,
-            checkpoint_path=checkpoint_path,
-            pretrained=upcycle_pretrained and checkpoint_path is None,
-            num_classes=num_classes,
-            img_size=img_size,
-            every=moe.every,
-            last=moe.last,
-            blocks=None if moe.blocks is None else list(moe.blocks),
-            router_init_std=moe.router_init_std,
-            drop=moe.drop,
-            config=moe.layer,
-        )
-    if moe_dropout is not None:
-        if not 0.0 <= moe_dropout < 1.0:
-            raise ValueError(f"model.moe_dropout={moe_dropout} must be in [0, 1)")
-        for layer in vm.moe_layers(model).values():
-            layer.experts.drop1.p = layer.experts.drop2.p = moe_dropout
-    return model
-
-
 class VmoeClassifier(L.LightningModule):
-    """Image classification with a (V-MoE) vision transformer.
+    """Image classification with a (V-MoE) vision transformer, the model of ``vmoe fit``.
 
-    Model source (exactly one): ``model_name`` (+ ``model_kwargs``, ``moe``), ``pretrained_dir``
-    or ``upcycle_from`` (+ ``checkpoint_path``/``upcycle_pretrained``, ``moe``); see
-    ``build_model``. ``num_classes`` comes from the data module under the CLI.
+    The network is ``self.model``, a plain ``nn.Module`` built by ``build_model``; this class
+    adds the loss (task loss + MoE auxiliary losses), metrics, optimizer, schedule and the
+    evaluation-time routing. The guide "The vmoe command" (``docs/guides/cli.md``) explains
+    the options in context.
 
-    ``moe`` is a ``vmoe.models.MoeifyConfig`` (YAML: placement and layer options, the router's
-    under ``router: {name: top_k, num_selected: 2, ...}``; the flat form of earlier vmoe
-    versions is read too): a misspelt or mistyped option is refused when the config is parsed,
-    naming ``model.moe.<key>``. ``model_kwargs.moe`` (the options a vmoe timm factory takes over
-    its own) is checked here, before the model is built, naming ``model.model_kwargs.moe.<key>``.
+    Args:
+        model_name: A timm model name (``vmoe_*`` variants, or a dense ViT made MoE by ``moe``).
+        model_kwargs: Passed on to ``timm.create_model`` (or ``from_pretrained``).
+        pretrained_dir: A ``save_pretrained`` directory, ``local-dir:DIR`` or ``hf-hub:ORG/NAME``.
+        upcycle_from: A dense timm ViT whose weights start every expert (needs ``moe``).
+        checkpoint_path: Weights of ``upcycle_from`` from this file instead of timm's hub.
+        upcycle_pretrained: Load the hub weights of ``upcycle_from`` (without checkpoint_path).
+        moe: A ``vmoe.models.MoeifyConfig`` or its dict: MoE placement and layer options.
+        num_classes: Classes of the head (set from the data module by the CLI).
+        img_size: Input resolution (None: the model's).
+        moe_dropout: Dropout inside the experts (the paper's "MoE dropout").
+        loss: 'softmax' (cross-entropy) or 'sigmoid' (per-class binary cross-entropy).
+        label_smoothing: Label smoothing, in [0, 1).
+        mixup_alpha: timm mixup alpha (0: off).
+        cutmix_alpha: timm cutmix alpha (0: off).
+        mixup_prob: Probability of applying mixup/cutmix to a batch.
+        aux_loss_weight: Weight of the MoE auxiliary losses in the training loss.
+        optimizer: 'adamw', 'sgd' or any name of ``timm.optim.list_optimizers()``.
+        lr: Peak learning rate.
+        momentum: SGD momentum.
+        betas: AdamW betas.
+        weight_decay: Weight decay, on kernels only.
+        warmup_steps: Steps of linear warmup.
+        schedule: 'cosine', 'linear' or 'constant' after the warmup.
+        end_lr: Learning rate at the end of the schedule (<= lr).
+        eval_capacity_factor: Capacity factor of validation/test/predict (paper: 4.0).
+        eval_batch_priority: Batch Priority Routing at evaluation (None: as in training).
+        layer_decay: Layer-wise learning-rate decay for fine-tuning (e.g. 0.75).
+        grad_checkpointing: Recompute each block's activations in the backward pass.
+        compile: Run the network through ``torch.compile``.
+        compile_kwargs: Passed on to ``torch.compile``.
 
-    Loss: ``loss='softmax'`` (cross-entropy) or ``'sigmoid'`` (per-class binary cross-entropy
-    summed over classes, the paper's), with ``label_smoothing`` and timm's mixup/cutmix
-    (``mixup_alpha``/``cutmix_alpha`` > 0), plus ``aux_loss_weight`` x the MoE auxiliary losses
-    (added here: the model's MoE layers are put in ``aux_loss_mode='manual'``, so the aux losses
-    are counted once, and scaled with the task loss by gradient accumulation and AMP).
-
-    Optimizer: built by timm's optimizer factory: AdamW(``lr``, ``betas``) by default,
-    ``optimizer='sgd'`` (classical ``momentum``, the usual ViT fine-tuning choice) or any name of
-    ``timm.optim.list_optimizers()`` (lamb, lion, adafactor, ...); ``weight_decay`` on kernels only; ``warmup_steps`` of
-    linear warmup then ``schedule`` ('cosine', 'linear', 'constant') down to ``end_lr``. The
-    learning rates are logged by Lightning's ``LearningRateMonitor`` (``vmoe fit`` adds it when
-    there is a logger) as ``train/lr/pg<i>``.
-
-    Fine-tuning: ``layer_decay`` (e.g. 0.75) scales block i's learning rate by
-    ``layer_decay ** (depth - i)`` (timm's ``param_groups_layer_decay``; the head at ``lr``, the
-    final norm with the last block, the embeddings at ``layer_decay ** (depth + 1)``).
-
-    Speed/memory: ``grad_checkpointing`` recomputes each block's activations in the backward pass
-    (timm's ``set_grad_checkpointing``; the recomputation redraws the same router noise, so the
-    loss, the aux losses and the gradients equal those without it); ``compile`` runs the network
-    through ``torch.compile`` (``compile_kwargs`` passed on, e.g. ``{backend: aot_eager}``;
-    ``dynamic`` defaults to False), in place, so state dicts and checkpoints keep their keys.
-
-    Evaluation routing: validation/test/predict run with ``eval_capacity_factor`` (paper: 4.0)
-    and, if set, ``eval_batch_priority``; training settings are restored afterwards.
-
-    Auxiliary-loss-free balancing (``moe.bias_update_rate``): the routers' biases are updated
-    once per optimizer step, in ``on_before_optimizer_step`` (after the backward of the last
-    micro-batch: the counts of every micro-batch of a gradient-accumulation window), with the
-    counts summed over all ranks (DDP, expert parallelism), so every rank keeps the same bias.
+    Raises:
+        ValueError: A bad option (named as ``model.<key>``), not exactly one model source, or
+            MoE options that do not fit the model.
     """
 
     def __init__(
@@ -612,7 +519,8 @@ def _differences(key: str, saved: Any, now: Any) -> list:
 def state_dict_differences(
     saved: Dict[str, Any], own: Dict[str, torch.Tensor], limit: int = 5
 ) -> str:
-    """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if nothing)."""
+    """What keeps ``saved`` from loading into a module whose state dict is ``own`` ('' if
+    nothing)."""
     own_shapes = {k: tuple(v.shape) for k, v in own.items()}
     # entries without a shape (not tensors) are not compared
     saved_shapes = {

@@ -2,9 +2,9 @@
 
 The V-MoE recipe decays only "kernels": matrices and expert weight slabs. Biases, norm scales,
 the class token and position embeddings get no weight decay (timm's and the official code's
-convention). Fine-tuning can scale each layer's learning rate by ``layer_decay ** depth-from-top``
-(timm's layer-wise decay). The schedule is a linear warmup from 0 to the peak, then cosine or linear decay to
-``end_lr``; it is stepped every optimizer step.
+convention). Fine-tuning can scale each layer's learning rate by
+``layer_decay ** depth-from-top`` (timm's layer-wise decay). The schedule is a linear warmup from 0
+to the peak, then cosine or linear decay to ``end_lr``; it is stepped every optimizer step.
 """
 
 from __future__ import annotations

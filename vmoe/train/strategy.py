@@ -90,15 +90,15 @@ class ExpertParallelStrategy(DDPStrategy):
         averaging. ``vmoe fit|predict`` calls it before any process is started."""
         if fn == TrainerFn.PREDICTING and self.expert_parallel_size > 1:
             raise NotImplementedError(
-                "predict with ExpertParallelStrategy is not supported (ranks get unequal numbers of "
-                "batches, and every rank must join every all-to-all); predict with the exported "
+                "predict with ExpertParallelStrategy is not supported (ranks get unequal numbers "
+                "of batches, and every rank must join every all-to-all); predict with the exported "
                 "model (vmoe predict) in one process or with strategy ddp"
             )
         if any(isinstance(cb, WeightAveraging) for cb in callbacks):
             raise NotImplementedError(
-                "weight averaging (ema.decay, Lightning's EMAWeightAveraging) is not supported with "
-                "ExpertParallelStrategy: its averaged copy would hold this rank's experts only and "
-                "be saved that way; train without it, or with strategy ddp"
+                "weight averaging (ema.decay, Lightning's EMAWeightAveraging) is not supported "
+                "with ExpertParallelStrategy: its averaged copy would hold this rank's experts "
+                "only and be saved that way; train without it, or with strategy ddp"
             )
 
     def setup(self, trainer) -> None:

@@ -3,7 +3,7 @@
     with record_routing(model) as record:
         model(images)
     fig, numbers = patch_map(record, index=0, image=images[0])
-    fig, numbers = dispatch_map(record, index=0, image=images[0])   # Soft MoE layers: slots' patches
+    fig, numbers = dispatch_map(record, index=0, image=images[0])  # Soft MoE: slots' patches
     write_routing_report(model, loader, "report/")   # PNGs + index.html + report.json
 
 Every plotting function returns ``(figure, numbers)``: a matplotlib Figure (Agg backend) and

@@ -6,18 +6,20 @@ with the layer's own ``router.route`` at other capacity factors, never re-implem
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .record import RoutingRecord
 from .style import (
     DROPPED_HATCH,
     SKIPPED_COLOR,
+    ImageLike,
     draw_token_grid,
     expert_colors,
     expert_legend_handles,
@@ -62,7 +64,7 @@ def _layers(
 def patch_map(
     record: RoutingRecord,
     index: int = 0,
-    image=None,
+    image: Optional[ImageLike] = None,
     layers: Optional[Sequence[str]] = None,
     choices: Optional[int] = None,
 ):
@@ -149,11 +151,11 @@ def patch_map(
 def priority_map(
     record: RoutingRecord,
     index: int = 0,
-    image=None,
+    image: Optional[ImageLike] = None,
     layers: Optional[Sequence[str]] = None,
     capacity_factors: Sequence[float] = (0.5,),
     modes: Sequence[str] = ("bpr", "vanilla"),
-):
+) -> Tuple[Figure, Dict[Any, Any]]:
     """BPR priority of each patch and which patches lower capacity would leave unprocessed.
 
     Column 1: each token's priority score, its largest gate (what BPR sorts by). Then, for each

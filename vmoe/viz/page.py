@@ -64,7 +64,8 @@ def caption_numbers(report: dict) -> Dict[str, object]:
 
 
 class SweepTable(NamedTuple):
-    """The capacity sweep as text cells: ``head`` [columns], ``body`` [capacity factors][columns]."""
+    """The capacity sweep as text cells: ``head`` [columns], ``body`` [capacity factors]
+    [columns]."""
 
     head: List[str]
     body: List[List[str]]

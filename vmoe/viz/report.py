@@ -252,7 +252,8 @@ def _priority(record, index, image, top_k, capacity_factors, out_dir, dpi) -> di
 
 
 def _load(record: RoutingRecord, sparse: List[str], out_dir, dpi) -> dict:
-    """Expert load of the sparse layers; layers of different (E, K) are drawn in separate figures."""
+    """Expert load of the sparse layers; layers of different (E, K) are drawn in separate
+    figures."""
     groups: Dict[tuple, List[str]] = {}
     for name in sparse:
         plan = record.plans(name)[0]
@@ -347,7 +348,7 @@ def write_routing_report(
     capacity_factors: Optional[Sequence[float]] = DEFAULT_CAPACITY_FACTORS,
     priority_capacity_factors: Sequence[float] = (0.5,),
     class_names: Optional[Sequence[str]] = None,
-    device=None,
+    device: Optional[Union[str, torch.device]] = None,
     progress: bool = True,
     title: Optional[str] = None,
     dpi: int = 110,

@@ -12,17 +12,18 @@ MoE layer is ``class_expert_matrix`` (it counts the combine weights).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
 from vmoe.moe import soft_routing_statistics
 
 from .record import RoutingRecord
-from .style import draw_token_grid, new_figure, to_display_image
+from .style import ImageLike, draw_token_grid, new_figure, to_display_image
 
 __all__ = ["dispatch_map", "combine_entropy_map", "slot_similarity", "soft_layers"]
 
@@ -70,7 +71,7 @@ def _slot_label(slot: int, P: int) -> str:
 def dispatch_map(
     record: RoutingRecord,
     index: int = 0,
-    image=None,
+    image: Optional[ImageLike] = None,
     layers: Optional[Sequence[str]] = None,
     slots: Optional[Sequence[int]] = None,
 ):
@@ -156,8 +157,11 @@ def dispatch_map(
 
 
 def combine_entropy_map(
-    record: RoutingRecord, index: int = 0, image=None, layers: Optional[Sequence[str]] = None
-):
+    record: RoutingRecord,
+    index: int = 0,
+    image: Optional[ImageLike] = None,
+    layers: Optional[Sequence[str]] = None,
+) -> Tuple[Figure, Dict[str, Any]]:
     """How each patch's output is combined: the entropy of its combine weights over the E*P
     slots, as a heat map over recorded image ``index``, one panel per Soft MoE layer.
 
@@ -214,7 +218,9 @@ def combine_entropy_map(
     }
 
 
-def slot_similarity(record: RoutingRecord, layers: Optional[Sequence[str]] = None):
+def slot_similarity(
+    record: RoutingRecord, layers: Optional[Sequence[str]] = None
+) -> Tuple[Figure, Dict[str, Any]]:
     """How alike the slots are: cosine similarity of their dispatch weight vectors (over the
     tokens of a group), averaged over every recorded group, one matrix per Soft MoE layer.
 

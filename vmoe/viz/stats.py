@@ -7,11 +7,12 @@ are never counted.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn as nn
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
@@ -53,7 +54,9 @@ def _panel_grid(count: int, max_cols: int = 4, panel=(3.4, 3.0), extra=(0.0, 0.9
 
 
 @torch.no_grad()
-def expert_load_counts(plan: RoutingPlan, router) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def expert_load_counts(
+    plan: RoutingPlan, router: nn.Module
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Assignment counts of one forward's plan, padding tokens excluded.
 
     Args:
@@ -141,8 +144,9 @@ def expert_load_chart(
 
     Args:
         layers: [L] layer names (panel titles).
-        routed, kept: [L, K, E] assignment counts per choice and expert (``expert_load_counts``
+        routed: [L, K, E] assignment counts per choice and expert (``expert_load_counts``
             summed over forwards).
+        kept: [L, K, E] the counts of those that fit in the buffers.
         capacity: [L] buffer slots per expert summed over the counted groups.
     Returns:
         (figure, numbers) with numbers: ``layers``; ``routed`` [L, K, E] and ``kept`` [L, K, E];
@@ -231,7 +235,7 @@ def mutual_information(counts: np.ndarray) -> float:
 
 def class_expert_matrix(
     record: RoutingRecord,
-    labels,
+    labels: Union[Sequence[int], np.ndarray, torch.Tensor],
     layers: Optional[Sequence[str]] = None,
     choice: Optional[int] = 0,
     kept_only: bool = False,
@@ -340,7 +344,8 @@ def class_expert_matrix(
     if all(record.is_soft(n) for n in names):
         what = "combine-weighted"
     fig.suptitle(
-        f"Class x expert: {what} expert of each class's {'tokens' if include_prefix else 'patches'}",
+        f"Class x expert: {what} expert of each class's "
+        f"{'tokens' if include_prefix else 'patches'}",
         fontsize=11,
     )
     return fig, {

@@ -8,7 +8,7 @@ cycle) is used and the legend remains the reference.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import matplotlib
 
@@ -21,6 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+ImageLike = Union[torch.Tensor, np.ndarray]
+"""An image drawn under the routing: a tensor [C, H, W] / [H, W] or an array [H, W, C] / [H, W]."""
 
 __all__ = [
     "expert_colors",

@@ -57,7 +57,10 @@ def unsupported_reason(*tensors: torch.Tensor) -> Optional[str]:
                 return f"CUDA device {t.device} has compute capability < 7.5"
         elif t.device.type == "cpu":
             if not interpreter_enabled():
-                return "tensors are on the CPU (the Triton kernels need CUDA, or TRITON_INTERPRET=1 for the interpreter)"
+                return (
+                    "tensors are on the CPU (the Triton kernels need CUDA, or TRITON_INTERPRET=1 "
+                    "for the interpreter)"
+                )
         else:
             return f"device type {t.device.type!r} is not supported"
     return None
