@@ -6,11 +6,12 @@ they do from the repository root.
 
 - ```python blocks are executed in process, each in a fresh namespace.
 - ```bash blocks: each command (backslash continuations joined, comments dropped, ``a && b``
-  taken as two commands) runs. ``vmoe ...`` runs in process through ``vmoe.cli.main`` (it must exit 0); ``vmoe fit`` /
-  ``validate`` / ``test`` / ``predict`` get ``FAST`` appended (2 training steps, one validation and
-  test batch, no logger or progress bar), so a pasted quickstart takes seconds here, not minutes.
-  ``pip install ...`` is not run (CI installs the package with its extras), nor is
-  ``python3 -m pytest`` (the suite this test is part of). Anything else runs with bash.
+  taken as two commands) runs. ``vmoe ...`` runs in process through ``vmoe.cli.main`` (it must
+  exit 0); ``vmoe fit`` / ``validate`` / ``test`` / ``predict`` get ``FAST`` appended (2 training
+  steps, one validation and test batch, no logger or progress bar), so a pasted quickstart takes
+  seconds here, not minutes. ``pip install ...`` is not run (CI installs the package with its
+  extras), nor is ``python3 -m pytest`` (the suite this test is part of). Anything else runs
+  with bash.
 - ```yaml blocks must parse.
 
 A block whose first line is ``# (needs ...)`` or ``# (takes ...)`` is shown, not run: downloads,
