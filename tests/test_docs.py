@@ -55,7 +55,7 @@ LIGHTNING = {"fit", "validate", "test", "predict"}
 EXPECTED = {
     "README.md": (1, 2, 0),
     "docs/index.md": (0, 1, 0),
-    "docs/getting-started.md": (1, 1, 0),
+    "docs/getting-started.md": (1, 2, 0),
     "docs/guides/moe-layer.md": (0, 0, 0),  # written on branch i23-api
     "docs/guides/cli.md": (0, 0, 0),  # written on branch i23-api
     "docs/guides/models.md": (3, 0, 0),
@@ -99,9 +99,11 @@ def commands(script: str):
                 yield command.strip(), words
 
 
-def run_bash(code: str, where: str):
+def run_bash(code: str, where: str) -> int:
+    """Runs the block's commands; returns how many ran."""
     from vmoe.cli import main
 
+    ran = 0
     for line, words in commands(code):
         if words[:2] == ["pip", "install"] or words[:3] == ["python3", "-m", "pytest"]:
             continue
@@ -111,6 +113,8 @@ def run_bash(code: str, where: str):
         else:
             done = subprocess.run(["bash", "-c", line], capture_output=True, text=True)
             assert done.returncode == 0, f"{where}: {line}\n{done.stdout}\n{done.stderr}"
+        ran += 1
+    return ran
 
 
 def test_every_page_is_listed():
@@ -129,7 +133,8 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
         if lang == "python":
             exec(compile(code, where, "exec"), {"__name__": f"docs_{i}"})
         elif lang == "bash":
-            run_bash(code, where)
+            if not run_bash(code, where):  # only pip install / pytest lines
+                continue
         elif lang == "yaml":
             yaml.safe_load(code)
         else:
