@@ -56,8 +56,8 @@ EXPECTED = {
     "README.md": (1, 2, 0),
     "docs/index.md": (0, 1, 0),
     "docs/getting-started.md": (1, 2, 0),
-    "docs/guides/moe-layer.md": (0, 0, 0),  # written on branch i23-api
-    "docs/guides/cli.md": (0, 0, 0),  # written on branch i23-api
+    "docs/guides/moe-layer.md": (3, 0, 1),
+    "docs/guides/cli.md": (0, 1, 0),
     "docs/guides/models.md": (3, 0, 0),
     "docs/guides/training.md": (1, 2, 1),
     "docs/guides/custom-loops.md": (2, 0, 0),
