@@ -94,7 +94,8 @@ def test_quickstart_soft_trains_a_few_steps(tmp_path):
         4,
         (4, 4),
     )
-    # the default evaluation capacity factor applies to sparse layers only: soft layers run as trained
+    # the default evaluation capacity factor applies to sparse layers only: soft layers run as
+    # trained
     assert cli.model.hparams.eval_capacity_factor == 4.0
     before = layers["blocks.3.mlp"].router.mu.detach().clone()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -383,7 +383,8 @@ def test_write_errors_are_translated_once(tmp_path):
         (
             RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
             errno.EIO,
-            r"the write failed part-way \(disk full or file too large\?\) \(torch\.save: PytorchStreamWriter failed",
+            r"the write failed part-way \(disk full or file too large\?\) "
+            r"\(torch\.save: PytorchStreamWriter failed",
         ),
         (
             OSError(errno.EIO, "Input/output error"),

@@ -52,7 +52,8 @@ def last_error(capsys):
     [
         (
             "moe: {last: 1, num_experts: 4, router: {name: top_k, num_selcted: 1}}\n",
-            r"model\.moe\.router\.num_selcted: not an option of router \'top_k\' \(its options: num_selected, ",
+            r"model\.moe\.router\.num_selcted: not an option of router \'top_k\' "
+            r"\(its options: num_selected, ",
         ),
         (
             "moe: {last: 1, num_experts: 4, num_selcted: 1}\n",  # flat form
@@ -64,7 +65,8 @@ def last_error(capsys):
         ),
         (
             "moe: {last: 1, num_experts: 4, router: {name: top_q}}\n",
-            r"model\.moe\.router\.name='top_q': unknown router \(routers: top_k, expert_choice, soft\)",
+            r"model\.moe\.router\.name='top_q': unknown router "
+            r"\(routers: top_k, expert_choice, soft\)",
         ),
         (
             "moe: {num_experts: 4}\n",

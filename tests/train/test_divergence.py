@@ -106,8 +106,8 @@ def test_update_turning_nan_mid_epoch_is_never_saved(tmp_path, capsys):
     assert run(tmp_path, *poison) == 2
     line = last_error(capsys)
     assert (
-        "at step 2: parameter model.blocks.0.attn.qkv.weight became non-finite in the optimizer update "
-        "of step 1 (stopped before saving a checkpoint)" in line
+        "at step 2: parameter model.blocks.0.attn.qkv.weight became non-finite in the optimizer "
+        "update of step 1 (stopped before saving a checkpoint)" in line
     ), line
     assert_all_checkpoints_finite(tmp_path, [1])
 

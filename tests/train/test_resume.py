@@ -17,7 +17,8 @@ N = 8  # steps before the "kill"; an epoch is 12 steps, so the resumed run cross
 
 
 class KillAtStep(L.Callback):
-    """Raises KeyboardInterrupt at the start of the step after ``step`` (its checkpoint is saved)."""
+    """Raises KeyboardInterrupt at the start of the step after ``step`` (its checkpoint is
+    saved)."""
 
     def __init__(self, step: int):
         self.step = step
