@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import VMOE_REFERENCE as FIX
 from vmoe.checkpoints import official_format
 from vmoe.checkpoints.official_reader import (
     CheckpointFormatError,
@@ -20,7 +21,6 @@ from vmoe.checkpoints.official_reader import (
 from . import official_writer
 from .official_writer import write_checkpoint
 
-FIX = Path(__file__).parents[1] / "fixtures" / "vmoe_reference"
 CASES = [
     ("vmoe_tiny_a", "model_a_params"),
     ("vmoe_tiny_a_3shards", "model_a_params"),

@@ -12,7 +12,7 @@ import torch
 
 import vmoe.models as vm
 from tests.helpers import VMOE_REFERENCE as FIXTURES
-from tests.helpers import fast, make_image_folder
+from tests.helpers import fast, last_stderr_line, make_image_folder
 from vmoe.cli import main
 from vmoe.train import AtomicCheckpointIO
 
@@ -35,10 +35,7 @@ SMALL = [
 
 
 def one_line_error(capsys, command, pattern):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "nothing on stderr"
-    assert not any(line.startswith("Traceback") for line in err), err
-    line = err[-1]
+    line = last_stderr_line(capsys)
     assert line.startswith(f"vmoe {command}: error: ") and re.search(pattern, line), line
     return line
 

@@ -12,6 +12,7 @@ import timm
 import torch
 
 import vmoe.models as vm
+from tests.helpers import VMOE_REFERENCE
 
 TINY = dict(
     img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5
@@ -345,7 +346,7 @@ def test_a_non_empty_target_names_the_command_line_flag(saved, tmp_path):
         r"\(--overwrite on the command line\)",
     ):
         vm.save_pretrained(model, directory)
-    fixture = Path(__file__).parents[1] / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
+    fixture = VMOE_REFERENCE / "vmoe_tiny_a"
     with pytest.raises(FileExistsError, match=r"\(--overwrite on the command line\)"):
         convert_vmoe_checkpoint(fixture, directory)
 
@@ -391,7 +392,7 @@ def test_a_full_disk_during_convert_leaves_nothing(tmp_path, monkeypatch):
     from vmoe.checkpoints.safetensors_stream import SafetensorsStreamWriter
     from vmoe.models.official import convert_vmoe_checkpoint
 
-    fixture = Path(__file__).parents[1] / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
+    fixture = VMOE_REFERENCE / "vmoe_tiny_a"
     write = SafetensorsStreamWriter.write
     calls = []
 
