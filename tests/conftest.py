@@ -10,6 +10,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from tests.helpers import VMOE_REFERENCE as FIXTURES
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pyproject's addopts run the suite in 2 pytest-xdist workers (one per core of a 2-core CI
+    # machine): each worker computes on one thread, so the two do not fight over the cores.
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def reference():

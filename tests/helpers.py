@@ -18,8 +18,9 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 NO_AUG = "{scale: [1.0, 1.0], ratio: [1.0, 1.0], randaugment_num_ops: 0, hflip_prob: 0.0}"
 
 
-def fast(root, *extra):
-    """Options that keep a CLI run small: CSV logs, 1 thread, no progress bar."""
+def quiet(root, *extra):
+    """The options every in-process ``vmoe fit`` of the tests starts with: the quickstart config,
+    1 thread, no progress bar or model summary, everything written under ``root``."""
     return [
         "--config",
         QUICKSTART,
@@ -29,14 +30,30 @@ def fast(root, *extra):
         "false",
         "--trainer.enable_model_summary",
         "false",
-        "--trainer.log_every_n_steps",
-        "1",
         "--trainer.default_root_dir",
         str(root),
+        *extra,
+    ]
+
+
+def fast(root, *extra):
+    """``quiet`` with CSV logs of every step (read back by ``read_metrics``)."""
+    return quiet(
+        root,
+        "--trainer.log_every_n_steps",
+        "1",
         "--trainer.logger",
         "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: %s}}" % root,
         *extra,
-    ]
+    )
+
+
+def last_stderr_line(capsys):
+    """The last line the command wrote to stderr; there is one and no traceback came with it."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines, "nothing on stderr"
+    assert not any(line.startswith("Traceback") for line in lines), lines
+    return lines[-1]
 
 
 def read_metrics(root):
@@ -73,7 +90,7 @@ def cli_subprocess(root, *extra, timeout=400):
         "vmoe.cli",
         "fit",
         "--config",
-        str(ROOT / "configs" / "quickstart.yaml"),
+        QUICKSTART,
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.enable_model_summary",

@@ -10,8 +10,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-REPO = NOTEBOOKS.parent
+from tests.helpers import ROOT as REPO
+
+NOTEBOOKS = REPO / "notebooks"
 
 
 def run_notebook(name: str, artifacts: Path, monkeypatch) -> nbformat.NotebookNode:

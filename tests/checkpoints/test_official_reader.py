@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import VMOE_REFERENCE as FIX
 from vmoe.checkpoints import official_format
 from vmoe.checkpoints.official_reader import (
     CheckpointFormatError,
@@ -20,7 +21,6 @@ from vmoe.checkpoints.official_reader import (
 from . import official_writer
 from .official_writer import write_checkpoint
 
-FIX = Path(__file__).parents[1] / "fixtures" / "vmoe_reference"
 CASES = [
     ("vmoe_tiny_a", "model_a_params"),
     ("vmoe_tiny_a_3shards", "model_a_params"),
@@ -380,7 +380,8 @@ def test_many_chunks_are_checked_in_n_log_n(tmp_path):
         (
             rows[:-2]
             + [((n - 2, n), (0, 3)), ((n - 2, n), (2, 3))],  # sizes add up: a gap and an overlap
-            rf"chunks \[\({n - 2}, {n}\), \(0, 3\)\] and \[\({n - 2}, {n}\), \(2, 3\)\] of 'w' overlap",
+            rf"chunks \[\({n - 2}, {n}\), \(0, 3\)\] and "
+            rf"\[\({n - 2}, {n}\), \(2, 3\)\] of 'w' overlap",
         ),
         (rows[:7] + rows[8:], rf"the chunks of 'w' cover {4 * n - 4} of its {4 * n} elements"),
     ]
@@ -468,7 +469,8 @@ def test_a_shard_that_shrinks_after_the_scan_is_an_error(tmp_path, cut_from):
     missing = offset + nbytes - end if cut_from == "inside" else nbytes
     match = (
         rf"data-00000-of-00001: file is truncated \(it changed after it was checked\?\): chunk "
-        rf"\[\(0, 32\), \(0, {info.shape[1]}\)\] of 'head/kernel' needs bytes {offset}..{offset + nbytes}"
+        rf"\[\(0, 32\), \(0, {info.shape[1]}\)\] of 'head/kernel' "
+        rf"needs bytes {offset}..{offset + nbytes}"
         rf" of it, but the file ends at byte {end}: {missing} bytes missing"
     )
     with pytest.raises(CheckpointFormatError, match=match):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import VMOE_REFERENCE as FIX
 from vmoe.checkpoints import CheckpointFormatError, read_checkpoint
 from vmoe.cli import main
 from vmoe.models import from_pretrained, moe_layers
@@ -17,7 +18,6 @@ from vmoe.models.official import (
 
 from .official_writer import index_bytes, leaf_order, plan_chunks, write_checkpoint
 
-FIX = Path(__file__).parents[1] / "fixtures" / "vmoe_reference"
 MODELS = [
     ("vmoe_tiny_a", "model_a"),
     ("vmoe_tiny_a_3shards", "model_a"),

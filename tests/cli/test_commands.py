@@ -137,7 +137,8 @@ def test_every_command_has_help(command, capsys):
 def test_convert_does_not_import_lightning(tmp_path):
     code = (
         "import sys; from vmoe.cli import main; "
-        f"code = main(['convert', {str(FIXTURES / 'vmoe_tiny_a')!r}, '--out', {str(tmp_path / 'out')!r}]); "
+        f"code = main(['convert', {str(FIXTURES / 'vmoe_tiny_a')!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}]); "
         "print(code, sorted(m for m in sys.modules if m.split('.')[0] == 'lightning'))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,19 +1,17 @@
 """Every shipped config parses and builds its model and data module (with small overrides where
 the real data or weights are absent), and the paper recipe's numbers are what the paper says."""
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 
 import vmoe.models as vm
-from tests.helpers import make_image_folder
+from tests.helpers import ROOT, make_image_folder
 from vmoe.cli.training import VmoeCLI
 from vmoe.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from vmoe.train import VmoeClassifier
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = ROOT / "configs"
 ON_CPU = [
     "--trainer.accelerator",
     "cpu",
@@ -94,7 +92,8 @@ def test_quickstart_soft_trains_a_few_steps(tmp_path):
         4,
         (4, 4),
     )
-    # the default evaluation capacity factor applies to sparse layers only: soft layers run as trained
+    # the default evaluation capacity factor applies to sparse layers only: soft layers run as
+    # trained
     assert cli.model.hparams.eval_capacity_factor == 4.0
     before = layers["blocks.3.mlp"].router.mu.detach().clone()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

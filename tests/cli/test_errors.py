@@ -12,7 +12,7 @@ import torch
 
 import vmoe.models as vm
 from tests.helpers import VMOE_REFERENCE as FIXTURES
-from tests.helpers import fast, make_image_folder
+from tests.helpers import fast, last_stderr_line, make_image_folder
 from vmoe.cli import main
 from vmoe.train import AtomicCheckpointIO
 
@@ -35,10 +35,7 @@ SMALL = [
 
 
 def one_line_error(capsys, command, pattern):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "nothing on stderr"
-    assert not any(line.startswith("Traceback") for line in err), err
-    line = err[-1]
+    line = last_stderr_line(capsys)
     assert line.startswith(f"vmoe {command}: error: ") and re.search(pattern, line), line
     return line
 
@@ -383,7 +380,8 @@ def test_write_errors_are_translated_once(tmp_path):
         (
             RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
             errno.EIO,
-            r"the write failed part-way \(disk full or file too large\?\) \(torch\.save: PytorchStreamWriter failed",
+            r"the write failed part-way \(disk full or file too large\?\) "
+            r"\(torch\.save: PytorchStreamWriter failed",
         ),
         (
             OSError(errno.EIO, "Input/output error"),

@@ -12,7 +12,7 @@ import torch
 
 import vmoe.data
 import vmoe.models as vm
-from tests.helpers import NO_AUG, QUICKSTART, ROOT, fast, make_image_folder, read_metrics, series  # noqa: F401
+from tests.helpers import NO_AUG, fast, last_stderr_line, make_image_folder, read_metrics, series
 from vmoe.cli import COMMANDS, LIGHTNING_COMMANDS, Command, main
 from vmoe.data import DigitsDataModule
 from vmoe.train import build_model
@@ -250,9 +250,7 @@ def test_fit_image_folder(tmp_path):
 
 
 def one_line_error(capsys, pattern):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err, "nothing on stderr"
-    last = err[-1]
+    last = last_stderr_line(capsys)
     assert last.startswith("vmoe ") and re.search(pattern, last), last
     return last
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import vmoe.train.module as module
+from tests.helpers import last_stderr_line
 from vmoe.cli import main
 from vmoe.models import moe_layers
 from vmoe.models.moeify import MoeifyConfig
@@ -41,18 +42,13 @@ def nothing_built(monkeypatch):
     monkeypatch.setattr("vmoe.data.DigitsDataModule.setup", refuse)
 
 
-def last_error(capsys):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and not any(line.startswith("Traceback") for line in lines), lines
-    return lines[-1]
-
-
 @pytest.mark.parametrize(
     "moe_yaml, pattern",
     [
         (
             "moe: {last: 1, num_experts: 4, router: {name: top_k, num_selcted: 1}}\n",
-            r"model\.moe\.router\.num_selcted: not an option of router \'top_k\' \(its options: num_selected, ",
+            r"model\.moe\.router\.num_selcted: not an option of router \'top_k\' "
+            r"\(its options: num_selected, ",
         ),
         (
             "moe: {last: 1, num_experts: 4, num_selcted: 1}\n",  # flat form
@@ -64,7 +60,8 @@ def last_error(capsys):
         ),
         (
             "moe: {last: 1, num_experts: 4, router: {name: top_q}}\n",
-            r"model\.moe\.router\.name='top_q': unknown router \(routers: top_k, expert_choice, soft\)",
+            r"model\.moe\.router\.name='top_q': unknown router "
+            r"\(routers: top_k, expert_choice, soft\)",
         ),
         (
             "moe: {num_experts: 4}\n",
@@ -76,7 +73,7 @@ def test_a_bad_moe_option_is_one_line_at_parse_time(
     tmp_path, capsys, nothing_built, moe_yaml, pattern
 ):
     assert main(["fit", "--config", write_config(tmp_path, moe_yaml)]) == 2
-    line = last_error(capsys)
+    line = last_stderr_line(capsys)
     assert line.startswith('vmoe fit: error: Parser key "model.moe": '), line
     assert re.search(pattern, line), line
     assert "Union" not in line and "Given value" not in line

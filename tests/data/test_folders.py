@@ -145,14 +145,14 @@ def test_empty_class_folder_is_named(tmp_path):
 
 def test_missing_paths_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        _dm(tmp_path / "nowhere").num_classes
+        _ = _dm(tmp_path / "nowhere").num_classes
     root = _make_folder(tmp_path / "d", per_split={"train": 1})
     dm = _dm(root)  # no val folder
     with pytest.raises(FileNotFoundError, match=str(root / "val")):
         dm.setup("fit")
     with pytest.raises(ValueError, match="no class sub-folders"):
         (root / "empty_split").mkdir()
-        _dm(root, train_split="empty_split").num_classes
+        _ = _dm(root, train_split="empty_split").num_classes
 
 
 def test_num_classes_mismatch(tmp_path):
@@ -160,7 +160,7 @@ def test_num_classes_mismatch(tmp_path):
     with pytest.raises(
         ValueError, match=r"num_classes=5 .* 3 class folder\(s\): \['cat', 'dog', 'eel'\]"
     ):
-        _dm(root, num_classes=5).num_classes
+        _ = _dm(root, num_classes=5).num_classes
 
 
 def test_val_class_unknown_to_train_and_no_val_split(tmp_path):

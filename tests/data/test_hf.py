@@ -153,11 +153,11 @@ def test_missing_label_column_lists_the_columns(saved):
     with pytest.raises(
         ValueError, match=r"label_column='fine_label' is not a column .*\['image', 'label'\]"
     ):
-        _dm(saved, label_column="fine_label").num_classes
+        _ = _dm(saved, label_column="fine_label").num_classes
     with pytest.raises(
         ValueError, match=r"train_split='nope' is not a split .*\['test', 'train'\]"
     ):
-        _dm(saved, train_split="nope").num_classes
+        _ = _dm(saved, train_split="nope").num_classes
 
 
 def test_labels_out_of_range_name_the_row(tmp_path):
@@ -202,7 +202,7 @@ def test_hub_name_offline_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(
         FileNotFoundError, match="load_dataset\\('nobody/no-such-dataset'\\) once online"
     ):
-        _dm("nobody/no-such-dataset").num_classes
+        _ = _dm("nobody/no-such-dataset").num_classes
 
 
 @pytest.mark.slow

@@ -2,15 +2,15 @@
 with the current code and compute the logits they computed then (tests/fixtures/config_v1)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import vmoe.models as vm
+from tests.helpers import FIXTURES
 
-V1 = Path(__file__).parents[1] / "fixtures" / "config_v1"
+V1 = FIXTURES / "config_v1"
 NAMES = ["vmoe_tiny_topk", "soft_moe_tiny", "moeified_vit", "moeified_soft"]
 # The logits were recorded on one CPU; another CPU's kernels may round differently (~1e-7).
 # A wrongly read option (capacity, BPR, slots, router) changes them by far more.

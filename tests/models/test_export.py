@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import vmoe.models as vm
+from tests.helpers import FIXTURES
 from vmoe.cli import main
 from vmoe.models import export as ex
 from vmoe.moe.routing import _descending_order
@@ -264,8 +265,6 @@ def test_cli_export_bad_input(model_dir, tmp_path, capsys, monkeypatch):
     "prefix", ["vmoe_reference/vmoe_tiny_a", "soft_moe_reference/soft_moe_tiny_s"]
 )
 def test_imported_official_checkpoints_export(prefix):
-    from pathlib import Path
-
-    model = vm.from_vmoe_checkpoint(Path(__file__).parents[1] / "fixtures" / prefix)
+    model = vm.from_vmoe_checkpoint(FIXTURES / prefix)
     program = vm.export_program(model)
     assert max(vm.check_export(program, model, (1, 3, 9)).values()) < 1e-5

@@ -12,6 +12,7 @@ import timm
 import torch
 
 import vmoe.models as vm
+from tests.helpers import VMOE_REFERENCE
 
 TINY = dict(
     img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5
@@ -75,7 +76,8 @@ def no_build_at_all(monkeypatch):
         (
             "moe",
             dict(blocks=[1], num_experts=10**9, num_selected=2),
-            r"model_args.moe.num_experts=1000000000 does not match .*has routers with \[4\] experts",
+            r"model_args.moe.num_experts=1000000000 does not match "
+            r".*has routers with \[4\] experts",
         ),
     ],
 )
@@ -162,7 +164,8 @@ def test_resampled_position_embeddings_equal_timms_resampling(saved):
     [
         (
             lambda c: c.__setitem__("model_args", [["depth", 2]]),
-            r"entry 'model_args' must be a JSON object of timm model arguments, got \[\['depth', 2\]\]",
+            r"entry 'model_args' must be a JSON object of timm model arguments, "
+            r"got \[\['depth', 2\]\]",
         ),
         (
             lambda c: c.__setitem__("architecture", 7),
@@ -201,22 +204,26 @@ def test_resampled_position_embeddings_equal_timms_resampling(saved):
         ),
         (
             lambda c: c["model_args"]["moe"]["router"].__setitem__("num_selcted", 2),
-            r"config.json: entry model_args.moe.router.num_selcted: not an option of router 'top_k'",
+            r"config.json: entry model_args.moe.router.num_selcted: "
+            r"not an option of router 'top_k'",
         ),
         (
             lambda c: c["model_args"].__setitem__(
                 "moe", {"router": {"name": "top_k", "capacity_factor": -1}}
             ),
-            r"config.json: entry model_args.moe.router.capacity_factor=-1 must be a finite number > 0",
+            r"config.json: entry model_args.moe.router.capacity_factor=-1 "
+            r"must be a finite number > 0",
         ),
         (lambda c: c.__setitem__("routing", [1]), r"entry 'routing' must be null or an object"),
         (
             lambda c: c["routing"]["blocks.1.mlp"].pop("capacity"),
-            r"entry 'routing' -> 'blocks.1.mlp' must be an object with keys capacity_factor, capacity, batch_priority",
+            r"entry 'routing' -> 'blocks.1.mlp' must be an object with keys capacity_factor, "
+            r"capacity, batch_priority",
         ),
         (
             lambda c: c["routing"]["blocks.1.mlp"].update(capacity=0),
-            r"'routing' -> 'blocks.1.mlp' -> 'capacity': capacity=0 must be None or an integer >= 1",
+            r"'routing' -> 'blocks.1.mlp' -> 'capacity': "
+            r"capacity=0 must be None or an integer >= 1",
         ),
         (
             lambda c: c["routing"]["blocks.1.mlp"].update(capacity=-3),
@@ -244,17 +251,20 @@ def test_resampled_position_embeddings_equal_timms_resampling(saved):
         ),
         (
             lambda c: c["routing"].__setitem__("blocks.0.mlp", c["routing"]["blocks.1.mlp"]),
-            r"entry 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers .*\['blocks.1.mlp'\]",
+            r"entry 'routing' names layers \['blocks.0.mlp'\] "
+            r"that are not MoE layers .*\['blocks.1.mlp'\]",
         ),
         (
             lambda c: c["model_args"]["routing"]["blocks.1.mlp"].update(capacity=0),
-            r"'model_args' -> 'routing' -> 'blocks.1.mlp' -> 'capacity': capacity=0 must be None or an integer >= 1",
+            r"'model_args' -> 'routing' -> 'blocks.1.mlp' -> 'capacity': "
+            r"capacity=0 must be None or an integer >= 1",
         ),
         (
             lambda c: c["model_args"]["routing"].__setitem__(
                 "blocks.0.mlp", c["routing"]["blocks.1.mlp"]
             ),
-            r"entry 'model_args' -> 'routing' names layers \['blocks.0.mlp'\] that are not MoE layers",
+            r"entry 'model_args' -> 'routing' names layers \['blocks.0.mlp'\] "
+            r"that are not MoE layers",
         ),
     ],
 )
@@ -289,7 +299,8 @@ def test_routing_settings_are_restored(saved):
         (lambda b: b[:8] + b"[" + b[9:], r"header is not valid JSON"),
         (
             lambda b: b[:-4],
-            r"tensor 'pos_embed' \(F32 \[1, 17, 32\], 2176 bytes\) has byte offsets \[\d+, \d+\], which do not fit",
+            r"tensor 'pos_embed' \(F32 \[1, 17, 32\], 2176 bytes\) "
+            r"has byte offsets \[\d+, \d+\], which do not fit",
         ),
     ],
 )
@@ -335,7 +346,7 @@ def test_a_non_empty_target_names_the_command_line_flag(saved, tmp_path):
         r"\(--overwrite on the command line\)",
     ):
         vm.save_pretrained(model, directory)
-    fixture = Path(__file__).parents[1] / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
+    fixture = VMOE_REFERENCE / "vmoe_tiny_a"
     with pytest.raises(FileExistsError, match=r"\(--overwrite on the command line\)"):
         convert_vmoe_checkpoint(fixture, directory)
 
@@ -381,7 +392,7 @@ def test_a_full_disk_during_convert_leaves_nothing(tmp_path, monkeypatch):
     from vmoe.checkpoints.safetensors_stream import SafetensorsStreamWriter
     from vmoe.models.official import convert_vmoe_checkpoint
 
-    fixture = Path(__file__).parents[1] / "fixtures" / "vmoe_reference" / "vmoe_tiny_a"
+    fixture = VMOE_REFERENCE / "vmoe_tiny_a"
     write = SafetensorsStreamWriter.write
     calls = []
 

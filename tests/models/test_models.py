@@ -216,7 +216,10 @@ def test_upcycle_from_local_weights_file(tmp_path):
     ).eval()
     x = torch.randn(2, 3, 32, 32)
     # timm re-initializes the classifier when loading a file for a new head, so compare features.
-    features = lambda m: m.forward_head(m.forward_features(x), pre_logits=True)
+
+    def features(m):
+        return m.forward_head(m.forward_features(x), pre_logits=True)
+
     torch.testing.assert_close(features(moe), features(dense), atol=1e-5, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         vm.upcycle("vit_tiny_patch16_224", checkpoint_path=tmp_path / "missing.npz", every=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,10 @@ import timm
 import torch
 
 import vmoe.models  # noqa: F401  (registers the timm factories)
+from tests.helpers import SOFT_MOE_REFERENCE as FIX
 from vmoe.models import from_vmoe_checkpoint, from_vmoe_params, moe_layers
 from vmoe.moe import SoftRoutingPlan
 
-FIX = Path(__file__).parents[1] / "fixtures" / "soft_moe_reference"
 OUTPUTS = np.load(FIX / "model_s_outputs.npz")
 IMAGES = torch.from_numpy(OUTPUTS["images"]).permute(0, 3, 1, 2)  # NHWC -> NCHW
 

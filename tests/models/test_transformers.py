@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import timm
 import torch
 
 import vmoe.models as vm
+from tests.helpers import ROOT
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
@@ -124,7 +124,7 @@ def test_without_importing_vmoe_models_transformers_names_the_architecture(saved
         "import transformers\n"
         f"transformers.AutoModelForImageClassification.from_pretrained({str(directory)!r})\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )

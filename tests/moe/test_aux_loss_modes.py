@@ -53,7 +53,8 @@ ROUTER = "blocks.1.mlp.router.weight"
 
 
 def test_task_loss_only_loop_gets_the_aux_loss_gradients():
-    """Fails on the code before vmoe.moe.balancing: a loop without the aux loss trained no balancing."""
+    """Fails on the code before vmoe.moe.balancing: a loop without the aux loss trained no
+    balancing."""
     auto, manual = tiny_model(), tiny_model()
     vm.set_aux_loss_mode(manual, "manual")
     assert all(m.aux_loss_mode == "backward" for m in vm.moe_layers(auto).values())  # the default

@@ -213,7 +213,7 @@ def test_two_micro_batches_and_one_update_use_the_counts_of_both():
     optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
     handle = attach_bias_updates(optimizer, m)
     counts = torch.zeros(4)
-    for micro in range(2):
+    for _micro in range(2):
         m(torch.randn(2, 8, 16)).pow(2).mean().backward()
         counts += hand_counts(m.last_plan, 4)
     assert torch.equal(m.router.expert_bias, torch.zeros(4))  # no update before the step

@@ -147,17 +147,20 @@ def test_replace_validates_and_names_the_option():
         (
             dict(router=dict(name="top_k", capacity_facter=2.0)),
             ValueError,
-            r"moe\.router\.capacity_facter: not an option of router 'top_k' \(its options: num_selected, capacity_factor",
+            r"moe\.router\.capacity_facter: not an option of router 'top_k' "
+            r"\(its options: num_selected, capacity_factor",
         ),
         (
             dict(router="soft", num_slots=1, num_selected=2),
             ValueError,
-            r"moe\.num_selected=2 only applies to sparse routers .*router 'soft' has no such option",
+            r"moe\.num_selected=2 only applies to sparse routers "
+            r".*router 'soft' has no such option",
         ),
         (
             dict(router=dict(name="soft", num_slots=1, num_selected=2)),
             ValueError,
-            r"moe\.router\.num_selected: not an option of router 'soft' \(its options: num_slots, capacity_factor, noise_std\)",
+            r"moe\.router\.num_selected: not an option of router 'soft' "
+            r"\(its options: num_slots, capacity_factor, noise_std\)",
         ),
         (dict(num_slots=2), ValueError, r"moe\.num_slots=2 only applies to router='soft'"),
         (

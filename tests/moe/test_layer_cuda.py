@@ -1,9 +1,10 @@
 """The whole MoE layer on a real GPU (skipped without one; run by ``benchmarks/gpu_check.sh``).
 
 Routing runs without host synchronization (no ``.item()``, no data-dependent shapes), so that
-the layer can be captured by CUDA graphs and the GPU never waits on the CPU. On the CPU, the fullgraph
-``torch.compile`` tests stand in for this; here it is checked directly: CUDA's sync debug mode
-raises on any synchronizing call, and a captured forward+backward replays with new inputs.
+the layer can be captured by CUDA graphs and the GPU never waits on the CPU. On the CPU, the
+fullgraph ``torch.compile`` tests stand in for this; here it is checked directly: CUDA's sync
+debug mode raises on any synchronizing call, and a captured forward+backward replays with new
+inputs.
 """
 
 import pytest

@@ -455,7 +455,7 @@ def check_bias_balancing_over_ranks(rank, world):
     gathered = [None] * world
     dist.all_gather_object(
         gathered,
-        {n: (counts[n].tolist(), l.router.expert_bias.tolist()) for n, l in layers.items()},
+        {n: (counts[n].tolist(), m.router.expert_bias.tolist()) for n, m in layers.items()},
     )
     for name in layers:
         assert torch.equal(mine[name], counts[name]), (
@@ -513,7 +513,8 @@ def four_ranks(tmp_path_factory):
         ),
         (
             "E",
-            "expert_parallel_size=2 must divide every MoE layer's number of experts; these do not: {'0': 3}",
+            "expert_parallel_size=2 must divide every MoE layer's number of experts; "
+            "these do not: {'0': 3}",
         ),
         ("model_disagrees", "ranks disagree on the model to shard"),
         ("checkpoint_E", "0.experts.fc1_weight: the checkpoint has 8 experts, the model 4"),

@@ -1,6 +1,6 @@
-"""Guards of the MoE layer against bad inputs and settings: non-finite gates under BPR, router noise size and
-validation, empty batches, the capacity cap at the group size, routing settings validated
-wherever they are set."""
+"""Guards of the MoE layer against bad inputs and settings: non-finite gates under BPR, router
+noise size and validation, empty batches, the capacity cap at the group size, routing settings
+validated wherever they are set."""
 
 import math
 
@@ -327,7 +327,7 @@ def test_restore_routing_validates_the_settings():
         )
 
 
-# --- 7. padding tokens take no place in the buffers ------------------------------------------------
+# --- 7. padding tokens take no place in the buffers ---------------------------------------------
 @pytest.mark.parametrize("batch_priority", [False, True])
 @pytest.mark.parametrize("where", ["end", "interleaved"])
 def test_padding_tokens_do_not_take_places_of_valid_tokens(batch_priority, where):

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import copy
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from tests.helpers import SOFT_MOE_REFERENCE as FIXTURES
 from vmoe.moe import MoeMlp, SoftRoutingPlan, read_routing, routing_settings, set_routing
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "soft_moe_reference"
 LAYER = np.load(FIXTURES / "soft_moe_layer.npz")
 CASES = [str(name) for name in LAYER["cases/name"]]
 GELU_TANH = functools.partial(nn.GELU, approximate="tanh")

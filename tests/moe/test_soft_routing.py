@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import SOFT_MOE_REFERENCE as FIXTURES
 from vmoe.moe import SoftRoutingPlan
 from vmoe.moe.soft_routing import SoftRouter, soft_slots_per_expert, unit_normalize
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "soft_moe_reference"
 ROUTER = np.load(FIXTURES / "soft_router.npz")
 CASES = [str(name) for name in ROUTER["cases/name"]]
 

@@ -8,10 +8,9 @@ import lightning as L
 import pytest
 import torch
 
+from tests.helpers import last_stderr_line, quiet
 from vmoe.cli import main
 from vmoe.train import DivergenceError, first_nonfinite_parameter
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class PoisonAt(L.Callback):
@@ -31,31 +30,24 @@ def run(root, *extra):
     return main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs" / "quickstart.yaml"),
-            "--torch_num_threads",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.logger",
-            "false",
-            "--trainer.limit_train_batches",
-            "3",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.max_epochs",
-            "3",
-            "--test_after_fit",
-            "false",
-            "--export.enabled",
-            "false",
-            "--routing_stats.figures",
-            "false",
-            *extra,
+            *quiet(
+                root,
+                "--trainer.logger",
+                "false",
+                "--trainer.limit_train_batches",
+                "3",
+                "--trainer.limit_val_batches",
+                "1",
+                "--trainer.max_epochs",
+                "3",
+                "--test_after_fit",
+                "false",
+                "--export.enabled",
+                "false",
+                "--routing_stats.figures",
+                "false",
+                *extra,
+            ),
         ]
     )
 
@@ -71,9 +63,9 @@ def assert_all_checkpoints_finite(root, expected_steps):
 
 
 def last_error(capsys):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("vmoe fit: error: training diverged"), lines[-1]
-    return lines[-1]
+    line = last_stderr_line(capsys)
+    assert line.startswith("vmoe fit: error: training diverged"), line
+    return line
 
 
 def test_update_turning_nan_before_validation_is_never_validated_or_saved(tmp_path, capsys):
@@ -106,8 +98,8 @@ def test_update_turning_nan_mid_epoch_is_never_saved(tmp_path, capsys):
     assert run(tmp_path, *poison) == 2
     line = last_error(capsys)
     assert (
-        "at step 2: parameter model.blocks.0.attn.qkv.weight became non-finite in the optimizer update "
-        "of step 1 (stopped before saving a checkpoint)" in line
+        "at step 2: parameter model.blocks.0.attn.qkv.weight became non-finite in the optimizer "
+        "update of step 1 (stopped before saving a checkpoint)" in line
     ), line
     assert_all_checkpoints_finite(tmp_path, [1])
 

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import vmoe.models as vm
+from tests.helpers import NO_AUG, quiet
 from vmoe.cli import main
 from vmoe.train import VmoeClassifier, build_model
 from vmoe.train.optim import no_weight_decay_names, param_groups
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
-NO_AUG = "{scale: [1.0, 1.0], ratio: [1.0, 1.0], randaugment_num_ops: 0, hflip_prob: 0.0}"
 
 
 def fit(root, *extra):
@@ -25,31 +24,24 @@ def fit(root, *extra):
     return main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs" / "quickstart.yaml"),
-            "--torch_num_threads",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.logger",
-            "false",
-            "--trainer.max_steps",
-            str(STEPS),
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.limit_test_batches",
-            "1",
-            "--data.init_args.batch_size",
-            "32",
-            "--routing_stats.figures",
-            "false",
-            "--export.enabled",
-            "false",
-            *extra,
+            *quiet(
+                root,
+                "--trainer.logger",
+                "false",
+                "--trainer.max_steps",
+                str(STEPS),
+                "--trainer.limit_val_batches",
+                "1",
+                "--trainer.limit_test_batches",
+                "1",
+                "--data.init_args.batch_size",
+                "32",
+                "--routing_stats.figures",
+                "false",
+                "--export.enabled",
+                "false",
+                *extra,
+            ),
         ]
     )
 
@@ -303,21 +295,16 @@ def test_ema_weights_are_tested_after_fit_with_best_and_by_vmoe_test(tmp_path):
                 main(
                     [
                         "test",
-                        "--config",
-                        str(ROOT / "configs" / "quickstart.yaml"),
-                        "--torch_num_threads",
-                        "1",
-                        "--trainer.enable_progress_bar",
-                        "false",
-                        "--trainer.logger",
-                        "false",
-                        "--trainer.default_root_dir",
-                        str(tmp_path),
-                        "--trainer.limit_test_batches",
-                        "1",
-                        "--trainer.callbacks+=tests.train.test_options.RecordWeights",
-                        "--ckpt_path",
-                        str(best),
+                        *quiet(
+                            tmp_path,
+                            "--trainer.logger",
+                            "false",
+                            "--trainer.limit_test_batches",
+                            "1",
+                            "--trainer.callbacks+=tests.train.test_options.RecordWeights",
+                            "--ckpt_path",
+                            str(best),
+                        ),
                     ]
                 )
                 == 0

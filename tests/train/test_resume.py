@@ -9,15 +9,16 @@ import lightning as L
 import pytest
 import torch
 
+from tests.helpers import NO_AUG, quiet
 from vmoe.cli import main
 from vmoe.train.resume import EpochSampler, ResumableLoader
 
-ROOT = Path(__file__).resolve().parents[2]
 N = 8  # steps before the "kill"; an epoch is 12 steps, so the resumed run crosses an epoch end
 
 
 class KillAtStep(L.Callback):
-    """Raises KeyboardInterrupt at the start of the step after ``step`` (its checkpoint is saved)."""
+    """Raises KeyboardInterrupt at the start of the step after ``step`` (its checkpoint is
+    saved)."""
 
     def __init__(self, step: int):
         self.step = step
@@ -40,18 +41,8 @@ class KillMidStep(L.Callback):
 
 
 def run(root, *extra, every=N):
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs" / "quickstart.yaml"),
-        "--torch_num_threads",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.default_root_dir",
-        str(root),
+    args = quiet(
+        root,
         "--trainer.logger",
         "false",
         "--trainer.deterministic",
@@ -65,7 +56,7 @@ def run(root, *extra, every=N):
         "--data.init_args.batch_size",
         "128",
         "--data.init_args.train_transform",
-        "{scale: [1.0, 1.0], ratio: [1.0, 1.0], randaugment_num_ops: 0, hflip_prob: 0.0}",
+        NO_AUG,
         "--model.warmup_steps",
         "2",
         "--test_after_fit",
@@ -75,8 +66,8 @@ def run(root, *extra, every=N):
         "--routing_stats.figures",
         "false",
         *extra,
-    ]
-    return main(args)
+    )
+    return main(["fit", *args])
 
 
 def weights(root):

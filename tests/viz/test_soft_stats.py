@@ -2,15 +2,15 @@
 direct computations from the plan's weights."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import SOFT_MOE_REFERENCE
 from vmoe.moe import SoftRoutingPlan, routing_statistics, soft_routing_statistics
 
-FIXTURE = Path(__file__).parents[1] / "fixtures" / "soft_moe_reference" / "soft_router.npz"
+FIXTURE = SOFT_MOE_REFERENCE / "soft_router.npz"
 OFFICIAL = [f"{w}_weights_{m}_mean" for w in ("combine", "dispatch") for m in ("min", "max")]
 SIMILARITY = [
     f"{w}_weights_similarity_{m}" for w in ("combine", "dispatch") for m in ("min", "max", "mean")

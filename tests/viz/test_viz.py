@@ -206,7 +206,7 @@ def test_priority_map_reroutes_with_the_router():
     kept = record.reroute(name, 0.25, True)
     assert not kept[..., 0].all()
     for f_start, f in zip((0, 4), record.forwards[name]):
-        S, N = f.plan.group_size, f.tokens_per_image
+        S = f.plan.group_size
         expert0 = record.tokens(name).expert[f_start : f_start + f.batch_size, :, 0].reshape(-1)
         prio = record.tokens(name).priority[f_start : f_start + f.batch_size].reshape(-1)
         kept0 = kept[f_start : f_start + f.batch_size, :, 0].reshape(-1)
