@@ -47,7 +47,12 @@ EOF
 
 step "fresh virtual environment + pip install the wheel"
 "$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q "${wheel[0]}"
+# --no-compile: no .pyc for torch's thousands of modules (a minute of the install), none needed
+"$work/venv/bin/python" -m pip install --no-compile "${wheel[0]}" >"$work/install.log" 2>&1 || {
+    cat "$work/install.log"
+    exit 1
+}
+grep -E "^Successfully installed" "$work/install.log" | cut -c1-300
 
 # Outside the checkout, with nothing of it on the path: the config is a copied file, as a
 # user who downloaded configs/quickstart.yaml would have it.
