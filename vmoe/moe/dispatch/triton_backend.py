@@ -142,8 +142,6 @@ def _(src, index, weight, out_dtype):
     return src.new_empty(index.shape[0], src.shape[1], dtype=out_dtype)
 
 
-# The return annotation is the builtin ``tuple``: torch < 2.7 infers a custom op's schema by
-# eval-ing the (string) annotations in its own namespace, which has no ``typing.Tuple``.
 @torch.library.custom_op("vmoe::triton_combine_backward", mutates_args=())
 def _combine_backward_op(
     grad_out: torch.Tensor,
@@ -152,7 +150,7 @@ def _combine_backward_op(
     row_assignment: torch.Tensor,
     num_selected: int,
     need_weight_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     interpret = _check(grad_out, expert_out, weight)
     R, d = expert_out.shape
     grad_eo = torch.empty_like(expert_out)
