@@ -14,9 +14,9 @@ split in chunks) with our writer, then runs, each in a fresh SUBPROCESS:
 Peak RSS is the child's own ``ru_maxrss``. Two extra-memory figures are printed: peak minus the
 baseline child's peak, and peak minus the child's own RSS right after its imports (imports have a
 transient peak, so the first can under-count small figures); the ratio uses the larger one,
-divided by the checkpoint bytes (target <= 1.3). The checkpoint was just written, so reads come from a warm page cache (the
-page cache is not part of a process's RSS). The parent then checks the safetensors file:
-every name and shape, and a few tensors against regenerated data.
+divided by the checkpoint bytes (target <= 1.3). The checkpoint was just written, so reads come
+from a warm page cache (the page cache is not part of a process's RSS). The parent then checks
+the safetensors file: every name and shape, and a few tensors against regenerated data.
 
     python3 benchmarks/convert_checkpoint_memory.py [--size-gb 1.0] [--num-shards 4]
 """
@@ -274,7 +274,8 @@ def main():
                 f"{r['seconds']:.2f} | {r['bytes'] / mb / r['seconds']:.0f} |"
             )
         print(
-            "checked: safetensors names/shapes + 3 tensors, converted model's expert and head weights"
+            "checked: safetensors names/shapes + 3 tensors, "
+            "converted model's expert and head weights"
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -146,7 +146,8 @@ def main(argv=None):
         )
     if args.backend == "nccl" and torch.cuda.device_count() < args.world:
         p.error(
-            f"--backend nccl needs {args.world} GPUs (one per rank), found {torch.cuda.device_count()}"
+            f"--backend nccl needs {args.world} GPUs (one per rank), "
+            f"found {torch.cuda.device_count()}"
         )
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -157,7 +158,8 @@ def main(argv=None):
     base = next((r["ms"] for r in rows if r["ep"] == 1), None)
     print(
         f"{args.backend}, world {args.world}, E={args.experts}, d={args.dim}, h={args.hidden}, "
-        f"{args.images} images x {args.tokens} tokens per rank, groups of {args.group_images} images, "
+        f"{args.images} images x {args.tokens} tokens per rank, "
+        f"groups of {args.group_images} images, "
         f"fp32, {args.threads} thread(s) per process, torch {torch.__version__}"
     )
     print(

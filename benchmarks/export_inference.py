@@ -123,7 +123,8 @@ def flops_table(keys):
             with ex.inference_routing(model, capacity_factor=cf, batch_independent=True):
                 alone = flops(model, x)
             print(
-                f"| {key} | {cf} | {grouped / 1e9:.3f} | {alone / 1e9:.3f} | {alone / grouped:.3f} |"
+                f"| {key} | {cf} | {grouped / 1e9:.3f} | {alone / 1e9:.3f} "
+                f"| {alone / grouped:.3f} |"
             )
 
 

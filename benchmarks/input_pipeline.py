@@ -12,8 +12,8 @@ bytes: speed, and pixel difference (max and mean absolute, 0-255 scale).
 
 Then the workers one H200 would need for a V-MoE-S/32 or B/16 training step, estimated from
 FLOPs (not measured on a GPU): forward FLOPs per image counted with torch's FlopCounterMode (a CPU
-forward of 8 images, eval capacity), x3 for forward + backward, at an assumed 40% of the H200's 989 dense bf16
-TFLOP/s.
+forward of 8 images, eval capacity), x3 for forward + backward, at an assumed 40% of the H200's
+989 dense bf16 TFLOP/s.
 
     PYTHONPATH=. python benchmarks/input_pipeline.py --images 256
 """
@@ -158,18 +158,21 @@ def main() -> None:
         rows.append(("timm create_loader (rand-m9-n2)", rate(timm_loader(folder, args.batch))))
         dec = decoders(folder)
     print(
-        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, one worker (num_workers=0, 1 thread)\n"
+        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, "
+        "one worker (num_workers=0, 1 thread)\n"
     )
     print("| source | img/s per worker |\n|---|---|")
     for name, r in rows:
         print(f"| {name} | {r:.0f} |")
     print(
         f"\ndecode one 500x375 JPEG: PIL {dec['pil_ms']:.2f} ms, torchvision.io.decode_jpeg "
-        f"{dec['torchvision_ms']:.2f} ms; pixels differ by max {dec['max_abs']}, mean {dec['mean_abs']:.3f} (0-255)"
+        f"{dec['torchvision_ms']:.2f} ms; "
+        f"pixels differ by max {dec['max_abs']}, mean {dec['mean_abs']:.3f} (0-255)"
     )
     slowest = min(r for _, r in rows[:3])
     print(
-        f"\nworkers for one H200 (FLOPs estimate, {MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
+        f"\nworkers for one H200 (FLOPs estimate, "
+        f"{MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
         "not a measured GPU step):"
     )
     for name in ("vmoe_s32_e8_k2_last2", "vmoe_b16_e8_k2_last2"):

@@ -14,11 +14,11 @@ Prints, in one run, forward and forward+backward times (medians over interleaved
                     ``floor_gmm/floor`` says whether grouped GEMM measures faster (< 1) here.
 
 The last column, the ratio of the fastest repeats, is a contention-robust cross-check on a
-shared machine (the targets use the paired medians). Ratios are formed per repeat (each repeat times every variant once, in turn, so slow phases of a
-shared machine hit all variants alike) and then the median ratio is reported. The targets of
-issues 2 and 7 are checked at the end. Forward is timed in eval mode under ``no_grad``;
-forward+backward in train mode (router noise and the load loss on), backpropagating a fixed
-random output gradient plus the auxiliary loss.
+shared machine (the targets use the paired medians). Ratios are formed per repeat (each repeat
+times every variant once, in turn, so slow phases of a shared machine hit all variants alike)
+and then the median ratio is reported. The targets of issues 2 and 7 are checked at the end.
+Forward is timed in eval mode under ``no_grad``; forward+backward in train mode (router noise and
+the load loss on), backpropagating a fixed random output gradient plus the auxiliary loss.
 
 Peak memory: the profiler's allocation events (CPU) or the allocator's peak (CUDA) during one
 forward+backward, for several
@@ -234,8 +234,8 @@ def methods_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.d
     print(
         "| shape | pass | "
         + " | ".join(f"{n} ms" for n in names)
-        + " | moe/floor | moe_sigmoid/floor | moe_bias/floor | moe_shared/(floor+dense) | moe_sigmoid/moe"
-        " | moe_bias/moe | (moe_shared-moe)/dense |"
+        + " | moe/floor | moe_sigmoid/floor | moe_bias/floor | moe_shared/(floor+dense)"
+        " | moe_sigmoid/moe | moe_bias/moe | (moe_shared-moe)/dense |"
     )
     print("|" + "---|" * (len(names) + 9))
     checks = []
@@ -335,7 +335,7 @@ def memory_table(shape: Shape, group_images=(2, 8, 32), device: str = "cpu", dty
             layer = make_layer(Shape(**{**shape.__dict__, "group_images": gi}), dispatcher)
             layer = layer.to(device).train()
 
-            def step():
+            def step(layer=layer):  # bound now: each step() is this iteration's layer
                 xi = x.detach().requires_grad_()
                 with autocast:
                     out = layer(xi)
@@ -436,7 +436,7 @@ def soft_table(shapes, repeats: int, warmup: int, device: str, dtype: torch.dtyp
         parts, P = build_soft(SOFT_SHAPES[name], device, dtype)
         times = {k: [] for k in parts}
 
-        def timed(k):
+        def timed(k, parts=parts):  # bound now: this shape's parts
             module, x, grad = parts[k]
             module.train()
             _sync(device)
@@ -499,7 +499,8 @@ def main(argv=None) -> int:
     alloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))}
     print(
         f"torch {torch.__version__}, device={args.device}, dtype={args.dtype}, "
-        f"threads={torch.get_num_threads()}, repeats={args.repeats}, allocator env={alloc or 'glibc default'}"
+        f"threads={torch.get_num_threads()}, repeats={args.repeats}, "
+        f"allocator env={alloc or 'glibc default'}"
     )
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name()}")
@@ -513,9 +514,9 @@ def main(argv=None) -> int:
 
     gmm = dtype == torch.bfloat16  # the grouped_mm floor runs in bfloat16 only
     print(
-        "\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms | moe_id ms "
-        "| moe/floor | einsum/floor | moe/dense | moe_id/einsum_id | moe/floor (min) |"
-        + (" floor_gmm/floor |" if gmm else "")
+        "\n| shape | C | pass | dense ms | floor ms | einsum ms | moe ms | einsum_id ms "
+        "| moe_id ms | moe/floor | einsum/floor | moe/dense | moe_id/einsum_id "
+        "| moe/floor (min) |" + (" floor_gmm/floor |" if gmm else "")
     )
     print("|" + "---|" * (15 if gmm else 14))
     checks = []
@@ -571,21 +572,24 @@ def main(argv=None) -> int:
         shape = SHAPES["S/32 E=8"]
         rows = memory_table(shape, device=args.device, dtype=dtype)
         print(
-            f"\nPeak allocated bytes during one fwd+bwd ({shape.name}, {shape.images}x{shape.tokens} tokens), "
+            f"\nPeak allocated bytes during one fwd+bwd "
+            f"({shape.name}, {shape.images}x{shape.tokens} tokens), "
             "by group size (E*C per token grows with it):"
         )
         print("| images/group | E*C | index MiB | einsum MiB |\n|---|---|---|---|")
         for r in rows:
             print(
-                f"| {r['group_images']} | {r['EC']} | {r['index'] / 2**20:.1f} | {r['einsum'] / 2**20:.1f} |"
+                f"| {r['group_images']} | {r['EC']} "
+                f"| {r['index'] / 2**20:.1f} | {r['einsum'] / 2**20:.1f} |"
             )
         idx = [r["index"] for r in rows]
         growth = max(idx) / min(idx)
         ec_growth = rows[-1]["EC"] / rows[0]["EC"]
         ok = growth <= 1.10
         print(
-            f"  [{'PASS' if ok else 'FAIL'}] index peak max/min = {growth:.3f} (<= 1.10) while E*C grows "
-            f"{ec_growth:.1f}x; einsum peak grows {rows[-1]['einsum'] / rows[0]['einsum']:.2f}x"
+            f"  [{'PASS' if ok else 'FAIL'}] index peak max/min = {growth:.3f} (<= 1.10) "
+            f"while E*C grows {ec_growth:.1f}x; "
+            f"einsum peak grows {rows[-1]['einsum'] / rows[0]['einsum']:.2f}x"
         )
         checks.append(("memory", growth, ok))
     return 0 if all(ok for _, _, ok in checks) else 1

@@ -88,7 +88,8 @@ def main() -> None:
     plan = layer.last_plan
     print(
         f"torch {torch.__version__}, threads={args.threads}, fp32, batch {args.batch_size}, "
-        f"{plan.num_groups} routing groups of {plan.group_size} tokens, C={plan.capacity} per expert"
+        f"{plan.num_groups} routing groups of {plan.group_size} tokens, "
+        f"C={plan.capacity} per expert"
     )
     print("| model | fwd+bwd time median (s) | GFLOPs fwd+bwd |")
     print("|---|---|---|")
@@ -97,9 +98,8 @@ def main() -> None:
     print(f"\nstep-time ratio vmoe/dense (median of paired repeats): {time_ratio:.3f}")
     print(f"FLOPs ratio vmoe/dense (capacity buffers incl. padding rows): {flops_ratio:.3f}")
     quotient = time_ratio / flops_ratio
-    print(
-        f"time ratio / FLOPs ratio: {quotient:.3f}  (target <= 1.10: {'PASS' if quotient <= 1.10 else 'FAIL'})"
-    )
+    verdict = "PASS" if quotient <= 1.10 else "FAIL"
+    print(f"time ratio / FLOPs ratio: {quotient:.3f}  (target <= 1.10: {verdict})")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Training throughput (images/s) of V-MoE against the dense ViT of the same architecture.
 
-Pairs (the paper's models): V-MoE B/16 (E=8, K=2, every 2) vs dense ViT-B/16, and V-MoE S/32 (E=8, K=2,
-last 2) vs dense ViT-S/32. For each pair it prints the throughput ratio vmoe/dense next to the
-FLOPs ratio dense/vmoe (what the extra FLOPs predict; counted with torch.utils.flop_counter over
-one forward+backward, MoE layers at the E*G*C rows they actually compute) and their quotient.
+Pairs (the paper's models): V-MoE B/16 (E=8, K=2, every 2) vs dense ViT-B/16, and V-MoE S/32
+(E=8, K=2, last 2) vs dense ViT-S/32. For each pair it prints the throughput ratio vmoe/dense next
+to the FLOPs ratio dense/vmoe (what the extra FLOPs predict; counted with torch.utils.flop_counter
+over one forward+backward, MoE layers at the E*G*C rows they actually compute) and their quotient.
 Target: quotient >= 0.9, i.e. V-MoE reaches at least 90% of the throughput its FLOPs allow.
 
     python benchmarks/train_throughput.py --device cuda                 # GPU, bf16 autocast
@@ -193,8 +193,9 @@ def main(argv=None) -> int:
         r = run_pair(pair, args, dtype)
         f = {k: v / r["batch"] / 1e9 for k, v in r["flops"].items()}
         print(
-            f"| {pair} | {r['batch']} | {r['ips']['dense']:.1f} | {r['ips']['vmoe']:.1f} | {f['dense']:.2f} "
-            f"| {f['vmoe']:.2f} | {r['throughput_ratio']:.3f} | {r['predicted']:.3f} | {r['quotient']:.3f} |",
+            f"| {pair} | {r['batch']} | {r['ips']['dense']:.1f} | {r['ips']['vmoe']:.1f} "
+            f"| {f['dense']:.2f} | {f['vmoe']:.2f} | {r['throughput_ratio']:.3f} "
+            f"| {r['predicted']:.3f} | {r['quotient']:.3f} |",
             flush=True,
         )
         passed = r["quotient"] >= 0.9
