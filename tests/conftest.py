@@ -36,7 +36,8 @@ def _seed():
 
 # The files that take longest (each well over 30 s of one worker's time on 2 cores), longest
 # first. pytest-xdist (--dist loadfile) hands files to the workers in collection order, so
-# starting with these keeps one worker from finishing a long file alone at the end.
+# starting with these keeps one worker from finishing a long file alone at the end (pyproject
+# turns off xdist's own reordering, which sends the files with the most tests first).
 LONGEST_FILES = (
     "tests/models/test_export.py",
     "tests/test_notebooks.py",
