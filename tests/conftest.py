@@ -32,3 +32,32 @@ def reference():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The files that take longest (each well over 30 s of one worker's time on 2 cores), longest
+# first. pytest-xdist (--dist loadfile) hands files to the workers in collection order, so
+# starting with these keeps one worker from finishing a long file alone at the end (pyproject
+# turns off xdist's own reordering, which sends the files with the most tests first).
+LONGEST_FILES = (
+    "tests/models/test_export.py",
+    "tests/test_notebooks.py",
+    "tests/test_docs.py",
+    "tests/train/test_expert_parallel_fit.py",
+    "tests/moe/test_parallel.py",
+    "tests/train/test_options.py",
+    "tests/train/test_ddp.py",
+    "tests/cli/test_errors.py",
+    "tests/models/test_timm_contract.py",
+    "tests/train/test_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the longest files first (each file's tests stay together, in their own order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+
+    def key(item):
+        path = item.nodeid.split("::", 1)[0]
+        return rank.get(path, len(rank))
+
+    items.sort(key=key)  # stable: the other files keep pytest's order
