@@ -84,8 +84,9 @@ def name(page: Path) -> str:
 
 def blocks(page: Path):
     """(language, code) of each fenced block that runs here, in page order."""
-    found = [(lang, code) for lang, code in FENCE.findall(page.read_text())]
-    return [(lang, code) for lang, code in found if not NOT_RUN.match(code)]
+    return [
+        (lang, code) for lang, code in FENCE.findall(page.read_text()) if not NOT_RUN.match(code)
+    ]
 
 
 def commands(script: str):
