@@ -90,6 +90,81 @@ def test_update_expert_biases_step_by_step_and_resets_the_counts():
     assert update_expert_biases(layer(bias_update_rate=None)) == {}
 
 
+# --- float32 buffers under module casts ------------------------------------------------------
+CASTS = {
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "half()": lambda m: m.half(),
+    "to(float16)": lambda m: m.to(dtype=torch.float16),
+    "double()": lambda m: m.double(),
+    "to(cpu, bfloat16)": lambda m: m.to("cpu", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_bias_buffers_stay_float32_with_their_values_under_any_cast(cast):
+    m = layer()
+    bias = torch.tensor([0.1234567, -0.7654321, 1e-3 + 1e-7, 0.0])  # not bf16/fp16 values
+    m.router.expert_bias.copy_(bias)
+    m.router.expert_load.copy_(torch.tensor([257.0, 3.0, 2049.0, 1.0]))  # bf16 rounds 257
+    load = m.router.expert_load.clone()
+    CASTS[cast](m)
+    assert m.router.weight.dtype != torch.float32  # the cast did happen
+    for name in ("expert_bias", "expert_load"):
+        assert getattr(m.router, name).dtype == torch.float32, name
+        assert m.state_dict()[f"router.{name}"].dtype == torch.float32, name
+    assert torch.equal(m.router.expert_bias, bias) and torch.equal(m.router.expert_load, load)
+    m.float()
+    assert torch.equal(m.router.expert_bias, bias)
+
+
+def test_a_bf16_cast_layer_trains_with_bias_balancing_and_fp16_runs_forward():
+    torch.manual_seed(0)
+    m = layer().train().to(torch.bfloat16)
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    attach_bias_updates(optimizer, m)
+    biases = []
+    for _step in range(3):
+        x = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+        out = m(x)
+        assert out.dtype == torch.bfloat16
+        counts = hand_counts(m.last_plan, 4)
+        torch.testing.assert_close(m.router.expert_load, counts)
+        before = m.router.expert_bias.clone()
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(m.router.expert_bias, before + bias_update(counts, 0.1))
+        biases.append(m.router.expert_bias.clone())
+    assert m.router.expert_bias.dtype == torch.float32 and biases[-1].abs().sum() > 0
+    m.half()
+    out = m(torch.randn(2, 8, 16, dtype=torch.float16))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert m.router.expert_load.dtype == torch.float32 and m.router.expert_load.sum() == 2 * 8 * 2
+
+
+def test_an_upcycled_bf16_vit_trains_with_bias_balancing():
+    """moeify casts the new layers to the dense model's dtype: the biases stay float32."""
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=5)
+    model = vm.upcycle(
+        dense.to(torch.bfloat16), every=1, num_experts=4, num_selected=2, bias_update_rate=0.1
+    ).train()
+    routers = [m.router for m in moe_layers(model).values()]
+    assert routers and all(r.weight.dtype == torch.bfloat16 for r in routers)
+    assert all(r.expert_bias.dtype == r.expert_load.dtype == torch.float32 for r in routers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    attach_bias_updates(optimizer, model)
+    for _step in range(3):
+        loss = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).float().pow(2).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(r.expert_bias.abs().sum() > 0 for r in routers)
+    assert all(r.expert_bias.dtype == torch.float32 for r in routers)
+
+
 # --- routing with the bias -------------------------------------------------------------------
 def test_selection_uses_the_biased_scores_and_combine_weights_the_unbiased_ones():
     torch.manual_seed(0)
