@@ -414,6 +414,113 @@ def test_vmoe_fit_module_updates_once_per_optimizer_step_with_accumulated_counts
         torch.testing.assert_close(bias3, bias1 + bias_update(c2 + c3, 0.01))
 
 
+# --- steps that fp16's GradScaler skips ------------------------------------------------------
+@pytest.mark.parametrize("optimizer_name", ["sgd", "fused_adamw"])
+def test_a_step_the_grad_scaler_skips_moves_no_bias_and_keeps_the_counts(optimizer_name):
+    """An inf gradient: GradScaler skips the step (SGD: step() is not called; fused AdamW:
+    step() runs with found_inf set and changes nothing). No bias moves, the counts wait, and
+    the next real step updates from the counts of both (today's main moved the biases on the
+    skipped fused step)."""
+    torch.manual_seed(0)
+    m = layer().train()
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+        assert optimizer._step_supports_amp_scaling
+    attach_bias_updates(optimizer, m)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+
+    def step(poison):
+        out = m(torch.randn(2, 8, 16))
+        scaler.scale(out.pow(2).mean()).backward()
+        if poison:
+            m.router.weight.grad[0, 0] = math.inf
+        counts = hand_counts(m.last_plan, 4)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        return counts
+
+    weights = copy.deepcopy(m.state_dict())
+    skipped = step(poison=True)
+    assert scaler.get_scale() == 2.0**3  # the scaler did skip (and backed off)
+    assert torch.equal(m.router.weight, weights["router.weight"])  # no parameter moved
+    assert torch.equal(m.router.expert_bias, torch.zeros(4))
+    assert torch.equal(m.router.expert_load, skipped)  # kept for the next real step
+    real = step(poison=False)
+    assert scaler.get_scale() == 2.0**3 and not torch.equal(
+        m.router.weight, weights["router.weight"]
+    )
+    torch.testing.assert_close(m.router.expert_bias, bias_update(skipped + real, 0.1))
+    assert torch.equal(m.router.expert_load, torch.zeros(4))
+
+
+def test_vmoe_fit_module_moves_no_bias_on_a_step_the_grad_scaler_skips(tmp_path):
+    """Lightning's 16-mixed path (a CPU GradScaler): on_before_optimizer_step runs before
+    scaler.step skips the step; the biases must not move there (today's main: they did)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = VmoeClassifier(
+        model_name="vmoe_tiny_e4_k2",
+        num_classes=10,
+        schedule="constant",
+        eval_capacity_factor=None,
+        model_kwargs={
+            "moe": {"bias_update_rate": 0.01, "load_weight": 0.0, "importance_weight": 0.0}
+        },
+    )
+    layers = moe_layers(module.model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+
+    class PoisonFirstStepAndRecord(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 0:  # every micro-batch of the first optimizer step
+                next(iter(layers.values())).router.weight.grad[0, 0] = math.inf
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rows.append(
+                {
+                    n: (
+                        hand_counts(m.last_plan, 4),
+                        m.router.expert_load.clone(),
+                        m.router.expert_bias.clone(),
+                    )
+                    for n, m in layers.items()
+                }
+            )
+
+    record = PoisonFirstStepAndRecord()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
+    trainer = L.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    assert len(record.rows) == 4 and scaler.get_scale() == 2.0**3  # one step skipped
+    for name in layers:
+        (c0, _, bias0), (c1, load1, bias1), (c2, load2, bias2), (c3, load3, bias3) = (
+            row[name] for row in record.rows
+        )
+        assert torch.equal(bias1, torch.zeros(4))  # the skipped step moved no bias
+        assert torch.equal(load1, c0 + c1)  # and kept its counts
+        torch.testing.assert_close(bias3, bias_update(c0 + c1 + c2 + c3, 0.01))
+        assert torch.equal(load3, torch.zeros(4))
+
+
 def test_routing_stats_logger_logs_the_bias_per_expert():
     torch.manual_seed(0)
     model = timm.create_model("vmoe_tiny_e4_k2", num_classes=10, moe=dict(bias_update_rate=0.5))
