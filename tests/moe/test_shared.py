@@ -63,6 +63,48 @@ def test_output_is_the_shared_mlp_plus_the_routed_output(gate):
     )
 
 
+def test_the_shared_gate_starts_at_weight_zero_so_the_shared_output_is_halved():
+    """A new gated layer, its reset, a vmoe_* factory model and a moeified ViT: gate weight 0,
+    output = routed + shared / 2 (the upcycled model: test_upcycled_shared_and_routed_...)."""
+    torch.manual_seed(0)
+    layer = MoeMlp(
+        8,
+        16,
+        num_experts=4,
+        num_selected=2,
+        group_size=5,
+        capacity_factor=0.5,
+        capacity_multiple_of=None,
+        shared_experts=2,
+        shared_gate=True,
+    ).eval()
+    shared = layer.shared
+    assert torch.equal(shared.gate.weight, torch.zeros(1, 8))
+    x = torch.randn(3, 5, 8)
+    ungated = shared.fc2(shared.act(shared.fc1(x)))
+    assert ungated.abs().max() > 0.1
+    torch.testing.assert_close(layer(x), routed_copy(layer)(x) + ungated / 2, atol=1e-6, rtol=1e-5)
+    torch.nn.init.normal_(shared.gate.weight)
+    shared.reset_parameters(std=0.02)
+    assert torch.equal(shared.gate.weight, torch.zeros(1, 8))
+    factory = timm.create_model(
+        "vmoe_tiny_e4_k2", num_classes=10, moe=dict(shared_experts=1, shared_gate=True)
+    )
+    moeified = vm.moeify(
+        timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=5),
+        every=2,
+        num_experts=4,
+        shared_experts=1,
+        shared_gate=True,
+    )
+    for model in (factory, moeified):
+        layers = moe_layers(model)
+        assert layers
+        for layer in layers.values():
+            gate = layer.shared.gate.weight
+            assert torch.equal(gate, torch.zeros_like(gate))
+
+
 def test_shared_width_and_empty_batch():
     layer = MoeMlp(8, 16, num_experts=4, shared_experts=1, shared_hidden_features=24)
     assert layer.shared.hidden_features == 24
