@@ -137,11 +137,19 @@ def attach_bias_updates(optimizer: torch.optim.Optimizer, model: nn.Module, proc
     it to its optimizers (``VmoeClassifier.on_train_start``).
     """
 
-    def hook(opt, args, kwargs):
-        if not step_was_skipped(opt):
-            update_expert_biases(model, process_group)
+    return optimizer.register_step_post_hook(_UpdateAfterStep(model, process_group))
 
-    return optimizer.register_step_post_hook(hook)
+
+class _UpdateAfterStep:
+    """The step post-hook of ``attach_bias_updates`` (a class, not a closure: a module holding
+    its handle stays picklable)."""
+
+    def __init__(self, model: nn.Module, process_group=None):
+        self.model, self.process_group = model, process_group
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        if not step_was_skipped(optimizer):
+            update_expert_biases(self.model, self.process_group)
 
 
 @torch.no_grad()
