@@ -58,7 +58,7 @@ EXPECTED = {
     "docs/getting-started.md": (1, 2, 0),
     "docs/guides/moe-layer.md": (3, 0, 1),
     "docs/guides/cli.md": (0, 1, 0),
-    "docs/guides/models.md": (3, 0, 0),
+    "docs/guides/models.md": (4, 0, 0),
     "docs/guides/training.md": (1, 2, 1),
     "docs/guides/custom-loops.md": (2, 0, 0),
     "docs/guides/official-checkpoints.md": (1, 1, 0),

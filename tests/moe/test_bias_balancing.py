@@ -90,6 +90,81 @@ def test_update_expert_biases_step_by_step_and_resets_the_counts():
     assert update_expert_biases(layer(bias_update_rate=None)) == {}
 
 
+# --- float32 buffers under module casts ------------------------------------------------------
+CASTS = {
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "half()": lambda m: m.half(),
+    "to(float16)": lambda m: m.to(dtype=torch.float16),
+    "double()": lambda m: m.double(),
+    "to(cpu, bfloat16)": lambda m: m.to("cpu", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS))
+def test_bias_buffers_stay_float32_with_their_values_under_any_cast(cast):
+    m = layer()
+    bias = torch.tensor([0.1234567, -0.7654321, 1e-3 + 1e-7, 0.0])  # not bf16/fp16 values
+    m.router.expert_bias.copy_(bias)
+    m.router.expert_load.copy_(torch.tensor([257.0, 3.0, 2049.0, 1.0]))  # bf16 rounds 257
+    load = m.router.expert_load.clone()
+    CASTS[cast](m)
+    assert m.router.weight.dtype != torch.float32  # the cast did happen
+    for name in ("expert_bias", "expert_load"):
+        assert getattr(m.router, name).dtype == torch.float32, name
+        assert m.state_dict()[f"router.{name}"].dtype == torch.float32, name
+    assert torch.equal(m.router.expert_bias, bias) and torch.equal(m.router.expert_load, load)
+    m.float()
+    assert torch.equal(m.router.expert_bias, bias)
+
+
+def test_a_bf16_cast_layer_trains_with_bias_balancing_and_fp16_runs_forward():
+    torch.manual_seed(0)
+    m = layer().train().to(torch.bfloat16)
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    attach_bias_updates(optimizer, m)
+    biases = []
+    for _step in range(3):
+        x = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+        out = m(x)
+        assert out.dtype == torch.bfloat16
+        counts = hand_counts(m.last_plan, 4)
+        torch.testing.assert_close(m.router.expert_load, counts)
+        before = m.router.expert_bias.clone()
+        out.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(m.router.expert_bias, before + bias_update(counts, 0.1))
+        biases.append(m.router.expert_bias.clone())
+    assert m.router.expert_bias.dtype == torch.float32 and biases[-1].abs().sum() > 0
+    m.half()
+    out = m(torch.randn(2, 8, 16, dtype=torch.float16))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert m.router.expert_load.dtype == torch.float32 and m.router.expert_load.sum() == 2 * 8 * 2
+
+
+def test_an_upcycled_bf16_vit_trains_with_bias_balancing():
+    """moeify casts the new layers to the dense model's dtype: the biases stay float32."""
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=5)
+    model = vm.upcycle(
+        dense.to(torch.bfloat16), every=1, num_experts=4, num_selected=2, bias_update_rate=0.1
+    ).train()
+    routers = [m.router for m in moe_layers(model).values()]
+    assert routers and all(r.weight.dtype == torch.bfloat16 for r in routers)
+    assert all(r.expert_bias.dtype == r.expert_load.dtype == torch.float32 for r in routers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    attach_bias_updates(optimizer, model)
+    for _step in range(3):
+        loss = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).float().pow(2).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(r.expert_bias.abs().sum() > 0 for r in routers)
+    assert all(r.expert_bias.dtype == torch.float32 for r in routers)
+
+
 # --- routing with the bias -------------------------------------------------------------------
 def test_selection_uses_the_biased_scores_and_combine_weights_the_unbiased_ones():
     torch.manual_seed(0)
@@ -337,6 +412,113 @@ def test_vmoe_fit_module_updates_once_per_optimizer_step_with_accumulated_counts
         assert torch.equal(load1, torch.zeros(4))
         torch.testing.assert_close(bias1, bias_update(c0 + c1, 0.01))  # both micro-batches
         torch.testing.assert_close(bias3, bias1 + bias_update(c2 + c3, 0.01))
+
+
+# --- steps that fp16's GradScaler skips ------------------------------------------------------
+@pytest.mark.parametrize("optimizer_name", ["sgd", "fused_adamw"])
+def test_a_step_the_grad_scaler_skips_moves_no_bias_and_keeps_the_counts(optimizer_name):
+    """An inf gradient: GradScaler skips the step (SGD: step() is not called; fused AdamW:
+    step() runs with found_inf set and changes nothing). No bias moves, the counts wait, and
+    the next real step updates from the counts of both (today's main moved the biases on the
+    skipped fused step)."""
+    torch.manual_seed(0)
+    m = layer().train()
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+    else:
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True)
+        assert optimizer._step_supports_amp_scaling
+    attach_bias_updates(optimizer, m)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+
+    def step(poison):
+        out = m(torch.randn(2, 8, 16))
+        scaler.scale(out.pow(2).mean()).backward()
+        if poison:
+            m.router.weight.grad[0, 0] = math.inf
+        counts = hand_counts(m.last_plan, 4)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        return counts
+
+    weights = copy.deepcopy(m.state_dict())
+    skipped = step(poison=True)
+    assert scaler.get_scale() == 2.0**3  # the scaler did skip (and backed off)
+    assert torch.equal(m.router.weight, weights["router.weight"])  # no parameter moved
+    assert torch.equal(m.router.expert_bias, torch.zeros(4))
+    assert torch.equal(m.router.expert_load, skipped)  # kept for the next real step
+    real = step(poison=False)
+    assert scaler.get_scale() == 2.0**3 and not torch.equal(
+        m.router.weight, weights["router.weight"]
+    )
+    torch.testing.assert_close(m.router.expert_bias, bias_update(skipped + real, 0.1))
+    assert torch.equal(m.router.expert_load, torch.zeros(4))
+
+
+def test_vmoe_fit_module_moves_no_bias_on_a_step_the_grad_scaler_skips(tmp_path):
+    """Lightning's 16-mixed path (a CPU GradScaler): on_before_optimizer_step runs before
+    scaler.step skips the step; the biases must not move there (today's main: they did)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = VmoeClassifier(
+        model_name="vmoe_tiny_e4_k2",
+        num_classes=10,
+        schedule="constant",
+        eval_capacity_factor=None,
+        model_kwargs={
+            "moe": {"bias_update_rate": 0.01, "load_weight": 0.0, "importance_weight": 0.0}
+        },
+    )
+    layers = moe_layers(module.model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+
+    class PoisonFirstStepAndRecord(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 0:  # every micro-batch of the first optimizer step
+                next(iter(layers.values())).router.weight.grad[0, 0] = math.inf
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.rows.append(
+                {
+                    n: (
+                        hand_counts(m.last_plan, 4),
+                        m.router.expert_load.clone(),
+                        m.router.expert_bias.clone(),
+                    )
+                    for n, m in layers.items()
+                }
+            )
+
+    record = PoisonFirstStepAndRecord()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,)))
+    trainer = L.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    assert len(record.rows) == 4 and scaler.get_scale() == 2.0**3  # one step skipped
+    for name in layers:
+        (c0, _, bias0), (c1, load1, bias1), (c2, load2, bias2), (c3, load3, bias3) = (
+            row[name] for row in record.rows
+        )
+        assert torch.equal(bias1, torch.zeros(4))  # the skipped step moved no bias
+        assert torch.equal(load1, c0 + c1)  # and kept its counts
+        torch.testing.assert_close(bias3, bias_update(c0 + c1 + c2 + c3, 0.01))
+        assert torch.equal(load3, torch.zeros(4))
 
 
 def test_routing_stats_logger_logs_the_bias_per_expert():

@@ -472,6 +472,45 @@ def test_bias_balancing_sums_the_counts_of_every_rank(two_ranks):
     assert all(r == "ok" for r in results), "\n".join(results)
 
 
+def check_bias_update_uses_the_sum_of_the_counts_over_ranks(rank, world):
+    """The ranks' own counts have other sign patterns than their sum (rank 0 [3, 1, 0, 0],
+    rank 1 [0, 0, 1, 3], sum [3, 1, 1, 3]): the update must return the sum on every rank and
+    move the biases by bias_update(sum), not by each rank's own counts."""
+    from vmoe.moe import update_expert_biases
+    from vmoe.moe.bias_balancing import bias_update
+
+    assert world == 2
+    layer = MoeMlp(
+        4,
+        8,
+        num_experts=4,
+        num_selected=1,
+        group_size=4,
+        capacity_factor=4.0,
+        noise_std=0.0,
+        bias_update_rate=0.1,
+    ).train()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))  # a token 5 * one_hot(e) chooses expert e
+    wanted = [[0, 0, 0, 1], [3, 3, 3, 2]][rank]
+    layer(5.0 * torch.eye(4)[wanted].reshape(1, 4, 4))
+    own = layer.router.expert_load.clone()
+    total = torch.tensor([3.0, 1.0, 1.0, 3.0])
+    assert torch.equal(
+        own, [torch.tensor([3.0, 1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 3.0])][rank]
+    )
+    assert not torch.equal(bias_update(own, 0.1).sign(), bias_update(total, 0.1).sign())
+    counts = update_expert_biases(layer)["router"]
+    assert torch.equal(counts, total), f"rank {rank} updated from {counts}, not the sum {total}"
+    assert torch.equal(layer.router.expert_bias, bias_update(total, 0.1))
+    assert torch.equal(layer.router.expert_load, torch.zeros(4))
+
+
+def test_each_rank_updates_its_biases_from_the_sum_of_the_counts(two_ranks):
+    results = two_ranks["bias_sum"]
+    assert all(r == "ok" for r in results), "\n".join(results)
+
+
 BAD_CASES = ("world", "ep_disagrees", "E", "model_disagrees", "checkpoint_E")
 
 
@@ -483,6 +522,7 @@ def two_ranks(tmp_path_factory):
         ("gathered_stats", check_gathered_routing_statistics, ()),
         ("soft_moe", check_soft_moe_equal_to_one_process, ()),
         ("bias_balancing", check_bias_balancing_over_ranks, ()),
+        ("bias_sum", check_bias_update_uses_the_sum_of_the_counts_over_ranks, ()),
     ]
     # the bad configurations go last: each raises on every rank and leaves the group usable
     checks += [(f"bad_{case}", bad_configuration, (case,)) for case in BAD_CASES]

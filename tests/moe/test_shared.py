@@ -63,6 +63,48 @@ def test_output_is_the_shared_mlp_plus_the_routed_output(gate):
     )
 
 
+def test_the_shared_gate_starts_at_weight_zero_so_the_shared_output_is_halved():
+    """A new gated layer, its reset, a vmoe_* factory model and a moeified ViT: gate weight 0,
+    output = routed + shared / 2 (the upcycled model: test_upcycled_shared_and_routed_...)."""
+    torch.manual_seed(0)
+    layer = MoeMlp(
+        8,
+        16,
+        num_experts=4,
+        num_selected=2,
+        group_size=5,
+        capacity_factor=0.5,
+        capacity_multiple_of=None,
+        shared_experts=2,
+        shared_gate=True,
+    ).eval()
+    shared = layer.shared
+    assert torch.equal(shared.gate.weight, torch.zeros(1, 8))
+    x = torch.randn(3, 5, 8)
+    ungated = shared.fc2(shared.act(shared.fc1(x)))
+    assert ungated.abs().max() > 0.1
+    torch.testing.assert_close(layer(x), routed_copy(layer)(x) + ungated / 2, atol=1e-6, rtol=1e-5)
+    torch.nn.init.normal_(shared.gate.weight)
+    shared.reset_parameters(std=0.02)
+    assert torch.equal(shared.gate.weight, torch.zeros(1, 8))
+    factory = timm.create_model(
+        "vmoe_tiny_e4_k2", num_classes=10, moe=dict(shared_experts=1, shared_gate=True)
+    )
+    moeified = vm.moeify(
+        timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=5),
+        every=2,
+        num_experts=4,
+        shared_experts=1,
+        shared_gate=True,
+    )
+    for model in (factory, moeified):
+        layers = moe_layers(model)
+        assert layers
+        for layer in layers.values():
+            gate = layer.shared.gate.weight
+            assert torch.equal(gate, torch.zeros_like(gate))
+
+
 def test_shared_width_and_empty_batch():
     layer = MoeMlp(8, 16, num_experts=4, shared_experts=1, shared_hidden_features=24)
     assert layer.shared.hidden_features == 24
@@ -76,17 +118,56 @@ def test_shared_width_and_empty_batch():
         dict(shared_experts=1),
         dict(shared_experts=2),
         dict(shared_experts=1, shared_hidden_features=3 * 768),
+        dict(shared_experts=1, shared_gate=True),
+        dict(shared_experts=2, shared_gate=True),
     ],
 )
-def test_upcycled_shared_experts_start_as_the_dense_mlp(options):
+def test_upcycled_shared_and_routed_parts_each_start_as_half_the_dense_mlp(options):
+    """The split rule: the experts compute mlp(x) / 2 (fc2 halved); the shared MLP mlp(x) / 2
+    ungated, or mlp(x) gated (times its zero-init gate, 1/2)."""
     torch.manual_seed(0)
     dense = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=5)
     mlps = [copy.deepcopy(block.mlp) for block in dense.blocks]
     moe = vm.upcycle(dense, every=1, num_experts=4, **options)
+    gated = options.get("shared_gate", False)
     x = torch.randn(2, 7, 192)
     for layer, mlp in zip(moe_layers(moe).values(), mlps):
         assert isinstance(mlp, Mlp) and layer.shared.hidden_features in (768, 2 * 768, 3 * 768)
-        torch.testing.assert_close(layer.shared(x), mlp(x), atol=1e-5, rtol=1e-5)
+        shared = layer.shared
+        if gated:
+            assert torch.equal(shared.gate.weight, torch.zeros(1, 192))
+            ungated = shared.fc2(shared.act(shared.fc1(x)))
+            torch.testing.assert_close(ungated, mlp(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shared(x), mlp(x) / 2, atol=1e-5, rtol=1e-5)
+        experts = layer.experts(x.reshape(1, 14, 192).expand(4, 14, 192))  # [E, 14, d]
+        torch.testing.assert_close(experts, (mlp(x) / 2).reshape(1, 14, 192).expand_as(experts))
+
+
+@pytest.mark.parametrize("shared_experts", [1, 2])
+@pytest.mark.parametrize("gate", [False, True])
+def test_upcycled_model_with_shared_experts_computes_the_dense_model(shared_experts, gate):
+    """renormalize=True, nothing dropped, no noise: the upcycled ViT's logits are the dense
+    ViT's, with gated and ungated shared experts (today's main: 2x resp. 1.5x the dense MLP)."""
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = dense(x)
+    moe = vm.upcycle(
+        copy.deepcopy(dense),
+        every=1,
+        num_experts=4,
+        num_selected=2,
+        renormalize=True,
+        capacity_factor=1e9,
+        noise_std=0.0,
+        shared_experts=shared_experts,
+        shared_gate=gate,
+    )
+    for mode in (moe.eval(), moe.train()):
+        torch.testing.assert_close(mode(x), want, atol=1e-5, rtol=1e-5)
+    for layer in moe_layers(moe).values():  # nothing dropped (the padding of the group aside)
+        plan = layer.last_plan
+        assert plan.kept[plan.valid].all() and (plan.valid.sum() == 2 * 5)
 
 
 def test_upcycling_refuses_a_width_that_is_not_a_multiple_of_the_dense_width():

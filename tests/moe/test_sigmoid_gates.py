@@ -46,6 +46,42 @@ def test_sigmoid_plan_equals_a_hand_computation(renormalize):
     torch.testing.assert_close(losses["importance"].double(), cv2, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_noisy_sigmoid_gates_in_training_are_the_sigmoid_of_the_noisy_logits(renormalize):
+    """Train mode with noise: the plan's gates are sigmoid(logits + noise) for the noise the
+    same seed draws (std noise_std / E), the choice and combine weights follow from them."""
+    torch.manual_seed(0)
+    router = TopKRouter(
+        8,
+        5,
+        num_selected=2,
+        capacity_factor=100.0,
+        noise_std=2.0,
+        score_func="sigmoid",
+        renormalize=renormalize,
+    ).train()
+    x = torch.randn(3, 7, 8)
+    torch.manual_seed(123)
+    plan, losses = router(x)
+    torch.manual_seed(123)
+    noise = torch.randn(3, 7, 5) * (2.0 / 5)  # what the router drew: randn_like of the logits
+    logits = torch.einsum("gsd,ed->gse", x.double(), router.weight.double())
+    noisy = hand_sigmoid(logits + noise.double())
+    clean = hand_sigmoid(logits)
+    assert (noisy - clean).abs().max() > 0.05  # the noise matters
+    torch.testing.assert_close(plan.gates.double(), noisy, atol=1e-6, rtol=1e-6)
+    order = torch.argsort(noisy, dim=-1, descending=True, stable=True)[..., :2]
+    top = noisy.gather(-1, order)
+    weight = top / top.sum(-1, keepdim=True) if renormalize else top
+    assert torch.equal(plan.expert_index, order)
+    torch.testing.assert_close(plan.combine_weight.double(), weight, atol=1e-6, rtol=1e-6)
+    # the importance loss takes the clean scores
+    importance = clean.sum(1)
+    cv2 = importance.var(-1, unbiased=False) / importance.mean(-1) ** 2
+    torch.testing.assert_close(losses["importance"].double(), cv2, atol=1e-6, rtol=1e-5)
+    assert "load" in losses
+
+
 def expert(layer, e, x):
     ex = layer.experts
     h = F.gelu(x @ ex.fc1_weight[e] + ex.fc1_bias[e])

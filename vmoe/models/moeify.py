@@ -431,9 +431,12 @@ def moeify(
         last: N, the last N odd blocks become MoE.
         blocks: explicit block indices (negative ones count from the end).
         from_dense: sparse upcycling. Every expert starts as a copy of the dense MLP it replaces
-            (shared experts too: n copies with fc2 / n, computing the dense MLP exactly; a
-            ``shared_hidden_features`` that is not a multiple of the dense width is a
-            ValueError) and the router starts small (std 1e-3 unless ``router_init_std``).
+            and the router starts small (std 1e-3 unless ``router_init_std``). With shared
+            experts the dense output is split in halves: the experts are copies with fc2
+            (weight and bias) / 2, the shared MLP holds n copies of fc1 and fc2 / (2n) (gated:
+            fc2 / n, the zero-init gate gives the other 1/2), so routed + shared = the dense
+            MLP (a ``shared_hidden_features`` that is not a multiple of the dense width is a
+            ValueError).
             Otherwise experts get timm's ViT init (truncated normal, std 0.02) and the router
             LeCun-normal.
         config: the MoE layer's ``MoeLayerConfig`` (or its dict, nested or flat).
@@ -477,9 +480,7 @@ def moeify(
         )
         layer.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
         if from_dense:
-            layer.experts.load_from_mlp(mlp)
-            if layer.shared is not None:  # the shared experts start as the dense MLP too
-                layer.shared.load_from_mlp(mlp)
+            _load_from_dense(layer, mlp)
             layer.router.reset_parameters(std=1e-3 if router_init_std is None else router_init_std)
         else:
             layer.experts.reset_parameters(std=0.02)
@@ -490,6 +491,22 @@ def moeify(
         vit_blocks[i].mlp = layer
     model.vmoe_moe = _recipe(getattr(model, "vmoe_moe", None), indices, layer_config, drop)
     return model
+
+
+def _load_from_dense(layer: MoeMlp, mlp: nn.Module) -> None:
+    """Start ``layer`` as the dense ``mlp`` (sparse upcycling), so that it computes ``mlp(x)``
+    when its combine weights sum to 1 and nothing is dropped.
+
+    Without shared experts every expert is a copy of ``mlp``. With shared experts the routed
+    and the shared part each contribute half of the dense output: the experts are copies with
+    ``fc2`` (weight and bias) halved, and the shared MLP computes ``mlp(x) / 2`` ungated, or
+    ``mlp(x)`` gated (its zero-init gate is ``sigmoid(0) = 1/2`` for every token). So
+    ``routed + shared = mlp(x) / 2 + mlp(x) / 2 = mlp(x)`` at the start."""
+    if layer.shared is None:
+        layer.experts.load_from_mlp(mlp)
+        return
+    layer.experts.load_from_mlp(mlp, scale=0.5)
+    layer.shared.load_from_mlp(mlp, scale=1.0 if layer.shared.gate is not None else 0.5)
 
 
 def _recipe(

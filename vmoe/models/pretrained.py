@@ -457,7 +457,10 @@ def upcycle(
         **moe_options: as in ``moeify`` (``config=`` a ``MoeLayerConfig``, ``router_init_std``,
             ``drop``, or the flat keyword options). Experts start as copies of the dense
             MLPs. With ``renormalize=True`` and a capacity that drops nothing, the upcycled model
-            computes exactly what the dense model does.
+            computes exactly what the dense model does, with shared experts too: then the dense
+            output is split between the routed and the shared part, half each (the experts'
+            fc2 halved; the shared MLP computing half the dense MLP, or gated all of it with
+            its zero-init gate sigmoid(0) = 1/2), so routed + shared = dense.
     """
     if isinstance(model, str):
         kwargs = {}

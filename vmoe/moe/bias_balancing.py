@@ -1,24 +1,31 @@
-"""Auxiliary-loss-free load balancing (DeepSeek-V3; torchtitan's and Megatron-Core's rule).
+"""Auxiliary-loss-free load balancing (DeepSeek-V3), with torchtitan's centred update.
 
-A top-K router with ``bias_update_rate`` set keeps two float32 buffers of shape [E]:
-``expert_bias``, added to the scores only to choose the experts (the combine weights stay the
-unbiased scores), and ``expert_load``, the assignments its training forwards chose since the
-last update (demand, counted before the capacity cut). Once per optimizer step, outside the
-gradient::
+A top-K router with ``bias_update_rate`` set keeps two float32 buffers of shape [E] (float32
+under any cast of the model: ``TopKRouter._apply``): ``expert_bias``, added to the scores only
+to choose the experts (the combine weights stay the unbiased scores), and ``expert_load``, the
+assignments its training forwards chose since the last update (demand, counted before the
+capacity cut). Once per optimizer step, outside the gradient::
 
     load  = expert_load summed over the data-parallel ranks        # [E]
     delta = rate * sign(mean(load) - load)                         # under-loaded experts up
-    delta = delta - mean(delta)                                    # the biases keep mean 0 moves
+    delta = delta - mean(delta)                                    # centred (torchtitan)
     expert_bias += delta;  expert_load = 0
+
+Whose rule: DeepSeek-V3 (its paper) and Megatron-Core (``get_updated_expert_bias``) move each
+bias by ``+-rate`` (the first two lines, no centring); torchtitan (its optimizer pre-hook)
+also subtracts the mean, as here. Centring shifts every bias of a router by the same amount,
+so it changes no choice (top-K of scores + bias): both rules route the same (up to float
+rounding), and the centred biases stay at mean 0 instead of drifting.
 
 Both buffers are in the state dict: ``expert_bias`` is what the model routes with, and keeping
 ``expert_load`` makes a checkpoint written between two micro-batches of one optimizer step
 resume exactly (the counts of the micro-batches already run are not lost).
 
 In a plain loop call ``update_expert_biases(model)`` after the backward and before (or
-after) ``optimizer.step()``, or ``attach_bias_updates(optimizer, model)`` once. ``vmoe fit``
-does it in ``VmoeClassifier.on_before_optimizer_step`` (once per real optimizer step, after the
-last micro-batch of a gradient-accumulation window).
+after) ``optimizer.step()``, or ``attach_bias_updates(optimizer, model)`` once: it updates
+after every step that really happened (not after a step fp16's ``GradScaler`` skips for inf
+gradients: the counts then wait for the next step). ``vmoe fit`` attaches it to its optimizers
+(once per real optimizer step, after the last micro-batch of a gradient-accumulation window).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ __all__ = [
     "bias_update",
     "update_expert_biases",
     "attach_bias_updates",
+    "step_was_skipped",
     "bias_balanced_routers",
     "expert_load_buffer_names",
     "expert_bias_values",
@@ -106,20 +114,42 @@ def update_expert_biases(model: nn.Module, process_group=None) -> Dict[str, torc
     return out
 
 
-def attach_bias_updates(optimizer: torch.optim.Optimizer, model: nn.Module, process_group=None):
-    """Run ``update_expert_biases(model, process_group)`` before every ``optimizer.step()``
-    (``optimizer.register_step_pre_hook``); returns the hook handle (``.remove()`` detaches).
+def step_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the ``optimizer.step()`` running now leaves the parameters as they were because
+    fp16's ``GradScaler`` found inf/NaN gradients. ``GradScaler.step`` does not call ``step()``
+    at all for such a step, except on optimizers that skip by themselves (fused Adam, AdamW,
+    SGD: ``_step_supports_amp_scaling``), which it calls with ``optimizer.found_inf`` set (a
+    tensor, nonzero to skip): read during the step, i.e. in a step hook."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.sum().item())
 
-    For loops that call ``step()`` after the backward passes of the step (gradient
-    accumulation: counts of every micro-batch). Not for optimizers stepped with a closure that
-    runs the forward (Lightning's automatic optimization, LBFGS): the pre-hook would run before
-    that forward; ``vmoe fit`` updates in ``on_before_optimizer_step`` instead.
+
+def attach_bias_updates(optimizer: torch.optim.Optimizer, model: nn.Module, process_group=None):
+    """Run ``update_expert_biases(model, process_group)`` after every optimizer step that
+    really updates the parameters (``optimizer.register_step_post_hook``); returns the hook
+    handle (``.remove()`` detaches).
+
+    Once per real step: with gradient accumulation the update uses the counts of every
+    micro-batch of the step; a step that fp16's ``GradScaler`` skips (inf/NaN gradients; see
+    ``step_was_skipped``) moves no bias and keeps the counts, so the next real step's update
+    uses them too. After the step, so optimizers stepped with a closure that runs the forward
+    (Lightning's automatic optimization, LBFGS) count that forward first; ``vmoe fit`` attaches
+    it to its optimizers (``VmoeClassifier.on_train_start``).
     """
 
-    def hook(opt, args, kwargs):
-        update_expert_biases(model, process_group)
+    return optimizer.register_step_post_hook(_UpdateAfterStep(model, process_group))
 
-    return optimizer.register_step_pre_hook(hook)
+
+class _UpdateAfterStep:
+    """The step post-hook of ``attach_bias_updates`` (a class, not a closure: a module holding
+    its handle stays picklable)."""
+
+    def __init__(self, model: nn.Module, process_group=None):
+        self.model, self.process_group = model, process_group
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        if not step_was_skipped(optimizer):
+            update_expert_biases(self.model, self.process_group)
 
 
 @torch.no_grad()

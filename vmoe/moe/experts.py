@@ -116,10 +116,12 @@ class Experts(nn.Module):
                     bias.copy_(bias[:1].expand_as(bias))
 
     @torch.no_grad()
-    def load_from_mlp(self, mlp: nn.Module) -> None:
+    def load_from_mlp(self, mlp: nn.Module, scale: float = 1.0) -> None:
         """Copy a dense timm ``Mlp`` (``fc1``/``fc2`` ``nn.Linear``) into every expert
-        (sparse upcycling)."""
+        (sparse upcycling), ``fc2``'s weight and bias times ``scale``: every expert computes
+        ``scale * mlp(x)`` (``moeify`` gives 1/2 next to shared experts)."""
         for name in ("fc1", "fc2"):
+            factor = scale if name == "fc2" else 1.0
             linear = getattr(mlp, name)
             weight = getattr(self, f"{name}_weight")
             if tuple(linear.weight.t().shape) != tuple(weight.shape[1:]):
@@ -128,13 +130,13 @@ class Experts(nn.Module):
                     f"experts {tuple(weight.shape)} (expected [out, in] = "
                     f"{tuple(weight.shape[1:][::-1])})"
                 )
-            weight.copy_(linear.weight.t().unsqueeze(0).expand_as(weight))
+            weight.copy_(linear.weight.t().unsqueeze(0).expand_as(weight) * factor)
             bias = getattr(self, f"{name}_bias")
             if bias is not None:
                 if linear.bias is None:
                     bias.zero_()
                 else:
-                    bias.copy_(linear.bias.unsqueeze(0).expand_as(bias))
+                    bias.copy_(linear.bias.unsqueeze(0).expand_as(bias) * factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [E, T, d] -> [E, T, d'] (T = G*C buffer rows per expert)."""

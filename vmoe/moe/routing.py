@@ -345,6 +345,28 @@ class TopKRouter(_GatingRouter):
             self.register_buffer("expert_bias", None)  # None buffers are not in the state dict
             self.register_buffer("expert_load", None)
 
+    #: The bias-balancing buffers, float32 under any module cast (see ``_apply``).
+    FLOAT32_BUFFERS = ("expert_bias", "expert_load")
+
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (behind ``.to``, ``.half()``, ``.bfloat16()``, ``.cuda()``, ...),
+        except that ``expert_bias`` and ``expert_load`` stay float32: a cast moves them to the
+        new device with their float32 values (no rounding through bf16/fp16), as the router's
+        scores are float32 under any dtype of the model."""
+        kept = {
+            name: self._buffers[name]
+            for name in self.FLOAT32_BUFFERS
+            if self._buffers.get(name) is not None
+        }
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = (
+                    after.float() if before.is_meta else before.to(device=after.device)
+                )
+        return self
+
     @property
     def score_func(self) -> str:
         return self.config.score_func

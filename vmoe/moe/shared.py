@@ -91,11 +91,13 @@ class SharedExperts(nn.Module):
             nn.init.zeros_(self.gate.weight)
 
     @torch.no_grad()
-    def load_from_mlp(self, mlp: nn.Module) -> None:
+    def load_from_mlp(self, mlp: nn.Module, scale: float = 1.0) -> None:
         """Start as the dense timm ``Mlp`` (``fc1``/``fc2`` ``nn.Linear``) it replaces (sparse
         upcycling): a shared MLP of width n x the dense width h holds n copies of ``fc1`` and
-        ``fc2 / n``, so it computes exactly ``mlp(x)`` (the gate, if any, still scales it).
-        ValueError naming ``shared_hidden_features`` when h_s is not a multiple of h."""
+        ``fc2 * scale / n`` (and ``fc2``'s bias times ``scale``), so it computes
+        ``scale * mlp(x)`` (the gate, if any, still scales it; ``moeify`` picks ``scale`` so
+        that routed + shared output equals the dense MLP's). ValueError naming
+        ``shared_hidden_features`` when h_s is not a multiple of h."""
         dense_in, dense_hidden = mlp.fc1.in_features, mlp.fc1.out_features
         if (dense_in, mlp.fc2.out_features) != (self.in_features, self.out_features):
             raise ValueError(
@@ -110,13 +112,15 @@ class SharedExperts(nn.Module):
             )
         n = self.hidden_features // dense_hidden
         self.fc1.weight.copy_(mlp.fc1.weight.repeat(n, 1))  # [n*h, d]
-        self.fc2.weight.copy_(mlp.fc2.weight.repeat(1, n) / n)  # [d', n*h]
-        for mine, theirs, repeat in (
-            (self.fc1.bias, mlp.fc1.bias, n),
-            (self.fc2.bias, mlp.fc2.bias, 1),
+        self.fc2.weight.copy_(mlp.fc2.weight.repeat(1, n) * (scale / n))  # [d', n*h]
+        for mine, theirs, repeat, factor in (
+            (self.fc1.bias, mlp.fc1.bias, n, 1.0),
+            (self.fc2.bias, mlp.fc2.bias, 1, scale),
         ):
             if mine is not None:
-                mine.copy_(theirs.repeat(repeat) if theirs is not None else torch.zeros_like(mine))
+                mine.copy_(
+                    theirs.repeat(repeat) * factor if theirs is not None else torch.zeros_like(mine)
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., d] -> [..., d']."""

@@ -24,8 +24,8 @@ from timm.loss import BinaryCrossEntropy
 import vmoe.models as vm
 from vmoe.models.config_checks import shape_mismatches
 from vmoe.models.moeify import MoeifyConfig, check_moe_options, nested_moe_options
-from vmoe.moe import moe_layers, restore_routing, set_routing, update_expert_biases
-from vmoe.moe.bias_balancing import expert_load_buffer_names
+from vmoe.moe import attach_bias_updates, moe_layers, restore_routing, set_routing
+from vmoe.moe.bias_balancing import bias_balanced_routers, expert_load_buffer_names
 from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
 
 from .build import build_model
@@ -413,8 +413,23 @@ class VmoeClassifier(L.LightningModule):
         path = self.trainer.ckpt_path if self._trainer is not None else None
         return str(path) if path else "(being loaded)"
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        update_expert_biases(self.model)  # a no-op without bias-balanced routers
+    def on_train_start(self) -> None:
+        # bias balancing: one update after each optimizer step that really happened (an
+        # optimizer step hook: Lightning runs on_before_optimizer_step also before a step that
+        # fp16's GradScaler then skips); a no-op without bias-balanced routers
+        self._remove_bias_updates()
+        if bias_balanced_routers(self.model):
+            self._bias_update_handles = [
+                attach_bias_updates(optimizer, self.model) for optimizer in self.trainer.optimizers
+            ]
+
+    def on_train_end(self) -> None:
+        self._remove_bias_updates()
+
+    def _remove_bias_updates(self) -> None:
+        for handle in getattr(self, "_bias_update_handles", ()):
+            handle.remove()
+        self._bias_update_handles = []
 
     def setup(self, stage: str) -> None:
         # Each rank counts its own tokens in the routers' expert_load buffers; DDP would
