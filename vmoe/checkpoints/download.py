@@ -288,7 +288,13 @@ def _download(url, dest, part, meta_path, progress, retries, timeout, backoff, h
             if err.code not in _RETRY_STATUS:
                 raise DownloadError(f"could not download {url} ({_reason(err)}){hint}") from None
             failure = err
-        except (urllib.error.URLError, *_TRANSIENT) as err:
+        except urllib.error.URLError as err:  # no connection: offline, no such host, refused
+            if not isinstance(err.reason, (TimeoutError, ConnectionResetError)):
+                raise DownloadError(
+                    f"could not download {url} ({_reason(err)}): offline?{hint}"
+                ) from None
+            failure = err
+        except _TRANSIENT as err:
             failure = err
         else:
             failure = None
@@ -319,7 +325,7 @@ def _download(url, dest, part, meta_path, progress, retries, timeout, backoff, h
                             leave=False,
                         ) as bar,
                     ):
-                        while block := response.read(_CHUNK):
+                        while block := response.read1(_CHUNK):
                             f.write(block)
                             offset += len(block)
                             bar.update(len(block))
