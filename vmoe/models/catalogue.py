@@ -72,6 +72,7 @@ class OfficialCheckpoint:
         unsupported: why vmoe cannot build it (empty when it can).
         notes: anything else worth knowing.
         model_args: more ``timm.create_model`` arguments (for ``vmoe_vit``: all of them).
+        data: the pretraining data in a few words (the docs table).
     """
 
     name: str
@@ -91,6 +92,7 @@ class OfficialCheckpoint:
     unsupported: str = ""
     notes: str = ""
     model_args: Dict[str, object] = dataclasses.field(default_factory=dict)
+    data: str = ""
 
     @property
     def timm_name(self) -> str:
@@ -151,6 +153,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
     for e in (
         OfficialCheckpoint(
             name="vmoe_s32_last2_ilsvrc2012_randaug_light1",
+            data="ILSVRC2012, 300 epochs",
             model="vmoe_s32_e8_k2_last2",
             tag="ilsvrc2012_randaug_light1",
             summary="V-MoE S/32, 8 experts on the last two odd blocks, trained from scratch on "
@@ -171,6 +174,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
         ),
         OfficialCheckpoint(
             name="vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012",
+            data="ILSVRC2012 300 epochs, then ILSVRC2012 at 384 px",
             model="vmoe_s32_e8_k2_last2",
             tag="ilsvrc2012_randaug_light1_ft_ilsvrc2012",
             summary="vmoe_s32_last2_ilsvrc2012_randaug_light1 fine-tuned on ILSVRC2012 with a "
@@ -193,6 +197,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
         ),
         OfficialCheckpoint(
             name="vmoe_s32_last2_ilsvrc2012_randaug_medium",
+            data="ILSVRC2012, 1000 epochs",
             model="vmoe_s32_e8_k2_last2",
             tag="ilsvrc2012_randaug_medium",
             summary="V-MoE S/32, 8 experts on the last two odd blocks, trained from scratch on "
@@ -208,6 +213,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
         ),
         OfficialCheckpoint(
             name="vmoe_b16_imagenet21k_randaug_strong",
+            data="ImageNet-21k, 300 epochs",
             model="vmoe_b16_e8_k2_every2",
             tag="imagenet21k_randaug_strong",
             summary="V-MoE B/16, 8 experts on every odd block, trained from scratch on "
@@ -225,6 +231,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
         ),
         OfficialCheckpoint(
             name="vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012",
+            data="ImageNet-21k 300 epochs, then ILSVRC2012 at 384 px",
             model="vmoe_b16_e8_k2_every2",
             tag="imagenet21k_randaug_strong_ft_ilsvrc2012",
             summary="vmoe_b16_imagenet21k_randaug_strong fine-tuned on ILSVRC2012 with a "
@@ -247,6 +254,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
         ),
         OfficialCheckpoint(
             name="eee_s32_last2_ilsvrc2012",
+            data="ILSVRC2012, 300 epochs",
             model="",
             tag="",
             summary="E^3 S/32, 8 experts on the last two odd blocks, with two ensemble members, "
@@ -255,12 +263,14 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
             img_size=224,
             num_classes=1000,
             representation_size=512,
-            moe=_routing(1, 1.5),
+            moe={},
             eval_capacity_factor=1.5,
             unsupported=_E3,
+            notes="its fine-tuning config routes with K=1, capacity factor 1.5",
         ),
         OfficialCheckpoint(
             name="eee_s32_last2_ilsvrc2012_ft_cifar100",
+            data="ILSVRC2012 300 epochs, then CIFAR-100 at 128 px",
             model="",
             tag="",
             summary="eee_s32_last2_ilsvrc2012 fine-tuned on CIFAR100",
@@ -269,7 +279,7 @@ CATALOGUE: Dict[str, OfficialCheckpoint] = {
             img_size=128,
             num_classes=100,
             representation_size=512,
-            moe=_routing(1, 1.5),
+            moe=dict(num_selected=1, capacity_factor=1.5, batch_priority=False),
             eval_capacity_factor=1.5,
             accuracy=(("CIFAR-100 test", 81.31),),
             config="vmoe/configs/eee_paper/eee_s32_last2_ilsvrc2012_ft_cifar100.py",
@@ -536,3 +546,41 @@ def unregister_official_checkpoint(name: str) -> None:
     _registry._model_has_pretrained.discard(full)
     with contextlib.suppress(ValueError):
         _registry._model_with_tags[entry.model].remove(full)
+
+
+def approx_size_mb(entry: OfficialCheckpoint) -> float:
+    """The converted ``model.safetensors`` in MB (float32 parameters; the download is about as
+    large if the official files hold float32, as the released ones are read to)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(entry.model, **entry.model_kwargs())
+    return 4 * sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def catalogue_markdown() -> str:
+    """The catalogue as the Markdown table of ``docs/guides/official-checkpoints.md`` (a test
+    keeps the two equal)."""
+    rows = [
+        "| timm name (`MODEL.TAG`) | checkpoint (`gs://vmoe_checkpoints/...`) | pretraining | "
+        "px | classes | K, capacity factor (train / eval), group | published top-1 | size |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in CATALOGUE.values():
+        if e.name not in _STATIC:
+            continue
+        top1 = "; ".join(f"{v}% {k}" for k, v in e.accuracy) or "not published"
+        routing = "-"
+        if e.timm_name:
+            routing = (
+                f"K={e.moe['num_selected']}, {e.moe['capacity_factor']} / "
+                f"{e.eval_capacity_factor}, {e.moe['group_size_images']} images"
+            )
+        name = f"`{e.timm_name}`" if e.timm_name else "not supported (E³)"
+        size = f"~{approx_size_mb(e):,.0f} MB" if e.timm_name else "-"
+        rows.append(
+            f"| {name} | `{e.name}` | {e.data} | {e.img_size} | {e.num_classes} | {routing} | "
+            f"{top1} | {size} |"
+        )
+    return "\n".join(rows) + "\n"

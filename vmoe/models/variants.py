@@ -251,7 +251,8 @@ def _check_weight_source(name: str, cfg: Optional[dict], overlay: Optional[dict]
     merged = {**(cfg if isinstance(cfg, dict) else {}), **(overlay or {})}
     if not any(merged.get(key) for key in _WEIGHT_SOURCES):
         raise ValueError(
-            f"{name}: there are no hub weights for vmoe models. Pass a weights file "
+            f"{name}: no weights for this name. Name a released checkpoint's tag "
+            "(timm.list_pretrained('vmoe*'), `vmoe list-pretrained`), pass a weights file "
             "(pretrained_cfg_overlay=dict(file='.../model.safetensors')), load a saved "
             "directory with timm.create_model('local-dir:DIR', pretrained=True) or "
             "vmoe.models.from_pretrained(DIR), or import Google's released checkpoints "

@@ -1,0 +1,112 @@
+"""``vmoe list-pretrained`` and ``vmoe convert NAME``: Google's released checkpoints
+(``vmoe.models.catalogue``) from the command line. ``vmoe.cli.commands`` registers them; the
+work is here, imported only when one of them runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+__all__ = ["list_arguments", "list_pretrained", "is_catalogue_name", "convert_named"]
+
+
+def list_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+
+
+def _size(path: Path) -> str:
+    nbytes = (path / "model.safetensors").stat().st_size
+    return f"cached ({nbytes / 1e6:,.0f} MB)"
+
+
+def list_pretrained(args) -> int:
+    """Print the catalogue: timm name, checkpoint, data, resolution, published top-1, cache."""
+    from vmoe.models.catalogue import CATALOGUE, _complete, cache_dir
+
+    root = cache_dir()
+    rows = []
+    for e in CATALOGUE.values():
+        cached = _complete(root / e.name)
+        if args.json:
+            print(
+                json.dumps(
+                    dict(
+                        timm_name=e.timm_name,
+                        name=e.name,
+                        url=e.url(),
+                        img_size=e.img_size,
+                        num_classes=e.num_classes,
+                        moe=e.moe,
+                        eval_capacity_factor=e.eval_capacity_factor,
+                        pretraining=e.pretraining,
+                        accuracy=dict(e.accuracy),
+                        cached=str(root / e.name) if cached else None,
+                        unsupported=e.unsupported or None,
+                    )
+                )
+            )
+            continue
+        top1 = "; ".join(f"{v}% {k}" for k, v in e.accuracy[1:2] or e.accuracy[:1]) or "-"
+        state = _size(root / e.name) if cached else ("not supported" if e.unsupported else "")
+        rows.append((e.timm_name or f"({e.name})", f"{e.img_size}px", top1, state))
+    if not args.json:
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+        print(
+            f"\ncache: {root} (${'VMOE_CACHE_DIR'}); create with "
+            "timm.create_model(NAME, pretrained=True) or vmoe convert NAME --out DIR"
+        )
+    return 0
+
+
+def is_catalogue_name(text: str) -> bool:
+    """Whether ``text`` names a released checkpoint (and no local file of that prefix exists)."""
+    if os.path.exists(text + ".index") or text.endswith(".index"):
+        return False
+    from vmoe.models.catalogue import find_official_checkpoint
+
+    return find_official_checkpoint(text) is not None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link when the cache is on the same file system (no second copy of the
+    weights), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def convert_named(args, given: dict) -> int:
+    """``vmoe convert NAME --out DIR``: the cached conversion of the released checkpoint NAME
+    (fetched on first use) written to DIR; routing options given on the command line replace
+    the catalogue's in DIR's config.json (the weights do not depend on them)."""
+    from vmoe.models.catalogue import fetch_pretrained, official_checkpoint
+    from vmoe.models.moeify import merge_moe_options
+    from vmoe.models.pretrained import (
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        _build_on_meta,
+        _read_config,
+        staged_save_dir,
+        write_config,
+    )
+
+    entry = official_checkpoint(args.prefix)
+    cached = fetch_pretrained(entry, progress=True)
+    with staged_save_dir(Path(args.out), overwrite=args.overwrite) as tmp:
+        _link_or_copy(cached / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        if given:
+            config = _read_config(cached)
+            model_args = {k: v for k, v in config["model_args"].items() if k != "routing"}
+            model_args.setdefault("num_classes", config["num_classes"])  # top level in timm's
+            model_args["moe"] = merge_moe_options(model_args["moe"], given, where="convert")
+            meta = _build_on_meta(config, model_args, cached / CONFIG_NAME)
+            write_config(meta, tmp / CONFIG_NAME)
+        else:
+            shutil.copyfile(cached / CONFIG_NAME, tmp / CONFIG_NAME)
+    print(f"wrote {args.out} ({entry.timm_name}; cached in {cached})")
+    return 0
