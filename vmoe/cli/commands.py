@@ -484,6 +484,13 @@ def _make_shards(args) -> int:
     return 0
 
 
+def _pretrained_command():
+    """``vmoe.cli.pretrained`` (list-pretrained, convert NAME), imported when one runs."""
+    from . import pretrained
+
+    return pretrained
+
+
 COMMANDS = {
     "convert": Command(
         "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
@@ -492,8 +499,8 @@ COMMANDS = {
     ),
     "list-pretrained": Command(
         "list Google's released V-MoE checkpoints (timm pretrained tags) and what is cached",
-        lambda p: __import__("vmoe.cli.pretrained", fromlist=["_"]).list_arguments(p),
-        lambda args: __import__("vmoe.cli.pretrained", fromlist=["_"]).list_pretrained(args),
+        lambda p: _pretrained_command().list_arguments(p),
+        lambda args: _pretrained_command().list_pretrained(args),
     ),
     "routing-report": Command(
         "write routing plots, index.html and report.json for a model on a dataset",
