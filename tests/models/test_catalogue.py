@@ -346,3 +346,58 @@ def test_vmoe_fit_fine_tunes_a_released_checkpoint_in_one_command(bucket, tmp_pa
     torch.testing.assert_close(
         tuned.blocks[0].attn.qkv.weight, start.blocks[0].attn.qkv.weight, rtol=0, atol=0.1
     )  # trained two steps from the checkpoint's weights
+
+
+def test_processes_fetching_at_once_download_once(bucket, tmp_path):
+    """Two fetches at once (DDP ranks): the lock makes one download, the other reads the cache."""
+    import threading
+
+    bucket.delay, bucket.chunk = 0.01, 16384  # slow enough for the two to overlap
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(cat.fetch_pretrained(TAG, progress=False))
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    assert [n for n, _ in bucket.requests] == FILES  # each file fetched once
+
+
+def test_first_use_shows_where_it_fetches_from_and_a_progress_bar(bucket, capsys):
+    cat.fetch_pretrained(TAG)
+    err = capsys.readouterr().err
+    assert f"vmoe: fetching vmoe_tiny_a from {bucket.base_url} into {cat.cache_dir()}" in err
+    assert FILES[1] in err and "B/s" in err  # tqdm's bar of the shard
+
+
+@pytest.fixture
+def file_size_limit():
+    """A real file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes fail with EFBIG)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_mid_download_is_one_line_and_converts_nothing(
+    bucket, tmp_path, capsys, file_size_limit
+):
+    file_size_limit(100_000)  # the shard is 251 kB
+    code = main(["convert", "vmoe_tiny_a", "--out", str(tmp_path / "out")])
+    file_size_limit(2**62)
+    assert code == 2
+    line = last_stderr_line(capsys)
+    shard = tmp_path / "cache" / "downloads" / "vmoe_tiny_a" / FILES[1]
+    assert line.startswith(f"vmoe convert: error: could not write download {shard}: file too")
+    assert not (tmp_path / "cache" / "vmoe_tiny_a").exists() and not (tmp_path / "out").exists()
+    left = sorted(p.name for p in shard.parent.iterdir())
+    assert left == [FILES[0]]  # the complete, verified index stays; no partial shard
+    assert main(["convert", "vmoe_tiny_a", "--out", str(tmp_path / "out")]) == 0

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple, Union
@@ -473,6 +474,12 @@ def fetch_pretrained(
         if _complete(target):  # another process fetched it meanwhile
             return target
         downloads = root / "downloads" / entry.name
+        if progress:
+            print(
+                f"vmoe: fetching {entry.name} from {base_url(url)} into {root}",
+                file=sys.stderr,
+                flush=True,
+            )
         prefix = fetch_official_checkpoint(
             entry.name, downloads, url=url, progress=progress, by_hand=by_hand(entry, url)
         )
