@@ -150,8 +150,12 @@ def _read_meta(path: Path) -> Optional[RemoteFile]:
 
 def _write_meta(path: Path, remote: RemoteFile) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(remote)))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(dataclasses.asdict(remote)))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _file_checks(path: Path, remote: RemoteFile) -> list[str]:

@@ -71,15 +71,6 @@ def is_catalogue_name(text: str) -> bool:
     return find_official_checkpoint(text) is not None
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link when the cache is on the same file system (no second copy of the
-    weights), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def convert_named(args, given: dict) -> int:
     """``vmoe convert NAME --out DIR``: the cached conversion of the released checkpoint NAME
     (fetched on first use) written to DIR; routing options given on the command line replace
@@ -98,7 +89,8 @@ def convert_named(args, given: dict) -> int:
     entry = official_checkpoint(args.prefix)
     cached = fetch_pretrained(entry, progress=True)
     with staged_save_dir(Path(args.out), overwrite=args.overwrite) as tmp:
-        _link_or_copy(cached / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        # a copy, not a hard link: a later in-place write to DIR must not change the cache
+        shutil.copyfile(cached / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
         if given:
             config = _read_config(cached)
             model_args = {k: v for k, v in config["model_args"].items() if k != "routing"}
