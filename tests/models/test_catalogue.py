@@ -401,3 +401,27 @@ def test_a_full_disk_mid_download_is_one_line_and_converts_nothing(
     left = sorted(p.name for p in shard.parent.iterdir())
     assert left == [FILES[0]]  # the complete, verified index stays; no partial shard
     assert main(["convert", "vmoe_tiny_a", "--out", str(tmp_path / "out")]) == 0
+
+
+def test_vmoe_fit_offline_is_one_line(bucket, tmp_path, capsys):
+    url = bucket.base_url
+    bucket.stop()
+    args = ["fit", "--config", str(ROOT / "configs" / "finetune_vmoe_b16.yaml")]
+    args += ["--model.pretrained_dir", TAG, "--trainer.accelerator", "cpu"]
+    args += ["--data", "vmoe.data.DigitsDataModule", "--data.num_workers", "0"]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run")]
+    assert main(args) == 2
+    line = last_stderr_line(capsys)
+    assert line.startswith(f"vmoe fit: error: could not download {url}/vmoe_tiny_a.index")
+    assert "fetch the files by hand" in line
+
+
+def test_features_only_from_a_tag(bucket):
+    features = timm.create_model(TAG, pretrained=True, features_only=True, out_indices=2)
+    model = timm.create_model(TAG, pretrained=True)
+    images, _ = official_logits()
+    maps = features(images)
+    assert len(maps) == 2 and maps[-1].shape == (4, 32, 4, 4)
+    torch.testing.assert_close(
+        features.model.blocks[3].mlp.router.weight, model.blocks[3].mlp.router.weight
+    )
