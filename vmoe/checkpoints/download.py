@@ -40,7 +40,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from ..writes import failed_write, write_errno
 from .crc32c import Crc32c
@@ -223,7 +223,6 @@ def download_file(
     timeout: float = 60.0,
     backoff: float = 1.0,
     by_hand: str = "",
-    on_chunk: Optional[Callable[[int], None]] = None,
 ) -> Path:
     """Fetch ``url`` into ``dest`` (resumable, verified; see the module docstring) and return
     ``dest``. An existing ``dest`` is taken as it is (only verified files are renamed there).
@@ -236,7 +235,6 @@ def download_file(
         timeout: seconds a connect or a read may wait.
         backoff: seconds before the first retry (doubled each time, at most 30).
         by_hand: appended to the one-line error: how to fetch the file without vmoe.
-        on_chunk: called with the byte count after each chunk written (progress hooks, tests).
     """
     dest = Path(dest)
     if dest.is_file():
@@ -248,16 +246,14 @@ def download_file(
         dest.parent.mkdir(parents=True, exist_ok=True)
         restore = _Restore(part, meta_path)
         try:
-            return _download(
-                url, dest, part, meta_path, progress, retries, timeout, backoff, hint, on_chunk
-            )
+            return _download(url, dest, part, meta_path, progress, retries, timeout, backoff, hint)
         except Exception as err:
             if write_errno(err) is not None:
                 restore()  # the cache as it was
             raise
 
 
-def _download(url, dest, part, meta_path, progress, retries, timeout, backoff, hint, on_chunk):
+def _download(url, dest, part, meta_path, progress, retries, timeout, backoff, hint):
     from tqdm import tqdm
 
     remote = _read_meta(meta_path) if part.exists() else None
@@ -333,8 +329,6 @@ def _download(url, dest, part, meta_path, progress, retries, timeout, backoff, h
                             f.write(block)
                             offset += len(block)
                             bar.update(len(block))
-                            if on_chunk is not None:
-                                on_chunk(offset)
                 except _TRANSIENT as err:
                     failure = err
                 if offset > before:
