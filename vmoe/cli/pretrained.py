@@ -22,8 +22,9 @@ def _size(path: Path) -> str:
 
 
 def list_pretrained(args) -> int:
-    """Print the catalogue: timm name, checkpoint, data, resolution, published top-1, cache."""
-    from vmoe.models.catalogue import CATALOGUE, _complete, cache_dir
+    """Print the catalogue: timm name, resolution, converted size, published top-1 on the
+    official ILSVRC2012 validation set (else the first one published), cache state."""
+    from vmoe.models.catalogue import CATALOGUE, _complete, approx_size_mb, cache_dir
 
     root = cache_dir()
     rows = []
@@ -50,11 +51,12 @@ def list_pretrained(args) -> int:
             continue
         top1 = "; ".join(f"{v}% {k}" for k, v in e.accuracy[1:2] or e.accuracy[:1]) or "-"
         state = _size(root / e.name) if cached else ("not supported" if e.unsupported else "")
-        rows.append((e.timm_name or f"({e.name})", f"{e.img_size}px", top1, state))
+        size = f"~{approx_size_mb(e):,.0f} MB" if e.timm_name else "-"
+        rows.append((e.timm_name or f"({e.name})", f"{e.img_size}px", size, top1, state))
     if not args.json:
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
         print(
             f"\ncache: {root} (${'VMOE_CACHE_DIR'}); create with "
             "timm.create_model(NAME, pretrained=True) or vmoe convert NAME --out DIR"
