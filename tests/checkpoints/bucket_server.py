@@ -68,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         if hashes:
             self.send_header("x-goog-hash", hashes)
         self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        for key, value in srv.extra_headers.items():
+            self.send_header(key, value)
         self.end_headers()
         drop = srv.drop_after.get(name)
         sent = 0
@@ -96,7 +98,8 @@ class BucketServer(ThreadingHTTPServer):
     * ``missing``: names answered with 404; ``ignore_range``: answer Range with the whole file;
     * ``hash_kinds``: which checksums ``x-goog-hash`` carries (``("crc32c", "md5")``,
       ``("crc32c",)`` as for a composite object, or ``()``);
-    * ``delay``: seconds to wait after each ``chunk`` bytes (a slow network).
+    * ``delay``: seconds to wait after each ``chunk`` bytes (a slow network);
+    * ``extra_headers``: more headers on every file answer.
     """
 
     daemon_threads = True
@@ -112,6 +115,7 @@ class BucketServer(ThreadingHTTPServer):
         self.ignore_range = False
         self.hash_kinds = ("crc32c", "md5")
         self.delay = 0.0
+        self.extra_headers: dict = {}
         self.chunk = 16 * 1024
         self._digests = {}
         self._thread = None

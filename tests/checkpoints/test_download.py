@@ -96,6 +96,16 @@ def test_without_checksums_the_size_is_still_checked(server, tmp_path):
     assert fetch(server, tmp_path / SHARD).read_bytes() == server.files[SHARD]
 
 
+def test_hashes_of_a_transcoded_object_are_not_used(server, tmp_path):
+    """GCS serves a gzip-stored object decompressed; its x-goog-hash is of the stored bytes."""
+    server._digests[SHARD] = dict(crc32c="AAAAAA==", md5="AAAAAAAAAAAAAAAAAAAAAA==")
+    server.extra_headers = {"x-goog-stored-content-encoding": "gzip"}
+    assert fetch(server, tmp_path / SHARD).read_bytes() == server.files[SHARD]
+    server.extra_headers = {}
+    with pytest.raises(DownloadError, match="corrupted"):
+        fetch(server, tmp_path / "again")  # the same hashes without it: refused
+
+
 def test_not_found_is_one_line_naming_the_url(server, tmp_path):
     with pytest.raises(DownloadError) as err:
         fetch(server, tmp_path / "x", name="nope.index", by_hand="get it with gsutil")

@@ -112,6 +112,8 @@ def _remote(response, offset: int, url: str) -> Optional[RemoteFile]:
     start where we asked."""
     headers = response.headers
     hashes = parse_goog_hash(headers.get_all("x-goog-hash"))
+    if headers.get("x-goog-stored-content-encoding", "identity") != "identity":
+        hashes = {}  # served decompressed: the hashes are of the stored (compressed) bytes
     etag = headers.get("ETag") or headers.get("x-goog-generation")
     if response.status == 206:
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", "").strip())
@@ -124,7 +126,7 @@ def _remote(response, offset: int, url: str) -> Optional[RemoteFile]:
     else:
         if offset:
             return None
-        length = headers.get("x-goog-stored-content-length") or headers.get("Content-Length")
+        length = headers.get("Content-Length")
         if length is None or not length.strip().isdigit():
             raise DownloadError(f"{url}: the server did not say the file's size (Content-Length)")
         size = int(length)
