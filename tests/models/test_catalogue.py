@@ -274,6 +274,14 @@ def test_unsupported_checkpoints_are_one_line(capsys, tmp_path):
     assert "eee_s32_last2_ilsvrc2012: not supported: E^3" in last_stderr_line(capsys)
 
 
+def test_a_misspelt_name_is_one_line_with_the_closest(capsys, tmp_path):
+    assert main(["convert", "vmoe_s32_last2_ilsvrc2012_randaug_light", "--out", str(tmp_path)]) == 2
+    line = last_stderr_line(capsys)
+    assert (
+        "not a released checkpoint; did you mean vmoe_s32_last2_ilsvrc2012_randaug_light1" in line
+    )
+
+
 def test_vmoe_convert_name(bucket, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["convert", "vmoe_tiny_a", "--out", str(out)]) == 0

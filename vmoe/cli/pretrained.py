@@ -65,12 +65,25 @@ def list_pretrained(args) -> int:
 
 
 def is_catalogue_name(text: str) -> bool:
-    """Whether ``text`` names a released checkpoint (and no local file of that prefix exists)."""
+    """Whether ``text`` names a released checkpoint (and no local file of that prefix exists).
+    ValueError with the closest names when it is neither a local prefix nor a released name
+    but looks like a misspelt one."""
     if os.path.exists(text + ".index") or text.endswith(".index"):
         return False
-    from vmoe.models.catalogue import find_official_checkpoint
+    import difflib
 
-    return find_official_checkpoint(text) is not None
+    from vmoe.models.catalogue import CATALOGUE, find_official_checkpoint
+
+    if find_official_checkpoint(text) is not None:
+        return True
+    names = [n for e in CATALOGUE.values() for n in (e.name, e.timm_name) if n]
+    close = difflib.get_close_matches(os.path.basename(text), names, n=3, cutoff=0.75)
+    if close and os.sep not in text:
+        raise ValueError(
+            f"{text}: no {text}.index here, and not a released checkpoint; did you mean "
+            f"{' or '.join(close)}? (vmoe list-pretrained)"
+        )
+    return False
 
 
 def convert_named(args, given: dict) -> int:
