@@ -493,7 +493,8 @@ def _pretrained_command():
 
 COMMANDS = {
     "convert": Command(
-        "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
+        "convert an official V-MoE checkpoint (PREFIX.index + shards, or a released one by "
+        "name: vmoe list-pretrained) to a save_pretrained dir",
         _convert_arguments,
         _convert,
     ),
