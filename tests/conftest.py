@@ -49,6 +49,7 @@ LONGEST_FILES = (
     "tests/cli/test_errors.py",
     "tests/models/test_timm_contract.py",
     "tests/train/test_resume.py",
+    "tests/models/test_catalogue.py",
 )
 
 

@@ -65,7 +65,7 @@ def test_pretrained_from_a_local_file(tmp_path):
 
 
 def test_pretrained_without_weights_says_how_to_get_them():
-    with pytest.raises(ValueError, match="no hub weights.*vmoe convert"):
+    with pytest.raises(ValueError, match="no weights for this name.*list_pretrained.*vmoe convert"):
         tiny(pretrained=True)
 
 

@@ -5,6 +5,9 @@
   ``vmoe.checkpoints.official_format`` holds the format's building blocks.
 * ``vmoe.checkpoints.safetensors_stream``: a ``.safetensors`` writer that takes one tensor
   at a time, and a checked reader of a ``.safetensors`` header.
+* ``vmoe.checkpoints.download``: resumable, verified HTTPS fetching of the official files
+  (``.part`` + Range, size and ``x-goog-hash`` checks, an atomic rename), with
+  ``vmoe.checkpoints.crc32c``.
 
 The mapping of official parameter names onto vmoe's model is in ``vmoe.models.official``.
 """

@@ -1,5 +1,5 @@
-"""``vmoe convert | routing-report | capacity-sweep | export | make-shards``: the subcommands that
-do not train.
+"""``vmoe convert | list-pretrained | routing-report | capacity-sweep | export | make-shards``: the
+subcommands that do not train.
 
 Each is a ``Command``: a one-line help, the jsonargparse arguments and the function that runs on
 the parsed namespace. Nothing heavy is imported before a command runs, and none of them imports
@@ -33,7 +33,11 @@ class Command:
 
 
 def _convert_arguments(p) -> None:
-    p.add_argument("prefix", help="checkpoint path without '.index'")
+    p.add_argument(
+        "prefix",
+        help="checkpoint path without '.index', or a released checkpoint's name or timm "
+        "name (vmoe list-pretrained): fetched on first use",
+    )
     p.add_argument(
         "--out", required=True, help="output directory (config.json + model.safetensors)"
     )
@@ -73,6 +77,10 @@ def _convert(args) -> int:
         batch_priority=args.batch_priority or None,
         bf16_dispatch=args.bf16_dispatch or None,
     )
+    from .pretrained import convert_named, is_catalogue_name
+
+    if is_catalogue_name(args.prefix):
+        return convert_named(args, {k: v for k, v in given.items() if v is not None})
     out = official.convert_vmoe_checkpoint(
         args.prefix,
         out_dir,
@@ -476,11 +484,24 @@ def _make_shards(args) -> int:
     return 0
 
 
+def _pretrained_command():
+    """``vmoe.cli.pretrained`` (list-pretrained, convert NAME), imported when one runs."""
+    from . import pretrained
+
+    return pretrained
+
+
 COMMANDS = {
     "convert": Command(
-        "convert an official V-MoE checkpoint (PREFIX.index + shards) to a save_pretrained dir",
+        "convert an official V-MoE checkpoint (PREFIX.index + shards, or a released one by "
+        "name: vmoe list-pretrained) to a save_pretrained dir",
         _convert_arguments,
         _convert,
+    ),
+    "list-pretrained": Command(
+        "list Google's released V-MoE checkpoints (timm pretrained tags) and what is cached",
+        lambda p: _pretrained_command().list_arguments(p),
+        lambda args: _pretrained_command().list_pretrained(args),
     ),
     "routing-report": Command(
         "write routing plots, index.html and report.json for a model on a dataset",

@@ -358,13 +358,19 @@ def _build_on_meta(config: dict, args: dict, config_path: Path) -> Optional[nn.M
 
 
 def resolve_model_dir(source: Union[str, os.PathLike]) -> Path:
-    """The local directory of ``source``: a path, ``local-dir:PATH``, or ``hf-hub:ORG/NAME[@REV]``
+    """The local directory of ``source``: a path, ``local-dir:PATH``, ``hf-hub:ORG/NAME[@REV]``
     (config.json and model.safetensors downloaded into the Hugging Face cache; ConnectionError
-    saying what to do when that fails: offline, no such repository, no access)."""
+    saying what to do when that fails: offline, no such repository, no access), or a released
+    checkpoint's name or ``MODEL.TAG`` (``vmoe.models.catalogue.fetch_pretrained``: fetched and
+    converted into the vmoe cache on first use)."""
     text = os.fspath(source)
     if text.startswith("local-dir:"):
         return Path(text[len("local-dir:") :])
     if not text.startswith("hf-hub:"):
+        from .catalogue import fetch_pretrained, find_official_checkpoint
+
+        if not Path(text).exists() and find_official_checkpoint(text) is not None:
+            return fetch_pretrained(text)  # a released checkpoint: fetched, converted, cached
         return Path(text)
     repo_id, _, revision = text[len("hf-hub:") :].partition("@")
     from huggingface_hub import snapshot_download  # only needed for hub names

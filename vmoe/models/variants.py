@@ -18,6 +18,7 @@ hidden size, head bias -log(num_classes).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,8 @@ from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 
 from ..moe import moe_layers, restore_routing
+from .catalogue import CATALOGUE, entry_for_tag, timm_pretrained_cfg
+from .catalogue import fetch_pretrained as _fetch_pretrained
 from .config_checks import shape_mismatches
 from .moeify import (
     MOEIFIED_ARCHITECTURE,
@@ -132,6 +135,27 @@ def _default_cfg(img_size: int = 224, paper: Optional[dict] = None) -> dict:
     )
 
 
+def _with_catalogue_tags(cfgs: dict) -> dict:
+    """``cfgs`` plus the pretrained tags of the released checkpoints (``vmoe.models.catalogue``),
+    each after its model's untagged entry."""
+    out = dict(cfgs)
+    for entry in CATALOGUE.values():
+        if entry.timm_name:
+            out[entry.timm_name] = timm_pretrained_cfg(entry)
+    return out
+
+
+def _untagged_first(cfgs):
+    """timm makes the first tag with weights an architecture's default: keep the untagged
+    entry the default, so that ``vmoe_s32_e8_k2_last2`` stays the paper's model and only
+    ``vmoe_s32_e8_k2_last2.TAG`` means a released checkpoint."""
+    for default in cfgs.values():
+        if "" in default.tags:
+            default.tags.remove("")
+            default.tags.appendleft("")
+    return cfgs
+
+
 _NAMES = [
     f"vmoe_{size}_e{e}_k{k}_{place}"
     for size in VARIANTS
@@ -140,13 +164,17 @@ _NAMES = [
     for place in ("every2", "last2")
 ] + ["vmoe_vit"]
 _SOFT_NAMES = [f"soft_moe_{size}_e{SOFT_VARIANTS[size][-1]}" for size in SOFT_VARIANTS]
-default_cfgs = generate_default_cfgs(
-    {
-        **{name: _default_cfg() for name in _NAMES},
-        "vmoe_tiny_e4_k2": _default_cfg(img_size=16),
-        **{name: _default_cfg(paper=_SOFT_PAPER) for name in _SOFT_NAMES},
-        "soft_moe_tiny_e8": _default_cfg(img_size=16, paper=_SOFT_PAPER),
-    }
+default_cfgs = _untagged_first(
+    generate_default_cfgs(
+        _with_catalogue_tags(
+            {
+                **{name: _default_cfg() for name in _NAMES},
+                "vmoe_tiny_e4_k2": _default_cfg(img_size=16),
+                **{name: _default_cfg(paper=_SOFT_PAPER) for name in _SOFT_NAMES},
+                "soft_moe_tiny_e8": _default_cfg(img_size=16, paper=_SOFT_PAPER),
+            }
+        )
+    )
 )
 
 _WEIGHT_SOURCES = ("file", "state_dict", "hf_hub_id", "url")
@@ -223,7 +251,8 @@ def _check_weight_source(name: str, cfg: Optional[dict], overlay: Optional[dict]
     merged = {**(cfg if isinstance(cfg, dict) else {}), **(overlay or {})}
     if not any(merged.get(key) for key in _WEIGHT_SOURCES):
         raise ValueError(
-            f"{name}: there are no hub weights for vmoe models. Pass a weights file "
+            f"{name}: no weights for this name. Name a released checkpoint's tag "
+            "(timm.list_pretrained('vmoe*'), `vmoe list-pretrained`), pass a weights file "
             "(pretrained_cfg_overlay=dict(file='.../model.safetensors')), load a saved "
             "directory with timm.create_model('local-dir:DIR', pretrained=True) or "
             "vmoe.models.from_pretrained(DIR), or import Google's released checkpoints "
@@ -258,10 +287,38 @@ def _new_head(options: dict, kwargs: dict) -> bool:
     return bool(options.get("features_only")) or (given is not None and given != source)
 
 
+def _tag_arguments(entry, moe: dict, kwargs: dict, pretrained: bool) -> tuple:
+    """The variant's MoE options and the factory's arguments for a released checkpoint's tag:
+    the checkpoint's architecture and routing under the user's arguments, and with
+    ``pretrained`` its converted weights as the file to load: fetched and cached on first use
+    (``vmoe.models.catalogue.fetch_pretrained``), or the user's
+    ``pretrained_cfg_overlay=dict(file=...)``: a weights file, or an official checkpoint
+    fetched by hand (``DIR/NAME.index``, converted into the cache)."""
+    from .catalogue import convert_local_checkpoint
+
+    kwargs = dict(kwargs)
+    given = entry.model_kwargs()
+    moe = merge_moe_options(moe, given.pop("moe"))
+    for key, value in given.items():
+        kwargs.setdefault(key, value)
+    if pretrained:
+        overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+        file = overlay.get("file")
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file).endswith(".index"):
+            overlay["file"] = str(convert_local_checkpoint(entry, file) / "model.safetensors")
+        elif not (file or overlay.get("state_dict")):
+            overlay["file"] = str(_fetch_pretrained(entry) / "model.safetensors")
+        kwargs["pretrained_cfg_overlay"] = overlay
+    return moe, kwargs
+
+
 def _build(name: str, pretrained: bool, arch: dict, moe: dict, kwargs: dict):
     """The model through timm's ``build_model_with_cfg`` (pretrained weights, features_only).
     ``routing=`` (``{layer: settings}``, as ``config.json`` stores it) is applied after building.
     A ``local-dir:`` source is checked as ``from_pretrained`` checks it, before building."""
+    entry = entry_for_tag(name, kwargs.get("pretrained_cfg"))
+    if entry is not None:  # a released checkpoint's tag: its model, its weights
+        moe, kwargs = _tag_arguments(entry, moe, kwargs, pretrained)
     if pretrained:
         _check_weight_source(
             name, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
