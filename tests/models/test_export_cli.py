@@ -27,6 +27,7 @@ import vmoe.models as vm
 from tests.helpers import ROOT
 from vmoe.cli import main
 from vmoe.models import export as ex
+from vmoe.writes import NotWritableError
 
 try:
     ex.require_onnx()
@@ -130,7 +131,7 @@ def test_pt2_max_batch(max_batch, model_dir, tmp_path, capsys):
     with pytest.raises(Exception, match="Guard failed"):
         program.module()(x)
     with pytest.raises(ValueError, match=rf"takes batches of .*{max_batch} images"):
-        vm.check_export(out, model, (max_batch + 1,))
+        vm.check_export(program, model, (max_batch + 1,))
 
 
 def test_check_batch_sizes_above_max_batch_are_refused_first(model_dir, tmp_path, capsys):
@@ -325,8 +326,8 @@ def test_folder_without_write_permission_is_reported_as_such(
         line = _error_line(result.stderr)
         assert want in line and "[NotWritableError;" in line
         skip_check = (
-            "import sys; from vmoe.models import export; "
-            "export._require_writable_dir = lambda path: None; "
+            "import sys, vmoe.writes; from vmoe.models import export; "
+            "vmoe.writes.require_writable_dir = export.require_writable_dir = lambda path: None; "
             "from vmoe.cli import main; sys.exit(main(sys.argv[1:]))"
         )
         command = [sys.executable, "-c", skip_check, *_export_command(model_dir, out)[3:]]
@@ -340,6 +341,6 @@ def test_folder_without_write_permission_is_reported_as_such(
 
 
 def test_not_writable_error_is_a_permission_error():
-    err = ex.NotWritableError(errno.EACCES, "cannot write x: permission denied")
+    err = NotWritableError(errno.EACCES, "cannot write x: permission denied")
     assert isinstance(err, PermissionError) and isinstance(err, OSError)
     assert str(err) == "cannot write x: permission denied" and err.errno == errno.EACCES

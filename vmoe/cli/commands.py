@@ -398,31 +398,26 @@ def _export_arguments(p) -> None:
 
 
 def _export(args) -> int:
-    from vmoe.models.export import (
-        EXPORT_FORMATS,
-        MissingExtraError,
-        _require_writable_dir,
-        check_export,
-        export_model,
-        require_onnx,
-    )
+    from vmoe.writes import require_writable_dir
 
     out = Path(args.out)
-    if args.format not in EXPORT_FORMATS:
-        raise ValueError(f"--format {args.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if out.exists() and not args.overwrite:  # before loading anything
+    if args.format not in ("onnx", "pt2"):  # vmoe.models.export.EXPORT_FORMATS
+        raise ValueError(f"--format {args.format!r}: choose one of onnx, pt2")
+    if out.exists() and not args.overwrite:  # before importing torch or loading anything
         raise FileExistsError(
             f"--out {out} exists; pass --overwrite to replace it, or choose a new file"
         )
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
-    _require_writable_dir(out)
+    require_writable_dir(out)
     sizes = args.check_batch_sizes
     if sizes is not None and args.max_batch is not None and max(sizes) > args.max_batch:
         raise ValueError(
             f"--check-batch-sizes {' '.join(map(str, sizes))}: at most --max-batch "
             f"{args.max_batch}, the largest batch the artifact accepts"
         )
+    from vmoe.models.export import MissingExtraError, check_export, export_model, require_onnx
+
     try:
         if args.format == "onnx":
             require_onnx()

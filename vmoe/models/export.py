@@ -41,7 +41,7 @@ import torch.nn as nn
 from ..moe import require_moe_layers, restore_routing, set_routing
 from ..moe.parallel import expert_parallel_layers
 from ..moe.settings import EVAL_CAPACITY_FACTOR, read_routing
-from ..writes import WriteError, failed_write
+from ..writes import NotWritableError, failed_write, require_writable_dir
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -208,27 +208,6 @@ def export_program(
     return program
 
 
-class NotWritableError(WriteError, PermissionError):
-    """A file that cannot be written for lack of permission (errno EACCES); names the path."""
-
-
-def _require_writable_dir(path: Path) -> None:
-    """Refuse, before any slow work, a ``path`` whose directory takes no new file: a read-only
-    file system (``WriteError``, EROFS) or no write permission (``PermissionError``)."""
-    parent = path.parent
-    if os.access(parent, os.W_OK | os.X_OK):
-        return
-    statvfs = getattr(os, "statvfs", None)
-    if statvfs is not None and statvfs(parent).f_flag & os.ST_RDONLY:
-        raise WriteError(
-            errno.EROFS,
-            f"cannot write {path}: the directory {parent} is on a read-only file system",
-        )
-    raise NotWritableError(
-        errno.EACCES, f"cannot write {path}: permission denied on the directory {parent}"
-    )
-
-
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name for the exported model")
@@ -239,7 +218,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
-    _require_writable_dir(path)
+    require_writable_dir(path)
 
 
 @contextlib.contextmanager
