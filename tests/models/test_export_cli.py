@@ -344,3 +344,54 @@ def test_not_writable_error_is_a_permission_error():
     err = NotWritableError(errno.EACCES, "cannot write x: permission denied")
     assert isinstance(err, PermissionError) and isinstance(err, OSError)
     assert str(err) == "cannot write x: permission denied" and err.errno == errno.EACCES
+
+
+class _FailingFile:
+    """A real file whose writes raise ``error`` once ``budget`` bytes are written."""
+
+    def __init__(self, file, budget, error):
+        self.file, self.budget, self.error = file, budget, error
+
+    def write(self, data):
+        self.budget -= memoryview(data).nbytes
+        if self.budget < 0:
+            raise self.error
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()]
+)
+def test_save_program_whose_write_fails_finishes_torch_writer(error, tmp_path, monkeypatch):
+    """A write that fails inside torch.export.save (disk full; Ctrl-C) is raised once torch's
+    zip writer has finished its archive, so nothing aborts when the writer is freed (on main the
+    writer was left unfinished: its destructor threw from C++, exit code 134); no file is left."""
+    import gc
+
+    torch.manual_seed(0)
+    program = vm.export_program(timm.create_model("vmoe_tiny_e4_k2"))
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        return _FailingFile(open(path, mode, *args, **kwargs), 50_000, error)
+
+    monkeypatch.setattr(ex, "open", failing_open, raising=False)
+    out = tmp_path / "m.pt2"
+    if isinstance(error, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            vm.save_program(program, out)
+    else:
+        with pytest.raises(OSError, match=r"m\.pt2: disk full \(No space left on device\); noth"):
+            vm.save_program(program, out)
+    gc.collect()  # frees the writer: no C++ exception from its destructor
+    assert not os.listdir(tmp_path)
+    monkeypatch.undo()
+    assert zipfile.is_zipfile(vm.save_program(program, out))  # the same save, with room
