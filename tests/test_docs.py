@@ -64,7 +64,7 @@ EXPECTED = {
     "docs/guides/official-checkpoints.md": (2, 2, 0),
     "docs/guides/routing-visualization.md": (3, 1, 0),
     "docs/guides/scale-out.md": (0, 0, 1),
-    "docs/guides/deploy.md": (2, 1, 0),
+    "docs/guides/deploy.md": (3, 1, 0),
     "docs/guides/data-sources.md": (1, 1, 0),
     "docs/architecture.md": (0, 0, 0),
     "docs/benchmarks.md": (1, 0, 0),

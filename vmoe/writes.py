@@ -8,6 +8,10 @@ from our own files, ``EFBIG`` under a file-size limit (or a 4 GB file on FAT32),
 ``__context__`` holds the OSError its file object raised. ``failed_write`` turns all of
 them into one ``WriteError`` "could not write X: disk full (...); nothing was changed".
 
+``require_writable_dir`` refuses up front, before any slow work, a file whose directory is on
+a read-only file system or has no write permission for us (``NotWritableError``, also a
+``PermissionError``), naming both.
+
 Ctrl-C inside ``torch.save`` is wrapped the same way (a RuntimeError whose ``__context__`` is
 the KeyboardInterrupt): ``failed_write`` raises it as ``KeyboardInterrupt`` again.
 """
@@ -18,9 +22,18 @@ import contextlib
 import errno
 import os
 import re
+from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = ["WriteError", "WRITE_ERRNOS", "write_errno", "failed_write", "save_figure"]
+__all__ = [
+    "WriteError",
+    "NotWritableError",
+    "WRITE_ERRNOS",
+    "write_errno",
+    "failed_write",
+    "require_writable_dir",
+    "save_figure",
+]
 
 # errno -> what the user is told; EIO also stands for "the write failed, cause unknown"
 WRITE_ERRNOS = {
@@ -138,3 +151,26 @@ def save_figure(fig, path: Union[str, os.PathLike], **savefig_kwargs) -> None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+
+
+class NotWritableError(WriteError, PermissionError):
+    """A file that cannot be written for lack of permission (errno EACCES); names the path."""
+
+
+def require_writable_dir(path: Union[str, os.PathLike]) -> None:
+    """Refuse, before any slow work, a file ``path`` whose directory takes no new file: on a
+    read-only file system (``WriteError``, EROFS) or without write permission
+    (``NotWritableError``, a ``PermissionError``), each naming the path and the directory."""
+    path = Path(path)
+    parent = path.parent
+    if os.access(parent, os.W_OK | os.X_OK):
+        return
+    statvfs = getattr(os, "statvfs", None)
+    if statvfs is not None and statvfs(parent).f_flag & os.ST_RDONLY:
+        raise WriteError(
+            errno.EROFS,
+            f"cannot write {path}: the directory {parent} is on a read-only file system",
+        )
+    raise NotWritableError(
+        errno.EACCES, f"cannot write {path}: permission denied on the directory {parent}"
+    )

@@ -391,34 +391,41 @@ def _export_arguments(p) -> None:
         "--max-batch",
         type=Optional[PositiveInt],
         default=None,
-        help="largest batch the artifact accepts (default: unbounded)",
+        help="largest batch the artifact accepts, a bigger one is refused when it runs "
+        "(default: unbounded)",
     )
     p.add_argument(
         "--check-batch-sizes",
         type=PositiveInt,
         nargs=2,
-        default=[1, 5],
+        default=None,
         metavar="B",
-        help="the two batch sizes the artifact is checked at against the eager model",
+        help="the two batch sizes the artifact is checked at against the eager model "
+        "(default: 1 and 5, at most --max-batch)",
     )
 
 
 def _export(args) -> int:
-    from vmoe.models.export import (
-        EXPORT_FORMATS,
-        MissingExtraError,
-        check_export,
-        export_model,
-        require_onnx,
-    )
+    from vmoe.writes import require_writable_dir
 
     out = Path(args.out)
-    if args.format not in EXPORT_FORMATS:
-        raise ValueError(f"--format {args.format!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if out.exists() and not args.overwrite:  # before loading anything
+    if args.format not in ("onnx", "pt2"):  # vmoe.models.export.EXPORT_FORMATS
+        raise ValueError(f"--format {args.format!r}: choose one of onnx, pt2")
+    if out.exists() and not args.overwrite:  # before importing torch or loading anything
         raise FileExistsError(
             f"--out {out} exists; pass --overwrite to replace it, or choose a new file"
         )
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
+    require_writable_dir(out)
+    sizes = args.check_batch_sizes
+    if sizes is not None and args.max_batch is not None and max(sizes) > args.max_batch:
+        raise ValueError(
+            f"--check-batch-sizes {' '.join(map(str, sizes))}: at most --max-batch "
+            f"{args.max_batch}, the largest batch the artifact accepts"
+        )
+    from vmoe.models.export import MissingExtraError, check_export, export_model, require_onnx
+
     try:
         if args.format == "onnx":
             require_onnx()
@@ -430,10 +437,20 @@ def _export(args) -> int:
         batch_priority=args.batch_priority,
         batch_independent=args.batch_independent,
     )
+    diffs = {}
+
+    def check(written: Path) -> None:  # before the file replaces --out: a failed check writes none
+        diffs.update(check_export(written, model, sizes, format=args.format, **routing))
+
     export_model(
-        model, out, args.format, overwrite=args.overwrite, max_batch=args.max_batch, **routing
+        model,
+        out,
+        args.format,
+        overwrite=args.overwrite,
+        max_batch=args.max_batch,
+        verify=check,
+        **routing,
     )
-    diffs = check_export(out, model, args.check_batch_sizes, **routing)
     shown = ", ".join(f"batch {b}: {d:.2e}" for b, d in diffs.items())
     print(f"wrote {out} ({args.format}); max |exported - eager| {shown}")
     return 0

@@ -27,10 +27,13 @@ layers with one image per group (the default) are batch-independent already.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -38,7 +41,7 @@ import torch.nn as nn
 from ..moe import require_moe_layers, restore_routing, set_routing
 from ..moe.parallel import expert_parallel_layers
 from ..moe.settings import EVAL_CAPACITY_FACTOR, read_routing
-from ..writes import failed_write
+from ..writes import NotWritableError, failed_write, require_writable_dir
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -156,21 +159,26 @@ def _export(model: nn.Module, example: Optional[torch.Tensor], max_batch: Option
     from torch.export import Dim
     from torch.fx.experimental import _config as shape_config
 
-    if example is None:
-        example = torch.randn(3, *_input_shape(model))
+    if max_batch is not None and (
+        not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
+    ):
+        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
+    if example is None:  # 3 images, or max_batch when fewer are allowed
+        example = torch.randn(min(3, max_batch or 3), *_input_shape(model))
     if not isinstance(example, torch.Tensor) or example.dim() != 4:
         raise ValueError(
             f"example must be an image batch [B, C, H, W], got "
             f"{getattr(example, 'shape', type(example).__name__)}"
         )
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
-        raise ValueError(f"max_batch must be a positive int or None, got {max_batch!r}")
-    batch = Dim("batch", min=1, max=max_batch) if max_batch else Dim("batch", min=1)
+    if max_batch is not None and len(example) > max_batch:
+        raise ValueError(f"example has {len(example)} images, more than max_batch={max_batch}")
+    # max_batch 1: a static batch of 1 (torch.export has no dynamic dimension with min == max)
+    shapes = None if max_batch == 1 else ({0: Dim("batch", min=1, max=max_batch)},)
     device = next(model.parameters()).device
     # Sizes derived from the batch (groups G, padding) are traced size-obliviously: torch's
     # layout checks would otherwise specialize the program on whether G == 1.
     with shape_config.patch(backed_size_oblivious=True):
-        return torch.export.export(model, (example.to(device),), dynamic_shapes=({0: batch},))
+        return torch.export.export(model, (example.to(device),), dynamic_shapes=shapes)
 
 
 def export_program(
@@ -183,8 +191,9 @@ def export_program(
     max_batch: Optional[int] = None,
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model`` (eval mode) with a dynamic batch dimension (1 .. max_batch,
-    None: unbounded). ``example``: an image batch [B, C, H, W] (default: 3 random images at the
-    model's input size); the program runs at every batch size. Routing: see
+    None: unbounded; 1: a static batch of one; a bigger batch is refused when the program runs).
+    ``example``: an image batch [B, C, H, W], B <= max_batch (default: min(3, max_batch) random
+    images at the model's input size); the program runs at every batch size. Routing: see
     ``inference_routing``; the settings used are in ``program.graph_module.meta["vmoe_routing"]``.
     The model's own settings and training mode are unchanged afterwards."""
     _check_model(model)
@@ -209,16 +218,29 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the directory {path.parent} does not exist")
+    require_writable_dir(path)
 
 
 @contextlib.contextmanager
-def _atomic(path: Path, what: str) -> Iterator[Path]:
-    """A temporary file beside ``path`` for the block to write, moved over ``path`` at the end
-    (a failed write leaves the previous file as it was)."""
+def _atomic(
+    path: Path, what: str, verify: Optional[Callable[[Path], object]] = None
+) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write, ``verify(temporary file)``, then
+    the file moved over ``path`` (a failed write or check leaves no file behind and the previous
+    ``path`` as it was)."""
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     with failed_write(path, what):
         try:
-            yield tmp
+            try:
+                yield tmp
+            except PermissionError as err:
+                raise NotWritableError(
+                    errno.EACCES,
+                    f"could not write {what} {path}: permission denied ({err.strerror}: "
+                    f"{err.filename}); nothing was changed",
+                ) from err
+            if verify is not None:
+                verify(tmp)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -226,17 +248,123 @@ def _atomic(path: Path, what: str) -> Iterator[Path]:
             raise
 
 
+class _KeepFirstError(io.RawIOBase):
+    """The binary file torch's zip writer writes a .pt2 through: the first failure of a write
+    (OSError: disk full, file too large; or Ctrl-C) is kept in ``error`` and every later write is
+    dropped, so that the writer still finishes its archive. (A write failing inside
+    ``torch.export.save`` otherwise leaves torch's ``PyTorchFileWriter`` unfinished: its
+    destructor then throws from C++ and the process aborts, exit code 134.)"""
+
+    def __init__(self, file):
+        super().__init__()
+        self.file, self.error = file, None
+
+    def _try(self, call, *args, otherwise=None):
+        if self.error is None:
+            try:
+                return call(*args)
+            except BaseException as err:  # noqa: B036 -- raised again once torch has finished
+                self.error = err
+        return otherwise
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._try(self.file.write, data)
+        return size
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._try(self.file.seek, offset, whence, otherwise=0)
+
+    def tell(self) -> int:
+        return self._try(self.file.tell, otherwise=0)
+
+    def flush(self) -> None:
+        self._try(self.file.flush)
+
+
+def _save_pt2(program: torch.export.ExportedProgram, path: Path, extra_files: dict) -> None:
+    """``torch.export.save(program, path)``, its failed writes raised as the OSError (or Ctrl-C)
+    the file raised, after torch's writer has finished (see ``_KeepFirstError``)."""
+    with open(path, "wb") as f:
+        out = _KeepFirstError(f)
+        torch.export.save(program, out, extra_files=extra_files)
+        out.flush()
+        if out.error is not None:
+            raise out.error
+
+
 def save_program(
-    program: torch.export.ExportedProgram, path: Union[str, os.PathLike], *, overwrite: bool = False
+    program: torch.export.ExportedProgram,
+    path: Union[str, os.PathLike],
+    *,
+    overwrite: bool = False,
+    verify: Optional[Callable[[Path], object]] = None,
 ) -> Path:
     """``torch.export.save`` to ``path`` (refused when it exists, unless ``overwrite``), with the
-    routing settings as ``extra_files["vmoe_routing.json"]``; load with ``torch.export.load``."""
+    routing settings as ``extra_files["vmoe_routing.json"]``; load with ``torch.export.load``.
+    ``verify(file)``, e.g. a ``check_export``, runs on the written file before it replaces
+    ``path``: when it raises, nothing is written."""
     path = Path(path)
     _refuse_existing(path, overwrite)
     routing = json.dumps(program.graph_module.meta.get("vmoe_routing", {}))
-    with _atomic(path, "exported program") as tmp:
-        torch.export.save(program, tmp, extra_files={ROUTING_FILE: routing})
+    with _atomic(path, "exported program", verify) as tmp:
+        _save_pt2(program, tmp, {ROUTING_FILE: routing})
     return path
+
+
+def _batch_range(program: torch.export.ExportedProgram) -> Tuple[int, Optional[int]]:
+    """(smallest, largest) batch ``program`` accepts (largest None: unbounded), from its first
+    input's leading dimension: a static size or the range of its symbol."""
+    import sympy
+
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    size = node.meta["val"].shape[0]
+    if isinstance(size, int):
+        return size, size
+    bounds = program.range_constraints[size.node.expr]
+    upper = int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else None
+    return int(bounds.lower), upper
+
+
+def _refuse_batches_above(graph, max_batch: int) -> None:
+    """Make an ONNX graph (``onnx_ir``) fail at a batch above ``max_batch``, as the program it was
+    made from does (an ONNX dimension has no bounds): ``logits`` becomes ``logits + zeros[B - 1]``
+    with ``zeros`` of length ``max_batch``, exactly the logits where B <= max_batch, and ONNX
+    Runtime's error 'Gather node. Name:'batch_above_max_batch_N' ... indices element out of data
+    bounds' where B > max_batch."""
+    import numpy as np
+    from onnxscript import ir
+
+    images, logits = graph.inputs[0], graph.outputs[0]
+
+    def constant(name, array):
+        return ir.node("Constant", [], {"value": ir.tensor(array, name=name)}, name=name)
+
+    batch = ir.node("Shape", [images], {"start": 0, "end": 1}, name="vmoe_batch")  # [1] int64
+    one = constant("vmoe_one", np.ones([1], dtype=np.int64))
+    last = ir.node("Sub", [batch.outputs[0], one.outputs[0]], name="vmoe_last_image")
+    zeros = constant("vmoe_max_batch", np.zeros([max_batch], dtype=logits.dtype.numpy()))
+    guard = ir.node(
+        "Gather",
+        [zeros.outputs[0], last.outputs[0]],
+        {"axis": 0},
+        name=f"batch_above_max_batch_{max_batch}",
+    )
+    add = ir.node("Add", [logits, guard.outputs[0]], name="vmoe_max_batch_guard")
+    for node in (batch, one, last, zeros, guard, add):
+        graph.append(node)
+    guarded = add.outputs[0]
+    guarded.shape, guarded.dtype = logits.shape, logits.dtype
+    name, logits.name = logits.name, f"{logits.name}_unguarded"
+    guarded.name = name
+    graph.outputs[0] = guarded
 
 
 def export_onnx(
@@ -245,12 +373,18 @@ def export_onnx(
     example: Optional[torch.Tensor] = None,
     *,
     overwrite: bool = False,
+    verify: Optional[Callable[[Path], object]] = None,
     **routing,
 ) -> Path:
     """ONNX (``torch.onnx.export(..., dynamo=True)``) of ``export_program(model, example,
     **routing)`` to ``path``: input ``images`` [batch, C, H, W], output ``logits``, the batch
     axis dynamic; standard ONNX operators only. The routing settings are the model's
-    ``metadata_props["vmoe.routing"]``. Refuses an existing ``path`` unless ``overwrite``."""
+    ``metadata_props["vmoe.routing"]``. Refuses an existing ``path`` unless ``overwrite``.
+
+    ``max_batch=N`` (in ``routing``): ``metadata_props["vmoe.max_batch"]``, and the graph fails
+    in ONNX Runtime at a batch above N (node ``batch_above_max_batch_N``; an ONNX dimension has
+    no bounds); N = 1 makes the batch axis static. ``verify(file)`` runs on the written file
+    before it replaces ``path``: when it raises, nothing is written."""
     require_onnx()
     path = Path(path)
     _refuse_existing(path, overwrite)
@@ -266,7 +400,12 @@ def export_onnx(
     onnx_program.model.metadata_props["vmoe.routing"] = json.dumps(
         program.graph_module.meta["vmoe_routing"]
     )
-    with _atomic(path, "ONNX model") as tmp:
+    low, high = _batch_range(program)
+    if high is not None:
+        onnx_program.model.metadata_props["vmoe.max_batch"] = str(high)
+        if low != high:  # a static batch is refused by ONNX Runtime itself
+            _refuse_batches_above(onnx_program.model.graph, high)
+    with _atomic(path, "ONNX model", verify) as tmp:
         onnx_program.save(tmp, external_data=False)
     return path
 
@@ -277,41 +416,98 @@ def export_model(
     format: str = "onnx",
     *,
     overwrite: bool = False,
+    verify: Optional[Callable[[Path], object]] = None,
     **routing,
 ) -> Path:
-    """``export_onnx`` or ``export_program`` + ``save_program`` by ``format`` ('onnx', 'pt2')."""
+    """``export_onnx`` or ``export_program`` + ``save_program`` by ``format`` ('onnx', 'pt2'),
+    whatever the suffix of ``path``; ``verify(file)`` runs on the written file before it
+    replaces ``path`` (when it raises, nothing is written)."""
     if format not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {format!r}: choose one of {EXPORT_FORMATS}")
     if format == "onnx":
-        return export_onnx(model, path, overwrite=overwrite, **routing)
+        return export_onnx(model, path, overwrite=overwrite, verify=verify, **routing)
     _refuse_existing(Path(path), overwrite)  # before the (slow) export
-    return save_program(export_program(model, **routing), path, overwrite=overwrite)
+    return save_program(export_program(model, **routing), path, overwrite=overwrite, verify=verify)
 
 
-def _runner(artifact):
-    """A function images [B, C, H, W] -> logits (numpy or tensor) for an exported artifact:
-    an ExportedProgram, a .pt2 file or a .onnx file (ONNX Runtime, CPU)."""
+def _artifact_format(artifact, format: Optional[str] = None) -> str:
+    """'program' for an ExportedProgram; for a file 'pt2' (a zip archive, as
+    ``torch.export.save`` writes) or 'onnx', from its content, never its name. A ``format``
+    given ('onnx', 'pt2') is checked against the content (ValueError when they differ)."""
     if isinstance(artifact, torch.export.ExportedProgram):
-        module = artifact.module()
-        return lambda x: module(x)
+        return "program"
+    if format is not None and format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}: choose one of {EXPORT_FORMATS}")
     path = Path(artifact)
-    if path.suffix == ".onnx":
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (an exported model: .onnx or .pt2)")
+    found = "pt2" if zipfile.is_zipfile(path) else "onnx"
+    if format is not None and format != found:
+        why = "a zip archive, as .pt2 files are" if found == "pt2" else "not a .pt2 (zip) archive"
+        raise ValueError(f"{path} is not a {format} file: it is {why}")
+    return found
+
+
+def _runner(artifact, format: Optional[str] = None):
+    """(run, (smallest, largest batch)) for an exported artifact: an ExportedProgram, a .pt2
+    file or an ONNX file (ONNX Runtime, CPU), told apart by ``_artifact_format``; ``run``: images
+    [B, C, H, W] -> logits [B, classes] (tensor); largest None: unbounded."""
+    if _artifact_format(artifact, format) == "onnx":
         require_onnx()
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
-    module = torch.export.load(str(path)).module()
-    return lambda x: module(x)
+        session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+        first = session.get_inputs()[0]
+        if isinstance(first.shape[0], int):
+            batches = (first.shape[0], first.shape[0])
+        else:
+            high = session.get_modelmeta().custom_metadata_map.get("vmoe.max_batch")
+            batches = (1, int(high) if high else None)
+
+        def run(x):
+            return torch.from_numpy(session.run(None, {first.name: x.cpu().numpy()})[0])
+
+        return run, batches
+    if isinstance(artifact, torch.export.ExportedProgram):
+        program = artifact
+    else:  # from a file object: torch warns about a file name that does not end in .pt2
+        with open(artifact, "rb") as f:
+            program = torch.export.load(f)
+    module = program.module()
+    return (lambda x: module(x)), _batch_range(program)
+
+
+def _check_batch_sizes(low: int = 1, high: Optional[int] = None) -> Tuple[int, ...]:
+    """The batch sizes an artifact accepting ``low`` .. ``high`` images (None: any) is checked at
+    by default: 1 and 5 brought inside that range (e.g. 1 and 4 for ``max_batch=4``)."""
+    inside = {max(b, low) if high is None else min(max(b, low), high) for b in (1, 5)}
+    return tuple(sorted(inside))
 
 
 def check_export(
-    artifact, model: nn.Module, batch_sizes: Sequence[int] = (1, 5), *, seed: int = 0, **routing
+    artifact,
+    model: nn.Module,
+    batch_sizes: Optional[Sequence[int]] = None,
+    *,
+    format: Optional[str] = None,
+    seed: int = 0,
+    **routing,
 ) -> Dict[int, float]:
     """``{batch size: max |artifact(x) - model(x)|}`` on random image batches, the eager model
-    routing as ``export_program(**routing)`` does (use the same options as for the export)."""
-    run = _runner(artifact)
+    routing as ``export_program(**routing)`` does (use the same options as for the export).
+
+    ``artifact``: an ExportedProgram, or a file of ``format`` 'onnx' / 'pt2' (default: told by
+    its content, never by its name). ``batch_sizes``: default 1 and 5 brought within the
+    batches the artifact accepts; a size outside them is refused (ValueError)."""
+    run, (low, high) = _runner(artifact, format)
+    if batch_sizes is None:
+        batch_sizes = _check_batch_sizes(low, high)
+    outside = [b for b in batch_sizes if b < low or (high is not None and b > high)]
+    if outside:
+        accepted = f"{low} to {high}" if high is not None else f"{low} or more"
+        raise ValueError(
+            f"batch sizes {outside}: the exported model takes batches of {accepted} images"
+        )
     shape = _input_shape(model)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
