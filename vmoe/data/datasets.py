@@ -153,6 +153,24 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
         dataset.reseed(seed)
 
 
+def _check_split_sizes(
+    labels: np.ndarray, n_out: int, option: str, fraction: float, n: Optional[int] = None
+) -> None:
+    """A stratified split needs at least one image of every class on each side: a ValueError
+    naming ``option`` when ``n_out`` held-out images (or the ``n - n_out`` kept) are fewer than
+    the classes."""
+    n = len(labels) if n is None else n
+    classes = len(np.unique(labels))
+    if n_out == 0 or (classes <= n_out and classes <= n - n_out):
+        return
+    side = f"holds out {n_out}" if n_out < classes else f"keeps {n - n_out}"
+    raise ValueError(
+        f"{option}={fraction:g} {side} of {n} images, fewer than the {classes} classes (a "
+        f"stratified split needs one of each): use a {option} between {classes / n:.3g} and "
+        f"{1 - classes / n:.3g}, or give the split as its own folder/split"
+    )
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,6 +178,8 @@ def stratified_split(
     n = len(labels)
     n_test = int(round(test_fraction * n))
     n_val = int(round(val_fraction * n))
+    _check_split_sizes(labels, n_test, "test_fraction", test_fraction)
+    _check_split_sizes(labels, n_val, "val_fraction", val_fraction, n - n_test)
     index = np.arange(n)
     rest, test = (
         (index, index[:0])
