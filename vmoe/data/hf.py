@@ -148,9 +148,8 @@ def integer_labels(values: Any, where: str) -> np.ndarray:
     else:
         row, kind = 0, "non-integer"
     raise ValueError(
-        f"{where} holds {kind} labels (row {row}: {labels.ravel()[row]!r}), not integer class "
-        "indices: map them to 0..num_classes-1 first (datasets: "
-        "dataset.class_encode_column(<label column>))"
+        f"{where} holds {kind} labels (row {row}: {labels.ravel()[row].item()!r}), not class "
+        "indices 0..N-1 (datasets' class_encode_column makes them)"
     )
 
 
