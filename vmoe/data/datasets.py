@@ -27,10 +27,17 @@ class CorruptImageError(ValueError):
     """An image file that neither PIL nor OpenCV can decode; the message names the file."""
 
 
-def load_image(path: str | os.PathLike, data: Optional[bytes] = None) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike, data: Optional[bytes] = None, draft: Optional[int] = None
+) -> np.ndarray:
     """Read an image file (or its encoded bytes ``data``, ``path`` then only names it) as
     uint8 RGB [H, W, 3]: grey, RGBA, CMYK, palette and 16-bit images converted, the EXIF
     orientation applied.
+
+    ``draft``: a JPEG is decoded at the largest DCT reduction (1/2, 1/4 or 1/8, PIL's
+    ``Image.draft``) that keeps both sides >= ``draft`` pixels, which costs about the
+    reduction's fraction of the full decode; other formats, and JPEGs smaller than twice
+    ``draft``, are decoded at full size.
 
     PIL first; OpenCV only when PIL does not recognise the format (so a truncated JPEG, which
     OpenCV would half-decode with a warning, is still reported as corrupt).
@@ -39,6 +46,8 @@ def load_image(path: str | os.PathLike, data: Optional[bytes] = None) -> np.ndar
     path = Path(path) if data is None else path
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 # 16-bit greyscale: keep the high byte instead of PIL's clipping to 255
                 arr = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
@@ -113,8 +122,10 @@ class ImageFileDataset(_TransformDataset):
         paths: Sequence[str | os.PathLike],
         labels: Optional[Sequence[int]] = None,
         transform: Transform = None,
+        draft: Optional[int] = None,
     ):
         super().__init__(transform)
+        self.draft = draft  # load_image's reduced-scale JPEG decode (None: full size)
         if labels is not None and len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
@@ -126,7 +137,7 @@ class ImageFileDataset(_TransformDataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            image = self._apply(load_image(path))
+            image = self._apply(load_image(path, draft=self.draft))
         except CorruptImageError:
             raise
         except Exception as err:  # e.g. a transform failing on an odd image
