@@ -29,6 +29,7 @@ x3 for forward + backward, at an assumed 40% of the H200's 989 dense bf16 TFLOP/
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -71,29 +72,39 @@ def _worker_cpu() -> dict:
 
 class Meter:
     """Images/s of passes over one loader: by the wall clock (from the first batch to the last)
-    and per CPU second of its worker processes (every image of the pass over the CPU time the
-    workers used for it, start-up included), the figure that other load on the machine
-    disturbs least."""
+    and per CPU second of the loader worker processes (every image of the pass over the CPU
+    time the workers used in it, start-up included), the figure that other load on the
+    machine disturbs least."""
 
     def __init__(self, loader):
-        self.loader, self.cpu_seen = loader, _worker_cpu()
+        self.loader = loader
 
     def one_pass(self) -> tuple[float, float]:
+        before = _worker_cpu()  # other loaders' workers, idle now, add ~0 below
         it = iter(self.loader)
         x, _ = next(it)
         count, start = 0, time.perf_counter()
-        total, cpu = len(x), self.cpu_seen
+        total, cpu = len(x), before
         for x, _ in it:
             count += len(x)
             cpu = _worker_cpu()  # at each batch: the workers may exit after the last one
         wall = time.perf_counter() - start
-        used = sum(t - self.cpu_seen.get(pid, 0.0) for pid, t in cpu.items())
-        self.cpu_seen = cpu
+        used = sum(t - before.get(pid, 0.0) for pid, t in cpu.items())
         return count / wall, (total + count) / used
 
-    def median(self, repeats: int) -> tuple[float, float]:
-        wall, cpu = zip(*(self.one_pass() for _ in range(repeats)))
-        return float(np.median(wall)), float(np.median(cpu))
+
+def paired(meter: Meter, reference: Meter, repeats: int) -> dict:
+    """``repeats`` passes of ``meter`` each next to one of ``reference`` (order alternating),
+    so that both see the same load: medians of the wall and CPU rates and of the CPU ratio."""
+    rows = []
+    for r in range(repeats):
+        if r % 2:
+            ref, got = reference.one_pass(), meter.one_pass()
+        else:
+            got, ref = meter.one_pass(), reference.one_pass()
+        rows.append((got[0], got[1], got[1] / ref[1]))
+    wall, cpu, ratio = (float(np.median(v)) for v in zip(*rows))
+    return {"wall": wall, "cpu": cpu, "ratio": ratio}
 
 
 def vmoe_loaders(folder: Path, tmp: Path, batch: int, workers: int, built: dict):
@@ -214,27 +225,28 @@ def main() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one worker = one core
-    rates: dict = {}  # name -> {workers: img/s of the loader}
+    rates: dict = {}  # name -> {workers: paired(...)}
     built: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folder = tmp / "jpegs"
         make_jpegs(folder, args.images)
         for workers in args.workers:
-            # timm first and last: a drift of the machine's load shows as two timm figures
-            for name, aug in TIMM.items():
-                loader = timm_loader(folder, args.batch, workers, aug)
-                rates.setdefault(name, {})[workers] = Meter(loader).median(args.repeats)
+            reference = Meter(timm_loader(folder, args.batch, workers, "rand-m9-n2"))
+            # timm's own row is a second loader of the reference's kind: its ratio is the noise
+            sources = [(n, timm_loader(folder, args.batch, workers, a)) for n, a in TIMM.items()]
+            for name, loader in itertools.chain(
+                sources, vmoe_loaders(folder, tmp, args.batch, workers, built)
+            ):
+                rates.setdefault(name, {})[workers] = paired(Meter(loader), reference, args.repeats)
                 del loader
-            for name, loader in vmoe_loaders(folder, tmp, args.batch, workers, built):
-                rates.setdefault(name, {})[workers] = Meter(loader).median(args.repeats)
-                del loader
+            del reference, sources
         dec = decoders(folder)
-    base = rates["timm create_loader (rand-m9-n2)"]
     print(
-        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, median of "
-        f"{args.repeats} passes, 1 thread per worker; img/s per worker: per CPU second of the "
-        "workers (x timm rand-m9-n2), then by the wall clock / workers\n"
+        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, 1 thread per worker, "
+        f"medians of {args.repeats} passes each paired with one of timm rand-m9-n2: img/s per "
+        "worker per CPU second of the workers (x timm rand-m9-n2, the paired ratio), then by "
+        "the wall clock / workers\n"
     )
     head = " | ".join(
         f"{w} worker{'s' if w > 1 else ''}: CPU (x timm) | wall" for w in args.workers
@@ -242,8 +254,8 @@ def main() -> None:
     print(f"| source | {head} |\n|---|" + "---|---|" * len(args.workers))
     for name, by_workers in rates.items():
         cells = " | ".join(
-            f"{by_workers[w][1]:.0f} ({by_workers[w][1] / base[w][1]:.2f}x) | "
-            f"{by_workers[w][0] / w:.0f}"
+            f"{by_workers[w]['cpu']:.0f} ({by_workers[w]['ratio']:.2f}x) | "
+            f"{by_workers[w]['wall'] / w:.0f}"
             for w in args.workers
         )
         print(f"| {name} | {cells} |")
@@ -254,7 +266,7 @@ def main() -> None:
     )
     if args.no_flops:
         return
-    slowest = min(rates[n][args.workers[0]][1] for n in list(rates)[2:5])
+    slowest = min(rates[n][args.workers[0]]["cpu"] for n in list(rates)[2:5])
     print(
         f"\nworkers for one H200 (FLOPs estimate, "
         f"{MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "
