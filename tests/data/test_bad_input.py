@@ -206,7 +206,7 @@ def test_val_fraction_too_small_for_the_classes_names_the_option(tmp_path, capsy
 def test_a_corrupt_source_image_is_refused_or_skipped_and_counted(tmp_path, capsys):
     src = image_folder(tmp_path / "src", corrupt="c1/9bad.png")  # main: "wrote 13 images"
     assert make_shards("--source", src, "--out", tmp_path / "out") == 2
-    one_line(capsys, "make-shards", r"cannot read image file 'c1/9bad.png'")
+    one_line(capsys, "make-shards", r"cannot read image file '.*src/c1/9bad.png'")
     assert not (tmp_path / "out").exists()
     assert make_shards("--source", src, "--out", tmp_path / "out", "--skip-corrupt") == 0
     out = capsys.readouterr().out

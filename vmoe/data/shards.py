@@ -165,16 +165,18 @@ def _prepared(key: str, data: bytes, max_size: Optional[int]) -> bytes:
     return out.getvalue()
 
 
-def _checked_items(items, max_size: Optional[int], skip_corrupt: bool, skipped: list):
+def _checked_items(items, max_size: Optional[int], skip_corrupt: bool, skipped: list, root=""):
     """``items`` decoded (and resized with ``max_size``) on a few threads, in order, at most a
-    small window ahead; unreadable images raise, or are left out and named in ``skipped``."""
+    small window ahead; unreadable images raise naming ``root/key``, or are left out and their
+    keys listed in ``skipped``."""
     from collections import deque
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     window: deque = deque()
     try:
         for key, data, label in items:
-            window.append((key, label, pool.submit(_prepared, key, data, max_size)))
+            name = f"{root}/{key}" if root else key
+            window.append((key, label, pool.submit(_prepared, name, data, max_size)))
             if len(window) >= 32:
                 yield from _take(window, skip_corrupt, skipped)
         while window:
@@ -257,7 +259,8 @@ def write_shards(
         writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
         written = 0
         with tqdm(total=total, desc="make-shards", unit="img", disable=not progress) as bar:
-            for key, data, label in _checked_items(items, max_size, skip_corrupt, skipped):
+            root = str(src_folder) if is_folder else str(source)
+            for key, data, label in _checked_items(items, max_size, skip_corrupt, skipped, root):
                 writer.add_item(written, {"image": data, "label": label, "key": key})
                 written += 1
                 bar.update(1)
