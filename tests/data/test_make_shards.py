@@ -2,7 +2,7 @@
 the size, the aspect ratio, the labels and keys intact, small images kept byte for byte),
 reduced-scale JPEG decoding (``load_image(draft=N)``, ``ImageFolderDataModule(decode_size=N)``:
 the decoded size and closeness to the full decode), and the per-value RandAugment ops computed
-as tables (the same pixels as the per-pixel formulas)."""
+as tables, the blends in place (the same pixels as the per-pixel formulas)."""
 
 import io
 import json
@@ -164,10 +164,13 @@ def _reference_ops():
             np.full_like(img, int(round(float(gray(img).mean())))), img, f
         ),
         "brightness": lambda img, f: blend(np.zeros_like(img), img, f),
+        "color": lambda img, f: (
+            img if img.ndim == 2 else blend(np.repeat(gray(img)[..., None], 3, axis=2), img, f)
+        ),
     }
 
 
-def test_table_ops_give_the_per_pixel_formulas_pixels():
+def test_table_and_in_place_ops_give_the_per_pixel_formulas_pixels():
     import vmoe.data.randaugment as ra
 
     rng = np.random.default_rng(0)

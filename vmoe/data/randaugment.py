@@ -37,8 +37,14 @@ def _channels(img: np.ndarray) -> int:
 
 def _blend(degenerate: np.ndarray, img: np.ndarray, factor: float) -> np.ndarray:
     """PIL ImageEnhance semantics: factor 0 -> degenerate, 1 -> img, >1 extrapolates."""
-    out = degenerate.astype(np.float32) + factor * (img.astype(np.float32) - degenerate)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    base = degenerate.astype(np.float32)
+    out = img.astype(np.float32)  # the same float32 steps as base + factor * (img - base),
+    out -= base  # in place (no temporaries)
+    out *= np.float32(factor)
+    out += base
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
