@@ -2,7 +2,8 @@
 ``ShardDataModule`` from a local folder or a URL (``s3://``, ``gs://``, ...).
 
 A shard folder holds litdata chunks (``chunk-*.bin`` + ``index.json``) of items
-``{"image": encoded bytes (the source file's, not re-encoded), "label": int, "key": str}`` and
+``{"image": encoded bytes (the source file's, not re-encoded, unless ``max_size`` resized it),
+"label": int, "key": str}`` and
 ``vmoe_shards.json``, the manifest: format name and version, the vmoe version that wrote it,
 the class names and the image count. The manifest is written last, so a folder without one is
 not a complete shard set; a folder of another format version is refused.
