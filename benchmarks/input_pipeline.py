@@ -1,26 +1,35 @@
-"""Input pipeline throughput: images/s of ONE CPU loader worker at 224 px (JPEG decode + the
-training augmentation + collate), for vmoe's image-folder, Hugging Face and litdata-shard
-sources and for timm's ``create_loader`` with the same augmentation strength
-(RandomResizedCrop(0.08-1) + flip + RandAugment 2 ops at magnitude 9; timm: ``rand-m9-n2``).
+"""Input pipeline throughput, measured fairly: images/s per CPU loader worker at 224 px (JPEG
+read from disk + decode + the training augmentation + collate) for vmoe's image-folder, Hugging
+Face and litdata-shard sources, the two faster vmoe paths, and timm's ``create_loader``.
 
-Measured with ``num_workers=0`` (the loading runs in this process: one worker's throughput,
-without the inter-process transfer). Images: synthetic 500x375 JPEGs (ImageNet's typical size;
-textured noise, quality 90), written to a temp folder.
+Same augmentation work on both sides: RandomResizedCrop(0.08-1) + flip + RandAugment 2 ops at
+magnitude 9. vmoe applies both ops to every image; timm's ``rand-m9-n2`` applies each with
+probability 0.5 (half the work on average), so timm is also measured as ``rand-m9-n2-p1.0``.
 
-Also: torchvision.io.decode_jpeg vs PIL (the decode vmoe.data.load_image does) on the same
-bytes: speed, and pixel difference (max and mean absolute, 0-255 scale).
+The faster paths (same 500x375 JPEGs -> 224 px):
+- ``make-shards --max-size N``: images stored resized on write (longer side N, as FFCV's
+  ``max_resolution``), so that training decodes and crops fewer pixels;
+- ``ImageFolderDataModule(decode_size=N)``: JPEGs decoded at reduced DCT scale (PIL's
+  ``draft``) before the crop. N=224 never decodes below the training size, which cannot reduce
+  a 375-px-high image (1/2 would be 188 px); N=160 decodes these at 1/2 (250x188).
 
-Then the workers one H200 would need for a V-MoE-S/32 or B/16 training step, estimated from
-FLOPs (not measured on a GPU): forward FLOPs per image counted with torch's FlopCounterMode (a CPU
-forward of 8 images, eval capacity), x3 for forward + backward, at an assumed 40% of the H200's
-989 dense bf16 TFLOP/s.
+Each row: the median over ``--repeats`` passes over ``--images`` synthetic 500x375 JPEGs
+(ImageNet's typical size; textured noise, quality 90) written to a temp folder, with 1 and 2
+loader worker processes (1 torch/OpenCV thread each), the clock started at the first batch
+(worker start-up excluded). On a shared machine only the ratios within one run mean much.
 
-    PYTHONPATH=. python benchmarks/input_pipeline.py --images 256
+Also: torchvision.io.decode_jpeg vs PIL on the same bytes, and the workers one H200 would need
+for a V-MoE-S/32 or B/16 training step, estimated from FLOPs (not measured on a GPU): forward
+FLOPs per image counted with torch's FlopCounterMode (a CPU forward of 8 images, eval capacity),
+x3 for forward + backward, at an assumed 40% of the H200's 989 dense bf16 TFLOP/s.
+
+    PYTHONPATH=. python benchmarks/input_pipeline.py --images 256 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -47,38 +56,95 @@ def make_jpegs(root: Path, n: int, classes: int = 4, seed: int = 0) -> None:
         Image.fromarray(arr).save(folder / f"{i}.jpg", quality=90)
 
 
-def rate(loader, warmup_batches: int = 1) -> float:
-    it = iter(loader)
-    for _ in range(warmup_batches):
-        next(it)
-    count, start = 0, time.perf_counter()
-    for x, _ in it:
-        count += len(x)
-    return count / (time.perf_counter() - start)
+def _worker_cpu() -> dict:
+    """CPU seconds (user + system) used so far by each child process (the loader workers)."""
+    import psutil
+
+    used = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        used[child.pid] = times.user + times.system
+    return used
 
 
-def vmoe_loaders(folder: Path, tmp: Path, batch: int):
+class Meter:
+    """Images/s of passes over one loader: by the wall clock (from the first batch to the last)
+    and per CPU second of the loader worker processes (every image of the pass over the CPU
+    time the workers used in it, start-up included), the figure that other load on the
+    machine disturbs least."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def one_pass(self) -> tuple[float, float]:
+        before = _worker_cpu()  # other loaders' workers, idle now, add ~0 below
+        it = iter(self.loader)
+        x, _ = next(it)
+        count, start = 0, time.perf_counter()
+        total, cpu = len(x), before
+        for x, _ in it:
+            count += len(x)
+            cpu = _worker_cpu()  # at each batch: the workers may exit after the last one
+        wall = time.perf_counter() - start
+        used = sum(t - before.get(pid, 0.0) for pid, t in cpu.items())
+        return count / wall, (total + count) / used
+
+
+def paired(meter: Meter, reference: Meter, repeats: int) -> dict:
+    """``repeats`` passes of ``meter`` each next to one of ``reference`` (order alternating),
+    so that both see the same load: medians of the wall and CPU rates and of the CPU ratio."""
+    rows = []
+    for r in range(repeats):
+        if r % 2:
+            ref, got = reference.one_pass(), meter.one_pass()
+        else:
+            got, ref = meter.one_pass(), reference.one_pass()
+        rows.append((got[0], got[1], got[1] / ref[1]))
+    wall, cpu, ratio = (float(np.median(v)) for v in zip(*rows))
+    return {"wall": wall, "cpu": cpu, "ratio": ratio}
+
+
+def vmoe_loaders(folder: Path, tmp: Path, batch: int, workers: int, built: dict):
+    """(name, loader) of each vmoe source; the shard folders and the HF copy are written once
+    (``built`` keeps them between worker counts)."""
     from vmoe.data import HFDataModule, ImageFolderDataModule, ShardDataModule, write_shards
 
-    (tmp / "split").mkdir()
-    os.symlink(folder, tmp / "split" / "train")
-    common = dict(img_size=224, batch_size=batch, num_workers=0)
-    dm = ImageFolderDataModule(str(tmp / "split"), val_split=None, test_split=None, **common)
-    dm.setup("fit")
-    yield "vmoe image folder", dm.train_dataloader()
-    import datasets
+    if not built:
+        (tmp / "split").mkdir()
+        os.symlink(folder, tmp / "split" / "train")
+        import datasets
 
-    datasets.load_dataset("imagefolder", data_dir=str(folder)).save_to_disk(str(tmp / "hf"))
+        datasets.load_dataset("imagefolder", data_dir=str(folder)).save_to_disk(str(tmp / "hf"))
+        for size in (None, 320, 256):
+            out = tmp / f"shards-{size}"
+            write_shards(str(folder), str(out), progress=False, max_size=size)
+            built[size] = out
+    common = dict(img_size=224, batch_size=batch, num_workers=workers)
+
+    def folder_dm(**kw):
+        dm = ImageFolderDataModule(str(tmp / "split"), val_split=None, test_split=None, **kw)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    yield "vmoe image folder", folder_dm(**common)
     dm = HFDataModule(str(tmp / "hf"), val_fraction=0, **common)
     dm.setup("fit")
     yield "vmoe HF (save_to_disk)", dm.train_dataloader()
-    write_shards(str(folder), str(tmp / "shards"), progress=False)
-    dm = ShardDataModule(str(tmp / "shards"), **common)
+    dm = ShardDataModule(str(built[None]), **common)
     dm.setup("fit")
     yield "vmoe litdata shards", dm.train_dataloader()
+    for size in (320, 256):
+        dm = ShardDataModule(str(built[size]), **common)
+        dm.setup("fit")
+        yield f"vmoe shards, make-shards --max-size {size}", dm.train_dataloader()
+    for size in (224, 160):
+        yield f"vmoe image folder, decode_size={size}", folder_dm(decode_size=size, **common)
 
 
-def timm_loader(folder: Path, batch: int):
+def timm_loader(folder: Path, batch: int, workers: int, auto_augment: str):
     from timm.data import create_dataset, create_loader
 
     ds = create_dataset("", root=str(folder), is_training=True)
@@ -90,12 +156,19 @@ def timm_loader(folder: Path, batch: int):
         use_prefetcher=False,
         scale=(0.08, 1.0),
         hflip=0.5,
-        auto_augment="rand-m9-n2",
+        auto_augment=auto_augment,
         interpolation="bilinear",
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        num_workers=0,
+        num_workers=workers,
+        persistent_workers=True,
     )
+
+
+TIMM = {
+    "timm create_loader (rand-m9-n2)": "rand-m9-n2",
+    "timm create_loader (rand-m9-n2-p1.0)": "rand-m9-n2-p1.0",
+}
 
 
 def decoders(folder: Path, repeats: int = 3) -> dict:
@@ -143,33 +216,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-flops", action="store_true", help="skip the H200 worker estimate")
     args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     import cv2
 
     cv2.setNumThreads(1)  # one worker = one core
-    rows = []
+    rates: dict = {}  # name -> {workers: paired(...)}
+    built: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folder = tmp / "jpegs"
         make_jpegs(folder, args.images)
-        for name, loader in vmoe_loaders(folder, tmp, args.batch):
-            rows.append((name, rate(loader)))
-        rows.append(("timm create_loader (rand-m9-n2)", rate(timm_loader(folder, args.batch))))
+        for workers in args.workers:
+            reference = Meter(timm_loader(folder, args.batch, workers, "rand-m9-n2"))
+            # timm's own row is a second loader of the reference's kind: its ratio is the noise
+            sources = [(n, timm_loader(folder, args.batch, workers, a)) for n, a in TIMM.items()]
+            for name, loader in itertools.chain(
+                sources, vmoe_loaders(folder, tmp, args.batch, workers, built)
+            ):
+                rates.setdefault(name, {})[workers] = paired(Meter(loader), reference, args.repeats)
+                del loader
+            del reference, sources
         dec = decoders(folder)
     print(
-        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, "
-        "one worker (num_workers=0, 1 thread)\n"
+        f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, 1 thread per worker, "
+        f"medians of {args.repeats} passes each paired with one of timm rand-m9-n2: img/s per "
+        "worker per CPU second of the workers (x timm rand-m9-n2, the paired ratio), then by "
+        "the wall clock / workers\n"
     )
-    print("| source | img/s per worker |\n|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r:.0f} |")
+    head = " | ".join(
+        f"{w} worker{'s' if w > 1 else ''}: CPU (x timm) | wall" for w in args.workers
+    )
+    print(f"| source | {head} |\n|---|" + "---|---|" * len(args.workers))
+    for name, by_workers in rates.items():
+        cells = " | ".join(
+            f"{by_workers[w]['cpu']:.0f} ({by_workers[w]['ratio']:.2f}x) | "
+            f"{by_workers[w]['wall'] / w:.0f}"
+            for w in args.workers
+        )
+        print(f"| {name} | {cells} |")
     print(
         f"\ndecode one 500x375 JPEG: PIL {dec['pil_ms']:.2f} ms, torchvision.io.decode_jpeg "
         f"{dec['torchvision_ms']:.2f} ms; "
         f"pixels differ by max {dec['max_abs']}, mean {dec['mean_abs']:.3f} (0-255)"
     )
-    slowest = min(r for _, r in rows[:3])
+    if args.no_flops:
+        return
+    slowest = min(rates[n][args.workers[0]]["cpu"] for n in list(rates)[2:5])
     print(
         f"\nworkers for one H200 (FLOPs estimate, "
         f"{MFU:.0%} of {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16, "

@@ -218,8 +218,10 @@ def test_bad_inputs_named(shard_dir, tmp_path, monkeypatch):
     assert time.monotonic() - start < 5
 
 
-def test_corrupt_image_in_a_shard_named_or_skipped(tmp_path):
+def test_corrupt_image_in_a_shard_named_or_skipped(tmp_path, monkeypatch):
     src = make_folder(tmp_path / "src", classes=2, per_class=3, corrupt="c01/0bad.png")
+    # make-shards refuses it now; shards written by an older vmoe may hold one
+    monkeypatch.setattr(shards, "_prepared", lambda key, data, max_size: data)
     write_shards(str(src), str(tmp_path / "out"), progress=False)
     dm = _dm(tmp_path / "out", shuffle=False)
     dm.setup("fit")

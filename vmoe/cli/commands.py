@@ -476,27 +476,56 @@ def _make_shards_arguments(p) -> None:
     p.add_argument(
         "--chunk-bytes", default="64MB", help="target size of one chunk (litdata), e.g. 64MB"
     )
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out (its old chunks are removed)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave unreadable images out (counted in the summary) instead of stopping",
+    )
+    p.add_argument(
+        "--max-size",
+        type=int,
+        default=None,
+        help="store images whose longer side exceeds N pixels resized to N (faster training "
+        "input; e.g. 320 for 224 px training)",
+    )
 
 
 def _make_shards(args) -> int:
-    from vmoe.data.shards import write_shards
+    from vmoe.data.shards import parse_chunk_bytes, write_shards
 
+    chunk_bytes = parse_chunk_bytes(args.chunk_bytes, "--chunk-bytes")
+    if args.max_size is not None and args.max_size < 1:
+        raise ValueError(f"--max-size {args.max_size} must be a positive number of pixels")
     out = Path(args.out)  # a non-empty --out is refused before any work
     manifest = write_shards(
         args.source,
         out,
         overwrite=args.overwrite,
-        chunk_bytes=args.chunk_bytes,
+        chunk_bytes=chunk_bytes,
         split=args.split,
         image_column=args.image_column,
         label_column=args.label_column,
         progress=not args.no_progress,
+        skip_corrupt=args.skip_corrupt,
+        max_size=args.max_size,
     )
+    skipped = manifest["skipped"]
     print(
-        f"wrote {manifest['num_images']} images of {manifest['num_classes']} classes to {out}/; "
-        f"train with --data vmoe.data.ShardDataModule --data.path {out}"
+        f"wrote {manifest['num_images']} images of {manifest['num_classes']} classes to {out}/"
+        + (
+            f" (skipped {len(skipped)} unreadable: {', '.join(skipped[:3])}"
+            + (", ..." if len(skipped) > 3 else "")
+            + ")"
+            if skipped
+            else ""
+        )
+        + f"; train with --data vmoe.data.ShardDataModule --data.path {out}"
     )
     return 0
 

@@ -71,6 +71,24 @@ def condense_union_error(text: str) -> str:
     return text
 
 
+_INSTANTIATION_UNION = "Does not validate against any of the Union subtypes"
+_CLASS_PATH = re.compile(r"class_path='([\w.]+)'")
+
+
+def _instantiation_cause(err: BaseException) -> Optional[str]:
+    """jsonargparse reports a class whose ``__init__`` raised (``--data X --data.path ...``)
+    as a Union error over several lines, the class's own error its cause: that cause's
+    message, prefixed with the class's name, or None when ``err`` is not such an error."""
+    text, cause = str(err), err.__cause__
+    if not text.startswith(_INSTANTIATION_UNION) or cause is None:
+        return None
+    message = error_message(cause)
+    if message is None:
+        return None
+    found = _CLASS_PATH.search(text)
+    return f"{found.group(1).rsplit('.', 1)[-1]}: {message}" if found else message
+
+
 def _user_errors() -> tuple:
     from argparse import ArgumentError
 
@@ -108,6 +126,9 @@ def error_message(err: BaseException) -> Optional[str]:
     )
     if not is_user:
         return None
+    from_init = _instantiation_cause(err)
+    if from_init is not None:
+        return from_init
     text = condense_union_error(str(err))
     if _WORKER_PREFIX.match(text):
         lines = [line for line in text.strip().splitlines() if line.strip()]

@@ -27,10 +27,17 @@ class CorruptImageError(ValueError):
     """An image file that neither PIL nor OpenCV can decode; the message names the file."""
 
 
-def load_image(path: str | os.PathLike, data: Optional[bytes] = None) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike, data: Optional[bytes] = None, draft: Optional[int] = None
+) -> np.ndarray:
     """Read an image file (or its encoded bytes ``data``, ``path`` then only names it) as
     uint8 RGB [H, W, 3]: grey, RGBA, CMYK, palette and 16-bit images converted, the EXIF
     orientation applied.
+
+    ``draft``: a JPEG is decoded at the largest DCT reduction (1/2, 1/4 or 1/8, PIL's
+    ``Image.draft``) that keeps both sides >= ``draft`` pixels, which costs about the
+    reduction's fraction of the full decode; other formats, and JPEGs smaller than twice
+    ``draft``, are decoded at full size.
 
     PIL first; OpenCV only when PIL does not recognise the format (so a truncated JPEG, which
     OpenCV would half-decode with a warning, is still reported as corrupt).
@@ -39,6 +46,8 @@ def load_image(path: str | os.PathLike, data: Optional[bytes] = None) -> np.ndar
     path = Path(path) if data is None else path
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as im:
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", (draft, draft))
             if im.mode in ("I;16", "I;16B", "I;16L"):
                 # 16-bit greyscale: keep the high byte instead of PIL's clipping to 255
                 arr = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
@@ -113,8 +122,10 @@ class ImageFileDataset(_TransformDataset):
         paths: Sequence[str | os.PathLike],
         labels: Optional[Sequence[int]] = None,
         transform: Transform = None,
+        draft: Optional[int] = None,
     ):
         super().__init__(transform)
+        self.draft = draft  # load_image's reduced-scale JPEG decode (None: full size)
         if labels is not None and len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = [Path(p) for p in paths]
@@ -126,7 +137,7 @@ class ImageFileDataset(_TransformDataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            image = self._apply(load_image(path))
+            image = self._apply(load_image(path, draft=self.draft))
         except CorruptImageError:
             raise
         except Exception as err:  # e.g. a transform failing on an odd image
@@ -153,6 +164,24 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
         dataset.reseed(seed)
 
 
+def _check_split_sizes(
+    labels: np.ndarray, n_out: int, option: str, fraction: float, n: Optional[int] = None
+) -> None:
+    """A stratified split needs at least one image of every class on each side: a ValueError
+    naming ``option`` when ``n_out`` held-out images (or the ``n - n_out`` kept) are fewer than
+    the classes."""
+    n = len(labels) if n is None else n
+    classes = len(np.unique(labels))
+    if n_out == 0 or (classes <= n_out and classes <= n - n_out):
+        return
+    side = f"holds out {n_out}" if n_out < classes else f"keeps {n - n_out}"
+    raise ValueError(
+        f"{option}={fraction:g} {side} of {n} images, fewer than the {classes} classes (a "
+        f"stratified split needs one of each): use a {option} between {classes / n:.3g} and "
+        f"{1 - classes / n:.3g}, or give the split as its own folder/split"
+    )
+
+
 def stratified_split(
     labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,6 +189,8 @@ def stratified_split(
     n = len(labels)
     n_test = int(round(test_fraction * n))
     n_val = int(round(val_fraction * n))
+    _check_split_sizes(labels, n_test, "test_fraction", test_fraction)
+    _check_split_sizes(labels, n_val, "val_fraction", val_fraction, n - n_test)
     index = np.arange(n)
     rest, test = (
         (index, index[:0])

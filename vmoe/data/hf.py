@@ -63,7 +63,7 @@ def load_hf_dataset(path: str, name: Optional[str] = None, streaming: bool = Fal
     local = Path(path).expanduser()
     if local.exists():
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
-            ds = datasets.load_from_disk(str(local))
+            ds = _load_from_disk(local)
             if streaming:
                 ds = (
                     datasets.IterableDatasetDict(
@@ -94,6 +94,63 @@ def load_hf_dataset(path: str, name: Optional[str] = None, streaming: bool = Fal
         ):
             raise FileNotFoundError(_offline_message(path, err)) from err
         raise
+
+
+def _damaged_file(folder: Path) -> Optional[str]:
+    """The first file of a ``save_to_disk`` folder that does not read: a JSON file that does
+    not parse, an ``.arrow`` file that is not a whole Arrow stream; None when all read."""
+    import json
+
+    import pyarrow as pa
+
+    for file in sorted(folder.rglob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"{file} is not valid JSON ({err})"
+    for file in sorted(folder.rglob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowException) as err:
+            return f"{file} is not a whole Arrow file ({' '.join(str(err).split())})"
+    return None
+
+
+def _load_from_disk(folder: Path):
+    """``datasets.load_from_disk``; a damaged folder is a ValueError naming the file at fault."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(folder))
+    except Exception as err:
+        damaged = _damaged_file(folder)
+        if damaged is None and not isinstance(err, (ValueError, OSError)):
+            raise
+        raise ValueError(
+            f"{damaged or f'cannot read {folder}: {type(err).__name__}: {err}'}: the "
+            f"save_to_disk folder {folder} is damaged; save the dataset again"
+        ) from err
+
+
+def integer_labels(values: Any, where: str) -> np.ndarray:
+    """int64 [N] class indices of a label column's ``values``; a ValueError naming ``where``
+    and the first bad row for strings, fractional or non-finite floats, or missing values
+    (whole-number floats such as 3.0 are accepted)."""
+    labels = np.asarray(values)
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+        if not len(bad):
+            return labels.astype(np.int64)
+        row, kind = int(bad[0]), "fractional"
+    else:
+        row, kind = 0, "non-integer"
+    raise ValueError(
+        f"{where} holds {kind} labels (row {row}: {labels.ravel()[row].item()!r}), not class "
+        "indices 0..N-1 (datasets' class_encode_column makes them)"
+    )
 
 
 def _as_dict(ds) -> dict:
@@ -248,7 +305,9 @@ class HFDataModule(VisionDataModule):
         image_column, label_column: the columns with the images and the integer labels.
         train_split, val_split, test_split: the dataset's split names for the three roles;
             None -> the usual names (``validation``/``val``/``valid``/``dev`` for val). With
-            no validation split, ``val_fraction`` of train is held out (stratified, ``seed``).
+            no validation split, ``val_fraction`` of train is held out (stratified, ``seed``;
+            None: 0.1 map-style; a stream cannot hold rows out: None means 0 there, and a
+            positive value without a validation split is refused).
         num_classes: default: the label column's ``ClassLabel`` size, else max label + 1.
         streaming: read as ``IterableDataset`` (no length, no held-out split; rows are split
             over ranks and over workers by the dataset's shards).
@@ -267,7 +326,7 @@ class HFDataModule(VisionDataModule):
         train_split: Optional[str] = None,
         val_split: Optional[str] = None,
         test_split: Optional[str] = None,
-        val_fraction: float = 0.1,
+        val_fraction: Optional[float] = None,
         num_classes: Optional[int] = None,
         streaming: bool = False,
         shuffle_buffer: int = 1000,
@@ -278,8 +337,10 @@ class HFDataModule(VisionDataModule):
         super().__init__(img_size=img_size, **kwargs)
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes={num_classes!r} must be a positive int or None")
-        if not 0 <= val_fraction < 1:
+        if val_fraction is not None and not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction!r} must be in [0, 1)")
+        if val_fraction is None:
+            val_fraction = 0.0 if streaming else 0.1
         self.path, self.name, self.streaming = path, name, streaming
         self.image_column, self.label_column = image_column, label_column
         self.split_args = {"train": train_split, "val": val_split, "test": test_split}
@@ -311,6 +372,12 @@ class HFDataModule(VisionDataModule):
                 f"{self.path!r} has no train split (splits: {sorted(tables)}); "
                 "name one with train_split"
             )
+        if self.streaming and splits["val"] is None and self.val_fraction > 0:
+            raise ValueError(
+                f"val_fraction={self.val_fraction:g} cannot hold out rows of the streamed "
+                f"{self.path!r} (it has no validation split: {sorted(tables)}): name one with "
+                "val_split, pass val_fraction 0 (no validation), or streaming false"
+            )
         for split in {s for s in splits.values() if s is not None}:
             table = tables[split]
             features = table.features
@@ -334,7 +401,7 @@ class HFDataModule(VisionDataModule):
         elif self.streaming:
             found = None
         else:
-            found = int(np.max(np.asarray(train[self.label_column]))) + 1
+            found = int(np.max(self._labels_of(train, splits["train"]))) + 1
         if self._num_classes_arg is not None:
             if (
                 feature is not None
@@ -358,13 +425,14 @@ class HFDataModule(VisionDataModule):
         self._load()
         return self._num_classes
 
+    def _labels_of(self, table, split: str) -> np.ndarray:
+        return integer_labels(
+            table[self.label_column],
+            f"label column {self.label_column!r} of split {split!r} of {self.path!r}",
+        )
+
     def _labels(self, split: str) -> np.ndarray:
-        labels = np.asarray(self._tables[split][self.label_column])
-        if labels.dtype.kind not in "iu":
-            raise ValueError(
-                f"label column {self.label_column!r} of split {split!r} of {self.path!r} holds "
-                f"{labels.dtype} values, not integer class indices"
-            )
+        labels = self._labels_of(self._tables[split], split)
         bad = np.flatnonzero((labels < 0) | (labels >= self._num_classes))
         if len(bad):
             raise ValueError(

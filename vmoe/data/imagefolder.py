@@ -139,6 +139,10 @@ class ImageFolderDataModule(VisionDataModule):
         extensions: accepted file extensions (default: ``IMAGE_EXTENSIONS``).
         predict_dir: a folder of images without labels (any layout) that ``predict`` uses
             instead of the test split; the classes still come from the train split.
+        decode_size: training images only: decode JPEGs at the largest 1/2, 1/4 or 1/8 scale
+            whose sides stay >= ``decode_size`` pixels (PIL's ``draft``, before the crop);
+            ``img_size`` never decodes below the training size and speeds up images at least
+            twice as large; a smaller value trades detail of large crops for speed. None: full.
     """
 
     def __init__(
@@ -152,9 +156,15 @@ class ImageFolderDataModule(VisionDataModule):
         skip_corrupt: bool = False,
         extensions: Optional[list[str]] = None,
         predict_dir: Optional[str] = None,
+        decode_size: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(img_size=img_size, **kwargs)
+        if decode_size is not None and (
+            isinstance(decode_size, bool) or not isinstance(decode_size, int) or decode_size < 1
+        ):
+            raise ValueError(f"decode_size={decode_size!r} must be a positive int or None")
+        self.decode_size = decode_size
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes={num_classes!r} must be a positive int or None")
         if train_split is None:
@@ -200,7 +210,8 @@ class ImageFolderDataModule(VisionDataModule):
         if self.splits[split] is None:
             return None
         paths, labels = scan_split(self._split_dir(split), self.classes, self.extensions)
-        return ImageFileDataset(paths, labels, transform)
+        draft = self.decode_size if split == "train" else None
+        return ImageFileDataset(paths, labels, transform, draft=draft)
 
     def _setup_datasets(self, stage: Optional[str]) -> None:
         if stage == "predict" and self.predict_dir is not None:

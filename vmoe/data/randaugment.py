@@ -37,8 +37,14 @@ def _channels(img: np.ndarray) -> int:
 
 def _blend(degenerate: np.ndarray, img: np.ndarray, factor: float) -> np.ndarray:
     """PIL ImageEnhance semantics: factor 0 -> degenerate, 1 -> img, >1 extrapolates."""
-    out = degenerate.astype(np.float32) + factor * (img.astype(np.float32) - degenerate)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    base = degenerate.astype(np.float32)
+    out = img.astype(np.float32)  # the same float32 steps as base + factor * (img - base),
+    out -= base  # in place (no temporaries)
+    out *= np.float32(factor)
+    out += base
+    np.rint(out, out=out)
+    np.clip(out, 0, 255, out=out)
+    return out.astype(np.uint8)
 
 
 def _gray(img: np.ndarray) -> np.ndarray:
@@ -62,19 +68,40 @@ def _warp(img: np.ndarray, matrix: np.ndarray, fill: int) -> np.ndarray:
     return out.reshape(img.shape)  # OpenCV drops a trailing channel axis of size 1
 
 
+_LEVELS = np.arange(256, dtype=np.float32)  # every uint8 value, for the per-value ops' tables
+
+
+def _lookup(img: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table[img]`` for a uint8 table [256] (every channel) or [256, C] (one per channel):
+    the per-value ops computed once per value instead of once per pixel (same results)."""
+    table = np.ascontiguousarray(table, dtype=np.uint8)
+    if table.ndim == 2 and table.shape[1] > 1:
+        table = table.reshape(256, 1, table.shape[1])
+    else:
+        table = table.reshape(256)
+    return cv2.LUT(img, table).reshape(img.shape)
+
+
+def _blend_value(value: int, img: np.ndarray, factor: float) -> np.ndarray:
+    """``_blend`` with a degenerate image of one value everywhere, as a table."""
+    degenerate = np.float32(value)
+    return _lookup(img, np.clip(np.rint(degenerate + factor * (_LEVELS - degenerate)), 0, 255))
+
+
 def identity(img: np.ndarray, arg: float, fill: int) -> np.ndarray:
     return img
 
 
 def auto_contrast(img: np.ndarray, arg: float, fill: int) -> np.ndarray:
     """Stretch each channel's [min, max] to [0, 255]."""
-    x = img.reshape(img.shape[0], img.shape[1], -1).astype(np.float32)
-    lo = x.min(axis=(0, 1), keepdims=True)
-    hi = x.max(axis=(0, 1), keepdims=True)
+    x = img.reshape(img.shape[0], img.shape[1], -1)
+    channels = [x[..., c] for c in range(x.shape[2])]
+    lo = np.array([c.min() for c in channels], np.float32)
+    hi = np.array([c.max() for c in channels], np.float32)
     scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1e-6), 1.0)
     offset = np.where(hi > lo, lo, 0.0)
-    out = np.clip(np.rint((x - offset) * scale), 0, 255).astype(np.uint8)
-    return out.reshape(img.shape)
+    table = np.clip(np.rint((_LEVELS[:, None] - offset) * scale), 0, 255)  # [256, C]
+    return _lookup(img, table)
 
 
 def equalize(img: np.ndarray, arg: float, fill: int) -> np.ndarray:
@@ -103,13 +130,13 @@ def posterize(img: np.ndarray, bits: float, fill: int) -> np.ndarray:
 
 def solarize(img: np.ndarray, threshold: float, fill: int) -> np.ndarray:
     """Invert pixels >= threshold (threshold 256 -> identity)."""
-    return np.where(img >= threshold, 255 - img, img).astype(np.uint8)
+    return _lookup(img, np.where(_LEVELS >= threshold, 255 - _LEVELS, _LEVELS))
 
 
 def solarize_add(img: np.ndarray, add: float, fill: int) -> np.ndarray:
     """Add ``add`` to pixels below 128."""
-    added = np.clip(img.astype(np.int16) + int(round(add)), 0, 255).astype(np.uint8)
-    return np.where(img < 128, added, img)
+    added = np.clip(_LEVELS + int(round(add)), 0, 255)
+    return _lookup(img, np.where(_LEVELS < 128, added, _LEVELS))
 
 
 def color(img: np.ndarray, factor: float, fill: int) -> np.ndarray:
@@ -121,11 +148,11 @@ def color(img: np.ndarray, factor: float, fill: int) -> np.ndarray:
 
 def contrast(img: np.ndarray, factor: float, fill: int) -> np.ndarray:
     mean = float(_gray(img).mean())
-    return _blend(np.full_like(img, int(round(mean))), img, factor)
+    return _blend_value(int(round(mean)), img, factor)
 
 
 def brightness(img: np.ndarray, factor: float, fill: int) -> np.ndarray:
-    return _blend(np.zeros_like(img), img, factor)
+    return _blend_value(0, img, factor)
 
 
 def sharpness(img: np.ndarray, factor: float, fill: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 ``ShardDataModule`` from a local folder or a URL (``s3://``, ``gs://``, ...).
 
 A shard folder holds litdata chunks (``chunk-*.bin`` + ``index.json``) of items
-``{"image": encoded bytes (the source file's, not re-encoded), "label": int, "key": str}`` and
+``{"image": encoded bytes (the source file's, not re-encoded, unless ``max_size`` resized it),
+"label": int, "key": str}`` and
 ``vmoe_shards.json``, the manifest: format name and version, the vmoe version that wrote it,
 the class names and the image count. The manifest is written last, so a folder without one is
 not a complete shard set; a folder of another format version is refused.
@@ -33,7 +34,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-import numpy as np
 import torch
 
 from vmoe.data.base import VisionDataModule
@@ -84,7 +84,7 @@ def _folder_items(
 def _hf_items(source: str, split: str, image_column: str, label_column: str):
     import datasets
 
-    from vmoe.data.hf import image_bytes, load_hf_dataset
+    from vmoe.data.hf import image_bytes, integer_labels, load_hf_dataset
 
     tables = load_hf_dataset(source)
     if split not in tables:
@@ -97,7 +97,10 @@ def _hf_items(source: str, split: str, image_column: str, label_column: str):
                 f"its columns: {table.column_names}"
             )
     feature = table.features[label_column]
-    labels = np.asarray(table[label_column])
+    labels = integer_labels(
+        table[label_column],
+        f"label column {label_column!r} of split {split!r} of {source!r} (--label-column)",
+    )
     if isinstance(feature, datasets.ClassLabel):
         classes = list(feature.names)
     else:
@@ -117,6 +120,91 @@ def _hf_items(source: str, split: str, image_column: str, label_column: str):
     return classes, items(), len(table)
 
 
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def parse_chunk_bytes(value: Any, option: str = "chunk_bytes") -> int:
+    """A chunk size as bytes: an int or a string such as ``64MB``, ``500kb``, ``1000000``
+    (k/M/G/T = powers of 1000); a ValueError naming ``option`` and the value unless positive."""
+    import re
+
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)b?\s*", value.lower())
+        if found:
+            number = float(found.group(1)) * _SIZE_UNITS[found.group(2)]
+    if number is None or not number >= 1:
+        raise ValueError(
+            f"{option} {value!r} is not a positive size (e.g. 64MB, 500KB or a number of bytes)"
+        )
+    return int(number)
+
+
+def _prepared(key: str, data: bytes, max_size: Optional[int]) -> bytes:
+    """``data`` decoded once (CorruptImageError naming ``key`` if it does not decode); with
+    ``max_size``, an image whose longer side exceeds it is stored resized to that longer side
+    (aspect ratio kept, EXIF orientation applied; JPEG quality 90 for JPEG sources, PNG
+    otherwise), any other kept as it was."""
+    import io
+
+    from PIL import Image
+
+    image = load_image(key, data)  # uint8 [H, W, 3]
+    h, w = image.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return data
+    scale = max_size / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = io.BytesIO()
+    if data[:3] == b"\xff\xd8\xff":
+        small.save(out, "JPEG", quality=90)
+    else:
+        small.save(out, "PNG")
+    return out.getvalue()
+
+
+def _checked_items(items, max_size: Optional[int], skip_corrupt: bool, skipped: list, root=""):
+    """``items`` decoded (and resized with ``max_size``) on a few threads, in order, at most a
+    small window ahead; unreadable images raise naming ``root/key``, or are left out and their
+    keys listed in ``skipped``."""
+    from collections import deque
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    window: deque = deque()
+    try:
+        for key, data, label in items:
+            name = f"{root}/{key}" if root else key
+            window.append((key, label, pool.submit(_prepared, name, data, max_size)))
+            if len(window) >= 32:
+                yield from _take(window, skip_corrupt, skipped)
+        while window:
+            yield from _take(window, skip_corrupt, skipped)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _take(window, skip_corrupt: bool, skipped: list):
+    key, label, future = window.popleft()
+    try:
+        yield key, future.result(), label
+    except CorruptImageError:
+        if not skip_corrupt:
+            raise
+        skipped.append(key)
+
+
+def _remove_stale_chunks(out_dir: Path, manifest_index: Path) -> None:
+    """After ``--overwrite``: delete the chunk files of ``out_dir`` that its (new) index.json
+    does not list, so that no old chunk is left beside the new set."""
+    listed = {c["filename"] for c in json.loads(manifest_index.read_text())["chunks"]}
+    for file in out_dir.glob("chunk-*.bin"):
+        if file.name not in listed:
+            file.unlink()
+
+
 def write_shards(
     source: str,
     out: str,
@@ -127,17 +215,27 @@ def write_shards(
     label_column: str = "label",
     progress: bool = True,
     extensions: Optional[list[str]] = None,
+    skip_corrupt: bool = False,
+    max_size: Optional[int] = None,
 ) -> dict:
     """Write ``source`` (a folder of class sub-folders ``<dir>/<class>/<image>``, or a Hugging
     Face dataset as ``vmoe.data.HFDataModule`` reads it, its ``split``) as litdata chunks
     into ``out``; returns the manifest. Written into a temporary folder beside ``out`` and moved
     in when complete (a full disk: ``WriteError``, ``out`` unchanged); a non-empty ``out`` is
-    refused unless ``overwrite``."""
+    refused unless ``overwrite`` (then its old chunks are removed).
+
+    Every image is decoded once while writing: an unreadable one is a ``CorruptImageError``
+    naming it (nothing written), or with ``skip_corrupt`` left out and counted in the
+    manifest's ``skipped``. ``max_size``: store images whose longer side exceeds it resized to
+    it (as FFCV's ``max_resolution``), so that training decodes fewer pixels."""
     from litdata.streaming.writer import BinaryWriter
     from tqdm import tqdm
 
     from vmoe.models.pretrained import check_target_dir, staged_save_dir
 
+    chunk_bytes = parse_chunk_bytes(chunk_bytes)
+    if max_size is not None and (isinstance(max_size, bool) or not int(max_size) >= 1):
+        raise ValueError(f"max_size {max_size!r} must be a positive number of pixels")
     out_dir = Path(out)
     check_target_dir(out_dir, overwrite)  # before reading anything
     src = Path(source).expanduser()
@@ -157,25 +255,35 @@ def write_shards(
         classes, items, total = _hf_items(source, split, image_column, label_column)
     if total == 0:
         raise ValueError(f"{source!r} holds no image to write")
+    skipped: list[str] = []
     with staged_save_dir(out_dir, overwrite=overwrite) as tmp:
         writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
+        written = 0
         with tqdm(total=total, desc="make-shards", unit="img", disable=not progress) as bar:
-            for index, (key, data, label) in enumerate(items):
-                writer.add_item(index, {"image": data, "label": label, "key": key})
+            root = str(src_folder) if is_folder else str(source)
+            for key, data, label in _checked_items(items, max_size, skip_corrupt, skipped, root):
+                writer.add_item(written, {"image": data, "label": label, "key": key})
+                written += 1
                 bar.update(1)
+        if written == 0:
+            raise CorruptImageError(f"no image of {source!r} is readable ({len(skipped)} tried)")
         writer.done()
         writer.merge()
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "vmoe_version": _vmoe_version(),
-            "num_images": total,
+            "num_images": written,
             "num_classes": len(classes),
             "classes": classes,
             "source": str(source),
             "item": {"image": "encoded bytes", "label": "int", "key": "str"},
+            "max_size": max_size,
+            "skipped": skipped,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if overwrite:
+        _remove_stale_chunks(out_dir, out_dir / "index.json")
     return manifest
 
 
@@ -200,6 +308,62 @@ def _check_manifest(manifest: Any, where: str) -> dict:
             f"{where}: the shard folder holds no image (num_images={manifest.get('num_images')!r})"
         )
     return manifest
+
+
+def check_chunks(folder: Path) -> None:
+    """A ValueError naming the file at fault when the local shard folder's ``index.json`` does
+    not parse or does not list chunks, or a chunk it lists is missing, has another size than
+    the index says (truncated, partly copied) or a header that does not match it (its first
+    uint32, the item count, and the item offsets that follow). Reads only the headers."""
+    import struct
+
+    from litdata.streaming.framed_zstd import is_framed_chunk, parse_framed_header
+
+    index_file = folder / "index.json"
+    rewrite = f"; rewrite the shards with `vmoe make-shards --overwrite --out {folder}`"
+    try:
+        chunks = json.loads(index_file.read_text())["chunks"]
+        listed = [(c["filename"], int(c["chunk_size"]), int(c["chunk_bytes"])) for c in chunks]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{index_file} is not a litdata chunk index ({type(err).__name__}: {err}){rewrite}"
+        ) from None
+    if not listed:
+        raise ValueError(f"{index_file} lists no chunk{rewrite}")
+    for name, items, size in listed:
+        chunk = folder / name
+        if not chunk.is_file():
+            raise ValueError(f"shard chunk {chunk} listed in index.json is missing{rewrite}")
+        actual = chunk.stat().st_size
+        if actual != size:
+            raise ValueError(
+                f"shard chunk {chunk} is {actual} bytes, index.json says {size}: truncated or "
+                f"partly copied{rewrite}"
+            )
+        with open(chunk, "rb") as f:
+            head = f.read(min(size, 4 * (items + 2)))
+        problem = None
+        if is_framed_chunk(head):
+            try:
+                with open(chunk, "rb") as f:
+                    found = parse_framed_header(f.read()).num_items
+            except Exception as err:  # litdata's own RuntimeError on a bad directory
+                problem = f"its header does not parse ({err})"
+            else:
+                problem = None if found == items else f"its header says {found} items"
+        elif len(head) < 4 * (items + 2):
+            problem = "it is shorter than its header"
+        else:
+            found = struct.unpack_from("<I", head)[0]
+            offsets = struct.unpack_from(f"<{items + 1}I", head, 4)
+            if found != items:
+                problem = f"its header says {found} items"
+            elif any(a > b for a, b in zip(offsets, offsets[1:])) or offsets[-1] > size:
+                problem = "its header's item offsets are out of order or past its end"
+        if problem:
+            raise ValueError(
+                f"shard chunk {chunk} is damaged: {problem}, index.json says {items}{rewrite}"
+            )
 
 
 def _fetch_remote(url: str, storage_options: Optional[dict], local: str) -> None:
@@ -236,7 +400,9 @@ def read_manifest(
             raise ValueError(f"{file} is not valid JSON ({err})") from None
         if not (folder / "index.json").is_file():
             raise ValueError(f"shard folder '{folder}' has no index.json (litdata's chunk index)")
-        return _check_manifest(manifest, str(file))
+        manifest = _check_manifest(manifest, str(file))
+        check_chunks(folder)
+        return manifest
     import tempfile
 
     local = os.path.join(tempfile.mkdtemp(prefix="vmoe-shards-"), MANIFEST)
@@ -308,6 +474,28 @@ def collate_skipping(batch: list):
             f"every image of a batch of {len(batch)} was unreadable (skip_corrupt=True)"
         )
     return default_collate(kept)
+
+
+def shard_identity(manifest: dict) -> dict:
+    """What a checkpoint's stream position depends on: the training shards' image and class
+    counts (saved with the position, compared on resume by ``check_resume_shards``)."""
+    return {"num_images": int(manifest["num_images"]), "num_classes": int(manifest["num_classes"])}
+
+
+def check_resume_shards(saved: Optional[dict], manifest: dict, path: str) -> None:
+    """A ValueError when a checkpoint's stream position was saved on shards other than those
+    at ``path`` now (another image or class count: rewritten since); ``saved`` None (a
+    checkpoint from before this check) is accepted."""
+    if not saved:
+        return
+    now = shard_identity(manifest)
+    if saved != now:
+        raise ValueError(
+            f"the checkpoint's position in the training stream is for shards of "
+            f"{saved.get('num_images')} images / {saved.get('num_classes')} classes, but "
+            f"{path} now holds {now['num_images']} / {now['num_classes']} (rewritten since?): "
+            "resume on the shards it was trained on, or start a new run without --ckpt_path"
+        )
 
 
 class ShardDataModule(VisionDataModule):
@@ -428,12 +616,15 @@ class ShardDataModule(VisionDataModule):
     # also stores the loader's state_dict, but reloads it only in some restarts.)
     def state_dict(self) -> dict:
         loader = self._loaders.get("train")
-        return {} if loader is None else {"train_loader": loader.state_dict()}
+        if loader is None:
+            return {}
+        return {"train_loader": loader.state_dict(), "shards": shard_identity(self.manifest)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = state_dict.get("train_loader")
         if state is None:
             return
+        check_resume_shards(state_dict.get("shards"), self.manifest, self.paths["train"])
         if "train" in self._loaders:
             self._loaders["train"].load_state_dict(state)
         else:
