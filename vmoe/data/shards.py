@@ -399,13 +399,11 @@ class ShardDataModule(VisionDataModule):
                 setattr(self, f"{role}_set", self._dataset(role))
 
     def _loader(self, dataset, split: str, train: bool):
-        from litdata import StreamingDataLoader
-
         if dataset is None:
             return super()._loader(dataset, split, train)
         if split in self._loaders:  # one loader per split: its state_dict is the epoch's progress
             return self._loaders[split]
-        loader = StreamingDataLoader(
+        loader = _shard_loader_class()(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,
@@ -413,6 +411,8 @@ class ShardDataModule(VisionDataModule):
             collate_fn=collate_skipping,
             drop_last=train and self.drop_last,
             persistent_workers=False,
+            # the workers' base seed: not from the global RNG (the router noise draws there)
+            generator=torch.Generator().manual_seed(self.seed),
         )
         if train and self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
@@ -444,6 +444,53 @@ class ShardDataModule(VisionDataModule):
             f"ShardDataModule(path={self.paths['train']!r}, num_classes={self.num_classes}, "
             f"num_images={self.manifest['num_images']}, img_size={self.img_size})"
         )
+
+
+_SHARD_LOADER = None
+
+
+def _shard_loader_class():
+    """``TrainedPositionLoader``, made on first use (litdata is imported lazily)."""
+    global _SHARD_LOADER
+    if _SHARD_LOADER is not None:
+        return _SHARD_LOADER
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    class TrainedPositionLoader(StreamingDataLoader):
+        """litdata's loader whose ``state_dict`` counts the batches *trained* this epoch once
+        ``batch_trained`` is called after each step (``vmoe.train.ResumableTraining`` does):
+        litdata counts those it has handed out, and Lightning fetches one batch ahead, so a
+        checkpoint written on an exception mid-step would skip the batch in flight."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.trained, self._counting = 0, False
+
+        def __iter__(self):
+            if not self.restore:  # a new epoch (a restored one keeps its count)
+                self.trained = 0
+            yield from super().__iter__()
+
+        def batch_trained(self) -> None:
+            self._counting = True
+            self.trained += 1
+
+        def state_dict(self) -> dict:
+            state = super().state_dict()
+            if self._counting and isinstance(self.dataset, StreamingDataset):
+                n = self.trained * int(self.batch_size)
+                state["num_samples_yielded"] = n
+                state["latest_worker_idx"] = max(0, self.trained - 1) % max(1, self.num_workers)
+                state["dataset"] = self.dataset.state_dict(n, self.num_workers, self.batch_size)
+            return state
+
+        def load_state_dict(self, obj: dict) -> None:
+            super().load_state_dict(obj)
+            self.trained = int(obj.get("num_samples_yielded", 0)) // int(self.batch_size)
+            self._counting = True
+
+    _SHARD_LOADER = TrainedPositionLoader
+    return _SHARD_LOADER
 
 
 def iter_keys(loader: Iterable) -> list:
