@@ -414,6 +414,10 @@ class ShardDataModule(VisionDataModule):
             # the workers' base seed: not from the global RNG (the router noise draws there)
             generator=torch.Generator().manual_seed(self.seed),
         )
+        if train:
+            world = int(dataset.distributed_env.world_size)
+            if world > 1:  # every rank the same number of images, so the same number of batches
+                loader.images_per_rank = int(self.manifest["num_images"]) // world
         if train and self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -449,6 +453,26 @@ class ShardDataModule(VisionDataModule):
 _SHARD_LOADER = None
 
 
+def _collated(batch) -> bool:
+    return isinstance(batch, (tuple, list)) and bool(batch) and isinstance(batch[0], torch.Tensor)
+
+
+def _size(batch) -> int:
+    """Samples in a batch: collated ``[images [B, ...], labels [B]]`` or a list of samples."""
+    return len(batch[0]) if _collated(batch) else len(batch)
+
+
+def _head(batch, n: int):
+    """The first ``n`` samples of a batch."""
+    return type(batch)(part[:n] for part in batch) if _collated(batch) else batch[:n]
+
+
+def _cat(batches: list):
+    if _collated(batches[0]):
+        return type(batches[0])(torch.cat(parts) for parts in zip(*batches))
+    return [sample for b in batches for sample in b]
+
+
 def _shard_loader_class():
     """``TrainedPositionLoader``, made on first use (litdata is imported lazily)."""
     global _SHARD_LOADER
@@ -464,12 +488,51 @@ def _shard_loader_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.trained, self._counting = 0, False
+            self.trained, self._counting, self._restored_pass = 0, False, False
+            self.images_per_rank: Optional[int] = None  # set under DDP (training)
+
+        def _epoch_images(self) -> Optional[int]:
+            n = self.images_per_rank
+            if n is None:
+                return None
+            return n - n % int(self.batch_size) if self.drop_last else n
+
+        def __len__(self) -> int:
+            n = self._epoch_images()
+            return super().__len__() if n is None else -(-n // int(self.batch_size))
 
         def __iter__(self):
+            # litdata clears ``restore`` only when a restored pass runs to its StopIteration;
+            # Lightning ends an epoch by its batch count, so the next epoch would replay the
+            # restored position (an empty epoch, or the same order again): a second pass is a
+            # new epoch.
+            if self.restore and self._restored_pass:
+                self.restore = False
+            self._restored_pass = self.restore
             if not self.restore:  # a new epoch (a restored one keeps its count)
                 self.trained = 0
-            yield from super().__iter__()
+            total = self._epoch_images()
+            if total is None:
+                yield from super().__iter__()
+                return
+            # litdata splits by chunks: ranks may get unequal counts. Each yields exactly
+            # ``total``: the images beyond it are left out, a rank short of it repeats its
+            # first ones (at most batch_size of them).
+            remaining, first = total - self.trained * int(self.batch_size), []
+            for batch in super().__iter__():
+                if remaining <= 0:
+                    break
+                n = _size(batch)
+                if n > remaining:
+                    batch, n = _head(batch, remaining), remaining
+                if sum(_size(b) for b in first) < int(self.batch_size):
+                    first.append(batch)
+                remaining -= n
+                yield batch
+            while remaining > 0 and first:
+                pad = _head(_cat(first), min(remaining, int(self.batch_size)))
+                remaining -= _size(pad)
+                yield pad
 
         def batch_trained(self) -> None:
             self._counting = True
@@ -487,7 +550,7 @@ def _shard_loader_class():
         def load_state_dict(self, obj: dict) -> None:
             super().load_state_dict(obj)
             self.trained = int(obj.get("num_samples_yielded", 0)) // int(self.batch_size)
-            self._counting = True
+            self._counting, self._restored_pass = True, False
 
     _SHARD_LOADER = TrainedPositionLoader
     return _SHARD_LOADER
