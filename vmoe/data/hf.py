@@ -25,7 +25,13 @@ import torch
 from torch.utils.data import IterableDataset
 
 from vmoe.data.base import VisionDataModule
-from vmoe.data.datasets import CorruptImageError, _TransformDataset, load_image, stratified_split
+from vmoe.data.datasets import (
+    CorruptImageError,
+    _TransformDataset,
+    load_image,
+    stratified_split,
+    worker_context,
+)
 
 __all__ = [
     "HFDataModule",
@@ -548,6 +554,7 @@ class HFDataModule(VisionDataModule):
                 collate_fn=collate_skipping,
                 # the workers' base seed: not from the global RNG (the router noise draws there)
                 generator=torch.Generator().manual_seed(self.seed),
+                multiprocessing_context=worker_context(self.num_workers),
             )
         return super()._loader(dataset, split, train)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from vmoe.data.base import VisionDataModule
-from vmoe.data.datasets import CorruptImageError, load_image
+from vmoe.data.datasets import CorruptImageError, load_image, worker_context
 
 __all__ = [
     "MANIFEST",
@@ -413,6 +413,7 @@ class ShardDataModule(VisionDataModule):
             persistent_workers=False,
             # the workers' base seed: not from the global RNG (the router noise draws there)
             generator=torch.Generator().manual_seed(self.seed),
+            multiprocessing_context=worker_context(self.num_workers),
         )
         if train:
             world = int(dataset.distributed_env.world_size)

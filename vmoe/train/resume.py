@@ -134,6 +134,7 @@ class ResumableLoader:
             generator=self._generator,
             persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
             prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+            multiprocessing_context=loader.multiprocessing_context,
         )
 
     @property
