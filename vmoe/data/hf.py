@@ -317,8 +317,9 @@ class HFDataModule(VisionDataModule):
             None -> the usual names (``validation``/``val``/``valid``/``dev`` for val). With
             no validation split, ``val_fraction`` of train is held out (stratified, ``seed``).
         num_classes: default: the label column's ``ClassLabel`` size, else max label + 1.
-        streaming: read as ``IterableDataset`` (no length, no held-out split; rows are split
-            over ranks and over workers by the dataset's shards).
+        streaming: read as ``IterableDataset`` (``HFIterableImageDataset``: no held-out split;
+            rows split over ranks, equal counts when the row count is known, and over
+            workers by whole batches; reshuffled and reseeded every epoch).
         shuffle_buffer: streaming: shuffle-buffer size (0: no shuffle).
         skip_corrupt: map-style: decode every image once at setup and drop unreadable rows
             with one warning that counts them; streaming: skip them as met, counted.

@@ -9,18 +9,23 @@ not a complete shard set; a folder of another format version is refused.
 
 Reading: litdata's ``StreamingDataset`` divides the items over every DDP rank (all ranks of a
 data- or expert-parallel run are data-parallel workers) and over the loader workers of each
-rank, shuffled with ``seed`` (chunk order, then items within chunks; re-drawn every epoch).
-Under DDP litdata drops the remainder that would give ranks unequal counts (``drop_last``, its
-default in a distributed run): at most ``world_size * num_workers * batch_size - 1`` images an
-epoch, none seen twice. Images are decoded once (``vmoe.data.load_image``) and go through
-the usual albumentations pipelines.
+rank, by chunks, shuffled with ``seed`` (chunk order, then items within chunks; re-drawn every
+epoch). That split can be uneven (43 images over 2 ranks: 20 and 23), so under DDP the training
+loader yields exactly ``num_images // world_size`` images on every rank: what a rank got beyond
+that is left out that epoch, a rank short of it repeats its first images; every rank then runs
+the same number of batches and ``len()`` is true (tests/data/test_ranks.py). Images are decoded
+once (``vmoe.data.load_image``) and go through the usual albumentations pipelines.
 
 Resume: litdata's ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``, which
 the data module's ``state_dict``/``load_state_dict`` put in every Lightning checkpoint and
-restore with ``--ckpt_path`` before the loader is made. With the same
-shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed epoch yields exactly
-the items the uninterrupted epoch had left (tests/data/test_shards.py asserts it); litdata
-refuses (or re-plans, see ``num_canonical_nodes``) a changed topology.
+restore with ``--ckpt_path`` before the loader is made. The saved position counts the batches
+*trained* (``vmoe.train.ResumableTraining`` reports each finished step), not those litdata
+handed out (Lightning fetches one ahead, and a Ctrl-C lands mid-step); a restored pass ends its
+epoch, and the next epoch is litdata's next, as in the uninterrupted run. With the same
+shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed run trains on exactly
+what the uninterrupted one did, step by step (tests/data/test_shards.py,
+tests/train/test_resume_matrix.py); litdata refuses (or re-plans, see
+``num_canonical_nodes``) a changed topology.
 """
 
 from __future__ import annotations
@@ -323,8 +328,9 @@ class ShardDataModule(VisionDataModule):
         cache_dir: where litdata caches remote chunks (default: its own).
         storage_options: passed to litdata (credentials, endpoint_url, ...).
         timeout_s: the longest wait for a URL's manifest.
-        stream_drop_last: litdata's ``drop_last`` (None: True under DDP, so that every rank gets
-            the same number of batches; False: every image exactly once, ranks may differ by one).
+        stream_drop_last: litdata's ``drop_last`` (None: its default, True under DDP). Under DDP
+            the training loader also evens the ranks out to ``num_images // world_size``
+            images each (see the module docstring).
     """
 
     def __init__(
