@@ -126,6 +126,9 @@ def test_a_stream_reseeds_its_augmentation_every_epoch(saved):
         return torch.stack([x for x, _ in dm.train_set])
 
     first, second = epoch(0), epoch(1)
+    # without ResumableTraining, Lightning's set_epoch on the loader's sampler reaches the stream
+    dm.train_dataloader().sampler.set_epoch(5)
+    assert dm.train_set.epoch == 5
     assert not torch.equal(first, second)  # same rows in the same order, other augmentations
     assert torch.equal(epoch(1), second) and torch.equal(epoch(0), first)  # (seed, epoch) decide
 

@@ -546,7 +546,7 @@ class HFDataModule(VisionDataModule):
             from vmoe.data.shards import collate_skipping
 
             dataset.batch_size = self.batch_size if train else self.eval_batch_size
-            return DataLoader(
+            loader = DataLoader(
                 dataset,
                 batch_size=dataset.batch_size,
                 drop_last=train and self.drop_last,
@@ -557,6 +557,11 @@ class HFDataModule(VisionDataModule):
                 generator=torch.Generator().manual_seed(self.seed),
                 multiprocessing_context=worker_context(self.num_workers),
             )
+            # Lightning calls set_epoch on a loader's sampler only: without ResumableTraining
+            # (which sets the epoch itself, from trainer.current_epoch) the stream still
+            # reshuffles every epoch through this one.
+            loader.sampler.set_epoch = dataset.set_epoch
+            return loader
         return super()._loader(dataset, split, train)
 
     def val_dataloader(self):
