@@ -133,7 +133,7 @@ def test_resumable_loader_state_round_trip():
     assert [b[0].tolist() for b in fresh] == batches[2:]
     # saved after the last batch of an epoch: continue with the next epoch
     fresh.load_state_dict({"seed": 5, "epoch": 0, "consumed": 5})
-    assert fresh.sampler.epoch == 1 and fresh.sampler.skip == 0
+    assert fresh.epoch_sampler.epoch == 1 and fresh.epoch_sampler.skip == 0
 
 
 @pytest.mark.parametrize("killer", ["KillAtStep", "KillMidStep"])

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vmoe.data.datasets import seed_worker
+from vmoe.data.datasets import seed_worker, worker_context
 from vmoe.data.transforms import (
     DEFAULT_EVAL,
     DEFAULT_TRAIN,
@@ -160,6 +160,7 @@ class VisionDataModule(L.LightningDataModule):
             worker_init_fn=partial(seed_worker, rank=self._rank())
             if self.num_workers > 0
             else None,
+            multiprocessing_context=worker_context(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -25,7 +25,13 @@ import torch
 from torch.utils.data import IterableDataset
 
 from vmoe.data.base import VisionDataModule
-from vmoe.data.datasets import CorruptImageError, _TransformDataset, load_image, stratified_split
+from vmoe.data.datasets import (
+    CorruptImageError,
+    _TransformDataset,
+    load_image,
+    stratified_split,
+    worker_context,
+)
 
 __all__ = [
     "HFDataModule",
@@ -33,6 +39,7 @@ __all__ = [
     "HFIterableImageDataset",
     "load_hf_dataset",
     "image_bytes",
+    "stream_length",
 ]
 
 # the names datasets uses for the three roles, first match wins
@@ -65,13 +72,11 @@ def load_hf_dataset(path: str, name: Optional[str] = None, streaming: bool = Fal
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             ds = _load_from_disk(local)
             if streaming:
-                ds = (
-                    datasets.IterableDatasetDict(
-                        {k: v.to_iterable_dataset() for k, v in _as_dict(ds).items()}
-                    )
-                    if isinstance(ds, datasets.DatasetDict)
-                    else ds.to_iterable_dataset()
-                )
+                streams = {}
+                for k, v in _as_dict(ds).items():
+                    streams[k] = v.to_iterable_dataset()
+                    streams[k]._vmoe_num_rows = len(v)  # read by stream_length
+                return streams
             return _as_dict(ds)
         if local.is_file() and local.suffix == ".parquet":
             return _as_dict(
@@ -233,10 +238,38 @@ class HFImageDataset(_TransformDataset):
         return image, int(self.labels[i])
 
 
+def stream_length(table) -> Optional[int]:
+    """The row count of a streamed split when it is known: a ``save_to_disk`` folder read as
+    a stream (``load_hf_dataset`` records it) or the split's metadata (``info.splits``)."""
+    known = getattr(table, "_vmoe_num_rows", None)
+    if known is not None:
+        return int(known)
+    splits = getattr(getattr(table, "info", None), "splits", None)
+    name = str(getattr(table, "split", None) or "")
+    try:
+        n = splits[name].num_examples if splits and name in splits else None
+    except (KeyError, AttributeError, TypeError):
+        n = None
+    return int(n) if n else None
+
+
 class HFIterableImageDataset(IterableDataset):
-    """A streaming ``datasets.IterableDataset`` split over DDP ranks (``split_dataset_by_node``)
-    and, by its shards, over loader workers (as ``datasets`` does); items as the map-style one.
-    ``shuffle_buffer`` > 0 shuffles with ``seed`` (re-drawn each epoch via ``set_epoch``)."""
+    """A streaming ``datasets.IterableDataset`` split over DDP ranks and loader workers; items
+    as the map-style one, ``(image float32 [C, H, W], label)``.
+
+    The order of an epoch is the dataset's (shuffled with a buffer of ``shuffle_buffer`` rows,
+    seeded by ``seed`` and the epoch: ``set_epoch`` re-draws it). Row ``i`` of that order goes
+    to rank ``i % world_size``; with a known row count ``num_rows`` every rank keeps the same
+    number, ``num_rows // world_size`` (the remainder, fewer than ``world_size`` rows, is left
+    out that epoch), and ``len()`` is that number. A rank's rows form batches of
+    ``batch_size``; loader worker ``w`` of ``W`` makes batches ``w, w + W, ...``, so the loader
+    yields the same batches in the same order for any number of workers. Every worker reads the
+    whole stream and keeps its part (images are decoded only for its own rows). The
+    augmentation is reseeded at each batch from ``(seed, epoch, rank, batch)``: a resumed or
+    re-run epoch draws the same augmentations. ``skip_batches`` leaves out the first batches of
+    the next pass (a resumed epoch; ``vmoe.train.ResumableStream`` sets it). With
+    ``skip_corrupt`` an unreadable image is yielded as None, which ``collate_skipping`` drops
+    (the batch boundaries stay where they were)."""
 
     def __init__(
         self,
@@ -249,50 +282,84 @@ class HFIterableImageDataset(IterableDataset):
         skip_corrupt: bool = False,
         seed: int = 0,
         shuffle_buffer: int = 0,
+        num_rows: Optional[int] = None,
+        batch_size: int = 1,
     ):
         self.table, self.image_column, self.label_column = table, image_column, label_column
         self.num_classes, self.name, self.transform = num_classes, name, transform
         self.skip_corrupt, self.seed, self.shuffle_buffer = skip_corrupt, seed, shuffle_buffer
+        self.num_rows, self.batch_size = num_rows, batch_size
         self.rank, self.world_size, self.epoch = 0, 1, 0
+        self.skip_batches = 0
         self.skipped = 0
 
-    def __iter__(self) -> Iterator:
-        from datasets.distributed import split_dataset_by_node
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
+    def __len__(self) -> int:
+        """Rows of this rank in an epoch (TypeError when the stream's length is unknown)."""
+        if self.num_rows is None:
+            raise TypeError(f"the stream {self.name} has no known length")
+        return self.num_rows // self.world_size
+
+    def _rows(self) -> Iterator[tuple[int, dict]]:
+        """(index in the epoch's order, row): the whole stream, also inside a loader worker
+        (``datasets`` would give a worker only some of its shards)."""
         table = self.table
         if self.shuffle_buffer:
             table = table.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             table.set_epoch(self.epoch)
-        if self.world_size > 1:
-            table = split_dataset_by_node(table, rank=self.rank, world_size=self.world_size)
+        n = 0
+        for batch in table.iter(batch_size=64):
+            columns = list(batch)
+            for k in range(len(batch[columns[0]]) if columns else 0):
+                yield n, {c: batch[c][k] for c in columns}
+                n += 1
+
+    def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
-        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(
-                self.seed + 7919 * self.epoch + 1_000_003 * self.rank + (info.id + 1 if info else 0)
-            )
-        for n, row in enumerate(table):
-            where = f"streamed row {n} (rank {self.rank}) of {self.name}"
-            label = row[self.label_column]
-            if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < self.num_classes:
-                raise ValueError(
-                    f"{where}: label {label!r} is not in [0, {self.num_classes}) "
-                    f"(column {self.label_column!r})"
-                )
-            try:
-                image = decode_row(row[self.image_column], where)
-                if self.transform is not None:
-                    image = self.transform(image=image)["image"]
-            except CorruptImageError as err:
-                if not self.skip_corrupt:
-                    raise
-                self.skipped += 1
-                warnings.warn(
-                    f"HFDataModule skipped an unreadable image (skip_corrupt=True, "
-                    f"{self.skipped} so far in this process): {err}",
-                    stacklevel=2,
-                )
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        per_rank = None if self.num_rows is None else len(self)
+        skip, self.skip_batches = self.skip_batches, 0
+        batch_size, world = self.batch_size, self.world_size
+        for i, row in self._rows():
+            if i % world != self.rank:
                 continue
-            yield image, int(label)
+            j = i // world  # index among this rank's rows
+            if per_rank is not None and j >= per_rank:
+                break
+            block = j // batch_size
+            if block < skip or block % workers != worker:
+                continue
+            if j % batch_size == 0 and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(
+                    (self.seed + 7919 * self.epoch + 1_000_003 * self.rank + 104_729 * block)
+                    % 2**32
+                )
+            yield self._item(row, f"streamed row {i} (rank {self.rank}) of {self.name}")
+
+    def _item(self, row: dict, where: str):
+        label = row[self.label_column]
+        if not isinstance(label, (int, np.integer)) or not 0 <= int(label) < self.num_classes:
+            raise ValueError(
+                f"{where}: label {label!r} is not in [0, {self.num_classes}) "
+                f"(column {self.label_column!r})"
+            )
+        try:
+            image = decode_row(row[self.image_column], where)
+            if self.transform is not None:
+                image = self.transform(image=image)["image"]
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise
+            self.skipped += 1
+            warnings.warn(
+                f"HFDataModule skipped an unreadable image (skip_corrupt=True, "
+                f"{self.skipped} so far in this process): {err}",
+                stacklevel=2,
+            )
+            return None
+        return image, int(label)
 
 
 class HFDataModule(VisionDataModule):
@@ -309,8 +376,9 @@ class HFDataModule(VisionDataModule):
             None: 0.1 map-style; a stream cannot hold rows out: None means 0 there, and a
             positive value without a validation split is refused).
         num_classes: default: the label column's ``ClassLabel`` size, else max label + 1.
-        streaming: read as ``IterableDataset`` (no length, no held-out split; rows are split
-            over ranks and over workers by the dataset's shards).
+        streaming: read as ``IterableDataset`` (``HFIterableImageDataset``: no held-out split;
+            rows split over ranks, equal counts when the row count is known, and over
+            workers by whole batches; reshuffled and reseeded every epoch).
         shuffle_buffer: streaming: shuffle-buffer size (0: no shuffle).
         skip_corrupt: map-style: decode every image once at setup and drop unreadable rows
             with one warning that counts them; streaming: skip them as met, counted.
@@ -393,6 +461,8 @@ class HFDataModule(VisionDataModule):
                     )
             if columns is not None and isinstance(features[self.image_column], datasets.Image):
                 tables[split] = table.cast_column(self.image_column, datasets.Image(decode=False))
+                if getattr(table, "_vmoe_num_rows", None) is not None:  # a new object: keep it
+                    tables[split]._vmoe_num_rows = table._vmoe_num_rows
         train = tables[splits["train"]]
         feature = train.features[self.label_column] if train.features is not None else None
         if isinstance(feature, datasets.ClassLabel):
@@ -499,9 +569,17 @@ class HFDataModule(VisionDataModule):
                     self.skip_corrupt,
                     self.seed,
                     self.shuffle_buffer if role == "train" else 0,
+                    num_rows=stream_length(self._tables[split]),
+                    batch_size=self.batch_size if role == "train" else self.eval_batch_size,
                 )
                 if trainer is not None:
                     ds.rank, ds.world_size = int(trainer.global_rank), int(trainer.world_size)
+                if ds.world_size > 1 and ds.num_rows is None:
+                    raise ValueError(
+                        f"streaming {self.path!r} over {ds.world_size} processes needs its row "
+                        "count (equal batches on every rank), which the split's metadata does not "
+                        "give: use a save_to_disk folder, or streaming=False"
+                    )
                 setattr(self, f"{role}_set", ds)
             return
         sets = self._map_sets()
@@ -533,15 +611,25 @@ class HFDataModule(VisionDataModule):
         if isinstance(dataset, IterableDataset):
             from torch.utils.data import DataLoader
 
-            if train and self.trainer is not None:
-                dataset.epoch = int(self.trainer.current_epoch)
-            return DataLoader(
+            from vmoe.data.shards import collate_skipping
+
+            dataset.batch_size = self.batch_size if train else self.eval_batch_size
+            loader = DataLoader(
                 dataset,
-                batch_size=self.batch_size if train else self.eval_batch_size,
+                batch_size=dataset.batch_size,
                 drop_last=train and self.drop_last,
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
+                collate_fn=collate_skipping,
+                # the workers' base seed: not from the global RNG (the router noise draws there)
+                generator=torch.Generator().manual_seed(self.seed),
+                multiprocessing_context=worker_context(self.num_workers),
             )
+            # Lightning calls set_epoch on a loader's sampler only: without ResumableTraining
+            # (which sets the epoch itself, from trainer.current_epoch) the stream still
+            # reshuffles every epoch through this one.
+            loader.sampler.set_epoch = dataset.set_epoch
+            return loader
         return super()._loader(dataset, split, train)
 
     def val_dataloader(self):

@@ -10,18 +10,23 @@ not a complete shard set; a folder of another format version is refused.
 
 Reading: litdata's ``StreamingDataset`` divides the items over every DDP rank (all ranks of a
 data- or expert-parallel run are data-parallel workers) and over the loader workers of each
-rank, shuffled with ``seed`` (chunk order, then items within chunks; re-drawn every epoch).
-Under DDP litdata drops the remainder that would give ranks unequal counts (``drop_last``, its
-default in a distributed run): at most ``world_size * num_workers * batch_size - 1`` images an
-epoch, none seen twice. Images are decoded once (``vmoe.data.load_image``) and go through
-the usual albumentations pipelines.
+rank, by chunks, shuffled with ``seed`` (chunk order, then items within chunks; re-drawn every
+epoch). That split can be uneven (43 images over 2 ranks: 20 and 23), so under DDP the training
+loader yields exactly ``num_images // world_size`` images on every rank: what a rank got beyond
+that is left out that epoch, a rank short of it repeats its first images; every rank then runs
+the same number of batches and ``len()`` is true (tests/data/test_ranks.py). Images are decoded
+once (``vmoe.data.load_image``) and go through the usual albumentations pipelines.
 
 Resume: litdata's ``StreamingDataLoader`` has ``state_dict``/``load_state_dict``, which
 the data module's ``state_dict``/``load_state_dict`` put in every Lightning checkpoint and
-restore with ``--ckpt_path`` before the loader is made. With the same
-shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed epoch yields exactly
-the items the uninterrupted epoch had left (tests/data/test_shards.py asserts it); litdata
-refuses (or re-plans, see ``num_canonical_nodes``) a changed topology.
+restore with ``--ckpt_path`` before the loader is made. The saved position counts the batches
+*trained* (``vmoe.train.ResumableTraining`` reports each finished step), not those litdata
+handed out (Lightning fetches one ahead, and a Ctrl-C lands mid-step); a restored pass ends its
+epoch, and the next epoch is litdata's next, as in the uninterrupted run. With the same
+shards, seed, world size, ``num_workers`` and ``batch_size`` the resumed run trains on exactly
+what the uninterrupted one did, step by step (tests/data/test_shards.py,
+tests/train/test_resume_matrix.py); litdata refuses (or re-plans, see
+``num_canonical_nodes``) a changed topology.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from vmoe.data.base import VisionDataModule
-from vmoe.data.datasets import CorruptImageError, load_image
+from vmoe.data.datasets import CorruptImageError, load_image, worker_context
 
 __all__ = [
     "MANIFEST",
@@ -511,8 +516,9 @@ class ShardDataModule(VisionDataModule):
         cache_dir: where litdata caches remote chunks (default: its own).
         storage_options: passed to litdata (credentials, endpoint_url, ...).
         timeout_s: the longest wait for a URL's manifest.
-        stream_drop_last: litdata's ``drop_last`` (None: True under DDP, so that every rank gets
-            the same number of batches; False: every image exactly once, ranks may differ by one).
+        stream_drop_last: litdata's ``drop_last`` (None: its default, True under DDP). Under DDP
+            the training loader also evens the ranks out to ``num_images // world_size``
+            images each (see the module docstring).
     """
 
     def __init__(
@@ -587,13 +593,11 @@ class ShardDataModule(VisionDataModule):
                 setattr(self, f"{role}_set", self._dataset(role))
 
     def _loader(self, dataset, split: str, train: bool):
-        from litdata import StreamingDataLoader
-
         if dataset is None:
             return super()._loader(dataset, split, train)
         if split in self._loaders:  # one loader per split: its state_dict is the epoch's progress
             return self._loaders[split]
-        loader = StreamingDataLoader(
+        loader = _shard_loader_class()(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,
@@ -601,7 +605,14 @@ class ShardDataModule(VisionDataModule):
             collate_fn=collate_skipping,
             drop_last=train and self.drop_last,
             persistent_workers=False,
+            # the workers' base seed: not from the global RNG (the router noise draws there)
+            generator=torch.Generator().manual_seed(self.seed),
+            multiprocessing_context=worker_context(self.num_workers),
         )
+        if train:
+            world = int(dataset.distributed_env.world_size)
+            if world > 1:  # every rank the same number of images, so the same number of batches
+                loader.images_per_rank = int(self.manifest["num_images"]) // world
         if train and self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -635,6 +646,112 @@ class ShardDataModule(VisionDataModule):
             f"ShardDataModule(path={self.paths['train']!r}, num_classes={self.num_classes}, "
             f"num_images={self.manifest['num_images']}, img_size={self.img_size})"
         )
+
+
+_SHARD_LOADER = None
+
+
+def _collated(batch) -> bool:
+    return isinstance(batch, (tuple, list)) and bool(batch) and isinstance(batch[0], torch.Tensor)
+
+
+def _size(batch) -> int:
+    """Samples in a batch: collated ``[images [B, ...], labels [B]]`` or a list of samples."""
+    return len(batch[0]) if _collated(batch) else len(batch)
+
+
+def _head(batch, n: int):
+    """The first ``n`` samples of a batch."""
+    return type(batch)(part[:n] for part in batch) if _collated(batch) else batch[:n]
+
+
+def _cat(batches: list):
+    if _collated(batches[0]):
+        return type(batches[0])(torch.cat(parts) for parts in zip(*batches))
+    return [sample for b in batches for sample in b]
+
+
+def _shard_loader_class():
+    """``TrainedPositionLoader``, made on first use (litdata is imported lazily)."""
+    global _SHARD_LOADER
+    if _SHARD_LOADER is not None:
+        return _SHARD_LOADER
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    class TrainedPositionLoader(StreamingDataLoader):
+        """litdata's loader whose ``state_dict`` counts the batches *trained* this epoch once
+        ``batch_trained`` is called after each step (``vmoe.train.ResumableTraining`` does):
+        litdata counts those it has handed out, and Lightning fetches one batch ahead, so a
+        checkpoint written on an exception mid-step would skip the batch in flight."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.trained, self._counting, self._restored_pass = 0, False, False
+            self.images_per_rank: Optional[int] = None  # set under DDP (training)
+
+        def _epoch_images(self) -> Optional[int]:
+            n = self.images_per_rank
+            if n is None:
+                return None
+            return n - n % int(self.batch_size) if self.drop_last else n
+
+        def __len__(self) -> int:
+            n = self._epoch_images()
+            return super().__len__() if n is None else -(-n // int(self.batch_size))
+
+        def __iter__(self):
+            # litdata clears ``restore`` only when a restored pass runs to its StopIteration;
+            # Lightning ends an epoch by its batch count, so the next epoch would replay the
+            # restored position (an empty epoch, or the same order again): a second pass is a
+            # new epoch.
+            if self.restore and self._restored_pass:
+                self.restore = False
+            self._restored_pass = self.restore
+            if not self.restore:  # a new epoch (a restored one keeps its count)
+                self.trained = 0
+            total = self._epoch_images()
+            if total is None:
+                yield from super().__iter__()
+                return
+            # litdata splits by chunks: ranks may get unequal counts. Each yields exactly
+            # ``total``: the images beyond it are left out, a rank short of it repeats its
+            # first ones (at most batch_size of them).
+            remaining, first = total - self.trained * int(self.batch_size), []
+            for batch in super().__iter__():
+                if remaining <= 0:
+                    break
+                n = _size(batch)
+                if n > remaining:
+                    batch, n = _head(batch, remaining), remaining
+                if sum(_size(b) for b in first) < int(self.batch_size):
+                    first.append(batch)
+                remaining -= n
+                yield batch
+            while remaining > 0 and first:
+                pad = _head(_cat(first), min(remaining, int(self.batch_size)))
+                remaining -= _size(pad)
+                yield pad
+
+        def batch_trained(self) -> None:
+            self._counting = True
+            self.trained += 1
+
+        def state_dict(self) -> dict:
+            state = super().state_dict()
+            if self._counting and isinstance(self.dataset, StreamingDataset):
+                n = self.trained * int(self.batch_size)
+                state["num_samples_yielded"] = n
+                state["latest_worker_idx"] = max(0, self.trained - 1) % max(1, self.num_workers)
+                state["dataset"] = self.dataset.state_dict(n, self.num_workers, self.batch_size)
+            return state
+
+        def load_state_dict(self, obj: dict) -> None:
+            super().load_state_dict(obj)
+            self.trained = int(obj.get("num_samples_yielded", 0)) // int(self.batch_size)
+            self._counting, self._restored_pass = True, False
+
+    _SHARD_LOADER = TrainedPositionLoader
+    return _SHARD_LOADER
 
 
 def iter_keys(loader: Iterable) -> list:

@@ -6,7 +6,7 @@ from .checkpointing import AtomicCheckpointIO, CheckpointError, LastCheckpoint, 
 from .divergence import DivergenceError, first_nonfinite_parameter
 from .module import VmoeClassifier, build_model
 from .predictions import PredictionCsvWriter
-from .resume import EpochSampler, ResumableLoader, ResumableTraining
+from .resume import EpochSampler, ResumableLoader, ResumableStream, ResumableTraining
 from .strategy import ExpertParallelStrategy
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ExportPretrained",
     "ResumableTraining",
     "ResumableLoader",
+    "ResumableStream",
     "EpochSampler",
     "LastCheckpoint",
     "AtomicCheckpointIO",

@@ -85,6 +85,9 @@ class VmoeClassifier(L.LightningModule):
         warmup_steps: Steps of linear warmup.
         schedule: 'cosine', 'linear' or 'constant' after the warmup.
         end_lr: Learning rate at the end of the schedule (<= lr).
+        schedule_steps: Optimizer steps the schedule spans (None: Lightning's estimate, i.e.
+            ``trainer.max_steps``, else the epochs times the batches an epoch). Set it to stop
+            a run early with ``max_steps`` and continue it later on the same schedule.
         eval_capacity_factor: Capacity factor of validation/test/predict (paper: 4.0).
         eval_batch_priority: Batch Priority Routing at evaluation (None: as in training).
         layer_decay: Layer-wise learning-rate decay for fine-tuning (e.g. 0.75).
@@ -123,6 +126,7 @@ class VmoeClassifier(L.LightningModule):
         warmup_steps: int = 0,
         schedule: str = "cosine",
         end_lr: float = 0.0,
+        schedule_steps: Optional[int] = None,
         eval_capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
         eval_batch_priority: Optional[bool] = None,
         layer_decay: Optional[float] = None,
@@ -143,6 +147,10 @@ class VmoeClassifier(L.LightningModule):
                 f"model.end_lr={end_lr} is above model.lr={lr}: the schedule would "
                 "rise to end_lr; set end_lr <= lr"
             )
+        if schedule_steps is not None and (
+            not isinstance(schedule_steps, int) or schedule_steps < 1
+        ):
+            raise ValueError(f"model.schedule_steps={schedule_steps!r} must be a positive int")
         if lr <= 0 or warmup_steps < 0 or weight_decay < 0:
             raise ValueError(
                 f"need lr > 0, warmup_steps >= 0, weight_decay >= 0 (got lr={lr}, "
@@ -471,12 +479,15 @@ class VmoeClassifier(L.LightningModule):
         optimizer = create_optimizer(
             groups, hp.optimizer, lr=hp.lr, momentum=hp.momentum, betas=hp.betas
         )
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
+        # Lightning's estimate: max_steps, or the epochs times the loader's length; for data of
+        # unknown length (a stream) it is max_steps even when that is -1 (unset).
+        total = hp.get("schedule_steps") or self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
             if hp.schedule != "constant":
                 raise ValueError(
-                    "the decay schedule needs a known number of steps: set "
-                    "trainer.max_steps or trainer.max_epochs with a sized dataset"
+                    f"the {hp.schedule} schedule needs the number of training steps, and the "
+                    "training data has no known length (a stream): set --trainer.max_steps "
+                    "(or --model.schedule_steps)"
                 )
             total = hp.warmup_steps + 1
         total = int(total)

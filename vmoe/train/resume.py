@@ -1,24 +1,38 @@
-"""Exact mid-epoch resume: a resumable training loader and the RNG bookkeeping around it.
+"""Exact mid-epoch resume: resumable training loaders and the RNG bookkeeping around them.
 
-Lightning resumes the model, optimizer, schedule and loop counters, but two things are left to us:
+Lightning resumes the model, optimizer, schedule and loop counters, but the rest is left to us:
 
 1. **Data order.** A plain ``DataLoader`` restarts its epoch from the first batch on resume.
-   ``ResumableLoader`` draws each epoch's order from ``(seed, epoch)`` alone, shards it over
-   the DDP processes itself, and is ``state_dict``-able, so Lightning stores how many batches of
-   the epoch were consumed and the resumed run continues with the next one.
-2. **Global RNG.** Router noise and dropout draw from torch's global RNG, which Lightning does not
+   ``ResumableLoader`` (map-style data) draws each epoch's order from ``(seed, epoch)`` alone,
+   shards it over the DDP processes itself, and is ``state_dict``-able: the checkpoint holds
+   the epoch and the number of batches *trained* in it, and the resumed run continues with the
+   next one. ``ResumableStream`` does the same for a stream that can seek by whole batches
+   (``HFIterableImageDataset``: ``set_epoch`` and ``skip_batches``). litdata shards keep
+   their own position (``ShardDataModule``), counted the same way.
+2. **The epoch.** Lightning calls ``set_epoch`` on samplers only, with its count of processed
+   epochs, which is one ahead after a ``max_steps`` stop. Both wrappers instead take the epoch
+   from ``trainer.current_epoch`` when an epoch's iterator is made, so a run stopped by
+   ``max_steps`` continues the same epoch, and a stream reshuffles every epoch.
+3. **Global RNG.** Router noise and dropout draw from torch's global RNG, which Lightning does not
    checkpoint. ``ResumableTraining`` saves the RNG states with the checkpoint and puts them back
    just before the first resumed training step; it also runs validation inside a forked RNG so
-   that evaluating (or not) never changes the training randomness.
+   that evaluating (or not) never changes the training randomness. The loaders draw their
+   workers' seeds from private generators, never from the global one.
 
-Augmentation randomness lives in the dataset's transform (the data module's business) and is
-not restored: exact resume holds for deterministic transforms.
+What is tested (tests/train/test_resume_matrix.py): for digits, CIFAR-10, an image folder,
+Hugging Face map-style and streaming, and shards, a run stopped by ``max_steps`` (then resumed
+with a larger ``max_steps``) and a run interrupted mid-step (``last.ckpt`` written on the
+exception) continue with the same samples at every step, the same epoch numbers, the same
+global RNG stream and weights within 1e-6 of the uninterrupted run. Augmentation randomness
+lives in the dataset's transform: map-style sources and shards reseed it per worker, so exact
+resume there holds for deterministic transforms; the HF stream reseeds it per batch from
+``(seed, epoch, rank, batch)``, so its resume is exact with augmentation too.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import lightning as L
 import numpy as np
@@ -26,7 +40,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-__all__ = ["ResumableLoader", "EpochSampler", "ResumableTraining", "get_rng_state", "set_rng_state"]
+__all__ = [
+    "ResumableLoader",
+    "ResumableStream",
+    "EpochSampler",
+    "ResumableTraining",
+    "get_rng_state",
+    "set_rng_state",
+]
 
 
 def _dist_info():
@@ -73,7 +94,10 @@ class ResumableLoader:
     """Wraps a map-style training ``DataLoader`` (same dataset, batch size, workers, collate).
 
     Not a ``DataLoader`` subclass on purpose: Lightning then leaves its sampler alone under DDP
-    (it shards by itself). ``consumed`` counts the batches the training loop has taken this epoch
+    (it shards by itself), and it has no ``sampler`` attribute, so Lightning's ``set_epoch``
+    (its processed-epoch count) does not reach ``epoch_sampler``: the epoch comes from
+    ``epoch_fn`` (``trainer.current_epoch``, set by ``ResumableTraining``) when an epoch's
+    iterator is made. ``consumed`` counts the batches the training loop has trained this epoch
     (``ResumableTraining`` advances it); ``state_dict`` saves (seed, epoch, consumed).
     """
 
@@ -91,16 +115,17 @@ class ResumableLoader:
         except TypeError:
             raise ValueError("ResumableLoader needs a map-style dataset with a length") from None
         shuffle = not isinstance(loader.sampler, torch.utils.data.SequentialSampler)
-        self.sampler = EpochSampler(size, shuffle=shuffle, seed=seed)
+        self.epoch_sampler = EpochSampler(size, shuffle=shuffle, seed=seed)
         self.batch_size, self.drop_last = loader.batch_size, loader.drop_last
         self.consumed = 0
+        self.epoch_fn: Optional[Callable[[], int]] = None
         # A private generator for the workers' base seed: creating the epoch's iterator must not
         # draw from the global RNG (that would shift the router noise of the resumed run).
         self._generator = torch.Generator()
         self.loader = DataLoader(
             loader.dataset,
             batch_size=loader.batch_size,
-            sampler=self.sampler,
+            sampler=self.epoch_sampler,
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
@@ -109,6 +134,7 @@ class ResumableLoader:
             generator=self._generator,
             persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
             prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+            multiprocessing_context=loader.multiprocessing_context,
         )
 
     @property
@@ -116,24 +142,77 @@ class ResumableLoader:
         return self.loader.dataset
 
     def __len__(self) -> int:
-        n = len(self.sampler)
+        n = len(self.epoch_sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        self.consumed = self.sampler.skip // self.batch_size
-        self._generator.manual_seed(self.sampler.seed * 1_000_003 + self.sampler.epoch)
+        if self.epoch_fn is not None:
+            self.epoch_sampler.set_epoch(int(self.epoch_fn()))  # a new epoch drops the skip
+        self.consumed = self.epoch_sampler.skip // self.batch_size
+        self._generator.manual_seed(self.epoch_sampler.seed * 1_000_003 + self.epoch_sampler.epoch)
         return iter(self.loader)
 
     def state_dict(self) -> Dict[str, int]:
-        return {"seed": self.sampler.seed, "epoch": self.sampler.epoch, "consumed": self.consumed}
+        return {
+            "seed": self.epoch_sampler.seed,
+            "epoch": self.epoch_sampler.epoch,
+            "consumed": self.consumed,
+        }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        self.sampler.seed = int(state["seed"])
+        self.epoch_sampler.seed = int(state["seed"])
         epoch, consumed = int(state["epoch"]), int(state["consumed"])
         if consumed >= len(self):  # saved at the end of an epoch: continue with the next one
             epoch, consumed = epoch + 1, 0
-        self.sampler.epoch, self.sampler.skip = epoch, consumed * self.batch_size
+        self.epoch_sampler.epoch, self.epoch_sampler.skip = epoch, consumed * self.batch_size
         self.consumed = consumed
+
+
+class ResumableStream:
+    """Wraps a training ``DataLoader`` over a stream that seeks by whole batches: its dataset
+    has ``set_epoch(epoch)`` and a ``skip_batches`` attribute (the batches of the epoch to
+    leave out on the next pass; ``HFIterableImageDataset``).
+
+    Each pass sets the dataset's epoch from ``epoch_fn`` (``trainer.current_epoch``), so the
+    stream reshuffles and reseeds its augmentation every epoch; ``consumed`` counts the batches
+    trained in this epoch, ``state_dict`` saves (epoch, consumed). ``len()`` is the loader's
+    (a TypeError when the stream's length is unknown, which Lightning reads as unsized).
+    """
+
+    def __init__(self, loader: DataLoader):
+        dataset = loader.dataset
+        if not (callable(getattr(dataset, "set_epoch", None)) and hasattr(dataset, "skip_batches")):
+            raise TypeError(
+                f"ResumableStream needs a dataset with set_epoch and skip_batches, got "
+                f"{type(dataset).__name__}"
+            )
+        self.loader, self.stream = loader, dataset
+        self.epoch, self.skip, self.consumed = 0, 0, 0
+        self.epoch_fn: Optional[Callable[[], int]] = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            epoch = int(self.epoch_fn())
+            if epoch != self.epoch:
+                self.epoch, self.skip = epoch, 0
+        self.stream.set_epoch(self.epoch)
+        self.stream.skip_batches, self.consumed, self.skip = self.skip, self.skip, 0
+        return iter(self.loader)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        try:
+            if consumed >= len(self):  # saved at the end of an epoch: the next one
+                epoch, consumed = epoch + 1, 0
+        except TypeError:  # unknown length: an exhausted pass ends the epoch by itself
+            pass
+        self.epoch, self.skip, self.consumed = epoch, consumed, consumed
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -198,16 +277,22 @@ class ResumableTraining(L.Callback):
 
         def train_dataloader():
             loader = original()
-            # a stream (IterableDataset: HF streaming, litdata shards) orders and resumes itself
-            wrap = isinstance(loader, DataLoader) and not isinstance(
+            if isinstance(loader, DataLoader) and not isinstance(
                 loader.dataset, torch.utils.data.IterableDataset
-            )
-            self.loader = ResumableLoader(loader, seed=seed) if wrap else loader
-            if self._pending_loader is not None and isinstance(self.loader, ResumableLoader):
-                # Lightning reloads loader states only when restarting mid-epoch, and it creates
-                # the first iterator before calling set_epoch; so the position is applied here.
-                self.loader.load_state_dict(self._pending_loader)
-                self._pending_loader = None
+            ):
+                self.loader = ResumableLoader(loader, seed=seed)
+            elif isinstance(loader, DataLoader) and hasattr(loader.dataset, "skip_batches"):
+                self.loader = ResumableStream(loader)
+            else:  # litdata shards keep their own position (ShardDataModule)
+                self.loader = loader
+            if isinstance(self.loader, (ResumableLoader, ResumableStream)):
+                self.loader.epoch_fn = lambda: trainer.current_epoch
+                if self._pending_loader is not None:
+                    # Lightning reloads loader states only when restarting mid-epoch, and it
+                    # creates the first iterator before calling set_epoch; so the position is
+                    # applied here.
+                    self.loader.load_state_dict(self._pending_loader)
+                    self._pending_loader = None
             return self.loader
 
         train_dataloader._vmoe_resumable = True
@@ -225,8 +310,10 @@ class ResumableTraining(L.Callback):
         # Counted when the step is done, so that a checkpoint written mid-step (on an exception)
         # does not skip the batch it was training on.
         self._step_rng = None
-        if isinstance(self.loader, ResumableLoader):
+        if isinstance(self.loader, (ResumableLoader, ResumableStream)):
             self.loader.consumed += 1
+        elif callable(getattr(self.loader, "batch_trained", None)):
+            self.loader.batch_trained()  # e.g. the shards' loader: its position moves on
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._stashed_rng = get_rng_state()
@@ -241,7 +328,7 @@ class ResumableTraining(L.Callback):
         # Saved mid-step (on an exception): the RNG of the step's start.
         rng = self._stashed_rng if self._stashed_rng is not None else self._step_rng
         state = {"rng": rng if rng is not None else get_rng_state()}
-        if isinstance(self.loader, ResumableLoader):
+        if isinstance(self.loader, (ResumableLoader, ResumableStream)):
             state["loader"] = self.loader.state_dict()
         return state
 
