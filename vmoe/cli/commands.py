@@ -2,7 +2,10 @@
 do not train.
 
 Each is a ``Command``: a one-line help, the jsonargparse arguments and the function that runs on
-the parsed namespace. Nothing heavy is imported before a command runs, and none of them imports
+the parsed namespace. Adding a command is one entry in ``COMMANDS`` (``vmoe --help`` lists it,
+in that order). This module imports only the standard library: ``add_arguments`` may import
+jsonargparse and ``vmoe.cli.defaults`` (so that ``vmoe <command> --help`` and a usage error
+answer without torch), everything heavy is imported inside ``run``; none of them imports
 Lightning's trainer. Usage of each: the guide "The vmoe command" (``docs/guides/cli.md``).
 """
 
@@ -212,7 +215,7 @@ def _report_arguments(p) -> None:
     """The options routing-report and capacity-sweep share."""
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
-    from vmoe.viz.report import DEFAULT_CAPACITY_FACTORS
+    from .defaults import DEFAULT_CAPACITY_FACTORS
 
     p.add_argument(
         "--model",
@@ -346,7 +349,7 @@ def _export_arguments(p) -> None:
 
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
-    from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
+    from .defaults import EVAL_CAPACITY_FACTOR
 
     p.add_argument(
         "--model",

@@ -2,17 +2,22 @@
 
 The model is ``vmoe.train.VmoeClassifier``; the data any LightningDataModule with a
 ``num_classes`` attribute (e.g. ``vmoe.data.DigitsDataModule``). This module imports Lightning,
-so ``vmoe.cli`` imports it only for these four subcommands.
+so ``vmoe.cli`` imports it only for these four subcommands, and only the chosen subcommand's
+parser is built. Its ``--help`` is vmoe's: the options of ``vmoe fit`` itself, then the model and
+data groups, vmoe's callbacks, and Lightning's trainer flags last, in plain text
+(``vmoe.cli.help``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Dict, Literal, Optional, Sequence, Set
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (
     EMAWeightAveraging,
@@ -38,6 +43,7 @@ from vmoe.train.predictions import PredictionCsvWriter
 from vmoe.train.strategy import ExpertParallelStrategy
 
 from .errors import TrainingInterrupted
+from .help import PlainHelpFormatter, arrange_help, subcommand_usage
 
 __all__ = ["VmoeCLI"]
 
@@ -69,15 +75,30 @@ class VmoeCLI(LightningCLI):
     """LightningCLI with the run layout, default callbacks and logger of vmoe."""
 
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs):
+        from . import LIGHTNING_COMMANDS
+
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
+        # Only the parser of the subcommand given is built (each costs seconds of signature
+        # inspection): the first word of args that names one, else all of them.
+        given = sys.argv[1:] if args is None else args
+        words = given if isinstance(given, (list, tuple)) else []
+        self._only = next((w for w in words if w in LightningCLI.subcommands()), None)
         # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
         # turns them into one line.
         quiet = {"exit_on_error": False}
-        kwargs.setdefault(
-            "parser_kwargs",
-            {**quiet, "prog": "vmoe", **{c: dict(quiet) for c in self.subcommands()}},
-        )
+        sub = {
+            c: {
+                **quiet,
+                "formatter_class": PlainHelpFormatter,
+                "description": LIGHTNING_COMMANDS[c],
+                "usage": subcommand_usage(c),
+            }
+            for c in self.subcommands()
+        }
+        # (a subcommand parser takes the formatter of the main one)
+        main = {**quiet, "prog": "vmoe", "formatter_class": PlainHelpFormatter}
+        kwargs.setdefault("parser_kwargs", {**main, **sub})
         super().__init__(
             VmoeClassifier,
             L.LightningDataModule,
@@ -86,6 +107,22 @@ class VmoeCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        # LightningCLI's warns when args is given while sys.argv has arguments (always so under
+        # pytest or a script calling vmoe.cli.main): main() chose args on purpose
+        structured = isinstance(args, (dict, Namespace))
+        self.config = parser.parse_object(args) if structured else parser.parse_args(args)
+
+    def subcommands(self) -> Dict[str, Set[str]]:  # LightningCLI's is a staticmethod
+        every = LightningCLI.subcommands()
+        only = getattr(self, "_only", None)
+        return {only: every[only]} if only else every
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        arrange_help(parser, subcommand)
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         # Two checkpoint callbacks: the best one (by val/acc1), and "last" (LastCheckpoint:
