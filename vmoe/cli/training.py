@@ -44,6 +44,7 @@ from vmoe.train.strategy import ExpertParallelStrategy
 
 from .errors import TrainingInterrupted
 from .help import PlainHelpFormatter, arrange_help, subcommand_usage
+from .moe_option import merge_on_the_command_line
 
 __all__ = ["VmoeCLI"]
 
@@ -177,6 +178,7 @@ class VmoeCLI(LightningCLI):
             help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)",
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        merge_on_the_command_line(parser)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
