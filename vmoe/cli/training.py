@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import (
     EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
     WeightAveraging,
 )
 from lightning.pytorch.cli import LightningCLI
@@ -40,11 +42,13 @@ from vmoe.train import (
 )
 from vmoe.train.loggers import default_logger_config
 from vmoe.train.predictions import PredictionCsvWriter
+from vmoe.train.progress import LineProgress
 from vmoe.train.strategy import ExpertParallelStrategy
 
 from .errors import TrainingInterrupted
 from .help import PlainHelpFormatter, arrange_help, subcommand_usage
 from .moe_option import merge_on_the_command_line
+from .quiet import quiet_lightning, quiet_wandb_init
 
 __all__ = ["VmoeCLI"]
 
@@ -68,6 +72,23 @@ def _refuse_lightning_optimizer(config) -> None:
         )
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def shown_path(path) -> str:
+    """``path`` as the end-of-fit summary shows every path: relative to the working directory
+    when it is inside it (as the user typed ``runs/x``), else absolute."""
+    absolute = Path(os.path.abspath(os.fspath(path)))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
 def _class_name(value) -> str:
     return str(getattr(value, "class_path", value))
 
@@ -78,6 +99,7 @@ class VmoeCLI(LightningCLI):
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs):
         from . import LIGHTNING_COMMANDS
 
+        quiet_lightning()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         # Only the parser of the subcommand given is built (each costs seconds of signature
@@ -177,6 +199,14 @@ class VmoeCLI(LightningCLI):
             default=None,
             help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)",
         )
+        parser.add_argument(
+            "--progress",
+            type=Literal["auto", "bar", "lines"],
+            default="auto",
+            help="auto: Lightning's progress bar on a terminal, plain lines (one per epoch and "
+            "every 30 s) when stdout is a file or a pipe (a CI job, a cluster job's log); "
+            "bar or lines: always that",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         merge_on_the_command_line(parser)
 
@@ -207,6 +237,8 @@ class VmoeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        self._plain_progress(trainer)
+        quiet_wandb_init(trainer.loggers)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.loggers and not any(
@@ -230,6 +262,20 @@ class VmoeCLI(LightningCLI):
             except NotImplementedError as err:
                 raise ValueError(str(err)) from None
         return trainer
+
+    def _plain_progress(self, trainer) -> None:
+        """Lightning's default progress bar becomes ``LineProgress`` when ``--progress lines``, or
+        ``auto`` and stdout is not a terminal (a bar the user configured stays)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        mode = config.get("progress", "auto")
+        bar = trainer.progress_bar_callback
+        if bar is None or type(bar) not in (TQDMProgressBar, RichProgressBar):
+            return
+        given = config.trainer.get("callbacks") or []
+        if any("ProgressBar" in str(getattr(c, "class_path", c)) for c in given):
+            return
+        if mode == "lines" or (mode == "auto" and not _is_terminal(sys.stdout)):
+            trainer.callbacks[trainer.callbacks.index(bar)] = LineProgress()
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which re-applies every model hyper-parameter of
@@ -320,19 +366,19 @@ class VmoeCLI(LightningCLI):
         if paths["dir"]:
             best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
             lines.append(
-                f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
+                f"checkpoints:   {shown_path(paths['dir'])}  (best: {best}, last: {last}; "
                 "resume with --ckpt_path last)"
             )
         for logger in trainer.loggers:
             where = getattr(logger, "log_dir", None) or logger.save_dir
-            lines.append(f"logs:          {where}  ({type(logger).__name__})")
+            lines.append(f"logs:          {shown_path(where)}  ({type(logger).__name__})")
         for cb in trainer.callbacks:
             if isinstance(cb, ExportPretrained) and cb.export_path is not None:
                 lines.append(
-                    f"exported:      {cb.export_path}  (vmoe.models.from_pretrained, or "
-                    "timm.create_model('local-dir:DIR', pretrained=True))"
+                    f"exported:      {shown_path(cb.export_path)}  (vmoe.models.from_pretrained, "
+                    "or timm.create_model('local-dir:DIR', pretrained=True))"
                 )
             if isinstance(cb, RoutingStatsLogger):
                 for name, path in cb.last_figures.items():
-                    lines.append(f"{name + ':':<14} {path}")
+                    lines.append(f"{name + ':':<14} {shown_path(path)}")
         print("\n".join(["", "vmoe fit finished."] + ["  " + line for line in lines]), flush=True)
