@@ -82,7 +82,9 @@ def _convert(args) -> int:
         overwrite=args.overwrite,
         **{k: v for k, v in given.items() if v is not None},
     )
-    print(f"wrote {out}")
+    from vmoe.models.describe import describe_saved
+
+    print(f"wrote {out} (config.json + model.safetensors): {describe_saved(out)}")
     return 0
 
 

@@ -10,6 +10,7 @@ data groups, vmoe's callbacks, and Lightning's trainer flags last, in plain text
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
     WeightAveraging,
 )
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -44,6 +45,7 @@ from vmoe.train.loggers import default_logger_config
 from vmoe.train.predictions import PredictionCsvWriter
 from vmoe.train.progress import LineProgress
 from vmoe.train.strategy import ExpertParallelStrategy
+from vmoe.writes import WRITE_ERRNOS, WriteError, failed_write, write_errno
 
 from .errors import TrainingInterrupted
 from .help import PlainHelpFormatter, arrange_help, subcommand_usage
@@ -93,6 +95,34 @@ def _class_name(value) -> str:
     return str(getattr(value, "class_path", value))
 
 
+class RunConfigSaver(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` (the run's ``config.yaml``), a failed write named as
+    every vmoe writer names it (``vmoe.writes.WriteError``: "could not write the run's config
+    X: disk full ...") instead of a bare ``[Errno 28]``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        target = os.path.join(trainer.log_dir or trainer.default_root_dir, self.config_filename)
+        # the previous config.yaml (a resumed run's) is set aside, and put back if the write fails
+        kept = os.path.join(os.path.dirname(target), f".{self.config_filename}.previous")
+        mine = trainer.is_global_zero and os.path.isfile(target)
+        with failed_write(target, "the run's config"):
+            if mine:
+                os.replace(target, kept)
+            try:
+                super().setup(trainer, pl_module, stage)
+            except BaseException:
+                if trainer.is_global_zero:
+                    with contextlib.suppress(OSError):
+                        os.remove(target)  # a partial file
+                    if mine:
+                        os.replace(kept, target)
+                raise
+            if mine:
+                os.remove(kept)
+
+
 class VmoeCLI(LightningCLI):
     """LightningCLI with the run layout, default callbacks and logger of vmoe."""
 
@@ -101,6 +131,7 @@ class VmoeCLI(LightningCLI):
 
         quiet_lightning()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("seed_everything_default", 0)
         # Only the parser of the subcommand given is built (each costs seconds of signature
         # inspection): the first word of args that names one, else all of them.
@@ -306,6 +337,17 @@ class VmoeCLI(LightningCLI):
             if self.trainer.state.status == TrainerStatus.INTERRUPTED:
                 raise TrainingInterrupted(self.trainer.global_step) from None
             raise
+        except OSError as err:
+            # a failed write that names no file (a logger's, Lightning's own): name the run
+            code = write_errno(err)
+            if isinstance(err, WriteError) or err.filename or code is None:
+                raise
+            root = shown_path(self.trainer.default_root_dir)
+            raise WriteError(
+                code,
+                f"could not write a file of the run under {root}: {WRITE_ERRNOS[code]} "
+                f"({err.strerror or os.strerror(code)})",
+            ) from err
 
     def after_predict(self) -> None:
         for cb in self.trainer.callbacks:
