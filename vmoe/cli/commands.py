@@ -202,6 +202,12 @@ def _prepare(args):
     return model, loader, classes, device
 
 
+def _model_name(model) -> str:
+    """The model's name (its timm architecture, e.g. vmoe_tiny_e4_k2), not its folder's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
 def _refuse_non_empty(out: Path, overwrite: bool) -> None:
     """``--out`` must be a new or empty directory unless ``--overwrite``."""
     if out.exists() and not out.is_dir():
@@ -292,7 +298,7 @@ def _routing_report(args) -> int:
             class_names=classes,
             device=device,
             progress=not args.no_progress,
-            title=f"Routing report: {Path(args.model).name} on {args.data}",
+            title=f"Routing report: {_model_name(model)} on {args.data}",
         )
     print(f"accuracy {100 * report['accuracy']:.1f}% over {report['data']['num_images']} images")
     print(f"wrote {len(report['files'])} files to {out}/; open {out / 'index.html'}")
