@@ -1,15 +1,25 @@
 """The ``vmoe`` command: ``main`` dispatches to a LightningCLI subcommand or to a ``Command``.
 
 ``vmoe fit | validate | test | predict`` are LightningCLI subcommands (``vmoe.cli.training``);
-``vmoe convert | routing-report | capacity-sweep | export | make-shards`` are the ``COMMANDS``
-of ``vmoe.cli.commands``. User errors end with one line ``vmoe <command>: error: ...`` and exit
-code 2 (``run_command``). Usage: the guide "The vmoe command" (``docs/guides/cli.md``).
+``vmoe convert | routing-report | capacity-sweep | export | make-shards | ...`` are the
+``COMMANDS`` of ``vmoe.cli.commands`` (a new command is one entry there; ``vmoe --help`` lists
+it). User errors end with one line ``vmoe <command>: error: ...`` and exit code 2
+(``run_command``). Usage: the guide "The vmoe command" (``docs/guides/cli.md``).
+
+Start-up is kept light: this module, ``commands`` and ``errors`` import only the standard
+library, so ``vmoe --help``, ``vmoe <command> --help``, an unknown command, a usage error of a
+``Command`` and a missing ``--config`` file answer without importing torch or Lightning; each
+command imports what it needs when it runs (``benchmarks/cli_startup.py`` measures it).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import shutil
 import sys
-from typing import List, Optional, Sequence
+import textwrap
+from typing import Dict, List, Optional, Sequence
 
 from .commands import COMMANDS, Command
 from .errors import TrainingInterrupted, error_message, run_command
@@ -23,15 +33,59 @@ __all__ = [
     "run_command",
     "error_message",
     "TrainingInterrupted",
+    "help_text",
 ]
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# The LightningCLI subcommands with vmoe's one-line help (Lightning's own descriptions are cut
+# mid-sentence by its first-line extraction).
+LIGHTNING_COMMANDS: Dict[str, str] = {
+    "fit": "train a model from a config (e.g. --config configs/quickstart.yaml), then test it, "
+    "export it and print where everything went",
+    "validate": "evaluate a model or a checkpoint (--ckpt_path) on the validation split",
+    "test": "evaluate a model or a checkpoint (--ckpt_path) on the test split",
+    "predict": "write a checkpoint's top-k predictions per image to predictions.csv",
+}
+_HELP = ("-h", "--help")
 
 
-def _commands_help() -> str:
-    width = max(len(n) for n in COMMANDS)
-    rows = [f"  {n:<{width}}  {c.help}" for n, c in sorted(COMMANDS.items())]
-    return "\nmore commands (vmoe <command> --help):\n" + "\n".join(rows)
+def help_text(width: Optional[int] = None) -> str:
+    """``vmoe --help``: every command with one line of what it does (wrapped, never cut)."""
+    if width is None:
+        width = min(shutil.get_terminal_size((100, 24)).columns, 100)
+    names = [*LIGHTNING_COMMANDS, *COMMANDS]
+    pad = max(len(n) for n in names) + 4
+
+    def rows(items) -> List[str]:
+        out = []
+        for name, text in items:
+            out += textwrap.wrap(
+                text,
+                width=max(width, pad + 30),
+                initial_indent=f"  {name:<{pad - 2}}",
+                subsequent_indent=" " * pad,
+            )
+        return out
+
+    return "\n".join(
+        [
+            "usage: vmoe <command> [options]",
+            "",
+            *textwrap.wrap(
+                "Vision Mixture-of-Experts (V-MoE, Soft MoE) in PyTorch: train, evaluate, "
+                "import, export and inspect sparse MoE vision transformers.",
+                width,
+            ),
+            "",
+            "training and evaluation (LightningCLI: --config FILE, --model.*, --data.*, "
+            "--trainer.*):",
+            *rows(LIGHTNING_COMMANDS.items()),
+            "",
+            "models, data and routing:",
+            *rows((name, command.help) for name, command in COMMANDS.items()),
+            "",
+            "'vmoe <command> --help' shows a command's options; the guide: docs/guides/cli.md.",
+        ]
+    )
 
 
 def _exit_code(stop: SystemExit) -> int:
@@ -53,16 +107,49 @@ def _run_command(name: str, argv: List[str]) -> int:
     return int(command.run(args) or 0)
 
 
+def _config_files(argv: Sequence[str]) -> List[str]:
+    """The values of ``-c X``, ``--config X`` and ``--config=X`` in ``argv``."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            found.append(arg[len("--config=") :])
+    return found
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+    """A ``--config`` that names no file is one line before Lightning is imported. A value that
+    is not path-like (an inline YAML/JSON mapping, a URL) is left to jsonargparse."""
+    for value in _config_files(argv):
+        inline = "\n" in value or value.lstrip().startswith(("{", "[")) or "://" in value
+        if not inline and not os.path.isfile(value):
+            what = "is a directory" if os.path.isdir(value) else "no such file"
+            raise FileNotFoundError(f"--config {value}: {what}")
+
+
 def _run_lightning(command: str, argv: Optional[List[str]]) -> int:
+    _check_config_files(sys.argv[1:] if argv is None else argv)
     from .training import VmoeCLI
 
     try:
         VmoeCLI(args=argv)
     except SystemExit as stop:
-        if command in ("-h", "--help", "") and not stop.code:
-            print(_commands_help())
         return _exit_code(stop)
     return 0
+
+
+def _unknown_command(command: str) -> int:
+    names = [*LIGHTNING_COMMANDS, *COMMANDS]
+    close = difflib.get_close_matches(command, names, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    print(
+        f"vmoe: error: {command!r} is not a vmoe command; {hint}commands: {', '.join(names)} "
+        "(vmoe --help says what each does)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -70,9 +157,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    if command in _HELP:
+        print(help_text())
+        return 0
+    if not command:
+        print(help_text(), file=sys.stderr)
+        print("\nvmoe: error: choose a command", file=sys.stderr, flush=True)
+        return 2
     if command in COMMANDS:
         return run_command(command, lambda: _run_command(command, argv[1:]))
-    return run_command(command, lambda: _run_lightning(command, argv if explicit else None))
+    if command in LIGHTNING_COMMANDS or command.startswith("-"):  # e.g. vmoe -c x.yaml fit
+        name = next((a for a in argv if a in LIGHTNING_COMMANDS), command)
+        return run_command(name, lambda: _run_lightning(name, argv if explicit else None))
+    return _unknown_command(command)
 
 
 def console_main() -> None:

@@ -2,7 +2,10 @@
 subcommands that do not train.
 
 Each is a ``Command``: a one-line help, the jsonargparse arguments and the function that runs on
-the parsed namespace. Nothing heavy is imported before a command runs, and none of them imports
+the parsed namespace. Adding a command is one entry in ``COMMANDS`` (``vmoe --help`` lists it,
+in that order). This module imports only the standard library: ``add_arguments`` may import
+jsonargparse and ``vmoe.cli.defaults`` (so that ``vmoe <command> --help`` and a usage error
+answer without torch), everything heavy is imported inside ``run``; none of them imports
 Lightning's trainer. Usage of each: the guide "The vmoe command" (``docs/guides/cli.md``).
 """
 
@@ -87,7 +90,9 @@ def _convert(args) -> int:
         overwrite=args.overwrite,
         **{k: v for k, v in given.items() if v is not None},
     )
-    print(f"wrote {out}")
+    from vmoe.models.describe import describe_saved
+
+    print(f"wrote {out} (config.json + model.safetensors): {describe_saved(out)}")
     return 0
 
 
@@ -205,6 +210,12 @@ def _prepare(args):
     return model, loader, classes, device
 
 
+def _model_name(model) -> str:
+    """The model's name (its timm architecture, e.g. vmoe_tiny_e4_k2), not its folder's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
 def _refuse_non_empty(out: Path, overwrite: bool) -> None:
     """``--out`` must be a new or empty directory unless ``--overwrite``."""
     if out.exists() and not out.is_dir():
@@ -220,7 +231,7 @@ def _report_arguments(p) -> None:
     """The options routing-report and capacity-sweep share."""
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
-    from vmoe.viz.report import DEFAULT_CAPACITY_FACTORS
+    from .defaults import DEFAULT_CAPACITY_FACTORS
 
     p.add_argument(
         "--model",
@@ -295,7 +306,7 @@ def _routing_report(args) -> int:
             class_names=classes,
             device=device,
             progress=not args.no_progress,
-            title=f"Routing report: {Path(args.model).name} on {args.data}",
+            title=f"Routing report: {_model_name(model)} on {args.data}",
         )
     print(f"accuracy {100 * report['accuracy']:.1f}% over {report['data']['num_images']} images")
     print(f"wrote {len(report['files'])} files to {out}/; open {out / 'index.html'}")
@@ -354,7 +365,7 @@ def _export_arguments(p) -> None:
 
     from jsonargparse.typing import PositiveFloat, PositiveInt
 
-    from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
+    from .defaults import EVAL_CAPACITY_FACTOR
 
     p.add_argument(
         "--model",

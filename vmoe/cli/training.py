@@ -2,25 +2,33 @@
 
 The model is ``vmoe.train.VmoeClassifier``; the data any LightningDataModule with a
 ``num_classes`` attribute (e.g. ``vmoe.data.DigitsDataModule``). This module imports Lightning,
-so ``vmoe.cli`` imports it only for these four subcommands.
+so ``vmoe.cli`` imports it only for these four subcommands, and only the chosen subcommand's
+parser is built. Its ``--help`` is vmoe's: the options of ``vmoe fit`` itself, then the model and
+data groups, vmoe's callbacks, and Lightning's trainer flags last, in plain text
+(``vmoe.cli.help``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Dict, Literal, Optional, Sequence, Set
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import (
     EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
     WeightAveraging,
 )
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -35,9 +43,14 @@ from vmoe.train import (
 )
 from vmoe.train.loggers import default_logger_config
 from vmoe.train.predictions import PredictionCsvWriter
+from vmoe.train.progress import LineProgress
 from vmoe.train.strategy import ExpertParallelStrategy
+from vmoe.writes import WRITE_ERRNOS, WriteError, failed_write, write_errno
 
 from .errors import TrainingInterrupted
+from .help import PlainHelpFormatter, arrange_help, subcommand_usage
+from .moe_option import merge_on_the_command_line
+from .quiet import quiet_lightning, quiet_wandb_init
 
 __all__ = ["VmoeCLI"]
 
@@ -61,23 +74,85 @@ def _refuse_lightning_optimizer(config) -> None:
         )
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def shown_path(path) -> str:
+    """``path`` as the end-of-fit summary shows every path: relative to the working directory
+    when it is inside it (as the user typed ``runs/x``), else absolute."""
+    absolute = Path(os.path.abspath(os.fspath(path)))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
 def _class_name(value) -> str:
     return str(getattr(value, "class_path", value))
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback`` (the run's ``config.yaml``), a failed write named as
+    every vmoe writer names it (``vmoe.writes.WriteError``: "could not write the run's config
+    X: disk full ...") instead of a bare ``[Errno 28]``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        target = os.path.join(trainer.log_dir or trainer.default_root_dir, self.config_filename)
+        # the previous config.yaml (a resumed run's) is set aside, and put back if the write fails
+        kept = os.path.join(os.path.dirname(target), f".{self.config_filename}.previous")
+        mine = trainer.is_global_zero and os.path.isfile(target)
+        with failed_write(target, "the run's config"):
+            if mine:
+                os.replace(target, kept)
+            try:
+                super().setup(trainer, pl_module, stage)
+            except BaseException:
+                if trainer.is_global_zero:
+                    with contextlib.suppress(OSError):
+                        os.remove(target)  # a partial file
+                    if mine:
+                        os.replace(kept, target)
+                raise
+            if mine:
+                os.remove(kept)
 
 
 class VmoeCLI(LightningCLI):
     """LightningCLI with the run layout, default callbacks and logger of vmoe."""
 
     def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs):
+        from . import LIGHTNING_COMMANDS
+
+        quiet_lightning()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigSaver)
         kwargs.setdefault("seed_everything_default", 0)
+        # Only the parser of the subcommand given is built (each costs seconds of signature
+        # inspection): the first word of args that names one, else all of them.
+        given = sys.argv[1:] if args is None else args
+        words = given if isinstance(given, (list, tuple)) else []
+        self._only = next((w for w in words if w in LightningCLI.subcommands()), None)
         # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
         # turns them into one line.
         quiet = {"exit_on_error": False}
-        kwargs.setdefault(
-            "parser_kwargs",
-            {**quiet, "prog": "vmoe", **{c: dict(quiet) for c in self.subcommands()}},
-        )
+        sub = {
+            c: {
+                **quiet,
+                "formatter_class": PlainHelpFormatter,
+                "description": LIGHTNING_COMMANDS[c],
+                "usage": subcommand_usage(c),
+            }
+            for c in self.subcommands()
+        }
+        # (a subcommand parser takes the formatter of the main one)
+        main = {**quiet, "prog": "vmoe", "formatter_class": PlainHelpFormatter}
+        kwargs.setdefault("parser_kwargs", {**main, **sub})
         super().__init__(
             VmoeClassifier,
             L.LightningDataModule,
@@ -86,6 +161,22 @@ class VmoeCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        # LightningCLI's warns when args is given while sys.argv has arguments (always so under
+        # pytest or a script calling vmoe.cli.main): main() chose args on purpose
+        structured = isinstance(args, (dict, Namespace))
+        self.config = parser.parse_object(args) if structured else parser.parse_args(args)
+
+    def subcommands(self) -> Dict[str, Set[str]]:  # LightningCLI's is a staticmethod
+        every = LightningCLI.subcommands()
+        only = getattr(self, "_only", None)
+        return {only: every[only]} if only else every
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        arrange_help(parser, subcommand)
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         # Two checkpoint callbacks: the best one (by val/acc1), and "last" (LastCheckpoint:
@@ -139,7 +230,16 @@ class VmoeCLI(LightningCLI):
             default=None,
             help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)",
         )
+        parser.add_argument(
+            "--progress",
+            type=Literal["auto", "bar", "lines"],
+            default="auto",
+            help="auto: Lightning's progress bar on a terminal, plain lines (one per epoch and "
+            "every 30 s) when stdout is a file or a pipe (a CI job, a cluster job's log); "
+            "bar or lines: always that",
+        )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        merge_on_the_command_line(parser)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -168,6 +268,8 @@ class VmoeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        self._plain_progress(trainer)
+        quiet_wandb_init(trainer.loggers)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.loggers and not any(
@@ -191,6 +293,20 @@ class VmoeCLI(LightningCLI):
             except NotImplementedError as err:
                 raise ValueError(str(err)) from None
         return trainer
+
+    def _plain_progress(self, trainer) -> None:
+        """Lightning's default progress bar becomes ``LineProgress`` when ``--progress lines``, or
+        ``auto`` and stdout is not a terminal (a bar the user configured stays)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        mode = config.get("progress", "auto")
+        bar = trainer.progress_bar_callback
+        if bar is None or type(bar) not in (TQDMProgressBar, RichProgressBar):
+            return
+        given = config.trainer.get("callbacks") or []
+        if any("ProgressBar" in str(getattr(c, "class_path", c)) for c in given):
+            return
+        if mode == "lines" or (mode == "auto" and not _is_terminal(sys.stdout)):
+            trainer.callbacks[trainer.callbacks.index(bar)] = LineProgress()
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, which re-applies every model hyper-parameter of
@@ -221,6 +337,17 @@ class VmoeCLI(LightningCLI):
             if self.trainer.state.status == TrainerStatus.INTERRUPTED:
                 raise TrainingInterrupted(self.trainer.global_step) from None
             raise
+        except OSError as err:
+            # a failed write that names no file (a logger's, Lightning's own): name the run
+            code = write_errno(err)
+            if isinstance(err, WriteError) or err.filename or code is None:
+                raise
+            root = shown_path(self.trainer.default_root_dir)
+            raise WriteError(
+                code,
+                f"could not write a file of the run under {root}: {WRITE_ERRNOS[code]} "
+                f"({err.strerror or os.strerror(code)})",
+            ) from err
 
     def after_predict(self) -> None:
         for cb in self.trainer.callbacks:
@@ -281,19 +408,19 @@ class VmoeCLI(LightningCLI):
         if paths["dir"]:
             best, last = Path(paths["best"]).name or "-", Path(paths["last"]).name or "-"
             lines.append(
-                f"checkpoints:   {paths['dir']}  (best: {best}, last: {last}; "
+                f"checkpoints:   {shown_path(paths['dir'])}  (best: {best}, last: {last}; "
                 "resume with --ckpt_path last)"
             )
         for logger in trainer.loggers:
             where = getattr(logger, "log_dir", None) or logger.save_dir
-            lines.append(f"logs:          {where}  ({type(logger).__name__})")
+            lines.append(f"logs:          {shown_path(where)}  ({type(logger).__name__})")
         for cb in trainer.callbacks:
             if isinstance(cb, ExportPretrained) and cb.export_path is not None:
                 lines.append(
-                    f"exported:      {cb.export_path}  (vmoe.models.from_pretrained, or "
-                    "timm.create_model('local-dir:DIR', pretrained=True))"
+                    f"exported:      {shown_path(cb.export_path)}  (vmoe.models.from_pretrained, "
+                    "or timm.create_model('local-dir:DIR', pretrained=True))"
                 )
             if isinstance(cb, RoutingStatsLogger):
                 for name, path in cb.last_figures.items():
-                    lines.append(f"{name + ':':<14} {path}")
+                    lines.append(f"{name + ':':<14} {shown_path(path)}")
         print("\n".join(["", "vmoe fit finished."] + ["  " + line for line in lines]), flush=True)

@@ -12,7 +12,13 @@ import torch.nn as nn
 
 from ..jsonable import to_jsonable
 from ..moe import MoeMlp, RoutingPlan, moe_layers, require_moe_layers, routing_statistics
-from ..moe.config import ROUTER_CONFIGS, MoeLayerConfig
+from ..moe.config import (
+    ROUTER_CONFIGS,
+    MoeLayerConfig,
+    all_router_options,
+    did_you_mean,
+    misplaced_option,
+)
 from ..moe.soft_routing import soft_slots_per_expert
 
 __all__ = [
@@ -214,9 +220,10 @@ class MoeifyConfig:
         """A validated copy with ``changes`` (giving one placement key replaces the other)."""
         unknown = [k for k in changes if k not in {f.name for f in dataclasses.fields(self)}]
         if unknown:
+            names = [f.name for f in dataclasses.fields(self)]
             raise ValueError(
                 f"{unknown[0]}: not an option of MoeifyConfig (its options: "
-                f"{', '.join(f.name for f in dataclasses.fields(self))})"
+                f"{', '.join(names)}){did_you_mean(unknown[0], names)}"
             )
         if any(k in changes for k in PLACEMENT_KEYS):
             changes = {**{k: None for k in PLACEMENT_KEYS}, **changes}
@@ -254,12 +261,10 @@ def nested_moe_options(options, where: str = "moe") -> Dict[str, Any]:
     router = options.get("router")
     if isinstance(router, _ROUTER_TYPES):
         router = router.to_dict()
+    here = (*MOEIFY_KEYS, *MoeLayerConfig.options())
     if isinstance(router, Mapping):
         if flat_router:
-            raise ValueError(
-                f"{where}.{next(iter(flat_router))}: give the router options inside "
-                f"{where}.router when it is a mapping, not next to it"
-            )
+            raise misplaced_option(next(iter(flat_router)), where, here)
         out["router"] = dict(router)
     elif router is not None or flat_router:
         out["router"] = {
@@ -267,6 +272,23 @@ def nested_moe_options(options, where: str = "moe") -> Dict[str, Any]:
             **_without_ignored(router, flat_router),
         }
     return out
+
+
+def refuse_unknown_keys(options: Mapping[str, Any], where: str = "moe") -> None:
+    """ValueError naming the first top-level key of ``options`` (flat or nested MoE options) that
+    is an option of neither ``moeify``, the MoE layer nor any router, with the closest valid
+    ones: named where it was written (``nested_moe_options`` would move it under ``router``)."""
+    here = (*MOEIFY_KEYS, *MoeLayerConfig.options())
+    routers = all_router_options()
+    for key in options:
+        if key not in here and key not in routers:
+            if isinstance(options.get("router"), Mapping):
+                raise misplaced_option(key, where, here)
+            raise ValueError(
+                f"{where}.{key}: not an option of the MoE layer nor of any router"
+                f"{did_you_mean(key, (*here, *routers))} (options here: {', '.join(here)}; "
+                f"router options: {', '.join(routers)})"
+            )
 
 
 def _without_ignored(name, flat_router: Dict[str, Any]) -> Dict[str, Any]:

@@ -18,8 +18,21 @@ fixed by the shape of its parameters).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Iterable,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from .checks import (
     check_batch_priority,
@@ -336,6 +349,22 @@ _IGNORED_BY_FLAT_EXPERT_CHOICE = (
 )
 
 
+def did_you_mean(key: str, options: Iterable[str]) -> str:
+    """``'; did you mean a or b?'`` naming the options closest to a misspelt ``key`` (difflib),
+    or ``''`` when none is close."""
+    close = difflib.get_close_matches(str(key), list(dict.fromkeys(options)), n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def any_router_option(key: str) -> bool:
+    """Whether ``key`` is an option of one of the routers."""
+    return any(key in c.options() for c in ROUTER_CONFIGS.values())
+
+
+def all_router_options() -> Tuple[str, ...]:
+    return tuple(dict.fromkeys(o for c in ROUTER_CONFIGS.values() for o in c.options()))
+
+
 #: Top-K options that no other router has (a Soft MoE layer names 'top_k' when refusing them).
 _TOP_K_ONLY_OPTIONS = ("score_func", "bias_update_rate")
 
@@ -357,7 +386,7 @@ def router_config(name: str = "top_k", *, where: str = "moe.router", **options) 
     if unknown:
         raise ValueError(
             f"{where}.{unknown[0]}: not an option of router {name!r} (its options: "
-            f"{', '.join(cls.options())})"
+            f"{', '.join(cls.options())}){did_you_mean(unknown[0], cls.options())}"
         )
     return _named(where, cls.options(), lambda: cls(**options))
 
@@ -384,9 +413,10 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
         owners = [n for n, c in ROUTER_CONFIGS.items() if others[0] in c.options()]
         layer_options = ", ".join(f.name for f in dataclasses.fields(MoeLayerConfig))
         if not owners:
+            hint = did_you_mean(others[0], (*MoeLayerConfig.options(), *cls.options()))
             raise ValueError(
                 f"{where}.{others[0]}: not an option of the MoE layer nor of router "
-                f"{name!r} (layer options: {layer_options}; router options: "
+                f"{name!r}{hint} (layer options: {layer_options}; router options: "
                 f"{', '.join(cls.options())})"
             )
         verb = "applies" if len(others) == 1 else "apply"
@@ -414,6 +444,22 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
             f"not to router={name!r} (its options: {', '.join(cls.options())})"
         )
     return _named(where, cls.options(), lambda: cls(**options))
+
+
+def misplaced_option(key: str, where: str, options: Iterable[str]) -> ValueError:
+    """The error for ``key`` next to a router given as a mapping: a router option belongs
+    inside ``{where}.router``; any other key is not an option (``options`` are the valid keys
+    at that level, the closest named)."""
+    if any_router_option(key):
+        return ValueError(
+            f"{where}.{key}: give the router options inside {where}.router when it is a "
+            "mapping, not next to it"
+        )
+    options = tuple(options)
+    return ValueError(
+        f"{where}.{key}: not an option of the MoE layer{did_you_mean(key, options)} (options "
+        f"here: {', '.join(options)}; the router's go inside {where}.router)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,10 +545,7 @@ class MoeLayerConfig:
         router = rest.pop("router", "top_k")
         layer = {k: rest.pop(k) for k in cls.options() if k in rest}
         if isinstance(router, (Mapping, *_ROUTER_TYPES)) and rest:
-            raise ValueError(
-                f"{where}.{next(iter(rest))}: give the router options inside "
-                f"{where}.router when it is a mapping, not next to it"
-            )
+            raise misplaced_option(next(iter(rest)), where, cls.options())
         if isinstance(router, _ROUTER_TYPES):
             config = router
         elif isinstance(router, Mapping):
@@ -529,6 +572,6 @@ class MoeLayerConfig:
         if unknown:
             raise ValueError(
                 f"{unknown[0]}: not an option of the MoE layer (its options: "
-                f"{', '.join(self.options())})"
+                f"{', '.join(self.options())}){did_you_mean(unknown[0], self.options())}"
             )
         return dataclasses.replace(self, **changes)

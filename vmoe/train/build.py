@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
 import timm
 import torch.nn as nn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import vmoe.models as vm
+from vmoe.checkpoints import read_safetensors_header
+from vmoe.models.describe import describe_loading
 from vmoe.models.moeify import MoeifyConfig
+from vmoe.models.pretrained import WEIGHTS_NAME, resolve_model_dir
 
 __all__ = ["build_model"]
 
@@ -78,7 +83,9 @@ def build_model(
     elif pretrained_dir:
         if moe:
             raise ValueError("model.moe applies to model_name/upcycle_from, not to pretrained_dir")
-        model = vm.from_pretrained(pretrained_dir, num_classes=num_classes, **size, **model_kwargs)
+        local = resolve_model_dir(pretrained_dir)  # (a hub name is downloaded once)
+        model = vm.from_pretrained(local, num_classes=num_classes, **size, **model_kwargs)
+        rank_zero_info(f"model.pretrained_dir: {_what_was_loaded(model, local)}")
     else:
         if not moe:
             raise ValueError(
@@ -106,3 +113,16 @@ def build_model(
         for layer in vm.moe_layers(model).values():
             layer.experts.drop1.p = layer.experts.drop2.p = moe_dropout
     return model
+
+
+def _what_was_loaded(model: nn.Module, directory: Path) -> str:
+    """``loaded N of M tensors from DIR/model.safetensors; re-initialised head.weight, head.bias
+    (a new head: C classes)``: the tensors whose shape in the file differs from the model's were
+    not taken (a new head) or resampled (the position embeddings at a new image size)."""
+    weights = Path(directory) / WEIGHTS_NAME
+    shapes = {k: tuple(v.shape) for k, v in read_safetensors_header(weights).items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    differ = [k for k in own if k in shapes and shapes[k] != own[k]]
+    resampled = [k for k in differ if k == "pos_embed"]
+    fresh = [k for k in own if k not in shapes] + [k for k in differ if k not in resampled]
+    return describe_loading(model, shapes, weights, reinitialised=fresh, resampled=resampled)

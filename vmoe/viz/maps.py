@@ -127,6 +127,7 @@ def patch_map(
                 pre_d[k],
                 record.prefix_labels,
                 image_size=record.image_size,
+                outline=True,  # experts' colors unshaded by the image
             )
             ax.set_title(f"{name}\n{_ordinal(k)} choice", fontsize=9)
             n_drop = int(grid_d[k].sum() + pre_d[k].sum())

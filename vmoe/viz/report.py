@@ -31,7 +31,7 @@ from vmoe.moe import require_moe_layers, soft_routing_statistics
 
 from .maps import patch_map, priority_map
 from .page import render_page
-from .record import RoutingRecord, record_routing
+from .record import RoutingRecord, record_routing, ungroup
 from .soft import combine_entropy_map, dispatch_map, slot_similarity
 from .stats import class_expert_matrix, expert_load
 from .sweep import capacity_sweep
@@ -133,10 +133,40 @@ def _model_info(model: nn.Module, layers) -> dict:
     }
 
 
+def _dropped_per_image(record: RoutingRecord) -> Optional[np.ndarray]:
+    """[B] tokens with a dropped choice in the last recorded batch, summed over the top-K
+    layers (None when the model has none)."""
+    total = None
+    for name in record.layer_names:
+        if not record.is_top_k(name):
+            continue
+        last = record.forwards[name][-1]
+        slot = ungroup(last.plan.slot, last.batch_size, last.tokens_per_image)  # [B, N, K]
+        count = (slot < 0).any(-1).sum(-1).numpy()
+        total = count if total is None else total + count
+    return total
+
+
+def _choose_examples(examples: dict, spare: list, dropping: list, num_examples: int) -> list:
+    """The example images: when some images had dropped tokens, half of the examples (rounded
+    up) are those with the most (so that the patch maps show what a drop looks like), the rest
+    the first image of each class, then any others; in data order."""
+    chosen = [(i, img) for _, i, img in sorted(dropping, key=lambda d: (-d[0], d[1]))]
+    chosen = chosen[: -(-num_examples // 2)]
+    taken = {i for i, _ in chosen}
+    for index, image in sorted(examples.values(), key=lambda e: e[0]) + spare:
+        if len(chosen) >= num_examples:
+            break
+        if index not in taken:
+            chosen.append((index, image))
+            taken.add(index)
+    return sorted(chosen, key=lambda e: e[0])
+
+
 @torch.no_grad()
 def _record(model, data, device, num_examples: int, bar) -> dict:
     """One pass: routing of every image, labels, predictions and a few example images."""
-    labels, predictions, examples, spare = [], [], {}, []
+    labels, predictions, examples, spare, dropping = [], [], {}, [], []
     seen = 0
     with record_routing(model) as record:
         for images, y in data:
@@ -147,6 +177,11 @@ def _record(model, data, device, num_examples: int, bar) -> dict:
                     examples[label] = (seen + j, images[j].cpu())
                 elif len(spare) < num_examples:
                     spare.append((seen + j, images[j].cpu()))
+            # the images with the most dropped tokens so far: (count, index, image)
+            counts = _dropped_per_image(record)
+            for j in np.nonzero(counts)[0] if counts is not None else ():
+                dropping.append((int(counts[j]), seen + int(j), images[int(j)].cpu()))
+            dropping = sorted(dropping, key=lambda d: (-d[0], d[1]))[:num_examples]
             labels.append(y.cpu())
             predictions.append(logits.argmax(-1).cpu())
             seen += len(images)
@@ -156,8 +191,7 @@ def _record(model, data, device, num_examples: int, bar) -> dict:
             "data yielded no images: the dataset is empty (or a generator that was "
             "already consumed)"
         )
-    chosen = sorted(examples.values(), key=lambda e: e[0])
-    chosen = sorted(chosen + spare[: max(0, num_examples - len(chosen))], key=lambda e: e[0])
+    chosen = _choose_examples(examples, spare, dropping, num_examples)
     return {
         "record": record,
         "labels": torch.cat(labels).numpy(),

@@ -123,6 +123,21 @@ def new_figure(
     return fig, axes
 
 
+def _outline(ax, background: np.ndarray) -> None:
+    """The image [H, W] as contour lines (a white line under a black one: visible on every
+    expert color) at the brightness halfway between its dark and bright parts (the 10% and
+    90% quantiles)."""
+    low, high = (float(q) for q in np.quantile(background, (0.1, 0.9)))
+    if not high > low:
+        return  # a flat image has no outline
+    levels = [(low + high) / 2]
+    H, W = background.shape
+    x, y = np.arange(W) + 0.5, np.arange(H) + 0.5
+    for color, width in (("white", 1.8), ("black", 0.8)):
+        lines = ax.contour(x, y, background, levels=levels, colors=color, linewidths=width)
+        lines.set_gid("image_outline")
+
+
 def _mark(ax, x: float, y: float, w: float, h: float) -> None:
     # A black hatch under a white one: readable on light and dark expert colors alike.
     for color, width in (("black", 2.2), (DROPPED_COLOR, 0.9)):
@@ -151,6 +166,7 @@ def draw_token_grid(
     prefix_labels: Sequence[str] = (),
     alpha: float = OVERLAY_ALPHA,
     image_size: Optional[Tuple[int, int]] = None,
+    outline: bool = False,
 ):
     """Draw per-patch colors over an image, prefix tokens as squares left of it.
 
@@ -161,12 +177,18 @@ def draw_token_grid(
         prefix_rgba: [P, 4] color of each prefix token.
         patch_marked / prefix_marked: [h, w] / [P] bool, tokens to hatch (dropped).
         prefix_labels: P names written under the prefix squares ("cls", "reg1", ...).
+        outline: draw the colors opaque and the image as contour lines over them, instead of
+            the colors translucent over the image: categorical colors (experts) then look the
+            same on dark and bright image regions.
     Returns the AxesImage of the patch colors (gid "patch_colors", its array is ``patch_rgba``).
     """
     h, w = grid_size
     H, W = background.shape if background is not None else (image_size or (h, w))
     ph, pw = H / h, W / w
-    if background is not None:
+    if background is not None and outline:
+        overlay = ax.imshow(patch_rgba, extent=(0, W, H, 0), interpolation="nearest")
+        _outline(ax, background)
+    elif background is not None:
         # Washed out to [0.4, 1] gray: the image stays legible and dark expert colors (black)
         # cannot be confused with dark image regions.
         ax.imshow(
@@ -177,12 +199,13 @@ def draw_token_grid(
             extent=(0, W, H, 0),
             interpolation="nearest",
         )
-    overlay = ax.imshow(
-        patch_rgba,
-        extent=(0, W, H, 0),
-        interpolation="nearest",
-        alpha=alpha if background is not None else 1.0,
-    )
+    if not (background is not None and outline):
+        overlay = ax.imshow(
+            patch_rgba,
+            extent=(0, W, H, 0),
+            interpolation="nearest",
+            alpha=alpha if background is not None else 1.0,
+        )
     overlay.set_gid("patch_colors")
     if patch_marked is not None:
         for i, j in zip(*np.nonzero(patch_marked)):

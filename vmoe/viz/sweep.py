@@ -17,9 +17,29 @@ from .record import image_grid, refuse_soft_layer
 
 __all__ = ["capacity_sweep", "evaluate", "SweepRow"]
 
+# Where both routings give the same value (every point at a large capacity factor), BPR's
+# dashed line and small filled squares sit inside vanilla's solid line and hollow circles: both
+# stay visible.
 _STYLE = {
-    "vanilla": dict(color="#0072B2", marker="o", label="vanilla (earlier tokens first)"),
-    "bpr": dict(color="#D55E00", marker="s", label="BPR (largest gate first)"),
+    "vanilla": dict(
+        color="#0072B2",
+        marker="o",
+        markersize=8,
+        markerfacecolor="white",
+        linestyle="-",
+        linewidth=2.2,
+        zorder=2,
+        label="vanilla (earlier tokens first)",
+    ),
+    "bpr": dict(
+        color="#D55E00",
+        marker="s",
+        markersize=4,
+        linestyle=(0, (4, 2)),
+        linewidth=1.4,
+        zorder=3,
+        label="BPR (largest gate first)",
+    ),
 }
 
 
@@ -181,7 +201,7 @@ def capacity_sweep(
     for ax, (key, ylabel) in zip(axes, panels):
         scale = flops_scale if key == "moe_flops_per_image" else 1.0
         for mode in modes:
-            ax.plot(cfs, numbers[key][mode] * scale, linewidth=1.5, markersize=5, **_STYLE[mode])
+            ax.plot(cfs, numbers[key][mode] * scale, **_STYLE[mode])
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfs, [f"{c:g}" for c in cfs], fontsize=8)
         ax.minorticks_off()
@@ -193,8 +213,8 @@ def capacity_sweep(
         axes[0].axhline(
             ref["accuracy"],
             color="#555555",
-            linestyle="--",
-            linewidth=1,
+            linestyle=":",
+            linewidth=1.2,
             label="model's own settings",
         )
     if len(modes) > 1:
