@@ -84,6 +84,8 @@ def run_dropless(
     position, order, ends = order_by_expert(expert_index, experts.num_experts)
     token_of_row = torch.div(order, K, rounding_mode="floor")  # [P]
     rows = tokens.index_select(0, token_of_row)  # [P, d]
+    if tokens.is_floating_point() and torch.is_autocast_enabled(tokens.device.type):
+        rows = rows.to(torch.get_autocast_dtype(tokens.device.type))  # as dispatch does
     if bf16_round is not None:
         rows = bf16_round(rows)
     out = experts.forward_sorted(rows, ends, expert_bounds(ends, T * K))  # [P, d']

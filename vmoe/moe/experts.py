@@ -47,6 +47,9 @@ class Experts(nn.Module):
         ValueError: An unknown ``gemm``, or widths 'grouped_mm' cannot run with.
     """
 
+    #: Whether ``forward_sorted`` (the dropless path) can run: all E experts are local.
+    runs_sorted_rows: bool = True
+
     def __init__(
         self,
         num_experts: int,
