@@ -22,11 +22,12 @@ orderings over axes longer than ``PAIRWISE_ORDER_MAX`` keep ``aten.sort.stable``
 ``export_onnx`` lowers to ONNX ``TopK`` (ties: lower index first, as the stable sort).
 
 Batch dependence (the capacity path; dropless layers have none): a sparse layer's routing
-groups span ``group_size_images`` consecutive images (default 8) that compete for buffer places, so an image's output depends on the other images of
-its group whenever a place is contested (a token dropped or not), and on the batch's size
-through the padding of the last group. ``batch_independent=True`` routes one image per group
-(``group_size_images=1``): the output of an image then depends on that image alone. Soft MoE
-layers with one image per group (the default) are batch-independent already.
+groups span ``group_size_images`` consecutive images (default 8) that compete for buffer
+places, so an image's output depends on the other images of its group whenever a place is
+contested (a token dropped or not), and on the batch's size through the padding of the last
+group. ``batch_independent=True`` routes one image per group (``group_size_images=1``): the
+output of an image then depends on that image alone. Soft MoE layers with one image per group
+(the default) are batch-independent already.
 """
 
 from __future__ import annotations

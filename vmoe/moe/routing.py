@@ -72,7 +72,10 @@ def _pairwise_descending_order(key: torch.Tensor, dim: int) -> torch.Tensor:
     a, b = k.unsqueeze(-1), k.unsqueeze(-2)  # [..., n (i), 1], [..., 1, n (j)]
     before = (b > a) | ((b == a) & (index.view(1, n) < index.view(n, 1)))  # j goes before i
     rank = before.sum(-1)  # [..., n]: position of element i
-    order = torch.zeros_like(rank).scatter_(-1, rank, index.expand_as(rank).contiguous())
+    # order[p] = the i with rank p (no scatter of an expanded index: that would guard on the
+    # leading sizes, e.g. a dynamic number of groups being 1)
+    at = rank.unsqueeze(-2) == index.view(n, 1)  # [..., n (p), n (i)]
+    order = (at * index).sum(-1)
     return order.movedim(-1, dim)
 
 
