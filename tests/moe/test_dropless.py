@@ -194,3 +194,23 @@ def test_order_by_expert_groups_pairs_stably():
     assert torch.equal(order, want)
     assert torch.equal(position[order], torch.arange(8))
     assert ends.tolist() == [3, 5, 7, 8, 8]
+
+
+def test_evaluation_of_the_routing_report_and_sweep_runs_dropless_by_default():
+    import timm
+
+    import vmoe.models  # noqa: F401  (registers the vmoe_* models)
+    from vmoe.viz.sweep import evaluate
+
+    torch.manual_seed(0)
+    model = timm.create_model("vmoe_tiny_e4_k2", num_classes=3)
+    data = [(torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 2]))]
+    result = evaluate(model, data)
+    assert result["dropped_fraction"] == 0
+    ex = next(iter(vmoe.models.moe_layers(model).values())).experts
+    per_row = 2 * (ex.in_features * ex.hidden_features + ex.hidden_features * ex.out_features)
+    router = 2 * 17 * ex.in_features * 4  # 17 tokens per image, E = 4
+    # 2 MoE layers, K = 2 rows per token, nothing for the padding of the 8-image group
+    assert result["moe_flops_per_image"] == 2 * (17 * 2 * per_row + router)
+    with routing_settings(model, capacity_factor=0.25):
+        assert evaluate(model, data)["dropped_fraction"] > 0

@@ -360,6 +360,7 @@ _IGNORED_BY_FLAT_EXPERT_CHOICE = (
     "importance_weight",
     "load_weight",
     "gshard_weight",
+    "dropless",  # (False: expert choice has no dropless form)
 )
 
 
@@ -403,6 +404,11 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
             raise ValueError(
                 f"{where}.batch_priority=True does not apply to router='expert_choice':"
                 " it has no token priority"
+            )
+        if options.get("dropless") is True:
+            raise ValueError(
+                f"{where}.dropless=True does not apply to router='expert_choice': its "
+                "capacity defines which tokens each expert takes"
             )
         options = {k: v for k, v in options.items() if k not in _IGNORED_BY_FLAT_EXPERT_CHOICE}
     others = [k for k in options if k not in cls.options()]
