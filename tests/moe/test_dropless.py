@@ -214,3 +214,13 @@ def test_evaluation_of_the_routing_report_and_sweep_runs_dropless_by_default():
     assert result["moe_flops_per_image"] == 2 * (17 * 2 * per_row + router)
     with routing_settings(model, capacity_factor=0.25):
         assert evaluate(model, data)["dropped_fraction"] > 0
+
+
+def test_compiled_eval_forward_is_fullgraph_and_equals_the_dropless_forward():
+    m = layer()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        want = m(x)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
+    assert m.last_plan.dropless

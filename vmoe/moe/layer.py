@@ -314,9 +314,15 @@ class MoeMlp(nn.Module):
             # plan: [G, S, K] fields (sparse) or [G, S, E, P] weights (soft, with C = P)
             plan, losses = self.router(tokens, valid)
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
-            if getattr(plan, "dropless", False) and self.experts.runs_sorted_rows:
+            if (
+                getattr(plan, "dropless", False)
+                and self.experts.runs_sorted_rows
+                and not torch.compiler.is_compiling()
+            ):
                 # every valid assignment kept: the experts run on exactly those rows (the
-                # plan's first T tokens; the padding of the last group never runs)
+                # plan's first T tokens; the padding of the last group never runs). Under
+                # torch.compile the plan (C = S) goes through the static-shape buffers instead:
+                # the same result without data-dependent sizes (fullgraph=True works).
                 K = plan.num_selected
                 expert_index = plan.expert_index.reshape(G * S, K)
                 weight = plan.combine_weight.reshape(G * S, K)
