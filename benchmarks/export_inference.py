@@ -10,7 +10,8 @@ dropless), ONNX Runtime runs ``vmoe.models.export_onnx``'s default file (dynamic
 the dense ViT through ``torch.onnx.export(..., dynamo=True)`` with the same dynamic batch).
 
 Timing: interleaved repeats (each repeat times the four runs once, so a slow phase of a shared
-machine hits them alike); times are medians over repeats, ratios medians of per-repeat ratios.
+machine hits them alike); times are medians over repeats, ratios medians of per-repeat ratios,
+and in brackets the ratio of the fastest repeats (a contention-robust cross-check).
 One thread everywhere: ``torch.set_num_threads(1)``; ONNX Runtime ``SessionOptions`` with
 ``intra_op_num_threads=1``, ``inter_op_num_threads=1``, ``execution_mode=ORT_SEQUENTIAL``,
 ``graph_optimization_level=ORT_ENABLE_ALL`` (all graph optimisations on), CPU provider.
@@ -143,22 +144,28 @@ def bench_model(key, batches, repeats, threads):
             def ratio(a, c, times=times):
                 return statistics.median(u / v for u, v in zip(times[a], times[c]))
 
+            def fastest(a, c, times=times):
+                return min(times[a]) / min(times[c])
+
             row = (
                 key,
                 b,
                 med["eager_moe"],
                 med["eager_dense"],
                 ratio("eager_moe", "eager_dense"),
+                fastest("eager_moe", "eager_dense"),
                 med["ort_moe"],
                 med["ort_dense"],
                 ratio("ort_moe", "ort_dense"),
+                fastest("ort_moe", "ort_dense"),
                 ratio("eager_moe", "ort_moe"),
+                fastest("eager_moe", "ort_moe"),
                 diff,
             )
             rows.append(row)
             print(
-                "| {} | {} | {:.2f} | {:.2f} | {:.2f}x | {:.2f} | {:.2f} | {:.2f}x | {:.2f}x "
-                "| {:.1e} |".format(*row),
+                "| {} | {} | {:.2f} | {:.2f} | {:.2f}x ({:.2f}x) | {:.2f} | {:.2f} | "
+                "{:.2f}x ({:.2f}x) | {:.2f}x ({:.2f}x) | {:.1e} |".format(*row),
                 flush=True,
             )
     return rows
@@ -178,6 +185,7 @@ def main():
         f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
         f"threads={args.threads}, repeats={args.repeats}"
     )
+    print("ratios: median of per-repeat ratios (in brackets: the ratio of the fastest repeats)")
     print(
         "| model | batch | eager MoE ms | eager dense ms | eager MoE/dense | ORT MoE ms | "
         "ORT dense ms | ORT MoE/dense | MoE eager/ORT | max diff ORT |"
