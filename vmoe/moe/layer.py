@@ -271,7 +271,7 @@ class MoeMlp(nn.Module):
         """The traced forward of ``torch.export``: the dropless path needs no group, plan or
         loss (an artifact returns logits only); the capacity path as in eager."""
         B, N, d = x.shape
-        if self.routes_dropless and self.experts.runs_sorted_rows and x.shape[0] * N > 0:
+        if self.routes_dropless and getattr(self.experts, "runs_sorted_rows", False) and B * N > 0:
             tokens = x.reshape(B * N, d)
             expert_index, weight = self.router.select_tokens(tokens)
             out = self._run_dropless(tokens, expert_index, weight)
@@ -316,7 +316,7 @@ class MoeMlp(nn.Module):
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
             if (
                 getattr(plan, "dropless", False)
-                and self.experts.runs_sorted_rows
+                and getattr(self.experts, "runs_sorted_rows", False)
                 and not torch.compiler.is_compiling()
             ):
                 # every valid assignment kept: the experts run on exactly those rows (the
