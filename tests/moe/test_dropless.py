@@ -224,3 +224,21 @@ def test_compiled_eval_forward_is_fullgraph_and_equals_the_dropless_forward():
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
     assert m.last_plan.dropless
+
+
+def test_dropless_forward_backpropagates_into_experts_router_and_the_aux_loss():
+    m = layer()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = m(x)  # eval mode, gradients on (e.g. saliency maps)
+    assert m.last_plan.dropless and m.aux_loss.requires_grad is False  # logged detached
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert m.experts.fc1_weight.grad.abs().sum() > 0
+    assert m.router.weight.grad.abs().sum() > 0  # through the combine weights and aux loss
+    # the same gradients as the capacity path that never binds
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    with routing_settings(m, capacity_factor=1e9):
+        m(x).square().sum().backward()
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)

@@ -329,6 +329,8 @@ class MoeMlp(nn.Module):
                 if valid is not None:
                     expert_index, weight = expert_index[:T], weight[:T]
                 out = self._run_dropless(x.reshape(T, d), expert_index, weight)
+                if self._aux_loss_mode == "backward" and aux_loss.requires_grad:
+                    out = AttachAuxLoss.apply(out, aux_loss, self._aux_loss_scale)  # as below
                 return (
                     self._add_shared(out.view(B, N, -1).to(x.dtype), x),
                     plan,
