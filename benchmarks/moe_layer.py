@@ -106,6 +106,9 @@ class DenseMlp(nn.Module):
 
 
 def make_layer(shape: Shape, dispatcher: str, identity: bool = False, **options) -> MoeMlp:
+    """The capacity path in the eval-mode forward too (``dropless=False``): the layer is
+    measured against its floor at capacity C (dropless inference: export_inference.py)."""
+    options.setdefault("dropless", False)
     layer = MoeMlp(
         shape.d,
         shape.h,

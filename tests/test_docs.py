@@ -56,7 +56,7 @@ EXPECTED = {
     "README.md": (1, 2, 0),
     "docs/index.md": (0, 1, 0),
     "docs/getting-started.md": (1, 2, 0),
-    "docs/guides/moe-layer.md": (3, 0, 1),
+    "docs/guides/moe-layer.md": (4, 0, 1),
     "docs/guides/cli.md": (0, 2, 0),
     "docs/guides/models.md": (4, 0, 0),
     "docs/guides/training.md": (1, 2, 1),

@@ -92,9 +92,8 @@ def test_quickstart_soft_trains_a_few_steps(tmp_path):
         4,
         (4, 4),
     )
-    # the default evaluation capacity factor applies to sparse layers only: soft layers run as
-    # trained
-    assert cli.model.hparams.eval_capacity_factor == 4.0
+    # no evaluation capacity factor: sparse layers evaluate dropless, soft layers as trained
+    assert cli.model.hparams.eval_capacity_factor is None
     before = layers["blocks.3.mlp"].router.mu.detach().clone()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 4
@@ -141,7 +140,7 @@ def test_vmoe_s32_imagenet_recipe(tmp_path):
         "sigmoid",
         0.2,
         0.2,
-        4.0,
+        None,  # dropless inference
     )
     assert trainer.gradient_clip_val == 1.0 and trainer.max_epochs == 300
     tt = dm.train_transform
@@ -178,7 +177,7 @@ def test_finetune_vmoe_b16(tmp_path):
         "sgd",
         0.9,
         384,
-        4.0,
+        None,  # dropless inference
     )
     assert cli.trainer.max_steps == 10000
     model = cli.model.model

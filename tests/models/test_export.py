@@ -122,24 +122,24 @@ def test_onnx_stable_descending_order_matches_eager(tmp_path):
 
 
 def test_exported_routing_is_the_evaluation_routing(tmp_path):
-    """By default the artifact routes with vmoe fit's evaluation capacity factor (4.0), whatever
-    the model trains with; the model's own settings are unchanged; the settings travel with the
-    .pt2 file."""
+    """By default the artifact runs the top-K layers dropless, as model.eval() does, whatever
+    the model trains with (never what capacity factor 1.05 drops); the model's own settings are
+    unchanged; the settings, with each layer's path, travel with the .pt2 file."""
     model, _ = _model("top_k")
     program = vm.export_program(model)
     assert all(layer.capacity_factor == 1.05 for layer in vm.moe_layers(model).values())
     x = _images(model, 8, 1)
-    torch.testing.assert_close(
-        program.module()(x), _eager(model, x, capacity_factor=4.0), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(program.module()(x), _eager(model, x), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model.eval()(x), atol=1e-5, rtol=0)
     assert (
-        program.module()(x) - _eager(model, x, capacity_factor=None)
+        program.module()(x) - _eager(model, x, capacity_factor=1.05)
     ).abs().max() > 1e-4  # 1.05 drops
     path = vm.save_program(program, tmp_path / "m.pt2")
     extra = {ex.ROUTING_FILE: ""}
     torch.export.load(str(path), extra_files=extra)
     routing = json.loads(extra[ex.ROUTING_FILE])
-    assert {s["capacity_factor"] for s in routing.values()} == {4.0}
+    assert {(s["path"], s["dropless"]) for s in routing.values()} == {("dropless", True)}
 
 
 def test_batch_independent_inference():

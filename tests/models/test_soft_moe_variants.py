@@ -114,7 +114,7 @@ def test_tiny_soft_variant_trains_saves_and_loads(tmp_path):
     assert "# soft_moe_tiny_e8 (Soft MoE)" in card and "| `blocks.2.mlp` | SoftRouter | 8 |" in card
     config = json.loads((out / "config.json").read_text())
     assert config["routing"]["blocks.2.mlp"] == dict(
-        capacity_factor=None, capacity=1, batch_priority=False
+        capacity_factor=None, capacity=1, batch_priority=False, dropless=False
     )
     loaded = vm.from_pretrained(out).eval()
     assert torch.equal(loaded(x), model(x))

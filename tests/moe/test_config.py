@@ -288,7 +288,7 @@ def test_layer_config_follows_the_routing_settings():
     assert soft.config.router.num_slots == 2  # derived from S * cf / E, then fixed
     with routing_settings({"0": sparse}, capacity_factor=4.0, batch_priority=True):
         assert sparse.config.router == TopKRouterConfig(
-            num_selected=1, capacity_factor=4.0, batch_priority=True
+            num_selected=1, capacity_factor=4.0, batch_priority=True, dropless=False
         )
     assert sparse.config.router == TopKRouterConfig(num_selected=1)
     set_routing({"0": sparse}, capacity_factor=2.0)

@@ -212,6 +212,7 @@ def test_cuda_compiled_triton_layer_equals_eager(dtype):
             group_size_images=2,
             batch_priority=True,
             dispatcher="triton",
+            dropless=False,  # the dispatch kernels' path in eval mode too
         )
         .cuda()
         .eval()
@@ -247,7 +248,9 @@ def test_triton_path_compiles_fullgraph_as_opaque_custom_ops(interpret):
     """The launches are custom ops with fake implementations, so dynamo captures the layer in
     one graph (here run by aot_eager, the kernels in the interpreter)."""
     torch.manual_seed(0)
-    layer = MoeMlp(32, 48, num_experts=4, num_selected=2, group_size=16, dispatcher="triton").eval()
+    layer = MoeMlp(
+        32, 48, num_experts=4, num_selected=2, group_size=16, dispatcher="triton", dropless=False
+    ).eval()  # the buffers' path (dispatch kernels) in eval mode too
     x = torch.randn(2, 11, 32, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     y = compiled(x)

@@ -12,7 +12,11 @@ from vmoe.moe import MoeMlp, routing_statistics
 
 
 def make_layer(**kwargs):
+    # the capacity path in eval mode too (these tests are about capacity; dropless inference
+    # is tested in test_dropless.py)
     options = dict(num_experts=4, num_selected=2, group_size_images=2)
+    if kwargs.get("router", "top_k") == "top_k":
+        options.update(dropless=False)
     options.update(kwargs)
     return MoeMlp(16, 32, **options)
 

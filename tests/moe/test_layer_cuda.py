@@ -18,7 +18,11 @@ pytestmark = [
 ]
 
 # 4 images x 10 tokens, 3 images per group: 2 groups, the last one padded.
-LAYER = dict(num_experts=8, num_selected=2, group_size_images=3, batch_priority=True)
+# dropless=False: the static-shape buffer path in eval mode too (no host sync, so CUDA graphs
+# capture it; dropless inference reads its per-expert row counts on the host)
+LAYER = dict(
+    num_experts=8, num_selected=2, group_size_images=3, batch_priority=True, dropless=False
+)
 
 
 def make_layer(**extra):

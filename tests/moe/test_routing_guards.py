@@ -72,6 +72,7 @@ def test_bpr_layer_output_of_healthy_tokens_ignores_a_nan_token():
         capacity=2,
         capacity_factor=None,
         batch_priority=True,
+        dropless=False,  # the capacity path in eval mode
     ).eval()
     x = torch.randn(1, 12, 16)
     x[0, 11] = float("nan")

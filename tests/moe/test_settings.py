@@ -45,22 +45,23 @@ def test_settings_read_change_and_restore_exactly():
     model = two_layer_model()
     before = read_routing(model)
     assert before == {
-        "blocks.0": RoutingSettings(None, 3, True),
-        "blocks.1": RoutingSettings(1.0, None, False),
+        "blocks.0": RoutingSettings(None, 3, True, True),  # top-K: dropless in eval by default
+        "blocks.1": RoutingSettings(1.0, None, False, False),
     }
     assert RoutingSettings.from_dict(before["blocks.0"].to_dict()) == before["blocks.0"]
     previous = set_routing(model, capacity_factor=2.0)
     assert previous == before
     assert read_routing(model) == {
-        "blocks.0": RoutingSettings(2.0, None, True),  # the factor clears capacity
-        "blocks.1": RoutingSettings(2.0, None, False),
+        # the factor clears capacity and selects the capacity path
+        "blocks.0": RoutingSettings(2.0, None, True, False),
+        "blocks.1": RoutingSettings(2.0, None, False, False),
     }
     restore_routing(model, previous)
     assert read_routing(model) == before
     restore_routing(
         model, {"blocks.1": {"capacity_factor": 3.0, "capacity": None, "batch_priority": False}}
     )
-    assert read_routing(model)["blocks.1"] == RoutingSettings(3.0, None, False)
+    assert read_routing(model)["blocks.1"] == RoutingSettings(3.0, None, False, False)
 
 
 def test_context_manager_restores_on_error_and_refuses_all_or_nothing():
@@ -69,7 +70,7 @@ def test_context_manager_restores_on_error_and_refuses_all_or_nothing():
     with pytest.raises(RuntimeError, match="inside"):
         with routing_settings(model, capacity_factor=0.5, batch_priority=False) as previous:
             assert previous == before
-            assert read_routing(model)["blocks.0"] == RoutingSettings(0.5, None, False)
+            assert read_routing(model)["blocks.0"] == RoutingSettings(0.5, None, False, False)
             raise RuntimeError("inside")
     assert read_routing(model) == before
     with pytest.raises(ValueError, match=r"expert-choice layers \['blocks.1'\]"):

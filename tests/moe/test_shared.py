@@ -22,7 +22,7 @@ def routed_copy(layer):
     options = dict(
         num_experts=4, num_selected=2, group_size=5, capacity_factor=0.5, capacity_multiple_of=None
     )
-    plain = MoeMlp(8, 16, **options)
+    plain = MoeMlp(8, 16, dropless=layer.dropless, **options)
     plain.load_state_dict(
         {k: v for k, v in layer.state_dict().items() if not k.startswith("shared.")}
     )
@@ -42,6 +42,7 @@ def test_output_is_the_shared_mlp_plus_the_routed_output(gate):
         capacity_multiple_of=None,
         shared_experts=2,
         shared_gate=gate,
+        dropless=False,  # the capacity path in eval mode: some tokens are dropped
     ).eval()
     shared = layer.shared
     assert shared.fc1.weight.shape == (32, 8)  # default width: 2 experts x 16

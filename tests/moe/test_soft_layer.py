@@ -217,7 +217,9 @@ def test_num_slots_is_soft_only_and_width_is_checked():
 def test_routing_settings_of_a_soft_layer():
     model = nn.Sequential(_tiny(), MoeMlp(8, 16, num_experts=4, num_selected=1))
     settings = read_routing(model)
-    assert settings["0"].to_dict() == dict(capacity_factor=None, capacity=2, batch_priority=False)
+    assert settings["0"].to_dict() == dict(
+        capacity_factor=None, capacity=2, batch_priority=False, dropless=False
+    )
     with pytest.raises(ValueError, match="capacity_factor=4.0 does not apply to a Soft MoE layer"):
         set_routing(model, capacity_factor=4.0)
     assert read_routing(model) == settings  # all or none: the sparse layer is unchanged
@@ -230,7 +232,11 @@ def test_routing_settings_of_a_soft_layer():
 
 @pytest.mark.parametrize("router", ["soft", "top_k"])
 def test_bf16_dispatch_rounds_what_the_experts_see(router):
-    kwargs = dict(num_slots=2) if router == "soft" else dict(num_selected=2, capacity_factor=4.0)
+    kwargs = (
+        dict(num_slots=2)
+        if router == "soft"
+        else dict(num_selected=2, capacity_factor=4.0, dropless=False)  # the buffers' path
+    )
     torch.manual_seed(0)
     layer = MoeMlp(
         8, 16, num_experts=4, router=router, bf16_dispatch=True, group_size=5, **kwargs

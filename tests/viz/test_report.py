@@ -22,9 +22,12 @@ CFS = (0.5, 4.0)
 
 def tiny_model(**moe):
     torch.manual_seed(0)
-    # capacity factor 0.75: some tokens are dropped, so the dropped counts are not all zero
+    # capacity factor 0.75 on the capacity path (dropless=False: eval mode too): some tokens
+    # are dropped, so the dropped counts are not all zero
     return timm.create_model(
-        "vmoe_tiny_e4_k2", num_classes=NUM_CLASSES, moe={"capacity_factor": 0.75, **moe}
+        "vmoe_tiny_e4_k2",
+        num_classes=NUM_CLASSES,
+        moe={"capacity_factor": 0.75, "dropless": False, **moe},
     )
 
 

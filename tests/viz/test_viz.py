@@ -32,8 +32,9 @@ def tiny_vit(img_size=16, patch_size=4, class_token=True, reg_tokens=0, cf=0.5, 
     )
     group = group or {"group_size_images": 2}
     for i in (1, 3):
+        # the capacity path in eval mode too (dropless=False): the maps show its drops
         model.blocks[i].mlp = MoeMlp(
-            D, 64, num_experts=E, num_selected=K, capacity_factor=cf, **group
+            D, 64, num_experts=E, num_selected=K, capacity_factor=cf, dropless=False, **group
         )
     return model.eval()
 

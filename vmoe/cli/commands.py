@@ -382,10 +382,11 @@ def _export_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument(
         "--capacity-factor",
-        type=PositiveFloat,
-        default=EVAL_CAPACITY_FACTOR,
-        help="inference capacity factor of the sparse MoE layers (default: what vmoe fit "
-        "evaluates with)",
+        type=Optional[PositiveFloat],
+        default=None,
+        help="default: dropless inference of the top-K layers (every token on its K experts, "
+        f"batch-independent); a number: the capacity path at that factor (the paper's: "
+        f"{EVAL_CAPACITY_FACTOR})",
     )
     p.add_argument(
         "--batch-priority",

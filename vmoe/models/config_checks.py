@@ -26,7 +26,8 @@ __all__ = ["validate_config", "check_config_against_header", "check_shapes"]
 #: "layer": {...}}`` and ``model_args.moe``. 1: flat (``moeify: {"blocks", "moe_kwargs"}``);
 #: still read.
 FORMAT_VERSION = 2
-ROUTING_KEYS = tuple(f.name for f in dataclasses.fields(RoutingSettings))  # a 'routing' entry
+# the keys of a 'routing' entry ('dropless' may be missing: entries written before it existed)
+ROUTING_KEYS = tuple(f.name for f in dataclasses.fields(RoutingSettings) if f.name != "dropless")
 
 
 def _is_int(value) -> bool:

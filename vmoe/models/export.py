@@ -5,23 +5,29 @@
     export_onnx(model, "model.onnx")                  # ONNX (dynamo exporter), batch axis dynamic
     check_export("model.onnx", model)                 # {batch size: max |artifact - eager|}
 
-Every MoE layer keeps its grouping, padding and routing semantics at every batch size: the
-layer's shape arithmetic stays symbolic (``MoeMlp.forward``, ``moe/dispatch/soft.py``), capacity
-depends on the group size S only, and the stable descending order of the routers
-(``aten.sort.stable``, which ONNX has no function for) is lowered to ONNX ``TopK``, whose spec
-orders ties by lower index first, as the stable sort does (non-finite keys are -inf by then).
+Routing: by default the artifact runs the dropless path of the top-K layers (every token on
+its K experts, each expert on exactly its rows: no capacity, no padding to a routing group,
+batch-independent), as ``model.eval()`` does; ``capacity_factor=X`` exports the capacity path
+at X instead (``EVAL_CAPACITY_FACTOR`` = 4.0 is the paper's evaluation). Expert-choice layers
+keep their capacity, Soft MoE layers have fixed slots. The settings used, with each layer's
+``"path"`` ('dropless', 'capacity' or 'soft'), are stored in the artifact
+(``extra_files["vmoe_routing.json"]`` of the .pt2, the ONNX ``metadata_props``).
 
-Routing: the artifact routes as the model did when it was exported, by default with
-``EVAL_CAPACITY_FACTOR`` (4.0, what ``vmoe fit`` evaluates with) on the sparse layers and
-their BPR setting unchanged; Soft MoE layers have fixed slots. The settings used are stored in
-the artifact (``extra_files["vmoe_routing.json"]`` of the .pt2, the ONNX ``metadata_props``).
+Tracing: the dropless path's per-expert row counts are data-dependent (unbacked sizes bounded
+with ``torch._check``: one dynamic slice per expert, E static); the capacity path keeps its
+grouping and padding symbolic at every batch size. ``MoeMlp.forward`` traces size-obliviously
+under ``torch.export`` and orders by pairwise comparisons (``vmoe.moe.routing``), so a bare
+``torch.export.export`` / ``torch.onnx.export(..., dynamo=True)`` of a vmoe model works too;
+orderings over axes longer than ``PAIRWISE_ORDER_MAX`` keep ``aten.sort.stable``, which
+``export_onnx`` lowers to ONNX ``TopK`` (ties: lower index first, as the stable sort).
 
-Batch dependence: a sparse layer's routing groups span ``group_size_images`` consecutive images
-(default 8) that compete for buffer places, so an image's output depends on the other images of
-its group whenever a place is contested (a token dropped or not), and on the batch's size
-through the padding of the last group. ``batch_independent=True`` routes one image per group
-(``group_size_images=1``): the output of an image then depends on that image alone. Soft MoE
-layers with one image per group (the default) are batch-independent already.
+Batch dependence (the capacity path; dropless layers have none): a sparse layer's routing
+groups span ``group_size_images`` consecutive images (default 8) that compete for buffer
+places, so an image's output depends on the other images of its group whenever a place is
+contested (a token dropped or not), and on the batch's size through the padding of the last
+group. ``batch_independent=True`` routes one image per group (``group_size_images=1``): the
+output of an image then depends on that image alone. Soft MoE layers with one image per group
+(the default) are batch-independent already.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch.nn as nn
 
 from ..moe import require_moe_layers, restore_routing, set_routing
 from ..moe.parallel import expert_parallel_layers
-from ..moe.settings import EVAL_CAPACITY_FACTOR, read_routing
+from ..moe.settings import read_routing
 from ..writes import NotWritableError, failed_write, require_writable_dir
 
 __all__ = [
@@ -101,19 +107,31 @@ def _input_shape(model: nn.Module) -> Tuple[int, int, int]:
     return proj.in_channels, int(size[0]), int(size[1])
 
 
+def _path(layer) -> str:
+    """Which forward ``layer`` (eval mode) runs: 'dropless', 'capacity' or 'soft'."""
+    if layer.is_soft:
+        return "soft"
+    return "dropless" if layer.dropless else "capacity"
+
+
 @contextlib.contextmanager
 def inference_routing(
     model: nn.Module,
-    capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+    capacity_factor: Optional[float] = None,
     batch_priority: Optional[bool] = None,
     batch_independent: bool = False,
 ) -> Iterator[Dict[str, dict]]:
-    """Route the ``with`` body as an exported model will: ``capacity_factor`` (None: keep) and
-    ``batch_priority`` (None: keep) on the sparse layers (Soft MoE layers have fixed slots) and,
-    with ``batch_independent``, one image per routing group in every layer. Yields
-    ``{layer: settings}`` as used; everything is put back on exit."""
+    """Route the ``with`` body as an exported model will. ``capacity_factor=None`` (default):
+    top-K layers run dropless (every token on its K experts, no capacity, no padding:
+    batch-independent), expert-choice layers keep their settings; a number: every sparse layer
+    runs the capacity path at that factor (e.g. ``EVAL_CAPACITY_FACTOR``, the paper's 4.0).
+    ``batch_priority`` (None: keep) applies to the capacity path; Soft MoE layers have fixed
+    slots. ``batch_independent``: one image per routing group in every layer. Yields
+    ``{layer: settings}`` as used, each with ``"path"``: 'dropless', 'capacity' or 'soft';
+    everything is put back on exit."""
     layers = require_moe_layers(model)
     sparse = [name for name, layer in layers.items() if not layer.is_soft]
+    top_k = [name for name in sparse if layers[name].router.config.name == "top_k"]
     if batch_independent:
         grouped = [n for n, m in layers.items() if m.is_soft and m.group_size_images != 1]
         if grouped:
@@ -122,14 +140,19 @@ def inference_routing(
                 "for groups of several images; their group size cannot change"
             )
     groups = {name: (m.group_size, m.group_size_images) for name, m in layers.items()}
-    previous = set_routing(model, capacity_factor, batch_priority, layers=sparse) if sparse else {}
+    previous = read_routing(layers)
     try:
+        if sparse and (capacity_factor is not None or batch_priority is not None):
+            set_routing(model, capacity_factor, batch_priority, layers=sparse)
+        if capacity_factor is None and top_k:
+            set_routing(model, dropless=True, layers=top_k)
         if batch_independent:
             for m in layers.values():
                 m.group_size, m.group_size_images = None, 1
         used = {
             name: {
                 **s.to_dict(),
+                "path": _path(layers[name]),
                 "group_size": layers[name].group_size,
                 "group_size_images": layers[name].group_size_images,
             }
@@ -139,8 +162,7 @@ def inference_routing(
     finally:
         for name, (size, images) in groups.items():
             layers[name].group_size, layers[name].group_size_images = size, images
-        if previous:
-            restore_routing(model, previous)
+        restore_routing(model, previous)
 
 
 def _sort_stable_to_onnx():
@@ -185,7 +207,7 @@ def export_program(
     model: nn.Module,
     example: Optional[torch.Tensor] = None,
     *,
-    capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+    capacity_factor: Optional[float] = None,
     batch_priority: Optional[bool] = None,
     batch_independent: bool = False,
     max_batch: Optional[int] = None,

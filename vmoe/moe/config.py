@@ -88,19 +88,27 @@ def _named(where: str, options, build: Callable[[], _T]) -> _T:
 @dataclasses.dataclass(frozen=True)
 class RoutingSettings:
     """What a router's evaluation-time options are: ``capacity_factor`` (None when an explicit
-    ``capacity`` is set), ``capacity`` (buffer rows per expert and group, or None) and
-    ``batch_priority`` (BPR). ``to_dict``/``from_dict``: the ``config.json`` entry. A Soft MoE
-    layer reads ``(None, P, False)`` and accepts only those values: its slots are fixed.
+    ``capacity`` is set), ``capacity`` (buffer rows per expert and group, or None),
+    ``batch_priority`` (BPR) and ``dropless``: in eval mode, run every token on its K experts
+    with no capacity (no drop, no padding to a group, batch-independent) instead of the capacity
+    path; training always routes with the capacity. ``to_dict``/``from_dict``: the
+    ``config.json`` entry. A Soft MoE layer reads ``(None, P, False, False)`` and accepts only
+    those values: its slots are fixed; an expert-choice layer has no dropless form (its
+    capacity defines who is picked). ``dropless=None`` (what ``from_dict`` gives for an entry
+    written before the option existed) means the router's default: True for top-K.
     Each value is validated at construction (ValueError naming it)."""
 
     capacity_factor: Optional[float]
     capacity: Optional[int]
     batch_priority: bool
+    dropless: Optional[bool] = None
 
     def __post_init__(self):
         check_capacity_factor(self.capacity_factor)
         check_capacity(self.capacity)
         check_batch_priority(self.batch_priority)
+        if self.dropless is not None:
+            check_bool("dropless", self.dropless)
 
     @classmethod
     def of(cls, layer) -> "RoutingSettings":
@@ -109,8 +117,10 @@ class RoutingSettings:
 
     @classmethod
     def from_dict(cls, entry: Mapping[str, object]) -> "RoutingSettings":
-        """From ``{"capacity_factor", "capacity", "batch_priority"}`` (other keys ignored)."""
-        return cls(*(entry[f.name] for f in dataclasses.fields(cls)))
+        """From ``{"capacity_factor", "capacity", "batch_priority"[, "dropless"]}`` (other keys
+        ignored; a missing ``dropless`` is None: the router's default)."""
+        required = [f.name for f in dataclasses.fields(cls) if f.name != "dropless"]
+        return cls(*(entry[name] for name in required), entry.get("dropless"))
 
     def to_dict(self) -> Dict[str, object]:
         return dataclasses.asdict(self)
@@ -194,7 +204,9 @@ class TopKRouterConfig(_RouterConfig):
     (float32 scores; with ``renormalize`` the K chosen sum to 1, as DeepSeek-V3).
     bias_update_rate: None, or the rate of auxiliary-loss-free balancing (DeepSeek-V3: 1e-3;
     see ``vmoe.moe.bias_balancing``): a per-expert bias chooses the experts, updated once per
-    optimizer step from the load.
+    optimizer step from the load. dropless: in eval mode run every token on its K experts
+    without capacity (the inference default; False: the capacity path at ``capacity_factor`` /
+    ``capacity``, e.g. the paper's capacity sweeps); training always uses the capacity.
     """
 
     name: ClassVar[str] = "top_k"
@@ -216,11 +228,13 @@ class TopKRouterConfig(_RouterConfig):
     dispatcher: str = "auto"
     score_func: str = "softmax"
     bias_update_rate: Optional[float] = None
+    dropless: bool = True
 
     def __post_init__(self):
         check_positive_int("num_selected", self.num_selected)
         _check_capacity_options(self)
         check_batch_priority(self.batch_priority)
+        check_bool("dropless", self.dropless)
         check_bool("renormalize", self.renormalize)
         check_choice("score_func", self.score_func, SCORE_FUNCS)
         check_bias_update_rate(self.bias_update_rate)
@@ -233,13 +247,16 @@ class TopKRouterConfig(_RouterConfig):
         return TopKRouter(dim, num_experts, config=self)
 
     def routing_settings(self) -> RoutingSettings:
-        return RoutingSettings(self.capacity_factor, self.capacity, self.batch_priority)
+        return RoutingSettings(
+            self.capacity_factor, self.capacity, self.batch_priority, self.dropless
+        )
 
     def with_routing(self, settings: RoutingSettings) -> "TopKRouterConfig":
         return self.replace(
             capacity_factor=settings.capacity_factor,
             capacity=settings.capacity,
             batch_priority=settings.batch_priority,
+            dropless=True if settings.dropless is None else settings.dropless,
         )
 
 
@@ -268,13 +285,18 @@ class ExpertChoiceRouterConfig(_RouterConfig):
         return ExpertChoiceRouter(dim, num_experts, config=self)
 
     def routing_settings(self) -> RoutingSettings:
-        return RoutingSettings(self.capacity_factor, self.capacity, False)
+        return RoutingSettings(self.capacity_factor, self.capacity, False, False)
 
     def with_routing(self, settings: RoutingSettings) -> "ExpertChoiceRouterConfig":
         if settings.batch_priority:
             raise ValueError(
                 "batch_priority=True does not apply to the expert-choice router "
                 "(ExpertChoiceRouter): it has no token priority"
+            )
+        if settings.dropless:
+            raise ValueError(
+                "dropless=True does not apply to the expert-choice router "
+                "(ExpertChoiceRouter): its capacity defines which tokens each expert takes"
             )
         return self.replace(capacity_factor=settings.capacity_factor, capacity=settings.capacity)
 
@@ -310,15 +332,20 @@ class SoftRouterConfig(_RouterConfig):
         return SoftRouter(dim, num_experts, group_size=group_size, config=self)
 
     def routing_settings(self) -> RoutingSettings:
-        """``(None, P, False)``: P slots per expert are its capacity; no factor, no priority.
-        (P must be known: the config of a built router always has it.)"""
-        return RoutingSettings(None, self.num_slots, False)
+        """``(None, P, False, False)``: P slots per expert are its capacity; no factor, no
+        priority, nothing to drop. (P must be known: the config of a built router has it.)"""
+        return RoutingSettings(None, self.num_slots, False, False)
 
     def with_routing(self, settings: RoutingSettings) -> "SoftRouterConfig":
         if settings.batch_priority:
             raise ValueError(
                 f"batch_priority={settings.batch_priority!r} does not apply to a Soft "
                 "MoE layer: soft routing drops no token, so it has no priority"
+            )
+        if settings.dropless:
+            raise ValueError(
+                "dropless=True does not apply to a Soft MoE layer: it drops no token already "
+                "(every slot runs; see docs/guides/moe-layer.md, inference cost)"
             )
         current = self.routing_settings()
         for name in ("capacity_factor", "capacity"):
@@ -346,6 +373,7 @@ _IGNORED_BY_FLAT_EXPERT_CHOICE = (
     "importance_weight",
     "load_weight",
     "gshard_weight",
+    "dropless",  # (False: expert choice has no dropless form)
 )
 
 
@@ -405,6 +433,11 @@ def _flat_router_config(name, options: Mapping[str, Any], where: str) -> RouterC
             raise ValueError(
                 f"{where}.batch_priority=True does not apply to router='expert_choice':"
                 " it has no token priority"
+            )
+        if options.get("dropless") is True:
+            raise ValueError(
+                f"{where}.dropless=True does not apply to router='expert_choice': its "
+                "capacity defines which tokens each expert takes"
             )
         options = {k: v for k, v in options.items() if k not in _IGNORED_BY_FLAT_EXPERT_CHOICE}
     others = [k for k in options if k not in cls.options()]

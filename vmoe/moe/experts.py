@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,9 @@ class Experts(nn.Module):
     Raises:
         ValueError: An unknown ``gemm``, or widths 'grouped_mm' cannot run with.
     """
+
+    #: Whether ``forward_sorted`` (the dropless path) can run: all E experts are local.
+    runs_sorted_rows: bool = True
 
     def __init__(
         self,
@@ -147,6 +150,48 @@ class Experts(nn.Module):
         h = linear(x, self.fc1_weight, self.fc1_bias)
         h = self.drop1(self.act(h))
         return self.drop2(linear(h, self.fc2_weight, self.fc2_bias))
+
+    def forward_sorted(self, x: torch.Tensor, ends: torch.Tensor, bounds: List) -> torch.Tensor:
+        """x: [R, d] rows grouped by expert -> [R, d'] (the dropless path, ``vmoe.moe.dropless``).
+
+        Expert e runs on rows ``bounds[e] .. bounds[e+1]`` (``bounds``: E+1 ints or unbacked
+        sizes; ``ends``: [E] the same ends as a tensor). One matmul pair per expert
+        (``addmm``: on CPU faster than ``grouped_mm``'s fallback, measured), or with
+        ``gemm='grouped_mm'`` one grouped GEMM over all rows (offsets ``ends``).
+        """
+        if self.gemm == "grouped_mm" and x.shape[0] > 0:
+            _check_grouped_mm(x.unsqueeze(0))
+            offsets = ends.to(torch.int32)
+            expert_of_row = torch.bucketize(
+                torch.arange(x.shape[0], device=x.device), ends, right=True
+            )
+            h = self._grouped_rows(x, self.fc1_weight, self.fc1_bias, offsets, expert_of_row)
+            h = self.drop1(self.act(h))
+            return self.drop2(
+                self._grouped_rows(h, self.fc2_weight, self.fc2_bias, offsets, expert_of_row)
+            )
+        outs = []
+        for e in range(self.num_experts):
+            rows = x.narrow(0, bounds[e], bounds[e + 1] - bounds[e])  # [R_e, d]
+            h = self._expert_linear(rows, self.fc1_weight[e], self.fc1_bias, e)
+            h = self.drop1(self.act(h))
+            outs.append(self.drop2(self._expert_linear(h, self.fc2_weight[e], self.fc2_bias, e)))
+        return torch.cat(outs)
+
+    @staticmethod
+    def _expert_linear(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], e: int
+    ) -> torch.Tensor:
+        """x [R_e, k] @ weight [k, n] (+ bias[e])."""
+        if bias is None:
+            return torch.mm(x, weight)
+        return torch.addmm(bias[e], x, weight)
+
+    @staticmethod
+    def _grouped_rows(x, weight, bias, offsets, expert_of_row) -> torch.Tensor:
+        """x [R, k] bf16 rows grouped by expert (offsets: [E] int32 ends) @ weight [E, k, n]."""
+        out = F.grouped_mm(x, weight.to(x.dtype), offs=offsets)
+        return out if bias is None else out + bias.to(out.dtype).index_select(0, expert_of_row)
 
     @staticmethod
     def _linear(

@@ -16,6 +16,7 @@ from .balancing import AttachAuxLoss, check_aux_loss_mode, check_aux_loss_scale
 from .checks import check_capacity_factor, check_positive_int
 from .config import ROUTER_CONFIGS, MoeLayerConfig
 from .dispatch import combine, dispatch
+from .dropless import run_dropless
 from .experts import Experts
 from .plan import RoutingPlan, SoftRoutingPlan
 from .shared import SharedExperts, shared_width
@@ -158,12 +159,28 @@ class MoeMlp(nn.Module):
 
     @capacity_factor.setter
     def capacity_factor(self, value: float) -> None:
-        """Routes with this factor from now on (clears an explicit ``capacity``)."""
+        """Routes with this factor from now on (clears an explicit ``capacity``; in eval mode
+        the capacity path runs, ``dropless`` becomes False)."""
         check_capacity_factor(value, allow_none=False)
         settings = self.router.config.routing_settings()
         self.router.apply_routing(
-            dataclasses.replace(settings, capacity_factor=value, capacity=None)
+            dataclasses.replace(settings, capacity_factor=value, capacity=None, dropless=False)
         )
+
+    @property
+    def dropless(self) -> bool:
+        """Whether eval-mode forwards run dropless (top-K routers; default True)."""
+        return bool(getattr(self.router.config, "dropless", False))
+
+    @dropless.setter
+    def dropless(self, value: bool) -> None:
+        settings = self.router.config.routing_settings()
+        self.router.apply_routing(dataclasses.replace(settings, dropless=value))
+
+    @property
+    def routes_dropless(self) -> bool:
+        """Whether the next forward takes the dropless path: eval mode and ``dropless``."""
+        return self.dropless and not self.training
 
     @property
     def num_slots(self) -> Optional[int]:
@@ -221,14 +238,64 @@ class MoeMlp(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, d] -> [B, N, d']."""
+        """x: [B, N, d] -> [B, N, d'].
+
+        Training, and eval mode with ``dropless=False``: the capacity path (group, route,
+        dispatch into [E, G*C, d] buffers, experts, combine). Eval mode with ``dropless`` (the
+        default of top-K layers): the same routing with nothing dropped, each expert run on
+        exactly its tokens (``vmoe.moe.dropless``): K*T rows, no padding, batch-independent.
+        Under ``torch.export`` the layer traces size-obliviously (a dynamic batch needs no
+        guard on the number of groups) and keeps no tensor attribute (``aux_loss``,
+        ``aux_losses``, ``last_plan`` stay as they were).
+        """
         if x.dim() != 3:
             raise ValueError(f"MoeMlp expects input of shape [B, N, d], got shape {tuple(x.shape)}")
-        B, N, d = x.shape
-        if d != self.in_features:
+        if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"MoeMlp input width d={d} differs from in_features={self.in_features}"
+                f"MoeMlp input width d={x.shape[-1]} differs from in_features={self.in_features}"
             )
+        if torch.compiler.is_exporting():
+            from torch.fx.experimental import _config as shape_config
+
+            with shape_config.patch(backed_size_oblivious=True):
+                return self._export_forward(x)
+        out, plan, aux_losses, aux_loss = self._forward(x)
+        if self._aux_loss_mode == "backward":  # already in the backward pass: for logging only
+            aux_losses = {name: value.detach() for name, value in aux_losses.items()}
+            aux_loss = aux_loss.detach()
+        self.aux_losses, self.aux_loss = aux_losses, aux_loss
+        self.last_plan = plan.detach()
+        return out
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The traced forward of ``torch.export``: the dropless path needs no group, plan or
+        loss (an artifact returns logits only); the capacity path as in eager."""
+        B, N, d = x.shape
+        if self.routes_dropless and getattr(self.experts, "runs_sorted_rows", False) and B * N > 0:
+            tokens = x.reshape(B * N, d)
+            expert_index, weight = self.router.select_tokens(tokens)
+            out = self._run_dropless(tokens, expert_index, weight)
+            return self._add_shared(out.view(B, N, -1).to(x.dtype), x)
+        return self._forward(x)[0]
+
+    def _run_dropless(self, tokens, expert_index, weight) -> torch.Tensor:
+        """tokens [T, d], expert_index / weight [T, K] -> [T, d'] (``vmoe.moe.dropless``)."""
+        return run_dropless(
+            tokens,
+            expert_index,
+            weight,
+            self.experts,
+            _round_to_bf16 if self.bf16_dispatch else None,
+        )
+
+    def _add_shared(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            out = out + self.shared(x).to(out.dtype)  # [B, N, d']
+        return out
+
+    def _forward(self, x: torch.Tensor):
+        """x: [B, N, d] -> (out [B, N, d'], plan, {name: loss}, weighted aux loss)."""
+        B, N, d = x.shape
         S = self.group_size_for(N)
         T = B * N
         pad = (-T) % S  # in [0, S): fills the last group
@@ -247,13 +314,40 @@ class MoeMlp(nn.Module):
             # plan: [G, S, K] fields (sparse) or [G, S, E, P] weights (soft, with C = P)
             plan, losses = self.router(tokens, valid)
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
+            if (
+                getattr(plan, "dropless", False)
+                and getattr(self.experts, "runs_sorted_rows", False)
+                and not torch.compiler.is_compiling()
+            ):
+                # every valid assignment kept: the experts run on exactly those rows (the
+                # plan's first T tokens; the padding of the last group never runs). Under
+                # torch.compile the plan (C = S) goes through the static-shape buffers instead:
+                # the same result without data-dependent sizes (fullgraph=True works).
+                K = plan.num_selected
+                expert_index = plan.expert_index.reshape(G * S, K)
+                weight = plan.combine_weight.reshape(G * S, K)
+                if valid is not None:
+                    expert_index, weight = expert_index[:T], weight[:T]
+                out = self._run_dropless(x.reshape(T, d), expert_index, weight)
+                if self._aux_loss_mode == "backward" and aux_loss.requires_grad:
+                    out = AttachAuxLoss.apply(out, aux_loss, self._aux_loss_scale)  # as below
+                return (
+                    self._add_shared(out.view(B, N, -1).to(x.dtype), x),
+                    plan,
+                    aux_losses,
+                    aux_loss,
+                )
             if self.bf16_dispatch:
                 tokens = _round_to_bf16(tokens)
             buffers = dispatch(tokens, plan, dispatcher=self.dispatcher)  # [E, G*C, d]
             expert_out = self.experts(buffers)  # [E, G*C, d']
             if self.bf16_dispatch:
                 expert_out = _round_to_bf16(expert_out)
-            if self._aux_loss_mode == "backward" and aux_loss.requires_grad:
+            if (
+                self._aux_loss_mode == "backward"
+                and aux_loss.requires_grad
+                and not torch.compiler.is_exporting()
+            ):
                 # the aux loss's gradient joins the backward pass here (before combine, a real
                 # op: its output may be modified in place, e.g. by timm's LayerScale)
                 expert_out = AttachAuxLoss.apply(expert_out, aux_loss, self._aux_loss_scale)
@@ -265,15 +359,7 @@ class MoeMlp(nn.Module):
             plan, losses, out = self._route_no_tokens(tokens)  # out: [0, d']
             aux_losses, aux_loss = self._aux_losses(losses, G, x)
         out = out.view(B, N, out.shape[-1]).to(x.dtype)
-        if self.shared is not None:
-            out = out + self.shared(x).to(out.dtype)  # [B, N, d']
-
-        if self._aux_loss_mode == "backward":  # already in the backward pass: for logging only
-            aux_losses = {name: value.detach() for name, value in aux_losses.items()}
-            aux_loss = aux_loss.detach()
-        self.aux_losses, self.aux_loss = aux_losses, aux_loss
-        self.last_plan = plan.detach()
-        return out
+        return self._add_shared(out, x), plan, aux_losses, aux_loss
 
     def _aux_losses(
         self, losses: Dict[str, torch.Tensor], G: int, x: torch.Tensor

@@ -155,6 +155,10 @@ class ExpertParallelExperts(Experts):
     ranks, read from the tensors handed to the all-to-alls (forward and backward).
     """
 
+    # the dropless path's per-expert row counts would need a counts exchange: an
+    # expert-parallel layer runs its dropless plans (C = S, nothing dropped) through buffers
+    runs_sorted_rows = False
+
     def __init__(self, experts: Experts, group: dist.ProcessGroup):
         E = experts.num_experts
         ep, rank = dist.get_world_size(group), dist.get_rank(group)

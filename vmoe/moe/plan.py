@@ -29,6 +29,9 @@ class RoutingPlan:
         gates: [G, S, E] float32. Softmax over experts, before selection (noisy in training).
         capacity: C, the buffer size of each expert per group.
         valid: [G, S] bool or None. False for padding tokens appended to fill the last group.
+        dropless: The plan of a dropless forward (eval mode): every valid assignment is kept
+            (C = S, slots in group order) and the experts ran on exactly the kept assignments'
+            rows, not on E*G*C buffer rows.
     """
 
     expert_index: torch.Tensor
@@ -37,6 +40,7 @@ class RoutingPlan:
     gates: torch.Tensor
     capacity: int
     valid: Optional[torch.Tensor] = None
+    dropless: bool = False
     # The index maps below are derived from the fields; dispatch and combine both need them in
     # every forward, so each is computed once per plan.
     _index_maps: dict = field(default_factory=dict, init=False, repr=False, compare=False)

@@ -46,12 +46,37 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
+#: Under ``torch.export``, orderings along axes up to this length are built from pairwise
+#: comparisons (ops every exporter translates, e.g. ONNX; exact on ties) instead of
+#: ``aten.sort.stable``, which the ONNX exporter has no translation for.
+PAIRWISE_ORDER_MAX = 1024
+
+
 def _descending_order(values: torch.Tensor, dim: int) -> torch.Tensor:
     """Indices sorting ``values`` high to low along ``dim``; ties keep the lower index first
     (like ``jax.lax.top_k`` and the official stable argsort). Non-finite values (NaN, +-inf) sort
     last, as -inf: a token with NaN gates never outranks a healthy one."""
     key = torch.nan_to_num(values, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    if torch.compiler.is_exporting() and key.shape[dim] <= PAIRWISE_ORDER_MAX:
+        return _pairwise_descending_order(key, dim)
     return torch.sort(key, dim=dim, descending=True, stable=True).indices
+
+
+def _pairwise_descending_order(key: torch.Tensor, dim: int) -> torch.Tensor:
+    """The stable descending order of ``key`` (no NaN) along ``dim`` (length n) from its ranks:
+    element i goes to position #{j: key_j > key_i} + #{j < i: key_j == key_i}. O(n^2)
+    comparisons, exactly the stable sort's result (ties included)."""
+    k = key.movedim(dim, -1)
+    n = k.shape[-1]
+    index = torch.arange(n, device=k.device)
+    a, b = k.unsqueeze(-1), k.unsqueeze(-2)  # [..., n (i), 1], [..., 1, n (j)]
+    before = (b > a) | ((b == a) & (index.view(1, n) < index.view(n, 1)))  # j goes before i
+    rank = before.sum(-1)  # [..., n]: position of element i
+    # order[p] = the i with rank p (no scatter of an expanded index: that would guard on the
+    # leading sizes, e.g. a dynamic number of groups being 1)
+    at = rank.unsqueeze(-2) == index.view(n, 1)  # [..., n (p), n (i)]
+    order = (at * index).sum(-1)
+    return order.movedim(-1, dim)
 
 
 def assign_buffer_slots(
@@ -285,6 +310,8 @@ class TopKRouter(_GatingRouter):
         bias_update_rate: None (default) or the rate of auxiliary-loss-free balancing: a
             per-expert ``expert_bias`` [E] added to the scores to choose the experts only,
             updated by ``vmoe.moe.update_expert_biases``.
+        dropless: in eval mode keep every assignment (C = S, no priority): the dropless
+            inference of ``MoeMlp``; training always routes with the capacity.
         config: a ``TopKRouterConfig`` holding all of the options above (then they are not
             read); ``TopKRouterConfig.build`` passes it.
 
@@ -312,11 +339,13 @@ class TopKRouter(_GatingRouter):
         zloss_weight: float = 0.0,
         score_func: str = "softmax",
         bias_update_rate: Optional[float] = None,
+        dropless: bool = True,
         *,
         config: Optional[TopKRouterConfig] = None,
     ):
         if config is None:
             config = TopKRouterConfig(
+                dropless=dropless,
                 num_selected=num_selected,
                 capacity_factor=capacity_factor,
                 capacity=capacity,
@@ -415,14 +444,13 @@ class TopKRouter(_GatingRouter):
         G, S, E = gates.shape
         config = self.config
         K = config.num_selected
-        capacity = self.capacity_for(S)
-        # Top-K experts per token, best first (ties -> lower expert index, as lax.top_k;
-        # non-finite gates last); by the biased scores under bias balancing.
-        selection = gates if self.expert_bias is None else gates + self.expert_bias
-        expert_index = _descending_order(selection, dim=-1)[..., :K]
-        top_gates = gates.gather(-1, expert_index)  # [G, S, K], unbiased
+        dropless = self.routes_dropless
+        # dropless: every valid assignment is kept (an expert gets at most S of them: C = S
+        # never binds), slots in group order (nothing competes, priority changes nothing kept)
+        capacity = S if dropless else self.capacity_for(S)
+        expert_index, top_gates, weight = self.select(gates)  # [G, S, K] each
         priority_order = deferred = None
-        if config.batch_priority:
+        if config.batch_priority and not dropless:
             # [G, S]: a token with any non-finite gate has the lowest priority, and with K > 1
             # its assignments also wait for every healthy second choice.
             unhealthy = ~torch.isfinite(gates.sum(-1))  # NaN/inf anywhere (gates are <= 1)
@@ -432,7 +460,6 @@ class TopKRouter(_GatingRouter):
         position = assign_buffer_slots(expert_index, E, priority_order, valid, deferred)
         kept = (position >= 0) & (position < capacity)
         slot = torch.where(kept, position, torch.full_like(position, -1))
-        weight = top_gates / top_gates.sum(-1, keepdim=True) if config.renormalize else top_gates
         combine_weight = torch.where(kept, weight, torch.zeros_like(weight))
         return RoutingPlan(
             expert_index=expert_index,
@@ -441,7 +468,34 @@ class TopKRouter(_GatingRouter):
             gates=gates,
             capacity=capacity,
             valid=valid,
+            dropless=dropless,
         )
+
+    @property
+    def routes_dropless(self) -> bool:
+        """Whether ``route`` keeps every assignment now: eval mode with ``config.dropless``."""
+        return self.config.dropless and not self.training
+
+    def select(self, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gates: [..., E] scores -> (expert_index, top_gates, combine weight), each [..., K]:
+        the K experts of each token, best first (ties -> lower expert index, as lax.top_k;
+        non-finite gates last; by the biased scores under bias balancing), their unbiased
+        gates, and the weights their outputs are mixed with (the gates, renormalized over the
+        K if ``renormalize``). Per token: no token's choice depends on another's."""
+        selection = gates if self.expert_bias is None else gates + self.expert_bias
+        expert_index = _descending_order(selection, dim=-1)[..., : self.config.num_selected]
+        top_gates = gates.gather(-1, expert_index)
+        if self.config.renormalize:
+            return expert_index, top_gates, top_gates / top_gates.sum(-1, keepdim=True)
+        return expert_index, top_gates, top_gates
+
+    def select_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, d] tokens -> (expert_index [T, K], combine weight [T, K]), with no group and
+        no loss: the dropless inference path (``select`` on the routing gates)."""
+        _, routing_logits = self.gating_logits(x.unsqueeze(0))
+        gates = scores_from_logits(routing_logits, self.config.score_func)[0]  # [T, E]
+        expert_index, _, weight = self.select(gates)
+        return expert_index, weight
 
     def forward(
         self, x: torch.Tensor, valid: Optional[torch.Tensor] = None

@@ -1,11 +1,14 @@
 """The routing settings of MoE layers: read them, change them, put them back.
 
 Evaluation routes with other settings than training (the paper trains at capacity factor 1.05
-and evaluates at 4.0; Batch Priority Routing lets inference run below 1.0). Training, the
-capacity sweep, the routing pictures and save/load all go through this module:
+and evaluates at 4.0; Batch Priority Routing lets inference run below 1.0). A top-K layer in
+eval mode routes dropless by default (every token on its K experts, no capacity); giving a
+``capacity_factor`` here selects the capacity path at that factor (``dropless=False``).
+Training, the capacity sweep, the routing pictures and save/load all go through this module:
 
-    with routing_settings(model, capacity_factor=4.0):      # every MoE layer, restored on exit
+    with routing_settings(model, capacity_factor=4.0):      # capacity path, restored on exit
         logits = model(images)
+    with routing_settings(model, dropless=True):            # back to the dropless default
     previous = set_routing(model, batch_priority=True)      # {layer: RoutingSettings}
     restore_routing(model, previous)
 
@@ -39,8 +42,8 @@ __all__ = [
 
 Layers = Union[nn.Module, Mapping[str, MoeMlp]]
 
-#: The capacity factor sparse layers evaluate with in ``vmoe fit`` (validation, test, predict;
-#: the paper's 4.0) and that ``vmoe.models.export_program`` bakes into an exported model.
+#: The paper's evaluation capacity factor (4.0): what ``vmoe fit`` / ``vmoe export`` evaluated
+#: with before dropless inference became the default; pass it to select the capacity path.
 EVAL_CAPACITY_FACTOR = 4.0
 
 
@@ -85,12 +88,15 @@ def set_routing(
     capacity_factor: Optional[float] = None,
     batch_priority: Optional[bool] = None,
     layers: Optional[Iterable[str]] = None,
+    dropless: Optional[bool] = None,
 ) -> Dict[str, RoutingSettings]:
-    """Set ``capacity_factor`` (a finite number > 0; clears an explicit ``capacity``) and/or
-    ``batch_priority`` on every MoE layer of ``target`` (or the ``layers`` named); None keeps
-    a setting. All or none: a bad value raises ValueError and changes nothing
-    (``batch_priority=True`` names the expert-choice and soft layers, which have no priority;
-    a Soft MoE layer's slots are fixed, so any ``capacity_factor`` names it too).
+    """Set ``capacity_factor`` (a finite number > 0; clears an explicit ``capacity`` and selects
+    the capacity path in eval mode, ``dropless=False``, unless ``dropless`` is given too),
+    ``batch_priority`` and/or ``dropless`` (eval mode without capacity: top-K layers only) on
+    every MoE layer of ``target`` (or the ``layers`` named); None keeps a setting. All or none:
+    a bad value raises ValueError and changes nothing (``batch_priority=True`` names the
+    expert-choice and soft layers, which have no priority; ``dropless=True`` names them too; a
+    Soft MoE layer's slots are fixed, so any ``capacity_factor`` names it too).
 
     Returns the previous ``{layer: RoutingSettings}``, for ``restore_routing``.
     """
@@ -113,9 +119,11 @@ def set_routing(
     change = {}
     if capacity_factor is not None:
         check_capacity_factor(capacity_factor, allow_none=False)
-        change.update(capacity_factor=capacity_factor, capacity=None)
+        change.update(capacity_factor=capacity_factor, capacity=None, dropless=False)
     if batch_priority is not None:
         change.update(batch_priority=batch_priority)
+    if dropless is not None:
+        change.update(dropless=dropless)
     previous = read_routing(selected)
     wanted = {name: dataclasses.replace(settings, **change) for name, settings in previous.items()}
     restore_routing(selected, wanted)
@@ -124,11 +132,14 @@ def set_routing(
 
 @contextlib.contextmanager
 def routing_settings(
-    target: Layers, capacity_factor: Optional[float] = None, batch_priority: Optional[bool] = None
+    target: Layers,
+    capacity_factor: Optional[float] = None,
+    batch_priority: Optional[bool] = None,
+    dropless: Optional[bool] = None,
 ) -> Iterator[Dict[str, RoutingSettings]]:
     """``set_routing`` for the ``with`` body; yields the previous settings and puts them back
-    exactly (factor, explicit capacity, BPR) on exit, error or not."""
-    previous = set_routing(target, capacity_factor, batch_priority)
+    exactly (factor, explicit capacity, BPR, dropless) on exit, error or not."""
+    previous = set_routing(target, capacity_factor, batch_priority, dropless=dropless)
     try:
         yield previous
     finally:

@@ -26,7 +26,6 @@ from vmoe.models.config_checks import shape_mismatches
 from vmoe.models.moeify import MoeifyConfig, check_moe_options, nested_moe_options
 from vmoe.moe import attach_bias_updates, moe_layers, restore_routing, set_routing
 from vmoe.moe.bias_balancing import bias_balanced_routers, expert_load_buffer_names
-from vmoe.moe.settings import EVAL_CAPACITY_FACTOR
 
 from .build import build_model
 from .divergence import DIVERGENCE_HINT, DivergenceError, first_nonfinite_parameter
@@ -88,7 +87,10 @@ class VmoeClassifier(L.LightningModule):
         schedule_steps: Optimizer steps the schedule spans (None: Lightning's estimate, i.e.
             ``trainer.max_steps``, else the epochs times the batches an epoch). Set it to stop
             a run early with ``max_steps`` and continue it later on the same schedule.
-        eval_capacity_factor: Capacity factor of validation/test/predict (paper: 4.0).
+        eval_capacity_factor: Capacity factor of validation/test/predict: None (default) runs
+            the layers' own eval routing, dropless for top-K layers (every token on its K
+            experts, nothing dropped); a number evaluates on the capacity path at that factor
+            (the paper: 4.0).
         eval_batch_priority: Batch Priority Routing at evaluation (None: as in training).
         layer_decay: Layer-wise learning-rate decay for fine-tuning (e.g. 0.75).
         grad_checkpointing: Recompute each block's activations in the backward pass.
@@ -127,7 +129,7 @@ class VmoeClassifier(L.LightningModule):
         schedule: str = "cosine",
         end_lr: float = 0.0,
         schedule_steps: Optional[int] = None,
-        eval_capacity_factor: Optional[float] = EVAL_CAPACITY_FACTOR,
+        eval_capacity_factor: Optional[float] = None,
         eval_batch_priority: Optional[bool] = None,
         layer_decay: Optional[float] = None,
         grad_checkpointing: bool = False,

@@ -57,13 +57,18 @@ class SweepRow(TypedDict):
 def _moe_flops(layer: MoeMlp, plan, tokens_per_group: int) -> int:
     """FLOPs (multiply-add = 2) one forward of ``layer`` spent: router logits for every grouped
     token (padding included) plus the expert MLPs on all E*G*C buffer rows, which are computed
-    whether a slot is filled or not."""
+    whether a slot is filled or not; for a dropless plan, the valid tokens' router logits and
+    the expert MLPs on the K rows of each token."""
     G, C, E = plan.num_groups, plan.capacity, plan.num_experts
     ex = layer.experts
-    expert = (
-        2 * E * G * C * (ex.in_features * ex.hidden_features + ex.hidden_features * ex.out_features)
-    )
-    router = 2 * G * tokens_per_group * layer.in_features * E
+    # a dropless forward runs the experts on exactly the kept assignments' rows, and routes
+    # the valid tokens only (no buffer row, no padding)
+    rows = int(plan.kept.sum()) if plan.dropless else E * G * C
+    expert = 2 * rows * (ex.in_features * ex.hidden_features + ex.hidden_features * ex.out_features)
+    tokens = G * tokens_per_group
+    if plan.dropless and plan.valid is not None:
+        tokens = int(plan.valid.sum())
+    router = 2 * tokens * layer.in_features * E
     return expert + router
 
 
