@@ -76,20 +76,29 @@ class Meter:
     time the workers used in it, start-up included), the figure that other load on the
     machine disturbs least."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, normalize=None):
+        self.loader, self.normalize = loader, normalize
 
     def one_pass(self) -> tuple[float, float]:
         before = _worker_cpu()  # other loaders' workers, idle now, add ~0 below
         it = iter(self.loader)
         x, _ = next(it)
+        main = 0.0  # main-process CPU seconds of ``normalize`` (uint8 batches), counted too
+        if self.normalize is not None:
+            tick = time.thread_time()
+            self.normalize(x)
+            main += time.thread_time() - tick
         count, start = 0, time.perf_counter()
         total, cpu = len(x), before
         for x, _ in it:
             count += len(x)
             cpu = _worker_cpu()  # at each batch: the workers may exit after the last one
+            if self.normalize is not None:
+                tick = time.thread_time()
+                self.normalize(x)
+                main += time.thread_time() - tick
         wall = time.perf_counter() - start
-        used = sum(t - before.get(pid, 0.0) for pid, t in cpu.items())
+        used = sum(t - before.get(pid, 0.0) for pid, t in cpu.items()) + main
         return count / wall, (total + count) / used
 
 
@@ -142,6 +151,23 @@ def vmoe_loaders(folder: Path, tmp: Path, batch: int, workers: int, built: dict)
         yield f"vmoe shards, make-shards --max-size {size}", dm.train_dataloader()
     for size in (224, 160):
         yield f"vmoe image folder, decode_size={size}", folder_dm(decode_size=size, **common)
+    for size in (None, 256):
+        dm = ShardDataModule(str(built[size]), normalize_on_device=True, **common)
+        dm.setup("fit")
+        yield uint8_row(size), dm.train_dataloader()
+
+
+def uint8_row(size) -> str:
+    shards = "shards" if size is None else f"shards --max-size {size}"
+    return f"vmoe {shards}, normalize_on_device (uint8 batches; main-process normalize counted)"
+
+
+def main_normalize(x: torch.Tensor) -> torch.Tensor:
+    """What ``normalize_on_device`` leaves to the training process, run here on the CPU so that
+    its cost is counted (on a GPU it runs on the device)."""
+    from vmoe.data import normalize_uint8
+
+    return normalize_uint8(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def timm_loader(folder: Path, batch: int, workers: int, auto_augment: str):
@@ -238,7 +264,8 @@ def main() -> None:
             for name, loader in itertools.chain(
                 sources, vmoe_loaders(folder, tmp, args.batch, workers, built)
             ):
-                rates.setdefault(name, {})[workers] = paired(Meter(loader), reference, args.repeats)
+                meter = Meter(loader, main_normalize if "normalize_on_device" in name else None)
+                rates.setdefault(name, {})[workers] = paired(meter, reference, args.repeats)
                 del loader
             del reference, sources
         dec = decoders(folder)
