@@ -128,3 +128,11 @@ def test_uint8_batches_without_the_data_module_are_a_clear_error():
     batch = (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
     with pytest.raises(TypeError, match="uint8 training images reached the model"):
         module.training_step(batch, 0)
+
+
+def test_vmoe_fit_takes_the_option(tmp_path):
+    from tests.helpers import fast
+    from vmoe.cli import main
+
+    args = ["--trainer.max_steps", "2", "--data.init_args.normalize_on_device", "true"]
+    assert main(["fit", *fast(tmp_path, *args)]) == 0
