@@ -76,20 +76,29 @@ class Meter:
     time the workers used in it, start-up included), the figure that other load on the
     machine disturbs least."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, normalize=None):
+        self.loader, self.normalize = loader, normalize
 
     def one_pass(self) -> tuple[float, float]:
         before = _worker_cpu()  # other loaders' workers, idle now, add ~0 below
         it = iter(self.loader)
         x, _ = next(it)
+        main = 0.0  # main-process CPU seconds of ``normalize`` (uint8 batches), counted too
+        if self.normalize is not None:
+            tick = time.thread_time()
+            self.normalize(x)
+            main += time.thread_time() - tick
         count, start = 0, time.perf_counter()
         total, cpu = len(x), before
         for x, _ in it:
             count += len(x)
             cpu = _worker_cpu()  # at each batch: the workers may exit after the last one
+            if self.normalize is not None:
+                tick = time.thread_time()
+                self.normalize(x)
+                main += time.thread_time() - tick
         wall = time.perf_counter() - start
-        used = sum(t - before.get(pid, 0.0) for pid, t in cpu.items())
+        used = sum(t - before.get(pid, 0.0) for pid, t in cpu.items()) + main
         return count / wall, (total + count) / used
 
 
@@ -142,6 +151,23 @@ def vmoe_loaders(folder: Path, tmp: Path, batch: int, workers: int, built: dict)
         yield f"vmoe shards, make-shards --max-size {size}", dm.train_dataloader()
     for size in (224, 160):
         yield f"vmoe image folder, decode_size={size}", folder_dm(decode_size=size, **common)
+    for size in (None, 256):
+        dm = ShardDataModule(str(built[size]), normalize_on_device=True, **common)
+        dm.setup("fit")
+        yield uint8_row(size), dm.train_dataloader()
+
+
+def uint8_row(size) -> str:
+    shards = "shards" if size is None else f"shards --max-size {size}"
+    return f"vmoe {shards}, normalize_on_device (uint8 batches; main-process normalize counted)"
+
+
+def main_normalize(x: torch.Tensor) -> torch.Tensor:
+    """What ``normalize_on_device`` leaves to the training process, run here on the CPU so that
+    its cost is counted (on a GPU it runs on the device)."""
+    from vmoe.data import normalize_uint8
+
+    return normalize_uint8(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def timm_loader(folder: Path, batch: int, workers: int, auto_augment: str):
@@ -198,6 +224,48 @@ def decoders(folder: Path, repeats: int = 3) -> dict:
     )
 
 
+def stages(folder: Path, repeats: int = 3) -> dict:
+    """CPU ms per image of each step of the ``--max-size 256`` training path, in this process
+    (1 thread): JPEG decode, RandomResizedCrop + flip, RandAugment, Normalize + to tensor, or
+    uint8 to tensor (``normalize_on_device``), stacking 32 into a batch, pickling a batch (a
+    stand-in for the copy between processes), and ``normalize_uint8`` of a batch."""
+    import io
+    import pickle
+
+    from vmoe.data import TrainTransformConfig, build_train_transform, load_image, normalize_uint8
+
+    blobs = []
+    for f in sorted(folder.glob("*/*.jpg"))[:64]:  # as make-shards --max-size 256 stores them
+        out = io.BytesIO()
+        Image.open(f).resize((256, 192), Image.BILINEAR).save(out, "JPEG", quality=90)
+        blobs.append(out.getvalue())
+    steps = list(build_train_transform(224, TrainTransformConfig(), (0.5,) * 3, (0.5,) * 3, 0))
+    import albumentations as A
+
+    def ms(fn, items, per=1):
+        start = time.process_time()
+        for _ in range(repeats):
+            out = [fn(x) for x in items]
+        return 1e3 * (time.process_time() - start) / (repeats * len(items) * per), out
+
+    got = {}
+    got["decode"], images = ms(lambda b: load_image("x", b), blobs)
+    crop = A.Compose(steps[:2], seed=0)
+    got["crop+flip"], crops = ms(lambda im: crop(image=im)["image"], images)
+    aug = A.Compose(steps[2:3], seed=0)
+    got["randaugment"], augs = ms(lambda im: aug(image=im)["image"], crops)
+    norm = A.Compose(steps[3:], seed=0)
+    got["normalize+to tensor"], floats = ms(lambda im: norm(image=im)["image"], augs)
+    got["uint8 to tensor"], u8 = ms(lambda im: torch.from_numpy(im.transpose(2, 0, 1)), augs)
+    for name, tensors in (("float32", floats), ("uint8", u8)):
+        got[f"stack {name}"], batches = ms(torch.stack, [tensors[:32], tensors[32:]], 32)
+        got[f"pickle {name}"], _ = ms(pickle.dumps, batches, 32)
+    got["normalize_uint8"], _ = ms(
+        lambda x: normalize_uint8(x, (0.5,) * 3, (0.5,) * 3), batches, 32
+    )
+    return got
+
+
 def train_flops(name: str) -> float:
     import timm
     from torch.utils.flop_counter import FlopCounterMode
@@ -238,10 +306,12 @@ def main() -> None:
             for name, loader in itertools.chain(
                 sources, vmoe_loaders(folder, tmp, args.batch, workers, built)
             ):
-                rates.setdefault(name, {})[workers] = paired(Meter(loader), reference, args.repeats)
+                meter = Meter(loader, main_normalize if "normalize_on_device" in name else None)
+                rates.setdefault(name, {})[workers] = paired(meter, reference, args.repeats)
                 del loader
             del reference, sources
         dec = decoders(folder)
+        steps = stages(folder)
     print(
         f"\n{args.images} JPEGs 500x375 -> 224 px, batch {args.batch}, 1 thread per worker, "
         f"medians of {args.repeats} passes each paired with one of timm rand-m9-n2: img/s per "
@@ -263,6 +333,10 @@ def main() -> None:
         f"\ndecode one 500x375 JPEG: PIL {dec['pil_ms']:.2f} ms, torchvision.io.decode_jpeg "
         f"{dec['torchvision_ms']:.2f} ms; "
         f"pixels differ by max {dec['max_abs']}, mean {dec['mean_abs']:.3f} (0-255)"
+    )
+    print(
+        "\nCPU ms per image, --max-size 256 path in one process: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
     )
     if args.no_flops:
         return

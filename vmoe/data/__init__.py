@@ -30,6 +30,7 @@ from vmoe.data.transforms import (
     TrainTransformConfig,
     build_eval_transform,
     build_train_transform,
+    normalize_uint8,
 )
 
 DATAMODULES: dict[str, type[VisionDataModule]] = {
@@ -77,6 +78,7 @@ __all__ = [
     "build_datamodule",
     "build_eval_transform",
     "build_train_transform",
+    "normalize_uint8",
     "load_digits_uint8",
     "load_image",
     "read_cifar_binary",

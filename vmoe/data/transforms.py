@@ -23,6 +23,7 @@ from typing import Literal, Optional, Sequence
 
 import albumentations as A
 import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from vmoe.data.randaugment import DEFAULT_OPS, MAX_MAGNITUDE, OPS, RandAugment
@@ -165,15 +166,45 @@ def _check_img_size(img_size: int) -> None:
         raise ValueError(f"img_size={img_size!r} must be a positive int")
 
 
+def normalize_uint8(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """The Normalize step of the pipelines, applied to a batch later (e.g. on the device).
+
+    Args:
+        images: uint8 [B, C, H, W] (a batch of ``build_train_transform(normalize=False)``).
+        mean: per-channel mean on the [0, 1] scale.
+        std: per-channel std on the [0, 1] scale.
+
+    Returns:
+        float32 [B, C, H, W] = (images / 255 - mean) / std, on ``images``' device; the same
+        float32 operations as the pipeline's Normalize step (equal on the CPU).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != len(mean):
+        raise ValueError(
+            f"normalize_uint8 needs uint8 [B, {len(mean)}, H, W] images, got "
+            f"{images.dtype} {list(images.shape)}"
+        )
+    # albumentations' own float32 arithmetic (img - mean * 255) * (1 / (std * 255)): bit-equal
+    shape = (1, len(mean), 1, 1)
+    shift = torch.tensor(mean, dtype=torch.float32) * 255.0
+    scale = torch.reciprocal(torch.tensor(std, dtype=torch.float32) * 255.0)
+    shift, scale = (t.view(shape).to(images.device) for t in (shift, scale))
+    return images.float().sub_(shift).mul_(scale)
+
+
 def build_train_transform(
     img_size: int,
     config: TrainTransformConfig,
     mean: Sequence[float],
     std: Sequence[float],
     seed: int | None = None,
+    normalize: bool = True,
 ) -> A.Compose:
     """uint8 [H, W, C] -> float32 tensor [C, img_size, img_size]; ``seed`` fixes the draws.
-    None fields of ``config`` take ``DEFAULT_TRAIN``'s values."""
+    None fields of ``config`` take ``DEFAULT_TRAIN``'s values. ``normalize=False`` leaves out
+    the Normalize step: uint8 tensor [C, img_size, img_size], the same draws (same ``seed``);
+    ``normalize_uint8`` of a batch of them gives the float output."""
     _check_img_size(img_size)
     config = config.merged_over(DEFAULT_TRAIN)
     steps: list[A.BasicTransform] = [
@@ -195,7 +226,8 @@ def build_train_transform(
                 fill=config.fill,
             )
         )
-    return A.Compose(steps + _normalize_to_tensor(mean, std), seed=seed)
+    last = _normalize_to_tensor(mean, std) if normalize else [ToTensorV2()]
+    return A.Compose(steps + last, seed=seed)
 
 
 def build_eval_transform(

@@ -257,6 +257,12 @@ class VmoeClassifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if x.dtype == torch.uint8:
+            raise TypeError(
+                "uint8 training images reached the model: a data module with "
+                "normalize_on_device=True normalizes them only when the Trainer is given it "
+                "(trainer.fit(model, datamodule=dm)), not its loaders"
+            )
         self._check_labels(y)
         target = y
         if self.mixup is not None:
