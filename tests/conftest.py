@@ -40,6 +40,8 @@ def _seed():
 # turns off xdist's own reordering, which sends the files with the most tests first).
 LONGEST_FILES = (
     "tests/models/test_export.py",
+    "tests/models/test_export_dynamic.py",
+    "tests/models/test_export_cli.py",
     "tests/test_notebooks.py",
     "tests/test_docs.py",
     "tests/train/test_expert_parallel_fit.py",
@@ -50,6 +52,9 @@ LONGEST_FILES = (
     "tests/models/test_timm_contract.py",
     "tests/train/test_resume.py",
     "tests/models/test_catalogue.py",
+    "tests/train/test_resume_matrix.py",
+    "tests/data/test_streams.py",
+    "tests/data/test_ranks.py",
 )
 
 
