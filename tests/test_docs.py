@@ -143,3 +143,29 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
         ran[lang] += 1
     least = dict(zip(("python", "bash", "yaml"), EXPECTED[name(page)]))
     assert all(ran[lang] >= least[lang] for lang in ran), (ran, least)
+
+
+def test_api_docstrings_link_the_guides_they_name():
+    """A guide named in a docstring the API reference renders is a Markdown link (relative to
+    docs/api/, which mkdocs resolves), not a bare ``docs/guides/x.md`` path; each link's
+    target exists."""
+    import importlib
+
+    names = re.findall(
+        r"^::: ([\w.]+)", "".join(p.read_text() for p in (ROOT / "docs/api").glob("*.md")), re.M
+    )
+    assert names, "the API pages render no objects"
+    bare, broken = [], []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            obj = importlib.import_module(name)
+        except ModuleNotFoundError:
+            obj = getattr(importlib.import_module(module), attr)
+        doc = obj.__doc__ or ""
+        bare += [name for _ in re.findall(r"``docs/[\w/-]+\.md``", doc)]
+        for target in re.findall(r"\]\((\.\./[\w/-]+\.md)(?:#[\w-]+)?\)", doc):
+            if not (ROOT / "docs/api" / target).resolve().is_file():
+                broken.append(f"{name}: {target}")
+    assert not bare, f"guides named as bare paths (write [title](../guides/x.md)): {bare}"
+    assert not broken, f"links to missing pages: {broken}"

@@ -2,7 +2,8 @@
 
 ``MoeMlp`` is the drop-in for timm's ``Mlp``, configured by ``MoeLayerConfig`` (one config per
 router); the routers, routing plans, experts, dispatch, auxiliary losses and balancing, routing
-settings and statistics it is built from are public too. Guide: ``docs/guides/moe-layer.md``.
+settings and statistics it is built from are public too. Guide:
+[The MoE layer](../guides/moe-layer.md).
 """
 
 from .balancing import AUX_LOSS_MODES, AttachAuxLoss, set_aux_loss_mode, set_aux_loss_scale

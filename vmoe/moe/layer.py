@@ -58,7 +58,7 @@ class MoeMlp(nn.Module):
             (named in the message).
         TypeError: An option of the wrong type.
 
-    See the guide "The MoE layer" (``docs/guides/moe-layer.md``) for grouping, capacity,
+    See the guide [The MoE layer](../guides/moe-layer.md) for grouping, capacity,
     auxiliary losses and Soft MoE.
     """
 

@@ -317,7 +317,7 @@ class TopKRouter(_GatingRouter):
 
     The options are held in ``self.config``. The routing options may be changed after
     construction (e.g. a larger ``capacity_factor`` for evaluation); assignments are validated.
-    See the guide "The MoE layer" (``docs/guides/moe-layer.md``).
+    See the guide [The MoE layer](../guides/moe-layer.md).
     """
 
     def __init__(

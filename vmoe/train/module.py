@@ -56,7 +56,7 @@ class VmoeClassifier(L.LightningModule):
 
     The network is ``self.model``, a plain ``nn.Module`` built by ``build_model``; this class
     adds the loss (task loss + MoE auxiliary losses), metrics, optimizer, schedule and the
-    evaluation-time routing. The guide "The vmoe command" (``docs/guides/cli.md``) explains
+    evaluation-time routing. The guide [The vmoe command](../guides/cli.md) explains
     the options in context.
 
     Args:
