@@ -250,11 +250,14 @@ def test_cli_routing_report_on_image_folder(saved, tmp_path, capsys):
             "2",
             "--examples",
             "2",
+            "--capacity-factor",
+            "0.5",
             "--no-progress",
         ]
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["recorded_with"]["capacity_factor"] == 0.5
     assert report["data"]["num_images"] == 9 and report["data"]["class_names"] == [
         "cat",
         "dog",
@@ -328,3 +331,34 @@ def test_cli_errors_are_one_line(saved, tmp_path, capsys):
     assert "10 classes" in capsys.readouterr().err
     assert main(["routing-report", "--model", str(saved / "model"), "--out", str(tmp_path)]) == 2
     assert "required: data" in capsys.readouterr().err
+
+
+def test_report_says_how_it_recorded_and_records_at_a_capacity_factor(tmp_path):
+    """By default a report records with the evaluation routing, dropless for top-K layers
+    (nothing dropped, said on the page); record_capacity_factor records on the capacity path
+    at that factor (tokens dropped) and leaves the model's routing as it was."""
+    model = timm.create_model("vmoe_tiny_e4_k2", num_classes=NUM_CLASSES)  # dropless in eval
+    data = batches()
+    default = V.write_routing_report(
+        model, data, tmp_path / "a", capacity_factors=None, progress=False
+    )
+    assert set(default["recorded_with"]["paths"].values()) == {"dropless"}
+    drops = [sum(ex["tokens_with_a_dropped_choice"].values()) for ex in default["examples"]]
+    assert drops == [0] * len(drops)
+    assert "no token is dropped" in (tmp_path / "a" / "index.html").read_text()
+
+    at = V.write_routing_report(
+        model,
+        data,
+        tmp_path / "b",
+        capacity_factors=None,
+        progress=False,
+        record_capacity_factor=0.5,
+    )
+    assert set(at["recorded_with"]["paths"].values()) == {"capacity"}
+    assert at["recorded_with"]["capacity_factor"] == 0.5
+    assert sum(sum(ex["tokens_with_a_dropped_choice"].values()) for ex in at["examples"]) > 0
+    page = (tmp_path / "b" / "index.html").read_text()
+    assert "no token is dropped" not in page and "capacity factor <span" in page
+    model.eval()
+    assert all(m.routes_dropless for m in vm.moe_layers(model).values())  # restored

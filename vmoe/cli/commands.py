@@ -275,10 +275,20 @@ def _report_arguments(p) -> None:
 
 
 def _routing_report_arguments(p) -> None:
-    from jsonargparse.typing import PositiveInt
+    from typing import Optional
+
+    from jsonargparse.typing import PositiveFloat, PositiveInt
 
     _report_arguments(p)
     p.add_argument("--examples", type=PositiveInt, default=4, help="patch maps drawn")
+    p.add_argument(
+        "--capacity-factor",
+        type=Optional[PositiveFloat],
+        default=None,
+        help="record the maps, load and accuracy on the capacity path at this factor (e.g. "
+        "the training one, to see what it drops); default: the model's evaluation routing, "
+        "dropless for top-K layers (nothing dropped)",
+    )
     p.add_argument("--no-sweep", action="store_true", help="skip the capacity sweep")
     p.add_argument(
         "--overwrite",
@@ -307,6 +317,7 @@ def _routing_report(args) -> int:
             device=device,
             progress=not args.no_progress,
             title=f"Routing report: {_model_name(model)} on {args.data}",
+            record_capacity_factor=args.capacity_factor,
         )
     print(f"accuracy {100 * report['accuracy']:.1f}% over {report['data']['num_images']} images")
     print(f"wrote {len(report['files'])} files to {out}/; open {out / 'index.html'}")

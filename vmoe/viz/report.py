@@ -27,7 +27,7 @@ import torch.nn as nn
 from tqdm import tqdm  # text bar: tqdm.auto warns in Jupyter without ipywidgets
 
 from vmoe.jsonable import to_jsonable
-from vmoe.moe import require_moe_layers, soft_routing_statistics
+from vmoe.moe import require_moe_layers, restore_routing, set_routing, soft_routing_statistics
 
 from .maps import patch_map, priority_map
 from .page import render_page
@@ -386,6 +386,7 @@ def write_routing_report(
     progress: bool = True,
     title: Optional[str] = None,
     dpi: int = 110,
+    record_capacity_factor: Optional[float] = None,
 ) -> dict:
     """Write the routing report of ``model`` over ``data`` into ``out_dir``.
 
@@ -402,6 +403,10 @@ def write_routing_report(
         class_names: names of the label ids (tick labels and captions).
         device: where to run (default: the model's parameters' device).
         progress: show tqdm progress bars (stderr).
+        record_capacity_factor: None (default): the patch maps, expert load and accuracy are
+            recorded with the model's own evaluation routing, dropless for top-K layers (every
+            token reaches its K experts: nothing is dropped); a number: recorded on the capacity
+            path at that factor (e.g. the training factor, to see which tokens it drops).
     Returns:
         The report as written to ``report.json`` (numbers as lists), with ``files``: every
         written file name.
@@ -419,7 +424,8 @@ def write_routing_report(
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
         raise ValueError(f"num_examples must be a positive int, got num_examples={num_examples!r}")
     capacity_factors = tuple(capacity_factors or ())
-    for cf in (*capacity_factors, *priority_capacity_factors):
+    extra = () if record_capacity_factor is None else (record_capacity_factor,)
+    for cf in (*capacity_factors, *priority_capacity_factors, *extra):
         if not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0:
             raise ValueError(f"capacity factors must be positive numbers, got {cf!r}")
     out_dir = Path(out_dir)
@@ -433,8 +439,25 @@ def write_routing_report(
     one_shot = isinstance(data, collections.abc.Iterator)
     kept_batches: List = []
     view = FirstImages(data, max_images)
+    previous = None
+    if record_capacity_factor is not None:
+        sparse_layers = [n for n, m in layers.items() if not m.is_soft]
+        if not sparse_layers:
+            raise ValueError(
+                "record_capacity_factor: the model has only Soft MoE layers, which have no "
+                "capacity factor (their slots are fixed)"
+            )
+        previous = set_routing(
+            model, capacity_factor=float(record_capacity_factor), layers=sparse_layers
+        )
     was_training = model.training
     model.eval()
+    # the forward each layer ran while recording: 'dropless' (nothing dropped), 'capacity'
+    # (at the layer's factor, or record_capacity_factor) or 'soft'
+    paths = {
+        n: "soft" if m.is_soft else "dropless" if m.routes_dropless else "capacity"
+        for n, m in layers.items()
+    }
     try:
         with tqdm(
             total=_expected_batches(data, max_images),
@@ -445,6 +468,8 @@ def write_routing_report(
             batches = ((kept_batches.append(b) or b) if one_shot else b for b in view)
             rec = _record(model, batches, device, num_examples, bar)
     finally:
+        if previous is not None:
+            restore_routing(model, previous)
         model.train(was_training)
     record: RoutingRecord = rec["record"]
     labels = rec["labels"]
@@ -464,6 +489,7 @@ def write_routing_report(
             "class_names": list(map(str, class_names)) if class_names is not None else None,
         },
         "accuracy": float((rec["predictions"] == labels).mean()),
+        "recorded_with": {"paths": paths, "capacity_factor": record_capacity_factor},
     }
     soft = [n for n in record.layer_names if record.is_soft(n)]
     sparse = [n for n in record.layer_names if n not in soft]
