@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,3 +107,25 @@ def cli_subprocess(root, *extra, timeout=400):
         *extra,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _onnx_installed() -> bool:
+    from vmoe.models import export
+
+    try:
+        export.require_onnx()
+    except ImportError:
+        return False
+    return True
+
+
+# Tests of the ONNX path: skipped only where the export extra is not installed (CI installs it).
+def _needs_onnx():
+    from vmoe.models.export import EXPORT_EXTRA
+
+    return pytest.mark.skipif(
+        not _onnx_installed(), reason=f"the export extra is not installed ({EXPORT_EXTRA})"
+    )
+
+
+needs_onnx = _needs_onnx()

@@ -10,19 +10,10 @@ import torch
 import torch.distributed as dist
 
 import vmoe.models as vm
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, needs_onnx
 from vmoe.cli import main
 from vmoe.models import export as ex
 from vmoe.moe.routing import _descending_order
-
-try:
-    ex.require_onnx()
-    HAVE_ONNX = True
-except ImportError:
-    HAVE_ONNX = False
-needs_onnx = pytest.mark.skipif(
-    not HAVE_ONNX, reason=f"the export extra is not installed ({ex.EXPORT_EXTRA})"
-)
 
 EXAMPLE_BATCH = 5
 BATCHES = (1, 3, 8, 13)  # 1, odd sizes, a full group of 8 images, partial last groups

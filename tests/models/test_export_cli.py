@@ -24,19 +24,10 @@ import timm
 import torch
 
 import vmoe.models as vm
-from tests.helpers import ROOT
+from tests.helpers import ROOT, needs_onnx
 from vmoe.cli import main
 from vmoe.models import export as ex
 from vmoe.writes import NotWritableError
-
-try:
-    ex.require_onnx()
-    HAVE_ONNX = True
-except ImportError:
-    HAVE_ONNX = False
-needs_onnx = pytest.mark.skipif(
-    not HAVE_ONNX, reason=f"the export extra is not installed ({ex.EXPORT_EXTRA})"
-)
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", WANDB_MODE="offline")
 

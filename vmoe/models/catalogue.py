@@ -293,31 +293,21 @@ _STATIC = frozenset(CATALOGUE)
 
 
 def timm_pretrained_cfg(entry: OfficialCheckpoint) -> dict:
-    """The timm pretrained cfg of ``entry``'s tag: V-MoE inputs (mean = std = 0.5), its
-    resolution, classes and crop; ``url`` is the official index file (the weights are fetched
-    and converted by vmoe's factories, not by timm's URL loader)."""
-    from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+    """The timm pretrained cfg of ``entry``'s tag: the untagged model's (V-MoE inputs, mean =
+    std = 0.5) with the entry's resolution, classes and crop; ``url`` is the official index file
+    (the weights are fetched and converted by vmoe's factories, not by timm's URL loader)."""
+    from .variants import _default_cfg  # variants imports this module at its top
 
     accuracy = ", ".join(f"{k}: {v}%" for k, v in entry.accuracy)
-    return dict(
-        url=f"{DEFAULT_BASE_URL}/{entry.name}.index",
-        num_classes=entry.num_classes,
-        input_size=(3, entry.img_size, entry.img_size),
-        pool_size=None,
-        crop_pct=entry.crop_pct,
-        interpolation="bicubic",
-        fixed_input_size=True,
-        mean=IMAGENET_INCEPTION_MEAN,
-        std=IMAGENET_INCEPTION_STD,
-        first_conv="patch_embed.proj",
-        classifier="head",
-        license="apache-2.0",
-        origin_url=README_URL,
-        description=entry.summary,
-        notes=(entry.pretraining, *((accuracy,) if accuracy else ()), entry.notes),
-        paper_ids="arXiv:2106.05974",
-        paper_name="Scaling Vision with Sparse Mixture of Experts",
-    )
+    return {
+        **_default_cfg(entry.img_size),
+        "url": f"{DEFAULT_BASE_URL}/{entry.name}.index",
+        "num_classes": entry.num_classes,
+        "crop_pct": entry.crop_pct,
+        "origin_url": README_URL,
+        "description": entry.summary,
+        "notes": (entry.pretraining, *((accuracy,) if accuracy else ()), entry.notes),
+    }
 
 
 def find_official_checkpoint(name: str) -> Optional[OfficialCheckpoint]:
