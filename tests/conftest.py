@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -7,6 +8,8 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the CLI's parser snapshots (vmoe.cli.snapshot) go to a folder of this run, not ~/.cache
+os.environ.setdefault("VMOE_CLI_CACHE", tempfile.mkdtemp(prefix="vmoe-cli-cache-"))
 
 from tests.helpers import VMOE_REFERENCE as FIXTURES
 

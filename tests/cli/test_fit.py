@@ -259,9 +259,16 @@ def test_unknown_config_key(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  lrr: 0.1\n")
     assert main(["fit", *fast(tmp_path, "--config", str(bad))]) == 2
-    one_line_error(capsys, r"does not accept option 'model\.lrr'")
+    one_line_error(
+        capsys,
+        r"model\.lrr \(in a --config file\): not an option of vmoe fit; did you mean "
+        r"model\.lr ",
+    )
     assert main(["fit", *fast(tmp_path, "--trainer.max_epohs", "1")]) == 2
-    one_line_error(capsys, r"unrecognized arguments: --trainer\.max_epohs")
+    one_line_error(
+        capsys,
+        r"--trainer\.max_epohs: not an option of vmoe fit; did you mean --trainer\.max_epochs",
+    )
 
 
 def test_missing_data_path(tmp_path, capsys):

@@ -136,3 +136,33 @@ def test_a_misspelt_layer_option_next_to_a_router_mapping_names_the_closest():
         MoeLayerConfig.from_dict({"num_selected": 1, "router": {"name": "top_k"}})
     with pytest.raises(ValueError, match=r"did you mean capacity_factor or capacity\?$"):
         MoeLayerConfig.from_dict({"router": {"name": "top_k", "capacity_facter": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        (
+            ["--model.moe.router.num_selected", "1"],
+            r"model\.moe\.router\.num_selected: the config sets no model\.moe to merge into .*"
+            r"to change the MoE layers of vmoe_tiny_e4_k2, use "
+            r"--model\.model_kwargs\.moe\.router\.num_selected 1$",
+        ),
+        (
+            ["--model.moe.num_experts", "8"],
+            r"use --model\.model_kwargs\.moe\.num_experts 8$",
+        ),
+        (  # a misspelt key is named first
+            ["--model.moe.router.num_selectd", "1"],
+            r"model\.moe\.router\.num_selectd: not an option of router 'top_k'.*"
+            r"did you mean num_selected\?",
+        ),
+    ],
+)
+def test_a_partial_moe_over_a_registered_variant_names_model_kwargs(capsys, override, pattern):
+    """The quickstart's model is a registered V-MoE (no model.moe to merge into): the error
+    names the option that changes its MoE layers (it said "give exactly one of model.moe.every,
+    model.moe.last, model.moe.blocks")."""
+    assert main(["fit", "--config", QUICKSTART, *override, "--print_config"]) == 2
+    line = last_stderr_line(capsys)
+    message = re.sub(r"^vmoe fit: error: Parser key \"model.moe\": (.*)  \[.*$", r"\1", line)
+    assert re.search(pattern, message), line

@@ -128,8 +128,36 @@ def _check_config_files(argv: Sequence[str]) -> None:
             raise FileNotFoundError(f"--config {value}: {what}")
 
 
+def _from_snapshot(command: str, argv: Sequence[str]) -> Optional[int]:
+    """``vmoe <command> --help`` and a misspelt option answered from the parser's snapshot
+    (``vmoe.cli.snapshot``) without importing Lightning; None when the live parser must answer
+    (no snapshot of this installation, or nothing the snapshot can settle)."""
+    from . import snapshot
+
+    if not argv or argv[0] != command:
+        return None
+    recorded = snapshot.load(command)
+    if recorded is None:
+        return None
+    rest = list(argv[1:])
+    if rest in (["-h"], ["--help"]):
+        sys.stdout.write(snapshot.render_help(recorded, f"vmoe {command}"))
+        sys.stdout.flush()
+        return 0
+    message = snapshot.refusal(rest, recorded, f"vmoe {command}")
+    if message is not None:
+        from argparse import ArgumentError
+
+        raise ArgumentError(None, message)
+    return None
+
+
 def _run_lightning(command: str, argv: Optional[List[str]]) -> int:
-    _check_config_files(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    _check_config_files(given)
+    answered = _from_snapshot(command, given)
+    if answered is not None:
+        return answered
     from .training import VmoeCLI
 
     try:

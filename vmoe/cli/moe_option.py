@@ -43,11 +43,36 @@ def _dotted(key: str, value) -> Dict[str, Any]:
     return out
 
 
-def _merge_moe(previous, given: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    from vmoe.models.moeify import merge_moe_options, refuse_unknown_keys
+def _merge_moe(previous, given: Mapping[str, Any], where: str, cfg=None) -> Dict[str, Any]:
+    from vmoe.models.moeify import (
+        PLACEMENT_KEYS,
+        check_moe_options,
+        merge_moe_options,
+        refuse_unknown_keys,
+    )
 
     refuse_unknown_keys(given, where)
+    if previous is None and not any(key in given for key in PLACEMENT_KEYS):
+        check_moe_options(given, where)  # a misspelt key is named first
+        raise ValueError(_nothing_to_merge_into(given, where, cfg))
     return merge_moe_options({} if previous is None else previous, given, where=where)
+
+
+def _nothing_to_merge_into(given: Mapping[str, Any], where: str, cfg) -> str:
+    """A partial ``model.moe`` with no ``model.moe`` to merge into: a registered V-MoE variant
+    (the quickstart's ``vmoe_tiny_e4_k2``) is changed through ``model.model_kwargs.moe``."""
+    key, value = next(iter(given.items()))
+    while isinstance(value, Mapping) and len(value) == 1:
+        inner, value = next(iter(value.items()))
+        key = f"{key}.{inner}"
+    shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    name = cfg.get("model.model_name") if cfg is not None else None
+    model = f" of {name}" if name else ""
+    return (
+        f"{where}.{key}: the config sets no {where} to merge into ({where} moeifies a dense "
+        f"model and needs its placement: {where}.every, {where}.last or {where}.blocks); to "
+        f"change the MoE layers{model}, use --model.model_kwargs.moe.{key} {shown}"
+    )
 
 
 def _merge_model_kwargs(previous, given: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -85,7 +110,10 @@ class MergingOption(ActionTypeHint):
         if isinstance(value, Mapping):
             previous = cfg.get(self.dest) if cfg else None
             try:
-                value = _MERGERS[self.dest](previous, value, self.dest)
+                if self.dest == "model.moe":
+                    value = _merge_moe(previous, value, self.dest, cfg)
+                else:
+                    value = _MERGERS[self.dest](previous, value, self.dest)
             except (ValueError, TypeError) as err:
                 raise TypeError(f'Parser key "{self.dest}": {err}') from err
         return super().__call__(parser, cfg, value, base)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Dict, Literal, Optional, Sequence, Set
 
@@ -32,6 +34,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+import vmoe.data  # noqa: F401 (the data modules --data takes by name: --data DigitsDataModule)
 from vmoe.train import (
     AtomicCheckpointIO,
     ExportPretrained,
@@ -47,12 +50,26 @@ from vmoe.train.progress import LineProgress
 from vmoe.train.strategy import ExpertParallelStrategy
 from vmoe.writes import WRITE_ERRNOS, WriteError, failed_write, write_errno
 
+from . import snapshot
 from .errors import TrainingInterrupted
-from .help import PlainHelpFormatter, arrange_help, subcommand_usage
+from .help import (
+    PlainHelpFormatter,
+    arrange_help,
+    class_options,
+    data_classes,
+    option_table,
+    record_snapshot,
+    subcommand_usage,
+)
 from .moe_option import merge_on_the_command_line
 from .quiet import quiet_lightning, quiet_wandb_init
 
 __all__ = ["VmoeCLI"]
+
+_UNRECOGNIZED = re.compile(r"^\s*[Uu]nrecognized arguments:\s*(.*)$", re.S)
+_NOT_ACCEPTED = re.compile(r"given class_path '([\w.]+)':\s*Option '(\w+)[\w.]*' is not accepted")
+_NOT_IN_SUBCOMMAND = re.compile(r"^Subcommand '\w+' does not accept option '([\w.]+)'")
+_NOT_AN_IMPORT_PATH = re.compile(r"Expected a dot import path string: ([\w.]+)")
 
 
 def _refuse_lightning_optimizer(config) -> None:
@@ -137,6 +154,7 @@ class VmoeCLI(LightningCLI):
         # inspection): the first word of args that names one, else all of them.
         given = sys.argv[1:] if args is None else args
         words = given if isinstance(given, (list, tuple)) else []
+        self._args = list(words)
         self._only = next((w for w in words if w in LightningCLI.subcommands()), None)
         # Parse errors raise (ArgumentError) instead of printing the whole usage: main()
         # turns them into one line.
@@ -166,7 +184,57 @@ class VmoeCLI(LightningCLI):
         # LightningCLI's warns when args is given while sys.argv has arguments (always so under
         # pytest or a script calling vmoe.cli.main): main() chose args on purpose
         structured = isinstance(args, (dict, Namespace))
-        self.config = parser.parse_object(args) if structured else parser.parse_args(args)
+        try:
+            self.config = parser.parse_object(args) if structured else parser.parse_args(args)
+        except ArgumentError as err:
+            raise self._named_unknown_options(err) from err
+
+    def _named_unknown_options(self, err: ArgumentError) -> ArgumentError:
+        """jsonargparse's error for an unknown option ("Unrecognized arguments: --model.lrr 5"),
+        data module or data module option (a Union error over several lines) as the line the
+        parser's snapshot gives for it (``vmoe.cli.snapshot.refusal``)."""
+        text = str(err)
+        if self._only is None:
+            return err
+        parser, prog = self._subcommand_parsers[self._only], f"vmoe {self._only}"
+        unrecognized = _UNRECOGNIZED.match(text)
+        if unrecognized:
+            names = [a.split("=", 1)[0] for a in unrecognized.group(1).split() if a[:2] == "--"]
+            if names:
+                options = option_table(parser)["options"]
+                return ArgumentError(None, snapshot.unknown_options_message(names, options, prog))
+            return err
+        in_config = _NOT_IN_SUBCOMMAND.search(text)
+        if in_config:
+            options = option_table(parser)["options"]
+            message = snapshot.unknown_options_message([in_config.group(1)], options, prog, True)
+            return ArgumentError(None, message)
+        if not text.startswith('Parser key "data":'):
+            return err
+        not_accepted = _NOT_ACCEPTED.search(text)
+        no_class = _NOT_AN_IMPORT_PATH.search(text)
+        if not_accepted:
+            path, key = not_accepted.groups()
+            options = data_classes(parser).get(path)
+            if options is None:
+                from jsonargparse._util import import_object
+
+                options = class_options(import_object(path))
+            given = {f"--data.{key}", f"--data.init_args.{key}"}
+            typed = any(a.split("=", 1)[0] in given for a in self._args)
+            message = snapshot.unknown_data_option_message(key, path, options, prog, not typed)
+        elif no_class:
+            message = snapshot.unknown_data_class_message(no_class.group(1), data_classes(parser))
+        else:
+            return err
+        return ArgumentError(None, message)
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # the snapshot that answers the next --help / misspelt option without this parser
+        for subcommand, subparser in self._subcommand_parsers.items():
+            if snapshot.cache_folder() is not None and snapshot.load(subcommand) is None:
+                snapshot.save(subcommand, record_snapshot(subparser))
 
     def subcommands(self) -> Dict[str, Set[str]]:  # LightningCLI's is a staticmethod
         every = LightningCLI.subcommands()
