@@ -203,6 +203,7 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients(family):
         torch.testing.assert_close(ck_g[name], g[name])
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_torchscript_names_the_supported_route(family):
     model = create(family).eval()
     with pytest.raises(RuntimeError, match=r"TorchScript.*torch\.export.*ONNX"):

@@ -62,7 +62,7 @@ from .help import (
     subcommand_usage,
 )
 from .moe_option import merge_on_the_command_line
-from .quiet import quiet_lightning, quiet_wandb_init
+from .quiet import quiet_lightning, quiet_run, quiet_wandb_init
 
 __all__ = ["VmoeCLI"]
 
@@ -312,6 +312,13 @@ class VmoeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _refuse_lightning_optimizer(config)
+        data_class = str(getattr(config.get("data"), "class_path", config.get("data")))
+        resume = config.get("resume")
+        quiet_run(
+            vmoe_data=data_class.startswith("vmoe.data."),
+            exact_resume=bool(resume is None or resume.get("enabled", True)),
+            resuming=bool(config.get("ckpt_path")),
+        )
         if config.get("torch_num_threads"):
             torch.set_num_threads(config.torch_num_threads)
         root = config.trainer.default_root_dir or os.path.join("runs", "default")

@@ -169,6 +169,14 @@ class VisionDataModule(L.LightningDataModule):
     def _setup_datasets(self, stage: Optional[str]) -> None:
         raise NotImplementedError
 
+    @property
+    def pins_memory(self) -> bool:
+        """``pin_memory`` where it takes effect: with an accelerator (torch ignores it, with a
+        warning, on a machine without one)."""
+        available = getattr(torch, "accelerator", None)
+        found = available.is_available() if available else torch.cuda.is_available()
+        return bool(self.pin_memory and found)
+
     def _loader(self, dataset: Optional[Dataset], split: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(
@@ -181,7 +189,7 @@ class VisionDataModule(L.LightningDataModule):
             shuffle=train,
             drop_last=train and self.drop_last,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory,
             persistent_workers=self.num_workers > 0,
             worker_init_fn=partial(seed_worker, rank=self._rank())
             if self.num_workers > 0

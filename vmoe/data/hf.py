@@ -619,7 +619,7 @@ class HFDataModule(VisionDataModule):
                 batch_size=dataset.batch_size,
                 drop_last=train and self.drop_last,
                 num_workers=self.num_workers,
-                pin_memory=self.pin_memory,
+                pin_memory=self.pins_memory,
                 collate_fn=collate_skipping,
                 # the workers' base seed: not from the global RNG (the router noise draws there)
                 generator=torch.Generator().manual_seed(self.seed),

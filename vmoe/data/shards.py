@@ -601,7 +601,7 @@ class ShardDataModule(VisionDataModule):
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pins_memory,
             collate_fn=collate_skipping,
             drop_last=train and self.drop_last,
             persistent_workers=False,
