@@ -104,3 +104,19 @@ def test_summary_paths_are_relative_inside_the_working_directory(tmp_path, monke
     assert shown_path("runs/x/export") == os.path.join("runs", "x", "export")
     outside = tmp_path.parent / "elsewhere"
     assert shown_path(outside) == str(outside)
+
+
+def test_a_resumed_fit_mid_epoch_with_pinned_memory_warns_of_nothing(tmp_path):
+    """Lightning's "Checkpoint directory ... is not empty" (the run resumes from it) and torch's
+    "pin_memory ... no accelerator" (the data modules now pin only with one) were printed by this
+    resume on the commit before."""
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "vmoe.cli", "fit", *TINY_FIT, "--trainer.logger", "false"]
+    base += ["--trainer.default_root_dir", str(tmp_path / "run"), "--data.pin_memory", "true"]
+    for extra in (["--trainer.max_steps", "2"], ["--trainer.max_steps", "4", "--ckpt_path", "last"]):
+        done = subprocess.run(
+            base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in done.stdout + done.stderr
+    assert not re.search(r"\.py:\d+: ", done.stderr), done.stderr

@@ -207,7 +207,10 @@ def test_a_corrupt_stale_or_unwritable_snapshot_costs_only_time(tmp_path, monkey
     assert snapshot.load("fit") is None
     stale = tmp_path / "cache" / "fit-0123456789abcdef01234567.json"
     stale.write_text(json.dumps({**good, "format": snapshot.FORMAT}))
+    mine = tmp_path / "cache" / "fit-results.json"  # not a snapshot: kept
+    mine.write_text("{}")
     assert snapshot.save("fit", good) == written and not stale.exists()  # the old one goes
+    assert mine.read_text() == "{}"
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("VMOE_CLI_CACHE", str(tmp_path / "a-file" / "cache"))
     assert snapshot.save("fit", good) is None and snapshot.load("fit") is None

@@ -49,6 +49,7 @@ __all__ = [
 
 FORMAT = 1  # the snapshot file's layout; a change makes old files unused
 CACHE_ENV = "VMOE_CLI_CACHE"
+_KEY_LENGTH = 24
 _OFF = ("", "0", "off", "false", "no")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the vmoe folder
 
@@ -88,7 +89,7 @@ def fingerprint(subcommand: str, package: str = _PACKAGE) -> str:
     for key in sorted(os.environ):
         if key.startswith(("JSONARGPARSE_", "LIGHTNING_", "PL_")):
             add(key, os.environ[key])
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()[:_KEY_LENGTH]
 
 
 def _path(folder: str, subcommand: str, key: str) -> str:
@@ -134,10 +135,10 @@ def save(subcommand: str, snapshot: Dict[str, Any]) -> Optional[str]:
         except BaseException:
             os.unlink(temporary)
             raise
-        for name in os.listdir(folder):
-            if name.startswith(f"{subcommand}-") and name.endswith(".json"):
-                if os.path.join(folder, name) != target:
-                    os.unlink(os.path.join(folder, name))
+        ours = re.compile(rf"{re.escape(subcommand)}-[0-9a-f]{{{_KEY_LENGTH}}}\.json")
+        for name in os.listdir(folder):  # the older snapshots (no other file of the folder)
+            if ours.fullmatch(name) and os.path.join(folder, name) != target:
+                os.unlink(os.path.join(folder, name))
     except (OSError, TypeError, ValueError):
         return None
     return target
