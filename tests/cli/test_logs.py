@@ -113,7 +113,8 @@ def test_a_resumed_fit_mid_epoch_with_pinned_memory_warns_of_nothing(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     base = [sys.executable, "-m", "vmoe.cli", "fit", *TINY_FIT, "--trainer.logger", "false"]
     base += ["--trainer.default_root_dir", str(tmp_path / "run"), "--data.pin_memory", "true"]
-    for extra in (["--trainer.max_steps", "2"], ["--trainer.max_steps", "4", "--ckpt_path", "last"]):
+    resume = ["--trainer.max_steps", "4", "--ckpt_path", "last"]
+    for extra in (["--trainer.max_steps", "2"], resume):
         done = subprocess.run(
             base + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
         )
