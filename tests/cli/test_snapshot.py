@@ -86,6 +86,11 @@ def test_what_the_snapshot_cannot_refuse_goes_to_the_live_parser(recorded, argv)
     assert snapshot.refusal(argv, recorded["fit"][0], "vmoe fit") is None
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_the_shipped_configs_pass_the_snapshot(recorded, config):
+    assert snapshot.refusal(["--config", str(config)], recorded["fit"][0], "vmoe fit") is None
+
+
 def test_a_config_file_chooses_the_data_module_whose_options_are_judged(recorded, tmp_path):
     kept = recorded["fit"][0]
     shards = tmp_path / "shards.yaml"
@@ -153,6 +158,25 @@ def _probe(cases, env):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# each: a --config file's text, a pattern of the one-line error
+CONFIG_MISTAKES = [
+    ("model:\n  lrr: 0.1\n", r"^model\.lrr \(in a --config file\): .*did you mean model\.lr "),
+    (
+        "trainer:\n  max_epoch: 3\n",
+        r"^trainer\.max_epoch \(in a .*did you mean trainer\.max_epochs",
+    ),
+    (
+        "trainerr:\n  max_epochs: 3\n",
+        r"^trainerr\.max_epochs \(in .*did you mean trainer\.max_epochs",
+    ),
+    (
+        "data:\n  class_path: vmoe.data.DigitsDataModule\n  init_args: {batch_sz: 3}\n",
+        r"^data\.batch_sz \(in a --config file\): not an option of DigitsDataModule; did you "
+        r"mean data\.batch_size",
+    ),
+]
+
+
 def test_with_a_snapshot_help_and_mistakes_import_nothing_heavy_and_say_the_same(
     tmp_path, capsys, monkeypatch
 ):
@@ -160,11 +184,14 @@ def test_with_a_snapshot_help_and_mistakes_import_nothing_heavy_and_say_the_same
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     [(code, heavy, live_help)] = _probe([["fit", "--help"]], env)  # no snapshot yet: live
     assert code == 0 and "lightning" in heavy
-    cases = [["fit", "--help"], *(["fit", *argv] for argv, _ in MISTAKES)]
-    results = _probe(cases, env)
+    mistakes = list(MISTAKES)
+    for i, (text, pattern) in enumerate(CONFIG_MISTAKES):
+        (tmp_path / f"bad{i}.yaml").write_text(text)
+        mistakes.append((["--config", str(tmp_path / f"bad{i}.yaml")], pattern))
+    results = _probe([["fit", "--help"], *(["fit", *argv] for argv, _ in mistakes)], env)
     assert results[0] == [0, [], live_help]
     monkeypatch.setenv("VMOE_CLI_CACHE", "off")  # the live parser, for the same words
-    for (argv, pattern), (code, heavy, text) in zip(MISTAKES, results[1:]):
+    for (argv, pattern), (code, heavy, text) in zip(mistakes, results[1:]):
         assert (code, heavy) == (2, []), (argv, text)
         fast = text.strip().splitlines()[-1]
         assert main(["fit", *argv]) == 2

@@ -212,6 +212,7 @@ def unknown_options_message(
 ) -> str:
     """``--model.lrr: not an option of vmoe fit; did you mean --model.lr? ...`` for each name;
     ``in_config``: the names are keys of a ``--config`` file (``model.lrr``)."""
+    options = [o for o in options if not o.endswith("+")]  # --x+ appends to the list --x
     if in_config:
         options = [o[2:] for o in options]
     parts = []
@@ -227,15 +228,83 @@ _CLASS_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _KEEP = object()  # a config file that names no data class
 
 
-def _config_data_class(path: Optional[str]):
-    """The data class a ``--config`` file names (``data: {class_path: X}`` or ``data: X``),
-    ``_KEEP`` when it names none, None when it cannot be told."""
+def _read_config(path: Optional[str]):
+    """A ``--config`` file's YAML document, or ``_KEEP`` when it cannot be read (unreadable, not
+    YAML, an inline value: the live parser says what is wrong)."""
     try:
         import yaml
 
         with open(path, encoding="utf-8") as f:
-            document = yaml.safe_load(f)
-    except Exception:  # unreadable, not YAML: the live parser says so
+            return yaml.safe_load(f)
+    except Exception:
+        return _KEEP
+
+
+def _config_files(argv: Sequence[str]) -> Iterable[str]:
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            yield argv[i + 1]
+        elif arg.startswith("--config="):
+            yield arg[len("--config=") :]
+
+
+def _unknown_config_key(document, snapshot: Dict[str, Any]) -> Optional[str]:
+    """The first key of a config document (dotted: ``model.lrr``) that is no option of the
+    recorded parser nor under an open one; its data module's ``init_args`` are judged by
+    ``data_classes`` when its ``class_path`` is one of them."""
+    options, open_ = set(snapshot["options"]), set(snapshot["open"])
+    classes = snapshot.get("data_classes") or {}
+    prefixes = {o[: i + 1] for o in options for i, c in enumerate(o) if c == "."}
+
+    def walk(mapping, where: str) -> Optional[str]:
+        for key, value in mapping.items():
+            path = f"{where}{key}"
+            option = f"--{path}"
+            if path == "data" and isinstance(value, dict) and "init_args" in value:
+                found = _find_class(str(value.get("class_path")), classes)
+                extra = set(value["init_args"] or {}) - set(classes.get(found, ()))
+                if found is not None and isinstance(value["init_args"], dict) and extra:
+                    return f"data.{sorted(extra)[0]}"
+            if option in open_:
+                continue
+            if isinstance(value, dict) and option + "." in prefixes:
+                inner = walk(value, path + ".")
+                if inner is not None:
+                    return inner
+            elif option not in options:
+                while isinstance(value, dict) and value:  # named down to its first leaf, as
+                    key, value = next(iter(value.items()))  # jsonargparse flattens it
+                    path = f"{path}.{key}"
+                return path
+        return None
+
+    return walk(document, "") if isinstance(document, dict) else None
+
+
+def _config_refusal(argv: Sequence[str], snapshot: Dict[str, Any], prog: str) -> Optional[str]:
+    """The live parser's line for the first unknown key of the ``--config`` files."""
+    classes = snapshot.get("data_classes") or {}
+    for path in _config_files(argv):
+        document = _read_config(path)
+        key = None if document is _KEEP else _unknown_config_key(document, snapshot)
+        if key is None:
+            continue
+        if key.startswith("data."):
+            data = document["data"]
+            cls = _find_class(str(data.get("class_path")), classes)
+            name = key[len("data.") :]
+            return unknown_data_option_message(name, cls, classes[cls], prog, in_config=True)
+        return unknown_options_message([key], snapshot["options"], prog, in_config=True)
+    return None
+
+
+def _config_data_class(path: Optional[str]):
+    """The data class a ``--config`` file names (``data: {class_path: X}`` or ``data: X``),
+    ``_KEEP`` when it names none, None when it cannot be told."""
+    document = _read_config(path)
+    if document is _KEEP:
         return None
     data = document.get("data", _KEEP) if isinstance(document, dict) else _KEEP
     if isinstance(data, dict):
@@ -309,10 +378,14 @@ def _data_refusal(argv: Sequence[str], classes: Dict[str, List[str]], prog: str)
 
 def refusal(argv: Sequence[str], snapshot: Dict[str, Any], prog: str) -> Optional[str]:
     """The one-line error the live parser would give for ``argv`` that the snapshot can tell
-    already (an unknown option; an unknown data module or option of it), or None."""
+    already (an unknown option; an unknown key of a ``--config`` file; an unknown data module or
+    option of it), or None."""
     unknown = unknown_options(argv, snapshot)
     if unknown:
         return unknown_options_message(unknown, snapshot["options"], prog)
+    in_config = _config_refusal(argv, snapshot, prog)
+    if in_config is not None:
+        return in_config
     classes = snapshot.get("data_classes")
     if isinstance(classes, dict) and any(a.startswith("--data") for a in argv):
         return _data_refusal(argv, classes, prog)

@@ -68,7 +68,11 @@ __all__ = ["VmoeCLI"]
 
 _UNRECOGNIZED = re.compile(r"^\s*[Uu]nrecognized arguments:\s*(.*)$", re.S)
 _NOT_ACCEPTED = re.compile(r"given class_path '([\w.]+)':\s*Option '(\w+)[\w.]*' is not accepted")
-_NOT_IN_SUBCOMMAND = re.compile(r"^Subcommand '\w+' does not accept option '([\w.]+)'")
+# a --config file's unknown key, as jsonargparse words it: (group, key) or (None, key)
+_CONFIG_KEY = re.compile(
+    r"^(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([\w.]+)'"
+    r"|^Option '([\w.]+)' is not accepted"
+)
 _NOT_AN_IMPORT_PATH = re.compile(r"Expected a dot import path string: ([\w.]+)")
 
 
@@ -204,10 +208,12 @@ class VmoeCLI(LightningCLI):
                 options = option_table(parser)["options"]
                 return ArgumentError(None, snapshot.unknown_options_message(names, options, prog))
             return err
-        in_config = _NOT_IN_SUBCOMMAND.search(text)
+        in_config = _CONFIG_KEY.match(text)
         if in_config:
+            group, key = in_config.group(1), in_config.group(2) or in_config.group(3)
+            key = f"{group}.{key}" if group else key  # Group 'model' ... option 'lrr'
             options = option_table(parser)["options"]
-            message = snapshot.unknown_options_message([in_config.group(1)], options, prog, True)
+            message = snapshot.unknown_options_message([key], options, prog, in_config=True)
             return ArgumentError(None, message)
         if not text.startswith('Parser key "data":'):
             return err
