@@ -1,4 +1,5 @@
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -70,3 +71,12 @@ def pytest_collection_modifyitems(config, items):
         return rank.get(path, len(rank))
 
     items.sort(key=key)  # stable: the other files keep pytest's order
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """pyplot keeps every figure a test drew (the viz API returns them open) until closed."""
+    yield
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close("all")
