@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,6 +120,10 @@ class BucketServer(ThreadingHTTPServer):
         self.chunk = 16 * 1024
         self._digests = {}
         self._thread = None
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up: normal
+            super().handle_error(request, client_address)
 
     @classmethod
     def serving(cls, *prefixes: Path, rename: dict | None = None) -> "BucketServer":

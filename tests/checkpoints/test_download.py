@@ -187,7 +187,9 @@ download_file(sys.argv[1], sys.argv[2], progress=False)
 
 
 def test_ctrl_c_mid_download_leaves_a_part_that_the_next_call_resumes(server, tmp_path):
-    server.delay, server.chunk = 0.05, 8192  # ~160 kB/s: 1.5 s for the shard
+    # 48 kB, then 3 s before each next piece: the SIGINT lands mid-download however late this
+    # process sees the part grow (with 8 kB / 50 ms a loaded machine saw the download finish)
+    server.delay, server.chunk = 3.0, 48 * 1024
     dest = tmp_path / SHARD
     part = tmp_path / (SHARD + ".part")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
