@@ -10,7 +10,8 @@ to its user, silenced for the ``vmoe`` command only (a library user of vmoe keep
 - warnings that are wrong for a run of vmoe's data modules (``quiet_run``): Lightning's "your
   dataloader is not resumable" on a mid-epoch resume (``vmoe.train.ResumableTraining`` resumes
   them exactly), "``IterableDataset`` has ``__len__`` ... with multi-process data loading" (their
-  streams give each worker its own rows), and "Checkpoint directory ... exists and is not
+  streams give each worker its own rows), "Total length of `list` across ranks is zero" (no
+  validation split: no loaders, on purpose), and "Checkpoint directory ... exists and is not
   empty" when the run resumes from a checkpoint there.
 """
 
@@ -61,5 +62,7 @@ def quiet_run(vmoe_data: bool, exact_resume: bool, resuming: bool) -> None:
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
     if vmoe_data:
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        # a data module with no validation split returns no loaders ([]) on purpose
+        warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
     if resuming:
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")

@@ -201,7 +201,11 @@ class VisionDataModule(L.LightningDataModule):
         return self._loader(self.train_set, "train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, "validation", train=False)
+        # an empty validation split (val_fraction 0): no loaders, so Lightning skips validation
+        empty = (
+            self.val_set is not None and hasattr(self.val_set, "__len__") and not len(self.val_set)
+        )
+        return [] if empty else self._loader(self.val_set, "validation", train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", train=False)
