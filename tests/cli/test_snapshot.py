@@ -218,6 +218,12 @@ def test_the_fingerprint_follows_vmoes_sources_and_installs(tmp_path, monkeypatc
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))  # an edit
     edited = snapshot.fingerprint("fit", package=str(package))
     assert edited != first
+    monkeypatch.chdir(tmp_path)  # the working directory ("" in sys.path) does not count
+    monkeypatch.setattr(sys, "path", [*sys.path, ""])
+    assert snapshot.fingerprint("fit", package=str(package)) == edited
+    (tmp_path / "a-new-file").write_text("")
+    os.utime(tmp_path, ns=(1, 10**18))
+    assert snapshot.fingerprint("fit", package=str(package)) == edited
     (site / "new_dist-1.0.dist-info").mkdir()  # pip installed something
     os.utime(site, ns=(1, 10**18))
     assert snapshot.fingerprint("fit", package=str(package)) != edited

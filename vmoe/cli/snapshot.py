@@ -66,8 +66,8 @@ def cache_folder() -> Optional[str]:
 def fingerprint(subcommand: str, package: str = _PACKAGE) -> str:
     """A digest of what the parser of ``subcommand`` depends on: the Python version, the
     modification time of each ``sys.path`` folder (pip changes it when it installs or removes a
-    distribution there; ``sys.path[0]``, the script's folder or the working directory, is left
-    out) and the size and modification time of
+    distribution there; ``sys.path[0]``, the script's folder, and the working directory are
+    left out) and the size and modification time of
     every ``.py`` file under ``package`` (an edit of vmoe's source)."""
     digest = hashlib.sha256()
 
@@ -75,9 +75,10 @@ def fingerprint(subcommand: str, package: str = _PACKAGE) -> str:
         digest.update("\0".join(map(str, parts)).encode() + b"\n")
 
     add(FORMAT, subcommand, sys.version, sys.executable)
+    cwd = os.getcwd()
     for entry in sys.path[1:]:  # [0]: the script's folder or the working directory
-        path = os.path.abspath(entry or os.curdir)
-        if os.path.isdir(path):
+        path = os.path.abspath(entry or cwd)
+        if path != cwd and os.path.isdir(path):  # ('' in PYTHONPATH is the working directory)
             add(path, os.stat(path).st_mtime_ns)
     for folder, subfolders, files in os.walk(package):
         subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
