@@ -224,9 +224,13 @@ def test_the_fingerprint_follows_vmoes_sources_and_installs(tmp_path, monkeypatc
     (tmp_path / "a-new-file").write_text("")
     os.utime(tmp_path, ns=(1, 10**18))
     assert snapshot.fingerprint("fit", package=str(package)) == edited
+    (site / "my_module.py").write_text("")  # a file of a folder on the path: no install
+    assert snapshot.fingerprint("fit", package=str(package)) == edited
     (site / "new_dist-1.0.dist-info").mkdir()  # pip installed something
-    os.utime(site, ns=(1, 10**18))
-    assert snapshot.fingerprint("fit", package=str(package)) != edited
+    installed = snapshot.fingerprint("fit", package=str(package))
+    assert installed != edited
+    (site / "new_dist-1.0.dist-info").rename(site / "new_dist-1.1.dist-info")  # upgraded
+    assert snapshot.fingerprint("fit", package=str(package)) not in (edited, installed)
 
 
 def test_a_corrupt_stale_or_unwritable_snapshot_costs_only_time(tmp_path, monkeypatch):

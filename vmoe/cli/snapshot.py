@@ -7,16 +7,18 @@ help is made of (usage, group titles, each option's invocation and expanded help
 width-independent) and the option names it accepts into a JSON file under the CLI cache
 (``$VMOE_CLI_CACHE``, else ``$XDG_CACHE_HOME/vmoe/cli``, else ``~/.cache/vmoe/cli``;
 ``VMOE_CLI_CACHE=off`` disables it). The file's name holds a fingerprint of everything the parser
-depends on: the Python version, the modification time of the ``sys.path`` folders (an install
-or uninstall changes it) and the size and modification time of each of vmoe's own source files.
-A later run whose fingerprint matches:
+depends on: the Python version, the installation records in the ``sys.path`` folders (an
+install or uninstall changes them) and the size and modification time of each of vmoe's own
+source files. A later run whose fingerprint matches:
 
 - ``vmoe fit --help`` renders the recorded help with the standard library's argparse formatter
   at the terminal's width: the same text the live parser prints (``tests/cli/test_snapshot.py``);
-- ``vmoe fit ... --model.lrr 5`` is refused in one line naming the closest options, the same
-  line the live parser's error becomes (``unknown_options_message``). An option the snapshot
-  cannot judge (an abbreviation, a key under a class- or dict-typed option such as
-  ``--data.*``, ``--model.moe.*`` or ``--trainer.logger.*``) goes to the live parser.
+- a misspelt option (``--model.lrr 5``), an unknown key of a ``--config`` file, a ``--data
+  NAME`` that names no data module or a ``--data.KEY`` the chosen data module does not take is
+  refused in one line naming the closest options, the line the live parser's error becomes
+  (``refusal``). What the snapshot cannot judge (an abbreviation, keys under a class- or
+  dict-typed option such as ``--model.moe.*`` or ``--trainer.logger.*``, a user's data module,
+  values) goes to the live parser.
 
 This module imports only the standard library.
 """
@@ -50,6 +52,8 @@ __all__ = [
 FORMAT = 1  # the snapshot file's layout; a change makes old files unused
 CACHE_ENV = "VMOE_CLI_CACHE"
 _KEY_LENGTH = 24
+# what pip leaves in a sys.path folder per installed distribution (a new version: a new name)
+_INSTALL_RECORDS = (".dist-info", ".egg-info", ".egg-link", ".pth")
 _OFF = ("", "0", "off", "false", "no")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the vmoe folder
 
@@ -65,10 +69,11 @@ def cache_folder() -> Optional[str]:
 
 def fingerprint(subcommand: str, package: str = _PACKAGE) -> str:
     """A digest of what the parser of ``subcommand`` depends on: the Python version, the
-    modification time of each ``sys.path`` folder (pip changes it when it installs or removes a
-    distribution there; ``sys.path[0]``, the script's folder, and the working directory are
-    left out) and the size and modification time of
-    every ``.py`` file under ``package`` (an edit of vmoe's source)."""
+    installation records of each ``sys.path`` folder (the names and modification times of its
+    ``*.dist-info``, ``*.egg-info``, ``*.pth``: pip writes them for every distribution it
+    installs; ``sys.path[0]``, the script's folder, and the working directory are left out) and
+    the size and modification time of every ``.py`` file under ``package`` (an edit of vmoe's
+    source)."""
     digest = hashlib.sha256()
 
     def add(*parts: Any) -> None:
@@ -78,8 +83,13 @@ def fingerprint(subcommand: str, package: str = _PACKAGE) -> str:
     cwd = os.getcwd()
     for entry in sys.path[1:]:  # [0]: the script's folder or the working directory
         path = os.path.abspath(entry or cwd)
-        if path != cwd and os.path.isdir(path):  # ('' in PYTHONPATH is the working directory)
-            add(path, os.stat(path).st_mtime_ns)
+        if path == cwd or not os.path.isdir(path):  # ('' in PYTHONPATH is the working directory)
+            continue
+        add(path)
+        with os.scandir(path) as found:
+            for item in sorted(found, key=lambda e: e.name):
+                if item.name.endswith(_INSTALL_RECORDS):
+                    add(item.name, item.stat().st_mtime_ns)
     for folder, subfolders, files in os.walk(package):
         subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
         for name in sorted(files):
