@@ -209,7 +209,7 @@ def test_bad_inputs_named(shard_dir, tmp_path, monkeypatch):
     def hang(url, options, local):
         time.sleep(30)
 
-    monkeypatch.setattr(shards, "_fetch_remote", hang)
+    monkeypatch.setattr("vmoe.data.shard_format._fetch_remote", hang)
     start = time.monotonic()
     with pytest.raises(
         ConnectionError, match=r"shard URL s3://no-bucket/train did not answer within 0.5 s"
@@ -221,7 +221,7 @@ def test_bad_inputs_named(shard_dir, tmp_path, monkeypatch):
 def test_corrupt_image_in_a_shard_named_or_skipped(tmp_path, monkeypatch):
     src = make_folder(tmp_path / "src", classes=2, per_class=3, corrupt="c01/0bad.png")
     # make-shards refuses it now; shards written by an older vmoe may hold one
-    monkeypatch.setattr(shards, "_prepared", lambda key, data, max_size: data)
+    monkeypatch.setattr("vmoe.data.shard_writer._prepared", lambda key, data, max_size: data)
     write_shards(str(src), str(tmp_path / "out"), progress=False)
     dm = _dm(tmp_path / "out", shuffle=False)
     dm.setup("fit")

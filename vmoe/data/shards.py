@@ -1,12 +1,7 @@
-"""Streaming shards on litdata: written by ``write_shards`` (``vmoe make-shards``), read by
-``ShardDataModule`` from a local folder or a URL (``s3://``, ``gs://``, ...).
-
-A shard folder holds litdata chunks (``chunk-*.bin`` + ``index.json``) of items
-``{"image": encoded bytes (the source file's, not re-encoded, unless ``max_size`` resized it),
-"label": int, "key": str}`` and
-``vmoe_shards.json``, the manifest: format name and version, the vmoe version that wrote it,
-the class names and the image count. The manifest is written last, so a folder without one is
-not a complete shard set; a folder of another format version is refused.
+"""Reading streaming shards on litdata: ``ShardDataModule`` reads a shard folder (written by
+``write_shards``, ``vmoe make-shards``; format in ``vmoe.data.shard_format``) from a local
+folder or a URL (``s3://``, ``gs://``, ...). The writer's and the format's public names are
+re-exported here.
 
 Reading: litdata's ``StreamingDataset`` divides the items over every DDP rank (all ranks of a
 data- or expert-parallel run are data-parallel workers) and over the loader workers of each
@@ -31,18 +26,24 @@ tests/train/test_resume_matrix.py); litdata refuses (or re-plans, see
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from vmoe.data.base import VisionDataModule
 from vmoe.data.datasets import CorruptImageError, load_image, worker_context
+from vmoe.data.shard_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    check_chunks,
+    check_resume_shards,
+    read_manifest,
+    shard_identity,
+)
+from vmoe.data.shard_writer import parse_chunk_bytes, write_shards
 
 __all__ = [
     "MANIFEST",
@@ -51,384 +52,11 @@ __all__ = [
     "ShardDataModule",
     "write_shards",
     "read_manifest",
+    "parse_chunk_bytes",
+    "check_chunks",
+    "shard_identity",
+    "check_resume_shards",
 ]
-
-MANIFEST = "vmoe_shards.json"
-FORMAT = "vmoe-shards"
-FORMAT_VERSION = 1
-
-
-def _vmoe_version() -> str:
-    from vmoe import __version__
-
-    return __version__
-
-
-def _is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def _folder_items(
-    source: Path, extensions
-) -> tuple[list[str], Iterator[tuple[str, bytes, int]], int]:
-    from vmoe.data.imagefolder import IMAGE_EXTENSIONS, list_class_folders, scan_split
-
-    classes = list_class_folders(source)
-    paths, labels = scan_split(source, classes, extensions or IMAGE_EXTENSIONS)
-
-    def items():
-        for path, label in zip(paths, labels):
-            yield str(path.relative_to(source)), path.read_bytes(), int(label)
-
-    return classes, items(), len(paths)
-
-
-def _hf_items(source: str, split: str, image_column: str, label_column: str):
-    import datasets
-
-    from vmoe.data.hf import image_bytes, integer_labels, load_hf_dataset
-
-    tables = load_hf_dataset(source)
-    if split not in tables:
-        raise ValueError(f"--split {split!r} is not a split of {source!r}: {sorted(tables)}")
-    table = tables[split]
-    for role, column in (("--image-column", image_column), ("--label-column", label_column)):
-        if column not in table.column_names:
-            raise ValueError(
-                f"{role} {column!r} is not a column of split {split!r} of {source!r}; "
-                f"its columns: {table.column_names}"
-            )
-    feature = table.features[label_column]
-    labels = integer_labels(
-        table[label_column],
-        f"label column {label_column!r} of split {split!r} of {source!r} (--label-column)",
-    )
-    if isinstance(feature, datasets.ClassLabel):
-        classes = list(feature.names)
-    else:
-        classes = [str(i) for i in range(int(labels.max()) + 1)]
-    if isinstance(table.features[image_column], datasets.Image):
-        table = table.cast_column(image_column, datasets.Image(decode=False))
-
-    def items():
-        for i in range(len(table)):
-            where = f"row {i} of split {split!r} of {source!r}"
-            label = int(labels[i])
-            if not 0 <= label < len(classes):
-                raise ValueError(f"{where}: label {label} is not in [0, {len(classes)})")
-            name, data = image_bytes(table[i][image_column], where)
-            yield f"{split}/{i}", (Path(name).read_bytes() if data is None else data), label
-
-    return classes, items(), len(table)
-
-
-_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-
-
-def parse_chunk_bytes(value: Any, option: str = "chunk_bytes") -> int:
-    """A chunk size as bytes: an int or a string such as ``64MB``, ``500kb``, ``1000000``
-    (k/M/G/T = powers of 1000); a ValueError naming ``option`` and the value unless positive."""
-    import re
-
-    number = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)b?\s*", value.lower())
-        if found:
-            number = float(found.group(1)) * _SIZE_UNITS[found.group(2)]
-    if number is None or not number >= 1:
-        raise ValueError(
-            f"{option} {value!r} is not a positive size (e.g. 64MB, 500KB or a number of bytes)"
-        )
-    return int(number)
-
-
-def _prepared(key: str, data: bytes, max_size: Optional[int]) -> bytes:
-    """``data`` decoded once (CorruptImageError naming ``key`` if it does not decode); with
-    ``max_size``, an image whose longer side exceeds it is stored resized to that longer side
-    (aspect ratio kept, EXIF orientation applied; JPEG quality 90 for JPEG sources, PNG
-    otherwise), any other kept as it was."""
-    import io
-
-    from PIL import Image
-
-    image = load_image(key, data)  # uint8 [H, W, 3]
-    h, w = image.shape[:2]
-    if max_size is None or max(h, w) <= max_size:
-        return data
-    scale = max_size / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = Image.fromarray(image).resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    out = io.BytesIO()
-    if data[:3] == b"\xff\xd8\xff":
-        small.save(out, "JPEG", quality=90)
-    else:
-        small.save(out, "PNG")
-    return out.getvalue()
-
-
-def _checked_items(items, max_size: Optional[int], skip_corrupt: bool, skipped: list, root=""):
-    """``items`` decoded (and resized with ``max_size``) on a few threads, in order, at most a
-    small window ahead; unreadable images raise naming ``root/key``, or are left out and their
-    keys listed in ``skipped``."""
-    from collections import deque
-
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
-    window: deque = deque()
-    try:
-        for key, data, label in items:
-            name = f"{root}/{key}" if root else key
-            window.append((key, label, pool.submit(_prepared, name, data, max_size)))
-            if len(window) >= 32:
-                yield from _take(window, skip_corrupt, skipped)
-        while window:
-            yield from _take(window, skip_corrupt, skipped)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _take(window, skip_corrupt: bool, skipped: list):
-    key, label, future = window.popleft()
-    try:
-        yield key, future.result(), label
-    except CorruptImageError:
-        if not skip_corrupt:
-            raise
-        skipped.append(key)
-
-
-def _remove_stale_chunks(out_dir: Path, manifest_index: Path) -> None:
-    """After ``--overwrite``: delete the chunk files of ``out_dir`` that its (new) index.json
-    does not list, so that no old chunk is left beside the new set."""
-    listed = {c["filename"] for c in json.loads(manifest_index.read_text())["chunks"]}
-    for file in out_dir.glob("chunk-*.bin"):
-        if file.name not in listed:
-            file.unlink()
-
-
-def write_shards(
-    source: str,
-    out: str,
-    overwrite: bool = False,
-    chunk_bytes: str = "64MB",
-    split: str = "train",
-    image_column: str = "image",
-    label_column: str = "label",
-    progress: bool = True,
-    extensions: Optional[list[str]] = None,
-    skip_corrupt: bool = False,
-    max_size: Optional[int] = None,
-) -> dict:
-    """Write ``source`` (a folder of class sub-folders ``<dir>/<class>/<image>``, or a Hugging
-    Face dataset as ``vmoe.data.HFDataModule`` reads it, its ``split``) as litdata chunks
-    into ``out``; returns the manifest. Written into a temporary folder beside ``out`` and moved
-    in when complete (a full disk: ``WriteError``, ``out`` unchanged); a non-empty ``out`` is
-    refused unless ``overwrite`` (then its old chunks are removed).
-
-    Every image is decoded once while writing: an unreadable one is a ``CorruptImageError``
-    naming it (nothing written), or with ``skip_corrupt`` left out and counted in the
-    manifest's ``skipped``. ``max_size``: store images whose longer side exceeds it resized to
-    it (as FFCV's ``max_resolution``), so that training decodes fewer pixels."""
-    from litdata.streaming.writer import BinaryWriter
-    from tqdm import tqdm
-
-    from vmoe.models.pretrained import check_target_dir, staged_save_dir
-
-    chunk_bytes = parse_chunk_bytes(chunk_bytes)
-    if max_size is not None and (isinstance(max_size, bool) or not int(max_size) >= 1):
-        raise ValueError(f"max_size {max_size!r} must be a positive number of pixels")
-    out_dir = Path(out)
-    check_target_dir(out_dir, overwrite)  # before reading anything
-    src = Path(source).expanduser()
-    is_folder = (
-        src.is_dir()
-        and not any((src / f).exists() for f in ("dataset_dict.json", "state.json"))
-        and not any(src.glob("*.parquet"))
-        and not any(src.glob("**/*.parquet"))
-    )
-    if is_folder and (src / split).is_dir() and not any(f.is_file() for f in src.iterdir()):
-        src_folder = src / split if (src / split).is_dir() else src
-    else:
-        src_folder = src
-    if is_folder:
-        classes, items, total = _folder_items(src_folder, extensions)
-    else:
-        classes, items, total = _hf_items(source, split, image_column, label_column)
-    if total == 0:
-        raise ValueError(f"{source!r} holds no image to write")
-    skipped: list[str] = []
-    with staged_save_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = BinaryWriter(str(tmp), chunk_bytes=chunk_bytes)
-        written = 0
-        with tqdm(total=total, desc="make-shards", unit="img", disable=not progress) as bar:
-            root = str(src_folder) if is_folder else str(source)
-            for key, data, label in _checked_items(items, max_size, skip_corrupt, skipped, root):
-                writer.add_item(written, {"image": data, "label": label, "key": key})
-                written += 1
-                bar.update(1)
-        if written == 0:
-            raise CorruptImageError(f"no image of {source!r} is readable ({len(skipped)} tried)")
-        writer.done()
-        writer.merge()
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "vmoe_version": _vmoe_version(),
-            "num_images": written,
-            "num_classes": len(classes),
-            "classes": classes,
-            "source": str(source),
-            "item": {"image": "encoded bytes", "label": "int", "key": "str"},
-            "max_size": max_size,
-            "skipped": skipped,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if overwrite:
-        _remove_stale_chunks(out_dir, out_dir / "index.json")
-    return manifest
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _check_manifest(manifest: Any, where: str) -> dict:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a vmoe shard manifest (format {FORMAT!r} expected)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{where} was written by vmoe {manifest.get('vmoe_version')} in shard format version "
-            f"{manifest.get('format_version')}; this vmoe ({_vmoe_version()}) reads version "
-            f"{FORMAT_VERSION}: rewrite the shards with this version's `vmoe make-shards`"
-        )
-    if not isinstance(manifest.get("num_classes"), int) or manifest["num_classes"] < 1:
-        raise ValueError(
-            f"{where}: num_classes={manifest.get('num_classes')!r} must be a positive int"
-        )
-    if not manifest.get("num_images"):
-        raise ValueError(
-            f"{where}: the shard folder holds no image (num_images={manifest.get('num_images')!r})"
-        )
-    return manifest
-
-
-def check_chunks(folder: Path) -> None:
-    """A ValueError naming the file at fault when the local shard folder's ``index.json`` does
-    not parse or does not list chunks, or a chunk it lists is missing, has another size than
-    the index says (truncated, partly copied) or a header that does not match it (its first
-    uint32, the item count, and the item offsets that follow). Reads only the headers."""
-    import struct
-
-    from litdata.streaming.framed_zstd import is_framed_chunk, parse_framed_header
-
-    index_file = folder / "index.json"
-    rewrite = f"; rewrite the shards with `vmoe make-shards --overwrite --out {folder}`"
-    try:
-        chunks = json.loads(index_file.read_text())["chunks"]
-        listed = [(c["filename"], int(c["chunk_size"]), int(c["chunk_bytes"])) for c in chunks]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"{index_file} is not a litdata chunk index ({type(err).__name__}: {err}){rewrite}"
-        ) from None
-    if not listed:
-        raise ValueError(f"{index_file} lists no chunk{rewrite}")
-    for name, items, size in listed:
-        chunk = folder / name
-        if not chunk.is_file():
-            raise ValueError(f"shard chunk {chunk} listed in index.json is missing{rewrite}")
-        actual = chunk.stat().st_size
-        if actual != size:
-            raise ValueError(
-                f"shard chunk {chunk} is {actual} bytes, index.json says {size}: truncated or "
-                f"partly copied{rewrite}"
-            )
-        with open(chunk, "rb") as f:
-            head = f.read(min(size, 4 * (items + 2)))
-        problem = None
-        if is_framed_chunk(head):
-            try:
-                with open(chunk, "rb") as f:
-                    found = parse_framed_header(f.read()).num_items
-            except Exception as err:  # litdata's own RuntimeError on a bad directory
-                problem = f"its header does not parse ({err})"
-            else:
-                problem = None if found == items else f"its header says {found} items"
-        elif len(head) < 4 * (items + 2):
-            problem = "it is shorter than its header"
-        else:
-            found = struct.unpack_from("<I", head)[0]
-            offsets = struct.unpack_from(f"<{items + 1}I", head, 4)
-            if found != items:
-                problem = f"its header says {found} items"
-            elif any(a > b for a, b in zip(offsets, offsets[1:])) or offsets[-1] > size:
-                problem = "its header's item offsets are out of order or past its end"
-        if problem:
-            raise ValueError(
-                f"shard chunk {chunk} is damaged: {problem}, index.json says {items}{rewrite}"
-            )
-
-
-def _fetch_remote(url: str, storage_options: Optional[dict], local: str) -> None:
-    from litdata.streaming.downloader import get_downloader
-
-    get_downloader(url, os.path.dirname(local), [], storage_options).download_file(
-        url.rstrip("/") + "/" + MANIFEST, local
-    )
-
-
-def read_manifest(
-    path: str, storage_options: Optional[dict] = None, timeout_s: float = 30.0
-) -> dict:
-    """The checked manifest of a shard folder or URL; a URL that does not answer within
-    ``timeout_s`` is a ConnectionError naming it."""
-    if not _is_url(path):
-        folder = Path(str(path).removeprefix("file://")).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"shard folder '{folder}' does not exist or is not a directory")
-        file = folder / MANIFEST
-        if not file.is_file():
-            if not any(folder.iterdir()):
-                raise ValueError(
-                    f"shard folder '{folder}' is empty: write shards with `vmoe make-shards "
-                    f"--source DIR --out {folder}`"
-                )
-            raise ValueError(
-                f"shard folder '{folder}' has no {MANIFEST}: not written by `vmoe make-shards`, "
-                "or its writing did not finish"
-            )
-        try:
-            manifest = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file} is not valid JSON ({err})") from None
-        if not (folder / "index.json").is_file():
-            raise ValueError(f"shard folder '{folder}' has no index.json (litdata's chunk index)")
-        manifest = _check_manifest(manifest, str(file))
-        check_chunks(folder)
-        return manifest
-    import tempfile
-
-    local = os.path.join(tempfile.mkdtemp(prefix="vmoe-shards-"), MANIFEST)
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(_fetch_remote, path, storage_options, local)
-    try:
-        future.result(timeout=timeout_s)
-    except FutureTimeout:
-        raise ConnectionError(
-            f"shard URL {path} did not answer within {timeout_s:g} s (reading "
-            f"{MANIFEST}); check the URL, the network and the credentials"
-        ) from None
-    except Exception as err:
-        raise ConnectionError(
-            f"cannot read {path.rstrip('/')}/{MANIFEST}: {type(err).__name__}: "
-            f"{' '.join(str(err).split())[:200]}"
-        ) from err
-    finally:
-        pool.shutdown(wait=False)
-    with open(local) as f:
-        return _check_manifest(json.load(f), f"{path.rstrip('/')}/{MANIFEST}")
 
 
 class DecodeItem:
@@ -479,28 +107,6 @@ def collate_skipping(batch: list):
             f"every image of a batch of {len(batch)} was unreadable (skip_corrupt=True)"
         )
     return default_collate(kept)
-
-
-def shard_identity(manifest: dict) -> dict:
-    """What a checkpoint's stream position depends on: the training shards' image and class
-    counts (saved with the position, compared on resume by ``check_resume_shards``)."""
-    return {"num_images": int(manifest["num_images"]), "num_classes": int(manifest["num_classes"])}
-
-
-def check_resume_shards(saved: Optional[dict], manifest: dict, path: str) -> None:
-    """A ValueError when a checkpoint's stream position was saved on shards other than those
-    at ``path`` now (another image or class count: rewritten since); ``saved`` None (a
-    checkpoint from before this check) is accepted."""
-    if not saved:
-        return
-    now = shard_identity(manifest)
-    if saved != now:
-        raise ValueError(
-            f"the checkpoint's position in the training stream is for shards of "
-            f"{saved.get('num_images')} images / {saved.get('num_classes')} classes, but "
-            f"{path} now holds {now['num_images']} / {now['num_classes']} (rewritten since?): "
-            "resume on the shards it was trained on, or start a new run without --ckpt_path"
-        )
 
 
 class ShardDataModule(VisionDataModule):
