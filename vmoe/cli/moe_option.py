@@ -75,7 +75,7 @@ def _nothing_to_merge_into(given: Mapping[str, Any], where: str, cfg) -> str:
     )
 
 
-def _merge_model_kwargs(previous, given: Mapping[str, Any], where: str) -> Dict[str, Any]:
+def _merge_model_kwargs(previous, given: Mapping[str, Any], where: str, cfg=None) -> Dict[str, Any]:
     """``given`` over ``previous`` key by key; ``moe`` merged as MoE options and checked as
     ``VmoeClassifier`` checks ``model_kwargs.moe`` (partial: the factory fills in the rest)."""
     from vmoe.models.moeify import check_moe_options
@@ -110,10 +110,7 @@ class MergingOption(ActionTypeHint):
         if isinstance(value, Mapping):
             previous = cfg.get(self.dest) if cfg else None
             try:
-                if self.dest == "model.moe":
-                    value = _merge_moe(previous, value, self.dest, cfg)
-                else:
-                    value = _MERGERS[self.dest](previous, value, self.dest)
+                value = _MERGERS[self.dest](previous, value, self.dest, cfg)
             except (ValueError, TypeError) as err:
                 raise TypeError(f'Parser key "{self.dest}": {err}') from err
         return super().__call__(parser, cfg, value, base)

@@ -33,7 +33,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 __all__ = [
     "FORMAT",
@@ -129,7 +129,7 @@ def load(subcommand: str) -> Optional[Dict[str, Any]]:
 
 
 def save(subcommand: str, snapshot: Dict[str, Any]) -> Optional[str]:
-    """Writes ``snapshot`` (``vmoe.cli.help.record_snapshot``) atomically and removes the
+    """Writes ``snapshot`` (``vmoe.cli.snapshot_record.record_snapshot``) atomically and removes the
     subcommand's older snapshots; returns the file written, or None. Never raises for a folder
     that cannot be written: the snapshot only saves time."""
     folder = cache_folder()
@@ -237,18 +237,19 @@ def unknown_options_message(
 
 _CLASS_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _KEEP = object()  # a config file that names no data class
+_UNREADABLE = object()  # a config file that could not be read as YAML
 
 
 def _read_config(path: Optional[str]):
-    """A ``--config`` file's YAML document, or ``_KEEP`` when it cannot be read (unreadable, not
-    YAML, an inline value: the live parser says what is wrong)."""
+    """A ``--config`` file's YAML document, or ``_UNREADABLE`` (a missing file, not YAML, an
+    inline value: the live parser says what is wrong)."""
     try:
         import yaml
 
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
     except Exception:
-        return _KEEP
+        return _UNREADABLE
 
 
 def _config_files(argv: Sequence[str]) -> Iterable[str]:
@@ -261,23 +262,28 @@ def _config_files(argv: Sequence[str]) -> Iterable[str]:
             yield arg[len("--config=") :]
 
 
-def _unknown_config_key(document, snapshot: Dict[str, Any]) -> Optional[str]:
+def _unknown_config_key(document, snapshot: Dict[str, Any]) -> Optional[Tuple[str, str]]:
     """The first key of a config document (dotted: ``model.lrr``) that is no option of the
-    recorded parser nor under an open one; its data module's ``init_args`` are judged by
-    ``data_classes`` when its ``class_path`` is one of them."""
+    recorded parser nor under an open one, with ``""``; or a key of its data module's
+    ``init_args`` that the module (one of ``data_classes``) does not take, with the module's
+    import path."""
     options, open_ = set(snapshot["options"]), set(snapshot["open"])
     classes = snapshot.get("data_classes") or {}
     prefixes = {o[: i + 1] for o in options for i, c in enumerate(o) if c == "."}
 
-    def walk(mapping, where: str) -> Optional[str]:
+    def walk(mapping, where: str) -> Optional[Tuple[str, str]]:
         for key, value in mapping.items():
             path = f"{where}{key}"
             option = f"--{path}"
-            if path == "data" and isinstance(value, dict) and "init_args" in value:
+            if (
+                path == "data"
+                and isinstance(value, dict)
+                and isinstance(value.get("init_args"), dict)
+            ):
                 found = _find_class(str(value.get("class_path")), classes)
-                extra = set(value["init_args"] or {}) - set(classes.get(found, ()))
-                if found is not None and isinstance(value["init_args"], dict) and extra:
-                    return f"data.{sorted(extra)[0]}"
+                extra = sorted(set(value["init_args"]) - set(classes.get(found, ())))
+                if found is not None and extra:
+                    return extra[0], found
             if option in open_:
                 continue
             if isinstance(value, dict) and option + "." in prefixes:
@@ -288,34 +294,33 @@ def _unknown_config_key(document, snapshot: Dict[str, Any]) -> Optional[str]:
                 while isinstance(value, dict) and value:  # named down to its first leaf, as
                     key, value = next(iter(value.items()))  # jsonargparse flattens it
                     path = f"{path}.{key}"
-                return path
+                return path, ""
         return None
 
     return walk(document, "") if isinstance(document, dict) else None
 
 
-def _config_refusal(argv: Sequence[str], snapshot: Dict[str, Any], prog: str) -> Optional[str]:
-    """The live parser's line for the first unknown key of the ``--config`` files."""
-    classes = snapshot.get("data_classes") or {}
-    for path in _config_files(argv):
-        document = _read_config(path)
-        key = None if document is _KEEP else _unknown_config_key(document, snapshot)
-        if key is None:
+def _config_refusal(
+    documents: Dict[str, Any], snapshot: Dict[str, Any], prog: str
+) -> Optional[str]:
+    """The live parser's line for the first unknown key of the ``--config`` files (their
+    documents by path)."""
+    for document in documents.values():
+        found = None if document is _UNREADABLE else _unknown_config_key(document, snapshot)
+        if found is None:
             continue
-        if key.startswith("data."):
-            data = document["data"]
-            cls = _find_class(str(data.get("class_path")), classes)
-            name = key[len("data.") :]
-            return unknown_data_option_message(name, cls, classes[cls], prog, in_config=True)
+        key, data_class = found
+        if data_class:
+            options = snapshot["data_classes"][data_class]
+            return unknown_data_option_message(key, data_class, options, prog, in_config=True)
         return unknown_options_message([key], snapshot["options"], prog, in_config=True)
     return None
 
 
-def _config_data_class(path: Optional[str]):
-    """The data class a ``--config`` file names (``data: {class_path: X}`` or ``data: X``),
-    ``_KEEP`` when it names none, None when it cannot be told."""
-    document = _read_config(path)
-    if document is _KEEP:
+def _config_data_class(document):
+    """The data class a ``--config`` file's document names (``data: {class_path: X}`` or
+    ``data: X``), ``_KEEP`` when it names none, None when it cannot be told."""
+    if document is _UNREADABLE:
         return None
     data = document.get("data", _KEEP) if isinstance(document, dict) else _KEEP
     if isinstance(data, dict):
@@ -357,7 +362,9 @@ def unknown_data_option_message(
     )
 
 
-def _data_refusal(argv: Sequence[str], classes: Dict[str, List[str]], prog: str) -> Optional[str]:
+def _data_refusal(
+    argv: Sequence[str], documents: Dict[str, Any], classes: Dict[str, List[str]], prog: str
+) -> Optional[str]:
     """The first ``--data NAME`` that names no data module or ``--data.KEY`` the data module
     chosen so far (by ``--config`` files and ``--data`` options, in order) does not take; None
     when there is none, or when the data module cannot be told (then the live parser judges)."""
@@ -369,7 +376,7 @@ def _data_refusal(argv: Sequence[str], classes: Dict[str, List[str]], prog: str)
         if not equals:
             value = argv[i + 1] if i + 1 < len(argv) else ""
         if name in ("-c", "--config"):
-            found = _config_data_class(value)
+            found = _config_data_class(documents.get(value, _UNREADABLE))
             current = current if found is _KEEP else found
         elif name in ("--data", "--data.class_path"):
             current = value if _CLASS_NAME.fullmatch(value) else None
@@ -394,10 +401,11 @@ def refusal(argv: Sequence[str], snapshot: Dict[str, Any], prog: str) -> Optiona
     unknown = unknown_options(argv, snapshot)
     if unknown:
         return unknown_options_message(unknown, snapshot["options"], prog)
-    in_config = _config_refusal(argv, snapshot, prog)
+    documents = {path: _read_config(path) for path in _config_files(argv)}  # each read once
+    in_config = _config_refusal(documents, snapshot, prog)
     if in_config is not None:
         return in_config
     classes = snapshot.get("data_classes")
     if isinstance(classes, dict) and any(a.startswith("--data") for a in argv):
-        return _data_refusal(argv, classes, prog)
+        return _data_refusal(argv, documents, classes, prog)
     return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -52,28 +51,13 @@ from vmoe.writes import WRITE_ERRNOS, WriteError, failed_write, write_errno
 
 from . import snapshot
 from .errors import TrainingInterrupted
-from .help import (
-    PlainHelpFormatter,
-    arrange_help,
-    class_options,
-    data_classes,
-    option_table,
-    record_snapshot,
-    subcommand_usage,
-)
+from .help import PlainHelpFormatter, arrange_help, subcommand_usage
 from .moe_option import merge_on_the_command_line
+from .parse_errors import named_mistake
 from .quiet import quiet_lightning, quiet_run, quiet_wandb_init
+from .snapshot_record import record_snapshot
 
 __all__ = ["VmoeCLI"]
-
-_UNRECOGNIZED = re.compile(r"^\s*[Uu]nrecognized arguments:\s*(.*)$", re.S)
-_NOT_ACCEPTED = re.compile(r"given class_path '([\w.]+)':\s*Option '(\w+)[\w.]*' is not accepted")
-# a --config file's unknown key, as jsonargparse words it: (group, key) or (None, key)
-_CONFIG_KEY = re.compile(
-    r"^(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([\w.]+)'"
-    r"|^Option '([\w.]+)' is not accepted"
-)
-_NOT_AN_IMPORT_PATH = re.compile(r"Expected a dot import path string: ([\w.]+)")
 
 
 def _refuse_lightning_optimizer(config) -> None:
@@ -191,49 +175,10 @@ class VmoeCLI(LightningCLI):
         try:
             self.config = parser.parse_object(args) if structured else parser.parse_args(args)
         except ArgumentError as err:
-            raise self._named_unknown_options(err) from err
-
-    def _named_unknown_options(self, err: ArgumentError) -> ArgumentError:
-        """jsonargparse's error for an unknown option ("Unrecognized arguments: --model.lrr 5"),
-        data module or data module option (a Union error over several lines) as the line the
-        parser's snapshot gives for it (``vmoe.cli.snapshot.refusal``)."""
-        text = str(err)
-        if self._only is None:
-            return err
-        parser, prog = self._subcommand_parsers[self._only], f"vmoe {self._only}"
-        unrecognized = _UNRECOGNIZED.match(text)
-        if unrecognized:
-            names = [a.split("=", 1)[0] for a in unrecognized.group(1).split() if a[:2] == "--"]
-            if names:
-                options = option_table(parser)["options"]
-                return ArgumentError(None, snapshot.unknown_options_message(names, options, prog))
-            return err
-        in_config = _CONFIG_KEY.match(text)
-        if in_config:
-            group, key = in_config.group(1), in_config.group(2) or in_config.group(3)
-            key = f"{group}.{key}" if group else key  # Group 'model' ... option 'lrr'
-            options = option_table(parser)["options"]
-            message = snapshot.unknown_options_message([key], options, prog, in_config=True)
-            return ArgumentError(None, message)
-        if not text.startswith('Parser key "data":'):
-            return err
-        not_accepted = _NOT_ACCEPTED.search(text)
-        no_class = _NOT_AN_IMPORT_PATH.search(text)
-        if not_accepted:
-            path, key = not_accepted.groups()
-            options = data_classes(parser).get(path)
-            if options is None:
-                from jsonargparse._util import import_object
-
-                options = class_options(import_object(path))
-            given = {f"--data.{key}", f"--data.init_args.{key}"}
-            typed = any(a.split("=", 1)[0] in given for a in self._args)
-            message = snapshot.unknown_data_option_message(key, path, options, prog, not typed)
-        elif no_class:
-            message = snapshot.unknown_data_class_message(no_class.group(1), data_classes(parser))
-        else:
-            return err
-        return ArgumentError(None, message)
+            if self._only is None:
+                raise
+            subparser = self._subcommand_parsers[self._only]
+            raise named_mistake(err, subparser, f"vmoe {self._only}", self._args) from err
 
     def _add_subcommands(self, parser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
